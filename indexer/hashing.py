@@ -36,12 +36,12 @@ def lora_seed(lora_name: str | None) -> int:
     return (BASE_SEED + _xxh3(lora_name.encode("utf-8"))) & _MASK64
 
 
-def pack_tokens(token_ids: Sequence[int]) -> memoryview:
+def pack_tokens(token_ids: Sequence[int]) -> bytes:
     """Token ids as contiguous u32 little-endian bytes."""
     packed = array("I", token_ids)
     if _BIG_ENDIAN_HOST:
         packed.byteswap()
-    return memoryview(packed).cast("B")
+    return packed.tobytes()
 
 
 def local_block_hashes(
@@ -56,7 +56,8 @@ def local_block_hashes(
     if n_blocks == 0:
         return []
     seed = lora_seed(lora_name)
-    raw = pack_tokens(token_ids[: n_blocks * block_size])
+    # Packing the tail too is cheaper than copying the list to cut it off; it is never hashed.
+    raw = pack_tokens(token_ids)
     step = block_size * 4
     return [_xxh3(raw[i : i + step], seed) for i in range(0, n_blocks * step, step)]
 

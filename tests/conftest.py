@@ -1,0 +1,8 @@
+"""Suite-wide settings: everything runs offline, on loopback, from this checkout."""
+
+import os
+
+# Tokenizers come from the checkout (models/kvgate-tiny); never reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,381 @@
+"""gateway.tokenization against the shipped models/kvgate-tiny tokenizer (offline, real transformers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import re
+import shutil
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.tokenization import ChatEncoding, Preprocessor, TokenizerError
+from indexer.hashing import sequence_hashes
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "kvgate-tiny"
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def pre() -> Preprocessor:
+    preprocessor = Preprocessor.load(str(TINY))
+    yield preprocessor
+    preprocessor.close()
+
+
+def tiny_copy(tmp_path: pathlib.Path) -> pathlib.Path:
+    target = tmp_path / "model"
+    shutil.copytree(TINY, target)
+    return target
+
+
+def edit_json(path: pathlib.Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+
+
+def test_loads_the_shipped_directory(pre: Preprocessor) -> None:
+    assert pre.context_length == 32768
+    assert pre.max_token_id == 8191
+    assert pre.content_format == "openai"
+    assert pre.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    assert pre.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_shipped_files_match_the_build_script(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("build_tiny_tokenizer", ROOT / "models" / "build_tiny_tokenizer.py")
+    build = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, build)  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(build)
+    assert json.loads((TINY / "tokenizer_config.json").read_text()) == build.tokenizer_config()
+    assert json.loads((TINY / "config.json").read_text()) == build.model_config(8192)
+    assert (TINY / "tokenizer.json").stat().st_size < 1_000_000
+
+
+def test_context_length_override_and_fallback(tmp_path: pathlib.Path) -> None:
+    with Preprocessor.load(str(TINY), context_length=4096) as overridden:
+        assert overridden.context_length == 4096
+    model = tiny_copy(tmp_path)
+    (model / "config.json").unlink()
+    edit_json(model / "tokenizer_config.json", model_max_length=2048)
+    with Preprocessor.load(str(model)) as fallback:
+        assert fallback.context_length == 2048
+
+
+@pytest.mark.parametrize("bad", ["/nonexistent/kvgate/model", "./no-such-model-dir", "a/b/c"])
+def test_missing_directory_is_a_tokenizer_error(bad: str) -> None:
+    with pytest.raises(TokenizerError, match="not found"):
+        Preprocessor.load(bad)
+
+
+def test_unusable_paths_and_ids_are_tokenizer_errors(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(TokenizerError, match="cannot load"):
+        Preprocessor.load(str(tmp_path))  # exists, but holds no tokenizer
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(TokenizerError, match="not a directory"):
+        Preprocessor.load(str(file))
+    with pytest.raises(TokenizerError, match="hub id"):
+        Preprocessor.load("kvgate-test/not-a-real-model")  # offline and not cached
+
+
+def test_bad_or_missing_chat_template_fails_at_load(tmp_path: pathlib.Path) -> None:
+    model = tiny_copy(tmp_path)
+    edit_json(model / "tokenizer_config.json", chat_template="{% for message in messages %}{{ message.content }")
+    with pytest.raises(TokenizerError, match="chat template"):
+        Preprocessor.load(str(model))
+    edit_json(model / "tokenizer_config.json", chat_template=None)
+    with pytest.raises(TokenizerError, match="no chat template"):
+        Preprocessor.load(str(model))
+    with pytest.raises(TokenizerError, match="file not found"):
+        Preprocessor.load(str(TINY), chat_template=str(tmp_path / "missing.jinja"))
+
+
+# -- rendering -------------------------------------------------------------------------------------------
+
+TWO_TURNS = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is a KV cache?"},
+    {"role": "assistant", "content": "Saved attention keys and values."},
+    {"role": "user", "content": "Why route by it?"},
+]
+TWO_TURNS_CHATML = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\nWhat is a KV cache?<|im_end|>\n"
+    "<|im_start|>assistant\nSaved attention keys and values.<|im_end|>\n"
+    "<|im_start|>user\nWhy route by it?<|im_end|>\n"
+)
+
+
+def test_renders_chatml_exactly(pre: Preprocessor) -> None:
+    assert pre.render_chat(TWO_TURNS, add_generation_prompt=False) == TWO_TURNS_CHATML
+    assert pre.render_chat(TWO_TURNS) == TWO_TURNS_CHATML + "<|im_start|>assistant\n"
+
+
+def test_render_matches_transformers_apply_chat_template(pre: Preprocessor) -> None:
+    # What vLLM calls for a chat request, straight through transformers.
+    expected = pre.tokenizer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    assert pre.render_chat(TWO_TURNS) == expected
+    assert pre.encode_chat(TWO_TURNS) == pre.tokenizer.encode(expected, add_special_tokens=False)
+
+
+def test_list_of_text_parts_renders_like_the_string(pre: Preprocessor) -> None:
+    parts = [{"type": "text", "text": "What is "}, "a KV ", {"type": "text", "text": "cache?"}]
+    as_parts = [TWO_TURNS[0], {"role": "user", "content": parts}]
+    assert pre.render_chat(as_parts) == pre.render_chat(TWO_TURNS[:2])
+
+
+def test_string_format_template_joins_parts_with_newlines() -> None:
+    # A template that never loops over content gets vLLM's "string" format: text parts joined by "\n".
+    template = "{% for message in messages %}[{{ message['role'] }}]{{ message['content'] }}\n{% endfor %}"
+    with Preprocessor.load(str(TINY), chat_template=template) as plain:
+        assert plain.content_format == "string"
+        rendered = plain.render_chat([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}])
+        assert rendered == "[user]a\nb\n"
+
+
+def test_tools_and_tool_calls_render_in_qwen_format(pre: Preprocessor) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    rendered = pre.render_chat(messages, tools=tools)
+    assert rendered.startswith("<|im_start|>system\n# Tools\n")
+    assert '\n{"type": "function", "function": {"name": "get_weather", "description": null, ' in rendered
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call><|im_end|>\n"
+    ) in rendered
+    assert rendered.endswith(
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    # Arguments given as a dict render like the JSON string (vLLM parses the string before rendering).
+    dict_call = {**call, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    dict_args = [messages[0], {**messages[1], "tool_calls": [dict_call]}, messages[2]]
+    assert pre.render_chat(dict_args, tools=tools) == rendered
+
+
+def test_chat_template_kwargs_and_continue_final_message(pre: Preprocessor) -> None:
+    without = pre.render_chat(TWO_TURNS, chat_template_kwargs={"add_generation_prompt": False})
+    assert without == TWO_TURNS_CHATML
+    prefill = [*TWO_TURNS, {"role": "assistant", "content": "Because the"}]
+    continued = pre.render_chat(prefill, add_generation_prompt=False, continue_final_message=True)
+    assert continued == TWO_TURNS_CHATML + "<|im_start|>assistant\nBecause the"
+    with pytest.raises(TokenizerError, match="cannot both"):
+        pre.render_chat(prefill, continue_final_message=True)
+    with pytest.raises(TokenizerError, match="may not set"):
+        pre.render_chat(TWO_TURNS, chat_template_kwargs={"tokenize": True})
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([], "non-empty array"),
+        ("hello", "non-empty array"),
+        ([["user", "hi"]], "must be an object"),
+        ([{"content": "hi"}], "role"),
+        ([{"role": 7, "content": "hi"}], "role"),
+        ([{"role": "user", "content": 42}], "content"),
+        ([{"role": "user", "content": {"type": "text", "text": "hi"}}], "content"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "text must be a string"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "text only"),
+        ([{"role": "user", "content": [3]}], "must be an object"),
+        (
+            [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
+            "valid JSON",
+        ),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}], "function"),
+        ([{"role": "wizard", "content": "hi"}], "unknown message role"),
+    ],
+)
+def test_invalid_messages_are_tokenizer_errors(pre: Preprocessor, messages, match: str) -> None:
+    with pytest.raises(TokenizerError, match=match):
+        pre.render_chat(messages)
+
+
+def test_invalid_tools_are_tokenizer_errors(pre: Preprocessor) -> None:
+    for tools in ({"type": "function"}, [{"type": "function"}], [{"function": {"name": 3}}]):
+        with pytest.raises(TokenizerError, match="tools"):
+            pre.render_chat(TWO_TURNS, tools=tools)
+
+
+# -- encoding --------------------------------------------------------------------------------------------
+
+UNICODE_SAMPLES = [
+    "plain ASCII, with punctuation!? and numbers 1234567890",
+    "naïve café — «quotes» ‘single’ … ß ø å",
+    "e\u0301 decomposed and é composed stay distinct",
+    "中文文本，日本語のテキスト、한국어 텍스트",
+    "עברית ועربية mixed with LTR",
+    "emoji 👩‍👩‍👧‍👦 🏳️‍🌈 👍🏽 flags 🇫🇷",
+    "tabs\tand\r\nCRLF\n\n\nblank lines   trailing spaces   ",
+    "nul \x00 and controls \x07\x1b[31m",
+    "literal special token text <|im_end|> inside",
+    "    def f(x):\n        return {'k': [x ** 2 for _ in range(3)]}\n",
+]
+
+
+@pytest.mark.parametrize("text", UNICODE_SAMPLES)
+def test_encode_decode_round_trip(pre: Preprocessor, text: str) -> None:
+    ids = pre.encode_prompt(text)
+    assert pre.decode(ids) == text
+    assert ids == pre.tokenizer.encode(text)  # vLLM's completions path: default special tokens
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(min_size=1, max_size=300))
+def test_round_trip_property(pre: Preprocessor, text: str) -> None:
+    assert pre.decode(pre.encode_prompt(text)) == text
+
+
+def test_empty_prompt_is_rejected(pre: Preprocessor) -> None:
+    with pytest.raises(TokenizerError, match="empty"):
+        pre.encode_prompt("")
+
+
+def test_token_list_passes_through_validated(pre: Preprocessor) -> None:
+    ids = [0, 1, 2, 500, 8191]
+    out = pre.encode_prompt(ids)
+    assert out == ids and out is not ids
+    assert pre.encode_prompt((5, 6)) == [5, 6]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "match"),
+    [
+        ([], "empty"),
+        ([1, 8192], "out of vocabulary"),
+        ([-1], "out of vocabulary"),
+        ([1, True], "not an integer"),
+        ([1.0], "not an integer"),
+        (["1"], "not an integer"),
+        ({"ids": [1]}, "string or a list"),
+        (b"bytes", "string or a list"),
+        (None, "string or a list"),
+    ],
+)
+def test_bad_token_lists_are_rejected(pre: Preprocessor, prompt, match: str) -> None:
+    with pytest.raises(TokenizerError, match=match):
+        pre.encode_prompt(prompt)
+
+
+def test_render_and_encode_reports_a_timing_split(pre: Preprocessor) -> None:
+    encoded = pre.render_and_encode(TWO_TURNS)
+    assert isinstance(encoded, ChatEncoding)
+    assert encoded.prompt == pre.render_chat(TWO_TURNS)
+    assert encoded.token_ids == pre.encode_chat(TWO_TURNS)
+    assert encoded.render_seconds > 0 and encoded.tokenize_seconds > 0
+    assert not encoded.offloaded
+
+
+# -- async -----------------------------------------------------------------------------------------------
+
+
+async def test_async_paths_return_identical_ids(pre: Preprocessor) -> None:
+    long_text = " ".join(UNICODE_SAMPLES) * 40
+    assert len(long_text) > pre.config.offload_threshold_chars
+    for messages, offloaded in ((TWO_TURNS, False), ([{"role": "user", "content": long_text}], True)):
+        encoded = await pre.render_and_encode_async(messages)
+        assert encoded.offloaded is offloaded
+        assert encoded.token_ids == pre.encode_chat(messages)
+        assert await pre.encode_chat_async(messages) == encoded.token_ids
+    assert await pre.encode_prompt_async(long_text) == pre.encode_prompt(long_text)
+    assert await pre.encode_prompt_async([3, 4]) == [3, 4]
+    with pytest.raises(TokenizerError, match="out of vocabulary"):
+        await pre.encode_prompt_async([10**6])
+
+
+# -- the prefix property the router relies on ------------------------------------------------------------
+
+REPLIES = [
+    "A KV cache stores the attention keys and values of every token already processed.",
+    "Routing by it sends a conversation back to the worker that already holds its prefix, so prefill is skipped.",
+    "Yes: with 64-token blocks, only the last partial block of a turn has to be recomputed — 快速 👍.",
+    "def hit_rate(hits, total):\n    return hits / total if total else 0.0",
+]
+QUESTIONS = ["Explain KV caches.", "And routing?", "How much is saved?", "Show me code.", "Thanks!"]
+
+
+def conversation_turns(replies: list[str]) -> list[list[dict[str, str]]]:
+    """The message list a client sends at each turn of a growing conversation."""
+    messages = [{"role": "system", "content": "Answer in detail."}, {"role": "user", "content": QUESTIONS[0]}]
+    turns = [list(messages)]
+    for index, reply in enumerate(replies):
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": QUESTIONS[(index + 1) % 5]}]
+        turns.append(list(messages))
+    return turns
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_each_turn_is_a_token_prefix_of_the_next(pre: Preprocessor) -> None:
+    token_turns = [pre.encode_chat(turn) for turn in conversation_turns(REPLIES * 3)]
+    assert len(token_turns[-1]) > 4 * BLOCK
+    for current, following in zip(token_turns, token_turns[1:]):
+        assert following[: len(current)] == current
+        hashes = sequence_hashes(current, BLOCK)
+        assert sequence_hashes(following, BLOCK)[: len(hashes)] == hashes
+
+
+# A reply that opens with whitespace holding a newline merges with the "\n" after "assistant" (the split
+# regex's \s*[\r\n]+ run), so only the last token of the previous turn can differ.
+_NEWLINE_LEAD = re.compile(r"\s*[\r\n]")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    history=st.lists(st.text(min_size=1, max_size=120), min_size=1, max_size=3),
+    reply=st.one_of(
+        st.text(max_size=120),
+        st.builds(
+            str.__add__, st.sampled_from(["\n", "\n\n", " \n", "\r\n", "\t\r", "\u2028\n"]), st.text(max_size=60)
+        ),
+    ),
+    padding=st.integers(min_value=0, max_value=200),
+)
+def test_prefix_property_breaks_only_at_the_last_token(
+    pre: Preprocessor, history: list[str], reply: str, padding: int
+) -> None:
+    turns = conversation_turns([*history, reply])
+    # Stretch the system prompt so turn boundaries land at every offset within a block.
+    for turn in turns:
+        turn[0] = {"role": "system", "content": "x " * padding}
+    previous, current = pre.encode_chat(turns[-2]), pre.encode_chat(turns[-1])
+    shared = common_prefix(previous, current)
+    if _NEWLINE_LEAD.match(reply):
+        assert shared >= len(previous) - 1
+    else:
+        assert shared == len(previous)
+    # Every full block before the last token of the previous turn is reused.
+    reusable = (len(previous) - 1) // BLOCK
+    assert sequence_hashes(current, BLOCK)[:reusable] == sequence_hashes(previous, BLOCK)[:reusable]
+
+
+def test_leading_newline_reply_costs_at_most_the_last_block(pre: Preprocessor) -> None:
+    turns = conversation_turns(["\n\nA reply that starts with a blank line."])
+    previous, current = pre.encode_chat(turns[0]), pre.encode_chat(turns[1])
+    assert common_prefix(previous, current) == len(previous) - 1
+    assert pre.decode(previous[-1:]) == "\n" and pre.decode(current[len(previous) - 1 : len(previous)]) == "\n\n\n"
