@@ -1,0 +1,296 @@
+"""ZMQ event sources: the asyncio edge that feeds engine KV events to a ``KvIndexer``.
+
+``ZmqEventSource`` subscribes to one worker's PUB socket (one per data-parallel rank,
+vLLM offsets the port by the rank), decodes every message with ``indexer.wire`` and
+hands typed batches to ``indexer.apply_engine_batch``. Undecodable messages are counted
+(``record_rejected``) and dropped; the source never stops for bad input, and ZMQ
+reconnects by itself while the engine is down or restarting.
+
+Gaps are found by the indexer (seq tracking), which asks for a replay through its
+synchronous ``on_replay`` callback. ``ReplayDispatcher`` is that callback for a fleet:
+it forwards ``(worker_id, rank, from_seq, to_seq)`` to the worker's source, which
+fetches the missing batches from vLLM's ROUTER replay socket in a task, applies them
+with ``replayed=True`` and answers with exactly one ``replay_finished`` per request,
+in request order per rank.
+
+Never decides anything about blocks: seq semantics live in the indexer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from indexer.events import EventBatch
+from indexer.wire import (
+    REPLAY_END_SEQ,
+    DecodeError,
+    decode_batch,
+    decode_frames,
+    decode_replay_reply,
+    encode_replay_request,
+)
+
+__all__ = ["ReplayDispatcher", "SourceStats", "ZmqEventSource", "ZmqSourceConfig", "rank_endpoint"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineBatchSink(Protocol):
+    """The part of ``indexer.kv_indexer.KvIndexer`` a source feeds."""
+
+    def apply_engine_batch(self, worker_id: str, seq: int, batch: EventBatch, *,
+                           replayed: bool = False) -> None: ...
+
+    def replay_finished(self, worker_id: str, rank: int, ok: bool) -> None: ...
+
+    def record_rejected(self, worker_id: str, kind: str) -> None: ...
+
+
+@dataclass(slots=True)
+class ZmqSourceConfig:
+    replay_timeout: float = 2.0
+    """Seconds to wait for each replay reply before giving the replay up."""
+    receive_hwm: int = 100_000
+    """SUB queue length; vLLM's PUB uses the same, so a burst is not dropped on our side."""
+    reconnect_interval_ms: int = 100
+    reconnect_interval_max_ms: int = 2_000
+
+
+@dataclass(slots=True)
+class SourceStats:
+    frames_received: int = 0
+    batches_applied: int = 0
+    batches_replayed: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    replays_ok: int = 0
+    replays_failed: int = 0
+    indexer_errors: int = 0
+
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """vLLM's per-rank endpoint: TCP port + rank, ``_dp<rank>`` suffix otherwise."""
+    if rank == 0:
+        return endpoint
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint.rpartition(":")
+        return f"{host}:{int(port) + rank}"
+    return f"{endpoint}_dp{rank}"
+
+
+class ZmqEventSource:
+    """Live events (and replays) of one worker, all its data-parallel ranks."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        endpoint: str,
+        replay_endpoint: str | None,
+        indexer: EngineBatchSink,
+        topic: bytes = b"",
+        *,
+        dp_size: int = 1,
+        config: ZmqSourceConfig | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        if dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+        self.worker_id = worker_id
+        self.endpoint = endpoint
+        self.replay_endpoint = replay_endpoint
+        self.topic = topic
+        self.dp_size = dp_size
+        self.config = config or ZmqSourceConfig()
+        self.stats = SourceStats()
+        self._indexer = indexer
+        self._context = context
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Replays of one rank run one after another, so answers keep request order.
+        self._replay_locks: dict[int, asyncio.Lock] = {}
+        self._running = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect every rank's SUB socket and start reading (needs a running loop)."""
+        if self._running:
+            return
+        ctx = self._context or zmq.asyncio.Context.instance()
+        for rank in range(self.dp_size):
+            sock = ctx.socket(zmq.SUB)
+            self._configure(sock)
+            sock.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
+            sock.setsockopt(zmq.SUBSCRIBE, self.topic)
+            sock.connect(rank_endpoint(self.endpoint, rank))
+            self._sockets.append(sock)
+            self._spawn(self._read_live(rank, sock))
+        self._running = True
+
+    async def stop(self) -> None:
+        """Stop reading; replays still in flight are answered ``ok=False``."""
+        self._running = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets.clear()
+
+    def _configure(self, sock: zmq.asyncio.Socket) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, self.config.reconnect_interval_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.config.reconnect_interval_max_ms)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- live events -------------------------------------------------------------------
+
+    async def _read_live(self, rank: int, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            self.stats.frames_received += 1
+            try:
+                _topic, seq, payload = decode_frames(frames)
+                batch = decode_batch(payload)
+            except DecodeError as err:
+                self._reject(err)
+                continue
+            if self._apply(rank, seq, batch, replayed=False):
+                self.stats.batches_applied += 1
+
+    def _apply(self, rank: int, seq: int, batch: EventBatch, *, replayed: bool) -> bool:
+        if batch.data_parallel_rank is None:
+            # SGLang and older vLLM may omit the rank; the socket it came on tells it.
+            batch.data_parallel_rank = rank
+        try:
+            self._indexer.apply_engine_batch(self.worker_id, seq, batch, replayed=replayed)
+        except Exception:
+            # A failing indexer must not silence this worker's feed for good.
+            self.stats.indexer_errors += 1
+            log.exception("indexer failed on batch seq=%d from %s", seq, self.worker_id)
+            return False
+        return True
+
+    def _reject(self, err: DecodeError) -> None:
+        self.stats.rejected[err.kind] += 1
+        log.debug("rejected message from %s: %s", self.worker_id, err)
+        self._indexer.record_rejected(self.worker_id, err.kind)
+
+    # --- replay ------------------------------------------------------------------------
+
+    def request_replay(self, rank: int, from_seq: int, to_seq: int) -> None:
+        """Fetch batches ``from_seq <= seq < to_seq`` of ``rank``; answered by ``replay_finished``.
+
+        Safe to call from inside ``apply_engine_batch``: the work (and the answer, even
+        an immediate failure) always happens later in a task.
+        """
+        self._spawn(self._replay(rank, from_seq, to_seq))
+
+    async def _replay(self, rank: int, from_seq: int, to_seq: int) -> None:
+        ok = False
+        try:
+            lock = self._replay_locks.setdefault(rank, asyncio.Lock())
+            async with lock:
+                if from_seq >= to_seq:
+                    ok = True
+                elif self._running and self.replay_endpoint is not None and 0 <= rank < self.dp_size:
+                    payloads = await self._fetch(rank, from_seq, to_seq)
+                    ok = self._apply_replayed(rank, from_seq, to_seq, payloads)
+        finally:
+            if ok:
+                self.stats.replays_ok += 1
+            else:
+                self.stats.replays_failed += 1
+                log.warning("replay %d..%d of %s rank %d failed", from_seq, to_seq, self.worker_id, rank)
+            self._indexer.replay_finished(self.worker_id, rank, ok)
+
+    async def _fetch(self, rank: int, from_seq: int, to_seq: int) -> dict[int, bytes]:
+        """Replies with seq in range, until the end marker, the last wanted seq, or a timeout."""
+        assert self.replay_endpoint is not None
+        ctx = self._context or zmq.asyncio.Context.instance()
+        # A fresh DEALER per replay: late replies to an abandoned request cannot leak in.
+        sock = ctx.socket(zmq.DEALER)
+        self._configure(sock)
+        got: dict[int, bytes] = {}
+        try:
+            sock.connect(rank_endpoint(self.replay_endpoint, rank))
+            await sock.send_multipart([b"", encode_replay_request(from_seq)])
+            timeout_ms = int(self.config.replay_timeout * 1000)
+            deadline = time.monotonic() + self.config.replay_timeout
+            while True:
+                if not await sock.poll(timeout_ms):
+                    log.warning("replay of %s rank %d timed out", self.worker_id, rank)
+                    return got
+                try:
+                    seq, payload = decode_replay_reply(await sock.recv_multipart())
+                except DecodeError as err:
+                    self._reject(err)
+                    # Garbage must not keep a replay alive forever.
+                    if time.monotonic() > deadline:
+                        return got
+                    continue
+                deadline = time.monotonic() + self.config.replay_timeout
+                if seq == REPLAY_END_SEQ:
+                    return got
+                if from_seq <= seq < to_seq:
+                    got[seq] = payload
+                if seq >= to_seq - 1:
+                    return got
+        finally:
+            sock.close(linger=0)
+
+    def _apply_replayed(self, rank: int, from_seq: int, to_seq: int, payloads: dict[int, bytes]) -> bool:
+        """Apply the contiguous run from ``from_seq``; True when it reaches ``to_seq``."""
+        for seq in range(from_seq, to_seq):
+            payload = payloads.get(seq)
+            if payload is None:
+                return False
+            try:
+                batch = decode_batch(payload)
+            except DecodeError as err:
+                self._reject(err)
+                return False
+            if not self._apply(rank, seq, batch, replayed=True):
+                return False
+            self.stats.batches_replayed += 1
+        return True
+
+
+class ReplayDispatcher:
+    """A ``KvIndexer`` ``on_replay`` callback that forwards each request to its worker's source.
+
+    ``indexer.on_replay = ReplayDispatcher(indexer)``, then ``add`` each source. A request
+    for a worker without a source is answered ``ok=False`` (soon, never from inside the
+    call), so the indexer never waits on a replay nobody will run.
+    """
+
+    def __init__(self, indexer: EngineBatchSink) -> None:
+        self._indexer = indexer
+        self._sources: dict[str, ZmqEventSource] = {}
+
+    def add(self, source: ZmqEventSource) -> None:
+        self._sources[source.worker_id] = source
+
+    def discard(self, worker_id: str) -> None:
+        self._sources.pop(worker_id, None)
+
+    def __call__(self, worker_id: str, rank: int, from_seq: int, to_seq: int) -> None:
+        source = self._sources.get(worker_id)
+        if source is not None:
+            source.request_replay(rank, from_seq, to_seq)
+            return
+        log.warning("replay request for %s, which has no source; answering failure", worker_id)
+        asyncio.get_running_loop().call_soon(self._indexer.replay_finished, worker_id, rank, False)

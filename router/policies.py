@@ -1,0 +1,340 @@
+"""Routing policies and the ``kv`` cost model: from matches and load to one ``Decision``.
+
+Input (pure data): the candidate ``WorkerKey``s, ``find_matches``' ``dict[WorkerKey,
+Match]`` for the prompt, the prompt's full-block count and each candidate's
+``LoadSnapshot``. Output: a ``Decision`` naming the chosen worker, the fallback order
+for retries and, for every candidate, each cost term and why it was skipped.
+
+Every policy scores every candidate the same way, so ``explain()`` and the overlap
+metrics mean the same thing whatever the mode; only the choice differs:
+
+* ``kv``: the cheapest total (router/README.md has the formula and a worked example),
+  or a softmax draw over ``-(total - best) / temperature``; ties go to the least loaded,
+  then to the smallest ``WorkerKey``, so equal inputs always give the same answer;
+* ``round-robin``: the next eligible key after the last one chosen;
+* ``random``: uniform over eligible keys (seeded).
+
+Busy and excluded workers are never chosen; when nobody is left, ``NoWorkerAvailable``
+says why. No I/O, no clock, no shared state beyond the policy's own cursor / RNG.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
+
+from indexer.events import Match, WorkerKey
+
+from router.config import BusyThresholds, RouterConfig
+from router.load import IDLE, LoadSnapshot
+
+_NO_MATCH = Match()
+# Totals are sums of float products; two workers whose costs differ only by rounding
+# error are a tie and must fall through to the load / key tie-break.
+_TIE_EPSILON = 1e-9
+
+
+class NoWorkerAvailable(Exception):
+    """No candidate can take the request (none registered, all excluded or all busy)."""
+
+    def __init__(self, reason: str, scores: Sequence["CandidateScore"] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.scores = list(scores)
+
+    def explain(self) -> dict[str, Any]:
+        return {"chosen": None, "reason": self.reason, "candidates": [s.explain() for s in self.scores]}
+
+
+@dataclass(slots=True)
+class CandidateScore:
+    """One candidate's cost terms. Costs are in compute_cost units (blocks to recompute).
+
+    ``cached_blocks`` is the prefix the cost model counts as reusable: the whole matched
+    depth, or only its GPU blocks with ``gpu_only``.
+    """
+
+    key: WorkerKey
+    depth: int
+    gpu_blocks: int
+    cpu_blocks: int
+    disk_blocks: int
+    cached_blocks: int
+    uncached_blocks: int
+    tier_load_cost: float
+    compute_cost: float
+    queued_prefill_tokens: int
+    queued_prefill_cost: float
+    prefill_cost: float
+    decode_blocks: int
+    decode_cost: float
+    total: float
+    load: LoadSnapshot
+    skipped: str | None = None
+    probability: float | None = None
+
+    def explain(self) -> dict[str, Any]:
+        return {
+            "worker": str(self.key),
+            "worker_id": self.key.worker_id,
+            "dp_rank": self.key.dp_rank,
+            "overlap": {"blocks": self.depth, "gpu": self.gpu_blocks, "cpu": self.cpu_blocks, "disk": self.disk_blocks},
+            "cached_blocks": self.cached_blocks,
+            "uncached_blocks": self.uncached_blocks,
+            "queued_prefill_tokens": self.queued_prefill_tokens,
+            "decode_blocks": self.decode_blocks,
+            "costs": {
+                "tier_load": self.tier_load_cost,
+                "compute": self.compute_cost,
+                "queued_prefill": self.queued_prefill_cost,
+                "prefill": self.prefill_cost,
+                "decode": self.decode_cost,
+                "total": self.total,
+            },
+            "load": self.load.to_dict(),
+            "skipped": self.skipped,
+            "probability": self.probability,
+        }
+
+
+@dataclass(slots=True)
+class RouteTimings:
+    """Seconds spent per phase of one decision (tokenization is the gateway's)."""
+
+    hash: float = 0.0
+    match: float = 0.0
+    score: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.hash + self.match + self.score
+
+
+@dataclass(slots=True)
+class Decision:
+    """The chosen worker, the fallback order (``ranked[0] == chosen``) and every score.
+
+    ``scores`` lists eligible candidates in ``ranked`` order, then skipped ones.
+    """
+
+    chosen: WorkerKey
+    ranked: list[WorkerKey]
+    scores: list[CandidateScore]
+    mode: str
+    num_blocks: int = 0
+    block_size: int = 0
+    timings: RouteTimings = field(default_factory=RouteTimings)
+    config: RouterConfig | None = None
+
+    def score_of(self, key: WorkerKey) -> CandidateScore | None:
+        for score in self.scores:
+            if score.key == key:
+                return score
+        return None
+
+    @property
+    def chosen_score(self) -> CandidateScore:
+        score = self.score_of(self.chosen)
+        assert score is not None, "a Decision always scores its chosen worker"
+        return score
+
+    def explain(self) -> dict[str, Any]:
+        """JSON-able account of the decision, as served by ``/debug/route``."""
+        t = self.timings
+        return {
+            "mode": self.mode,
+            "chosen": str(self.chosen),
+            "ranked": [str(k) for k in self.ranked],
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "timings_us": {"hash": t.hash * 1e6, "match": t.match * 1e6, "score": t.score * 1e6,
+                           "total": t.total * 1e6},
+            "config": self.config.to_dict() if self.config is not None else None,
+            "candidates": [s.explain() for s in self.scores],
+        }
+
+
+class Policy:
+    """Scores candidates (shared by every mode) and leaves the choice to ``_choose``."""
+
+    mode = ""
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        self.config = config or RouterConfig(mode=self.mode)  # type: ignore[arg-type]
+
+    def select(
+        self,
+        candidates: Sequence[WorkerKey],
+        matches: Mapping[WorkerKey, Match],
+        num_blocks: int,
+        loads: Mapping[WorkerKey, LoadSnapshot],
+        exclude: Collection[WorkerKey | str] = (),
+    ) -> Decision:
+        """Choose among ``candidates``; ``exclude`` takes keys or whole worker ids."""
+        if not candidates:
+            raise NoWorkerAvailable("no workers registered")
+        scores = score_candidates(self.config, candidates, matches, num_blocks, loads, exclude)
+        eligible = [s for s in scores if s.skipped is None]
+        if not eligible:
+            raise NoWorkerAvailable(_why_none(scores), scores)
+        ordered = self._choose(eligible)
+        ranked = [s.key for s in ordered]
+        ordered.extend(s for s in scores if s.skipped is not None)
+        return Decision(ranked[0], ranked, ordered, self.mode, num_blocks, self.config.block_size, config=self.config)
+
+    def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
+        """Eligible scores in fallback order, the chosen one first."""
+        raise NotImplementedError
+
+
+class KvPolicy(Policy):
+    mode = "kv"
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        super().__init__(config)
+        self._rng = random.Random(self.config.seed)
+
+    def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
+        ordered = _rank(eligible, self.config.block_size)
+        temperature = self.config.temperature
+        if temperature <= 0 or len(ordered) == 1:
+            return ordered
+        best = ordered[0].total
+        weights = [math.exp(-(s.total - best) / temperature) for s in ordered]
+        norm = sum(weights)
+        for s, w in zip(ordered, weights):
+            s.probability = w / norm
+        draw = self._rng.random() * norm
+        pick = len(ordered) - 1  # float rounding can leave draw just above the last cumulative sum
+        for i, w in enumerate(weights):
+            draw -= w
+            if draw < 0:
+                pick = i
+                break
+        return [ordered[pick], *ordered[:pick], *ordered[pick + 1 :]]
+
+
+class RoundRobinPolicy(Policy):
+    mode = "round-robin"
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        super().__init__(config)
+        self._last: WorkerKey | None = None
+
+    def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
+        ordered = sorted(eligible, key=lambda s: s.key)
+        # Keyed on the last choice rather than an index, so workers joining or leaving
+        # between calls do not make the rotation skip or repeat anyone.
+        start = 0
+        if self._last is not None:
+            start = next((i for i, s in enumerate(ordered) if s.key > self._last), 0)
+        ordered = ordered[start:] + ordered[:start]
+        self._last = ordered[0].key
+        return ordered
+
+
+class RandomPolicy(Policy):
+    mode = "random"
+
+    def __init__(self, config: RouterConfig | None = None) -> None:
+        super().__init__(config)
+        self._rng = random.Random(self.config.seed)
+
+    def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
+        ordered = sorted(eligible, key=lambda s: s.key)
+        self._rng.shuffle(ordered)
+        return ordered
+
+
+_POLICIES: dict[str, type[Policy]] = {p.mode: p for p in (KvPolicy, RoundRobinPolicy, RandomPolicy)}
+
+
+def make_policy(config: RouterConfig) -> Policy:
+    return _POLICIES[config.mode](config)
+
+
+def score_candidates(
+    config: RouterConfig,
+    candidates: Sequence[WorkerKey],
+    matches: Mapping[WorkerKey, Match],
+    num_blocks: int,
+    loads: Mapping[WorkerKey, LoadSnapshot],
+    exclude: Collection[WorkerKey | str] = (),
+) -> list[CandidateScore]:
+    """Every cost term for every candidate, in candidate order; skipped ones marked."""
+    w = config.weights
+    compute = w.compute_cost
+    cpu_cost = 0.0 if config.gpu_only else w.cpu_load_fraction * compute
+    disk_cost = 0.0 if config.gpu_only else w.disk_load_fraction * compute
+    per_token = compute / config.block_size
+    prefill_weight, decode_weight = w.prefill_weight, w.decode_weight
+    gpu_only = config.gpu_only
+    busy = config.busy if config.busy.enabled else None
+    scores: list[CandidateScore] = []
+    for key in candidates:
+        m = matches.get(key, _NO_MATCH)
+        gpu, cpu, disk = m.per_tier
+        load = loads.get(key, IDLE)
+        cached = gpu if gpu_only else m.depth
+        uncached = num_blocks - cached if num_blocks > cached else 0
+        tier = 0.0 if gpu_only else cpu * cpu_cost + disk * disk_cost
+        compute_term = uncached * compute
+        queued = load.prefill_tokens * per_token
+        prefill = tier + compute_term + queued
+        decode_blocks = load.blocks + num_blocks
+        skipped = None
+        if exclude and (key in exclude or key.worker_id in exclude):
+            skipped = "excluded"
+        elif busy is not None:
+            skipped = _busy_reason(load, busy)
+        scores.append(CandidateScore(
+            key, m.depth, gpu, cpu, disk, cached, uncached, tier, compute_term, load.prefill_tokens, queued,
+            prefill, decode_blocks, float(decode_blocks), prefill_weight * prefill + decode_weight * decode_blocks,
+            load, skipped,
+        ))
+    return scores
+
+
+def _busy_reason(load: LoadSnapshot, busy: BusyThresholds) -> str | None:
+    if busy.max_kv_usage is not None and load.kv_usage is not None and load.kv_usage > busy.max_kv_usage:
+        return f"busy: kv_usage {load.kv_usage:.3f} > max_kv_usage {busy.max_kv_usage}"
+    if busy.max_waiting is not None and load.waiting is not None and load.waiting > busy.max_waiting:
+        return f"busy: waiting {load.waiting} > max_waiting {busy.max_waiting}"
+    if busy.max_prefill_tokens is not None and load.prefill_tokens > busy.max_prefill_tokens:
+        return f"busy: prefill_tokens {load.prefill_tokens} > max_prefill_tokens {busy.max_prefill_tokens}"
+    return None
+
+
+def _rank(scores: list[CandidateScore], block_size: int) -> list[CandidateScore]:
+    """Cheapest first; equal totals: least loaded, then fewer waiting / running, then key."""
+    ordered = sorted(scores, key=attrgetter("total"))
+    # Ties are rare, so only runs of (nearly) equal totals pay for the full tie-break key.
+    i, n = 0, len(ordered)
+    while i < n - 1:
+        j = i
+        while j < n - 1 and _tied(ordered[j].total, ordered[j + 1].total):
+            j += 1
+        if j > i:
+            ordered[i : j + 1] = sorted(ordered[i : j + 1], key=lambda s: _load_key(s, block_size))
+        i = j + 1
+    return ordered
+
+
+def _tied(lower: float, higher: float) -> bool:
+    return higher - lower <= _TIE_EPSILON * max(1.0, abs(lower))
+
+
+def _load_key(s: CandidateScore, block_size: int) -> tuple[float, int, int, WorkerKey]:
+    load = s.load
+    return (load.blocks + load.prefill_tokens / block_size, load.waiting or 0, load.running or 0, s.key)
+
+
+def _why_none(scores: Sequence[CandidateScore]) -> str:
+    if all(s.skipped == "excluded" for s in scores):
+        return f"all {len(scores)} workers excluded"
+    details = "; ".join(f"{s.key}: {s.skipped}" for s in scores)
+    return f"all {len(scores)} workers busy or excluded ({details})"

@@ -1,0 +1,207 @@
+"""router.routing: the Router facade against the real KvIndexer fed with real events (no mocks)."""
+
+import json
+import random
+
+import pytest
+
+from indexer.events import BlockRemoved, BlockStored, EventBatch, RouterStored, Tier, WorkerKey
+from indexer.hashing import sequence_hashes
+from indexer.kv_indexer import KvIndexer
+from router.config import BusyThresholds, CostWeights, RouterConfig
+from router.load import IDLE, LoadSnapshot, LoadTracker
+from router.policies import NoWorkerAvailable
+from router.registry import StaticDiscovery
+from router.routing import Router
+
+BS = 64
+A, B, C = WorkerKey("a"), WorkerKey("b"), WorkerKey("c")
+
+
+class Engine:
+    """Publishes what a vLLM worker would: numbered batches of engine-hash block events."""
+
+    def __init__(self, indexer: KvIndexer, worker_id: str, dp_rank: int | None = None):
+        self.indexer, self.worker_id, self.dp_rank = indexer, worker_id, dp_rank
+        self.seq = 0
+        self.engine_hash: dict[int, int] = {}  # router hash -> this engine's opaque hash
+        self.rng = random.Random(worker_id)
+
+    def publish(self, *events):
+        self.indexer.apply_engine_batch(self.worker_id, self.seq, EventBatch(0.0, list(events), self.dp_rank))
+        self.seq += 1
+
+    def store(self, tokens, tier=Tier.GPU):
+        """The engine cached every full block of ``tokens`` (as one chained store)."""
+        n = len(tokens) // BS
+        hashes = [self.engine_hash.setdefault(h, self.rng.getrandbits(63)) for h in sequence_hashes(tokens, BS)]
+        self.publish(BlockStored(hashes, None, list(tokens[: n * BS]), BS, medium=tier))
+        return hashes
+
+    def offload(self, hashes, to=Tier.CPU):
+        """Token-less tier update (the CPU offloading connector), then GPU eviction."""
+        self.publish(BlockStored(hashes, None, [], BS, medium=to), BlockRemoved(hashes, Tier.GPU))
+
+
+def fleet(*ids, config=None, **kw):
+    config = config or RouterConfig(**kw)
+    indexer = KvIndexer(block_size=config.block_size)
+    registry = StaticDiscovery([{"id": i, "url": f"http://127.0.0.1:{9000 + n}"} for n, i in enumerate(ids)]).registry()
+    router = Router(config, indexer, registry, LoadTracker.from_config(config, clock=lambda: 0.0), clock=lambda: 0.0)
+    return router, indexer
+
+
+def tokens(n, start=0):
+    return [(start + i) % 50_000 for i in range(n)]
+
+
+def test_routes_to_the_worker_holding_the_longest_prefix():
+    router, indexer = fleet("a", "b", "c")
+    system = tokens(640)  # 10 blocks
+    Engine(indexer, "a").store(system[:256])  # 4 blocks
+    Engine(indexer, "b").store(system)  # all 10
+    prompt = system + tokens(200, 7_000)  # 13 full blocks (840 tokens)
+    decision = router.route(prompt)
+    assert decision.chosen == B and decision.num_blocks == 13
+    assert decision.ranked == [B, A, C]
+    assert [decision.score_of(k).depth for k in (A, B, C)] == [4, 10, 0]
+    assert decision.chosen_score.uncached_blocks == 3
+    t = decision.timings
+    assert t.hash > 0 and t.match > 0 and t.score > 0 and t.total == t.hash + t.match + t.score
+    assert json.loads(json.dumps(decision.explain()))["candidates"][0]["overlap"]["gpu"] == 10
+
+
+def test_route_hashes_gives_the_same_decision():
+    router, indexer = fleet("a", "b")
+    prompt = tokens(500)
+    Engine(indexer, "b").store(prompt)
+    assert router.route_hashes(sequence_hashes(prompt, BS)).ranked == router.route(prompt).ranked == [B, A]
+
+
+def test_lora_prompts_do_not_match_base_model_blocks():
+    router, indexer = fleet("a", "b")
+    prompt = tokens(640)
+    Engine(indexer, "b").store(prompt)
+    assert router.route(prompt).chosen == B
+    decision = router.route(prompt, lora_name="adapter-a")
+    assert decision.chosen == A and decision.score_of(B).depth == 0
+
+
+def test_tier_aware_follows_the_cpu_copy_gpu_only_does_not():
+    prompt = tokens(640)  # 10 blocks
+    results = {}
+    for gpu_only in (False, True):
+        router, indexer = fleet("a", "b", gpu_only=gpu_only)
+        a = Engine(indexer, "a")
+        hashes = a.store(prompt)
+        a.offload(hashes)  # a's copy now only in CPU memory
+        Engine(indexer, "b").store(prompt[:192])  # b holds 3 blocks on GPU
+        decision = router.route(prompt)
+        sa = decision.score_of(A)
+        assert (sa.depth, sa.gpu_blocks, sa.cpu_blocks) == (10, 0, 10)
+        results[gpu_only] = (decision.chosen, sa.prefill_cost, decision.score_of(B).prefill_cost)
+    cpu_cost = CostWeights().tier_load_cost(Tier.CPU)
+    assert cpu_cost * 10 < 7.0, "the scenario needs 10 CPU loads to beat 7 recomputes"
+    assert results[False] == (A, pytest.approx(cpu_cost * 10), 7.0)
+    assert results[True] == (B, 10.0, 7.0)  # without tiers a looks empty
+
+
+def test_router_native_events_and_dp_ranks():
+    config = RouterConfig()
+    indexer = KvIndexer(block_size=BS)
+    registry = StaticDiscovery([{"id": "a", "url": "http://127.0.0.1:9001", "dp_size": 2}]).registry()
+    router = Router(config, indexer, registry)
+    prompt = tokens(300)
+    indexer.apply_router_events(WorkerKey("a", 1), [RouterStored(sequence_hashes(prompt, BS), Tier.DISK)])
+    decision = router.route(prompt)
+    assert decision.chosen == WorkerKey("a", 1) and decision.chosen_score.disk_blocks == 4
+    assert decision.explain()["chosen"] == "a#1"
+
+
+def test_lifecycle_load_moves_the_next_decision():
+    router, indexer = fleet("a", "b")
+    prompt = tokens(640)
+    d1 = router.route(prompt)
+    assert d1.chosen == A  # idle and empty: the key decides
+    router.begin("r1", d1, prompt_tokens=650)
+    assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=650, blocks=11)
+    d2 = router.route(prompt)
+    assert d2.chosen == B
+    assert d2.score_of(A).queued_prefill_tokens == 650 and d2.score_of(A).decode_blocks == 11 + 10
+
+    assert router.prefill_done("r1")
+    assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=0, blocks=11)
+    assert router.finish("r1") and not router.finish("r1")
+    assert router.load.snapshot(A) is IDLE
+    assert router.route(prompt).chosen == A
+
+
+def test_begin_counts_only_uncached_tokens_as_queued_prefill():
+    router, indexer = fleet("a", "b")
+    prompt = tokens(700)
+    Engine(indexer, "b").store(prompt[:384])  # 6 of 10 full blocks
+    decision = router.route(prompt)
+    router.begin("r1", decision, len(prompt))
+    assert router.load.snapshot(B) == LoadSnapshot(requests=1, prefill_tokens=700 - 384, blocks=11)
+    # A retry on the next-best worker moves the request there with that worker's cache.
+    router.begin("r1", decision, len(prompt), key=decision.ranked[1])
+    assert router.load.snapshot(B) is IDLE
+    assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=700, blocks=11)
+    with pytest.raises(ValueError, match="prompt_tokens must be a non-negative integer"):
+        router.begin("r2", decision, -1)
+
+
+def test_removed_worker_loses_index_and_load_state():
+    router, indexer = fleet("a", "b")
+    prompt = tokens(640)
+    Engine(indexer, "a").store(prompt)
+    decision = router.route(prompt)
+    router.begin("r1", decision, len(prompt))
+    router.registry.remove("a")
+    assert indexer.find_matches(sequence_hashes(prompt, BS)) == {}
+    assert router.load.snapshot(A) is IDLE and len(router.load) == 0
+    assert router.route(prompt).ranked == [B]
+    router.registry.remove("b")
+    with pytest.raises(NoWorkerAvailable, match="no workers registered"):
+        router.route(prompt)
+
+
+def test_exclude_and_busy_pass_through():
+    config = RouterConfig(busy=BusyThresholds(max_kv_usage=0.9))
+    router, indexer = fleet("a", "b", "c", config=config)
+    prompt = tokens(640)
+    Engine(indexer, "a").store(prompt)
+    assert router.route(prompt, exclude=[A]).chosen == B
+    router.load.update_engine(B, running=10, waiting=0, kv_usage=0.95, now=0.0)
+    decision = router.route(prompt, exclude={"a"})
+    assert decision.chosen == C and decision.score_of(B).skipped.startswith("busy: kv_usage")
+    with pytest.raises(NoWorkerAvailable) as err:
+        router.route(prompt, exclude=[A, C])
+    assert "b: busy: kv_usage 0.950" in err.value.reason
+
+
+def test_expired_requests_stop_counting():
+    now = [0.0]
+    config = RouterConfig(active_request_ttl=30.0)
+    indexer = KvIndexer(block_size=BS)
+    registry = StaticDiscovery([{"id": "a", "url": "http://h:1"}, {"id": "b", "url": "http://h:2"}]).registry()
+    router = Router(config, indexer, registry, clock=lambda: now[0])
+    router.begin("lost", router.route(tokens(128)), 128)  # its finish never comes
+    assert router.route(tokens(128)).chosen == B
+    now[0] = 31.0
+    assert router.route(tokens(128)).chosen == A and len(router.load) == 0
+
+
+def test_round_robin_router_and_block_size_mismatch():
+    router, _ = fleet("a", "b", mode="round-robin")
+    assert [router.route(tokens(10)).chosen for _ in range(3)] == [A, B, A]
+    with pytest.raises(ValueError, match="router block_size 32 != indexer block_size 64"):
+        Router(RouterConfig(block_size=32), KvIndexer(block_size=64), router.registry)
+
+
+def test_close_stops_listening_to_the_registry():
+    router, indexer = fleet("a", "b")
+    Engine(indexer, "a").store(tokens(128))
+    router.close()
+    router.registry.remove("a")
+    assert WorkerKey("a") in indexer.find_matches(sequence_hashes(tokens(128), BS))

@@ -1,0 +1,459 @@
+"""indexer.sources: real ZMQ sockets on loopback -> ZmqEventSource -> a real KvIndexer.
+
+The test publisher follows vLLM's ZmqEventPublisher: multipart (topic, seq, payload) on a
+PUB socket — an XPUB here, which is a PUB that also reports subscriptions, so a test can
+wait for the subscriber instead of sleeping — and a ROUTER replay socket serving its
+buffer from a start seq, then seq -1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Match, Tier, WorkerKey
+from indexer.hashing import sequence_hashes
+from indexer.kv_indexer import KvIndexer
+from indexer.sources import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig, rank_endpoint
+from indexer.wire import (
+    REPLAY_END_SEQ,
+    decode_replay_request,
+    encode_batch,
+    encode_frames,
+    encode_replay_reply,
+)
+from tests.procs import free_port
+
+BS = 64
+FIXTURES = Path(__file__).parent / "fixtures" / "kv_events"
+
+
+def tcp(port: int) -> str:
+    return f"tcp://127.0.0.1:{port}"
+
+
+def tokens(first: int, blocks: int) -> list[int]:
+    return list(range(first, first + blocks * BS))
+
+
+def store(engine_hashes: list[int], first: int, parent: int | None = None) -> EventBatch:
+    return EventBatch(1.0, [BlockStored(engine_hashes, parent, tokens(first, len(engine_hashes)), BS)], None)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait for a condition the system under test must reach (fails if it never does)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.01)
+
+
+class Publisher:
+    """One engine rank's publisher on real sockets, following vLLM's protocol."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, port: int, replay_port: int | None = None,
+                 topic: bytes = b"", *, answer_replays: bool = True) -> None:
+        self.ctx, self.port, self.replay_port, self.topic = ctx, port, replay_port, topic
+        self.answer_replays = answer_replays
+        self.buffer: dict[int, bytes] = {}
+        self.replay_requests: list[int] = []
+        self.next_seq = 0
+        self._pub: zmq.asyncio.Socket | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._server: asyncio.Task[None] | None = None
+
+    def bind(self) -> None:
+        self._pub = self._bound(zmq.XPUB, self.port)
+        if self.replay_port is not None:
+            self._router = self._bound(zmq.ROUTER, self.replay_port)
+            self._server = asyncio.get_running_loop().create_task(self._serve())
+
+    def _bound(self, kind: int, port: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        # ZMQ releases a closed socket's port in its I/O thread, a moment after close():
+        # a restarted publisher retries like a restarted engine would.
+        for _ in range(100):
+            try:
+                sock.bind(tcp(port))
+                return sock
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE:
+                    raise
+                time.sleep(0.05)
+        sock.bind(tcp(port))
+        return sock
+
+    async def subscribed(self, timeout: float = 10.0) -> None:
+        """Wait until a subscriber's subscription has reached this socket."""
+        assert self._pub is not None
+        while True:
+            msg = await asyncio.wait_for(self._pub.recv(), timeout)
+            if msg[:1] == b"\x01":
+                return
+
+    async def publish(self, batch: EventBatch, *, live: bool = True, encoding: str = "map",
+                      topic: bytes | None = None) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        payload = encode_batch(batch, encoding)
+        self.buffer[seq] = payload
+        if live:
+            await self.send([*encode_frames(self.topic if topic is None else topic, seq, payload)])
+        return seq
+
+    async def send(self, frames: list[bytes]) -> None:
+        assert self._pub is not None
+        await self._pub.send_multipart(frames)
+
+    async def _serve(self) -> None:
+        assert self._router is not None
+        while True:
+            identity, start = decode_replay_request(await self._router.recv_multipart())
+            self.replay_requests.append(start)
+            if not self.answer_replays:
+                continue
+            for seq in sorted(self.buffer):
+                if seq >= start:
+                    await self._router.send_multipart([identity, *encode_replay_reply(seq, self.buffer[seq])])
+            await self._router.send_multipart([identity, *encode_replay_reply(REPLAY_END_SEQ)])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.cancel()
+            await asyncio.gather(self._server, return_exceptions=True)
+        for sock in (self._pub, self._router):
+            if sock is not None:
+                sock.close(linger=0)
+
+
+@pytest.fixture
+async def ctx():
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+async def rig(ctx):
+    """A KvIndexer wired to a ReplayDispatcher, plus cleanup of whatever a test starts."""
+    indexer = KvIndexer(block_size=BS)
+    replays = ReplayDispatcher(indexer)
+    indexer.on_replay = replays
+    started: list[ZmqEventSource | Publisher] = []
+
+    def source(worker_id: str, port: int, replay_port: int | None = None, **kw) -> ZmqEventSource:
+        src = ZmqEventSource(worker_id, tcp(port), None if replay_port is None else tcp(replay_port),
+                             indexer, context=ctx, **kw)
+        replays.add(src)
+        src.start()
+        started.append(src)
+        return src
+
+    def publisher(port: int, replay_port: int | None = None, **kw) -> Publisher:
+        pub = Publisher(ctx, port, replay_port, **kw)
+        pub.bind()
+        started.append(pub)
+        return pub
+
+    yield indexer, source, publisher
+    for thing in reversed(started):
+        await (thing.stop() if isinstance(thing, ZmqEventSource) else thing.close())
+
+
+def depth(indexer: KvIndexer, key: WorkerKey, token_ids: list[int]) -> int:
+    return indexer.find_matches(sequence_hashes(token_ids, BS)).get(key, Match()).depth
+
+
+# --- end to end -----------------------------------------------------------------------
+
+async def test_published_events_reach_the_index(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    src = source("w1", port)
+    pub = publisher(port)
+    await pub.subscribed()
+    prompt = tokens(1000, 3)
+    await pub.publish(store([11, 12], 1000))
+    await pub.publish(store([13], 1000 + 2 * BS, parent=12), encoding="array")
+    key = WorkerKey("w1", 0)
+    await until(lambda: depth(indexer, key, prompt) == 3, "3 blocks indexed")
+    assert indexer.find_matches(sequence_hashes(prompt, BS))[key].per_tier == [3, 0, 0]
+
+    await pub.publish(EventBatch(2.0, [BlockStored([12, 13], None, [], BS, medium=Tier.CPU),
+                                       BlockRemoved([13], Tier.GPU)], 0))
+    await until(lambda: indexer.find_matches(sequence_hashes(prompt, BS))[key].per_tier == [2, 1, 0],
+                "block 13 moved to CPU")
+    await pub.publish(EventBatch(3.0, [BlockRemoved([12, 13], Tier.CPU), BlockRemoved([12], Tier.GPU)], 0))
+    await until(lambda: depth(indexer, key, prompt) == 1, "removals applied")
+    await pub.publish(EventBatch(4.0, [AllBlocksCleared()], 0))
+    await until(lambda: depth(indexer, key, prompt) == 0, "cleared")
+    assert src.stats.frames_received == src.stats.batches_applied == 5
+    assert not src.stats.rejected and indexer.stats.gaps == 0
+
+
+async def test_golden_fixture_payloads_are_indexed(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    src = source("w1", port)
+    pub = publisher(port)
+    await pub.subscribed()
+    for seq, name in enumerate(["vllm_tagged_map.msgpack", "vllm_legacy_array.msgpack"]):
+        await pub.send(encode_frames(b"", seq, (FIXTURES / name).read_bytes()))
+    await until(lambda: src.stats.batches_applied == 2, "both fixtures applied")
+    # vllm_tagged_map is rank 1 (2 blocks stored, 1 removed); vllm_legacy_array rank 0.
+    assert indexer.block_counts()[WorkerKey("w1", 1)] == (1, 0, 0)
+    assert indexer.block_counts()[WorkerKey("w1", 0)] == (2, 0, 0)
+
+
+async def test_source_started_before_the_publisher_catches_up(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    source("w1", port)
+    await asyncio.sleep(0.3)  # the engine is not up yet: the source keeps reconnecting
+    pub = publisher(port)
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    await until(lambda: depth(indexer, WorkerKey("w1"), tokens(0, 1)) == 1, "indexed after late start")
+
+
+async def test_topic_filters_other_publications(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    src = source("w1", port, topic=b"kv@w1")
+    pub = publisher(port, topic=b"kv@w1")
+    await pub.subscribed()
+    await pub.publish(store([1], 0), topic=b"other")
+    pub.next_seq = 0
+    await pub.publish(store([2], 5000))
+    await until(lambda: src.stats.frames_received >= 1, "one frame")
+    await until(lambda: depth(indexer, WorkerKey("w1"), tokens(5000, 1)) == 1, "topic batch indexed")
+    assert src.stats.frames_received == 1
+    assert depth(indexer, WorkerKey("w1"), tokens(0, 1)) == 0
+
+
+# --- bad input ------------------------------------------------------------------------
+
+async def test_garbage_is_counted_and_the_source_keeps_going(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    src = source("w1", port)
+    pub = publisher(port)
+    await pub.subscribed()
+    await pub.send([b"just one frame"])
+    await pub.send([b"", b"\x00\x01", b"short seq"])
+    await pub.send([b"", b"\x00" * 8, b"\xc1 not msgpack"])
+    await pub.send([b"", b"\x00" * 8, (FIXTURES / "bad_unknown_event_tag.msgpack").read_bytes()])
+    await pub.send([b"", b"\x00" * 8, (FIXTURES / "bad_token_count_mismatch.msgpack").read_bytes()])
+    await pub.send([b"", b"\x00" * 8, b""])
+    await pub.publish(store([1, 2], 0))
+    await until(lambda: src.stats.batches_applied == 1, "valid batch applied after garbage")
+    want = {"bad_frames": 2, "not_msgpack": 1, "unknown_event": 1, "token_count_mismatch": 1, "empty": 1}
+    assert src.stats.frames_received == 7
+    assert dict(src.stats.rejected) == want
+    assert {k: indexer.stats.rejected[k] for k in want} == want
+    assert depth(indexer, WorkerKey("w1"), tokens(0, 2)) == 2
+
+
+async def test_an_indexer_failure_is_counted_not_fatal(rig, ctx):
+    class Exploding(KvIndexer):
+        def apply_engine_batch(self, worker_id, seq, batch, *, replayed=False):
+            if seq == 0:
+                raise RuntimeError("boom")
+            super().apply_engine_batch(worker_id, seq, batch, replayed=replayed)
+
+    _, _, publisher = rig
+    port = free_port()
+    indexer = Exploding(block_size=BS)
+    src = ZmqEventSource("w1", tcp(port), None, indexer, context=ctx)
+    src.start()
+    try:
+        pub = publisher(port)
+        await pub.subscribed()
+        await pub.publish(store([1], 0))
+        await pub.publish(store([2], 7000))
+        await until(lambda: depth(indexer, WorkerKey("w1"), tokens(7000, 1)) == 1, "second batch applied")
+        assert src.stats.indexer_errors == 1 and src.stats.batches_applied == 1
+    finally:
+        await src.stop()
+
+
+# --- restarts and gaps ----------------------------------------------------------------
+
+async def test_publisher_restart_resets_the_worker(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    src = source("w1", port)
+    pub = publisher(port)
+    await pub.subscribed()
+    for i in range(3):
+        await pub.publish(store([100 + i], 10_000 * (i + 1)))
+    key = WorkerKey("w1")
+    await until(lambda: indexer.block_counts().get(key) == (3, 0, 0), "3 blocks before restart")
+    await pub.close()
+
+    restarted = publisher(port)  # a new engine process: seq starts again at 0
+    await restarted.subscribed()
+    await restarted.publish(store([7], 90_000))
+    await until(lambda: indexer.stats.restarts == 1, "restart detected")
+    await until(lambda: indexer.block_counts().get(key) == (1, 0, 0), "old blocks dropped")
+    assert depth(indexer, key, tokens(90_000, 1)) == 1
+    assert depth(indexer, key, tokens(10_000, 1)) == 0
+    assert src.stats.frames_received == 4 and not src.stats.rejected
+
+
+async def test_gap_is_filled_from_the_replay_socket(rig):
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    src = source("w1", port, replay_port)
+    pub = publisher(port, replay_port)
+    await pub.subscribed()
+    prompt = tokens(0, 4)
+    await pub.publish(store([1], 0))
+    await pub.publish(store([2], BS, parent=1), live=False)  # lost on the way
+    await pub.publish(store([3], 2 * BS, parent=2), live=False, encoding="array")
+    await pub.publish(store([4], 3 * BS, parent=3))
+    key = WorkerKey("w1")
+    await until(lambda: depth(indexer, key, prompt) == 4, "gap replayed and live batch flushed")
+    assert pub.replay_requests == [1]
+    assert src.stats.batches_replayed == 2 and src.stats.replays_ok == 1 and src.stats.replays_failed == 0
+    assert indexer.stats.gaps == 1 and indexer.stats.replays_failed == 0 and indexer.stats.unknown_parent == 0
+
+
+async def test_unanswered_replay_times_out_and_live_events_continue(rig):
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    src = source("w1", port, replay_port, config=ZmqSourceConfig(replay_timeout=0.2))
+    pub = publisher(port, replay_port, answer_replays=False)
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    await pub.publish(store([2], 5000), live=False)
+    await pub.publish(store([3], 9000))
+    key = WorkerKey("w1")
+    await until(lambda: depth(indexer, key, tokens(9000, 1)) == 1, "live batch applied after the failed replay")
+    assert pub.replay_requests == [1]
+    assert src.stats.replays_failed == 1 and indexer.stats.replays_failed == 1
+    assert depth(indexer, key, tokens(5000, 1)) == 0
+
+
+async def test_replay_missing_part_of_the_range_fails_but_applies_what_it_can(rig):
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    src = source("w1", port, replay_port)
+    pub = publisher(port, replay_port)
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    await pub.publish(store([2], 5000), live=False)
+    await pub.publish(store([3], 9000), live=False)
+    del pub.buffer[2]  # fell out of the engine's replay buffer
+    await pub.publish(store([4], 13000))
+    key = WorkerKey("w1")
+    await until(lambda: src.stats.replays_failed == 1, "replay reported incomplete")
+    await until(lambda: depth(indexer, key, tokens(13000, 1)) == 1, "live batch applied")
+    assert depth(indexer, key, tokens(5000, 1)) == 1 and depth(indexer, key, tokens(9000, 1)) == 0
+    assert src.stats.batches_replayed == 1
+
+
+async def test_no_replay_endpoint_answers_failure(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    src = source("w1", port)
+    pub = publisher(port)
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    pub.next_seq = 5
+    await pub.publish(store([2], 5000))
+    await until(lambda: depth(indexer, WorkerKey("w1"), tokens(5000, 1)) == 1, "batch after the gap applied")
+    assert src.stats.replays_failed == 1 and indexer.stats.gaps == 1
+
+
+async def test_dispatcher_routes_replays_to_the_right_worker(rig):
+    indexer, source, publisher = rig
+    ports = {w: (free_port(), free_port()) for w in ("a", "b")}
+    sources = {w: source(w, *ports[w]) for w in ports}
+    pubs = {w: publisher(*ports[w]) for w in ports}
+    for pub in pubs.values():
+        await pub.subscribed()
+    for w, pub in pubs.items():
+        await pub.publish(store([1], 0))
+    await pubs["b"].publish(store([2], 4000), live=False)
+    await pubs["b"].publish(store([3], 8000))
+    await until(lambda: depth(indexer, WorkerKey("b"), tokens(4000, 1)) == 1, "b's gap replayed")
+    assert pubs["a"].replay_requests == [] and pubs["b"].replay_requests == [1]
+    assert sources["a"].stats.replays_ok == 0 and sources["b"].stats.replays_ok == 1
+
+
+async def test_dispatcher_answers_for_a_worker_without_source():
+    indexer = KvIndexer(block_size=BS)
+    replays = ReplayDispatcher(indexer)
+    indexer.on_replay = replays
+    indexer.apply_engine_batch("ghost", 0, store([1], 0))
+    indexer.apply_engine_batch("ghost", 3, store([2], 4000))
+    assert depth(indexer, WorkerKey("ghost"), tokens(4000, 1)) == 0  # held behind the replay
+    await until(lambda: indexer.stats.replays_failed == 1, "failure answered")
+    assert depth(indexer, WorkerKey("ghost"), tokens(4000, 1)) == 1
+
+
+async def test_stop_answers_a_replay_in_flight(rig, ctx):
+    indexer, _, publisher = rig
+    port, replay_port = free_port(), free_port()
+    src = ZmqEventSource("w1", tcp(port), tcp(replay_port), indexer, context=ctx,
+                         config=ZmqSourceConfig(replay_timeout=60))
+    indexer.on_replay.add(src)
+    src.start()
+    pub = publisher(port, replay_port, answer_replays=False)
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    await pub.publish(store([2], 4000), live=False)
+    await pub.publish(store([3], 8000))
+    await until(lambda: pub.replay_requests == [1], "replay asked")
+    await src.stop()
+    assert src.stats.replays_failed == 1 and indexer.stats.replays_failed == 1
+    assert depth(indexer, WorkerKey("w1"), tokens(8000, 1)) == 1
+
+
+# --- data-parallel ranks --------------------------------------------------------------
+
+def consecutive_free_ports() -> int:
+    """A port p such that p and p + 1 are both free (vLLM puts rank r on port + r)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_rank_endpoint_follows_vllm():
+    assert rank_endpoint("tcp://127.0.0.1:5557", 0) == "tcp://127.0.0.1:5557"
+    assert rank_endpoint("tcp://127.0.0.1:5557", 2) == "tcp://127.0.0.1:5559"
+    assert rank_endpoint("ipc:///tmp/kv", 1) == "ipc:///tmp/kv_dp1"
+
+
+async def test_each_rank_has_its_own_socket_and_replay(rig):
+    indexer, source, publisher = rig
+    port, replay_port = consecutive_free_ports(), consecutive_free_ports()
+    src = source("w1", port, replay_port, dp_size=2)
+    rank0, rank1 = publisher(port, replay_port), publisher(port + 1, replay_port + 1)
+    await rank0.subscribed()
+    await rank1.subscribed()
+    await rank0.publish(store([1], 0))
+    await rank1.publish(store([1], 0))  # no rank in the batch: the socket says rank 1
+    await rank1.publish(store([2], 3000), live=False)
+    await rank1.publish(store([3], 6000))
+    await until(lambda: indexer.block_counts().get(WorkerKey("w1", 1)) == (3, 0, 0), "rank 1 complete")
+    assert indexer.block_counts()[WorkerKey("w1", 0)] == (1, 0, 0)
+    assert rank0.replay_requests == [] and rank1.replay_requests == [1]
+    assert src.stats.replays_ok == 1
