@@ -1,0 +1,384 @@
+"""The simulated worker's HTTP API, over real sockets: the OpenAI SDK and raw aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from tests.procs import REPO, TINY_MODEL, Proc, free_port, python_module, wait_http
+from worker.sim.__main__ import parser
+from worker.sim.config import AnswerConfig, EngineConfig, SimConfig
+
+MAX_MODEL_LEN = 2048
+CONFIG = SimConfig(
+    model_dir=TINY_MODEL, port=0,
+    engine=EngineConfig(block_size=64, num_gpu_blocks=256, max_num_seqs=16, max_num_batched_tokens=1024,
+                        max_model_len=MAX_MODEL_LEN, speedup_ratio=1000.0),
+    answer=AnswerConfig(min_tokens=20, max_tokens=40),
+)
+
+
+def start_sim(config: SimConfig, log_dir: Path) -> tuple[Proc, str]:
+    config = replace(config, port=free_port())
+    proc = python_module("worker.sim", *config.cli_args(), log_path=log_dir / f"sim-{config.port}.log")
+    base = f"http://127.0.0.1:{config.port}"
+    try:
+        wait_http(base + "/health", timeout=60, proc=proc)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Iterator[str]:
+    proc, base = start_sim(CONFIG, tmp_path_factory.mktemp("sim_api"))
+    try:
+        yield base
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TINY_MODEL))
+
+
+@pytest.fixture
+def client(sim) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sim + "/v1", api_key="unused", max_retries=0)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+# --- OpenAI SDK ----------------------------------------------------------------------------
+
+def test_chat_completion_with_usage(client, tok):
+    messages = [{"role": "user", "content": "Tell me about prefix caching."}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    r = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=8)
+    assert r.object == "chat.completion" and r.model == "kvgate-tiny"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=8)
+    assert again.choices[0].message.content == choice.message.content  # deterministic per prompt
+
+
+def test_chat_prompt_is_rendered_with_the_models_chat_template(client, tok):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    r = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=1)
+    assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
+
+
+def test_chat_answer_ends_on_eos_without_max_tokens(client):
+    r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "Hi"}])
+    assert r.choices[0].finish_reason == "stop"
+    # EOS counts as a generated token but adds no text (CONFIG: 20..40 words, then EOS).
+    assert 21 <= r.usage.completion_tokens <= 41
+    assert len(r.choices[0].message.content.split()) == r.usage.completion_tokens - 1
+
+
+def test_ignore_eos_and_max_completion_tokens(client):
+    r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       max_completion_tokens=60, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 60
+
+
+def test_chat_streaming_with_include_usage(client):
+    messages = [{"role": "user", "content": "Stream please"}]
+    stream = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.usage is None for c in chunks[:-1])
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 10
+    assert usage_chunk.usage.prompt_tokens_details.cached_tokens == 0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    full = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=10)
+    assert text == full.choices[0].message.content
+
+
+def test_completion_text_and_token_id_prompts(client):
+    r = client.completions.create(model="kvgate-tiny", prompt="def main():", max_tokens=5)
+    assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 5
+    ids = list(range(100, 300))
+    by_ids = client.completions.create(model="kvgate-tiny", prompt=ids, max_tokens=3)
+    assert by_ids.usage.prompt_tokens == 200
+    # the second time, the 3 full blocks of 64 are cached
+    again = client.completions.create(model="kvgate-tiny", prompt=ids, max_tokens=3)
+    assert again.usage.prompt_tokens_details.cached_tokens == 192
+    assert again.choices[0].text == by_ids.choices[0].text
+
+
+def test_completion_default_max_tokens_is_16(client):
+    r = client.completions.create(model="kvgate-tiny", prompt=list(range(500, 510)), extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16
+
+
+def test_completion_streaming(client):
+    stream = client.completions.create(model="kvgate-tiny", prompt="streaming", max_tokens=7, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 7 and chunks[-1].choices == []
+    assert chunks[-2].choices[0].finish_reason == "length"
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    full = client.completions.create(model="kvgate-tiny", prompt="streaming", max_tokens=7)
+    assert text == full.choices[0].text
+
+
+def test_stop_strings_cut_the_text(client):
+    full = client.completions.create(model="kvgate-tiny", prompt="stop here", max_tokens=12).choices[0].text
+    words = full.split()
+    stop = " " + words[3]  # the fourth word, with its leading space
+    r = client.completions.create(model="kvgate-tiny", prompt="stop here", max_tokens=12, stop=[stop, "zzzz"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.index(stop)]
+    assert r.usage.completion_tokens == 4  # the token that completed the stop string counts
+    streamed = client.completions.create(model="kvgate-tiny", prompt="stop here", max_tokens=12, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_follow_up_turn_hits_the_cached_answer(client):
+    first = [{"role": "user", "content": "Start a long conversation about caches."}]
+    r1 = client.chat.completions.create(model="kvgate-tiny", messages=first, max_tokens=130,
+                                        extra_body={"ignore_eos": True})
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "Go on."}]
+    r2 = client.chat.completions.create(model="kvgate-tiny", messages=second, max_tokens=1)
+    # Blocks filled by the generated answer are reused, not just the first prompt's.
+    assert r2.usage.prompt_tokens_details.cached_tokens > r1.usage.prompt_tokens
+    assert r2.usage.prompt_tokens_details.cached_tokens == 64 * ((r1.usage.total_tokens - 1) // 64)
+
+
+def test_headers_are_accepted_and_ignored(client):
+    r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=2, extra_headers={"X-Request-Id": "abc", "X-Whatever": "1"})
+    assert r.usage.completion_tokens == 2
+
+
+def test_n_above_one_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "x"}], n=2)
+    assert err.value.status_code == 400 and "n=1" in err.value.message
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
+
+
+# --- raw HTTP ------------------------------------------------------------------------------
+
+async def test_models_health_and_metrics(sim):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sim + "/health") as r:
+            assert r.status == 200
+        async with http.get(sim + "/v1/models") as r:
+            body = await r.json()
+            assert body["object"] == "list" and body["data"][0]["id"] == "kvgate-tiny"
+            assert body["data"][0]["max_model_len"] == MAX_MODEL_LEN
+        async with http.post(sim + "/v1/completions", json={"prompt": list(range(10, 150)), "max_tokens": 2}) as r:
+            assert r.status == 200
+        async with http.get(sim + "/metrics") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            text = await r.text()
+    labels = {"model_name": "kvgate-tiny"}
+    assert metric(text, "vllm:num_requests_running", **labels) == 0
+    assert metric(text, "vllm:num_requests_waiting", **labels) == 0
+    assert metric(text, "vllm:kv_cache_usage_perc", **labels) == 0
+    assert metric(text, "vllm:prefix_cache_queries_total", **labels) >= 140
+    assert metric(text, "vllm:prefix_cache_hits_total", **labels) >= 0
+
+
+async def raw_post(sim: str, path: str, data: bytes | str | None = None, json=None) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(sim + path, data=data, json=json) as r:
+            assert r.content_type == "application/json"
+            return r.status, await r.json()
+
+
+LONG = list(range(1, MAX_MODEL_LEN + 1))
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", b"", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", {"model": "kvgate-tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4000}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": 5}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * MAX_MODEL_LEN}]}, 400, "messages"),
+    ("/v1/completions", {"max_tokens": 5}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, "x"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "param"), BAD_REQUESTS)
+async def test_bad_input_gets_an_openai_error(sim, path, payload, status, param):
+    if isinstance(payload, bytes):
+        got, body = await raw_post(sim, path, data=payload)
+    else:
+        got, body = await raw_post(sim, path, json=payload)
+    assert got == status
+    err = body["error"]
+    assert err["code"] == status and err["param"] == param
+    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
+    assert err["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+
+
+async def test_engine_keeps_serving_after_bad_input(sim):
+    for path, payload, _, _ in BAD_REQUESTS:
+        if isinstance(payload, bytes):
+            await raw_post(sim, path, data=payload)
+        else:
+            await raw_post(sim, path, json=payload)
+    status, body = await raw_post(sim, "/v1/completions", json={"prompt": "still alive", "max_tokens": 3})
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+
+
+async def test_unknown_route_and_method_are_json_errors(sim):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sim + "/v2/nothing") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == 404
+        async with http.get(sim + "/v1/chat/completions") as r:
+            assert r.status == 405 and (await r.json())["error"]["code"] == 405
+
+
+async def _metrics(http: aiohttp.ClientSession, sim: str) -> str:
+    async with http.get(sim + "/metrics") as r:
+        return await r.text()
+
+
+def _aborted(text: str) -> float:
+    if 'finished_reason="abort"' not in text:
+        return 0.0
+    return metric(text, "vllm:request_success_total", finished_reason="abort")
+
+
+async def _wait_for_abort(http: aiohttp.ClientSession, sim: str, before: float) -> str:
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        text = await _metrics(http, sim)
+        if _aborted(text) > before:
+            return text
+        assert asyncio.get_running_loop().time() < deadline, text
+        await asyncio.sleep(0.02)
+
+
+LONG_ANSWER = {"prompt": list(range(2000, 2010)), "max_tokens": 2000, "ignore_eos": True}
+
+
+async def test_client_disconnect_mid_stream_aborts_and_frees_blocks(sim):
+    async with aiohttp.ClientSession() as http:
+        before = _aborted(await _metrics(http, sim))
+        async with http.post(sim + "/v1/completions", json={**LONG_ANSWER, "stream": True}) as r:
+            for _ in range(3):
+                assert (await r.content.readline()).startswith(b"data: ")
+                await r.content.readline()
+            r.connection.transport.abort()  # hang up mid-stream
+        text = await _wait_for_abort(http, sim, before)
+    assert metric(text, "vllm:num_requests_running") == 0
+    assert metric(text, "vllm:kv_cache_usage_perc") == 0
+
+
+async def test_client_disconnect_while_waiting_for_a_whole_answer_aborts(sim):
+    async with aiohttp.ClientSession() as http:
+        before = _aborted(await _metrics(http, sim))
+        for _ in range(20):  # until the hang-up lands while the request is still running
+            async with aiohttp.ClientSession() as caller:
+                job = asyncio.ensure_future(caller.post(sim + "/v1/completions", json=LONG_ANSWER))
+                while not job.done() and metric(await _metrics(http, sim), "vllm:num_requests_running") == 0:
+                    pass
+                if job.done():
+                    (await job).release()
+                    continue
+                job.cancel()  # the client gives up: its connection closes
+                break
+        else:
+            pytest.fail("every request finished before the client could hang up")
+        text = await _wait_for_abort(http, sim, before)
+    assert metric(text, "vllm:num_requests_running") == 0
+    assert metric(text, "vllm:kv_cache_usage_perc") == 0
+
+
+async def test_reset_prefix_cache_forgets_cached_prompts(sim):
+    prompt = {"prompt": list(range(3000, 3200)), "max_tokens": 1}
+    await raw_post(sim, "/v1/completions", json=prompt)
+    _, warm = await raw_post(sim, "/v1/completions", json=prompt)
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 192
+    async with aiohttp.ClientSession() as http:
+        async with http.post(sim + "/reset_prefix_cache") as r:
+            assert r.status == 200
+    _, cold = await raw_post(sim, "/v1/completions", json=prompt)
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "-m", "worker.sim", "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert out.returncode == 0
+    flags = [opt for action in parser()._actions for opt in action.option_strings if opt.startswith("--")]
+    assert {"--kv-events-endpoint", "--kv-events-replay-endpoint", "--event-encoding", "--speedup-ratio",
+            "--num-gpu-blocks", "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--seed"} <= set(flags)
+    for action in parser()._actions:
+        assert action.help, action.option_strings
+    for flag in flags:
+        assert flag in out.stdout
+
+
+def test_impossible_config_exits_with_a_clear_message():
+    out = subprocess.run([sys.executable, "-m", "worker.sim", "--model-dir", str(TINY_MODEL), "--block-size", "16",
+                          "--num-gpu-blocks", "4", "--max-model-len", "100"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert out.returncode == 2 and "max_model_len 100 exceeds the KV cache capacity" in out.stderr
+
+
+def test_cli_args_round_trip_the_config():
+    config = replace(CONFIG, served_model_name="x", port=1234)
+    from worker.sim.__main__ import config_from_args
+
+    assert config_from_args(parser().parse_args(config.cli_args())) == config

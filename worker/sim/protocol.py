@@ -1,0 +1,245 @@
+"""The OpenAI surface as vLLM serves it: request validation, errors, response shapes.
+
+Owns what a request may contain and what every answer looks like on the wire; never
+tokenizes (``prompt``) or schedules (``engine_loop``). Sampling fields the simulation
+has no use for are accepted and ignored (``temperature``, ``top_p`` and ``seed`` once
+their type and range check out); unknown fields are ignored, as vLLM does. ``n`` (and ``best_of``) above 1 are refused: the simulator answers one choice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError", 409: "ConflictError",
+                500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` (vLLM's shape)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "BadRequestError"),
+                          "param": self.param, "code": self.status}}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateParams:
+    kind: Literal["chat", "completion"]
+    model: str | None
+    messages: list[dict[str, Any]] | None  # chat
+    tools: list[Any] | None  # chat, passed to the chat template
+    add_generation_prompt: bool  # chat
+    prompt: str | list[int] | None  # completion: text or token ids
+    max_tokens: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional(body: dict[str, Any], name: str, check, expected: str) -> Any:
+    value = body.get(name)
+    if value is not None and not check(value):
+        raise _bad(f"'{name}' must be {expected}, got {type(value).__name__} {value!r:.60}", name)
+    return value
+
+
+def _common(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    model = _optional(body, "model", lambda v: isinstance(v, str), "a string")
+    max_tokens = _optional(body, "max_tokens", _is_int, "an integer")
+    max_completion = _optional(body, "max_completion_tokens", _is_int, "an integer")
+    for name, value in (("max_tokens", max_tokens), ("max_completion_tokens", max_completion)):
+        if value is not None and value < 1:
+            raise _bad(f"'{name}' must be at least 1, got {value}", name)
+    n = _optional(body, "n", _is_int, "an integer")
+    if n is not None and n != 1:
+        raise _bad("only n=1 is supported by this server", "n")
+    best_of = _optional(body, "best_of", _is_int, "an integer")
+    if best_of is not None and best_of != 1:
+        raise _bad("only best_of=1 is supported by this server", "best_of")
+    temperature = _optional(body, "temperature", _is_number, "a number")
+    if temperature is not None and temperature < 0:
+        raise _bad(f"'temperature' must be non-negative, got {temperature}", "temperature")
+    top_p = _optional(body, "top_p", _is_number, "a number")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise _bad(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+    _optional(body, "seed", _is_int, "an integer")
+    stop_raw = body.get("stop")
+    if stop_raw is None:
+        stop: tuple[str, ...] = ()
+    elif isinstance(stop_raw, str):
+        stop = (stop_raw,)
+    elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw):
+        stop = tuple(stop_raw)
+    else:
+        raise _bad("'stop' must be a string or a list of strings", "stop")
+    if any(not s for s in stop):
+        raise _bad("'stop' strings must not be empty", "stop")
+    stream = _optional(body, "stream", lambda v: isinstance(v, bool), "a boolean") or False
+    options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _bad("'stream_options' can only be given with stream=true", "stream_options")
+        include_usage = _optional(options, "include_usage", lambda v: isinstance(v, bool), "a boolean") or False
+    ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean") or False
+    return {"model": model, "max_tokens": max_completion if max_completion is not None else max_tokens,
+            "stop": stop, "stream": stream, "include_usage": include_usage, "ignore_eos": ignore_eos}
+
+
+def parse_chat(body: Any) -> GenerateParams:
+    common = _common(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("'messages' is required", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of messages", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _bad(f"messages[{i}].content must be a string or a list of content parts", "messages")
+        if isinstance(content, list) and not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+        ):
+            raise _bad(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
+    tools = _optional(body, "tools", lambda v: isinstance(v, list), "a list")
+    add_gen = _optional(body, "add_generation_prompt", lambda v: isinstance(v, bool), "a boolean")
+    return GenerateParams(kind="chat", messages=messages, tools=tools or None,
+                          add_generation_prompt=True if add_gen is None else add_gen, prompt=None, **common)
+
+
+def parse_completion(body: Any) -> GenerateParams:
+    common = _common(body)
+    if "prompt" not in body or body["prompt"] is None:
+        raise _bad("'prompt' is required", "prompt")
+    prompt = body["prompt"]
+    # One prompt only: a string, a list of token ids, or a one-element batch of either.
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not prompt:
+            raise _bad("'prompt' must not be empty", "prompt")
+        if not all(_is_int(t) for t in prompt):
+            raise _bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    elif not isinstance(prompt, str):
+        raise _bad("'prompt' must be a string or a list of token ids", "prompt")
+    if body.get("echo") is True:
+        raise _bad("'echo' is not supported by this server", "echo")
+    return GenerateParams(kind="completion", messages=None, tools=None, add_generation_prompt=False,
+                          prompt=prompt, **common)
+
+
+# --- response shapes ------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+          cached_tokens_per_tier: dict[str, int] | None = None) -> dict[str, Any]:
+    """vLLM's usage; ``cached_tokens`` counts every tier, ``cached_tokens_per_tier`` (an
+    extra field, ignored by OpenAI clients) splits it into ``gpu`` / ``cpu`` / ``disk``."""
+    details: dict[str, Any] = {"cached_tokens": cached_tokens}
+    if cached_tokens_per_tier is not None:
+        details["cached_tokens_per_tier"] = cached_tokens_per_tier
+    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens, "prompt_tokens_details": details}
+
+
+def response(kind: str, response_id: str, created: int, model: str, text: str,
+             finish_reason: str | None, stop_reason: str | None, usage_: dict[str, Any]) -> dict[str, Any]:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                  "logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                  "stop_reason": stop_reason}
+        obj = "text_completion"
+    return {"id": response_id, "object": obj, "created": created, "model": model,
+            "choices": [choice], "usage": usage_}
+
+
+def chunk(kind: str, response_id: str, created: int, model: str, text: str | None,
+          finish_reason: str | None = None, stop_reason: str | None = None, *, role: bool = False,
+          include_usage: bool = False) -> dict[str, Any]:
+    """One streamed choice delta; ``text=None`` with ``role`` opens a chat stream."""
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        obj = "text_completion"
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
+    out = {"id": response_id, "object": obj, "created": created, "model": model, "choices": [choice]}
+    if include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(kind: str, response_id: str, created: int, model: str, usage_: dict[str, Any]) -> dict[str, Any]:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage_}
+
+
+def models_list(model: str, root: str, max_model_len: int, created: int | None = None) -> dict[str, Any]:
+    created = int(time.time()) if created is None else created
+    return {"object": "list", "data": [{
+        "id": model, "object": "model", "created": created, "owned_by": "vllm", "root": root,
+        "parent": None, "max_model_len": max_model_len,
+        "permission": [{"id": f"modelperm-{model}", "object": "model_permission", "created": created,
+                        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                        "organization": "*", "group": None, "is_blocking": False}],
+    }]}
+
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI / vLLM default for /v1/completions
+
+
+def resolve_max_tokens(params: GenerateParams, prompt_len: int, max_model_len: int) -> int:
+    """The output budget of a request, or a 400 when the prompt leaves no room (vLLM's rules)."""
+    if prompt_len >= max_model_len:
+        raise _bad(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_len} input tokens. Please reduce the length of the input.",
+            "messages" if params.kind == "chat" else "prompt",
+        )
+    room = max_model_len - prompt_len
+    if params.max_tokens is None:
+        return room if params.kind == "chat" else min(COMPLETION_DEFAULT_MAX_TOKENS, room)
+    if params.max_tokens > room:
+        raise _bad(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {params.max_tokens}. This model's maximum "
+            f"context length is {max_model_len} tokens and your request has {prompt_len} input tokens "
+            f"({params.max_tokens} > {max_model_len} - {prompt_len}).",
+            "max_tokens",
+        )
+    return params.max_tokens
