@@ -13,6 +13,19 @@ fetches the missing batches from vLLM's ROUTER replay socket in a task, applies 
 with ``replayed=True`` and answers with exactly one ``replay_finished`` per request,
 in request order per rank.
 
+Catch-up: PUB/SUB drops whatever the engine publishes before the SUB socket has
+connected (both starting together, an engine restart), and the indexer only notices a
+lost batch when a later one arrives, so an engine that caches one prompt and goes idle
+would keep it unannounced. Every ``catch_up_interval`` a rank that received no live
+batch since the previous tick asks the replay socket for the batches after the last
+seq it saw (from 0 before any), which costs one request answered by the end marker
+when nothing was missed. What comes back goes to the indexer as live batches, as if the
+SUB socket had delivered them (not ``replayed``: the indexer accepts replayed batches
+only inside a gap it asked for). A batch offered twice would read as an engine restart,
+so only seqs above the last one seen go, and a live batch a catch-up already applied
+(it was in flight) is skipped. Nothing goes while a gap replay of the rank is asked or
+running (it covers up to a live seq) or if the engine restarted during the fetch.
+
 Never decides anything about blocks: seq semantics live in the indexer.
 """
 
@@ -59,10 +72,19 @@ class EngineBatchSink(Protocol):
 class ZmqSourceConfig:
     replay_timeout: float = 2.0
     """Seconds to wait for each replay reply before giving the replay up."""
+    catch_up_interval: float = 2.0
+    """Seconds between catch-up asks of a quiet rank's replay socket; 0: never (also
+    never without a replay endpoint). See the module docstring."""
     receive_hwm: int = 100_000
     """SUB queue length; vLLM's PUB uses the same, so a burst is not dropped on our side."""
     reconnect_interval_ms: int = 100
     reconnect_interval_max_ms: int = 2_000
+
+    def __post_init__(self) -> None:
+        if self.replay_timeout <= 0:
+            raise ValueError(f"replay_timeout must be > 0, got {self.replay_timeout}")
+        if self.catch_up_interval < 0:
+            raise ValueError(f"catch_up_interval must be >= 0 (0: off), got {self.catch_up_interval}")
 
 
 @dataclass(slots=True)
@@ -73,7 +95,30 @@ class SourceStats:
     rejected: Counter[str] = field(default_factory=Counter)
     replays_ok: int = 0
     replays_failed: int = 0
+    catch_ups: int = 0
+    """Catch-up asks sent to the replay socket."""
+    caught_up: int = 0
+    """Batches the SUB socket missed that a catch-up applied."""
+    late_duplicates: int = 0
+    """Live batches skipped because a catch-up had applied them while they were in flight."""
     indexer_errors: int = 0
+
+
+class _RankFeed:
+    """What the source knows of one rank's seqs, to ask a catch-up from the right place."""
+
+    __slots__ = ("last_seq", "epoch", "heard", "replays", "caught")
+
+    def __init__(self) -> None:
+        self.last_seq = -1  # last seq handed to the indexer as live
+        self.epoch = 0  # bumped when the seq falls back (engine restart) or is forgotten
+        self.heard = False  # a live batch arrived since the previous catch-up tick
+        self.replays = 0  # gap replays asked for and not answered yet
+        # seq -> hash of the payload, for what the last catch-up applied: the same batch
+        # may still be on its way over the SUB socket, and offered again it would read as
+        # an engine restart. vLLM replays the very bytes it published; a restarted engine's
+        # batch of the same seq differs (its timestamp at least).
+        self.caught: dict[int, int] = {}
 
 
 def rank_endpoint(endpoint: str, rank: int) -> str:
@@ -115,7 +160,9 @@ class ZmqEventSource:
         self._sockets: list[zmq.asyncio.Socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # Replays of one rank run one after another, so answers keep request order.
+        # Catch-ups take the same lock: never two requests to one rank's replay socket.
         self._replay_locks: dict[int, asyncio.Lock] = {}
+        self._feeds = [_RankFeed() for _ in range(dp_size)]
         self._running = False
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -133,7 +180,18 @@ class ZmqEventSource:
             sock.connect(rank_endpoint(self.endpoint, rank))
             self._sockets.append(sock)
             self._spawn(self._read_live(rank, sock))
+            if self.replay_endpoint is not None and self.config.catch_up_interval > 0:
+                self._spawn(self._catch_up_loop(rank))
         self._running = True
+
+    def forget_seqs(self) -> None:
+        """The sink dropped its seq state of this worker (e.g. the engine was lost): the
+        next catch-up asks from seq 0, and one in flight is discarded."""
+        for feed in self._feeds:
+            feed.last_seq = -1
+            feed.epoch += 1
+            feed.heard = False
+            feed.caught.clear()
 
     async def stop(self) -> None:
         """Stop reading; replays still in flight are answered ``ok=False``."""
@@ -159,17 +217,32 @@ class ZmqEventSource:
     # --- live events -------------------------------------------------------------------
 
     async def _read_live(self, rank: int, sock: zmq.asyncio.Socket) -> None:
+        feed = self._feeds[rank]
         while True:
             frames = await sock.recv_multipart()
             self.stats.frames_received += 1
             try:
                 _topic, seq, payload = decode_frames(frames)
+                if feed.caught:
+                    if seq <= feed.last_seq and feed.caught.get(seq) == hash(payload):
+                        self.stats.late_duplicates += 1
+                        continue
+                    # The SUB socket delivers in order: nothing the catch-up got is behind this.
+                    feed.caught.clear()
                 batch = decode_batch(payload)
             except DecodeError as err:
                 self._reject(err)
                 continue
-            if self._apply(rank, seq, batch, replayed=False):
+            feed.heard = True
+            if self._apply_live(rank, seq, batch):
                 self.stats.batches_applied += 1
+
+    def _apply_live(self, rank: int, seq: int, batch: EventBatch) -> bool:
+        feed = self._feeds[rank]
+        if seq <= feed.last_seq:
+            feed.epoch += 1  # the engine restarted: a catch-up fetched before now is stale
+        feed.last_seq = seq
+        return self._apply(rank, seq, batch, replayed=False)
 
     def _apply(self, rank: int, seq: int, batch: EventBatch, *, replayed: bool) -> bool:
         if batch.data_parallel_rank is None:
@@ -197,6 +270,8 @@ class ZmqEventSource:
         Safe to call from inside ``apply_engine_batch``: the work (and the answer, even
         an immediate failure) always happens later in a task.
         """
+        if 0 <= rank < self.dp_size:
+            self._feeds[rank].replays += 1
         self._spawn(self._replay(rank, from_seq, to_seq))
 
     async def _replay(self, rank: int, from_seq: int, to_seq: int) -> None:
@@ -215,10 +290,13 @@ class ZmqEventSource:
             else:
                 self.stats.replays_failed += 1
                 log.warning("replay %d..%d of %s rank %d failed", from_seq, to_seq, self.worker_id, rank)
+            if 0 <= rank < self.dp_size:
+                self._feeds[rank].replays -= 1
             self._indexer.replay_finished(self.worker_id, rank, ok)
 
-    async def _fetch(self, rank: int, from_seq: int, to_seq: int) -> dict[int, bytes]:
-        """Replies with seq in range, until the end marker, the last wanted seq, or a timeout."""
+    async def _fetch(self, rank: int, from_seq: int, to_seq: int | None) -> dict[int, bytes]:
+        """Replies with seq in range (``to_seq`` None: no end), until the end marker, the
+        last wanted seq, or a timeout."""
         assert self.replay_endpoint is not None
         ctx = self._context or zmq.asyncio.Context.instance()
         # A fresh DEALER per replay: late replies to an abandoned request cannot leak in.
@@ -245,9 +323,9 @@ class ZmqEventSource:
                 deadline = time.monotonic() + self.config.replay_timeout
                 if seq == REPLAY_END_SEQ:
                     return got
-                if from_seq <= seq < to_seq:
+                if seq >= from_seq and (to_seq is None or seq < to_seq):
                     got[seq] = payload
-                if seq >= to_seq - 1:
+                if to_seq is not None and seq >= to_seq - 1:
                     return got
         finally:
             sock.close(linger=0)
@@ -267,6 +345,45 @@ class ZmqEventSource:
                 return False
             self.stats.batches_replayed += 1
         return True
+
+    # --- catch-up ----------------------------------------------------------------------
+
+    async def _catch_up_loop(self, rank: int) -> None:
+        feed = self._feeds[rank]
+        while True:
+            await asyncio.sleep(self.config.catch_up_interval)
+            if feed.heard:
+                # A lost batch before a live one shows as a gap; only the tail after the
+                # last one can hide, and it is asked for once the rank goes quiet.
+                feed.heard = False
+            elif not feed.replays:
+                await self._catch_up(rank)
+
+    async def _catch_up(self, rank: int) -> None:
+        feed = self._feeds[rank]
+        async with self._replay_locks.setdefault(rank, asyncio.Lock()):
+            if feed.replays:
+                return
+            epoch = feed.epoch
+            self.stats.catch_ups += 1
+            payloads = await self._fetch(rank, feed.last_seq + 1, None)
+        if feed.replays or feed.epoch != epoch:
+            return  # a gap replay now covers this stretch, or the engine restarted
+        fresh = [seq for seq in sorted(payloads) if seq > feed.last_seq]  # others came live meanwhile
+        if not fresh:
+            return
+        feed.caught = {}
+        for seq in fresh:
+            payload = payloads[seq]
+            try:
+                batch = decode_batch(payload)
+            except DecodeError as err:
+                # Skipped: the next batch shows the hole and the indexer handles it as a gap.
+                self._reject(err)
+                continue
+            feed.caught[seq] = hash(payload)
+            if self._apply_live(rank, seq, batch):
+                self.stats.caught_up += 1
 
 
 class ReplayDispatcher:

@@ -3,7 +3,8 @@
 The test publisher follows vLLM's ZmqEventPublisher: multipart (topic, seq, payload) on a
 PUB socket — an XPUB here, which is a PUB that also reports subscriptions, so a test can
 wait for the subscriber instead of sleeping — and a ROUTER replay socket serving its
-buffer from a start seq, then seq -1.
+buffer from a start seq, then seq -1. Catch-up is off in the rig unless a test turns it
+on: the gap tests count the replay requests the publisher receives.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,9 @@ class Publisher:
                  topic: bytes = b"", *, answer_replays: bool = True) -> None:
         self.ctx, self.port, self.replay_port, self.topic = ctx, port, replay_port, topic
         self.answer_replays = answer_replays
+        # Awaited between receiving a replay request and answering it: what the engine
+        # does meanwhile (a test sets it).
+        self.before_reply: Callable[[], Awaitable[None]] | None = None
         self.buffer: dict[int, bytes] = {}
         self.replay_requests: list[int] = []
         self.next_seq = 0
@@ -73,6 +77,7 @@ class Publisher:
 
     def bind(self) -> None:
         self._pub = self._bound(zmq.XPUB, self.port)
+        self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # one subscription message per subscriber
         if self.replay_port is not None:
             self._router = self._bound(zmq.ROUTER, self.replay_port)
             self._server = asyncio.get_running_loop().create_task(self._serve())
@@ -122,6 +127,8 @@ class Publisher:
             self.replay_requests.append(start)
             if not self.answer_replays:
                 continue
+            if self.before_reply is not None:
+                await self.before_reply()
             for seq in sorted(self.buffer):
                 if seq >= start:
                     await self._router.send_multipart([identity, *encode_replay_reply(seq, self.buffer[seq])])
@@ -147,14 +154,18 @@ async def ctx():
 async def rig(ctx):
     """A KvIndexer wired to a ReplayDispatcher, plus cleanup of whatever a test starts."""
     indexer = KvIndexer(block_size=BS)
-    replays = ReplayDispatcher(indexer)
-    indexer.on_replay = replays
+    indexer.on_replay = ReplayDispatcher(indexer)
     started: list[ZmqEventSource | Publisher] = []
 
-    def source(worker_id: str, port: int, replay_port: int | None = None, **kw) -> ZmqEventSource:
-        src = ZmqEventSource(worker_id, tcp(port), None if replay_port is None else tcp(replay_port),
-                             indexer, context=ctx, **kw)
-        replays.add(src)
+    def source(worker_id: str, port: int, replay_port: int | None = None, *, into: KvIndexer | None = None,
+               config: ZmqSourceConfig | None = None, **kw) -> ZmqEventSource:
+        """A started source feeding ``into`` (default: the rig's indexer), catch-up off by default."""
+        into = indexer if into is None else into
+        if into.on_replay is None:
+            into.on_replay = ReplayDispatcher(into)
+        src = ZmqEventSource(worker_id, tcp(port), None if replay_port is None else tcp(replay_port), into,
+                             context=ctx, config=config or ZmqSourceConfig(catch_up_interval=0), **kw)
+        into.on_replay.add(src)
         src.start()
         started.append(src)
         return src
@@ -332,7 +343,7 @@ async def test_gap_is_filled_from_the_replay_socket(rig):
 async def test_unanswered_replay_times_out_and_live_events_continue(rig):
     indexer, source, publisher = rig
     port, replay_port = free_port(), free_port()
-    src = source("w1", port, replay_port, config=ZmqSourceConfig(replay_timeout=0.2))
+    src = source("w1", port, replay_port, config=ZmqSourceConfig(replay_timeout=0.2, catch_up_interval=0))
     pub = publisher(port, replay_port, answer_replays=False)
     await pub.subscribed()
     await pub.publish(store([1], 0))
@@ -407,7 +418,7 @@ async def test_stop_answers_a_replay_in_flight(rig, ctx):
     indexer, _, publisher = rig
     port, replay_port = free_port(), free_port()
     src = ZmqEventSource("w1", tcp(port), tcp(replay_port), indexer, context=ctx,
-                         config=ZmqSourceConfig(replay_timeout=60))
+                         config=ZmqSourceConfig(replay_timeout=60, catch_up_interval=0))
     indexer.on_replay.add(src)
     src.start()
     pub = publisher(port, replay_port, answer_replays=False)
@@ -457,3 +468,121 @@ async def test_each_rank_has_its_own_socket_and_replay(rig):
     assert indexer.block_counts()[WorkerKey("w1", 0)] == (1, 0, 0)
     assert rank0.replay_requests == [] and rank1.replay_requests == [1]
     assert src.stats.replays_ok == 1
+
+
+# --- catch-up -------------------------------------------------------------------------
+
+CATCH_UP = ZmqSourceConfig(catch_up_interval=0.05)
+
+
+async def test_catch_up_fetches_what_was_published_before_the_subscriber_connected(rig):
+    """The engine's only batch went to nobody and the engine stays idle: catch-up fetches
+    it; a source with catch-up off, or without a replay endpoint, never learns of it."""
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    pub = publisher(port, replay_port)
+    await pub.publish(store([1, 2], 0))  # no subscriber yet: the PUB socket drops it
+    off, blind = KvIndexer(block_size=BS), KvIndexer(block_size=BS)
+    src = source("w1", port, replay_port, config=CATCH_UP)
+    off_src = source("w1", port, replay_port, into=off, config=ZmqSourceConfig(catch_up_interval=0))
+    blind_src = source("w1", port, into=blind, config=CATCH_UP)
+    for _ in range(3):
+        await pub.subscribed()
+    key, prompt = WorkerKey("w1"), tokens(0, 2)
+    await until(lambda: depth(indexer, key, prompt) == 2, "the missed batch caught up")
+    assert pub.replay_requests[0] == 0 and src.stats.caught_up == 1
+
+    asked = src.stats.catch_ups
+    await until(lambda: src.stats.catch_ups >= asked + 3 and len(pub.replay_requests) >= 3, "more rounds")
+    # Nothing more was missed: each later round asks from seq 1 and gets the end marker only.
+    assert set(pub.replay_requests[1:]) == {1} and src.stats.caught_up == 1
+    assert indexer.stats.gaps == indexer.stats.restarts == indexer.stats.duplicates == 0
+    assert off.block_counts() == {} and blind.block_counts() == {}
+    assert off_src.stats.catch_ups == blind_src.stats.catch_ups == 0
+
+
+async def test_catch_up_skips_what_the_live_socket_delivered_during_the_fetch(rig):
+    """Offered again, a batch the live socket delivered while the catch-up's request was
+    out would read as an engine restart and drop the worker's blocks."""
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    pub = publisher(port, replay_port)
+    src = source("w1", port, replay_port, config=CATCH_UP)
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    key = WorkerKey("w1")
+    await until(lambda: depth(indexer, key, tokens(0, 1)) == 1, "seq 0 applied")
+    racing: list[int] = []
+
+    async def publish_first() -> None:
+        pub.before_reply = None
+        racing.append(src.stats.catch_ups)
+        await pub.publish(store([2], BS, parent=1))
+        await until(lambda: src.stats.batches_applied == 2, "seq 1 applied live")  # then the reply has it
+
+    pub.before_reply = publish_first
+    await until(lambda: racing and src.stats.catch_ups > racing[0], "the racing catch-up done, another began")
+    assert indexer.stats.restarts == indexer.stats.duplicates == indexer.stats.gaps == 0
+    assert indexer.stats.events_applied == 2 and indexer.block_counts() == {key: (2, 0, 0)}
+    assert src.stats.caught_up == 0
+
+
+async def test_a_live_batch_the_catch_up_already_applied_is_skipped(rig):
+    """The same batch over the SUB socket after a catch-up applied it is a late copy, not an
+    engine restart; a batch of the same seq with other bytes is a restarted engine."""
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    pub = publisher(port, replay_port)
+    await pub.publish(store([1], 0), live=False)
+    src = source("w1", port, replay_port, config=CATCH_UP)
+    await pub.subscribed()
+    key = WorkerKey("w1")
+    await until(lambda: src.stats.caught_up == 1, "seq 0 caught up")
+    await pub.send(encode_frames(b"", 0, pub.buffer[0]))  # the copy that was still on its way
+    await until(lambda: src.stats.late_duplicates == 1, "late copy skipped")
+    assert indexer.stats.restarts == 0 and indexer.block_counts() == {key: (1, 0, 0)}
+
+    await pub.send(encode_frames(b"", 0, encode_batch(store([9], 7000))))  # a new engine's seq 0
+    await until(lambda: indexer.stats.restarts == 1, "restart detected")
+    assert depth(indexer, key, tokens(7000, 1)) == 1 and depth(indexer, key, tokens(0, 1)) == 0
+
+
+async def test_catch_up_waits_while_a_gap_replay_is_in_flight(rig):
+    class Recording(KvIndexer):
+        """Notes the source's catch-up count when a replay is asked for and when it ends."""
+
+        def __init__(self) -> None:
+            super().__init__(block_size=BS)
+            self.seen: list[int] = []
+
+        def apply_engine_batch(self, worker_id, seq, batch, *, replayed=False):
+            asked = self.stats.replays_requested
+            super().apply_engine_batch(worker_id, seq, batch, replayed=replayed)
+            if self.stats.replays_requested > asked:
+                self.seen.append(src.stats.catch_ups)
+
+        def replay_finished(self, worker_id, rank, ok):
+            self.seen.append(src.stats.catch_ups)
+            super().replay_finished(worker_id, rank, ok)
+
+    _, source, publisher = rig
+    indexer = Recording()
+    port, replay_port = free_port(), free_port()
+    pub = publisher(port, replay_port, answer_replays=False)  # every request runs into the timeout
+    src = source("w1", port, replay_port, into=indexer,
+                 config=ZmqSourceConfig(catch_up_interval=0.02, replay_timeout=0.3))
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    await pub.publish(store([2], 5000), live=False)
+    await pub.publish(store([3], 9000))
+    await until(lambda: len(indexer.seen) == 2, "gap replay asked and given up")
+    assert indexer.seen[0] == indexer.seen[1]  # 15 ticks went by, none asked during the replay
+    assert 1 in pub.replay_requests and src.stats.replays_failed == 1
+    await until(lambda: src.stats.catch_ups > indexer.seen[1], "catch-up resumes after the replay")
+
+
+def test_catch_up_interval_is_checked():
+    with pytest.raises(ValueError, match="catch_up_interval"):
+        ZmqSourceConfig(catch_up_interval=-1)
+    with pytest.raises(ValueError, match="replay_timeout"):
+        ZmqSourceConfig(replay_timeout=0)

@@ -1,0 +1,65 @@
+"""``python -m gateway``: parse the configuration and serve until SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway.app import build_app
+from gateway.config import GatewayConfig, load_config
+from gateway.tokenization import TokenizerError
+
+log = logging.getLogger("gateway")
+
+
+def use_uvloop() -> bool:
+    """Run on uvloop where it is installed: the relay's per-chunk cost is mostly the loop's."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(config: GatewayConfig) -> None:
+    """Build the app and serve it on ``config.host:config.port`` until a signal stops it."""
+    app = build_app(config)
+    log.info("kvgate on http://%s:%d  model=%s  router=%s  workers=%s", config.host, config.port,
+             config.model_name, config.router_mode, ", ".join(w["id"] for w in config.workers) or "none")
+    web.run_app(
+        app,
+        host=config.host,
+        port=config.port,
+        access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+        # A client that goes away cancels its handler, which closes the upstream request.
+        handler_cancellation=True,
+        print=None,
+        backlog=1024,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = load_config(argv)
+    configure_logging(config.log_level)
+    use_uvloop()
+    try:
+        serve(config)
+    except TokenizerError as err:
+        log.error("cannot load the tokenizer of %s: %s", config.model, err)
+        sys.exit(2)
+    except OSError as err:
+        log.error("cannot serve on %s:%d: %s", config.host, config.port, err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""The aiohttp application: OpenAI routes in front of the fleet, plus health, metrics, debug.
+
+A completion request flows: read the body (size-limited) -> ``protocol`` validates the
+fields routing needs -> ``tokenization`` renders the chat template and tokenizes (off
+the event loop for long prompts) -> ``Router.route`` picks a worker and a fallback
+order -> ``Upstream.post`` sends the client's bytes unchanged, moving to the next
+worker on a connect failure or a 5xx before the first byte -> ``relay`` copies the
+answer back as it arrives. The router hears each request's lifecycle (begin, first
+token, end or cancel) so load-aware scores see it, and so do the other gateway
+replicas when there is a NATS bus (``bus.GatewayBus``). Handlers hold no policy; errors
+leave as OpenAI-style JSON (``errors``), never as a stack trace.
+
+Workers come from the static list or from etcd (``router.discovery.EtcdDiscovery``);
+their events from their ZMQ sockets or from NATS; ``Gateway.start`` wires whichever
+the configuration names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from gateway.bus import FreshMatches, GatewayBus
+from gateway.config import GatewayConfig
+from gateway.errors import (
+    NO_WORKER,
+    WORKER_HEADER,
+    ApiError,
+    bad_request,
+    body_too_large,
+    from_http_exception,
+    model_not_found,
+    no_worker_available,
+    upstream_failed,
+    upstream_timeout,
+)
+from gateway.fleet import Fleet
+from gateway.metrics import CONTENT_TYPE, GatewayMetrics, StateSources
+from gateway.protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_object
+from gateway.relay import ClientGone, Exchange, relay
+from gateway.tokenization import Preprocessor, TokenizerError
+from gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
+from indexer.events import WorkerKey
+from indexer.kv_indexer import KvIndexer
+from indexer.sources import ReplayDispatcher
+from router.load import LoadTracker
+from router.discovery import EtcdDiscovery
+from router.policies import Decision
+from router.registry import WorkerRegistry
+from router.routing import NoWorkerAvailable, Router
+
+log = logging.getLogger(__name__)
+
+# How long start-up waits for etcd's first listing before serving anyway (503 until
+# workers appear; the watch keeps retrying in the background).
+DISCOVERY_WAIT_SECONDS = 10.0
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
+
+
+@dataclass(slots=True)
+class Routed:
+    """A validated, tokenized, routed request, ready to forward."""
+
+    prompt_tokens: int
+    decision: Decision
+    tokenize_seconds: float
+
+
+class Gateway:
+    """Everything one gateway process holds; the handlers are its methods."""
+
+    def __init__(self, config: GatewayConfig, preprocessor: Preprocessor | None = None) -> None:
+        self.config = config
+        self.preprocessor = (preprocessor if preprocessor is not None
+                             else Preprocessor.load(config.model, **config.preprocessor_options()))
+        self.context_length = self.preprocessor.context_length
+        self.model_name = config.model_name
+        self.lora_adapters = frozenset(config.lora_adapters)
+        self.registry = WorkerRegistry()
+        self.indexer = KvIndexer(config.block_size)
+        self.replay = ReplayDispatcher(self.indexer)
+        self.indexer.on_replay = self.replay
+        self.load = LoadTracker.from_config(config.kv)
+        self.bus: GatewayBus | None = None
+        if config.nats_url is not None:
+            self.bus = GatewayBus(config.nats_url, config.namespace, config.replica_id, self.indexer,
+                                  self.registry, self.load, events_stale_after=config.events_stale_after,
+                                  replica_timeout=config.replica_timeout)
+        self.fleet = Fleet(config, self.registry, self.indexer, self.load, self.replay, self.bus)
+        # With NATS-fed workers the router must not trust a stale stream's blocks.
+        matcher = self.indexer if self.bus is None else FreshMatches(self.indexer, self.fleet.is_stale)
+        self.router = Router(config.kv, matcher, self.registry, self.load)
+        self.discovery: EtcdDiscovery | None = None
+        if config.discovery == "etcd":
+            assert config.etcd_endpoints is not None
+            self.discovery = EtcdDiscovery(config.etcd_endpoints, config.namespace, self.registry)
+        self.upstream = Upstream(config)
+        self.metrics = GatewayMetrics(StateSources(
+            block_counts=self.indexer.block_counts,
+            indexer_stats=lambda: self.indexer.stats,
+            load=lambda: self.load.snapshots(self.registry.keys()),
+            workers_up=lambda: dict(self.fleet.up),
+            extra=self._distributed_metrics,
+        ))
+        self._request_ids = itertools.count()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.upstream.start()
+        if self.bus is not None:
+            await self.bus.start()
+        await self.fleet.start()
+        if self.discovery is None:
+            self.config.static_discovery().apply(self.registry)
+            return
+        await self.discovery.start()
+        try:
+            await self.discovery.wait_ready(DISCOVERY_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("etcd %s not answering after %.0fs: serving without workers until it does",
+                        self.config.etcd_endpoints, DISCOVERY_WAIT_SECONDS)
+
+    async def stop(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.bus is not None:
+            await self.bus.stop()
+        await self.fleet.stop()
+        await self.upstream.close()
+        self.router.close()
+        self.preprocessor.close()
+
+    # -- OpenAI routes --------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._complete(request, COMPLETIONS)
+
+    async def models(self, request: web.Request) -> web.Response:
+        created = int(time.time())
+        cards = [{"id": self.model_name, "object": "model", "created": created, "owned_by": "kvgate",
+                  "root": self.config.model, "parent": None, "max_model_len": self.context_length}]
+        cards += [{"id": name, "object": "model", "created": created, "owned_by": "kvgate",
+                   "root": self.model_name, "parent": self.model_name, "max_model_len": self.context_length}
+                  for name in sorted(self.lora_adapters)]
+        return _json({"object": "list", "data": cards})
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        workers = {info.worker_id: bool(self.fleet.up.get(info.worker_id)) for info in self.registry.all()}
+        ready = any(workers.values())
+        body: dict[str, object] = {"status": "ok" if ready else "unavailable", "workers": workers}
+        if self.discovery is not None:
+            body["discovery"] = {"mode": "etcd", "connected": self.discovery.connected,
+                                 "revision": self.discovery.revision}
+        if self.bus is not None:
+            body["events"] = {wid: self.fleet.events_of(wid) for wid in workers}
+            body["nats"] = {"connected": self.bus.connected, "router_id": self.bus.router_id,
+                            "replicas": self.bus.sync.replicas()}
+        return _json(body, status=200 if ready else 503)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def debug_route(self, request: web.Request) -> web.Response:
+        """Explain where a chat or completion body would go, without forwarding it."""
+        try:
+            body = await self._read_body(request)
+            data = parse_json_object(body)
+            route = CHAT if "messages" in data else COMPLETIONS
+            parsed = parse_chat(body) if route == CHAT else parse_completion(body)
+            routed = await self._route(parsed)
+        except ApiError as err:
+            return err.response(NO_WORKER)
+        decision = routed.decision
+        explained = decision.explain()
+        explained.update(
+            route=route,
+            prompt_tokens=routed.prompt_tokens,
+            tokenize_us=routed.tokenize_seconds * 1e6,
+            workers_up={info.worker_id: bool(self.fleet.up.get(info.worker_id)) for info in self.registry.all()},
+        )
+        return _json(explained, headers={WORKER_HEADER: decision.chosen.worker_id})
+
+    # -- the request path -----------------------------------------------------------------
+
+    async def _complete(self, request: web.Request, route: str) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            body = await self._read_body(request)
+            parsed = parse_chat(body) if route == CHAT else parse_completion(body)
+            routed = await self._route(parsed)
+        except ApiError as err:
+            self.metrics.child(self.metrics.requests, route, str(err.status), NO_WORKER).inc()
+            return err.response(NO_WORKER)
+        return await self._forward(request, route, body, routed, started)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise body_too_large(self.config.client_max_size) from None
+
+    async def _route(self, parsed: ChatRequest | CompletionRequest) -> Routed:
+        lora_name = self._lora_for(parsed.model)
+        t0 = time.perf_counter()
+        prompts = await self._tokenize(parsed)
+        tokenize_seconds = time.perf_counter() - t0
+        param = "messages" if isinstance(parsed, ChatRequest) else "prompt"
+        for token_ids in prompts:
+            self._check_length(len(token_ids), parsed.max_tokens, param)
+        # A batch of prompts goes to one worker; its first prompt decides where.
+        token_ids = prompts[0]
+        try:
+            decision = self.router.route(token_ids, lora_name=lora_name, exclude=self.fleet.down_keys)
+        except NoWorkerAvailable as err:
+            raise no_worker_available(f"No worker is available: {err.reason}") from None
+        self.metrics.observe_routing(tokenize_seconds, {"hash": decision.timings.hash,
+                                                         "match": decision.timings.match,
+                                                         "score": decision.timings.score})
+        return Routed(sum(len(p) for p in prompts), decision, tokenize_seconds)
+
+    def _lora_for(self, model: str | None) -> str | None:
+        if model is None or model == self.model_name:
+            return None
+        if model in self.lora_adapters:
+            return model
+        raise model_not_found(model)
+
+    async def _tokenize(self, parsed: ChatRequest | CompletionRequest) -> list[Sequence[int]]:
+        try:
+            if isinstance(parsed, ChatRequest):
+                return [await self.preprocessor.encode_chat_async(parsed.messages, **parsed.template_args)]
+            return [await self.preprocessor.encode_prompt_async(p) for p in parsed.prompts]
+        except TokenizerError as err:
+            raise bad_request(str(err), "messages" if isinstance(parsed, ChatRequest) else "prompt") from None
+
+    def _check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        limit = self.context_length
+        if prompt_tokens > limit or (max_tokens is not None and prompt_tokens + max_tokens > limit):
+            requested = prompt_tokens + (max_tokens or 0)
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{requested} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                param, code="context_length_exceeded",
+            )
+
+    async def _forward(self, request: web.Request, route: str, body: bytes, routed: Routed,
+                       started: float) -> web.StreamResponse:
+        decision = routed.decision
+        request_id = str(next(self._request_ids))
+        headers = forward_headers(request.headers)
+        failure: UpstreamFailure | None = None
+        worker = NO_WORKER
+        attempts = 0
+        for key in decision.ranked:
+            if attempts == self.config.max_attempts:
+                break
+            info = self.registry.get(key.worker_id)
+            if info is None or (attempts and key in self.fleet.down_keys):
+                continue
+            attempts += 1
+            worker = key.worker_id
+            self._begin(request_id, decision, routed.prompt_tokens, key)
+            try:
+                upstream = await self.upstream.post(info.base_url, route, body, headers)
+            except UpstreamFailure as err:
+                self._finish(request_id)
+                failure = err
+                if err.kind == "connect":
+                    self.fleet.mark_down(worker, err.detail)
+                if not err.retryable:
+                    break
+                self.metrics.child(self.metrics.retries, worker, err.kind).inc()
+                log.info("request %s: %s; trying the next worker", request_id, err.detail)
+                continue
+            except BaseException:
+                self._finish(request_id)
+                raise
+            return await self._answer(request, route, upstream, worker, key, routed, request_id, started)
+        if failure is None:
+            err = no_worker_available("No worker is available: every candidate is down")
+        elif failure.kind == "timeout":
+            err = upstream_timeout(failure.detail)
+        else:
+            err = upstream_failed(f"{failure.detail} (after {attempts} attempt{'s' if attempts != 1 else ''})")
+        self.metrics.child(self.metrics.requests, route, str(err.status), worker).inc()
+        return err.response(worker)
+
+    async def _answer(self, request: web.Request, route: str, upstream: UpstreamResponse, worker: str,
+                      key: WorkerKey, routed: Routed, request_id: str, started: float) -> web.StreamResponse:
+        m = self.metrics
+        exchange = Exchange(started)
+        status = "500"
+        try:
+            response = await relay(request, upstream, worker, exchange,
+                                   on_first_byte=lambda: self._prefill_done(request_id),
+                                   on_gap=m.child(m.itl, worker).observe)
+            status = str(response.status)
+            return response
+        except UpstreamFailure as err:
+            failed = upstream_timeout(err.detail) if err.kind == "timeout" else upstream_failed(err.detail)
+            status = str(failed.status)
+            return failed.response(worker)
+        except (ClientGone, asyncio.CancelledError) as err:
+            status = "499"
+            m.child(m.aborted, worker).inc()
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            return web.Response(status=499)
+        finally:
+            if exchange.complete:
+                upstream.release()
+            else:
+                # Closing the connection is what tells the worker to abort the generation.
+                upstream.close()
+            self._finish(request_id)
+            m.child(m.requests, route, status, worker).inc()
+            if exchange.first_byte is not None and exchange.streamed:
+                m.child(m.ttft, route, worker).observe(exchange.first_byte - started)
+            if exchange.complete and exchange.last_byte is not None:
+                m.child(m.e2e, route, worker).observe(exchange.last_byte - started)
+            if exchange.upstream_error is not None:
+                m.child(m.stream_failures, worker).inc()
+                log.warning("request %s: %s", request_id, exchange.upstream_error)
+            if status == "200":
+                self._observe_prompt(worker, key, routed, exchange)
+
+    # -- request lifecycle: the router's load terms, and the other replicas' ----------------
+
+    def _begin(self, request_id: str, decision: Decision, prompt_tokens: int, key: WorkerKey) -> None:
+        self.router.begin(request_id, decision, prompt_tokens, key)
+        if self.bus is not None:
+            self.bus.began(request_id)
+
+    def _prefill_done(self, request_id: str) -> None:
+        self.router.prefill_done(request_id)
+        if self.bus is not None:
+            self.bus.prefill_done(request_id)
+
+    def _finish(self, request_id: str) -> None:
+        if self.bus is not None:
+            self.bus.finished(request_id)
+        self.router.finish(request_id)
+
+    def _distributed_metrics(self):
+        if self.bus is not None:
+            yield from self.bus.collect(self.fleet.nats_fed)
+        if self.discovery is not None:
+            d = self.discovery
+            yield GaugeMetricFamily("kvgate_discovery_connected", "1 while the etcd watch is established",
+                                    value=float(d.connected))
+            yield GaugeMetricFamily("kvgate_discovery_revision", "Last etcd revision applied", value=float(d.revision))
+            for name in ("resyncs", "compactions", "watch_restarts", "puts", "deletes", "invalid_records"):
+                family = CounterMetricFamily(f"kvgate_discovery_{name}", f"etcd discovery: {name.replace('_', ' ')}")
+                family.add_metric((), float(getattr(d.stats, name)))
+                yield family
+
+    def _observe_prompt(self, worker: str, key: WorkerKey, routed: Routed, exchange: Exchange) -> None:
+        m = self.metrics
+        m.child(m.prompt_tokens, worker).inc(routed.prompt_tokens)
+        if exchange.cached_tokens is not None:
+            m.child(m.cached_tokens, worker).inc(exchange.cached_tokens)
+        score = routed.decision.score_of(key)
+        if score is not None:
+            m.observe_overlap(worker, routed.decision.num_blocks, (score.gpu_blocks, score.cpu_blocks, score.disk_blocks))
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Whatever escapes a handler leaves as OpenAI-style JSON, and the gateway keeps serving."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return from_http_exception(exc).response()
+    except ApiError as err:
+        return err.response()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return ApiError(500, "Internal gateway error; see the gateway log.", type="server_error",
+                        code="internal_error").response()
+
+
+def build_app(config: GatewayConfig, preprocessor: Preprocessor | None = None) -> web.Application:
+    gateway = Gateway(config, preprocessor)
+    app = web.Application(client_max_size=config.client_max_size, middlewares=[openai_errors])
+    app[GATEWAY_KEY] = gateway
+
+    async def lifecycle(app: web.Application):
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post(CHAT, gateway.chat_completions)
+    app.router.add_post(COMPLETIONS, gateway.completions)
+    app.router.add_get("/v1/models", gateway.models)
+    app.router.add_get("/health", gateway.health)
+    app.router.add_get("/metrics", gateway.metrics_endpoint)
+    app.router.add_post("/debug/route", gateway.debug_route)
+    return app

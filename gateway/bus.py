@@ -1,0 +1,403 @@
+"""The gateway replica's end of the NATS bus: events in, load in, in-flight load both ways.
+
+With ``nats_url`` set, ``GatewayBus`` holds one NATS connection and
+
+* feeds ``kvgate.<ns>.events.*`` into the ``KvIndexer`` through a ``NatsEventSource``
+  (every replica consumes every event, so their indexes agree), accepting only workers
+  the registry knows, and tells which workers' streams are stale;
+* feeds ``kvgate.<ns>.load.*`` (the sidecars' scrapes of ``/metrics``) into the
+  ``LoadTracker`` as engine load;
+* shares this replica's in-flight requests on ``kvgate.<ns>.active.<router_id>`` and
+  counts the other replicas' ones (``ActiveSync``, pure), so two replicas under the
+  same load do not pile onto the same worker.
+
+Recovery: the connection never gives up (``connect_nats``). After a (re)connect the
+replica asks every known worker's sidecar to restate its cache (``resync``), restates
+its own in-flight requests (``leave`` + one ``add`` each) and asks the other replicas
+to do the same (``sync``), since anything may have been lost meanwhile. Messages are
+not queued while disconnected: the restatement replaces them. A replica that dies
+without ``leave`` stops heartbeating (``alive``) and is forgotten after
+``replica_timeout``.
+
+``FreshMatches`` is what the router sees of the index: matches of stale workers are
+dropped, so those workers are routed by load only until their stream is back in sync.
+
+Never routes and never touches a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from indexer.bus import ActiveMessage, Bus, LoadMessage, NatsEventSource, check_token, connect_nats
+from indexer.events import Match, WorkerKey
+from indexer.kv_indexer import KvIndexer
+from router.load import LoadTracker, RemoteRequest
+from router.registry import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+
+class FreshMatches:
+    """The index as the router sees it: a stale worker's matches are left out.
+
+    Its blocks stay indexed (a stream that comes back in sync restates them anyway);
+    only the router stops trusting them, so the worker competes on load alone.
+    """
+
+    def __init__(self, indexer: KvIndexer, is_stale: Callable[[str], bool]) -> None:
+        self.indexer = indexer
+        self.block_size = indexer.block_size
+        self.is_stale = is_stale
+
+    def find_matches(self, seq_hashes: Sequence[int]) -> dict[WorkerKey, Match]:
+        matches = self.indexer.find_matches(seq_hashes)
+        is_stale = self.is_stale
+        if any(is_stale(key.worker_id) for key in matches):
+            # A new dict: the index's answer is not ours to edit.
+            return {key: m for key, m in matches.items() if not is_stale(key.worker_id)}
+        return matches
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.indexer.remove_worker(worker_id)
+
+
+@dataclass(slots=True)
+class ActiveStats:
+    sent: int = 0
+    received: int = 0
+    restatements: int = 0
+    replicas_expired: int = 0
+    rejected: int = 0
+
+
+class ActiveSync:
+    """This replica's request lifecycle out as ``ActiveMessage``s, the others' in.
+
+    Pure: reads this replica's entries from the ``LoadTracker`` (the router's ``begin``
+    put them there), writes the other replicas' entries into it, keeps the time each
+    replica was last heard from. The caller publishes what the methods return.
+    """
+
+    def __init__(self, router_id: str, load: LoadTracker, *, replica_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if replica_timeout <= 0:
+            raise ValueError(f"replica_timeout must be > 0, got {replica_timeout}")
+        self.router_id = check_token("router_id", router_id)
+        self.load = load
+        self.replica_timeout = replica_timeout
+        self.clock = clock
+        self.stats = ActiveStats()
+        self._own: set[str] = set()
+        self._replicas: dict[str, float] = {}
+
+    # -- this replica -------------------------------------------------------------------
+
+    def began(self, request_id: str) -> ActiveMessage | None:
+        """The router began ``request_id`` (again, on a retry): announce where it went."""
+        self._own.add(request_id)
+        return self._state_of(request_id)
+
+    def prefill_done(self, request_id: str) -> ActiveMessage | None:
+        return self._state_of(request_id) if request_id in self._own else None
+
+    def finished(self, request_id: str) -> ActiveMessage | None:
+        if request_id not in self._own:
+            return None
+        self._own.discard(request_id)
+        return self._message("finish", request_id)
+
+    def restatement(self) -> list[ActiveMessage]:
+        """``leave`` (drop whatever the others hold of us), then every request still in flight."""
+        self.stats.restatements += 1
+        out = [self._message("leave")]
+        for request_id in sorted(self._own):
+            msg = self._state_of(request_id)
+            if msg is None:
+                self._own.discard(request_id)  # expired in the tracker: its finish was lost
+            else:
+                out.append(msg)
+        return out
+
+    def alive(self) -> ActiveMessage:
+        return self._message("alive")
+
+    def sync_request(self) -> ActiveMessage:
+        return self._message("sync")
+
+    def leave(self) -> ActiveMessage:
+        return self._message("leave")
+
+    # -- the other replicas -------------------------------------------------------------
+
+    def receive(self, msg: ActiveMessage, now: float | None = None) -> bool:
+        """Apply another replica's message; True when it asks us to restate (``sync``)."""
+        origin = msg.router_id
+        if origin == self.router_id:
+            return False  # NATS echoes our own messages back
+        self.stats.received += 1
+        if msg.op == "leave":
+            self._replicas.pop(origin, None)
+            self.load.remove_remote(origin)
+            return False
+        now = self.clock() if now is None else now
+        self._replicas[origin] = now
+        try:
+            if msg.op in ("add", "prefill_done"):
+                check_token("worker_id", msg.worker_id)
+                prefill = msg.new_prefill_tokens if msg.op == "add" else 0
+                self.load.add_remote(origin, [RemoteRequest(msg.request_id, msg.key, prefill, msg.blocks)], now)
+            elif msg.op == "finish":
+                self.load.remove_remote(origin, [msg.request_id])
+        except ValueError as err:
+            self.stats.rejected += 1
+            log.warning("ignored an active message from %s: %s", origin, err)
+        return msg.op == "sync"
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Forget replicas silent for ``replica_timeout`` (died without ``leave``)."""
+        now = self.clock() if now is None else now
+        gone = [rid for rid, seen in self._replicas.items() if now - seen > self.replica_timeout]
+        for rid in gone:
+            del self._replicas[rid]
+            self.load.remove_remote(rid)
+            self.stats.replicas_expired += 1
+            log.warning("replica %s went silent: its in-flight requests are forgotten", rid)
+        return gone
+
+    def replicas(self) -> list[str]:
+        """Other replicas heard from (and not gone)."""
+        return sorted(self._replicas)
+
+    def _state_of(self, request_id: str) -> ActiveMessage | None:
+        entry = self.load.get(request_id)
+        if entry is None:
+            return None
+        op = "add" if entry.in_prefill else "prefill_done"
+        return ActiveMessage(router_id=self.router_id, op=op, request_id=request_id,
+                             worker_id=entry.key.worker_id, dp_rank=entry.key.dp_rank,
+                             prompt_tokens=entry.prompt_tokens, new_prefill_tokens=entry.prefill_tokens,
+                             blocks=entry.blocks, ts=time.time())
+
+    def _message(self, op: str, request_id: str = "") -> ActiveMessage:
+        return ActiveMessage(router_id=self.router_id, op=op, request_id=request_id, ts=time.time())
+
+
+class GatewayBus:
+    """One replica's NATS connection and everything that flows over it (see the module doc)."""
+
+    def __init__(self, nats_url: str, namespace: str, router_id: str, indexer: KvIndexer,
+                 registry: WorkerRegistry, load: LoadTracker, *, events_stale_after: float = 6.0,
+                 replica_timeout: float = 5.0, resync_interval: float = 1.0) -> None:
+        self.nats_url = nats_url
+        self.namespace = namespace
+        self.indexer = indexer
+        self.registry = registry
+        self.load = load
+        self.events_stale_after = events_stale_after
+        self.resync_interval = resync_interval
+        self.sync = ActiveSync(router_id, load, replica_timeout=replica_timeout)
+        self.nc = None
+        self.bus: Bus | None = None
+        self.source: NatsEventSource | None = None
+        self.loads_received = 0
+        self.loads_ignored = 0
+        self.reconnects = 0
+        self._outbox: deque[ActiveMessage] = deque()
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def router_id(self) -> str:
+        return self.sync.router_id
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def start(self) -> None:
+        """Connect in the background: the gateway serves (routing by load) until NATS answers."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name="gateway-bus"),
+                       loop.create_task(self._heartbeat(), name="gateway-bus-heartbeat")]
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the first connection and subscriptions."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def stop(self) -> None:
+        """Tell the other replicas we leave, then close (buffered messages are flushed)."""
+        tasks = [*self._tasks, *self._pending]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.source is not None:
+            await self.source.stop()
+        if self.nc is None:
+            return
+        try:
+            if self.connected and self.bus is not None:
+                await self.bus.publish_active(self.sync.leave())
+            await asyncio.wait_for(self.nc.close(), 2)
+        except Exception as exc:  # shutting down anyway; the others time us out
+            log.info("nats close: %s", exc)
+
+    # -- what the gateway calls --------------------------------------------------------
+
+    def is_stale(self, worker_id: str) -> bool:
+        return self.source is None or self.source.is_stale(worker_id)
+
+    def began(self, request_id: str) -> None:
+        self._post(self.sync.began(request_id))
+
+    def prefill_done(self, request_id: str) -> None:
+        self._post(self.sync.prefill_done(request_id))
+
+    def finished(self, request_id: str) -> None:
+        self._post(self.sync.finished(request_id))
+
+    def worker_added(self, worker_id: str) -> None:
+        """A NATS-fed worker joined discovery: ask for its whole cache now rather than at its next heartbeat."""
+        if self.connected and self.source is not None:
+            self._spawn(self._request_resync([worker_id]))
+
+    def worker_removed(self, worker_id: str) -> None:
+        if self.source is not None:
+            self.source.forget(worker_id)
+
+    # -- the connection ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self.nc = await connect_nats(self.nats_url, name=f"kvgate-gateway-{self.router_id}",
+                                     on_reconnected=self._on_reconnected)
+        self.bus = Bus(self.nc, self.namespace)
+        self.source = NatsEventSource(self.bus, self.indexer, stale_after=self.events_stale_after,
+                                      resync_interval=self.resync_interval, accept=self.registry.__contains__,
+                                      consumer_id=self.router_id)
+        await self.source.start()
+        await self.bus.on_load(self._on_load)
+        await self.bus.on_active(self._on_active)
+        log.info("replica %s on NATS %s (namespace %s)", self.router_id, self.nats_url, self.namespace)
+        await self._catch_up()
+        self._ready.set()
+        await self._publish_loop()
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        if self.source is not None:
+            await self.source.resync_all()
+        await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        """After any (re)connect: workers and replicas restate what we may have missed."""
+        await self._request_resync([info.worker_id for info in self.registry.all()
+                                    if info.metadata.get("events") == "nats"])
+        for msg in self.sync.restatement():
+            self._post(msg)
+        self._post(self.sync.sync_request())
+
+    async def _request_resync(self, worker_ids: Iterable[str]) -> None:
+        if self.bus is None:
+            return
+        for worker_id in worker_ids:
+            try:
+                await self.bus.request_resync(worker_id, self.router_id)
+            except Exception as exc:  # disconnected: the reconnect asks again
+                log.info("resync request for %s not sent: %s", worker_id, exc)
+
+    def _post(self, msg: ActiveMessage | None) -> None:
+        # While disconnected nothing is queued: the restatement after the reconnect says it all.
+        if msg is not None and self.connected:
+            self._outbox.append(msg)
+            self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        assert self.bus is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                msg = self._outbox.popleft()
+                try:
+                    await self.bus.publish_active(msg)
+                    self.sync.stats.sent += 1
+                except Exception as exc:  # lost with the connection; the restatement covers it
+                    log.debug("active message not published: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        interval = self.sync.replica_timeout / 4
+        while True:
+            await asyncio.sleep(interval)
+            self._post(self.sync.alive())
+            self.sync.expire()
+
+    def _on_load(self, msg: LoadMessage) -> None:
+        self.loads_received += 1
+        info = self.registry.get(msg.worker_id)
+        # A scrape that waited in a buffer is worth less than none.
+        if info is None or msg.dp_rank >= info.dp_size or time.time() - msg.ts > self.load.engine_stale_after:
+            self.loads_ignored += 1
+            return
+        try:
+            self.load.update_engine(msg.key, msg.running, msg.waiting, msg.kv_usage)
+        except ValueError as err:
+            self.loads_ignored += 1
+            log.warning("ignored load of %s: %s", msg.worker_id, err)
+
+    def _on_active(self, msg: ActiveMessage) -> None:
+        if self.sync.receive(msg):
+            for out in self.sync.restatement():
+                self._post(out)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def collect(self, nats_fed: Iterable[str]) -> Iterable[Metric]:
+        """``kvgate_bus_*`` families, read at scrape time; ``nats_fed``: workers whose events come over NATS."""
+        yield GaugeMetricFamily("kvgate_bus_connected", "1 while connected to NATS", value=float(self.connected))
+        yield GaugeMetricFamily("kvgate_bus_replicas", "Other gateway replicas heard from",
+                                value=float(len(self.sync.replicas())))
+        stale = GaugeMetricFamily("kvgate_worker_events_stale",
+                                  "1 while a NATS-fed worker's event stream is stale (routed by load only)",
+                                  labels=("worker",))
+        for worker_id in sorted(nats_fed):
+            stale.add_metric((worker_id,), float(self.is_stale(worker_id)))
+        yield stale
+        if self.source is not None:
+            for f in fields(self.source.stats):
+                family = CounterMetricFamily(f"kvgate_bus_event_stream_{f.name}",
+                                             f"Event messages over NATS: {f.name.replace('_', ' ')}")
+                family.add_metric((), float(getattr(self.source.stats, f.name)))
+                yield family
+        for name, value, doc in (
+            ("load_messages", self.loads_received, "Load messages received"),
+            ("load_ignored", self.loads_ignored, "Load messages ignored (unknown worker or rank, too old, invalid)"),
+            ("active_sent", self.sync.stats.sent, "In-flight request messages published to the other replicas"),
+            ("active_received", self.sync.stats.received, "In-flight request messages from the other replicas"),
+            ("restatements", self.sync.stats.restatements, "Restatements of this replica's in-flight requests"),
+            ("replicas_expired", self.sync.stats.replicas_expired,
+             "Replicas forgotten after replica_timeout of silence"),
+            ("reconnects", self.reconnects, "NATS reconnections"),
+        ):
+            family = CounterMetricFamily(f"kvgate_bus_{name}", doc)
+            family.add_metric((), float(value))
+            yield family
+        rejected = CounterMetricFamily("kvgate_bus_rejected", "Bus messages dropped as malformed, by reason",
+                                       labels=("kind",))
+        if self.bus is not None:
+            for kind, count in sorted(self.bus.rejected.items()):
+                rejected.add_metric((kind,), float(count))
+        yield rejected

@@ -1,0 +1,366 @@
+"""Gateway configuration: typed dataclasses with every default in one place.
+
+Sources fill them in, lowest precedence first: the defaults below, the YAML file
+(``--config``), environment variables ``KVGATE_<OPTION>`` and command-line flags. The
+YAML keys are the option names in snake_case; the flags are the same names in kebab
+case. The router's own settings (``router.config.RouterConfig``: cost weights, busy
+thresholds, temperature, ...) live under the ``kv:`` section / ``--kv-*`` flags and keep
+their defaults in ``router/config.py``. ``router_mode`` and ``block_size`` sit at the top
+level because the workers' block size must agree with them.
+
+This module never starts anything; ``load_config`` only parses and validates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from indexer.bus import check_token
+from router.config import ROUTER_MODES, RouterConfig
+from router.discovery import parse_endpoints, workers_prefix
+from router.registry import StaticDiscovery
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "kvgate-tiny"
+ENV_PREFIX = "KVGATE_"
+DISCOVERY_MODES = ("static", "etcd")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on")
+    model: str = _opt(str(DEFAULT_MODEL), "tokenizer + chat template: a local directory or a hub id")
+    served_model_name: str | None = _opt(None, "model name clients send (default: basename of --model)")
+    revision: str | None = _opt(None, "hub revision of --model (branch, tag or commit)")
+    trust_remote_code: bool = _opt(False, "allow a hub tokenizer's custom code")
+    chat_template: str | None = _opt(None, "chat template file or text overriding the tokenizer's (like vLLM's "
+                                           "--chat-template; give the workers the same one)")
+    tokenizer_offload_chars: int | None = _opt(None, "prompts at least this long are tokenized in a thread, "
+                                                     "off the event loop (default: tokenization.py's, 1536)")
+    tokenizer_threads: int | None = _opt(None, "threads that tokenize long prompts (default: tokenization.py's, 2)")
+    lora_adapters: list[str] = _opt([], "LoRA adapter names served by the workers; a request naming one "
+                                        "is hashed with the adapter's seed")
+    context_length: int | None = _opt(None, "max prompt + completion tokens (default: the model's)")
+    router_mode: str = _opt("kv", "routing policy", choices=ROUTER_MODES)
+    block_size: int = _opt(64, "KV block size in tokens; must match the workers' --block-size")
+    workers: list[dict[str, Any]] = _opt([], "static workers (router.registry.StaticDiscovery entries); flag form: "
+                                           "url=http://H:P[,id=NAME][,kv_events_endpoint=tcp://H:P]"
+                                           "[,kv_events_replay_endpoint=tcp://H:P][,dp_size=N] (repeatable)")
+    discovery: str = _opt("static", "where workers come from: the workers list, or etcd (leases under "
+                                    "/kvgate/<namespace>/workers/, kept by each worker's sidecar)",
+                          choices=DISCOVERY_MODES)
+    etcd_endpoints: str | None = _opt(None, "etcd host:port list, comma-separated (discovery etcd)")
+    nats_url: str | None = _opt(None, "NATS server URL(s), comma-separated: KV events and load of workers whose "
+                                      "sidecar publishes them, in-flight load shared with the other gateway "
+                                      "replicas (default: none; events come from each worker's ZMQ socket)")
+    namespace: str = _opt("default", "fleet name: etcd keys /kvgate/<namespace>/workers/, NATS subjects "
+                                     "kvgate.<namespace>.*")
+    router_id: str | None = _opt(None, "this replica's id on NATS (kvgate.<namespace>.active.<router_id>); "
+                                       "unique per replica (default: <hostname>-<pid>)")
+    events_stale_after: float = _opt(6.0, "seconds a NATS-fed worker's event stream may stay silent or out of "
+                                          "sync before its index state is ignored and it is routed by load only "
+                                          "(sidecars heartbeat every 2 s)")
+    events_catch_up_interval: float = _opt(2.0, "seconds between asks of a quiet ZMQ-fed worker's replay socket "
+                                                "for batches its SUB socket missed (published before it connected); "
+                                                "0: never")
+    replica_timeout: float = _opt(5.0, "seconds without a message from another replica (each heartbeats every "
+                                       "replica_timeout/4) before its in-flight requests are forgotten")
+    connect_timeout: float = _opt(3.0, "seconds to open a connection to a worker before trying the next one")
+    read_timeout: float = _opt(600.0, "seconds a worker may stay silent (before the first byte or between "
+                                      "chunks) before the request fails with 504")
+    max_attempts: int = _opt(3, "workers tried per request on connect failure or 5xx before the first byte")
+    keepalive_connections: int = _opt(256, "idle keep-alive connections kept open per worker")
+    client_max_size: int = _opt(16 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
+    health_interval: float = _opt(1.0, "seconds between polls of each worker's /health")
+    load_interval: float = _opt(1.0, "seconds between scrapes of each worker's /metrics (engine load)")
+    probe_timeout: float = _opt(2.0, "timeout of one health poll or load scrape, in seconds")
+    log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
+    access_log: bool = _opt(False, "log every HTTP request (costs throughput)")
+    kv: RouterConfig = field(default_factory=RouterConfig,
+                             metadata={"help": "router settings (router/config.py); mode and block_size "
+                                               "come from router_mode / block_size"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise ValueError(f"port must be in 1..65535 (or 0 for any free port), got {self.port}")
+        for name in ("connect_timeout", "read_timeout", "health_interval", "load_interval", "probe_timeout",
+                     "events_stale_after", "replica_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name, minimum in (("max_attempts", 1), ("client_max_size", 1), ("keepalive_connections", 0),
+                              ("block_size", 1)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        if self.events_catch_up_interval < 0:
+            raise ValueError(f"events_catch_up_interval must be >= 0 (0: off), got {self.events_catch_up_interval}")
+        for name in ("context_length", "tokenizer_offload_chars", "tokenizer_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        # Defaulted ids and full validation happen here, so a bad list fails at start-up.
+        self.workers = [{"id": f"w{i}", **w} if isinstance(w, Mapping) else w for i, w in enumerate(self.workers)]
+        StaticDiscovery(self.workers, model=self.model_name, block_size=self.block_size)
+        self._check_distributed()
+        # One source of truth for the two settings the router shares with the gateway.
+        self.kv = replace(self.kv, mode=self.router_mode, block_size=self.block_size)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name
+
+    def preprocessor_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``tokenization.PreprocessorConfig`` (its defaults where unset)."""
+        options: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
+                                   "chat_template": self.chat_template, "context_length": self.context_length}
+        if self.tokenizer_offload_chars is not None:
+            options["offload_threshold_chars"] = self.tokenizer_offload_chars
+        if self.tokenizer_threads is not None:
+            options["executor_threads"] = self.tokenizer_threads
+        return options
+
+    def static_discovery(self) -> StaticDiscovery:
+        return StaticDiscovery(self.workers, model=self.model_name, block_size=self.block_size)
+
+    @property
+    def replica_id(self) -> str:
+        """``router_id``, or one made of the host name and process id (unique per replica)."""
+        if self.router_id is not None:
+            return self.router_id
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", f"{socket.gethostname()}-{os.getpid()}")
+
+    def _check_distributed(self) -> None:
+        check_token("namespace", self.namespace)
+        workers_prefix(self.namespace)  # also rejects '/', which would split the etcd key
+        if self.router_id is not None:
+            check_token("router_id", self.router_id)
+        if self.discovery == "etcd":
+            if not self.etcd_endpoints:
+                raise ValueError("discovery etcd needs etcd_endpoints (host:port[,host:port...])")
+            if self.workers:
+                raise ValueError("workers is the static list; with discovery etcd the workers come from etcd")
+            parse_endpoints(self.etcd_endpoints)
+        elif self.etcd_endpoints is not None:
+            raise ValueError("etcd_endpoints is only read with discovery etcd")
+        if self.nats_url is not None and not any(u.strip() for u in self.nats_url.split(",")):
+            raise ValueError(f"nats_url must name at least one server, got {self.nats_url!r}")
+
+
+def _field_kind(f: Any) -> tuple[type, bool]:
+    """(scalar type, optional) for a GatewayConfig field, from its annotation string."""
+    annotation = str(f.type).replace(" ", "")
+    optional = annotation.endswith("|None")
+    base = annotation.removesuffix("|None")
+    return {"str": str, "int": int, "float": float, "bool": bool}.get(base, object), optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="kvgate: a KV-cache-aware OpenAI-compatible gateway in front of vLLM workers. "
+                    f"Precedence: defaults < --config YAML < {ENV_PREFIX}<OPTION> env vars < flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML file whose keys are the options below in snake_case")
+    defaults = GatewayConfig()
+    for f in fields(GatewayConfig):
+        if f.name == "kv":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.name == "workers":
+            parser.add_argument("--worker", dest="workers", action="append", type=_parse_worker_flag,
+                                metavar="SPEC", help=meta["help"])
+            continue
+        if f.name == "lora_adapters":
+            parser.add_argument("--lora-adapter", dest="lora_adapters", action="append", metavar="NAME",
+                                help=meta["help"] + " (repeatable)")
+            continue
+        kind, _ = _field_kind(f)
+        help_text = meta["help"]
+        if meta.get("choices"):
+            help_text += " (" + " | ".join(meta["choices"]) + ")"
+        if "default:" not in help_text:
+            help_text += f" (default: {getattr(defaults, f.name)})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=f.name.upper(),
+                                help=help_text)
+    group = parser.add_argument_group("router (kv: section of the YAML)")
+    for path, leaf, default in _router_leaves(RouterConfig()):
+        kind = bool if isinstance(default, bool) else (type(default) if default is not None else None)
+        flag = "--kv-" + leaf.replace("_", "-")
+        dest = "kv." + ".".join(path)
+        help_text = f"router {'.'.join(path)} (default: {default})"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=_number_or_none if kind is None else kind,
+                               metavar=leaf.upper(), help=help_text)
+    return parser
+
+
+def _router_leaves(obj: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str, Any]]:
+    out = []
+    for f in fields(obj):
+        if f.name in ("mode", "block_size"):
+            continue
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out.extend(_router_leaves(value, prefix + (f.name,)))
+        else:
+            out.append((prefix + (f.name,), f.name, value))
+    return out
+
+
+def _number_or_none(text: str) -> float | int | None:
+    if text.lower() in ("none", "null", "off"):
+        return None
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def _parse_worker_flag(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            if key.startswith(("http://", "https://")) and "url" not in out:
+                out["url"] = key
+                continue
+            raise argparse.ArgumentTypeError(f"expected key=value in {text!r}")
+        out[key.strip()] = int(value) if key.strip() == "dp_size" else value.strip()
+    return out
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Defaults < YAML < environment < flags; raises SystemExit (argparse) on a bad flag."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        merged: dict[str, Any] = {}
+        path = args.pop("config", None)
+        if path is not None:
+            merged = read_yaml(path)
+        _merge(merged, _from_env(os.environ if environ is None else environ))
+        _merge(merged, _unflatten(args))
+        return config_from_dict(merged)
+    except ValueError as err:
+        parser.error(str(err))
+        raise
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise ValueError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> GatewayConfig:
+    """Validate a merged option mapping (YAML-shaped) into a GatewayConfig."""
+    known = {f.name: f for f in fields(GatewayConfig)}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = known[name]
+        if name == "workers":
+            if not isinstance(value, list):
+                raise ValueError("workers must be a list of {id, url, kv_events_endpoint, ...} mappings")
+            kwargs[name] = value
+        elif name == "kv":
+            if not isinstance(value, Mapping):
+                raise ValueError(f"kv must be a mapping of router settings, got {value!r}")
+            clash = sorted({"mode", "block_size"} & set(value))
+            if clash:
+                raise ValueError(f"kv.{clash[0]}: set it with the top-level router_mode / block_size")
+            kwargs[name] = RouterConfig.from_dict(value, "kv")
+        elif name == "lora_adapters":
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"lora_adapters must be a list of names, got {value!r}")
+            kwargs[name] = list(value)
+        else:
+            kwargs[name] = _check_scalar(f, value)
+    if "router_mode" in kwargs and kwargs["router_mode"] not in ROUTER_MODES:
+        raise ValueError(f"router_mode must be one of {', '.join(ROUTER_MODES)}, got {kwargs['router_mode']!r}")
+    return GatewayConfig(**kwargs)
+
+
+def _check_scalar(f: Any, value: Any) -> Any:
+    kind, optional = _field_kind(f)
+    if value is None and optional:
+        return None
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise ValueError(f"{f.name} must be {kind.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(GatewayConfig):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is None or f.name in ("kv", "workers", "lora_adapters"):
+            continue
+        kind, _ = _field_kind(f)
+        try:
+            if kind is bool:
+                out[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                out[f.name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+    return out
+
+
+def _unflatten(args: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> None:
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            merged = dict(base[key])
+            _merge(merged, value)
+            base[key] = merged
+        else:
+            base[key] = value
+
+
+__all__ = ["GatewayConfig", "build_parser", "config_from_dict", "load_config", "read_yaml", "DEFAULT_MODEL"]

@@ -1,0 +1,157 @@
+"""``python -m gateway.demo``: simulated workers plus the gateway in front, one command.
+
+Spawns ``--workers`` ``python -m worker.sim`` processes on free loopback ports, each
+publishing KV events (and serving replays) on its own ZMQ ports, waits for their
+``/health``, then serves the gateway (embedded default: static workers, ZMQ events) in
+this process. Its children are stopped when it exits, on SIGINT or SIGTERM.
+Flags it does not know are gateway flags (``python -m gateway --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gateway.__main__ import configure_logging, serve, use_uvloop
+from gateway.config import load_config
+
+log = logging.getLogger("gateway.demo")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(slots=True)
+class SimWorker:
+    worker_id: str
+    port: int
+    events_port: int
+    replay_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def entry(self) -> dict[str, object]:
+        return {"id": self.worker_id, "url": self.url,
+                "kv_events_endpoint": f"tcp://127.0.0.1:{self.events_port}",
+                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{self.replay_port}"}
+
+
+def spawn_workers(count: int, model_dir: str, block_size: int, max_model_len: int, log_dir: Path,
+                  extra: Sequence[str] = ()) -> list[SimWorker]:
+    workers = []
+    for i in range(count):
+        port, events, replay = free_port(), free_port(), free_port()
+        log_path = log_dir / f"worker-{i}.log"
+        args = [sys.executable, "-m", "worker.sim", "--host", "127.0.0.1", "--port", str(port),
+                "--model-dir", model_dir, "--block-size", str(block_size), "--max-model-len", str(max_model_len),
+                "--kv-events-endpoint", f"tcp://127.0.0.1:{events}",
+                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra]
+        with open(log_path, "wb") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        workers.append(SimWorker(f"w{i}", port, events, replay, process, log_path))
+    return workers
+
+
+def wait_healthy(workers: Sequence[SimWorker], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(workers)
+    while pending:
+        worker = pending[0]
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker {worker.worker_id} exited ({worker.process.returncode}); "
+                               f"see {worker.log_path}:\n{worker.log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(worker.url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    pending.pop(0)
+                    continue
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker {worker.worker_id} not healthy after {timeout}s; see {worker.log_path}")
+        time.sleep(0.1)
+
+
+def stop_workers(workers: Sequence[SimWorker]) -> None:
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait(timeout=10)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.demo",
+        description="Start N simulated vLLM workers and the kvgate gateway in front of them. "
+                    "Any other flag is a gateway flag (see python -m gateway --help), "
+                    "e.g. --host, --port, --router-mode.",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="simulated workers to start (default: 2)")
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="context length of the workers, and of the gateway's checks (default: 8192)")
+    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                        help="extra flag for every worker.sim, e.g. --worker-arg=--speedup-ratio=10 (repeatable)")
+    parser.add_argument("--log-dir", default=None, help="where worker logs go (default: a new temp dir)")
+    args, gateway_args = parser.parse_known_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    config = load_config([*gateway_args, "--context-length", str(args.max_model_len)])
+    if config.workers:
+        parser.error("the demo starts its own workers; do not pass --worker / workers:")
+    configure_logging(config.log_level)
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="kvgate-demo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    # SIGTERM while workers start must still stop them: route it through the finally below.
+    signal.signal(signal.SIGTERM, _interrupt)
+    workers: list[SimWorker] = []
+    try:
+        workers = spawn_workers(args.workers, config.model, config.block_size, args.max_model_len, log_dir,
+                                args.worker_arg)
+        wait_healthy(workers)
+        for worker in workers:
+            log.info("worker %s on %s (events %s, logs %s)", worker.worker_id, worker.url,
+                     worker.entry()["kv_events_endpoint"], worker.log_path)
+        config = replace(config, workers=[w.entry() for w in workers])
+        use_uvloop()
+        print(f"kvgate demo: http://{config.host}:{config.port}/v1  "
+              f"({len(workers)} simulated workers, router {config.router_mode}, model {config.model_name})",
+              flush=True)
+        serve(config)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_workers(workers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Prometheus metrics of the gateway, on its own registry, every name under ``kvgate_``.
+
+Request-path metrics (counters, histograms) are updated by the handlers through
+``GatewayMetrics``; state that already lives elsewhere (index size per worker and tier,
+the indexer's event statistics, active load, worker health) is read only when
+``/metrics`` is scraped, by ``_StateCollector``, so the request path never pays for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from indexer.events import Tier, WorkerKey
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5)
+_BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_RATE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
+ROUTING_STAGES = ("tokenize", "hash", "match", "score")
+
+
+@dataclass(frozen=True, slots=True)
+class StateSources:
+    """Read at scrape time. Each callable returns the current value of what it names."""
+
+    block_counts: Callable[[], Mapping[WorkerKey, tuple[int, int, int]]]
+    indexer_stats: Callable[[], Any]
+    load: Callable[[], Mapping[WorkerKey, Any]]
+    workers_up: Callable[[], Mapping[str, bool]]
+    extra: Callable[[], Iterable[Metric]] | None = None
+    """More families (distributed mode: bus and discovery state)."""
+
+
+class GatewayMetrics:
+    def __init__(self, state: StateSources | None = None) -> None:
+        # `_created` series double the scrape for no use here (process-global, as the library has it).
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("kvgate_requests", "Requests answered, by route, HTTP status and worker",
+                                ("route", "status", "worker"), registry=r)
+        self.ttft = Histogram("kvgate_time_to_first_token_seconds",
+                              "From request arrival to the first byte of the worker's answer relayed",
+                              ("route", "worker"), buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvgate_inter_token_latency_seconds",
+                             "Gap between consecutive streamed chunks relayed to the client, per chunk",
+                             ("worker",), buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("kvgate_e2e_request_latency_seconds", "From request arrival to the last byte relayed",
+                             ("route", "worker"), buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens routed (gateway's tokenization)",
+                                     ("worker",), registry=r)
+        self.cached_tokens = Counter("kvgate_cached_tokens",
+                                     "Prompt tokens the worker reported served from its prefix cache "
+                                     "(usage.prompt_tokens_details.cached_tokens)", ("worker",), registry=r)
+        self.prompt_blocks = Counter("kvgate_prompt_blocks", "Full KV blocks of the routed prompts",
+                                     ("worker",), registry=r)
+        self.overlap_blocks_total = Counter("kvgate_overlap_blocks",
+                                            "Prompt blocks the index said the chosen worker held, by tier",
+                                            ("worker", "tier"), registry=r)
+        self.overlap_blocks = Histogram("kvgate_request_overlap_blocks",
+                                        "Per request: prefix blocks the chosen worker held (any tier)",
+                                        ("worker",), buckets=_BLOCK_BUCKETS, registry=r)
+        self.hit_rate = Histogram("kvgate_request_prefix_hit_rate",
+                                  "Per request: overlap blocks / prompt blocks on the chosen worker "
+                                  "(requests with at least one full block)",
+                                  ("worker",), buckets=_RATE_BUCKETS, registry=r)
+        self.routing = Histogram("kvgate_routing_overhead_seconds",
+                                 "Time spent before forwarding, by stage (tokenize, hash, match, score)",
+                                 ("stage",), buckets=_ROUTING_BUCKETS, registry=r)
+        self.retries = Counter("kvgate_upstream_retries", "Forwards retried on the next-best worker, by reason",
+                               ("worker", "reason"), registry=r)
+        self.aborted = Counter("kvgate_client_disconnects",
+                               "Requests whose client went away before the answer ended (upstream cancelled)",
+                               ("worker",), registry=r)
+        self.stream_failures = Counter("kvgate_stream_failures",
+                                       "Streams the worker broke off after the first byte (ended with an SSE "
+                                       "error event)", ("worker",), registry=r)
+        self._routing_children = {stage: self.routing.labels(stage) for stage in ROUTING_STAGES}
+        # labels() takes a lock and a dict lookup; the request path caches the children it uses.
+        self._children: dict[tuple[Any, ...], Any] = {}
+        if state is not None:
+            self.registry.register(_StateCollector(state))
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def observe_routing(self, tokenize: float, timings: Mapping[str, float]) -> None:
+        children = self._routing_children
+        children["tokenize"].observe(tokenize)
+        for stage in ("hash", "match", "score"):
+            value = timings.get(stage)
+            if value is not None:
+                children[stage].observe(value)
+
+    def observe_overlap(self, worker: str, prompt_blocks: int, per_tier: Iterable[int]) -> None:
+        per_tier = list(per_tier)
+        overlap = sum(per_tier)
+        self.child(self.prompt_blocks, worker).inc(prompt_blocks)
+        for tier, count in zip(Tier, per_tier):
+            if count:
+                self.child(self.overlap_blocks_total, worker, tier.name).inc(count)
+        self.child(self.overlap_blocks, worker).observe(overlap)
+        if prompt_blocks:
+            self.child(self.hit_rate, worker).observe(overlap / prompt_blocks)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: StateSources) -> None:
+        self.state = state
+
+    def describe(self) -> list[Metric]:
+        # Described lazily: collect() reads live gateway state that may not exist yet.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._index()
+        yield from self._events()
+        yield from self._load()
+        up = GaugeMetricFamily("kvgate_worker_up", "1 while the worker answers its /health", labels=("worker",))
+        for worker, ok in sorted(self.state.workers_up().items()):
+            up.add_metric((worker,), 1.0 if ok else 0.0)
+        yield up
+        if self.state.extra is not None:
+            yield from self.state.extra()
+
+    def _index(self) -> Iterable[Metric]:
+        blocks = GaugeMetricFamily("kvgate_index_blocks", "Blocks the prefix index holds per worker, rank and tier",
+                                   labels=("worker", "dp_rank", "tier"))
+        for key, counts in sorted(self.state.block_counts().items()):
+            for tier, count in zip(Tier, counts):
+                blocks.add_metric((key.worker_id, str(key.dp_rank), tier.name), count)
+        yield blocks
+
+    def _events(self) -> Iterable[Metric]:
+        stats = self.state.indexer_stats()
+        if stats is None:
+            return
+        simple = (
+            ("events_applied", "KV events applied to the index"),
+            ("blocks_stored", "Block stores applied"),
+            ("blocks_removed", "Block removals applied"),
+            ("gaps", "Sequence gaps detected in a worker's event stream"),
+            ("replays_requested", "Replays asked of a worker's replay socket"),
+            ("replays_failed", "Replays that failed (the stream continued without a reset)"),
+            ("restarts", "Engine restarts detected (sequence fell back)"),
+            ("duplicates", "Batches dropped as already applied"),
+            ("unknown_parent", "Stores whose parent block was unknown"),
+            ("unknown_block", "Removals or tier updates naming an unknown block"),
+        )
+        for name, doc in simple:
+            value = getattr(stats, name, None)
+            if value is None:
+                continue
+            family = CounterMetricFamily(f"kvgate_index_{name}", doc)
+            family.add_metric((), float(value))
+            yield family
+        rejected = CounterMetricFamily("kvgate_index_events_rejected", "Event batches rejected, by reason",
+                                       labels=("kind",))
+        for kind, count in sorted(getattr(stats, "rejected", {}).items()):
+            rejected.add_metric((kind,), float(count))
+        yield rejected
+
+    def _load(self) -> Iterable[Metric]:
+        gauges = {
+            "requests": GaugeMetricFamily("kvgate_active_requests", "Requests routed to the worker and not finished",
+                                          labels=("worker", "dp_rank")),
+            "prefill_tokens": GaugeMetricFamily("kvgate_active_prefill_tokens",
+                                                "Prompt tokens routed to the worker still awaiting their first token",
+                                                labels=("worker", "dp_rank")),
+            "blocks": GaugeMetricFamily("kvgate_active_blocks", "KV blocks held by the worker's active requests",
+                                        labels=("worker", "dp_rank")),
+            "remote_requests": GaugeMetricFamily("kvgate_active_remote_requests",
+                                                 "Of kvgate_active_requests, those routed by other gateway replicas",
+                                                 labels=("worker", "dp_rank")),
+            "running": GaugeMetricFamily("kvgate_engine_running", "vllm:num_requests_running as last scraped",
+                                         labels=("worker", "dp_rank")),
+            "waiting": GaugeMetricFamily("kvgate_engine_waiting", "vllm:num_requests_waiting as last scraped",
+                                         labels=("worker", "dp_rank")),
+            "kv_usage": GaugeMetricFamily("kvgate_engine_kv_usage", "vllm:kv_cache_usage_perc as last scraped",
+                                          labels=("worker", "dp_rank")),
+        }
+        for key, snap in sorted(self.state.load().items()):
+            labels = (key.worker_id, str(key.dp_rank))
+            for name, family in gauges.items():
+                value = getattr(snap, name)
+                if value is not None:
+                    family.add_metric(labels, float(value))
+        yield from gauges.values()

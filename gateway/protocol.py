@@ -1,0 +1,185 @@
+"""The OpenAI request fields the gateway reads, validated; everything else passes through.
+
+``parse_chat`` / ``parse_completion`` take the raw body bytes and return what routing
+needs (messages or prompt, model, stream, token budget) or raise ``ApiError`` (400).
+The body forwarded to the worker is the client's bytes, never a re-serialization of
+these objects, so fields this module does not know still reach vLLM untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.errors import ApiError, bad_request
+
+# Chat-template inputs vLLM accepts besides the messages, handed to the template renderer
+# so the gateway hashes the prompt the worker will actually see.
+TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    model: str | None
+    messages: list[dict[str, Any]]
+    stream: bool
+    max_tokens: int | None
+    template_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    model: str | None
+    # One entry per prompt of a batch: text, or token ids the client already has.
+    prompts: list[str | list[int]]
+    stream: bool
+    max_tokens: int | None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise bad_request("Request body is empty; expected a JSON object.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"Request body must be a JSON object, not {_type_name(data)}.")
+    return data
+
+
+def parse_chat(body: bytes) -> ChatRequest:
+    data = parse_json_object(body)
+    messages = data.get("messages")
+    if "messages" not in data:
+        raise bad_request("Missing required field `messages`.", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty list of {role, content} objects.", "messages")
+    for i, message in enumerate(messages):
+        _check_message(i, message)
+    common = _common(data, token_budget=("max_completion_tokens", "max_tokens"))
+    template_args = {k: data[k] for k in TEMPLATE_FIELDS if data.get(k) is not None}
+    for name in ("add_generation_prompt", "continue_final_message"):
+        _optional(data, name, bool, "a boolean")
+    _optional(data, "chat_template_kwargs", dict, "an object")
+    _optional(data, "tools", list, "a list")
+    return ChatRequest(common.model, messages, common.stream, common.max_tokens, template_args)
+
+
+def parse_completion(body: bytes) -> CompletionRequest:
+    data = parse_json_object(body)
+    if "prompt" not in data:
+        raise bad_request("Missing required field `prompt`.", "prompt")
+    prompts = _prompts(data["prompt"])
+    common = _common(data, token_budget=("max_tokens",))
+    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens)
+
+
+@dataclass(slots=True)
+class _Common:
+    model: str | None
+    stream: bool
+    max_tokens: int | None
+
+
+def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
+    # vLLM makes `model` optional (it serves one model); the gateway follows it.
+    model = _optional(data, "model", str, "a string")
+    stream = _optional(data, "stream", bool, "a boolean")
+    max_tokens = None
+    for name in token_budget:
+        value = _positive_int(data, name)
+        if value is not None and max_tokens is None:
+            max_tokens = value
+    _positive_int(data, "n")
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        _number(data, name)
+    temperature = data.get("temperature")
+    if temperature is not None and temperature < 0:
+        raise bad_request("`temperature` must be >= 0.", "temperature")
+    top_p = data.get("top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise bad_request("`top_p` must be in (0, 1].", "top_p")
+    stop = data.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise bad_request("`stop` must be a string or a list of strings.", "stop")
+    _optional(data, "stream_options", dict, "an object")
+    return _Common(model, bool(stream), max_tokens)
+
+
+def _check_message(i: int, message: Any) -> None:
+    param = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"`{param}` must be an object with `role` and `content`.", param)
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise bad_request(f"`{param}.role` must be a non-empty string.", f"{param}.role")
+    if "content" not in message:
+        # An assistant turn that only calls tools legitimately carries no content.
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return
+        raise bad_request(f"`{param}.content` is required.", f"{param}.content")
+    content = message["content"]
+    if content is None:
+        if role == "assistant":
+            return
+        raise bad_request(f"`{param}.content` must not be null for role `{role}`.", f"{param}.content")
+    if isinstance(content, str):
+        return
+    if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str) for part in content):
+        return
+    raise bad_request(
+        f"`{param}.content` must be a string or a list of content parts with a `type`.", f"{param}.content"
+    )
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(_is_token_id(t) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
+            return list(prompt)
+    raise bad_request(
+        "`prompt` must be a string, a non-empty list of strings, a list of token ids "
+        "or a list of token-id lists.",
+        "prompt",
+    )
+
+
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _optional(data: dict[str, Any], name: str, kind: type, described: str) -> Any:
+    value = data.get(name)
+    # bool is an int subclass; JSON true must never pass for a count, nor 1 for a flag.
+    if value is not None and type(value) is not kind:
+        raise bad_request(f"`{name}` must be {described}, not {_type_name(value)}.", name)
+    return value
+
+
+def _positive_int(data: dict[str, Any], name: str) -> int | None:
+    value = _optional(data, name, int, "an integer")
+    if value is not None and value < 1:
+        raise bad_request(f"`{name}` must be >= 1, got {value}.", name)
+    return value
+
+
+def _number(data: dict[str, Any], name: str) -> None:
+    value = data.get(name)
+    if value is not None and (type(value) not in (int, float)):
+        raise bad_request(f"`{name}` must be a number, not {_type_name(value)}.", name)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "parse_chat", "parse_completion", "parse_json_object"]

@@ -1,0 +1,94 @@
+"""Request validation: what the gateway reads from OpenAI bodies, and the 400s it answers."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from gateway.errors import ApiError, from_http_exception, model_not_found
+from gateway.protocol import parse_chat, parse_completion
+from aiohttp import web
+
+
+def body(**fields) -> bytes:
+    return orjson.dumps(fields)
+
+
+def test_chat_fields_routing_needs() -> None:
+    parsed = parse_chat(body(model="m", stream=True, max_completion_tokens=7, max_tokens=9,
+                             messages=[{"role": "system", "content": "s"},
+                                       {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                       {"role": "assistant", "tool_calls": [{"id": "1"}]},
+                                       {"role": "assistant", "content": None}],
+                             tools=[{"type": "function", "function": {"name": "f"}}],
+                             chat_template_kwargs={"enable_thinking": False}, logit_bias={"1": 2}))
+    assert parsed.model == "m" and parsed.stream is True
+    assert parsed.max_tokens == 7  # max_completion_tokens wins, as in vLLM
+    assert len(parsed.messages) == 4
+    assert set(parsed.template_args) == {"tools", "chat_template_kwargs"}
+
+
+def test_model_is_optional_as_in_vllm() -> None:
+    assert parse_completion(body(prompt="x")).model is None
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("text", ["text"]),
+    (["a", "b"], ["a", "b"]),
+    ([1, 2, 3], [[1, 2, 3]]),
+    ([[1, 2], [3]], [[1, 2], [3]]),
+])
+def test_completion_prompt_forms(prompt, expected) -> None:
+    assert parse_completion(body(prompt=prompt)).prompts == expected
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": []}, "stream_options"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": {}}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": "yes"}, "add_generation_prompt"),
+])
+def test_chat_rejections_name_the_field(fields, param) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_chat(body(**fields))
+    assert err.value.status == 400 and err.value.param == param
+
+
+@pytest.mark.parametrize("prompt", ["", [], [-1], [1, "a"], [[1], []], [["a"]], 5, None])
+def test_bad_prompts(prompt) -> None:
+    if prompt == "":
+        # An empty string is a valid JSON type; the tokenizer rejects it as empty later.
+        assert parse_completion(body(prompt=prompt)).prompts == [""]
+        return
+    with pytest.raises(ApiError) as err:
+        parse_completion(body(prompt=prompt))
+    assert err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"null", b'"s"', b"\xff\xfe"])
+def test_not_a_json_object(raw: bytes) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_chat(raw)
+    assert err.value.status == 400
+
+
+def test_error_body_is_openai_shaped() -> None:
+    err = model_not_found("x")
+    payload = json.loads(err.body())
+    assert payload == {"error": {"message": "The model `x` does not exist.", "type": "invalid_request_error",
+                                 "param": "model", "code": "model_not_found"}}
+    response = err.response("w3")
+    assert response.status == 404 and response.headers["x-kvgate-worker"] == "w3"
+    too_large = from_http_exception(web.HTTPRequestEntityTooLarge(max_size=10, actual_size=20))
+    assert too_large.status == 413 and too_large.code == "request_too_large"

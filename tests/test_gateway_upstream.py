@@ -1,0 +1,286 @@
+"""The gateway's HTTP/1.1 client against real loopback servers that answer scripted bytes.
+
+Each server reads whole requests (head + Content-Length body), records them, and writes
+the scripted answer in the pieces given, so framing split anywhere is exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
+from tests.procs import free_port
+
+Answer = Sequence[bytes]
+
+
+@dataclass
+class Scripted:
+    """A server whose n-th request on any connection gets ``answers(n)``; ``close_after`` closes then."""
+
+    answers: Callable[[int], Answer]
+    close_after: bool = False
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                self.requests.append(head + await reader.readexactly(length))
+                for piece in self.answers(len(self.requests) - 1):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0)
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+           b"X-Worker-Note: kept\r\n\r\n"
+           b"f\r\ndata: {\"a\":1}\n\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n")
+
+
+@pytest.fixture
+async def upstream():
+    client = Upstream(GatewayConfig(read_timeout=0.5, connect_timeout=1.0))
+    await client.start()
+    yield client
+    await client.close()
+
+
+async def test_chunked_split_anywhere_then_keep_alive(upstream: Upstream) -> None:
+    server = Scripted(lambda n: bytewise(CHUNKED) if n == 0 else [CHUNKED])
+    url = await server.start()
+    try:
+        for _ in range(2):
+            response = await upstream.post(url, "/v1/chat/completions", b'{"x": 1}', [("Authorization", "Bearer k")])
+            assert response.status == 200 and response.content_type == "text/event-stream"
+            assert response.headers["X-Worker-Note"] == "kept"
+            assert "X-Trailer" not in response.headers  # trailers are dropped, not merged into the head
+            assert await response.read() == b'data: {"a":1}\n\nhello'
+            assert response.complete
+            response.release()
+        assert server.connections == 1  # the second request reused the connection
+        first = server.requests[0]
+        assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert b"Authorization: Bearer k\r\n" in first and first.endswith(b'\r\n\r\n{"x": 1}')
+    finally:
+        await server.stop()
+
+
+async def test_content_length_interim_answer_and_close_delimited(upstream: Upstream) -> None:
+    answers = [
+        [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n", b"\r\nabc", b"defg"],
+        [b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"body\":", b" \"until close\"}"],
+    ]
+    server = Scripted(lambda n: answers[n], close_after=True)
+    url = await server.start()
+    try:
+        response = await upstream.post(url, "/v1/completions", b"{}", [])
+        assert await response.read() == b"abcdefg"
+        response.release()
+        response = await upstream.post(url, "/v1/completions", b"{}", [])
+        assert await response.read() == b'{"body": "until close"}'
+        response.release()
+        assert server.connections == 2
+    finally:
+        await server.stop()
+
+
+async def test_broken_chunk_framing_fails_the_answer(upstream: Upstream) -> None:
+    server = Scripted(lambda n: [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n"])
+    url = await server.start()
+    try:
+        response = await upstream.post(url, "/v1/completions", b"{}", [])
+        with pytest.raises(UpstreamFailure, match="bad chunk framing"):
+            await response.read()
+        response.release()
+    finally:
+        await server.stop()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+BIG_HEADER = b"X-Big: " + b"a" * 70_000 + b"\r\n"
+
+
+@pytest.mark.parametrize(("answer", "fails_at", "message"), [
+    pytest.param(bytewise(b"HTPT/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), "post", "bad response head",
+                 id="garbage-status-line"),
+    pytest.param([b"HTTP/1.1 2x0 OK\r\n\r\n"], "post", "bad response head", id="bad-status-code"),
+    pytest.param([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"], "post",
+                 "bad response head", id="two-content-lengths"),
+    pytest.param([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"], "post",
+                 "unexpected protocol switch", id="protocol-switch"),
+    pytest.param([b"HTTP/1.1 200 OK\r\n" + BIG_HEADER + b"Content-Length: 2\r\n\r\nok"], "post",
+                 "response head too large", id="oversized-head"),
+    pytest.param([b"HTTP/1.1 200 OK\r\nX-Endless: "] + [b"a" * 8192] * 10, "post", "response head too large",
+                 id="unterminated-head"),
+    pytest.param(bytewise(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"), "read",
+                 "bad chunk framing", id="bad-chunk-size"),
+])
+async def test_malformed_answer_is_a_disconnect_and_drops_the_connection(
+        upstream: Upstream, answer: Answer, fails_at: str, message: str) -> None:
+    server = Scripted(lambda n: answer if n == 0 else [OK])
+    url = await server.start()
+    try:
+        if fails_at == "post":
+            with pytest.raises(UpstreamFailure, match=message) as err:
+                await upstream.post(url, "/v1/completions", b"{}", [])
+        else:
+            response = await upstream.post(url, "/v1/completions", b"{}", [])
+            with pytest.raises(UpstreamFailure, match=message) as err:
+                await response.read()
+            response.release()
+        assert err.value.kind == "disconnect" and err.value.retryable
+        response = await upstream.post(url, "/v1/completions", b"{}", [])
+        assert await response.read() == b"ok"
+        response.release()
+        assert server.connections == 2  # the broken connection was not reused
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("answer", [
+    # The server keeps these connections open: the client alone must decide not to reuse them.
+    pytest.param([b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"], id="connection-close"),
+    pytest.param([b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"], id="http-1.0"),
+    pytest.param([OK + b"XY"], id="length-then-bytes"),
+    pytest.param([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n" + OK],
+                 id="chunked-then-a-second-answer"),
+    pytest.param([OK, b"garbage"], id="length-then-later-bytes"),
+])
+async def test_answers_that_forbid_reuse(upstream: Upstream, answer: Answer) -> None:
+    server = Scripted(lambda n: answer if n == 0 else [OK])
+    url = await server.start()
+    try:
+        for _ in range(2):
+            response = await upstream.post(url, "/v1/completions", b"{}", [])
+            assert await response.read() == b"ok"
+            await asyncio.sleep(0.05)  # let any late bytes arrive before the release
+            response.release()
+        assert server.connections == 2
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"], id="length"),
+    pytest.param([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"], id="chunked"),
+])
+async def test_close_before_the_body_ends_is_a_disconnect(upstream: Upstream, answer: Answer) -> None:
+    server = Scripted(lambda n: answer, close_after=True)
+    url = await server.start()
+    try:
+        response = await upstream.post(url, "/v1/completions", b"{}", [])
+        with pytest.raises(UpstreamFailure, match="dropped the connection") as err:
+            await response.read()
+        assert err.value.kind == "disconnect" and not response.complete
+        response.release()
+    finally:
+        await server.stop()
+
+
+async def test_early_hints_then_no_content_keeps_the_connection(upstream: Upstream) -> None:
+    answer = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 204 No Content\r\nX-Id:  r1 \r\n\r\n"
+    server = Scripted(lambda n: bytewise(answer))
+    url = await server.start()
+    try:
+        for _ in range(2):
+            response = await upstream.post(url, "/v1/completions", b"{}", [])
+            assert (response.status, response.headers["X-Id"], "Link" in response.headers) == (204, "r1", False)
+            assert await response.read() == b"" and response.complete
+            response.release()
+        assert server.connections == 1
+    finally:
+        await server.stop()
+
+
+async def test_5xx_is_a_retryable_status_failure(upstream: Upstream) -> None:
+    server = Scripted(lambda n: [b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"])
+    url = await server.start()
+    try:
+        with pytest.raises(UpstreamFailure) as err:
+            await upstream.post(url, "/v1/completions", b"{}", [])
+        assert (err.value.kind, err.value.status, err.value.body, err.value.retryable) == ("status", 503, b"busy", True)
+    finally:
+        await server.stop()
+
+
+async def test_connect_refused_disconnect_and_timeout(upstream: Upstream) -> None:
+    with pytest.raises(UpstreamFailure) as err:
+        await upstream.post(f"http://127.0.0.1:{free_port()}", "/v1/completions", b"{}", [])
+    assert err.value.kind == "connect"
+
+    hang_up = Scripted(lambda n: [], close_after=True)
+    url = await hang_up.start()
+    try:
+        with pytest.raises(UpstreamFailure) as err:
+            await upstream.post(url, "/v1/completions", b"{}", [])
+        assert err.value.kind == "disconnect" and err.value.retryable
+    finally:
+        await hang_up.stop()
+
+    silent = Scripted(lambda n: [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"])
+    url = await silent.start()
+    try:
+        response = await upstream.post(url, "/v1/completions", b"{}", [])
+        chunks = response.iter_chunks()
+        assert await chunks.__anext__() == b"abc"
+        with pytest.raises(UpstreamFailure) as err:
+            await chunks.__anext__()
+        assert err.value.kind == "timeout" and not err.value.retryable
+        response.close()
+    finally:
+        await silent.stop()
+
+
+async def test_idle_connection_closed_by_the_worker_is_replaced(upstream: Upstream) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    # The server answers once per connection and then closes it, as an idle timeout would.
+    server = Scripted(lambda n: [ok], close_after=True)
+    url = await server.start()
+    try:
+        for _ in range(3):
+            response = await upstream.post(url, "/v1/completions", b"{}", [])
+            assert await response.read() == b"ok"
+            response.release()
+            await asyncio.sleep(0.05)  # let the close arrive before the connection is reused
+        assert server.connections == 3
+    finally:
+        await server.stop()
+
+
+def test_header_filters_drop_hop_by_hop() -> None:
+    sent = forward_headers({"Host": "gw", "Content-Length": "3", "Connection": "keep-alive",
+                            "Authorization": "Bearer k", "X-Request-Id": "r1"})
+    assert sent == [("Authorization", "Bearer k"), ("X-Request-Id", "r1")]
+    relayed = response_headers({"Transfer-Encoding": "chunked", "Content-Type": "text/event-stream",
+                                "Date": "now", "Server": "uvicorn", "X-Request-Id": "r1"})
+    assert dict(relayed) == {"Content-Type": "text/event-stream", "X-Request-Id": "r1"}
