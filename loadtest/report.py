@@ -1,0 +1,235 @@
+"""Benchmark results: the per-mode summary, ``results.json``, ``report.md`` and the PNG plots.
+
+Owns the arithmetic from per-request records and metric deltas to the figures
+users compare (requests/s, TTFT/ITL/E2E percentiles, prefix hit rate, requests
+per worker) and how they are written. Takes a ``BenchResults`` and never runs
+load or starts processes, so a report can be rebuilt from any results object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.scrape import Snapshot, prefix_hit_rate, sample_name
+from loadtest.stream import RequestRecord
+
+REPORT_MD = "report.md"
+RESULTS_JSON = "results.json"
+TTFT_PNG = "ttft_cdf.png"
+THROUGHPUT_PNG = "throughput_hit_rate.png"
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    records: list[RequestRecord]
+    duration_s: float                                    # first send to last answer
+    gateway_metrics: Snapshot = field(default_factory=dict)         # after - before
+    worker_metrics: dict[str, Snapshot] = field(default_factory=dict)  # per worker, after - before
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "duration_s": self.duration_s, "summary": summarize(self),
+                "notes": self.notes, "gateway_metrics": self.gateway_metrics,
+                "worker_metrics": self.worker_metrics, "records": [r.to_json() for r in self.records]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModeResult:
+        return cls(d["mode"], [RequestRecord.from_json(r) for r in d["records"]], d["duration_s"],
+                   d.get("gateway_metrics", {}), d.get("worker_metrics", {}), d.get("notes", []))
+
+
+@dataclass
+class BenchResults:
+    meta: dict[str, Any]          # workload, knobs, seed, command line: whatever reproduces the run
+    modes: list[ModeResult]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"meta": self.meta, "modes": [m.to_json() for m in self.modes]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BenchResults:
+        return cls(d["meta"], [ModeResult.from_json(m) for m in d["modes"]])
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) * 1000.0 if values else None
+
+
+def summarize(result: ModeResult) -> dict[str, Any]:
+    ok = [r for r in result.records if r.ok]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    itl = [x for r in ok for x in r.itl_s]
+    e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    reported = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens]
+    dur = result.duration_s
+    return {
+        "requests": len(result.records),
+        "ok": len(ok),
+        "errors": len(result.records) - len(ok),
+        "duration_s": dur,
+        "requests_per_s": len(ok) / dur if dur > 0 else 0.0,
+        "output_tokens_per_s": sum(r.completion_tokens or r.chunks for r in ok) / dur if dur > 0 else 0.0,
+        "ttft_ms": {"p50": _pct(ttft, 50), "p90": _pct(ttft, 90), "p99": _pct(ttft, 99)},
+        "itl_ms": {"p50": _pct(itl, 50), "p99": _pct(itl, 99)},
+        "e2e_ms": {"p50": _pct(e2e, 50), "p99": _pct(e2e, 99)},
+        "prefix_hit_rate": prefix_hit_rate(result.worker_metrics),
+        # What the responses said, where the server fills usage.prompt_tokens_details.
+        "cached_token_rate": (sum(r.cached_tokens or 0 for r in reported) / sum(r.prompt_tokens or 0 for r in reported)
+                              if reported else None),
+        "gateway_overhead_ms": gateway_overhead_ms(result.gateway_metrics),
+        "requests_per_worker": dict(sorted(Counter(r.worker for r in result.records if r.worker).items())),
+        "error_kinds": dict(Counter((r.error or "")[:80] for r in result.records if not r.ok).most_common(5)),
+    }
+
+
+ROUTING_OVERHEAD = "kvgate_routing_overhead_seconds"
+
+
+def gateway_overhead_ms(gateway: Snapshot) -> dict[str, float]:
+    """Mean gateway time per request by routing stage, from its ``kvgate_routing_overhead_seconds``
+    histogram deltas (empty if the gateway does not expose it)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for key, value in gateway.items():
+        name = sample_name(key)
+        stage = key.partition('stage="')[2].partition('"')[0]
+        if stage and name == ROUTING_OVERHEAD + "_sum":
+            sums[stage] = value
+        elif stage and name == ROUTING_OVERHEAD + "_count":
+            counts[stage] = value
+    return {stage: 1000.0 * sums[stage] / counts[stage] for stage in sums if counts.get(stage)}
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def _rate(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def markdown_table(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    head = ["mode", "requests", "errors", "req/s", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms",
+            "ITL p50 ms", "ITL p99 ms", "E2E p50 ms", "E2E p99 ms", "prefix hit rate", "requests per worker"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for mode, s in summaries:
+        per_worker = ", ".join(f"{w}: {n}" for w, n in s["requests_per_worker"].items()) or "–"
+        cells = [mode, str(s["requests"]), str(s["errors"]), f"{s['requests_per_s']:.2f}",
+                 _ms(s["ttft_ms"]["p50"]), _ms(s["ttft_ms"]["p90"]), _ms(s["ttft_ms"]["p99"]),
+                 _ms(s["itl_ms"]["p50"]), _ms(s["itl_ms"]["p99"]),
+                 _ms(s["e2e_ms"]["p50"]), _ms(s["e2e_ms"]["p99"]), _rate(s["prefix_hit_rate"]), per_worker]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def headline(summaries: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The first mode against every other: TTFT ratios (first / other) and hit rates."""
+    if len(summaries) < 2:
+        return []
+    base_mode, base = summaries[0]
+    lines = []
+    for mode, s in summaries[1:]:
+        parts = []
+        for q in ("p50", "p90", "p99"):
+            a, b = base["ttft_ms"][q], s["ttft_ms"][q]
+            if a is not None and b:
+                parts.append(f"TTFT {q} {base_mode}/{mode} = {a / b:.2f}")
+        parts.append(f"prefix hit rate {_rate(base['prefix_hit_rate'])} vs {_rate(s['prefix_hit_rate'])}")
+        if s["requests_per_s"]:
+            parts.append(f"req/s {base_mode}/{mode} = {base['requests_per_s'] / s['requests_per_s']:.2f}")
+        lines.append(f"- **{base_mode} vs {mode}**: " + "; ".join(parts))
+    return lines
+
+
+def render_markdown(results: BenchResults) -> str:
+    summaries = [(m.mode, summarize(m)) for m in results.modes]
+    meta = results.meta
+    out = [f"# kvgate benchmark: {meta.get('workload', '?')}", ""]
+    if meta.get("command"):
+        out += ["```", meta["command"], "```", ""]
+    out += [markdown_table(summaries), ""]
+    out += headline(summaries)
+    out += ["", "Latencies are client-side (time to the first content token, gaps between content chunks, "
+            "whole request). Prefix hit rate = Δ`vllm:prefix_cache_hits_total` / Δ`vllm:prefix_cache_queries_total` "
+            "summed over the workers (tokens). Requests per worker come from the `x-kvgate-worker` header.", ""]
+    for m in results.modes:
+        for note in m.notes:
+            out.append(f"- {m.mode}: {note}")
+        overhead = summarize(m)["gateway_overhead_ms"]
+        if overhead:
+            out.append(f"- {m.mode}: gateway time per request before forwarding (mean ms): "
+                       + ", ".join(f"{stage} {ms:.2f}" for stage, ms in overhead.items()))
+        kinds = summarize(m)["error_kinds"]
+        if kinds:
+            out.append(f"- {m.mode} errors: " + "; ".join(f"{k} (x{n})" for k, n in kinds.items()))
+    out += ["", f"![TTFT CDF]({TTFT_PNG})", "", f"![throughput and hit rate]({THROUGHPUT_PNG})", ""]
+    out += ["## Settings", "", "```json", json.dumps({k: v for k, v in meta.items() if k != "command"},
+                                                    indent=2, sort_keys=True), "```", ""]
+    return "\n".join(out)
+
+
+def plot(results: BenchResults, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = [(m.mode, summarize(m)) for m in results.modes]
+    title = results.meta.get("workload", "")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in results.modes:
+        ttft = np.sort([r.ttft_s * 1000.0 for r in m.records if r.ok and r.ttft_s is not None])
+        if len(ttft):
+            ax.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), where="post", label=f"{m.mode} (n={len(ttft)})")
+    ax.set_xscale("log")  # the body and the tail of the distribution both stay readable
+    ax.set_xlabel("time to first token (ms, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"TTFT CDF — {title}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    ttft_path = out_dir / TTFT_PNG
+    fig.savefig(ttft_path, dpi=110)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 4))
+    names = [mode for mode, _ in summaries]
+    colors = [f"C{i}" for i in range(len(names))]
+    ax1.bar(names, [s["requests_per_s"] for _, s in summaries], color=colors)
+    ax1.set_ylabel("requests / s")
+    ax1.set_title("throughput")
+    ax2.bar(names, [100 * (s["prefix_hit_rate"] or 0.0) for _, s in summaries], color=colors)
+    ax2.set_ylabel("prefix cache hit rate (%)")
+    ax2.set_ylim(0, 100)
+    ax2.set_title("worker prefix hit rate")
+    for a in (ax1, ax2):
+        a.grid(axis="y", alpha=0.3)
+        a.bar_label(a.containers[0], fmt="%.1f")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tp_path = out_dir / THROUGHPUT_PNG
+    fig.savefig(tp_path, dpi=110)
+    plt.close(fig)
+    return [ttft_path, tp_path]
+
+
+def write_report(results: BenchResults, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_JSON
+    results_path.write_text(json.dumps(results.to_json(), indent=1))
+    md_path = out / REPORT_MD
+    md_path.write_text(render_markdown(results))
+    ttft_png, tp_png = plot(results, out)
+    return {"results": results_path, "report": md_path, "ttft_cdf": ttft_png, "throughput": tp_png}

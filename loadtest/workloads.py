@@ -1,0 +1,185 @@
+"""The workloads: what each simulated user sends, seeded and repeatable.
+
+Owns request construction only (bodies and paths); the locust users and the
+bench's asyncio driver both draw from here, so the two send identical traffic
+for the same seed. Every request streams with usage included.
+
+- ``multi-turn``: each user holds a conversation (a long first message, then
+  short turns); the model's reply and the next user turn are appended, so
+  every request extends the previous one's prompt.
+- ``shared-prefix``: N tenants, each with a long system prompt; every request
+  is one tenant's system prompt plus a short, fresh question.
+- ``no-sharing``: a fresh random prompt every time (the control: no router
+  can find a prefix to reuse).
+- ``trace``: a Mooncake trace replayed open-loop (see ``trace.py``).
+
+Pure and synchronous: nothing here opens a socket.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from loadtest.corpus import Vocabulary
+from loadtest.trace import ReplayConfig, TracePrompts, TraceRequest, arrival_schedule
+
+WORKLOADS = ("multi-turn", "shared-prefix", "no-sharing", "trace")
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """Every workload knob, with its default, in one place."""
+
+    seed: int = 0
+    max_tokens: int = 32          # output tokens per chat request
+    turns: int = 6                # multi-turn: requests per conversation
+    first_turn_tokens: int = 512  # multi-turn: the opening message (a pasted document)
+    turn_tokens: int = 48         # multi-turn: each later user message
+    tenants: int = 4              # shared-prefix: distinct system prompts
+    system_prompt_tokens: int = 1024
+    question_tokens: int = 32
+    prompt_tokens: int = 512      # no-sharing: tokens per random prompt
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+    def __post_init__(self) -> None:
+        positive = ("max_tokens", "turns", "first_turn_tokens", "turn_tokens", "tenants",
+                    "system_prompt_tokens", "question_tokens", "prompt_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass
+class RequestSpec:
+    """One HTTP request to send: ``POST path`` with ``body``; ``workload`` labels its metrics."""
+
+    workload: str
+    path: str
+    body: dict[str, Any]
+    user: int = 0
+    turn: int = 0
+
+
+class Session(Protocol):
+    """A closed-loop user: asks for its next request, then reports the reply it got."""
+
+    def next_request(self) -> RequestSpec: ...
+    def observe(self, content: str) -> None: ...
+
+
+def _stream_options(body: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    # ignore_eos is vLLM's extension: a real engine then emits exactly max_tokens,
+    # so both routing modes do the same decode work.
+    body.update(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream=True,
+                stream_options={"include_usage": True})
+    return body
+
+
+def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    return _stream_options({"model": model, "messages": [dict(m) for m in messages]}, max_tokens)
+
+
+def completion_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    return _stream_options({"model": model, "prompt": prompt}, max_tokens)
+
+
+class MultiTurnSession:
+    def __init__(self, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str):
+        self.user, self.vocabulary, self.config, self.model = user, vocabulary, config, model
+        self.conversation = -1
+        self.turn = 0
+        self.messages: list[dict[str, str]] = []
+        self._rng = random.Random()
+
+    def _new_conversation(self) -> None:
+        self.conversation += 1
+        self.turn = 0
+        self._rng = random.Random(f"multi-turn:{self.config.seed}:{self.user}:{self.conversation}")
+        opening = self.vocabulary.text(self._rng, self.config.first_turn_tokens)
+        self.messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": opening}]
+
+    def next_request(self) -> RequestSpec:
+        if not self.messages:
+            self._new_conversation()
+        body = chat_body(self.model, self.messages, self.config.max_tokens)
+        return RequestSpec("multi-turn", CHAT_PATH, body, self.user, self.turn)
+
+    def observe(self, content: str) -> None:
+        self.turn += 1
+        if self.turn >= self.config.turns:
+            self.messages = []
+            return
+        self.messages.append({"role": "assistant", "content": content})
+        self.messages.append({"role": "user", "content": self.vocabulary.text(self._rng, self.config.turn_tokens)})
+
+
+class SharedPrefixSession:
+    def __init__(self, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str):
+        self.user, self.vocabulary, self.config, self.model = user, vocabulary, config, model
+        self.turn = 0
+        self._rng = random.Random(f"shared-prefix:{config.seed}:{user}")
+        self._system = [
+            vocabulary.text(random.Random(f"tenant:{config.seed}:{t}"), config.system_prompt_tokens)
+            for t in range(config.tenants)
+        ]
+
+    def next_request(self) -> RequestSpec:
+        tenant = self._rng.randrange(self.config.tenants)
+        messages = [{"role": "system", "content": self._system[tenant]},
+                    {"role": "user", "content": self.vocabulary.text(self._rng, self.config.question_tokens)}]
+        return RequestSpec("shared-prefix", CHAT_PATH, chat_body(self.model, messages, self.config.max_tokens),
+                           self.user, self.turn)
+
+    def observe(self, content: str) -> None:
+        self.turn += 1
+
+
+class NoSharingSession:
+    def __init__(self, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str):
+        self.user, self.vocabulary, self.config, self.model = user, vocabulary, config, model
+        self.turn = 0
+        self._rng = random.Random(f"no-sharing:{config.seed}:{user}")
+
+    def next_request(self) -> RequestSpec:
+        messages = [{"role": "user", "content": self.vocabulary.text(self._rng, self.config.prompt_tokens)}]
+        return RequestSpec("no-sharing", CHAT_PATH, chat_body(self.model, messages, self.config.max_tokens),
+                           self.user, self.turn)
+
+    def observe(self, content: str) -> None:
+        self.turn += 1
+
+
+SESSIONS = {"multi-turn": MultiTurnSession, "shared-prefix": SharedPrefixSession, "no-sharing": NoSharingSession}
+
+
+def make_session(workload: str, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str) -> Session:
+    try:
+        cls = SESSIONS[workload]
+    except KeyError:
+        raise ValueError(f"unknown closed-loop workload {workload!r} (choose from {', '.join(SESSIONS)})") from None
+    return cls(user, vocabulary, config, model)
+
+
+@dataclass(frozen=True)
+class TimedRequest:
+    """An open-loop request: send ``spec`` ``offset_s`` seconds after the replay starts."""
+
+    offset_s: float
+    spec: RequestSpec
+
+
+def trace_requests(trace: list[TraceRequest], vocabulary: Vocabulary, config: WorkloadConfig,
+                   model: str) -> list[TimedRequest]:
+    prompts = TracePrompts(vocabulary, config.replay, config.seed)
+    return [
+        TimedRequest(a.offset_s, RequestSpec("trace", COMPLETIONS_PATH,
+                                             completion_body(model, prompts.prompt(a.request),
+                                                             prompts.max_tokens(a.request)),
+                                             user=a.index))
+        for a in arrival_schedule(trace, config.replay)
+    ]

@@ -1,0 +1,139 @@
+"""``python -m loadtest.bench`` end to end: real workers, real gateway, real report (a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loadtest.corpus import Vocabulary, load_tokenizer
+from loadtest.trace import ReplayConfig, TracePrompts, load_trace
+from tests.procs import TINY_MODEL, python_module
+
+pytestmark = pytest.mark.e2e
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def stack_ports(out: Path) -> list[int]:
+    """Every port of every stack the bench started, from the gateway configs it wrote."""
+    ports = []
+    for cfg_path in out.glob("logs/*/gateway.yaml"):
+        cfg = yaml.safe_load(cfg_path.read_text())
+        ports.append(cfg["port"])
+        ports += [int(w["url"].rsplit(":", 1)[1]) for w in cfg["workers"]]
+    return ports
+
+
+def refused(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def run_bench(tmp_path: Path, *args: str | int, timeout: float = 120) -> tuple[int, str]:
+    proc = python_module("loadtest.bench", *args, "--out", tmp_path / "report", log_path=tmp_path / "bench.log")
+    try:
+        code = proc.popen.wait(timeout=timeout)
+    finally:
+        proc.stop()
+    return code, proc.log_path.read_text()
+
+
+def test_bench_compares_modes_and_writes_the_report(tmp_path):
+    code, log = run_bench(tmp_path, "--workload", "multi-turn", "--workers", 2, "--modes", "kv,round-robin",
+                          "--duration", 3, "--users", 3, "--turns", 4, "--first-turn-tokens", 256,
+                          "--turn-tokens", 32, "--max-tokens", 8, "--think-time", 0.05, "--seed", 5)
+    assert code == 0, log
+    out = tmp_path / "report"
+    assert "[kv]" in log and "sent" in log and "req/s" in log  # progress while it ran
+    for name in ("report.md", "results.json", "ttft_cdf.png", "throughput_hit_rate.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "ttft_cdf.png").read_bytes().startswith(PNG_MAGIC)
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["seed"] == 5 and "--workload multi-turn" in results["meta"]["command"]
+    modes = {m["mode"]: m for m in results["modes"]}
+    assert list(modes) == ["kv", "round-robin"]
+    for m in modes.values():
+        s = m["summary"]
+        assert s["ok"] > 0 and s["errors"] == 0
+        assert s["ttft_ms"]["p50"] > 0 and s["e2e_ms"]["p50"] >= s["ttft_ms"]["p50"]
+        assert set(s["requests_per_worker"]) <= {"w0", "w1"}
+        assert sum(s["requests_per_worker"].values()) == s["requests"]
+        # The hit rate comes from the workers' vllm:prefix_cache_* deltas.
+        assert s["prefix_hit_rate"] is not None
+        assert all(len(r["itl_s"]) == 7 for r in m["records"])
+    rr = modes["round-robin"]["summary"]["requests_per_worker"]
+    assert abs(rr.get("w0", 0) - rr.get("w1", 0)) <= 1
+    # Later turns of a conversation reuse its prefix: kv routing shows hits.
+    assert modes["kv"]["summary"]["prefix_hit_rate"] > 0
+
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| kv ") or line.startswith("| round-robin ")]
+    assert len(rows) == 2
+    assert all(refused(p) for p in stack_ports(out))  # every process it started is gone
+
+
+def test_bench_replays_the_trace_with_honoured_lengths(tmp_path):
+    code, log = run_bench(tmp_path, "--workload", "trace", "--workers", 2, "--modes", "kv", "--duration", 30,
+                          "--max-requests", 12, "--time-scale", 0.02, "--length-scale", 0.125,
+                          "--output-scale", 0.1)
+    assert code == 0, log
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    (mode,) = results["modes"]
+    recs = mode["records"]
+    assert len(recs) == 12 and all(r["status"] == 200 and r["error"] is None for r in recs)
+
+    prompts = TracePrompts(Vocabulary.from_tokenizer(load_tokenizer(str(TINY_MODEL))),
+                           ReplayConfig(length_scale=0.125, output_scale=0.1))
+    by_index = {r["user"]: r for r in recs}
+    for i, req in enumerate(load_trace()[:12]):
+        # The served prompt is as long as the replay meant (the trace's length, scaled), and so is the output.
+        assert by_index[i]["prompt_tokens"] == prompts.prompt_tokens(req)
+        assert abs(prompts.prompt_tokens(req) - req.input_length * 0.125) <= len(req.hash_ids)
+        assert by_index[i]["completion_tokens"] == prompts.max_tokens(req)
+    assert all(refused(p) for p in stack_ports(tmp_path / "report"))
+
+
+def test_interrupted_bench_stops_everything_it_started(tmp_path):
+    proc = python_module("loadtest.bench", "--workload", "no-sharing", "--workers", 2, "--modes", "kv",
+                         "--duration", 120, "--users", 2, "--prompt-tokens", 128, "--max-tokens", 4,
+                         "--out", tmp_path / "report", log_path=tmp_path / "bench.log")
+    try:
+        deadline = time.monotonic() + 90
+        while "[kv]   " not in proc.log() and time.monotonic() < deadline:
+            assert proc.alive(), proc.log()
+            time.sleep(0.2)
+        ports = stack_ports(tmp_path / "report")
+        assert len(ports) == 3 and not any(refused(p) for p in ports)
+        proc.popen.send_signal(signal.SIGINT)
+        assert proc.popen.wait(timeout=60) == 130
+    finally:
+        proc.stop()
+    assert "interrupted" in proc.log_path.read_text()
+    assert all(refused(p) for p in ports)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload", "multi-turn", "--modes", "kv,fastest"], "unknown mode"),
+    (["--workload", "trace", "--trace", "/nonexistent/trace.jsonl"], "No such file"),
+    (["--workload", "trace", "--time-scale", "0"], "time_scale"),
+    (["--workload", "multi-turn", "--gateway-url", "http://127.0.0.1:1"], "given 1 times for 2 modes"),
+])
+def test_bad_arguments_are_clear_errors(tmp_path, args, message):
+    code, log = run_bench(tmp_path, *args, timeout=60)
+    assert code in (1, 2) and message in log and "Traceback" not in log
+    assert not (tmp_path / "report" / "logs").exists()  # nothing was started
+
+
+def test_unreachable_gateway_is_a_clear_error(tmp_path):
+    from loadtest.stack import free_port
+
+    code, log = run_bench(tmp_path, "--workload", "no-sharing", "--modes", "kv", "--duration", 1,
+                          "--gateway-url", f"http://127.0.0.1:{free_port()}", timeout=60)
+    assert code == 1 and "error: Cannot connect" in log and "Traceback" not in log
