@@ -54,6 +54,8 @@ class GatewayConfig:
     tokenizer_offload_chars: int | None = _opt(None, "prompts at least this long are tokenized in a thread, "
                                                      "off the event loop (default: tokenization.py's, 1536)")
     tokenizer_threads: int | None = _opt(None, "threads that tokenize long prompts (default: tokenization.py's, 2)")
+    tokenizer_cache_bytes: int | None = _opt(None, "byte budget of the tokenizer's per-segment LRU; 0: off "
+                                                   "(default: tokenization.py's, 128 MiB)")
     lora_adapters: list[str] = _opt([], "LoRA adapter names served by the workers; a request naming one "
                                         "is hashed with the adapter's seed")
     context_length: int | None = _opt(None, "max prompt + completion tokens (default: the model's)")
@@ -113,6 +115,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.tokenizer_cache_bytes is not None and self.tokenizer_cache_bytes < 0:
+            raise ValueError(f"tokenizer_cache_bytes must be >= 0 (0: off), got {self.tokenizer_cache_bytes}")
         # Defaulted ids and full validation happen here, so a bad list fails at start-up.
         self.workers = [{"id": f"w{i}", **w} if isinstance(w, Mapping) else w for i, w in enumerate(self.workers)]
         StaticDiscovery(self.workers, model=self.model_name, block_size=self.block_size)
@@ -132,6 +136,8 @@ class GatewayConfig:
             options["offload_threshold_chars"] = self.tokenizer_offload_chars
         if self.tokenizer_threads is not None:
             options["executor_threads"] = self.tokenizer_threads
+        if self.tokenizer_cache_bytes is not None:
+            options["segment_cache_bytes"] = self.tokenizer_cache_bytes
         return options
 
     def static_discovery(self) -> StaticDiscovery:

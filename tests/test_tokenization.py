@@ -287,8 +287,13 @@ def test_render_and_encode_reports_a_timing_split(pre: Preprocessor) -> None:
 # -- async -----------------------------------------------------------------------------------------------
 
 
+def long_plain_text(tag: str) -> str:
+    """Over the offload threshold, no added tokens inside (so one segment), unique to `tag`'s test."""
+    return tag + " ".join(sample for sample in UNICODE_SAMPLES if "<|" not in sample) * 40
+
+
 async def test_async_paths_return_identical_ids(pre: Preprocessor) -> None:
-    long_text = " ".join(UNICODE_SAMPLES) * 40
+    long_text = long_plain_text("async paths")
     assert len(long_text) > pre.config.offload_threshold_chars
     for messages, offloaded in ((TWO_TURNS, False), ([{"role": "user", "content": long_text}], True)):
         encoded = await pre.render_and_encode_async(messages)
@@ -379,3 +384,157 @@ def test_leading_newline_reply_costs_at_most_the_last_block(pre: Preprocessor) -
     previous, current = pre.encode_chat(turns[0]), pre.encode_chat(turns[1])
     assert common_prefix(previous, current) == len(previous) - 1
     assert pre.decode(previous[-1:]) == "\n" and pre.decode(current[len(previous) - 1 : len(previous)]) == "\n\n\n"
+
+
+# -- segment cache ---------------------------------------------------------------------------------------
+
+ROLES = ("system", "user", "assistant", "tool")
+# Whitespace and newlines placed right next to where <|im_start|> / <|im_end|> go.
+EDGES = st.sampled_from(["", " ", "\n", "\n\n", " \n", "\r\n", "\t", "\u2028", "\u00a0", "  "])
+CONTENT = st.builds(lambda lead, body, tail: lead + body + tail, EDGES, st.text(max_size=80), EDGES)
+
+
+def reference_ids(pre: Preprocessor, prompt: str) -> list[int]:
+    """transformers' own encode of the whole prompt: never touches the segment cache."""
+    return pre.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(turns=st.lists(st.tuples(st.sampled_from(ROLES), CONTENT), min_size=1, max_size=6))
+def test_segment_cached_ids_equal_whole_string_ids(pre: Preprocessor, turns: list[tuple[str, str]]) -> None:
+    assert pre.segment_cache_info().enabled
+    messages: list[dict[str, str]] = []
+    for role, content in turns:
+        messages.append({"role": role, "content": content})
+        for generation in (True, False):
+            encoded = pre.render_and_encode(messages, add_generation_prompt=generation)
+            assert encoded.token_ids == reference_ids(pre, encoded.prompt)
+    # A conversation that opens and closes on added tokens, with none of the template around them.
+    raw = "".join(f"<|im_start|>{content}<|im_end|><|endoftext|>" for _, content in turns)
+    assert pre.encode_prompt(raw, add_special_tokens=False) == reference_ids(pre, raw)
+
+
+def test_second_turn_encodes_only_its_new_segments() -> None:
+    with Preprocessor.load(str(TINY)) as fresh:
+        first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        fresh.encode_chat(first)
+        after_first = fresh.segment_cache_info()
+        # "system\n…", "\n", "user\n…", "assistant\n" (the generation prompt).
+        assert after_first.encoded_chars == len("system\nBe brief.") + 1 + len("user\nHi there") + len("assistant\n")
+        reply, question = "Hello! 👋\n", " And then?"
+        second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": question}]
+        encoded = fresh.render_and_encode(second)
+        assert encoded.token_ids == reference_ids(fresh, encoded.prompt)
+        after_second = fresh.segment_cache_info()
+        assert after_second.encoded_chars - after_first.encoded_chars == len("assistant\n" + reply) + len(
+            "user\n" + question
+        )
+        assert after_second.misses - after_first.misses == 2
+        assert after_second.hits - after_first.hits == 4  # system, "\n", first user, generation prompt
+        # The same request again encodes nothing.
+        assert fresh.encode_chat(second) == encoded.token_ids
+        assert fresh.segment_cache_info().encoded_chars == after_second.encoded_chars
+
+
+async def test_offload_threshold_applies_to_the_uncached_text() -> None:
+    with Preprocessor.load(str(TINY)) as fresh:
+        messages = [{"role": "user", "content": long_plain_text("offload threshold")}]
+        first = await fresh.render_and_encode_async(messages)
+        assert first.offloaded and first.token_ids == reference_ids(fresh, first.prompt)
+        messages += [{"role": "assistant", "content": "Short."}, {"role": "user", "content": "Again?"}]
+        second = await fresh.render_and_encode_async(messages)
+        assert len(second.prompt) > fresh.config.offload_threshold_chars
+        assert not second.offloaded and second.token_ids == reference_ids(fresh, second.prompt)
+
+
+def test_tokenizer_with_an_lstrip_token_falls_back_and_stays_exact(tmp_path: pathlib.Path) -> None:
+    from tokenizers import AddedToken, Tokenizer
+
+    model = tiny_copy(tmp_path)
+    backend = Tokenizer.from_file(str(model / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("<|tool|>", lstrip=True)])
+    backend.save(str(model / "tokenizer.json"))
+    with Preprocessor.load(str(model)) as stripped:
+        info = stripped.segment_cache_info()
+        assert not info.enabled and "lstrip" in info.reason
+        messages = [{"role": "user", "content": "call it   <|tool|> now"}, {"role": "assistant", "content": "ok \n"}]
+        for _ in range(2):
+            encoded = stripped.render_and_encode(messages)
+            assert encoded.token_ids == reference_ids(stripped, encoded.prompt)
+        # lstrip really eats the spaces: splitting at the token and encoding the pieces would not be exact.
+        tool = stripped.tokenizer.convert_tokens_to_ids("<|tool|>")
+        assert stripped.encode_prompt("a   <|tool|>", add_special_tokens=False) == [
+            *stripped.encode_prompt("a", add_special_tokens=False),
+            tool,
+        ]
+        assert stripped.segment_cache_info().encoded_chars == 0
+
+
+def test_segment_cache_can_be_turned_off() -> None:
+    with Preprocessor.load(str(TINY), segment_cache_bytes=0) as off:
+        assert not off.segment_cache_info().enabled
+        assert off.encode_chat(TWO_TURNS) == reference_ids(off, off.render_chat(TWO_TURNS))
+    with pytest.raises(TokenizerError, match="segment_cache_bytes"):
+        Preprocessor.load(str(TINY), segment_cache_bytes=-1)
+
+
+def test_segment_cache_is_bounded_and_evicts_least_recently_used() -> None:
+    budget = 20_000
+    with Preprocessor.load(str(TINY), segment_cache_bytes=budget) as small:
+        early = [{"role": "user", "content": "the first question, evicted later"}]
+        small.encode_chat(early)
+        for index in range(200):
+            messages = [{"role": "user", "content": f"question {index}: " + "lorem ipsum " * (index % 7)}]
+            assert small.encode_chat(messages) == reference_ids(small, small.render_chat(messages))
+            info = small.segment_cache_info()
+            assert 0 < info.bytes <= budget
+        assert info.entries < 200
+        before = small.segment_cache_info().encoded_chars
+        assert small.encode_chat(early) == reference_ids(small, small.render_chat(early))
+        assert small.segment_cache_info().encoded_chars - before == len("user\n" + early[0]["content"])
+        # A segment larger than the whole budget is encoded, not cached.
+        huge = [{"role": "user", "content": "x y " * 10_000}]
+        assert small.encode_chat(huge) == reference_ids(small, small.render_chat(huge))
+        assert small.segment_cache_info().bytes <= budget
+
+
+def test_segment_cache_speed() -> None:
+    """Benchmark (prints, asserts only exactness): tokenize time per request over an 8-turn conversation."""
+    first = " ".join(REPLIES * 20)
+    turns = conversation_turns([f"{reply} ({index})" for index, reply in enumerate(REPLIES * 2)][:7])
+    turns = [[{"role": "system", "content": first}, *turn[1:]] for turn in turns]
+    with Preprocessor.load(str(TINY), segment_cache_bytes=0) as whole, Preprocessor.load(str(TINY)) as cached:
+        assert 1800 <= len(whole.encode_chat(turns[0])) <= 2600
+        figures = {}
+        for name, pre_ in (("whole", whole), ("segments", cached)):
+            encodings = [pre_.render_and_encode(turn) for turn in turns]
+            figures[name] = [e.tokenize_seconds for e in encodings]
+            figures[name + "_ids"] = [e.token_ids for e in encodings]
+        assert figures["whole_ids"] == figures["segments_ids"]
+    before, after = sum(figures["whole"]) / len(turns), sum(figures["segments"]) / len(turns)
+    later_before = sum(figures["whole"][1:]) / (len(turns) - 1)
+    later_after = sum(figures["segments"][1:]) / (len(turns) - 1)
+    print(
+        f"\n8-turn conversation, {len(figures['whole_ids'][-1])} tokens at the last turn: tokenize per request "
+        f"whole {before * 1e3:.2f} ms, segment cache {after * 1e3:.2f} ms ({before / after:.1f}x); "
+        f"turns 2-8 whole {later_before * 1e3:.2f} ms, cached {later_after * 1e3:.3f} ms "
+        f"({later_before / later_after:.0f}x)"
+    )
+
+
+def test_load_time_self_test_alone_catches_a_mismatch(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenizers import AddedToken, Tokenizer
+
+    from gateway import tokenization
+
+    model = tiny_copy(tmp_path)
+    backend = Tokenizer.from_file(str(model / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("<|sep|>", rstrip=True)])
+    backend.save(str(model / "tokenizer.json"))
+    # With the attribute check skipped, the sample renders still show that rstrip breaks segment-wise encoding.
+    monkeypatch.setattr(tokenization, "_unsplittable_reason", lambda backend: "")
+    with Preprocessor.load(str(model)) as checked:
+        info = checked.segment_cache_info()
+        assert not info.enabled and info.reason.startswith("self-test")
+        text = "<|im_start|>user\na <|sep|>  \n b<|im_end|>\n"
+        assert checked.encode_prompt(text, add_special_tokens=False) == reference_ids(checked, text)
