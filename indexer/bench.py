@@ -41,7 +41,7 @@ from indexer.events import (
     Tier,
     WorkerKey,
 )
-from indexer.hashing import chain_hashes, local_block_hashes
+from indexer.hashing import chain_hashes, local_block_hashes, sequence_hashes
 from indexer.index import PrefixIndex
 from indexer.kv_indexer import KvIndexer
 
@@ -369,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"indexer.bench ({'quick' if args.quick else 'full'}): {WORKERS} workers, {PROMPT_BLOCKS}-block prompts, "
           f"block size {BLOCK}")
 
+    hash_us, tok_us, n_tokens = bench_hash_vs_tokenize(sizes.queries)
+    print(f"\n[hashing vs tokenizing one {n_tokens:,}-token prompt (models/kvgate-tiny), CPU microseconds, best of runs]")
+    print(f"  sequence_hashes {hash_us:9.1f}   tokenize {tok_us:9.1f}   hashing = {hash_us / tok_us:.1%} of tokenizing")
+
     rates = bench_apply(sizes, seed)
     (i_store, i_remove), (n_store, n_remove) = rates["index"], rates["naive"]
     print("\n[apply: router events of 16 blocks into PrefixIndex, blocks per CPU-second, best of 3]")
@@ -423,6 +427,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     assert isinstance(kv, KvIndexer)
     kv_pairs = _pairs(kv.block_counts())
     print(f"  index+translators (engine path, {kv_pairs:,} entries): {kv_bytes / kv_pairs:7.1f} bytes per entry")
+
+
+def bench_hash_vs_tokenize(rounds: int) -> tuple[float, float, int]:
+    """Hashing must stay a small fraction of the tokenizing that precedes it (issue: the core).
+
+    Uses the tokenizer file directly through ``tokenizers`` (the indexer never imports
+    the gateway); ~4,000 tokens of the shipped tokenizer's own training-like text.
+    """
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(__file__).resolve().parents[1] / "models" / "kvgate-tiny" / "tokenizer.json"))
+    text = " ".join(f"block {i} of the prompt holds words like cache, route, worker and tier." for i in range(300))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids[:4000]
+    text = tokenizer.decode(ids)
+    n = max(20, min(rounds, 200))
+    tok = min(_cpu_time(lambda: tokenizer.encode(text, add_special_tokens=False)) for _ in range(n))
+    hsh = min(_cpu_time(lambda: sequence_hashes(ids, BLOCK)) for _ in range(n * 5))
+    return hsh * 1e6, tok * 1e6, len(ids)
+
+
+def _cpu_time(fn: Callable[[], object]) -> float:
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
 
 
 def _build_index(index: PrefixIndex | NaiveIndex, sizes: Sizes, seed: int) -> PrefixIndex | NaiveIndex:
