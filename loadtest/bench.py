@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,15 @@ from loadtest.stack import Stack, StackConfig, StackError
 from loadtest.trace import DEFAULT_TRACE, ReplayConfig, TraceRequest, load_trace
 from loadtest.workloads import WORKLOADS, WorkloadConfig, make_session, trace_requests
 
-ROUTER_MODES = ("kv", "round-robin", "random")
+ROUTER_MODES = ("kv", "kv-gpu-only", "round-robin", "random")
+# Bench modes that are a router mode plus gateway flags: kv with the CPU / disk tiers
+# ignored (RouterConfig.gpu_only), the baseline of the tier benchmark.
+_MODE_FLAGS = {"kv-gpu-only": ("kv", ("--kv-gpu-only",))}
+
+
+def gateway_mode(mode: str) -> tuple[str, tuple[str, ...]]:
+    """The gateway's ``--router-mode`` and extra flags for a bench mode."""
+    return _MODE_FLAGS.get(mode, (mode, ()))
 
 
 def _default(cls: type, name: str) -> Any:
@@ -65,16 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests may take to finish once the load stops")
     p.add_argument("--think-time", type=float, default=_default(DriverConfig, "think_time_s"),
                    help="closed loop: mean seconds a user waits between requests (uniform 0..2x, seeded)")
+    p.add_argument("--ramp-up", type=float, default=_default(DriverConfig, "ramp_up_s"),
+                   help="closed loop: each user starts after a seeded delay in [0, RAMP_UP) seconds")
 
     s = p.add_argument_group("simulated workers (ignored with --gateway-url)")
     for name in ("num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
         s.add_argument("--" + name.replace("_", "-"), type=int, default=_default(StackConfig, name))
     s.add_argument("--speedup-ratio", type=float, default=_default(StackConfig, "speedup_ratio"),
                    help="engine time divided by this (see worker/sim/timing.py)")
+    s.add_argument("--cpu-blocks", type=int, default=_default(StackConfig, "cpu_blocks"),
+                   help="each worker's CPU KV tier in blocks (0: none)")
+    s.add_argument("--disk-blocks", type=int, default=_default(StackConfig, "disk_blocks"),
+                   help="each worker's disk KV tier in blocks (0: none)")
     s.add_argument("--gateway-arg", action="append", default=[], help="extra flag for the gateway (repeatable)")
 
     w = p.add_argument_group("workloads")
-    for name in ("max_tokens", "turns", "first_turn_tokens", "turn_tokens", "tenants",
+    for name in ("max_tokens", "turns", "first_turn_tokens", "turn_tokens", "conversations_per_user", "tenants",
                  "system_prompt_tokens", "question_tokens", "prompt_tokens"):
         w.add_argument("--" + name.replace("_", "-"), type=int, default=_default(WorkloadConfig, name))
 
@@ -97,14 +111,16 @@ def configs(args: argparse.Namespace) -> tuple[WorkloadConfig, StackConfig, Driv
                           max_duration_s=args.duration, skip=args.skip)
     workload = WorkloadConfig(seed=args.seed, max_tokens=args.max_tokens, turns=args.turns,
                               first_turn_tokens=args.first_turn_tokens, turn_tokens=args.turn_tokens,
-                              tenants=args.tenants, system_prompt_tokens=args.system_prompt_tokens,
+                              conversations_per_user=args.conversations_per_user, tenants=args.tenants, system_prompt_tokens=args.system_prompt_tokens,
                               question_tokens=args.question_tokens, prompt_tokens=args.prompt_tokens, replay=replay)
     stack = StackConfig(workers=args.workers, model=args.model, block_size=args.block_size,
                         num_gpu_blocks=args.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        speedup_ratio=args.speedup_ratio, seed=args.seed, gateway_args=tuple(args.gateway_arg))
+                        speedup_ratio=args.speedup_ratio, cpu_blocks=args.cpu_blocks, disk_blocks=args.disk_blocks,
+                        seed=args.seed, gateway_args=tuple(args.gateway_arg))
     driver = DriverConfig(base_url="", duration_s=args.duration, request_timeout_s=args.request_timeout,
-                          drain_timeout_s=args.drain_timeout, think_time_s=args.think_time, seed=args.seed)
+                          drain_timeout_s=args.drain_timeout, think_time_s=args.think_time,
+                          ramp_up_s=args.ramp_up, seed=args.seed)
     return workload, stack, driver
 
 
@@ -190,8 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = BenchResults(meta, [])
     try:
         for i, mode in enumerate(modes):
+            router_mode, flags = gateway_mode(mode)
+            mode_stack = replace(stack_cfg, gateway_args=stack_cfg.gateway_args + flags)
             stack: AbstractContextManager[Any] = (nullcontext() if args.gateway_url
-                                                  else Stack(stack_cfg, mode, out / "logs" / mode))
+                                                  else Stack(mode_stack, router_mode, out / "logs" / mode))
             print(f"[{mode}] starting" + ("" if args.gateway_url else f" {args.workers} workers + gateway"),
                   file=sys.stderr, flush=True)
             with stack as running:

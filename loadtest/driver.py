@@ -41,6 +41,7 @@ class DriverConfig:
     request_timeout_s: float = 300.0
     drain_timeout_s: float = 60.0      # after the last send: how long in-flight requests may finish
     think_time_s: float = 0.0           # closed loop: mean pause between a user's requests
+    ramp_up_s: float = 0.0              # closed loop: each user starts after a seeded delay in [0, ramp_up_s)
     seed: int = 0                       # think-time jitter
     progress_every_s: float = 2.0
     label: str = ""
@@ -139,6 +140,10 @@ async def run_closed_loop(config: DriverConfig, sessions: Sequence[Session]) -> 
         # Uniform jitter around the mean: with a fixed pause, N users over M workers in
         # round-robin settle into a period that pins each user to one worker.
         jitter = random.Random(f"think:{config.seed}:{index}")
+        if config.ramp_up_s:
+            # Users that all start at t0 move in lockstep: their long late turns arrive
+            # together in waves no real fleet sees. A seeded start spreads them out.
+            await asyncio.sleep(random.Random(f"ramp:{config.seed}:{index}").uniform(0.0, config.ramp_up_s))
         while time.perf_counter() < deadline:
             spec = session_.next_request()
             progress.sent += 1

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from loadtest.scrape import Snapshot, prefix_hit_rate, sample_name
+from loadtest.scrape import Snapshot, prefix_hit_rate, sample_name, tier_hit_rates
 from loadtest.stream import RequestRecord
 
 REPORT_MD = "report.md"
@@ -80,7 +80,8 @@ def summarize(result: ModeResult) -> dict[str, Any]:
         "ttft_ms": {"p50": _pct(ttft, 50), "p90": _pct(ttft, 90), "p99": _pct(ttft, 99)},
         "itl_ms": {"p50": _pct(itl, 50), "p99": _pct(itl, 99)},
         "e2e_ms": {"p50": _pct(e2e, 50), "p99": _pct(e2e, 99)},
-        "prefix_hit_rate": prefix_hit_rate(result.worker_metrics),
+        "prefix_hit_rate": _all_tier_hit_rate(result.worker_metrics),
+        "tier_hit_rate": tier_hit_rates(result.worker_metrics),
         # What the responses said, where the server fills usage.prompt_tokens_details.
         "cached_token_rate": (sum(r.cached_tokens or 0 for r in reported) / sum(r.prompt_tokens or 0 for r in reported)
                               if reported else None),
@@ -116,6 +117,13 @@ def _rate(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
+def _all_tier_hit_rate(worker_metrics: Mapping[str, Snapshot]) -> float | None:
+    """Prompt tokens not recomputed: vLLM's own counter covers the GPU tier only, so on
+    tiered workers the hit rate is the sum over tiers (a CPU hit is a hit too)."""
+    tiers = tier_hit_rates(worker_metrics)
+    return sum(tiers.values()) if tiers else prefix_hit_rate(worker_metrics)
+
+
 def markdown_table(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
     head = ["mode", "requests", "errors", "req/s", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", "E2E p50 ms", "E2E p99 ms", "prefix hit rate", "requests per worker"]
@@ -127,6 +135,20 @@ def markdown_table(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
                  _ms(s["itl_ms"]["p50"]), _ms(s["itl_ms"]["p99"]),
                  _ms(s["e2e_ms"]["p50"]), _ms(s["e2e_ms"]["p99"]), _rate(s["prefix_hit_rate"]), per_worker]
         rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def tier_table(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Hit rate per cache tier (simulated workers only); empty when no mode has tiers."""
+    if not any(s.get("tier_hit_rate") for _, s in summaries):
+        return ""
+    rows = ["| mode | TTFT p50 ms | TTFT p99 ms | req/s | hit GPU | hit CPU | hit disk | hit total |",
+            "|---|---|---|---|---|---|---|---|"]
+    for mode, s in summaries:
+        t = s.get("tier_hit_rate") or {}
+        rows.append(f"| {mode} | {_ms(s['ttft_ms']['p50'])} | {_ms(s['ttft_ms']['p99'])} | {s['requests_per_s']:.2f} | "
+                    + " | ".join(_rate(t.get(k)) for k in ("gpu", "cpu", "disk"))
+                    + f" | {_rate(sum(t.values()) if t else None)} |")
     return "\n".join(rows)
 
 
@@ -156,10 +178,15 @@ def render_markdown(results: BenchResults) -> str:
     if meta.get("command"):
         out += ["```", meta["command"], "```", ""]
     out += [markdown_table(summaries), ""]
+    tiers = tier_table(summaries)
+    if tiers:
+        out += ["Prompt tokens found cached, by the tier they came from (Δ`kvgate_sim_cached_tokens_total{tier}` / "
+                "Δ`vllm:prefix_cache_queries_total`, summed over the workers):", "", tiers, ""]
     out += headline(summaries)
     out += ["", "Latencies are client-side (time to the first content token, gaps between content chunks, "
             "whole request). Prefix hit rate = Δ`vllm:prefix_cache_hits_total` / Δ`vllm:prefix_cache_queries_total` "
-            "summed over the workers (tokens). Requests per worker come from the `x-kvgate-worker` header.", ""]
+            "summed over the workers (tokens); on workers with CPU / disk tiers it counts prompt tokens found in "
+            "any tier (the tier table splits them). Requests per worker come from the `x-kvgate-worker` header.", ""]
     for m in results.modes:
         for note in m.notes:
             out.append(f"- {m.mode}: {note}")
@@ -209,13 +236,24 @@ def plot(results: BenchResults, out_dir: Path) -> list[Path]:
     ax1.bar(names, [s["requests_per_s"] for _, s in summaries], color=colors)
     ax1.set_ylabel("requests / s")
     ax1.set_title("throughput")
-    ax2.bar(names, [100 * (s["prefix_hit_rate"] or 0.0) for _, s in summaries], color=colors)
+    if any(s.get("tier_hit_rate") for _, s in summaries):
+        bottom = np.zeros(len(names))
+        for tier, shade in (("gpu", "#2b7bba"), ("cpu", "#f0a030"), ("disk", "#8c8c8c")):
+            values = np.array([100 * (s.get("tier_hit_rate") or {}).get(tier, 0.0) for _, s in summaries])
+            ax2.bar(names, values, bottom=bottom, color=shade, label=tier.upper())
+            bottom += values
+        ax2.bar_label(ax2.containers[-1], labels=[f"{v:.1f}" for v in bottom])
+        ax2.legend(loc="upper right", fontsize="small")
+        ax2.set_title("prompt tokens cached, by tier")
+    else:
+        ax2.bar(names, [100 * (s["prefix_hit_rate"] or 0.0) for _, s in summaries], color=colors)
+        ax2.bar_label(ax2.containers[0], fmt="%.1f")
+        ax2.set_title("worker prefix hit rate")
     ax2.set_ylabel("prefix cache hit rate (%)")
     ax2.set_ylim(0, 100)
-    ax2.set_title("worker prefix hit rate")
+    ax1.bar_label(ax1.containers[0], fmt="%.2f")
     for a in (ax1, ax2):
         a.grid(axis="y", alpha=0.3)
-        a.bar_label(a.containers[0], fmt="%.1f")
     fig.suptitle(title)
     fig.tight_layout()
     tp_path = out_dir / THROUGHPUT_PNG

@@ -3,7 +3,9 @@
 Owns parsing the text exposition into flat ``{'name{label="v",...}': value}``
 snapshots, the before/after deltas, and the figures the report takes from
 them: the workers' prefix-cache hit rate (``vllm:prefix_cache_hits_total`` over
-``vllm:prefix_cache_queries_total``, both in tokens, as vLLM defines them).
+``vllm:prefix_cache_queries_total``, both in tokens, as vLLM defines them) and, from
+simulated workers, the hit rate per cache tier (``kvgate_sim_cached_tokens_total{tier}``
+over the same queries; with tiers, vLLM's own hit counter holds the GPU's hits only).
 The fetch itself is a small asyncio edge.
 """
 
@@ -18,6 +20,9 @@ Snapshot = dict[str, float]
 
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+TIER_CACHED = "kvgate_sim_cached_tokens_total"
+EXTERNAL_QUERIES = "vllm:external_prefix_cache_queries_total"
+TIERS = ("gpu", "cpu", "disk")
 
 
 def parse_metrics(text: str) -> Snapshot:
@@ -49,6 +54,24 @@ def prefix_hit_rate(worker_deltas: Mapping[str, Snapshot]) -> float | None:
     hits = sum(total(d, PREFIX_HITS) for d in worker_deltas.values())
     queries = sum(total(d, PREFIX_QUERIES) for d in worker_deltas.values())
     return hits / queries if queries > 0 else None
+
+
+def tier_hit_rates(worker_deltas: Mapping[str, Snapshot]) -> dict[str, float] | None:
+    """Token-weighted hit rate per tier over all workers; None unless a worker has lower
+    tiers (it then reports vLLM's connector counters, ``vllm:external_prefix_cache_*``)."""
+    if not any(sample_name(k) == EXTERNAL_QUERIES for d in worker_deltas.values() for k in d):
+        return None
+    queries = sum(total(d, PREFIX_QUERIES) for d in worker_deltas.values())
+    cached = dict.fromkeys(TIERS, 0.0)
+    seen = False
+    for d in worker_deltas.values():
+        for key, value in d.items():
+            if sample_name(key) == TIER_CACHED:
+                tier = key.partition('tier="')[2].partition('"')[0]
+                if tier in cached:
+                    cached[tier] += value
+                    seen = True
+    return {t: v / queries for t, v in cached.items()} if seen and queries > 0 else None
 
 
 async def fetch_metrics(session: aiohttp.ClientSession, base_url: str) -> Snapshot:

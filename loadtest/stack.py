@@ -46,6 +46,8 @@ class StackConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 32768
     speedup_ratio: float = 1.0
+    cpu_blocks: int = 0              # worker CPU tier (0: none); see worker/README.md
+    disk_blocks: int = 0             # worker disk tier (0: none)
     event_encoding: str = "map"
     seed: int = 0
     startup_timeout_s: float = 60.0
@@ -165,7 +167,8 @@ class Stack:
                 "--max-num-seqs", str(c.max_num_seqs), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
                 "--max-model-len", str(c.max_model_len), "--speedup-ratio", str(c.speedup_ratio),
                 "--kv-events-endpoint", f"tcp://127.0.0.1:{ev}", "--kv-events-replay-endpoint",
-                f"tcp://127.0.0.1:{replay}", "--event-encoding", c.event_encoding, "--seed", str(c.seed + i))
+                f"tcp://127.0.0.1:{replay}", "--event-encoding", c.event_encoding, "--seed", str(c.seed + i),
+                "--cpu-blocks", str(c.cpu_blocks), "--disk-blocks", str(c.disk_blocks))
             url = f"http://127.0.0.1:{port}"
             self.worker_urls[wid] = url
             workers.append((child, url))

@@ -9,6 +9,11 @@ for the same seed. Every request streams with usage included.
   every request extends the previous one's prompt.
 - ``shared-prefix``: N tenants, each with a long system prompt; every request
   is one tenant's system prompt plus a short, fresh question.
+- ``returning``: multi-turn conversations that come back after a pause: each user
+  keeps ``conversations_per_user`` conversations open and takes one turn in each in
+  rotation, so between two turns of a conversation the user's other conversations
+  (and everyone else's) push its blocks out of the GPU pool (into the CPU tier, on a
+  tiered worker). The tier benchmark's workload.
 - ``no-sharing``: a fresh random prompt every time (the control: no router
   can find a prefix to reuse).
 - ``trace``: a Mooncake trace replayed open-loop (see ``trace.py``).
@@ -25,7 +30,7 @@ from typing import Any, Protocol
 from loadtest.corpus import Vocabulary
 from loadtest.trace import ReplayConfig, TracePrompts, TraceRequest, arrival_schedule
 
-WORKLOADS = ("multi-turn", "shared-prefix", "no-sharing", "trace")
+WORKLOADS = ("multi-turn", "returning", "shared-prefix", "no-sharing", "trace")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -40,6 +45,7 @@ class WorkloadConfig:
     turns: int = 6                # multi-turn: requests per conversation
     first_turn_tokens: int = 512  # multi-turn: the opening message (a pasted document)
     turn_tokens: int = 48         # multi-turn: each later user message
+    conversations_per_user: int = 3  # returning: conversations each user keeps open, in rotation
     tenants: int = 4              # shared-prefix: distinct system prompts
     system_prompt_tokens: int = 1024
     question_tokens: int = 32
@@ -47,7 +53,7 @@ class WorkloadConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self) -> None:
-        positive = ("max_tokens", "turns", "first_turn_tokens", "turn_tokens", "tenants",
+        positive = ("max_tokens", "turns", "first_turn_tokens", "turn_tokens", "conversations_per_user", "tenants",
                     "system_prompt_tokens", "question_tokens", "prompt_tokens")
         for name in positive:
             if getattr(self, name) < 1:
@@ -118,6 +124,25 @@ class MultiTurnSession:
         self.messages.append({"role": "user", "content": self.vocabulary.text(self._rng, self.config.turn_tokens)})
 
 
+class ReturningSession:
+    """Several multi-turn conversations per user, one turn each in rotation."""
+
+    def __init__(self, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str):
+        self.user = user
+        k = config.conversations_per_user
+        # Distinct seeds per conversation: as if user*k+i were multi-turn users of their own.
+        self.conversations = [MultiTurnSession(user * k + i, vocabulary, config, model) for i in range(k)]
+        self.current = 0
+
+    def next_request(self) -> RequestSpec:
+        spec = self.conversations[self.current].next_request()
+        return RequestSpec("returning", spec.path, spec.body, self.user, spec.turn)
+
+    def observe(self, content: str) -> None:
+        self.conversations[self.current].observe(content)
+        self.current = (self.current + 1) % len(self.conversations)
+
+
 class SharedPrefixSession:
     def __init__(self, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str):
         self.user, self.vocabulary, self.config, self.model = user, vocabulary, config, model
@@ -154,7 +179,8 @@ class NoSharingSession:
         self.turn += 1
 
 
-SESSIONS = {"multi-turn": MultiTurnSession, "shared-prefix": SharedPrefixSession, "no-sharing": NoSharingSession}
+SESSIONS = {"multi-turn": MultiTurnSession, "returning": ReturningSession, "shared-prefix": SharedPrefixSession,
+            "no-sharing": NoSharingSession}
 
 
 def make_session(workload: str, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str) -> Session:

@@ -137,3 +137,10 @@ def test_unreachable_gateway_is_a_clear_error(tmp_path):
     code, log = run_bench(tmp_path, "--workload", "no-sharing", "--modes", "kv", "--duration", 1,
                           "--gateway-url", f"http://127.0.0.1:{free_port()}", timeout=60)
     assert code == 1 and "error: Cannot connect" in log and "Traceback" not in log
+
+
+def test_kv_gpu_only_is_the_kv_router_with_tiers_ignored():
+    from loadtest.bench import gateway_mode
+
+    assert gateway_mode("kv-gpu-only") == ("kv", ("--kv-gpu-only",))
+    assert gateway_mode("kv") == ("kv", ()) and gateway_mode("round-robin") == ("round-robin", ())

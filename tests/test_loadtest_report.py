@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from loadtest.report import BenchResults, ModeResult, render_markdown, summarize, write_report
-from loadtest.scrape import PREFIX_HITS, PREFIX_QUERIES, delta, parse_metrics, prefix_hit_rate
+from loadtest.scrape import PREFIX_HITS, PREFIX_QUERIES, delta, parse_metrics, prefix_hit_rate, tier_hit_rates
 from loadtest.stream import RequestRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -118,3 +118,27 @@ def test_report_with_one_mode_and_no_successes(tmp_path):
     md = paths["report"].read_text()
     assert "| kv | 1 | 1 | 0.00 | – |" in md
     assert paths["ttft_cdf"].read_bytes().startswith(PNG_MAGIC)
+
+
+def test_hit_rate_per_tier_from_simulated_workers():
+    workers = {
+        "w0": {f'{PREFIX_QUERIES}{{engine="0"}}': 1000.0, 'vllm:external_prefix_cache_queries_total': 1000.0,
+               'kvgate_sim_cached_tokens_total{tier="gpu"}': 100.0,
+               'kvgate_sim_cached_tokens_total{tier="cpu"}': 500.0, 'kvgate_sim_cached_tokens_total{tier="disk"}': 0.0},
+        "w1": {f'{PREFIX_QUERIES}{{engine="0"}}': 1000.0, 'kvgate_sim_cached_tokens_total{tier="cpu"}': 300.0},
+    }
+    assert tier_hit_rates(workers) == {"gpu": 0.05, "cpu": 0.4, "disk": 0.0}
+    assert tier_hit_rates({"w": {f'{PREFIX_QUERIES}{{engine="0"}}': 10.0}}) is None  # a real vLLM: no tiers
+    untiered = {"w": {f'{PREFIX_QUERIES}{{engine="0"}}': 10.0, 'kvgate_sim_cached_tokens_total{tier="gpu"}': 5.0}}
+    assert tier_hit_rates(untiered) is None  # a simulated worker without CPU / disk tiers
+
+
+def test_tiered_workers_count_lower_tier_hits_in_the_headline_hit_rate():
+    # vLLM's prefix counter sees the GPU tier only; a CPU hit is a prompt not recomputed too.
+    tiered = {'vllm:prefix_cache_queries_total{engine="0"}': 1000.0, 'vllm:prefix_cache_hits_total{engine="0"}': 50.0,
+              'vllm:external_prefix_cache_queries_total': 950.0,
+              'kvgate_sim_cached_tokens_total{tier="gpu"}': 50.0, 'kvgate_sim_cached_tokens_total{tier="cpu"}': 600.0}
+    mode = ModeResult("kv", records(10, 50, ["w0"], 3), 1.0, {}, {"w0": tiered})
+    assert summarize(mode)["prefix_hit_rate"] == pytest.approx(0.65)
+    plain = {'vllm:prefix_cache_queries_total{engine="0"}': 1000.0, 'vllm:prefix_cache_hits_total{engine="0"}': 50.0}
+    assert summarize(ModeResult("kv", records(10, 50, ["w0"], 3), 1.0, {}, {"w0": plain}))["prefix_hit_rate"] == 0.05

@@ -184,3 +184,23 @@ def test_stream_observer_completions_and_failures():
     obs.error_body(b'{"error": {"message": "model not found", "type": "x"}}')
     rec = obs.finish(0.1)
     assert rec.error == "HTTP 404: model not found" and not rec.ok
+
+
+def test_returning_conversations_take_turns_in_rotation(vocabulary):
+    config = WorkloadConfig(conversations_per_user=3, turns=4, first_turn_tokens=64, turn_tokens=8)
+    session = make_session("returning", 1, vocabulary, config, "m")
+    openings = []
+    for round_ in range(2):
+        for k in range(3):
+            spec = session.next_request()
+            assert spec.workload == "returning" and spec.turn == round_ and spec.user == 1
+            messages = spec.body["messages"]
+            assert len(messages) == 2 + 2 * round_  # system + opening, then one reply and turn per round
+            if round_ == 0:
+                openings.append(messages[1]["content"])
+            else:
+                assert messages[1]["content"] == openings[k] and messages[2]["content"] == f"reply {k}"
+            session.observe(f"reply {k}")
+    assert len(set(openings)) == 3  # three distinct conversations
+    # Same seed, same conversations: the first one is multi-turn user 1 * 3 + 0's.
+    assert openings[0] == make_session("multi-turn", 3, vocabulary, config, "m").next_request().body["messages"][1]["content"]
