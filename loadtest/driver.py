@@ -130,6 +130,20 @@ def _outcome(records: list[RequestRecord]) -> RunOutcome:
     return RunOutcome(sorted(records, key=lambda r: r.start_s), last - first)
 
 
+async def _send_recorded(http: aiohttp.ClientSession, config: DriverConfig, spec: RequestSpec, t0: float,
+                         records: list[RequestRecord], progress: Progress) -> StreamObserver:
+    """Send one request and keep its record, even when the drain timeout cancels it."""
+    obs = observer(spec)
+    try:
+        rec = await send(http, config.base_url, spec, obs, t0, config.request_timeout_s)
+    except asyncio.CancelledError:
+        records.append(obs.fail("cancelled at drain timeout", time.perf_counter()))
+        raise
+    records.append(rec)
+    progress.record(rec)
+    return obs
+
+
 async def run_closed_loop(config: DriverConfig, sessions: Sequence[Session]) -> RunOutcome:
     records: list[RequestRecord] = []
     progress = Progress(config.label, config.duration_s)
@@ -147,14 +161,7 @@ async def run_closed_loop(config: DriverConfig, sessions: Sequence[Session]) -> 
         while time.perf_counter() < deadline:
             spec = session_.next_request()
             progress.sent += 1
-            obs = observer(spec)
-            try:
-                rec = await send(http, config.base_url, spec, obs, t0, config.request_timeout_s)
-            except asyncio.CancelledError:
-                records.append(obs.fail("cancelled at drain timeout", time.perf_counter()))
-                raise
-            records.append(rec)
-            progress.record(rec)
+            obs = await _send_recorded(http, config, spec, t0, records, progress)
             session_.observe(obs.text)
             if config.think_time_s:
                 await asyncio.sleep(jitter.uniform(0.0, 2.0 * config.think_time_s))
@@ -174,14 +181,7 @@ async def run_open_loop(config: DriverConfig, requests: Sequence[TimedRequest]) 
     progress = Progress(config.label, max((r.offset_s for r in requests), default=0.0))
 
     async def one(spec: RequestSpec, http: aiohttp.ClientSession, t0: float) -> None:
-        obs = observer(spec)
-        try:
-            rec = await send(http, config.base_url, spec, obs, t0, config.request_timeout_s)
-        except asyncio.CancelledError:
-            records.append(obs.fail("cancelled at drain timeout", time.perf_counter()))
-            raise
-        records.append(rec)
-        progress.record(rec)
+        await _send_recorded(http, config, spec, t0, records, progress)
 
     async with _session(0) as http:
         t0 = time.perf_counter()

@@ -6,3 +6,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Real etcd and nats-server fixtures (etcd_server, nats_server), for every test module.
+pytest_plugins = ("tests.servers",)

@@ -15,7 +15,7 @@ from indexer.events import (
 )
 from indexer.hashing import sequence_hashes
 from indexer.kv_indexer import KvIndexer
-from tests.servers import NatsServer, nats_server, until  # noqa: F401  (fixture)
+from tests.servers import NatsServer, until
 from worker.sidecar.load import LoadParseError, parse_vllm_load
 from worker.sidecar.relay import EventRelay
 

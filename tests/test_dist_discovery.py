@@ -12,7 +12,7 @@ from router.discovery import (
     EtcdDiscovery, EtcdRegistration, decode_worker, encode_worker, parse_endpoints, worker_key,
 )
 from router.registry import RegistryChange, WorkerConfigError, WorkerInfo, WorkerRegistry
-from tests.servers import EtcdServer, etcd_server, until  # noqa: F401  (fixture)
+from tests.servers import EtcdServer, until
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from router.registry import WorkerInfo, WorkerRegistry
 from router.routing import Router
 from tests.procs import REPO, TINY_MODEL, free_port
 from worker.sidecar.__main__ import parse_args as parse_sidecar_args
-from tests.servers import NatsServer, nats_server, until  # noqa: F401  (fixture)
+from tests.servers import NatsServer, until
 
 W0, W1 = WorkerKey("w0"), WorkerKey("w1")
 

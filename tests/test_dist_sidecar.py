@@ -30,7 +30,7 @@ from indexer.kv_indexer import KvIndexer
 from router.discovery import EtcdDiscovery, worker_key
 from router.registry import RegistryChange, WorkerRegistry
 from tests.procs import TINY_MODEL, Proc, free_port, python_module, wait_http
-from tests.servers import EtcdServer, NatsServer, etcd_server, nats_server, until  # noqa: F401  (fixtures)
+from tests.servers import EtcdServer, NatsServer, until
 
 pytestmark = pytest.mark.integration
 
