@@ -33,7 +33,8 @@ from pathlib import Path
 import orjson
 
 from gateway.config import DEFAULT_MODEL
-from gateway.demo import free_port, stop_workers, spawn_workers, wait_healthy
+from gateway.demo import spawn_workers, stop_workers, wait_healthy
+from gateway.launch import free_port
 
 
 @dataclass(slots=True)

@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.__main__ import configure_logging, serve, use_uvloop
 from gateway.config import load_config
+from gateway.launch import Service, free_port, stop_all
 
 log = logging.getLogger("gateway.demo")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass(slots=True)
@@ -42,12 +31,15 @@ class SimWorker:
     port: int
     events_port: int
     replay_port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
+    service: Service
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.service.log_path
 
     def entry(self) -> dict[str, object]:
         return {"id": self.worker_id, "url": self.url,
@@ -60,48 +52,24 @@ def spawn_workers(count: int, model_dir: str, block_size: int, max_model_len: in
     workers = []
     for i in range(count):
         port, events, replay = free_port(), free_port(), free_port()
-        log_path = log_dir / f"worker-{i}.log"
-        args = [sys.executable, "-m", "worker.sim", "--host", "127.0.0.1", "--port", str(port),
-                "--model-dir", model_dir, "--block-size", str(block_size), "--max-model-len", str(max_model_len),
-                "--kv-events-endpoint", f"tcp://127.0.0.1:{events}",
-                "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra]
-        with open(log_path, "wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        workers.append(SimWorker(f"w{i}", port, events, replay, process, log_path))
+        service = Service(f"worker-{i}", [
+            sys.executable, "-m", "worker.sim", "--host", "127.0.0.1", "--port", port,
+            "--model-dir", model_dir, "--block-size", block_size, "--max-model-len", max_model_len,
+            "--kv-events-endpoint", f"tcp://127.0.0.1:{events}",
+            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra,
+        ], log_dir, f"http://127.0.0.1:{port}/health")
+        service.start()
+        workers.append(SimWorker(f"w{i}", port, events, replay, service))
     return workers
 
 
 def wait_healthy(workers: Sequence[SimWorker], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(workers)
-    while pending:
-        worker = pending[0]
-        if worker.process.poll() is not None:
-            raise RuntimeError(f"worker {worker.worker_id} exited ({worker.process.returncode}); "
-                               f"see {worker.log_path}:\n{worker.log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            with urllib.request.urlopen(worker.url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    pending.pop(0)
-                    continue
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"worker {worker.worker_id} not healthy after {timeout}s; see {worker.log_path}")
-        time.sleep(0.1)
+    for worker in workers:
+        worker.service.wait_healthy(timeout)
 
 
 def stop_workers(workers: Sequence[SimWorker]) -> None:
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
-    for worker in workers:
-        try:
-            worker.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            worker.process.wait(timeout=10)
+    stop_all(w.service for w in workers)
 
 
 def _interrupt(signum: int, frame: object) -> None:
