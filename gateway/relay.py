@@ -12,6 +12,7 @@ relayed the answer belongs to that worker.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +93,7 @@ async def _relay_stream(request: web.Request, upstream: UpstreamResponse, header
         await response.prepare(request)
     except ConnectionError:
         raise ClientGone() from None
-    tail: list[bytes] = []
+    tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
     previous: float | None = None
     perf = time.perf_counter
     try:
@@ -105,8 +106,6 @@ async def _relay_stream(request: web.Request, upstream: UpstreamResponse, header
                 on_gap(now - previous)
             previous = now
             tail.append(chunk)
-            if len(tail) > _TAIL_CHUNKS:
-                del tail[0]
             try:
                 await response.write(chunk)
             except ConnectionError:
