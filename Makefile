@@ -13,7 +13,7 @@ install: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 
 demo: install
-	$(PY) -m gateway.demo --workers 2 --host 127.0.0.1 --port 8000
+	$(PY) -m kvgate.dev.demo --workers 2 --host 127.0.0.1 --port 8000
 
 test: install
 	$(PY) -m pytest -q

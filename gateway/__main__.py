@@ -1,4 +1,4 @@
-"""``python -m gateway``: parse the configuration and serve until SIGINT / SIGTERM."""
+"""``python -m kvgate.gateway``: parse the configuration and serve until SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from gateway.app import build_app
-from gateway.config import GatewayConfig, load_config
-from gateway.tokenization import TokenizerError
+from kvgate.gateway.app import build_app
+from kvgate.gateway.config import GatewayConfig, load_config
+from kvgate.gateway.tokenization import TokenizerError
 
-log = logging.getLogger("gateway")
+log = logging.getLogger("kvgate.gateway")
 
 
 def use_uvloop() -> bool:

@@ -28,9 +28,9 @@ import orjson
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from gateway.bus import FreshMatches, GatewayBus
-from gateway.config import GatewayConfig
-from gateway.errors import (
+from kvgate.gateway.replicas import FreshMatches, GatewayBus
+from kvgate.gateway.config import GatewayConfig
+from kvgate.gateway.errors import (
     NO_WORKER,
     WORKER_HEADER,
     ApiError,
@@ -42,20 +42,20 @@ from gateway.errors import (
     upstream_failed,
     upstream_timeout,
 )
-from gateway.fleet import Fleet
-from gateway.metrics import CONTENT_TYPE, GatewayMetrics, StateSources
-from gateway.protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_object
-from gateway.relay import ClientGone, Exchange, relay
-from gateway.tokenization import Preprocessor, TokenizerError
-from gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
-from indexer.events import WorkerKey
-from indexer.kv_indexer import KvIndexer
-from indexer.sources import ReplayDispatcher
-from router.load import LoadTracker
-from router.discovery import EtcdDiscovery
-from router.policies import Decision
-from router.registry import WorkerRegistry
-from router.routing import NoWorkerAvailable, Router
+from kvgate.gateway.fleet import Fleet
+from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, StateSources
+from kvgate.gateway.api import ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_object
+from kvgate.gateway.relay import ClientGone, Exchange, relay
+from kvgate.gateway.tokenization import Preprocessor, TokenizerError
+from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
+from kvgate.protocol.events import WorkerKey
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.indexer.zmq_source import ReplayDispatcher
+from kvgate.router.load import LoadTracker
+from kvgate.router.discovery import EtcdDiscovery
+from kvgate.router.policies import Decision
+from kvgate.router.registry import WorkerRegistry
+from kvgate.router.routing import NoWorkerAvailable, Router
 
 log = logging.getLogger(__name__)
 

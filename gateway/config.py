@@ -24,10 +24,11 @@ from typing import Any
 
 import yaml
 
-from indexer.bus import check_token
-from router.config import ROUTER_MODES, RouterConfig
-from router.discovery import parse_endpoints, workers_prefix
-from router.registry import StaticDiscovery
+from kvgate.protocol.messages import check_token
+from kvgate.router.config import ROUTER_MODES, RouterConfig
+from kvgate.etcd import parse_endpoints
+from kvgate.protocol.worker_record import workers_prefix
+from kvgate.router.registry import StaticDiscovery
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "kvgate-tiny"
@@ -177,7 +178,7 @@ def _field_kind(f: Any) -> tuple[type, bool]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+        prog="python -m kvgate.gateway",
         description="kvgate: a KV-cache-aware OpenAI-compatible gateway in front of vLLM workers. "
                     f"Precedence: defaults < --config YAML < {ENV_PREFIX}<OPTION> env vars < flags.",
         argument_default=argparse.SUPPRESS,

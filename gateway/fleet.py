@@ -26,13 +26,14 @@ from collections.abc import Callable
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.bus import GatewayBus
-from gateway.config import GatewayConfig
-from indexer.events import WorkerKey
-from indexer.kv_indexer import KvIndexer
-from indexer.sources import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig
-from router.load import LoadTracker
-from router.registry import RegistryChange, WorkerInfo, WorkerRegistry
+from kvgate.gateway.replicas import GatewayBus
+from kvgate.gateway.config import GatewayConfig
+from kvgate.protocol.events import WorkerKey
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig
+from kvgate.router.load import LoadTracker
+from kvgate.router.registry import RegistryChange, WorkerRegistry
+from kvgate.protocol.worker_record import WorkerInfo
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from indexer.events import Tier, WorkerKey
+from kvgate.protocol.events import Tier, WorkerKey
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

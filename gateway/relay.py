@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import WORKER_HEADER
-from gateway.upstream import UpstreamFailure, UpstreamResponse, response_headers
+from kvgate.gateway.errors import WORKER_HEADER
+from kvgate.gateway.upstream import UpstreamFailure, UpstreamResponse, response_headers
 
 # The usage chunk and `data: [DONE]` are small; the last few reads always hold them whole.
 _TAIL_CHUNKS = 4

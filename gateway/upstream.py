@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
-from gateway.config import GatewayConfig
+from kvgate.gateway.config import GatewayConfig
 
 FailureKind = Literal["connect", "disconnect", "status", "timeout"]
 

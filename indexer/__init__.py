@@ -1,6 +1,8 @@
-"""kvgate indexer: block hashing, KV-event wire formats, event sources, the prefix index.
+"""kvgate indexer: what each worker caches, per tier, fed by the workers' KV events.
 
-Owns the key scheme (``hashing``), the one place engine bytes are decoded (``wire``),
-typed events (``events``), the per-worker, per-tier prefix index (``index``) and the
-edges that feed it (``sources``). It never makes routing decisions.
+Owns the per-worker, per-tier prefix index (``index``), engine-hash translation
+(``translation``), seq ordering and recovery (``recovery``), the per-rank event
+pipeline (``pipeline``), the facade (``kv_indexer.KvIndexer``) and the transport
+adapters that feed it (``zmq_source`` from engines, ``nats_source`` from sidecars).
+Wire formats come from ``kvgate.protocol``. It never makes routing decisions.
 """

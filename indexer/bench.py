@@ -1,4 +1,4 @@
-"""Benchmark of the prefix index: ``python -m indexer.bench [--quick]``.
+"""Benchmark of the prefix index: ``python -m kvgate.indexer.bench [--quick]``.
 
 Prints each figure beside a naive baseline measured in the same run (a dict per worker
 rank of one set per tier; ``find_matches`` walks the prompt once per worker):
@@ -30,20 +30,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 
-from indexer.events import (
+from kvgate.protocol.events import (
     BlockRemoved,
     BlockStored,
     EventBatch,
-    Match,
     RouterEvent,
     RouterRemoved,
     RouterStored,
     Tier,
     WorkerKey,
 )
-from indexer.hashing import chain_hashes, local_block_hashes, sequence_hashes
-from indexer.index import PrefixIndex
-from indexer.kv_indexer import KvIndexer
+from kvgate.indexer.index import Match
+from kvgate.protocol.hashing import chain_hashes, local_block_hashes, sequence_hashes
+from kvgate.indexer.index import PrefixIndex
+from kvgate.indexer.kv_indexer import KvIndexer
 
 BLOCK = 64
 PROMPT_BLOCKS = 128
@@ -360,7 +360,7 @@ def _traced(build: Callable[[], object]) -> tuple[object, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m indexer.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kvgate.indexer.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)

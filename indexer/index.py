@@ -17,7 +17,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import repeat
 
-from indexer.events import Match, RouterCleared, RouterEvent, RouterRemoved, RouterStored, Tier, WorkerKey
+from dataclasses import dataclass, field
+
+from kvgate.protocol.events import RouterCleared, RouterEvent, RouterRemoved, RouterStored, Tier, WorkerKey
+
+@dataclass(slots=True)
+class Match:
+    """How much of a prompt's prefix a worker holds, split by best tier per block."""
+
+    depth: int = 0
+    per_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    @property
+    def gpu(self) -> int:
+        return self.per_tier[Tier.GPU]
+
+    @property
+    def cpu(self) -> int:
+        return self.per_tier[Tier.CPU]
+
+    @property
+    def disk(self) -> int:
+        return self.per_tier[Tier.DISK]
+
 
 _SLOT_BITS = 4
 _TIERS = 0b111

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from indexer.events import EventBatch, Match, RouterCleared, RouterEvent, RouterRemoved, RouterStored, WorkerKey
-from indexer.hashing import DEFAULT_BLOCK_SIZE
-from indexer.index import PrefixIndex, is_tier
-from indexer.recovery import DEFAULT_MAX_BUFFERED, EventStream, RecoveryStats
-from indexer.translation import DEFAULT_MAX_PENDING, BlockTranslator, TranslationStats
+from kvgate.protocol.events import EventBatch, RouterCleared, RouterEvent, RouterRemoved, RouterStored, WorkerKey
+from kvgate.indexer.index import Match
+from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
+from kvgate.indexer.index import PrefixIndex, is_tier
+from kvgate.indexer.recovery import DEFAULT_MAX_BUFFERED, EventStream, RecoveryStats
+from kvgate.indexer.translation import DEFAULT_MAX_PENDING, BlockTranslator, TranslationStats
 
 ReplayRequest = Callable[[str, int, int, int], None]
 """``on_replay(worker_id, dp_rank, from_seq, to_seq_excl)``: ask that worker's replay

@@ -38,7 +38,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from indexer.events import (
+from kvgate.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -50,7 +50,7 @@ from indexer.events import (
     RouterStored,
     Tier,
 )
-from indexer.hashing import DEFAULT_BLOCK_SIZE, chain_hashes, local_block_hashes
+from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE, chain_hashes, local_block_hashes
 
 DEFAULT_MAX_PENDING = 65_536
 DEFAULT_MAX_FORGOTTEN = 8_192

@@ -1,6 +1,6 @@
 """One-command benchmark: the same seeded load against each routing mode, then a report.
 
-    python -m loadtest.bench --workload multi-turn --workers 2 --modes kv,round-robin --duration 60
+    python -m kvgate.loadtest.bench --workload multi-turn --workers 2 --modes kv,round-robin --duration 60
 
 For each mode it starts a fresh stack (N ``worker.sim`` processes and a gateway
 with ``--router-mode MODE``; or uses ``--gateway-url`` of a running one), scrapes
@@ -28,13 +28,13 @@ from typing import Any
 
 import aiohttp
 
-from loadtest.corpus import DEFAULT_MODEL, Vocabulary, load_tokenizer
-from loadtest.driver import DriverConfig, run_closed_loop, run_open_loop
-from loadtest.report import BenchResults, ModeResult, markdown_table, summarize, write_report
-from loadtest.scrape import delta, fetch_all
-from loadtest.stack import Stack, StackConfig, StackError
-from loadtest.trace import DEFAULT_TRACE, ReplayConfig, TraceRequest, load_trace
-from loadtest.workloads import WORKLOADS, WorkloadConfig, make_session, trace_requests
+from kvgate.loadtest.corpus import DEFAULT_MODEL, Vocabulary, load_tokenizer
+from kvgate.loadtest.driver import DriverConfig, run_closed_loop, run_open_loop
+from kvgate.loadtest.report import BenchResults, ModeResult, markdown_table, summarize, write_report
+from kvgate.loadtest.scrape import delta, fetch_all
+from kvgate.loadtest.stack import Stack, StackConfig, StackError
+from kvgate.loadtest.trace import DEFAULT_TRACE, ReplayConfig, TraceRequest, load_trace
+from kvgate.loadtest.workloads import WORKLOADS, WorkloadConfig, make_session, trace_requests
 
 ROUTER_MODES = ("kv", "kv-gpu-only", "round-robin", "random")
 # Bench modes that are a router mode plus gateway flags: kv with the CPU / disk tiers
@@ -52,7 +52,7 @@ def _default(cls: type, name: str) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvgate.loadtest.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", required=True, choices=WORKLOADS)
     p.add_argument("--modes", default="kv,round-robin", help="comma-separated router modes, run in this order")
     p.add_argument("--workers", type=int, default=_default(StackConfig, "workers"), help="simulated workers")
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta = {"workload": args.workload, "modes": modes, "duration_s": args.duration, "users": args.users,
-            "seed": args.seed, "command": "python -m loadtest.bench " + shlex.join(argv),
+            "seed": args.seed, "command": "python -m kvgate.loadtest.bench " + shlex.join(argv),
             "workload_config": asdict(workload_cfg),
             "stack": asdict(stack_cfg) if not args.gateway_url else {"gateway_urls": args.gateway_url},
             "trace": args.trace if trace is not None else None}

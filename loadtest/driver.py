@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
-from loadtest.stream import RequestRecord, StreamObserver
-from loadtest.workloads import RequestSpec, Session, TimedRequest
+from kvgate.loadtest.stream import RequestRecord, StreamObserver
+from kvgate.loadtest.workloads import RequestSpec, Session, TimedRequest
 
 
 @dataclass(frozen=True)

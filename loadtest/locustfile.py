@@ -38,10 +38,10 @@ from locust.env import Environment
 from locust.exception import StopUser
 from locust.runners import MasterRunner
 
-from loadtest.corpus import DEFAULT_MODEL, Vocabulary, load_tokenizer
-from loadtest.stream import RequestRecord, StreamObserver
-from loadtest.trace import DEFAULT_TRACE, ReplayConfig, load_trace
-from loadtest.workloads import RequestSpec, Session, TimedRequest, WorkloadConfig, make_session, trace_requests
+from kvgate.loadtest.corpus import DEFAULT_MODEL, Vocabulary, load_tokenizer
+from kvgate.loadtest.stream import RequestRecord, StreamObserver
+from kvgate.loadtest.trace import DEFAULT_TRACE, ReplayConfig, load_trace
+from kvgate.loadtest.workloads import RequestSpec, Session, TimedRequest, WorkloadConfig, make_session, trace_requests
 
 _INT_KNOBS = {"max_tokens": WorkloadConfig.max_tokens, "turns": WorkloadConfig.turns,
               "first_turn_tokens": WorkloadConfig.first_turn_tokens, "turn_tokens": WorkloadConfig.turn_tokens,

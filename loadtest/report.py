@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.scrape import Snapshot, prefix_hit_rate, sample_name, tier_hit_rates
-from loadtest.stream import RequestRecord
+from kvgate.loadtest.scrape import Snapshot, prefix_hit_rate, sample_name, tier_hit_rates
+from kvgate.loadtest.stream import RequestRecord
 
 REPORT_MD = "report.md"
 RESULTS_JSON = "results.json"

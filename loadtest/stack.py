@@ -1,7 +1,7 @@
 """The stack under test: N simulated workers and a gateway, as child processes.
 
-Owns starting them on free loopback ports (``python -m worker.sim`` and
-``python -m gateway --config``, spoken to over HTTP only), waiting until they
+Owns starting them on free loopback ports (``python -m kvgate.worker.sim`` and
+``python -m kvgate.gateway --config``, spoken to over HTTP only), waiting until they
 answer, and stopping exactly the processes it started, by PID, SIGTERM then
 SIGKILL. Each process logs to a file in the report directory. Against an
 already-running stack (``--gateway-url``) nothing is started.
@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import yaml
 
-from loadtest.corpus import DEFAULT_MODEL
+from kvgate.loadtest.corpus import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.corpus import Vocabulary
+from kvgate.loadtest.corpus import Vocabulary
 
 TRACE_BLOCK_TOKENS = 512
 DEFAULT_TRACE = Path(__file__).resolve().parent / "traces" / "mooncake_synthetic_trace.jsonl"

@@ -27,8 +27,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from loadtest.corpus import Vocabulary
-from loadtest.trace import ReplayConfig, TracePrompts, TraceRequest, arrival_schedule
+from kvgate.loadtest.corpus import Vocabulary
+from kvgate.loadtest.trace import ReplayConfig, TracePrompts, TraceRequest, arrival_schedule
 
 WORKLOADS = ("multi-turn", "returning", "shared-prefix", "no-sharing", "trace")
 CHAT_PATH = "/v1/chat/completions"

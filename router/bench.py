@@ -1,6 +1,6 @@
 """Benchmark: one whole routing decision (hash + match + score) for a long prompt.
 
-``python -m router.bench [--quick]``. Builds a fleet of 16 workers whose index holds
+``python -m kvgate.router.bench [--quick]``. Builds a fleet of 16 workers whose index holds
 popular shared prefixes (system prompts on many workers) and per-worker conversations
 continuing them, across the GPU / CPU / disk tiers, to ~1,000,000 (block, worker) pairs
 (``--quick``: 60,000), with in-flight requests in the load tracker. Then routes
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import xxhash
 
-from indexer.events import RouterStored, Tier, WorkerKey
-from indexer.hashing import BASE_SEED, chain_hashes, sequence_hashes
-from indexer.kv_indexer import KvIndexer
+from kvgate.protocol.events import RouterStored, Tier, WorkerKey
+from kvgate.protocol.hashing import BASE_SEED, chain_hashes, sequence_hashes
+from kvgate.indexer.kv_indexer import KvIndexer
 
-from router.config import RouterConfig
-from router.load import LoadSnapshot
-from router.registry import StaticDiscovery
-from router.routing import Router
+from kvgate.router.config import RouterConfig
+from kvgate.router.load import LoadSnapshot
+from kvgate.router.registry import StaticDiscovery
+from kvgate.router.routing import Router
 
 TARGET_P50_US = 200.0
 _TIER_SHARES = ((Tier.GPU, 0.7), (Tier.CPU, 0.2), (Tier.DISK, 0.1))
@@ -221,7 +221,7 @@ def run(scale: Scale) -> dict[str, dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m router.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kvgate.router.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small index, few iterations: finishes in seconds")
     args = parser.parse_args(argv)
     run(QUICK if args.quick else FULL)

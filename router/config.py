@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, get_args
 
-from indexer.events import Tier
-from indexer.hashing import DEFAULT_BLOCK_SIZE
+from kvgate.protocol.events import Tier
+from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
 
 RouterMode = Literal["kv", "round-robin", "random"]
 ROUTER_MODES: tuple[str, ...] = get_args(RouterMode)

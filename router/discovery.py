@@ -23,112 +23,18 @@ Neither decides routes; neither touches NATS.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 
-from router.registry import WorkerConfigError, WorkerInfo, WorkerRegistry
+from kvgate.etcd import Endpoints, close_client
+from kvgate.protocol.worker_record import WorkerConfigError, decode_worker, workers_prefix
+from kvgate.router.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LEASE_TTL = 10
-KEY_ROOT = "/kvgate"
-
-# Keepalive pings detect a silently dead etcd (partition, SIGSTOP) on a watch stream that
-# would otherwise wait forever; etcd refuses pings more often than every 5 s by default.
-_GRPC_OPTIONS = {
-    "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.keepalive_permit_without_calls": 1,
-    "grpc.initial_reconnect_backoff_ms": 200,
-    "grpc.max_reconnect_backoff_ms": 2_000,
-}
-
-
-def workers_prefix(namespace: str) -> str:
-    if not namespace or "/" in namespace:
-        raise ValueError(f"namespace must be non-empty and contain no '/', got {namespace!r}")
-    return f"{KEY_ROOT}/{namespace}/workers/"
-
-
-def worker_key(namespace: str, worker_id: str) -> str:
-    return workers_prefix(namespace) + worker_id
-
-
-def encode_worker(info: WorkerInfo) -> bytes:
-    return json.dumps(info.to_dict(), sort_keys=True).encode()
-
-
-def decode_worker(worker_id: str, value: bytes) -> WorkerInfo:
-    """The ``WorkerInfo`` a key's JSON value describes; raises ``WorkerConfigError`` if invalid."""
-    try:
-        record = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise WorkerConfigError(f"worker {worker_id!r}: value is not JSON ({err})") from None
-    if not isinstance(record, dict):
-        raise WorkerConfigError(f"worker {worker_id!r}: value must be a JSON object")
-    if record.get("worker_id", worker_id) != worker_id:
-        raise WorkerConfigError(f"worker {worker_id!r}: value names worker {record['worker_id']!r}")
-    if "base_url" not in record:
-        raise WorkerConfigError(f"worker {worker_id!r}: missing base_url")
-    fields: dict[str, Any] = {k: record[k] for k in (
-        "base_url", "model", "block_size", "dp_size", "kv_events_endpoint",
-        "kv_events_replay_endpoint", "tiers", "metadata") if k in record}
-    fields.setdefault("model", "")
-    try:
-        return WorkerInfo(worker_id=worker_id, **fields)
-    except TypeError as err:
-        raise WorkerConfigError(f"worker {worker_id!r}: {err}") from None
-
-
-def parse_endpoints(endpoints: str | Sequence[str]) -> list[tuple[str, int]]:
-    """``"host:port,host:port"`` (or a list; ``http://`` prefixes allowed) -> [(host, port)]."""
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    parsed: list[tuple[str, int]] = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        parts = urlsplit(item if "://" in item else f"http://{item}")
-        try:
-            port = parts.port or 2379
-        except ValueError:
-            raise ValueError(f"bad etcd endpoint {item!r}") from None
-        if not parts.hostname:
-            raise ValueError(f"bad etcd endpoint {item!r}")
-        parsed.append((parts.hostname, port))
-    if not parsed:
-        raise ValueError("at least one etcd endpoint is required")
-    return parsed
-
-
-class _Endpoints:
-    """Round-robin over etcd endpoints; a fresh client per connection attempt."""
-
-    def __init__(self, endpoints: str | Sequence[str], timeout: float) -> None:
-        self.endpoints = parse_endpoints(endpoints)
-        self.timeout = timeout
-        self._next = random.randrange(len(self.endpoints))
-
-    def client(self) -> aetcd.Client:
-        host, port = self.endpoints[self._next % len(self.endpoints)]
-        self._next += 1
-        return aetcd.Client(host=host, port=port, timeout=self.timeout, options=dict(_GRPC_OPTIONS))
-
-
-async def _close(client: aetcd.Client | None) -> None:
-    if client is None:
-        return
-    try:
-        await client.close()
-    except Exception as exc:  # closing a broken channel can itself fail; nothing to keep
-        log.debug("etcd client close: %s", exc)
 
 
 @dataclass(slots=True)
@@ -153,7 +59,7 @@ class EtcdDiscovery:
         self.stats = DiscoveryStats()
         self.revision = 0
         self.connected = False
-        self._endpoints = _Endpoints(endpoints, timeout)
+        self._endpoints = Endpoints(endpoints, timeout)
         self._owned: set[str] = set()
         self._need_listing = True
         self._ready = asyncio.Event()
@@ -200,7 +106,7 @@ class EtcdDiscovery:
                 log.info("etcd discovery: %s; retrying in %.2fs", err, delay)
             finally:
                 self.connected = False
-                await _close(client)
+                await close_client(client)
             self.stats.watch_restarts += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_retry_interval)
@@ -252,147 +158,3 @@ class EtcdDiscovery:
     def _worker_id(self, key: bytes) -> str | None:
         name = key.decode(errors="replace")[len(self.prefix):]
         return name if name and "/" not in name else None
-
-
-@dataclass(slots=True)
-class RegistrationStats:
-    registrations: int = 0
-    lease_losses: int = 0
-    deregistrations: int = 0
-    errors: int = 0
-
-
-class EtcdRegistration:
-    """Keep one worker's key alive under a lease while it is ``wanted``.
-
-    ``set_wanted(False)`` (engine unhealthy) revokes the lease so the key disappears at
-    once; ``set_wanted(True)`` registers again. ``stop()`` revokes too (clean shutdown);
-    a killed process simply stops refreshing and etcd drops the key after ``ttl``.
-    """
-
-    def __init__(self, endpoints: str | Sequence[str], namespace: str, info: WorkerInfo, *,
-                 ttl: int = DEFAULT_LEASE_TTL, timeout: float = 5.0, retry_interval: float = 0.25,
-                 max_retry_interval: float = 2.0, wanted: bool = True) -> None:
-        if ttl < 2:
-            raise ValueError(f"lease ttl must be >= 2 s (etcd's minimum), got {ttl}")
-        self.key = worker_key(namespace, info.worker_id).encode()
-        self.value = encode_worker(info)
-        self.ttl = ttl
-        self.retry_interval = retry_interval
-        self.max_retry_interval = max_retry_interval
-        self.stats = RegistrationStats()
-        self.registered = False
-        self.lease_id: int | None = None
-        self._endpoints = _Endpoints(endpoints, timeout)
-        self._wanted = wanted
-        self._changed = asyncio.Event()
-        self._client: aetcd.Client | None = None
-        self._task: asyncio.Task | None = None
-
-    @property
-    def wanted(self) -> bool:
-        return self._wanted
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="etcd-registration")
-
-    def set_wanted(self, wanted: bool) -> None:
-        if wanted != self._wanted:
-            self._wanted = wanted
-            self._changed.set()
-
-    async def stop(self, deregister: bool = True) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        if deregister:
-            await self._revoke()
-        await _close(self._client)
-        self._client = None
-
-    async def _run(self) -> None:
-        delay = self.retry_interval
-        while True:
-            try:
-                if self._wanted:
-                    await self._keep_alive()
-                else:
-                    await self._revoke()
-                    await self._wait_change(None)
-                delay = self.retry_interval
-            except aetcd.exceptions.ClientError as err:
-                self.stats.errors += 1
-                self.registered = False
-                log.info("etcd registration: %s; retrying in %.2fs", err, delay)
-                await _close(self._client)
-                self._client = None
-                await self._wait_change(delay)
-                delay = min(delay * 2, self.max_retry_interval)
-
-    async def _keep_alive(self) -> None:
-        client = self._connect()
-        if self.lease_id is not None and not self.registered:
-            # Back after an error: the lease may have survived (etcd restarts keep leases).
-            if await self._refresh(client):
-                await client.put(self.key, self.value, lease=self.lease_id)
-                self.registered = True
-        if self.lease_id is None:
-            lease = await client.lease(self.ttl)
-            self.lease_id = lease.id
-            await client.put(self.key, self.value, lease=lease.id)
-            self.registered = True
-            self.stats.registrations += 1
-            log.info("registered %s under lease %x (ttl %ds)", self.key.decode(), lease.id, self.ttl)
-        while self._wanted and self.lease_id is not None:
-            await self._wait_change(self.ttl / 3)
-            if not self._wanted:
-                return
-            if not await self._refresh(client):
-                return
-
-    async def _refresh(self, client: aetcd.Client) -> bool:
-        """Refresh the lease; on a lost lease forget it (the caller grants a new one)."""
-        try:
-            reply = await client.refresh_lease(self.lease_id)
-            alive = reply is not None and reply.TTL > 0
-        except aetcd.exceptions.ClientError as err:
-            if "not found" not in str(err):
-                raise
-            alive = False
-        if not alive:
-            self.stats.lease_losses += 1
-            log.warning("lease %x of %s was lost; registering again", self.lease_id or 0, self.key.decode())
-            self.lease_id = None
-            self.registered = False
-        return alive
-
-    async def _revoke(self) -> None:
-        lease_id, self.lease_id = self.lease_id, None
-        was_registered, self.registered = self.registered, False
-        if lease_id is None:
-            return
-        try:
-            await self._connect().revoke_lease(lease_id)
-            if was_registered:
-                self.stats.deregistrations += 1
-            log.info("deregistered %s", self.key.decode())
-        except aetcd.exceptions.ClientError as err:
-            # etcd unreachable: the lease runs out on its own within ttl.
-            log.info("revoking lease %x failed (%s); it expires within %ds", lease_id, err, self.ttl)
-
-    def _connect(self) -> aetcd.Client:
-        if self._client is None:
-            self._client = self._endpoints.client()
-        return self._client
-
-    async def _wait_change(self, timeout: float | None) -> None:
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        self._changed.clear()

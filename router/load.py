@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.events import WorkerKey
+from kvgate.protocol.events import WorkerKey
 
-from router.config import RouterConfig
+from kvgate.router.config import RouterConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-from indexer.events import Match, WorkerKey
+from kvgate.indexer.index import Match
+from kvgate.protocol.events import WorkerKey
 
-from router.config import BusyThresholds, RouterConfig
-from router.load import IDLE, LoadSnapshot
+from kvgate.router.config import BusyThresholds, RouterConfig
+from kvgate.router.load import IDLE, LoadSnapshot
 
 _NO_MATCH = Match()
 # Totals are sums of float products; two workers whose costs differ only by rounding

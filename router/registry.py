@@ -11,80 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from indexer.events import Tier, WorkerKey
-from indexer.hashing import DEFAULT_BLOCK_SIZE
+from kvgate.protocol.events import WorkerKey
+from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
+from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo
 
 log = logging.getLogger(__name__)
-
-_HTTP_SCHEMES = ("http", "https")
-_ZMQ_SCHEMES = ("tcp", "ipc", "inproc")
-
-
-class WorkerConfigError(ValueError):
-    """A worker description is invalid; the message names the worker and the field."""
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    """One worker as discovery describes it. ``base_url`` is kept as given, minus a trailing '/'."""
-
-    worker_id: str
-    base_url: str
-    model: str
-    block_size: int = DEFAULT_BLOCK_SIZE
-    dp_size: int = 1
-    kv_events_endpoint: str | None = None
-    kv_events_replay_endpoint: str | None = None
-    tiers: tuple[str, ...] = ("GPU",)
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        wid = self.worker_id
-        if not isinstance(wid, str) or not wid or wid != wid.strip() or "#" in wid or "/" in wid:
-            # '#' separates the dp rank in WorkerKey's str form, '/' is the etcd key separator.
-            raise WorkerConfigError(f"worker id must be a non-empty string without spaces, '#' or '/', got {wid!r}")
-        where = f"worker {wid!r}"
-        object.__setattr__(self, "base_url", _check_url(where, "base_url", self.base_url, _HTTP_SCHEMES).rstrip("/"))
-        if not isinstance(self.model, str):
-            raise WorkerConfigError(f"{where}: model must be a string, got {self.model!r}")
-        for name in ("block_size", "dp_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise WorkerConfigError(f"{where}: {name} must be an integer >= 1, got {value!r}")
-        for name in ("kv_events_endpoint", "kv_events_replay_endpoint"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_url(where, name, value, _ZMQ_SCHEMES)
-        if self.kv_events_replay_endpoint is not None and self.kv_events_endpoint is None:
-            raise WorkerConfigError(f"{where}: kv_events_replay_endpoint given without kv_events_endpoint")
-        object.__setattr__(self, "tiers", _check_tiers(where, self.tiers))
-        if not isinstance(self.metadata, Mapping):
-            raise WorkerConfigError(f"{where}: metadata must be a mapping, got {type(self.metadata).__name__}")
-        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
-
-    @property
-    def keys(self) -> list[WorkerKey]:
-        """One routable cache per data-parallel rank."""
-        return [WorkerKey(self.worker_id, rank) for rank in range(self.dp_size)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "worker_id": self.worker_id,
-            "base_url": self.base_url,
-            "model": self.model,
-            "block_size": self.block_size,
-            "dp_size": self.dp_size,
-            "kv_events_endpoint": self.kv_events_endpoint,
-            "kv_events_replay_endpoint": self.kv_events_replay_endpoint,
-            "tiers": list(self.tiers),
-            "metadata": dict(self.metadata),
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class RegistryChange:
@@ -234,40 +168,3 @@ class StaticDiscovery:
             )
         except WorkerConfigError as err:
             raise WorkerConfigError(f"{where}: {err}") from None
-
-
-def _check_url(where: str, name: str, value: Any, schemes: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        raise WorkerConfigError(f"{where}: {name} must be a string, got {value!r}")
-    try:
-        parts = urlsplit(value)
-        port = parts.port  # raises ValueError on a non-numeric or out-of-range port
-    except ValueError as err:
-        raise WorkerConfigError(f"{where}: {name} {value!r} is not a valid URL ({err})") from None
-    if parts.scheme in ("ipc", "inproc"):
-        ok = parts.scheme in schemes and bool(parts.netloc or parts.path)
-    else:
-        # ZMQ's tcp transport has no default port; HTTP does.
-        ok = parts.scheme in schemes and bool(parts.hostname) and (parts.scheme != "tcp" or port is not None)
-    if not ok:
-        raise WorkerConfigError(f"{where}: {name} must look like {schemes[0]}://host:port "
-                                f"(scheme one of {', '.join(schemes)}), got {value!r}")
-    return value
-
-
-def _check_tiers(where: str, tiers: Any) -> tuple[str, ...]:
-    if isinstance(tiers, str) or not isinstance(tiers, Iterable):
-        raise WorkerConfigError(f"{where}: tiers must be a list of GPU / CPU / DISK, got {tiers!r}")
-    names: list[str] = []
-    for tier in tiers:
-        try:
-            name = Tier.from_medium(tier).name if isinstance(tier, str) else None
-        except ValueError:
-            name = None
-        if name is None:
-            raise WorkerConfigError(f"{where}: unknown tier {tier!r} (expected GPU, CPU or DISK)")
-        if name not in names:
-            names.append(name)
-    if "GPU" not in names:
-        raise WorkerConfigError(f"{where}: tiers must include GPU, got {list(tiers)}")
-    return tuple(names)

@@ -17,16 +17,17 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from indexer.events import Match, WorkerKey
-from indexer.hashing import sequence_hashes
+from kvgate.indexer.index import Match
+from kvgate.protocol.events import WorkerKey
+from kvgate.protocol.hashing import sequence_hashes
 
-from router.config import RouterConfig
-from router.load import LoadTracker
-from router.policies import Decision, NoWorkerAvailable, Policy, RouteTimings, make_policy
-from router.registry import RegistryChange, WorkerRegistry
+from kvgate.router.config import RouterConfig
+from kvgate.router.load import LoadTracker
+from kvgate.router.policies import Decision, NoWorkerAvailable, Policy, RouteTimings, make_policy
+from kvgate.router.registry import RegistryChange, WorkerRegistry
 
 if TYPE_CHECKING:
-    from indexer.kv_indexer import KvIndexer
+    from kvgate.indexer.kv_indexer import KvIndexer
 
 __all__ = ["Router", "NoWorkerAvailable", "Decision", "PrefixMatcher"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cluster import Etcd, Nats
+from kvgate.dev.cluster import Etcd, Nats
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:

@@ -20,7 +20,7 @@ def run_quick(module: str) -> str:
 
 @pytest.mark.timeout(300)
 def test_indexer_bench_prints_every_figure_with_its_baseline():
-    out = run_quick("indexer.bench")
+    out = run_quick("kvgate.indexer.bench")
     for section in ("hashing vs tokenizing", "[apply: router events", "1-block events", "16-block events",
                     "[find_matches", "ratio naive/index", "[memory, tracemalloc]", "index+translators"):
         assert section in out, section
@@ -28,6 +28,6 @@ def test_indexer_bench_prints_every_figure_with_its_baseline():
 
 @pytest.mark.timeout(300)
 def test_router_bench_prints_each_phase_against_the_naive_router():
-    out = run_quick("router.bench")
+    out = run_quick("kvgate.router.bench")
     for phase in ("hash", "match", "score", "total", "cpu"):
         assert any(line.startswith(phase) and "x" in line.split()[-1] for line in out.splitlines()), phase

@@ -1,4 +1,4 @@
-"""The one-command deployment: ``python -m gateway.cluster`` starts etcd, NATS, three simulated
+"""The one-command deployment: ``python -m kvgate.dev.cluster`` starts etcd, NATS, three simulated
 workers with sidecars and two gateways, each gateway serves a chat, SIGTERM stops everything."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def listening(port: int) -> bool:
 
 
 def test_cluster_command_serves_through_every_gateway_and_stops_everything(tmp_path: Path) -> None:
-    cluster = python_module("gateway.cluster", "--gateways", 2, "--workers", 3, "--port", 0, "--lease-ttl", 3,
+    cluster = python_module("kvgate.dev.cluster", "--gateways", 2, "--workers", 3, "--port", 0, "--lease-ttl", 3,
                             "--log-dir", tmp_path / "cluster", log_path=tmp_path / "cluster.log")
     try:
         wait_until(lambda: "Ctrl-C" in cluster.log() or not cluster.alive(), timeout=120, what="cluster up")

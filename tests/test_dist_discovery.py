@@ -8,10 +8,12 @@ import time
 import aetcd
 import pytest
 
-from router.discovery import (
-    EtcdDiscovery, EtcdRegistration, decode_worker, encode_worker, parse_endpoints, worker_key,
-)
-from router.registry import RegistryChange, WorkerConfigError, WorkerInfo, WorkerRegistry
+from kvgate.router.discovery import EtcdDiscovery
+from kvgate.worker.sidecar.registration import EtcdRegistration
+from kvgate.protocol.worker_record import decode_worker, encode_worker, worker_key
+from kvgate.etcd import parse_endpoints
+from kvgate.router.registry import RegistryChange, WorkerRegistry
+from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo
 from tests.servers import EtcdServer, until
 
 pytestmark = pytest.mark.integration

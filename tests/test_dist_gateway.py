@@ -10,19 +10,21 @@ import time
 import pytest
 import yaml
 
-from gateway.app import Gateway
-from gateway.bus import ActiveSync, FreshMatches, GatewayBus
-from gateway.config import GatewayConfig, config_from_dict, load_config
-from indexer.bus import ActiveMessage, Bus, EventsMessage, LoadMessage, connect_nats
-from indexer.events import RouterCleared, RouterStored, Tier, WorkerKey
-from indexer.hashing import sequence_hashes
-from indexer.kv_indexer import KvIndexer
-from router.config import RouterConfig
-from router.load import LoadTracker
-from router.registry import WorkerInfo, WorkerRegistry
-from router.routing import Router
+from kvgate.gateway.app import Gateway
+from kvgate.gateway.replicas import ActiveSync, FreshMatches, GatewayBus
+from kvgate.gateway.config import GatewayConfig, config_from_dict, load_config
+from kvgate.protocol.messages import ActiveMessage, EventsMessage, LoadMessage
+from kvgate.bus import Bus, connect_nats
+from kvgate.protocol.events import RouterCleared, RouterStored, Tier, WorkerKey
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.router.config import RouterConfig
+from kvgate.router.load import LoadTracker
+from kvgate.protocol.worker_record import WorkerInfo
+from kvgate.router.registry import WorkerRegistry
+from kvgate.router.routing import Router
 from tests.procs import REPO, TINY_MODEL, free_port
-from worker.sidecar.__main__ import parse_args as parse_sidecar_args
+from kvgate.worker.sidecar.__main__ import parse_args as parse_sidecar_args
 from tests.servers import NatsServer, until
 
 W0, W1 = WorkerKey("w0"), WorkerKey("w1")
@@ -265,16 +267,16 @@ def test_deployment_files_hold_valid_gateway_and_sidecar_settings():
     config = config_from_dict(yaml.safe_load(configmap["data"]["gateway.yaml"]))
     assert (config.discovery, config.nats_url, config.block_size) == ("etcd", "nats://nats:4222", 64)
     compose = yaml.safe_load((REPO / "configs/compose.yaml").read_text())
-    gateway_flags = compose["x-gateway-cmd"].split("python -m gateway", 1)[1].split()
+    gateway_flags = compose["x-gateway-cmd"].split("python -m kvgate.gateway", 1)[1].split()
     assert load_config(gateway_flags, environ={}).discovery == "etcd"
 
     pods = list(yaml.safe_load_all((REPO / "configs/k8s/worker.yaml").read_text()))
     containers = pods[0]["spec"]["template"]["spec"]["containers"]
     sidecar = next(c for c in containers if c["name"] == "sidecar")["command"]
-    assert sidecar[:3] == ["python", "-m", "worker.sidecar"]
+    assert sidecar[:3] == ["python", "-m", "kvgate.worker.sidecar"]
     args = [a.replace("$(POD_NAME)", "vllm-0").replace("$(POD_IP)", "10.0.0.5") for a in sidecar[3:]]
     parsed = parse_sidecar_args(args)
     assert parsed.worker_info().base_url == "http://10.0.0.5:8000" and parsed.tiers == ("GPU", "CPU")
-    sim = compose["x-sim-cmd"].split("exec python -m worker.sidecar", 1)[1].rstrip(")").split()
+    sim = compose["x-sim-cmd"].split("exec python -m kvgate.worker.sidecar", 1)[1].rstrip(")").split()
     parsed = parse_sidecar_args([a.replace("$$WORKER_ID", "w0") for a in sim])
     assert parsed.worker_info().metadata["events"] == "nats"

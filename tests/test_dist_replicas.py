@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 import aetcd
 import pytest
 
-from gateway.cluster import Cluster, ClusterOptions
-from router.discovery import worker_key
+from kvgate.dev.cluster import Cluster, ClusterOptions
+from kvgate.protocol.worker_record import worker_key
 from tests.test_e2e_gateway import MODEL, conversation, get, metric, metrics, post, wait_until
 
 pytestmark = pytest.mark.integration

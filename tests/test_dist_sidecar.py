@@ -23,12 +23,15 @@ import aetcd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from indexer.bus import Bus, LoadMessage, NatsEventSource, connect_nats
-from indexer.events import WorkerKey
-from indexer.hashing import sequence_hashes
-from indexer.kv_indexer import KvIndexer
-from router.discovery import EtcdDiscovery, worker_key
-from router.registry import RegistryChange, WorkerRegistry
+from kvgate.bus import Bus, connect_nats
+from kvgate.protocol.messages import LoadMessage
+from kvgate.indexer.nats_source import NatsEventSource
+from kvgate.protocol.events import WorkerKey
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.router.discovery import EtcdDiscovery
+from kvgate.protocol.worker_record import worker_key
+from kvgate.router.registry import RegistryChange, WorkerRegistry
 from tests.procs import TINY_MODEL, Proc, free_port, python_module, wait_http
 from tests.servers import EtcdServer, NatsServer, until
 

@@ -25,7 +25,7 @@ def listening(port: int) -> bool:
 
 def test_demo_serves_and_stops_its_workers(tmp_path: Path) -> None:
     port = free_port()
-    demo = python_module("gateway.demo", "--workers", 2, "--host", "127.0.0.1", "--port", port,
+    demo = python_module("kvgate.dev.demo", "--workers", 2, "--host", "127.0.0.1", "--port", port,
                          "--log-dir", tmp_path / "workers", log_path=tmp_path / "demo.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=demo)

@@ -75,7 +75,7 @@ def start_worker(worker_id: str, log_dir: Path, *extra: str) -> Worker:
 
 def start_gateway(name: str, log_dir: Path, *flags: str) -> Gateway:
     port = free_port()
-    proc = python_module("gateway", "--port", port, "--model", TINY_MODEL, "--context-length", CONTEXT,
+    proc = python_module("kvgate.gateway", "--port", port, "--model", TINY_MODEL, "--context-length", CONTEXT,
                          "--health-interval", "0.5", "--load-interval", "0.5", *flags,
                          log_path=log_dir / f"gateway-{name}.log")
     return Gateway(port, proc)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import GatewayConfig, build_parser, config_from_dict, load_config
-from router.config import RouterConfig
+from kvgate.gateway.config import GatewayConfig, build_parser, config_from_dict, load_config
+from kvgate.router.config import RouterConfig
 from tests.procs import REPO
 
 
@@ -110,7 +110,7 @@ def test_readme_documents_every_option_and_metric() -> None:
     readme = (REPO / "gateway" / "README.md").read_text()
     for f in fields(GatewayConfig):
         assert f"`{f.name}`" in readme or f"`{f.name}:`" in readme, f.name
-    from gateway.metrics import GatewayMetrics
+    from kvgate.gateway.metrics import GatewayMetrics
 
     for metric in GatewayMetrics().registry.collect():
         assert metric.name in readme, metric.name

@@ -11,13 +11,13 @@ import zmq.asyncio
 
 import pytest
 
-from gateway.app import Gateway
-from gateway.config import config_from_dict, load_config
-from indexer.events import BlockStored, EventBatch, WorkerKey
-from indexer.wire import encode_batch, encode_frames
-from router.registry import WorkerInfo
+from kvgate.gateway.app import Gateway
+from kvgate.gateway.config import config_from_dict, load_config
+from kvgate.protocol.events import BlockStored, EventBatch, WorkerKey
+from kvgate.protocol.wire import encode_batch, encode_frames
+from kvgate.protocol.worker_record import WorkerInfo
 from tests.procs import TINY_MODEL, free_port
-from tests.test_sources import Publisher, tcp, until
+from tests.test_zmq_source import Publisher, tcp, until
 
 
 async def test_registry_changes_start_and_stop_sources_and_drop_index_state() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.fleet import parse_engine_load
-from gateway.relay import Exchange, usage_from_sse
+from kvgate.gateway.fleet import parse_engine_load
+from kvgate.gateway.relay import Exchange, usage_from_sse
 
 
 def sse(*events: str) -> bytes:

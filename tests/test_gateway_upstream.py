@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.config import GatewayConfig
-from gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
+from kvgate.gateway.config import GatewayConfig
+from kvgate.gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
 from tests.procs import free_port
 
 Answer = Sequence[bytes]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.events import Match, RouterCleared, RouterRemoved, RouterStored, Tier, WorkerKey
-from indexer.index import PrefixIndex
+from kvgate.indexer.index import Match
+from kvgate.protocol.events import RouterCleared, RouterRemoved, RouterStored, Tier, WorkerKey
+from kvgate.indexer.index import PrefixIndex
 
 A = WorkerKey("a")
 A1 = WorkerKey("a", 1)
@@ -154,7 +155,7 @@ def test_tier_changes_along_the_prompt_for_many_holders() -> None:
 
 
 def test_apply_rejects_engine_events_and_bad_tiers_without_damage() -> None:
-    from indexer.events import AllBlocksCleared
+    from kvgate.protocol.events import AllBlocksCleared
 
     index = PrefixIndex()
     index.apply(A, RouterStored(PROMPT[:2]))

@@ -15,22 +15,22 @@ from functools import lru_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer.events import (
+from kvgate.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EngineEvent,
     EventBatch,
-    Match,
     RouterCleared,
     RouterRemoved,
     RouterStored,
     Tier,
     WorkerKey,
 )
-from indexer.hashing import sequence_hashes
-from indexer.index import PrefixIndex
-from indexer.kv_indexer import KvIndexer
+from kvgate.indexer.index import Match
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.index import PrefixIndex
+from kvgate.indexer.kv_indexer import KvIndexer
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = [WorkerKey(w, r) for w in ("a", "b") for r in (0, 1)]

@@ -6,21 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from indexer.events import (
+from kvgate.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EventBatch,
-    Match,
     RouterCleared,
     RouterRemoved,
     RouterStored,
     Tier,
     WorkerKey,
 )
-from indexer.hashing import sequence_hashes
-from indexer.kv_indexer import IndexerStats, KvIndexer
-from indexer.wire import decode_batch
+from kvgate.indexer.index import Match
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.kv_indexer import IndexerStats, KvIndexer
+from kvgate.protocol.wire import decode_batch
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kv_events"
 BS = 64

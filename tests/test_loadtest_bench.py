@@ -1,4 +1,4 @@
-"""``python -m loadtest.bench`` end to end: real workers, real gateway, real report (a few seconds each)."""
+"""``python -m kvgate.loadtest.bench`` end to end: real workers, real gateway, real report (a few seconds each)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtest.corpus import Vocabulary, load_tokenizer
-from loadtest.trace import ReplayConfig, TracePrompts, load_trace
+from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
+from kvgate.loadtest.trace import ReplayConfig, TracePrompts, load_trace
 from tests.procs import TINY_MODEL, python_module
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +36,7 @@ def refused(port: int) -> bool:
 
 
 def run_bench(tmp_path: Path, *args: str | int, timeout: float = 120) -> tuple[int, str]:
-    proc = python_module("loadtest.bench", *args, "--out", tmp_path / "report", log_path=tmp_path / "bench.log")
+    proc = python_module("kvgate.loadtest.bench", *args, "--out", tmp_path / "report", log_path=tmp_path / "bench.log")
     try:
         code = proc.popen.wait(timeout=timeout)
     finally:
@@ -101,7 +101,7 @@ def test_bench_replays_the_trace_with_honoured_lengths(tmp_path):
 
 
 def test_interrupted_bench_stops_everything_it_started(tmp_path):
-    proc = python_module("loadtest.bench", "--workload", "no-sharing", "--workers", 2, "--modes", "kv",
+    proc = python_module("kvgate.loadtest.bench", "--workload", "no-sharing", "--workers", 2, "--modes", "kv",
                          "--duration", 120, "--users", 2, "--prompt-tokens", 128, "--max-tokens", 4,
                          "--out", tmp_path / "report", log_path=tmp_path / "bench.log")
     try:
@@ -132,7 +132,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, args, message):
 
 
 def test_unreachable_gateway_is_a_clear_error(tmp_path):
-    from loadtest.stack import free_port
+    from kvgate.loadtest.stack import free_port
 
     code, log = run_bench(tmp_path, "--workload", "no-sharing", "--modes", "kv", "--duration", 1,
                           "--gateway-url", f"http://127.0.0.1:{free_port()}", timeout=60)
@@ -140,7 +140,7 @@ def test_unreachable_gateway_is_a_clear_error(tmp_path):
 
 
 def test_kv_gpu_only_is_the_kv_router_with_tiers_ignored():
-    from loadtest.bench import gateway_mode
+    from kvgate.loadtest.bench import gateway_mode
 
     assert gateway_mode("kv-gpu-only") == ("kv", ("--kv-gpu-only",))
     assert gateway_mode("kv") == ("kv", ()) and gateway_mode("round-robin") == ("round-robin", ())

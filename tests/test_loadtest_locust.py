@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from loadtest.stack import Stack, StackConfig
+from kvgate.loadtest.stack import Stack, StackConfig
 from tests.procs import python_module
 
 pytestmark = pytest.mark.e2e

@@ -8,9 +8,9 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from loadtest.report import BenchResults, ModeResult, render_markdown, summarize, write_report
-from loadtest.scrape import PREFIX_HITS, PREFIX_QUERIES, delta, parse_metrics, prefix_hit_rate, tier_hit_rates
-from loadtest.stream import RequestRecord
+from kvgate.loadtest.report import BenchResults, ModeResult, render_markdown, summarize, write_report
+from kvgate.loadtest.scrape import PREFIX_HITS, PREFIX_QUERIES, delta, parse_metrics, prefix_hit_rate, tier_hit_rates
+from kvgate.loadtest.stream import RequestRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -62,7 +62,7 @@ def small_results() -> BenchResults:
                     {"w0": kv_metrics, "w1": kv_metrics})
     rr = ModeResult("round-robin", records(20, 80, ["w0", "w1"], 2), 3.0, {},
                     {"w0": rr_metrics, "w1": {}}, notes=["no /metrics from w1"])
-    return BenchResults({"workload": "multi-turn", "command": "python -m loadtest.bench --workload multi-turn",
+    return BenchResults({"workload": "multi-turn", "command": "python -m kvgate.loadtest.bench --workload multi-turn",
                          "seed": 0}, [kv, rr])
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loadtest.corpus import Vocabulary, VocabularyError, load_tokenizer
-from loadtest.trace import (
+from kvgate.loadtest.corpus import Vocabulary, VocabularyError, load_tokenizer
+from kvgate.loadtest.trace import (
     DEFAULT_TRACE,
     ReplayConfig,
     TraceError,

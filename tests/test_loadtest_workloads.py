@@ -6,16 +6,10 @@ import json
 
 import pytest
 
-from loadtest.corpus import Vocabulary, load_tokenizer
-from loadtest.stream import RequestRecord, StreamObserver
-from loadtest.trace import ReplayConfig, load_trace
-from loadtest.workloads import (
-    CHAT_PATH,
-    COMPLETIONS_PATH,
-    WorkloadConfig,
-    make_session,
-    trace_requests,
-)
+from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
+from kvgate.loadtest.stream import RequestRecord, StreamObserver
+from kvgate.loadtest.trace import ReplayConfig, load_trace
+from kvgate.loadtest.workloads import CHAT_PATH, COMPLETIONS_PATH, WorkloadConfig, make_session, trace_requests
 from tests.procs import TINY_MODEL
 
 BLOCK = 64

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from indexer.recovery import EventStream, RecoveryStats
+from kvgate.indexer.recovery import EventStream, RecoveryStats
 
 
 class Recorder:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from indexer.events import Tier
-from router.config import BusyThresholds, CostWeights, RouterConfig
+from kvgate.protocol.events import Tier
+from kvgate.router.config import BusyThresholds, CostWeights, RouterConfig
 
 
 def test_defaults():

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexer.events import WorkerKey
-from router.load import IDLE, LoadSnapshot, LoadTracker, RemoteRequest
+from kvgate.protocol.events import WorkerKey
+from kvgate.router.load import IDLE, LoadSnapshot, LoadTracker, RemoteRequest
 
 A, B, A1 = WorkerKey("a"), WorkerKey("b"), WorkerKey("a", 1)
 

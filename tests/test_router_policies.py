@@ -6,16 +6,11 @@ from collections import Counter
 
 import pytest
 
-from indexer.events import Match, WorkerKey
-from router.config import BusyThresholds, CostWeights, RouterConfig
-from router.load import LoadSnapshot
-from router.policies import (
-    KvPolicy,
-    NoWorkerAvailable,
-    RandomPolicy,
-    RoundRobinPolicy,
-    make_policy,
-)
+from kvgate.indexer.index import Match
+from kvgate.protocol.events import WorkerKey
+from kvgate.router.config import BusyThresholds, CostWeights, RouterConfig
+from kvgate.router.load import LoadSnapshot
+from kvgate.router.policies import KvPolicy, NoWorkerAvailable, RandomPolicy, RoundRobinPolicy, make_policy
 
 A, B, C, D = (WorkerKey(x) for x in "abcd")
 KEYS = [A, B, C]

@@ -2,8 +2,9 @@
 
 import pytest
 
-from indexer.events import WorkerKey
-from router.registry import RegistryChange, StaticDiscovery, WorkerConfigError, WorkerInfo, WorkerRegistry
+from kvgate.protocol.events import WorkerKey
+from kvgate.router.registry import RegistryChange, StaticDiscovery, WorkerRegistry
+from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo
 
 
 def info(worker_id="w1", **kw):

@@ -5,14 +5,14 @@ import random
 
 import pytest
 
-from indexer.events import BlockRemoved, BlockStored, EventBatch, RouterStored, Tier, WorkerKey
-from indexer.hashing import sequence_hashes
-from indexer.kv_indexer import KvIndexer
-from router.config import BusyThresholds, CostWeights, RouterConfig
-from router.load import IDLE, LoadSnapshot, LoadTracker
-from router.policies import NoWorkerAvailable
-from router.registry import StaticDiscovery
-from router.routing import Router
+from kvgate.protocol.events import BlockRemoved, BlockStored, EventBatch, RouterStored, Tier, WorkerKey
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.router.config import BusyThresholds, CostWeights, RouterConfig
+from kvgate.router.load import IDLE, LoadSnapshot, LoadTracker
+from kvgate.router.policies import NoWorkerAvailable
+from kvgate.router.registry import StaticDiscovery
+from kvgate.router.routing import Router
 
 BS = 64
 A, B, C = WorkerKey("a"), WorkerKey("b"), WorkerKey("c")

@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from tests.procs import REPO, TINY_MODEL, Proc, free_port, python_module, wait_http
-from worker.sim.__main__ import parser
-from worker.sim.config import AnswerConfig, EngineConfig, SimConfig
+from kvgate.worker.sim.__main__ import parser
+from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig
 
 MAX_MODEL_LEN = 2048
 CONFIG = SimConfig(
@@ -28,7 +28,7 @@ CONFIG = SimConfig(
 
 def start_sim(config: SimConfig, log_dir: Path) -> tuple[Proc, str]:
     config = replace(config, port=free_port())
-    proc = python_module("worker.sim", *config.cli_args(), log_path=log_dir / f"sim-{config.port}.log")
+    proc = python_module("kvgate.worker.sim", *config.cli_args(), log_path=log_dir / f"sim-{config.port}.log")
     base = f"http://127.0.0.1:{config.port}"
     try:
         wait_http(base + "/health", timeout=60, proc=proc)
@@ -358,7 +358,7 @@ async def test_reset_prefix_cache_forgets_cached_prompts(sim):
 # --- CLI ---------------------------------------------------------------------------------------
 
 def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, "-m", "worker.sim", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "kvgate.worker.sim", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert out.returncode == 0
     flags = [opt for action in parser()._actions for opt in action.option_strings if opt.startswith("--")]
@@ -371,7 +371,7 @@ def test_help_documents_every_flag():
 
 
 def test_impossible_config_exits_with_a_clear_message():
-    out = subprocess.run([sys.executable, "-m", "worker.sim", "--model-dir", str(TINY_MODEL), "--block-size", "16",
+    out = subprocess.run([sys.executable, "-m", "kvgate.worker.sim", "--model-dir", str(TINY_MODEL), "--block-size", "16",
                           "--num-gpu-blocks", "4", "--max-model-len", "100"], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert out.returncode == 2 and "max_model_len 100 exceeds the KV cache capacity" in out.stderr
@@ -379,6 +379,6 @@ def test_impossible_config_exits_with_a_clear_message():
 
 def test_cli_args_round_trip_the_config():
     config = replace(CONFIG, served_model_name="x", port=1234)
-    from worker.sim.__main__ import config_from_args
+    from kvgate.worker.sim.__main__ import config_from_args
 
     assert config_from_args(parser().parse_args(config.cli_args())) == config

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored
-from indexer.hashing import sequence_hashes
-from worker.sim.answer import TextStream, Vocabulary, answer_tokens
-from worker.sim.block_pool import BlockHasher
-from worker.sim.config import AnswerConfig, EngineConfig
-from worker.sim.scheduler import Request, Scheduler
-from worker.sim.timing import StepWork, TimingModel, decode_ms, prefill_ms
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.worker.sim.answer import TextStream, Vocabulary, answer_tokens
+from kvgate.worker.sim.block_pool import BlockHasher
+from kvgate.worker.sim.config import AnswerConfig, EngineConfig
+from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.timing import StepWork, TimingModel, decode_ms, prefill_ms
 
 BS = 16
 
@@ -404,7 +404,7 @@ def test_text_stream_holds_back_only_a_possible_stop_prefix():
 # --- the asyncio engine loop, in process -----------------------------------------------------
 
 async def test_engine_loop_streams_cuts_at_stop_strings_and_ends_pending_requests_on_stop(vocab):
-    from worker.sim.engine_loop import EngineLoop
+    from kvgate.worker.sim.engine_loop import EngineLoop
 
     loop = EngineLoop(engine(speedup_ratio=1000.0), vocab, AnswerConfig(min_tokens=30, max_tokens=40))
     loop.start()

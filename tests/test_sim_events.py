@@ -14,9 +14,9 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
-from indexer.hashing import sequence_hashes
-from indexer.wire import (
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.protocol.wire import (
     REPLAY_END_SEQ,
     decode_batch,
     decode_frames,
@@ -24,7 +24,7 @@ from indexer.wire import (
     encode_replay_request,
 )
 from tests.procs import TINY_MODEL, Proc, free_port, python_module, wait_http
-from worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig
+from kvgate.worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig
 
 _prompts = itertools.count(1)
 
@@ -36,7 +36,7 @@ def unique_prompt(n: int) -> list[int]:
 
 
 class Sim:
-    """A ``python -m worker.sim`` process that can be restarted on the same ports."""
+    """A ``python -m kvgate.worker.sim`` process that can be restarted on the same ports."""
 
     def __init__(self, config: SimConfig, log_dir: Path) -> None:
         self.config = config
@@ -51,7 +51,7 @@ class Sim:
     def start(self) -> "Sim":
         self.stop()
         log = self.log_dir / f"sim-{self.config.port}-{next(self._starts)}.log"
-        self.proc = python_module("worker.sim", *self.config.cli_args(), log_path=log)
+        self.proc = python_module("kvgate.worker.sim", *self.config.cli_args(), log_path=log)
         try:
             wait_http(self.base + "/health", timeout=60, proc=self.proc)
         except BaseException:

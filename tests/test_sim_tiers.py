@@ -17,12 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored, Tier
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, Tier
 from tests.procs import TINY_MODEL, free_port, python_module, wait_http
-from worker.sim.__main__ import config_from_args, parser
-from worker.sim.config import AnswerConfig, EngineConfig, SimConfig, TierConfig
-from worker.sim.scheduler import Request, Scheduler
-from worker.sim.timing import prefill_ms, transfer_ms
+from kvgate.worker.sim.__main__ import config_from_args, parser
+from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig, TierConfig
+from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.timing import prefill_ms, transfer_ms
 
 BS = 64
 BLOCK_BYTES = 2 * 32 * 8 * 128 * 2 * BS  # Llama-3-8B: 8 MiB per 64-token block
@@ -272,7 +272,7 @@ def tiered(tmp_path_factory) -> Iterator[str]:
         block_size=BS, num_gpu_blocks=4, max_num_seqs=4, max_num_batched_tokens=1024, max_model_len=4 * BS,
         speedup_ratio=1000.0, tiers=TierConfig(cpu_blocks=3, disk_blocks=6)), answer=AnswerConfig(1, 4))
     log = tmp_path_factory.mktemp("sim_tiers") / "sim.log"
-    proc = python_module("worker.sim", *config.cli_args(), log_path=log)
+    proc = python_module("kvgate.worker.sim", *config.cli_args(), log_path=log)
     base = f"http://127.0.0.1:{config.port}"
     try:
         wait_http(base + "/health", timeout=60, proc=proc)
@@ -325,9 +325,9 @@ async def test_usage_and_metrics_count_cached_tokens_per_tier(tiered):
 def test_a_worker_without_tiers_reports_no_connector_metrics():
     from prometheus_client import generate_latest
 
-    from worker.sim.answer import Vocabulary
-    from worker.sim.engine_loop import EngineLoop
-    from worker.sim.metrics import make_registry
+    from kvgate.worker.sim.answer import Vocabulary
+    from kvgate.worker.sim.engine_loop import EngineLoop
+    from kvgate.worker.sim.metrics import make_registry
 
     loop = EngineLoop(Scheduler(EngineConfig(seed=1)), Vocabulary((1,), (2,), 3, {}), AnswerConfig())
     text = generate_latest(make_registry(loop, "m")).decode()

@@ -11,12 +11,13 @@ import itertools
 
 import pytest
 
-from indexer.events import Match, WorkerKey
-from router.config import CostWeights, RouterConfig
-from router.policies import score_candidates
-from worker.sim.config import EngineConfig, TierConfig
-from worker.sim.scheduler import Request, Scheduler
-from worker.sim.timing import prefill_ms, transfer_ms
+from kvgate.indexer.index import Match
+from kvgate.protocol.events import WorkerKey
+from kvgate.router.config import CostWeights, RouterConfig
+from kvgate.router.policies import score_candidates
+from kvgate.worker.sim.config import EngineConfig, TierConfig
+from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.timing import prefill_ms, transfer_ms
 
 SIM = EngineConfig()
 TYPICAL_STEP_TOKENS = SIM.max_num_batched_tokens // 2

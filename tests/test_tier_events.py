@@ -19,14 +19,15 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from indexer.events import BlockRemoved, BlockStored, EventBatch, Match, Tier, WorkerKey
-from indexer.hashing import sequence_hashes
-from indexer.kv_indexer import KvIndexer
-from indexer.sources import ReplayDispatcher, ZmqEventSource
-from indexer.wire import decode_batch, encode_batch
+from kvgate.protocol.events import BlockRemoved, BlockStored, EventBatch, Tier, WorkerKey
+from kvgate.indexer.index import Match
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource
+from kvgate.protocol.wire import decode_batch, encode_batch
 from tests.procs import TINY_MODEL, free_port, python_module, wait_http
-from worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig, TierConfig
-from worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig, TierConfig
+from kvgate.worker.sim.scheduler import Request, Scheduler
 
 BS = 64
 W = WorkerKey("w")
@@ -223,7 +224,7 @@ def tiered(tmp_path_factory) -> Iterator[SimConfig]:
                               replay_endpoint=f"tcp://127.0.0.1:{free_port()}", encoding="array"),
         answer=AnswerConfig(1, 4))
     log = tmp_path_factory.mktemp("tier_events") / "sim.log"
-    proc = python_module("worker.sim", *config.cli_args(), log_path=log)
+    proc = python_module("kvgate.worker.sim", *config.cli_args(), log_path=log)
     try:
         wait_http(f"http://127.0.0.1:{config.port}/health", timeout=60, proc=proc)
         yield config

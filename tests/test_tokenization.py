@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.tokenization import ChatEncoding, Preprocessor, TokenizerError
-from indexer.hashing import sequence_hashes
+from kvgate.gateway.tokenization import ChatEncoding, Preprocessor, TokenizerError
+from kvgate.protocol.hashing import sequence_hashes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "kvgate-tiny"
@@ -525,7 +525,7 @@ def test_segment_cache_speed() -> None:
 def test_load_time_self_test_alone_catches_a_mismatch(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tokenizers import AddedToken, Tokenizer
 
-    from gateway import tokenization
+    from kvgate.gateway import tokenization
 
     model = tiny_copy(tmp_path)
     backend = Tokenizer.from_file(str(model / "tokenizer.json"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.events import (
+from kvgate.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -13,8 +13,8 @@ from indexer.events import (
     RouterStored,
     Tier,
 )
-from indexer.hashing import sequence_hashes
-from indexer.translation import BlockTranslator, TranslationStats
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.translation import BlockTranslator, TranslationStats
 
 BS = 4
 TOKENS = list(range(1000, 1000 + 5 * BS))

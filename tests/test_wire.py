@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer import wire
-from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier
-from indexer.wire import (
+from kvgate.protocol import wire
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier
+from kvgate.protocol.wire import (
     REPLAY_END_SEQ,
     DecodeError,
     decode_batch,

@@ -48,7 +48,7 @@ if [ "${DP_SIZE:-1}" -gt 1 ]; then set -- "$@" --data-parallel-size "$DP_SIZE"; 
 "$@" &
 ENGINE=$!
 
-python -m worker.sidecar --worker-id "$WORKER_ID" --model "$SERVED_NAME" \
+python -m kvgate.worker.sidecar --worker-id "$WORKER_ID" --model "$SERVED_NAME" \
   --engine-url "http://127.0.0.1:${PORT}" --advertise-url "http://${ADVERTISE_HOST}:${PORT}" \
   --kv-events-endpoint "tcp://127.0.0.1:${EVENTS_PORT}" \
   --kv-events-replay-endpoint "tcp://127.0.0.1:${REPLAY_PORT}" \

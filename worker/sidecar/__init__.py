@@ -1,4 +1,4 @@
-"""The sidecar that runs beside one vLLM engine (``python -m worker.sidecar``).
+"""The sidecar that runs beside one vLLM engine (``python -m kvgate.worker.sidecar``).
 
 Registers the worker in etcd while its engine is healthy, relays the engine's ZMQ KV
 events to NATS as router-native events, publishes its load, and serves its own

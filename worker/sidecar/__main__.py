@@ -1,4 +1,4 @@
-"""``python -m worker.sidecar``: run the sidecar beside one engine until SIGTERM / SIGINT."""
+"""``python -m kvgate.worker.sidecar``: run the sidecar beside one engine until SIGTERM / SIGINT."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import logging
 import signal
 import sys
 
-from router.discovery import DEFAULT_LEASE_TTL
-from worker.sidecar.config import SidecarConfig
-from worker.sidecar.service import Sidecar
+from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL
+from kvgate.worker.sidecar.config import SidecarConfig
+from kvgate.worker.sidecar.service import Sidecar
 
 DEFAULTS = SidecarConfig(engine_url="http://127.0.0.1:8000", worker_id="w")
 
 
 def parse_args(argv: list[str] | None = None) -> SidecarConfig:
     p = argparse.ArgumentParser(
-        prog="python -m worker.sidecar",
+        prog="python -m kvgate.worker.sidecar",
         description="Register a vLLM worker in etcd, relay its KV events to NATS as router events, report its load.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Sidecar configuration: one typed dataclass, every default in one place.
 
-The CLI (``python -m worker.sidecar --help``) only fills it in. Values are checked on
+The CLI (``python -m kvgate.worker.sidecar --help``) only fills it in. Values are checked on
 construction so a bad flag fails at start-up with a message naming it.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from indexer.bus import check_token
-from indexer.hashing import DEFAULT_BLOCK_SIZE
-from router.discovery import DEFAULT_LEASE_TTL
-from router.registry import WorkerInfo
+from kvgate.protocol.messages import check_token
+from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
+from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL
+from kvgate.protocol.worker_record import WorkerInfo
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from indexer.bus import EventsMessage, new_epoch
-from indexer.events import EventBatch, RouterCleared, RouterEvent, RouterRemoved, RouterStored, Tier
-from indexer.recovery import EventStream, RecoveryStats
-from indexer.translation import BlockTranslator, TranslationStats
+from kvgate.protocol.messages import EventsMessage, new_epoch
+from kvgate.protocol.events import EventBatch, RouterCleared, RouterEvent, RouterRemoved, RouterStored, Tier
+from kvgate.indexer.recovery import EventStream, RecoveryStats
+from kvgate.indexer.translation import BlockTranslator, TranslationStats
 
 DEFAULT_SNAPSHOT_CHUNK = 8192
 """Hashes per snapshot message: ~75 KB of msgpack, far below NATS's 1 MB payload limit."""

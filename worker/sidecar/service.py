@@ -35,13 +35,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from indexer.bus import Bus, EventsMessage, LoadMessage, ResyncRequest, connect_nats
-from indexer.events import Tier
-from indexer.sources import ZmqEventSource, ZmqSourceConfig
-from router.discovery import EtcdRegistration
-from worker.sidecar.config import SidecarConfig
-from worker.sidecar.load import LoadParseError, parse_vllm_load
-from worker.sidecar.relay import EventRelay
+from kvgate.bus import Bus, connect_nats
+from kvgate.protocol.messages import EventsMessage, LoadMessage, ResyncRequest
+from kvgate.protocol.events import Tier
+from kvgate.indexer.zmq_source import ZmqEventSource, ZmqSourceConfig
+from kvgate.worker.sidecar.registration import EtcdRegistration
+from kvgate.worker.sidecar.config import SidecarConfig
+from kvgate.worker.sidecar.load import LoadParseError, parse_vllm_load
+from kvgate.worker.sidecar.relay import EventRelay
 
 log = logging.getLogger(__name__)
 

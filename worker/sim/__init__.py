@@ -8,7 +8,7 @@ mocker's step-time model plus tier load times), ``answer`` (deterministic answer
 ``protocol`` (OpenAI request validation and response shapes), ``prompt`` (chat
 template + tokenization as vLLM does it). Edges: ``engine_loop`` (steps in simulated
 time), ``publisher`` (ZMQ PUB + replay ROUTER), ``metrics`` (Prometheus), ``server``
-(aiohttp). Run it with ``python -m worker.sim``; measure it with ``python -m
+(aiohttp). Run it with ``python -m kvgate.worker.sim``; measure it with ``python -m
 worker.sim.bench``. Never imports the gateway or the router; reuses ``indexer`` for
 event types and wire encoding.
 """

@@ -1,4 +1,4 @@
-"""``python -m worker.sim``: run one simulated vLLM worker (see worker/README.md)."""
+"""``python -m kvgate.worker.sim``: run one simulated vLLM worker (see worker/README.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from worker.sim.config import (
+from kvgate.worker.sim.config import (
     LLAMA3_8B_KV_BYTES_PER_TOKEN,
     AnswerConfig,
     EngineConfig,
@@ -22,7 +22,7 @@ _E, _K, _A, _T = EngineConfig(), KvEventsConfig(), AnswerConfig(), TierConfig()
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m worker.sim",
+        prog="python -m kvgate.worker.sim",
         description="A simulated vLLM worker: vLLM's OpenAI HTTP API, a paged KV cache with prefix caching, "
                     "continuous batching with chunked prefill, Dynamo-mocker step timing, and vLLM's "
                     "KV-event stream on ZMQ. No GPU, no weights: answers are deterministic words.",
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     import zmq
     from aiohttp import web
 
-    from worker.sim.server import build_app
+    from kvgate.worker.sim.server import build_app
 
     try:
         import uvloop
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, zmq.ZMQError) as exc:  # unreadable tokenizer, event endpoint in use, ...
         sys.exit(f"worker.sim: {exc}")
     e = config.engine
-    logging.getLogger("worker.sim").info(
+    logging.getLogger("kvgate.worker.sim").info(
         "serving %s on http://%s:%d  blocks=%d x %d  max_num_seqs=%d  max_num_batched_tokens=%d  "
         "max_model_len=%d  speedup=%g  events=%s  cpu_blocks=%d  disk_blocks=%d", config.model_name,
         config.host, config.port, e.num_gpu_blocks, e.block_size, e.max_num_seqs, e.max_num_batched_tokens,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from indexer.hashing import pack_tokens
-from worker.sim.config import AnswerConfig
+from kvgate.protocol.hashing import pack_tokens
+from kvgate.worker.sim.config import AnswerConfig
 
 _WORD = re.compile(r"[a-z]{2,}")
 _ANSWER_SEED = 0x6B7667617465  # fixed: answers must not depend on the process

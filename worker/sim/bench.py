@@ -1,6 +1,6 @@
-"""``python -m worker.sim.bench``: throughput and CPU cost of one simulated worker.
+"""``python -m kvgate.worker.sim.bench``: throughput and CPU cost of one simulated worker.
 
-Starts ``python -m worker.sim`` on a free port, keeps ``--concurrency`` requests in
+Starts ``python -m kvgate.worker.sim`` on a free port, keeps ``--concurrency`` requests in
 flight (distinct ``--prompt-tokens``-token text prompts, ``--output-tokens`` tokens
 each with ignore_eos) until ``--requests`` are done, and prints requests/s and the
 worker's CPU seconds per request (utime + stime from /proc). The baseline, measured in
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import aiohttp
 
-from worker.sim.config import EngineConfig, SimConfig
-from worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.config import EngineConfig, SimConfig
+from kvgate.worker.sim.scheduler import Request, Scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ def _prompts(model_dir: Path, n: int, tokens: int, as_ids: bool, seed: int = 0) 
     as text (the worker tokenizes it) or as the token ids themselves."""
     from transformers import AutoTokenizer
 
-    from worker.sim.answer import Vocabulary
+    from kvgate.worker.sim.answer import Vocabulary
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     vocab = Vocabulary.from_tokenizer(tok)
@@ -105,7 +105,7 @@ async def _drive(base: str, prompts: list, concurrency: int, output_tokens: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m worker.sim.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m kvgate.worker.sim.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=REPO / "models" / "kvgate-tiny", help="model directory")
     p.add_argument("--speedup-ratio", type=float, default=100.0, help="the worker's --speedup-ratio")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                                       args.output_tokens)
 
     with tempfile.NamedTemporaryFile("w+b", prefix="sim-bench-", suffix=".log") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.sim", *config.cli_args(), "--log-level", "WARNING"],
+        proc = subprocess.Popen([sys.executable, "-m", "kvgate.worker.sim", *config.cli_args(), "--log-level", "WARNING"],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             base = f"http://127.0.0.1:{config.port}"

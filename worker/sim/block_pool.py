@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import xxhash
 
-from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent
-from indexer.hashing import pack_tokens
-from worker.sim.tiers import LowerTiers, TierBlock
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent
+from kvgate.protocol.hashing import pack_tokens
+from kvgate.worker.sim.tiers import LowerTiers, TierBlock
 
 _u64 = struct.Struct("<Q").pack
 

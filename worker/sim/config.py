@@ -134,7 +134,7 @@ class SimConfig:
         return self.served_model_name or Path(self.model_dir).resolve().name
 
     def cli_args(self) -> list[str]:
-        """The ``python -m worker.sim`` arguments that reproduce this config (for launchers)."""
+        """The ``python -m kvgate.worker.sim`` arguments that reproduce this config (for launchers)."""
         e, ev, a = self.engine, self.events, self.answer
         args = [
             "--host", self.host, "--port", str(self.port), "--model-dir", str(self.model_dir),

@@ -18,11 +18,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from indexer.events import EventBatch
-from worker.sim.answer import TextStream, Vocabulary, answer_tokens
-from worker.sim.config import AnswerConfig
-from worker.sim.publisher import KvEventPublisher
-from worker.sim.scheduler import Request, RequestOutput, Scheduler
+from kvgate.protocol.events import EventBatch
+from kvgate.worker.sim.answer import TextStream, Vocabulary, answer_tokens
+from kvgate.worker.sim.config import AnswerConfig
+from kvgate.worker.sim.publisher import KvEventPublisher
+from kvgate.worker.sim.scheduler import Request, RequestOutput, Scheduler
 
 _MAX_LAG_S = 0.05
 log = logging.getLogger(__name__)

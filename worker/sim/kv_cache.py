@@ -20,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from indexer.events import Tier
-from worker.sim.block_pool import Block, BlockHasher, BlockPool
+from kvgate.protocol.events import Tier
+from kvgate.worker.sim.block_pool import Block, BlockHasher, BlockPool
 
 if TYPE_CHECKING:
-    from worker.sim.scheduler import Request
+    from kvgate.worker.sim.scheduler import Request
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 from transformers import AutoTokenizer
 
-from worker.sim.protocol import ApiError, GenerateParams
+from kvgate.worker.sim.protocol import ApiError, GenerateParams
 
 
 class PromptRenderer:

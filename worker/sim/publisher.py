@@ -16,8 +16,8 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from indexer.events import EventBatch
-from indexer.wire import (
+from kvgate.protocol.events import EventBatch
+from kvgate.protocol.wire import (
     REPLAY_END_SEQ,
     DecodeError,
     decode_replay_request,
@@ -25,7 +25,7 @@ from indexer.wire import (
     encode_frames,
     encode_replay_reply,
 )
-from worker.sim.config import KvEventsConfig
+from kvgate.worker.sim.config import KvEventsConfig
 
 log = logging.getLogger(__name__)
 

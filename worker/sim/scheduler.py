@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-from indexer.events import EngineEvent
-from worker.sim.block_pool import BlockHasher, BlockPool
-from worker.sim.config import EngineConfig
-from worker.sim.kv_cache import KvCache
-from worker.sim.tiers import LowerTiers
-from worker.sim.timing import StepWork, TimingModel
+from kvgate.protocol.events import EngineEvent
+from kvgate.worker.sim.block_pool import BlockHasher, BlockPool
+from kvgate.worker.sim.config import EngineConfig
+from kvgate.worker.sim.kv_cache import KvCache
+from kvgate.worker.sim.tiers import LowerTiers
+from kvgate.worker.sim.timing import StepWork, TimingModel
 
 
 class RequestStatus(Enum):

@@ -21,14 +21,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from worker.sim import metrics, protocol
-from worker.sim.answer import Vocabulary
-from worker.sim.config import SimConfig
-from worker.sim.engine_loop import EngineLoop, RequestHandle
-from worker.sim.prompt import PromptRenderer
-from worker.sim.protocol import ApiError, GenerateParams
-from worker.sim.publisher import KvEventPublisher
-from worker.sim.scheduler import Scheduler
+from kvgate.worker.sim import metrics, protocol
+from kvgate.worker.sim.answer import Vocabulary
+from kvgate.worker.sim.config import SimConfig
+from kvgate.worker.sim.engine_loop import EngineLoop, RequestHandle
+from kvgate.worker.sim.prompt import PromptRenderer
+from kvgate.worker.sim.protocol import ApiError, GenerateParams
+from kvgate.worker.sim.publisher import KvEventPublisher
+from kvgate.worker.sim.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

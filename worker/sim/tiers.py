@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from indexer.events import BlockRemoved, BlockStored, EngineEvent, Tier
-from worker.sim.config import TierConfig
+from kvgate.protocol.events import BlockRemoved, BlockStored, EngineEvent, Tier
+from kvgate.worker.sim.config import TierConfig
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.sim.config import EngineConfig
+from kvgate.worker.sim.config import EngineConfig
 
 _DEFAULT = EngineConfig()
 

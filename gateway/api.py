@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import ApiError, bad_request
+from kvgate.gateway.errors import ApiError, bad_request
 
 # Chat-template inputs vLLM accepts besides the messages, handed to the template renderer
 # so the gateway hashes the prompt the worker will actually see.

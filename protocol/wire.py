@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent, EventBatch, Tier
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent, EventBatch, Tier
 
 __all__ = [
     "DecodeError",

@@ -19,11 +19,12 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from indexer.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Match, Tier, WorkerKey
-from indexer.hashing import sequence_hashes
-from indexer.kv_indexer import KvIndexer
-from indexer.sources import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig, rank_endpoint
-from indexer.wire import (
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier, WorkerKey
+from kvgate.indexer.index import Match
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig, rank_endpoint
+from kvgate.protocol.wire import (
     REPLAY_END_SEQ,
     decode_replay_request,
     encode_batch,

@@ -1,4 +1,4 @@
-"""``python -m gateway.bench``: what the gateway adds, measured against the worker itself.
+"""``python -m kvgate.dev.gateway_bench``: what the gateway adds, measured against the worker itself.
 
 One run starts a simulated worker with near-zero engine time (a huge
 ``--speedup-ratio``) and a gateway process in front of it, then drives the same
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import orjson
 
-from gateway.config import DEFAULT_MODEL
-from gateway.demo import spawn_workers, stop_workers, wait_healthy
-from gateway.launch import free_port
+from kvgate.gateway.config import DEFAULT_MODEL
+from kvgate.dev.demo import spawn_workers, stop_workers, wait_healthy
+from kvgate.dev.launch import free_port
 
 
 @dataclass(slots=True)
@@ -171,7 +171,7 @@ async def bench(args: argparse.Namespace) -> None:
         port = free_port()
         with open(log_dir / "gateway.log", "wb") as gateway_log:
             gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "--port", str(port), "--log-level", "warning",
+                [sys.executable, "-m", "kvgate.gateway", "--port", str(port), "--log-level", "warning",
                  f"--worker=url={worker.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{worker.events_port},"
                  f"kv_events_replay_endpoint=tcp://127.0.0.1:{worker.replay_port}"],
                 stdout=gateway_log, stderr=subprocess.STDOUT)
@@ -229,7 +229,7 @@ def report(args: argparse.Namespace, lat_direct: RunResult, lat_gateway: RunResu
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kvgate.dev.gateway_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=32, help="tokens (streamed chunks) per answer")
     parser.add_argument("--speedup-ratio", type=float, default=1e6, help="worker.sim speedup (engine time ~0)")
     parser.add_argument("--latency-concurrency", type=int, default=4, help="concurrency of the TTFT runs")

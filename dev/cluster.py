@@ -1,4 +1,4 @@
-"""``python -m gateway.cluster``: the distributed deployment on one machine, one command.
+"""``python -m kvgate.dev.cluster``: the distributed deployment on one machine, one command.
 
 Starts, each on free loopback ports (the gateways on ``--port``, ``--port``+1, ...):
 
@@ -7,14 +7,14 @@ Starts, each on free loopback ports (the gateways on ``--port``, ``--port``+1, .
 * ``--workers`` simulated vLLM workers (``worker.sim``), each with its sidecar
   (``worker.sidecar``): registered in etcd under a lease, KV events and load relayed
   to NATS;
-* ``--gateways`` gateway replicas (``python -m gateway --discovery etcd --nats-url ...
+* ``--gateways`` gateway replicas (``python -m kvgate.gateway --discovery etcd --nats-url ...
   --router-id gN``) sharing that fleet.
 
 It waits until every gateway sees every worker up, prints the URLs, and on SIGINT /
 SIGTERM stops everything it started, by PID, in order: gateways, sidecars (they
 deregister), engines, then NATS and etcd. Children run in their own sessions, so a
 Ctrl-C in the terminal reaches only this launcher, which then stops them in that
-order. Flags it does not know are gateway flags (``python -m gateway --help``).
+order. Flags it does not know are gateway flags (``python -m kvgate.gateway --help``).
 
 ``Cluster`` is the same thing as a library: the distributed tests start one and inject
 faults through its ``Service`` handles (kill, restart).
@@ -37,10 +37,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.config import DEFAULT_MODEL, load_config
-from gateway.launch import Service, free_port, stop_all
+from kvgate.gateway.config import DEFAULT_MODEL, load_config
+from kvgate.dev.launch import Service, free_port, stop_all
 
-log = logging.getLogger("gateway.cluster")
+log = logging.getLogger("kvgate.dev.cluster")
 
 LOOPBACK = "127.0.0.1"
 
@@ -125,12 +125,12 @@ class SimWorker:
         self.port, self.sidecar_port = free_port(), free_port()
         events, replay = f"tcp://{LOOPBACK}:{free_port()}", f"tcp://{LOOPBACK}:{free_port()}"
         self.engine = Service(f"{worker_id}-engine", [
-            sys.executable, "-m", "worker.sim", "--host", LOOPBACK, "--port", self.port,
+            sys.executable, "-m", "kvgate.worker.sim", "--host", LOOPBACK, "--port", self.port,
             "--model-dir", options.model, "--max-model-len", options.max_model_len,
             "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay, *options.worker_args,
         ], log_dir, f"{self.url}/health")
         self.sidecar = Service(f"{worker_id}-sidecar", [
-            sys.executable, "-m", "worker.sidecar", "--worker-id", worker_id, "--engine-url", self.url,
+            sys.executable, "-m", "kvgate.worker.sidecar", "--worker-id", worker_id, "--engine-url", self.url,
             "--model", Path(options.model.rstrip("/")).name, "--kv-events-endpoint", events,
             "--kv-events-replay-endpoint", replay, "--etcd-endpoints", etcd.endpoint, "--nats-url", nats.url,
             "--namespace", options.namespace, "--lease-ttl", options.lease_ttl,
@@ -171,7 +171,7 @@ class Cluster:
     def _gateway(self, i: int, port: int) -> Service:
         o = self.options
         return Service(f"g{i}", [
-            sys.executable, "-m", "gateway", "--host", o.host, "--port", port, "--model", o.model,
+            sys.executable, "-m", "kvgate.gateway", "--host", o.host, "--port", port, "--model", o.model,
             "--context-length", o.max_model_len, "--discovery", "etcd", "--etcd-endpoints", self.etcd.endpoint,
             "--nats-url", self.nats.url, "--namespace", o.namespace, "--router-id", f"g{i}", *o.gateway_args,
         ], self.log_dir, f"http://{LOOPBACK if o.host in ('0.0.0.0', '::') else o.host}:{port}/health")
@@ -250,10 +250,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.cluster",
+        prog="python -m kvgate.dev.cluster",
         description="Start etcd, NATS, simulated vLLM workers with their sidecars, and gateway replicas on "
                     "etcd discovery + NATS, all on this machine. Any other flag is passed to every gateway "
-                    "(see python -m gateway --help).",
+                    "(see python -m kvgate.gateway --help).",
     )
     defaults = ClusterOptions()
     parser.add_argument("--gateways", type=int, default=defaults.gateways, help="gateway replicas (default: 2)")

@@ -42,8 +42,8 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
-from indexer.events import EventBatch
-from indexer.wire import (
+from kvgate.protocol.events import EventBatch
+from kvgate.protocol.wire import (
     REPLAY_END_SEQ,
     DecodeError,
     decode_batch,

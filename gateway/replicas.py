@@ -36,11 +36,14 @@ from dataclasses import dataclass, fields
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from indexer.bus import ActiveMessage, Bus, LoadMessage, NatsEventSource, check_token, connect_nats
-from indexer.events import Match, WorkerKey
-from indexer.kv_indexer import KvIndexer
-from router.load import LoadTracker, RemoteRequest
-from router.registry import WorkerRegistry
+from kvgate.protocol.messages import ActiveMessage, LoadMessage, check_token
+from kvgate.bus import Bus, connect_nats
+from kvgate.indexer.nats_source import NatsEventSource
+from kvgate.indexer.index import Match
+from kvgate.protocol.events import WorkerKey
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.router.load import LoadTracker, RemoteRequest
+from kvgate.router.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
-"""``python -m gateway.demo``: simulated workers plus the gateway in front, one command.
+"""``python -m kvgate.dev.demo``: simulated workers plus the gateway in front, one command.
 
-Spawns ``--workers`` ``python -m worker.sim`` processes on free loopback ports, each
+Spawns ``--workers`` ``python -m kvgate.worker.sim`` processes on free loopback ports, each
 publishing KV events (and serving replays) on its own ZMQ ports, waits for their
 ``/health``, then serves the gateway (embedded default: static workers, ZMQ events) in
 this process. Its children are stopped when it exits, on SIGINT or SIGTERM.
-Flags it does not know are gateway flags (``python -m gateway --help``).
+Flags it does not know are gateway flags (``python -m kvgate.gateway --help``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gateway.__main__ import configure_logging, serve, use_uvloop
-from gateway.config import load_config
-from gateway.launch import Service, free_port, stop_all
+from kvgate.gateway.__main__ import configure_logging, serve, use_uvloop
+from kvgate.gateway.config import load_config
+from kvgate.dev.launch import Service, free_port, stop_all
 
-log = logging.getLogger("gateway.demo")
+log = logging.getLogger("kvgate.dev.demo")
 
 
 @dataclass(slots=True)
@@ -53,7 +53,7 @@ def spawn_workers(count: int, model_dir: str, block_size: int, max_model_len: in
     for i in range(count):
         port, events, replay = free_port(), free_port(), free_port()
         service = Service(f"worker-{i}", [
-            sys.executable, "-m", "worker.sim", "--host", "127.0.0.1", "--port", port,
+            sys.executable, "-m", "kvgate.worker.sim", "--host", "127.0.0.1", "--port", port,
             "--model-dir", model_dir, "--block-size", block_size, "--max-model-len", max_model_len,
             "--kv-events-endpoint", f"tcp://127.0.0.1:{events}",
             "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra,
@@ -78,9 +78,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.demo",
+        prog="python -m kvgate.dev.demo",
         description="Start N simulated vLLM workers and the kvgate gateway in front of them. "
-                    "Any other flag is a gateway flag (see python -m gateway --help), "
+                    "Any other flag is a gateway flag (see python -m kvgate.gateway --help), "
                     "e.g. --host, --port, --router-mode.",
     )
     parser.add_argument("--workers", type=int, default=2, help="simulated workers to start (default: 2)")

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-log = logging.getLogger("gateway.launch")
+log = logging.getLogger("kvgate.dev.launch")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

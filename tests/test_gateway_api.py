@@ -7,8 +7,8 @@ import json
 import orjson
 import pytest
 
-from gateway.errors import ApiError, from_http_exception, model_not_found
-from gateway.protocol import parse_chat, parse_completion
+from kvgate.gateway.errors import ApiError, from_http_exception, model_not_found
+from kvgate.gateway.api import parse_chat, parse_completion
 from aiohttp import web
 
 

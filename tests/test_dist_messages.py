@@ -6,18 +6,37 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from indexer.bus import (
-    ActiveMessage, Bus, BusDecodeError, EventsMessage, LoadMessage, NatsEventSource, StreamTracker, Subjects,
-    connect_nats, decode_active, decode_events, decode_load, encode_active, encode_events, encode_load,
+from kvgate.protocol.messages import (
+    ActiveMessage,
+    BusDecodeError,
+    EventsMessage,
+    LoadMessage,
+    Subjects,
+    decode_active,
+    decode_events,
+    decode_load,
+    encode_active,
+    encode_events,
+    encode_load,
 )
-from indexer.events import (
-    AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, RouterCleared, RouterRemoved, RouterStored, Tier, WorkerKey,
+from kvgate.bus import Bus, connect_nats
+from kvgate.indexer.nats_source import NatsEventSource, StreamTracker
+from kvgate.protocol.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    RouterCleared,
+    RouterRemoved,
+    RouterStored,
+    Tier,
+    WorkerKey,
 )
-from indexer.hashing import sequence_hashes
-from indexer.kv_indexer import KvIndexer
+from kvgate.protocol.hashing import sequence_hashes
+from kvgate.indexer.kv_indexer import KvIndexer
 from tests.servers import NatsServer, until
-from worker.sidecar.load import LoadParseError, parse_vllm_load
-from worker.sidecar.relay import EventRelay
+from kvgate.worker.sidecar.load import LoadParseError, parse_vllm_load
+from kvgate.worker.sidecar.relay import EventRelay
 
 BIG = (1 << 64) - 1
 

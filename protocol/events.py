@@ -13,7 +13,7 @@ Two families live here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeAlias
 
@@ -112,23 +112,3 @@ class WorkerKey:
 
     def __str__(self) -> str:
         return self.worker_id if self.dp_rank == 0 else f"{self.worker_id}#{self.dp_rank}"
-
-
-@dataclass(slots=True)
-class Match:
-    """How much of a prompt's prefix a worker holds, split by best tier per block."""
-
-    depth: int = 0
-    per_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
-
-    @property
-    def gpu(self) -> int:
-        return self.per_tier[Tier.GPU]
-
-    @property
-    def cpu(self) -> int:
-        return self.per_tier[Tier.CPU]
-
-    @property
-    def disk(self) -> int:
-        return self.per_tier[Tier.DISK]
