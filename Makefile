@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,18 @@ install: $(PY)
 demo: install
 	$(PY) -m kvgate.dev.demo --workers 2 --host 127.0.0.1 --port 8000
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
+
+# Lint, format and type checks: part of `make test`, so CI runs them.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+# The fast inner loop: everything that starts no process or server.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,25 +14,16 @@ vLLM's way, reproduced here (same transformers version => same prompt and ids):
   completions -> encode(prompt) with special tokens (add_special_tokens=True); a token-id list passes
                  through after validation.
 
-Why long encodes go to a thread, measured on this machine (2 shared cores, Python 3.11, tokenizers 0.23;
-kvgate-tiny = 8k byte-level BPE, DeepSeek-V4 = 129k BPE, Qwen3 = 152k BPE; prose from pydoc topics):
-
-  prompt tokens        256     1k      8k      32k
-  kvgate-tiny  encode  0.4 ms  1.6 ms  13 ms   55 ms     (~1.5-1.8 us/token, ~4.3 chars/token)
-  DeepSeek-V4  encode  0.5 ms  2.1 ms  16 ms   83 ms     (~1.9-2.5 us/token, ~4.7 chars/token)
-  Qwen3        encode  0.5 ms  2.4 ms  15 ms   66 ms     (~1.9-2.4 us/token, ~4.8 chars/token)
-
-`Tokenizer.encode` holds the GIL for its whole run, so inline (or in a thread) it stalls the event loop
-for exactly that long. `Tokenizer.encode_batch` releases the GIL; run in a thread it left the loop's
-longest gap at the measurement's noise floor (~1.2 ms timer granularity) up to 8k tokens and at 2-8 ms
-for 32k tokens (the GIL hand-back plus building the id list, vs 55-130 ms inline). The hop to the
-executor costs ~0.1-0.2 ms, so prompts shorter than `offload_threshold_chars` (1536 chars, ~350 tokens,
-~0.6-0.8 ms to encode) are encoded inline and longer ones in the thread pool. These figures were taken at
-load average ~1.5; with the machine saturated by other work (load ~6) every figure grew 2-4x.
+Why long encodes go to a thread: `Tokenizer.encode` holds the GIL for its whole run (about 2 us per
+token), so inline (or in a thread) it stalls the event loop for exactly that long, while
+`Tokenizer.encode_batch` releases it, so run in a thread it leaves the loop free. The hop to the executor
+costs more than encoding a short prompt, so prompts shorter than `offload_threshold_chars` (1536 chars,
+~350 tokens) are encoded inline and longer ones in the thread pool. The measurements behind these
+choices are in BENCHMARKS.md ("Tokenization").
 
 Rendering (Jinja, pure Python, holds the GIL) stays inline: a thread would not free the loop. It costs
-~20 us per message whatever the message length (ChatML template above: 2 messages 0.07 ms, 20 messages
-0.4 ms, 200 messages 4.3 ms), so only conversations beyond ~50 messages stall the loop for over 1 ms.
+about the same per message whatever the message length, so only very long conversations stall the loop
+for long (figures in BENCHMARKS.md).
 
 Encoding uses a private copy of the tokenizer's Rust backend with truncation and padding cleared (what
 transformers does before every call), so concurrent encodes never mutate shared state.
@@ -46,9 +37,7 @@ offload threshold applies to the characters that still need encoding. The cache 
 exact: no added token strips whitespace or is single_word, normalized added tokens only without a
 normalizer, special tokens are split, no Metaspace prepend_scheme="first" (it prepends to the first segment
 only), and a load-time self-test on sample renders matches the whole-string encode; otherwise every prompt
-is encoded whole (logged once at load). Measured (tests/test_tokenization.py::test_segment_cache_speed,
-kvgate-tiny, 8-turn conversation, ~2.2k-token first turn, 2.5k tokens at the last): tokenize per request
-2.9-5.3 ms whole vs 0.47-0.53 ms cached over the 8 turns, 2.9-5.6 ms vs 0.12-0.18 ms (25-31x) on turns 2-8.
+is encoded whole (logged once at load). Its speed-up is measured in BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from kvgate.protocol.messages import (
     ActiveMessage,
@@ -33,11 +37,13 @@ from kvgate.protocol.messages import (
 
 log = logging.getLogger(__name__)
 
+_M = TypeVar("_M")
+
 
 async def connect_nats(url: str | Sequence[str], *, name: str,
                        on_reconnected: Callable[[], Awaitable[None]] | None = None,
                        on_disconnected: Callable[[], Awaitable[None]] | None = None,
-                       reconnect_time_wait: float = 0.5):
+                       reconnect_time_wait: float = 0.5) -> Client:
     """A nats-py client that never gives up: waits for the server at start, reconnects forever.
 
     ``url``: one server, a comma-separated list, or a sequence of URLs.
@@ -71,11 +77,11 @@ async def connect_nats(url: str | Sequence[str], *, name: str,
 class Bus:
     """Typed publish / subscribe over one NATS connection for one namespace."""
 
-    def __init__(self, nc, namespace: str = "default") -> None:
+    def __init__(self, nc: Client, namespace: str = "default") -> None:
         self.nc = nc
         self.subjects = Subjects(namespace)
         self.rejected: Counter[str] = Counter()
-        self._subs: list = []
+        self._subs: list[Subscription] = []
 
     async def publish_events(self, msg: EventsMessage) -> None:
         await self.nc.publish(self.subjects.events(msg.worker_id), encode_events(msg))
@@ -92,19 +98,19 @@ class Bus:
 
     # Each ``on_*`` returns the nats-py subscription; ``unsubscribe`` ends it, ``close`` ends all.
 
-    async def on_events(self, callback: Callable[[EventsMessage], None]):
+    async def on_events(self, callback: Callable[[EventsMessage], None]) -> Subscription:
         return await self._subscribe(self.subjects.all_events, decode_events, callback)
 
-    async def on_load(self, callback: Callable[[LoadMessage], None]):
+    async def on_load(self, callback: Callable[[LoadMessage], None]) -> Subscription:
         return await self._subscribe(self.subjects.all_load, decode_load, callback)
 
-    async def on_active(self, callback: Callable[[ActiveMessage], None]):
+    async def on_active(self, callback: Callable[[ActiveMessage], None]) -> Subscription:
         return await self._subscribe(self.subjects.all_active, decode_active, callback)
 
-    async def on_resync(self, worker_id: str, callback: Callable[[ResyncRequest], None]):
+    async def on_resync(self, worker_id: str, callback: Callable[[ResyncRequest], None]) -> Subscription:
         return await self._subscribe(self.subjects.resync(worker_id), decode_resync, callback)
 
-    async def unsubscribe(self, sub) -> None:
+    async def unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
         try:
@@ -117,8 +123,9 @@ class Bus:
         for sub in list(self._subs):
             await self.unsubscribe(sub)
 
-    async def _subscribe(self, subject: str, decode: Callable[[bytes], object], callback: Callable):
-        async def handler(msg) -> None:
+    async def _subscribe(self, subject: str, decode: Callable[[bytes], _M],
+                         callback: Callable[[_M], None]) -> Subscription:
+        async def handler(msg: Msg) -> None:
             try:
                 decoded = decode(msg.data)
             except BusDecodeError as err:

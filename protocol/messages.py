@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -198,6 +198,8 @@ class _EventsWire(msgspec.Struct, array_like=True, gc=False):
     reset: bool = False
 
 
+_T = TypeVar("_T")
+
 _encoder = msgspec.msgpack.Encoder()
 _events_decoder = msgspec.msgpack.Decoder(_EventsWire)
 _load_decoder = msgspec.msgpack.Decoder(LoadMessage)
@@ -256,7 +258,7 @@ def decode_resync(payload: bytes) -> ResyncRequest:
     return _decode(_resync_decoder, payload)
 
 
-def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes):
+def _decode(decoder: msgspec.msgpack.Decoder[_T], payload: bytes) -> _T:
     if not payload:
         raise BusDecodeError("empty")
     try:
