@@ -371,24 +371,34 @@ def decode_replay_request(frames: Sequence[bytes]) -> tuple[bytes, int]:
     return bytes(frames[0]), int.from_bytes(frames[2], "big")
 
 
-def encode_replay_reply(seq: int, payload: bytes = b"") -> list[bytes]:
-    """One reply as the ROUTER sends it after the identity: ``[b"", seq, payload]``.
+def encode_replay_reply(seq: int, payload: bytes = b"", topic: bytes | None = None) -> list[bytes]:
+    """One reply as a ROUTER sends it after the identity.
 
-    ``REPLAY_END_SEQ`` (with an empty payload) ends the replay.
+    vLLM 0.32 (``topic`` given): ``[b"", topic, seq, payload]``, ending with
+    ``[b"", b"", REPLAY_END_SEQ, b""]``. Older vLLM (``topic`` None): ``[b"", seq, payload]``,
+    ending with ``[b"", REPLAY_END_SEQ, b""]``. ``REPLAY_END_SEQ`` is 8 bytes, signed.
     """
     if seq == REPLAY_END_SEQ:
-        return [b"", seq.to_bytes(8, "big", signed=True), b""]
-    return [b"", _u64(seq), payload]
+        head = [b""] if topic is None else [b"", b""]
+        return [*head, _END_BYTES, b""]
+    return [b"", _u64(seq), payload] if topic is None else [b"", topic, _u64(seq), payload]
 
 
 def decode_replay_reply(frames: Sequence[bytes]) -> tuple[int, bytes]:
-    """``(seq, payload)`` from what the DEALER receives; seq is ``REPLAY_END_SEQ`` at the end."""
-    if len(frames) != 3 or len(frames[0]) != 0 or len(frames[1]) != 8:
-        raise DecodeError("bad_frames", "replay reply is not [b'', seq, payload]")
-    seq = bytes(frames[1])
+    """``(seq, payload)`` from what the DEALER receives; seq is ``REPLAY_END_SEQ`` at the end.
+
+    Accepts both framings (see ``encode_replay_reply``): vLLM 0.32 puts the topic frame
+    before the seq, older releases do not.
+    """
+    if len(frames) == 4 and len(frames[0]) == 0 and len(frames[2]) == 8:
+        seq, payload = bytes(frames[2]), frames[3]
+    elif len(frames) == 3 and len(frames[0]) == 0 and len(frames[1]) == 8:
+        seq, payload = bytes(frames[1]), frames[2]
+    else:
+        raise DecodeError("bad_frames", "replay reply is neither [b'', topic, seq, payload] nor [b'', seq, payload]")
     if seq == _END_BYTES:
         return REPLAY_END_SEQ, b""
-    return int.from_bytes(seq, "big"), bytes(frames[2])
+    return int.from_bytes(seq, "big"), bytes(payload)
 
 
 _END_BYTES = REPLAY_END_SEQ.to_bytes(8, "big", signed=True)

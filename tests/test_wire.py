@@ -432,6 +432,16 @@ def test_replay_protocol_messages_follow_vllm():
     assert decode_replay_reply(end) == (REPLAY_END_SEQ, b"")
 
 
+def test_replay_replies_in_vllm_0_32_framing_carry_the_topic():
+    # vLLM 0.32's ROUTER sends [identity, b"", topic, seq, payload]; the DEALER sees the rest.
+    assert encode_replay_reply(7, b"p", topic=b"kv-events") == [b"", b"kv-events", (7).to_bytes(8, "big"), b"p"]
+    assert decode_replay_reply([b"", b"kv-events", (7).to_bytes(8, "big"), b"p"]) == (7, b"p")
+    assert decode_replay_reply([b"", b"", (7).to_bytes(8, "big"), b"p"]) == (7, b"p")  # empty topic
+    end = encode_replay_reply(REPLAY_END_SEQ, topic=b"kv-events")
+    assert end == [b"", b"", (-1).to_bytes(8, "big", signed=True), b""]
+    assert decode_replay_reply(end) == (REPLAY_END_SEQ, b"")
+
+
 @pytest.mark.parametrize("frames", [[b"id", encode_replay_request(1)], [b"id", b"x", encode_replay_request(1)],
                                     [b"id", b"", b"\x01"]])
 def test_bad_replay_requests_are_rejected(frames):
@@ -439,7 +449,9 @@ def test_bad_replay_requests_are_rejected(frames):
         decode_replay_request(frames)
 
 
-@pytest.mark.parametrize("frames", [[b"", b"\x00" * 8], [b"x", b"\x00" * 8, b""], [b"", b"\x00", b""]])
+@pytest.mark.parametrize("frames", [[b"", b"\x00" * 8], [b"x", b"\x00" * 8, b""], [b"", b"\x00", b""],
+                                    [b"", b"t", b"\x00", b""], [b"x", b"t", b"\x00" * 8, b""],
+                                    [b"", b"t", b"\x00" * 8, b"", b""]])
 def test_bad_replay_replies_are_rejected(frames):
     with pytest.raises(DecodeError) as info:
         decode_replay_reply(frames)
