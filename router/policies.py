@@ -10,7 +10,10 @@ metrics mean the same thing whatever the mode; only the choice differs:
 
 * ``kv``: the cheapest total (router/README.md has the formula and a worked example),
   or a softmax draw over ``-(total - best) / temperature``; ties go to the least loaded,
-  then to the smallest ``WorkerKey``, so equal inputs always give the same answer;
+  then to the one this policy chose least recently (never-chosen first, then the
+  smallest ``WorkerKey``): quiet traffic with no useful prefix anywhere spreads over
+  the fleet instead of piling onto one worker, and the same call sequence always
+  gives the same answers;
 * ``round-robin``: the next eligible key after the last one chosen;
 * ``random``: uniform over eligible keys (seeded).
 
@@ -198,9 +201,21 @@ class KvPolicy(Policy):
     def __init__(self, config: RouterConfig | None = None) -> None:
         super().__init__(config)
         self._rng = random.Random(self.config.seed)
+        # Decision number at which each key was last chosen: the final tie-break.
+        self._chosen_at: dict[WorkerKey, int] = {}
+        self._decisions = 0
 
     def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
-        ordered = _rank(eligible, self.config.block_size)
+        ordered = self._draw(_rank(eligible, self.config.block_size, self._chosen_at))
+        self._decisions += 1
+        self._chosen_at[ordered[0].key] = self._decisions
+        if len(self._chosen_at) > 4 * len(eligible) + 64:
+            # Keys of departed workers would otherwise accumulate for ever.
+            live = {s.key for s in eligible}
+            self._chosen_at = {k: n for k, n in self._chosen_at.items() if k in live}
+        return ordered
+
+    def _draw(self, ordered: list[CandidateScore]) -> list[CandidateScore]:
         temperature = self.config.temperature
         if temperature <= 0 or len(ordered) == 1:
             return ordered
@@ -310,8 +325,10 @@ def _busy_reason(load: LoadSnapshot, busy: BusyThresholds) -> str | None:
     return None
 
 
-def _rank(scores: list[CandidateScore], block_size: int) -> list[CandidateScore]:
-    """Cheapest first; equal totals: least loaded, then fewer waiting / running, then key."""
+def _rank(scores: list[CandidateScore], block_size: int,
+          chosen_at: dict[WorkerKey, int]) -> list[CandidateScore]:
+    """Cheapest first; equal totals: least loaded, then fewer waiting / running, then the
+    least recently chosen (``chosen_at``: decision number, absent = never), then key."""
     ordered = sorted(scores, key=attrgetter("total"))
     # Ties are rare, so only runs of (nearly) equal totals pay for the full tie-break key.
     i, n = 0, len(ordered)
@@ -320,7 +337,8 @@ def _rank(scores: list[CandidateScore], block_size: int) -> list[CandidateScore]
         while j < n - 1 and _tied(ordered[j].total, ordered[j + 1].total):
             j += 1
         if j > i:
-            ordered[i : j + 1] = sorted(ordered[i : j + 1], key=lambda s: _load_key(s, block_size))
+            ordered[i : j + 1] = sorted(ordered[i : j + 1],
+                                        key=lambda s: (*_load_key(s, block_size), chosen_at.get(s.key, 0), s.key))
         i = j + 1
     return ordered
 
@@ -329,9 +347,9 @@ def _tied(lower: float, higher: float) -> bool:
     return higher - lower <= _TIE_EPSILON * max(1.0, abs(lower))
 
 
-def _load_key(s: CandidateScore, block_size: int) -> tuple[float, int, int, WorkerKey]:
+def _load_key(s: CandidateScore, block_size: int) -> tuple[float, int, int]:
     load = s.load
-    return (load.blocks + load.prefill_tokens / block_size, load.waiting or 0, load.running or 0, s.key)
+    return (load.blocks + load.prefill_tokens / block_size, load.waiting or 0, load.running or 0)
 
 
 def _why_none(scores: Sequence[CandidateScore]) -> str:

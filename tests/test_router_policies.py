@@ -89,9 +89,24 @@ def test_ties_go_to_least_loaded_then_to_the_smallest_key():
     decision = KvPolicy().select([A, B], {A: match(gpu=2)}, 10, {A: LoadSnapshot(requests=1, blocks=2)})
     assert decision.score_of(A).total == decision.score_of(B).total == 20.0
     assert decision.ranked == [B, A]
-    # Identical candidates: the key decides, whatever order they arrive in.
+    # Identical candidates never chosen before: the key decides, whatever order they arrive in.
     for order in ([D, C, B, A], [B, D, A, C]):
         assert KvPolicy().select(order, {}, 4, {}).ranked == [A, B, C, D]
+
+
+def test_quiet_traffic_with_no_prefix_anywhere_spreads_over_every_worker():
+    # Sequential requests (no load) for prompts nobody holds: each goes to the worker chosen
+    # least recently, so a quiet fleet uses all its caches instead of piling onto the first key.
+    policy = KvPolicy()
+    chosen = [policy.select([A, B, C, D], {}, 8, {}).chosen for _ in range(8)]
+    assert chosen == [A, B, C, D, A, B, C, D]
+    # A prefix still wins over recency: a holds the prompt, so it is chosen again.
+    assert policy.select([A, B, C, D], {A: match(gpu=8)}, 8, {}).chosen == A
+    # ...and the next cold prompt skips a, the most recently chosen.
+    assert policy.select([A, B, C, D], {}, 8, {}).chosen == B
+    # The same call sequence gives the same answers.
+    again = KvPolicy()
+    assert [again.select([A, B, C, D], {}, 8, {}).chosen for _ in range(8)] == chosen
 
 
 def test_totals_equal_up_to_rounding_are_a_tie():
