@@ -42,7 +42,7 @@ case "$TIER" in
 esac
 
 set -- vllm serve "$MODEL" --served-model-name "$SERVED_NAME" --host 0.0.0.0 --port "$PORT" \
-  --block-size 64 --enable-prefix-caching --kv-events-config "$KV_EVENTS"
+  --block-size 64 --enable-prefix-caching --enable-prompt-tokens-details --kv-events-config "$KV_EVENTS"
 if [ -n "$TRANSFER" ]; then set -- "$@" --kv-transfer-config "$TRANSFER"; fi
 if [ "${DP_SIZE:-1}" -gt 1 ]; then set -- "$@" --data-parallel-size "$DP_SIZE"; fi
 "$@" &
