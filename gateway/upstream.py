@@ -54,9 +54,40 @@ class UpstreamFailure(Exception):
         return self.kind != "timeout"
 
 
-def forward_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The client's request headers minus hop-by-hop ones (auth, ids, tracing pass through)."""
-    return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP]
+def forward_headers(headers: Mapping[str, str], client: str | None = None) -> list[tuple[str, str]]:
+    """The client's request headers for the worker hop (auth, ids, tracing pass through).
+
+    Dropped: hop-by-hop headers, those the client's ``Connection`` names (RFC 9110
+    7.6.1), and ``Content-Encoding`` (the gateway forwards the body it decoded).
+    ``client`` (the peer address) is appended to ``X-Forwarded-For`` and ``Forwarded``
+    as a proxy does, never replacing what earlier proxies wrote.
+    """
+    named = {token.strip().lower() for value in _values(headers, "connection") for token in value.split(",")}
+    out: list[tuple[str, str]] = []
+    for k, v in headers.items():
+        lower = k.lower()
+        if lower in HOP_BY_HOP or lower in named or lower in _NOT_FORWARDED or lower in _FORWARDING:
+            continue
+        out.append((k, v))
+    if client is not None:
+        xff = ", ".join([*_values(headers, "x-forwarded-for"), client])
+        node = f'"[{client}]"' if ":" in client else client
+        forwarded = ", ".join([*_values(headers, "forwarded"), f"for={node}"])
+        out += [("X-Forwarded-For", xff), ("Forwarded", forwarded)]
+    else:
+        out += [(k, v) for k, v in headers.items() if k.lower() in _FORWARDING]
+    return out
+
+
+_NOT_FORWARDED = frozenset(("content-encoding",))
+_FORWARDING = frozenset(("x-forwarded-for", "forwarded"))
+
+
+def _values(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    return [v for k, v in headers.items() if k.lower() == name]
 
 
 def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -354,9 +385,11 @@ class Upstream:
                    headers: list[tuple[str, str]]) -> UpstreamResponse:
         """POST ``body`` unchanged; returns at the status line. The caller must release/close it."""
         pool, prefix = self._pool(base_url)
+        # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape; encoding
+        # the same way sends the worker the very bytes the client sent, Latin-1 or not.
         head = "".join(f"{k}: {v}\r\n" for k, v in headers)
         request = (f"POST {prefix}{path} HTTP/1.1\r\nHost: {pool.name}\r\n{head}"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+                   f"Content-Length: {len(body)}\r\n\r\n").encode("utf-8", "surrogateescape") + body
         conn = await pool.acquire()
         try:
             response = await self._exchange(conn, request)

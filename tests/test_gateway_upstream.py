@@ -14,6 +14,8 @@ import pytest
 
 from kvgate.gateway.config import GatewayConfig
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
+from multidict import CIMultiDict
+
 from tests.procs import free_port
 
 Answer = Sequence[bytes]
@@ -281,6 +283,39 @@ def test_header_filters_drop_hop_by_hop() -> None:
     sent = forward_headers({"Host": "gw", "Content-Length": "3", "Connection": "keep-alive",
                             "Authorization": "Bearer k", "X-Request-Id": "r1"})
     assert sent == [("Authorization", "Bearer k"), ("X-Request-Id", "r1")]
+    # Headers the client's Connection names are hop-by-hop too; the decoded body loses its encoding.
+    sent = forward_headers(CIMultiDict([("Connection", "close, X-Secret-Hop"), ("X-Secret-Hop", "1"),
+                                        ("Content-Encoding", "gzip"), ("X-Kept", "2")]))
+    assert sent == [("X-Kept", "2")]
     relayed = response_headers({"Transfer-Encoding": "chunked", "Content-Type": "text/event-stream",
                                 "Date": "now", "Server": "uvicorn", "X-Request-Id": "r1"})
     assert dict(relayed) == {"Content-Type": "text/event-stream", "X-Request-Id": "r1"}
+
+
+def test_the_client_address_is_appended_to_forwarding_headers() -> None:
+    headers = CIMultiDict([("X-Forwarded-For", "203.0.113.7"), ("Forwarded", "for=203.0.113.7"), ("X-A", "1")])
+    sent = forward_headers(headers, client="127.0.0.5")
+    assert sent == [("X-A", "1"), ("X-Forwarded-For", "203.0.113.7, 127.0.0.5"),
+                    ("Forwarded", "for=203.0.113.7, for=127.0.0.5")]
+    assert forward_headers(CIMultiDict(), client="::1") == [("X-Forwarded-For", "::1"), ("Forwarded", 'for="[::1]"')]
+    # Without a known peer, what the client sent passes as it was.
+    assert forward_headers(headers) == [("X-A", "1"), ("X-Forwarded-For", "203.0.113.7"),
+                                        ("Forwarded", "for=203.0.113.7")]
+
+
+async def test_header_values_beyond_latin_1_reach_the_worker_byte_for_byte() -> None:
+    server = Scripted(lambda n: [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+    url = await server.start()
+    upstream = Upstream(GatewayConfig())
+    await upstream.start()
+    try:
+        # What aiohttp hands us for a UTF-8 value, and for a raw Latin-1 byte (surrogate-escaped).
+        headers = [("X-Name", "Zoë ✓"), ("X-Raw", b"caf\xe9".decode("utf-8", "surrogateescape"))]
+        response = await upstream.post(url, "/v1/completions", b"{}", headers)
+        await response.read()
+        response.release()
+        head = server.requests[0]
+        assert "X-Name: Zoë ✓".encode() in head and b"X-Raw: caf\xe9\r\n" in head
+    finally:
+        await upstream.close()
+        await server.stop()
