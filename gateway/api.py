@@ -15,6 +15,10 @@ import orjson
 
 from kvgate.gateway.errors import ApiError, bad_request
 
+# Deeper JSON than this is refused (400): rendering and re-parsing it would recurse past
+# Python's limit. Tool parameter schemas in the wild stay far below it.
+MAX_JSON_DEPTH = 64
+
 # Chat-template inputs vLLM accepts besides the messages, handed to the template renderer
 # so the gateway hashes the prompt the worker will actually see.
 TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
@@ -47,7 +51,23 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request(f"Request body must be a JSON object, not {_type_name(data)}.")
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise bad_request(f"Request body is nested more than {MAX_JSON_DEPTH} levels deep.")
     return data
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True when ``value`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return False
 
 
 def parse_chat(body: bytes) -> ChatRequest:

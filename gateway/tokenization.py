@@ -216,6 +216,8 @@ class Preprocessor:
             raise TokenizerError(f"chat template failed: {exc}") from exc
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise TokenizerError(f"cannot render these messages with the chat template: {exc}") from exc
+        except RecursionError:
+            raise TokenizerError("cannot render these messages: a value is nested too deeply") from None
         if not isinstance(prompt, str):
             raise TokenizerError("chat template did not render a string")
         return prompt
@@ -562,6 +564,8 @@ def _normalize_tool_calls(where: str, tool_calls: Any) -> list[dict[str, Any]]:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as exc:
                 raise TokenizerError(f"{where}.tool_calls[{position}].function.arguments is not valid JSON") from exc
+            except RecursionError:
+                raise TokenizerError(f"{where}.tool_calls[{position}].function.arguments is nested too deeply") from None
         normalized.append({**call, "function": {**function, "arguments": arguments}})
     return normalized
 

@@ -92,3 +92,25 @@ def test_error_body_is_openai_shaped() -> None:
     assert response.status == 404 and response.headers["x-kvgate-worker"] == "w3"
     too_large = from_http_exception(web.HTTPRequestEntityTooLarge(max_size=10, actual_size=20))
     assert too_large.status == 413 and too_large.code == "request_too_large"
+
+
+def nested(depth: int) -> dict:
+    value: dict = {"type": "string"}
+    for _ in range(depth - 1):
+        value = {"type": "object", "properties": {"x": value}}
+    return value
+
+
+def test_deeply_nested_bodies_are_a_400_not_a_crash() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": nested(300)}}
+    with pytest.raises(ApiError) as err:
+        parse_chat(json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}).encode())
+    assert err.value.status == 400 and "nested" in err.value.message
+    # Deeper than JSON parsers go: still a 400.
+    raw = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(ApiError) as err:
+        parse_chat(raw)
+    assert err.value.status == 400
+    # Real schemas stay well inside the limit.
+    ok = {"type": "function", "function": {"name": "f", "parameters": nested(10)}}
+    assert parse_chat(body(messages=[{"role": "user", "content": "hi"}], tools=[ok])).template_args["tools"] == [ok]
