@@ -5,10 +5,12 @@ fields routing needs -> ``tokenization`` renders the chat template and tokenizes
 the event loop for long prompts) -> ``Router.route`` picks a worker and a fallback
 order -> ``Upstream.post`` sends the client's bytes unchanged, moving to the next
 worker on a connect failure or a 5xx before the first byte -> ``relay`` copies the
-answer back as it arrives. The router hears each request's lifecycle (begin, first
-token, end or cancel) so load-aware scores see it, and so do the other gateway
-replicas when there is a NATS bus (``bus.GatewayBus``). Handlers hold no policy; errors
-leave as OpenAI-style JSON (``errors``), never as a stack trace.
+answer back as it arrives. The request's lifecycle goes through the one ``InFlight``
+handle ``Router.begin`` returns (retry, first token, end or cancel): load-aware scores
+see it, and so do the listeners subscribed on the router, the request metrics
+(``metrics.GatewayMetrics``) and, when there is a NATS bus, the other gateway replicas
+(``replicas.GatewayBus``). Handlers hold no policy; errors leave as OpenAI-style JSON
+(``errors``), never as a stack trace.
 
 Workers come from the static list or from etcd (``router.discovery.EtcdDiscovery``);
 their events from their ZMQ sockets or from NATS; ``Gateway.start`` wires whichever
@@ -43,16 +45,16 @@ from kvgate.gateway.errors import (
     upstream_timeout,
 )
 from kvgate.gateway.fleet import Fleet
-from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, StateSources
+from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, Outcome, StateSources
 from kvgate.gateway.api import ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_object
 from kvgate.gateway.relay import ClientGone, Exchange, relay
 from kvgate.gateway.tokenization import Preprocessor, TokenizerError
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
-from kvgate.protocol.events import WorkerKey
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher
 from kvgate.router.load import LoadTracker
 from kvgate.router.discovery import EtcdDiscovery
+from kvgate.router.lifecycle import InFlight
 from kvgate.router.policies import Decision
 from kvgate.router.registry import WorkerRegistry
 from kvgate.router.routing import NoWorkerAvailable, Router
@@ -72,6 +74,9 @@ GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
 class Routed:
     """A validated, tokenized, routed request, ready to forward."""
 
+    route: str
+    started: float
+    """``time.perf_counter()`` at the request's arrival: TTFT and E2E count from here."""
     prompt_tokens: int
     decision: Decision
     tokenize_seconds: float
@@ -113,6 +118,9 @@ class Gateway:
             workers_up=lambda: dict(self.fleet.up),
             extra=self._distributed_metrics,
         ))
+        self.router.subscribe(self.metrics)
+        if self.bus is not None:
+            self.router.subscribe(self.bus)
         self._request_ids = itertools.count()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -184,7 +192,7 @@ class Gateway:
             data = parse_json_object(body)
             route = CHAT if "messages" in data else COMPLETIONS
             parsed = parse_chat(body) if route == CHAT else parse_completion(body)
-            routed = await self._route(parsed)
+            routed = await self._route(route, parsed, time.perf_counter())
         except ApiError as err:
             return err.response(NO_WORKER)
         decision = routed.decision
@@ -204,11 +212,11 @@ class Gateway:
         try:
             body = await self._read_body(request)
             parsed = parse_chat(body) if route == CHAT else parse_completion(body)
-            routed = await self._route(parsed)
+            routed = await self._route(route, parsed, started)
         except ApiError as err:
-            self.metrics.child(self.metrics.requests, route, str(err.status), NO_WORKER).inc()
+            self.metrics.refused(route, err.status)
             return err.response(NO_WORKER)
-        return await self._forward(request, route, body, routed, started)
+        return await self._forward(request, body, routed)
 
     async def _read_body(self, request: web.Request) -> bytes:
         try:
@@ -216,7 +224,7 @@ class Gateway:
         except web.HTTPRequestEntityTooLarge:
             raise body_too_large(self.config.client_max_size) from None
 
-    async def _route(self, parsed: ChatRequest | CompletionRequest) -> Routed:
+    async def _route(self, route: str, parsed: ChatRequest | CompletionRequest, started: float) -> Routed:
         lora_name = self._lora_for(parsed.model)
         t0 = time.perf_counter()
         prompts = await self._tokenize(parsed)
@@ -233,7 +241,7 @@ class Gateway:
         self.metrics.observe_routing(tokenize_seconds, {"hash": decision.timings.hash,
                                                          "match": decision.timings.match,
                                                          "score": decision.timings.score})
-        return Routed(sum(len(p) for p in prompts), decision, tokenize_seconds)
+        return Routed(route, started, sum(len(p) for p in prompts), decision, tokenize_seconds)
 
     def _lora_for(self, model: str | None) -> str | None:
         if model is None or model == self.model_name:
@@ -261,13 +269,12 @@ class Gateway:
                 param, code="context_length_exceeded",
             )
 
-    async def _forward(self, request: web.Request, route: str, body: bytes, routed: Routed,
-                       started: float) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, body: bytes, routed: Routed) -> web.StreamResponse:
         decision = routed.decision
         request_id = str(next(self._request_ids))
         headers = forward_headers(request.headers)
+        flight: InFlight | None = None
         failure: UpstreamFailure | None = None
-        worker = NO_WORKER
         attempts = 0
         for key in decision.ranked:
             if attempts == self.config.max_attempts:
@@ -276,42 +283,46 @@ class Gateway:
             if info is None or (attempts and key in self.fleet.down_keys):
                 continue
             attempts += 1
-            worker = key.worker_id
-            self._begin(request_id, decision, routed.prompt_tokens, key)
+            if flight is None:
+                flight = self.router.begin(request_id, decision, routed.prompt_tokens, key)
+            else:
+                flight.move_to(key)
             try:
-                upstream = await self.upstream.post(info.base_url, route, body, headers)
+                upstream = await self.upstream.post(info.base_url, routed.route, body, headers)
             except UpstreamFailure as err:
-                self._finish(request_id)
                 failure = err
                 if err.kind == "connect":
-                    self.fleet.mark_down(worker, err.detail)
+                    self.fleet.mark_down(key.worker_id, err.detail)
                 if not err.retryable:
                     break
-                self.metrics.child(self.metrics.retries, worker, err.kind).inc()
+                self.metrics.child(self.metrics.retries, key.worker_id, err.kind).inc()
                 log.info("request %s: %s; trying the next worker", request_id, err.detail)
                 continue
             except BaseException:
-                self._finish(request_id)
+                flight.finish()
                 raise
-            return await self._answer(request, route, upstream, worker, key, routed, request_id, started)
+            return await self._answer(request, routed, flight, upstream)
         if failure is None:
-            err = no_worker_available("No worker is available: every candidate is down")
+            error = no_worker_available("No worker is available: every candidate is down")
         elif failure.kind == "timeout":
-            err = upstream_timeout(failure.detail)
+            error = upstream_timeout(failure.detail)
         else:
-            err = upstream_failed(f"{failure.detail} (after {attempts} attempt{'s' if attempts != 1 else ''})")
-        self.metrics.child(self.metrics.requests, route, str(err.status), worker).inc()
-        return err.response(worker)
+            error = upstream_failed(f"{failure.detail} (after {attempts} attempt{'s' if attempts != 1 else ''})")
+        if flight is None:
+            self.metrics.refused(routed.route, error.status)
+            return error.response(NO_WORKER)
+        # The last worker tried answers for the failure.
+        flight.finish(Outcome(routed.route, str(error.status)))
+        return error.response(flight.key.worker_id)
 
-    async def _answer(self, request: web.Request, route: str, upstream: UpstreamResponse, worker: str,
-                      key: WorkerKey, routed: Routed, request_id: str, started: float) -> web.StreamResponse:
-        m = self.metrics
-        exchange = Exchange(started)
+    async def _answer(self, request: web.Request, routed: Routed, flight: InFlight,
+                      upstream: UpstreamResponse) -> web.StreamResponse:
+        worker = flight.key.worker_id
+        exchange = Exchange(routed.started)
         status = "500"
         try:
-            response = await relay(request, upstream, worker, exchange,
-                                   on_first_byte=lambda: self._prefill_done(request_id),
-                                   on_gap=m.child(m.itl, worker).observe)
+            response = await relay(request, upstream, worker, exchange, on_first_byte=flight.first_token,
+                                   on_gap=self.metrics.child(self.metrics.itl, worker).observe)
             status = str(response.status)
             return response
         except UpstreamFailure as err:
@@ -320,7 +331,6 @@ class Gateway:
             return failed.response(worker)
         except (ClientGone, asyncio.CancelledError) as err:
             status = "499"
-            m.child(m.aborted, worker).inc()
             if isinstance(err, asyncio.CancelledError):
                 raise
             return web.Response(status=499)
@@ -330,34 +340,9 @@ class Gateway:
             else:
                 # Closing the connection is what tells the worker to abort the generation.
                 upstream.close()
-            self._finish(request_id)
-            m.child(m.requests, route, status, worker).inc()
-            if exchange.first_byte is not None and exchange.streamed:
-                m.child(m.ttft, route, worker).observe(exchange.first_byte - started)
-            if exchange.complete and exchange.last_byte is not None:
-                m.child(m.e2e, route, worker).observe(exchange.last_byte - started)
+            flight.finish(Outcome(routed.route, status, exchange))
             if exchange.upstream_error is not None:
-                m.child(m.stream_failures, worker).inc()
-                log.warning("request %s: %s", request_id, exchange.upstream_error)
-            if status == "200":
-                self._observe_prompt(worker, key, routed, exchange)
-
-    # -- request lifecycle: the router's load terms, and the other replicas' ----------------
-
-    def _begin(self, request_id: str, decision: Decision, prompt_tokens: int, key: WorkerKey) -> None:
-        self.router.begin(request_id, decision, prompt_tokens, key)
-        if self.bus is not None:
-            self.bus.began(request_id)
-
-    def _prefill_done(self, request_id: str) -> None:
-        self.router.prefill_done(request_id)
-        if self.bus is not None:
-            self.bus.prefill_done(request_id)
-
-    def _finish(self, request_id: str) -> None:
-        if self.bus is not None:
-            self.bus.finished(request_id)
-        self.router.finish(request_id)
+                log.warning("request %s: %s", flight.request_id, exchange.upstream_error)
 
     def _distributed_metrics(self):
         if self.bus is not None:
@@ -371,15 +356,6 @@ class Gateway:
                 family = CounterMetricFamily(f"kvgate_discovery_{name}", f"etcd discovery: {name.replace('_', ' ')}")
                 family.add_metric((), float(getattr(d.stats, name)))
                 yield family
-
-    def _observe_prompt(self, worker: str, key: WorkerKey, routed: Routed, exchange: Exchange) -> None:
-        m = self.metrics
-        m.child(m.prompt_tokens, worker).inc(routed.prompt_tokens)
-        if exchange.cached_tokens is not None:
-            m.child(m.cached_tokens, worker).inc(exchange.cached_tokens)
-        score = routed.decision.score_of(key)
-        if score is not None:
-            m.observe_overlap(worker, routed.decision.num_blocks, (score.gpu_blocks, score.cpu_blocks, score.disk_blocks))
 
 
 def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -5,7 +5,8 @@ discovery). For each worker that appears it starts a ``ZmqEventSource`` (when th
 worker publishes KV events; it catches up every ``events_catch_up_interval`` on what
 its SUB socket missed) feeding the shared ``KvIndexer``, and a probe task that
 polls ``/health`` and scrapes ``/metrics`` (``vllm:num_requests_running`` /
-``_waiting`` / ``vllm:kv_cache_usage_perc``) into the ``LoadTracker``. A worker whose
+``_waiting`` / ``vllm:kv_cache_usage_perc``) into the ``LoadTracker`` (through
+``router.engine_load.EngineLoadFeed``, like the bus's load messages). A worker whose
 sidecar relays its events and load over NATS (``metadata.events == "nats"``) gets
 neither a ZMQ source nor a scrape when the gateway has a ``GatewayBus``: the bus feeds
 both, and says when its stream is stale (``is_stale``). Without a bus such a worker
@@ -31,6 +32,7 @@ from kvgate.gateway.config import GatewayConfig
 from kvgate.protocol.events import WorkerKey
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig
+from kvgate.router.engine_load import EngineLoadFeed
 from kvgate.router.load import LoadTracker
 from kvgate.router.registry import RegistryChange, WorkerRegistry
 from kvgate.protocol.worker_record import WorkerInfo
@@ -82,7 +84,7 @@ class Fleet:
         self.config = config
         self.registry = registry
         self.indexer = indexer
-        self.load = load
+        self.engine_load = EngineLoadFeed(load, registry)
         self.replay = replay
         self.bus = bus
         self.sources: dict[str, ZmqEventSource] = {}
@@ -217,10 +219,8 @@ class Fleet:
         except ValueError as err:
             log.debug("unparseable /metrics from %s: %s", info.worker_id, err)
             return
-        if info.worker_id not in self.registry:
-            return
         for rank, (running, waiting, kv_usage) in per_rank.items():
-            self.load.update_engine(WorkerKey(info.worker_id, rank), running, waiting, kv_usage)
+            self.engine_load.report(WorkerKey(info.worker_id, rank), running, waiting, kv_usage)
 
     def _set_up(self, worker_id: str, ok: bool) -> None:
         if worker_id not in self.up or self.up[worker_id] == ok:

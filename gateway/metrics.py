@@ -1,9 +1,14 @@
 """Prometheus metrics of the gateway, on its own registry, every name under ``kvgate_``.
 
-Request-path metrics (counters, histograms) are updated by the handlers through
-``GatewayMetrics``; state that already lives elsewhere (index size per worker and tier,
-the indexer's event statistics, active load, worker health) is read only when
-``/metrics`` is scraped, by ``_StateCollector``, so the request path never pays for it.
+Request-path metrics (counters, histograms) are counted by ``GatewayMetrics`` as a
+``RequestListener`` on the router: a routed request is counted once, when its
+``InFlight`` handle finishes with an ``Outcome`` (route, status, the relayed
+``Exchange``); a handle finished without one (cancelled before any answer) is not an
+answer and is not counted. Requests refused before any worker was tried are counted
+by ``refused``; routing stages, retries and inter-chunk gaps by the request path as
+they happen. State that already lives elsewhere (index size per worker and tier, the
+indexer's event statistics, active load, worker health) is read only when ``/metrics``
+is scraped, by ``_StateCollector``, so the request path never pays for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvgate.gateway.errors import NO_WORKER
+from kvgate.gateway.relay import Exchange
 from kvgate.protocol.events import Tier, WorkerKey
+from kvgate.router.lifecycle import InFlight
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -26,6 +34,16 @@ _ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 
 _BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _RATE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 ROUTING_STAGES = ("tokenize", "hash", "match", "score")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a routed request ended: what ``InFlight.finish`` carries to the request metrics."""
+
+    route: str
+    status: str
+    exchange: Exchange | None = None
+    """The relayed answer; None when no worker answered (every attempt failed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +115,38 @@ class GatewayMetrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    # -- the request lifecycle (a RequestListener on the router) --------------------------
+
+    def on_begin(self, flight: InFlight) -> None:
+        """Nothing to count yet: a request is counted once, when it ends."""
+
+    def on_first_token(self, flight: InFlight) -> None:
+        """Nothing to count: the time to first token is read from the ``Exchange`` at the end."""
+
+    def on_finish(self, flight: InFlight) -> None:
+        outcome = flight.outcome
+        if not isinstance(outcome, Outcome):
+            return  # cancelled before any answer: not an answer to count
+        route, status, worker = outcome.route, outcome.status, flight.key.worker_id
+        self.child(self.requests, route, status, worker).inc()
+        if status == "499":
+            self.child(self.aborted, worker).inc()
+        exchange = outcome.exchange
+        if exchange is None:
+            return
+        if exchange.first_byte is not None and exchange.streamed:
+            self.child(self.ttft, route, worker).observe(exchange.first_byte - exchange.started)
+        if exchange.complete and exchange.last_byte is not None:
+            self.child(self.e2e, route, worker).observe(exchange.last_byte - exchange.started)
+        if exchange.upstream_error is not None:
+            self.child(self.stream_failures, worker).inc()
+        if status == "200":
+            self._observe_prompt(flight, worker, exchange)
+
+    def refused(self, route: str, status: int) -> None:
+        """A request answered with an error before any worker was tried."""
+        self.child(self.requests, route, str(status), NO_WORKER).inc()
+
     def observe_routing(self, tokenize: float, timings: Mapping[str, float]) -> None:
         children = self._routing_children
         children["tokenize"].observe(tokenize)
@@ -105,7 +155,16 @@ class GatewayMetrics:
             if value is not None:
                 children[stage].observe(value)
 
-    def observe_overlap(self, worker: str, prompt_blocks: int, per_tier: Iterable[int]) -> None:
+    def _observe_prompt(self, flight: InFlight, worker: str, exchange: Exchange) -> None:
+        self.child(self.prompt_tokens, worker).inc(flight.prompt_tokens)
+        if exchange.cached_tokens is not None:
+            self.child(self.cached_tokens, worker).inc(exchange.cached_tokens)
+        score = flight.decision.score_of(flight.key)
+        if score is not None:
+            self._observe_overlap(worker, flight.decision.num_blocks,
+                                 (score.gpu_blocks, score.cpu_blocks, score.disk_blocks))
+
+    def _observe_overlap(self, worker: str, prompt_blocks: int, per_tier: Iterable[int]) -> None:
         per_tier = list(per_tier)
         overlap = sum(per_tier)
         self.child(self.prompt_blocks, worker).inc(prompt_blocks)

@@ -57,7 +57,7 @@ async def relay(
     upstream: UpstreamResponse,
     worker: str,
     exchange: Exchange,
-    on_first_byte: Callable[[], None],
+    on_first_byte: Callable[[], object],
     on_gap: Callable[[float], None],
 ) -> web.StreamResponse:
     headers = response_headers(upstream.headers)
@@ -68,7 +68,7 @@ async def relay(
 
 
 async def _relay_body(upstream: UpstreamResponse, headers: Any, exchange: Exchange,
-                      on_first_byte: Callable[[], None]) -> web.Response:
+                      on_first_byte: Callable[[], object]) -> web.Response:
     body = await upstream.read()
     now = time.perf_counter()
     exchange.first_byte = exchange.last_byte = now
@@ -83,7 +83,7 @@ async def _relay_body(upstream: UpstreamResponse, headers: Any, exchange: Exchan
 
 
 async def _relay_stream(request: web.Request, upstream: UpstreamResponse, headers: Any,
-                        exchange: Exchange, on_first_byte: Callable[[], None],
+                        exchange: Exchange, on_first_byte: Callable[[], object],
                         on_gap: Callable[[float], None]) -> web.StreamResponse:
     exchange.streamed = True
     response = web.StreamResponse(status=upstream.status, headers=headers)

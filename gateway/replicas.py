@@ -6,10 +6,11 @@ With ``nats_url`` set, ``GatewayBus`` holds one NATS connection and
   (every replica consumes every event, so their indexes agree), accepting only workers
   the registry knows, and tells which workers' streams are stale;
 * feeds ``kvgate.<ns>.load.*`` (the sidecars' scrapes of ``/metrics``) into the
-  ``LoadTracker`` as engine load;
-* shares this replica's in-flight requests on ``kvgate.<ns>.active.<router_id>`` and
-  counts the other replicas' ones (``ActiveSync``, pure), so two replicas under the
-  same load do not pile onto the same worker.
+  ``LoadTracker`` as engine load, through ``router.engine_load.EngineLoadFeed``;
+* listens to the router's request lifecycle (a ``RequestListener``) to share this
+  replica's in-flight requests on ``kvgate.<ns>.active.<router_id>``, and counts the
+  other replicas' ones (``ActiveSync``, pure, their only writer into the tracker), so
+  two replicas under the same load do not pile onto the same worker.
 
 Recovery: the connection never gives up (``connect_nats``). After a (re)connect the
 replica asks every known worker's sidecar to restate its cache (``resync``), restates
@@ -42,6 +43,8 @@ from kvgate.indexer.nats_source import NatsEventSource
 from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
 from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.router.engine_load import EngineLoadFeed
+from kvgate.router.lifecycle import InFlight
 from kvgate.router.load import LoadTracker, RemoteRequest
 from kvgate.router.registry import WorkerRegistry
 
@@ -84,9 +87,10 @@ class ActiveStats:
 class ActiveSync:
     """This replica's request lifecycle out as ``ActiveMessage``s, the others' in.
 
-    Pure: reads this replica's entries from the ``LoadTracker`` (the router's ``begin``
-    put them there), writes the other replicas' entries into it, keeps the time each
-    replica was last heard from. The caller publishes what the methods return.
+    Pure: reads this replica's entries from the ``LoadTracker`` (each request's
+    ``InFlight`` handle put them there), writes the other replicas' entries into it (the
+    only writer of those), keeps the time each replica was last heard from. The caller
+    publishes what the methods return.
     """
 
     def __init__(self, router_id: str, load: LoadTracker, *, replica_timeout: float = 5.0,
@@ -104,7 +108,7 @@ class ActiveSync:
     # -- this replica -------------------------------------------------------------------
 
     def began(self, request_id: str) -> ActiveMessage | None:
-        """The router began ``request_id`` (again, on a retry): announce where it went."""
+        """``request_id`` began (or moved, on a retry): announce where it went."""
         self._own.add(request_id)
         return self._state_of(request_id)
 
@@ -203,15 +207,13 @@ class GatewayBus:
         self.namespace = namespace
         self.indexer = indexer
         self.registry = registry
-        self.load = load
+        self.engine_load = EngineLoadFeed(load, registry)
         self.events_stale_after = events_stale_after
         self.resync_interval = resync_interval
         self.sync = ActiveSync(router_id, load, replica_timeout=replica_timeout)
         self.nc = None
         self.bus: Bus | None = None
         self.source: NatsEventSource | None = None
-        self.loads_received = 0
-        self.loads_ignored = 0
         self.reconnects = 0
         self._outbox: deque[ActiveMessage] = deque()
         self._wake = asyncio.Event()
@@ -254,19 +256,21 @@ class GatewayBus:
         except Exception as exc:  # shutting down anyway; the others time us out
             log.info("nats close: %s", exc)
 
+    # -- this replica's requests (a RequestListener on the router) ----------------------
+
+    def on_begin(self, flight: InFlight) -> None:
+        self._post(self.sync.began(flight.request_id))
+
+    def on_first_token(self, flight: InFlight) -> None:
+        self._post(self.sync.prefill_done(flight.request_id))
+
+    def on_finish(self, flight: InFlight) -> None:
+        self._post(self.sync.finished(flight.request_id))
+
     # -- what the gateway calls --------------------------------------------------------
 
     def is_stale(self, worker_id: str) -> bool:
         return self.source is None or self.source.is_stale(worker_id)
-
-    def began(self, request_id: str) -> None:
-        self._post(self.sync.began(request_id))
-
-    def prefill_done(self, request_id: str) -> None:
-        self._post(self.sync.prefill_done(request_id))
-
-    def finished(self, request_id: str) -> None:
-        self._post(self.sync.finished(request_id))
 
     def worker_added(self, worker_id: str) -> None:
         """A NATS-fed worker joined discovery: ask for its whole cache now rather than at its next heartbeat."""
@@ -344,17 +348,7 @@ class GatewayBus:
             self.sync.expire()
 
     def _on_load(self, msg: LoadMessage) -> None:
-        self.loads_received += 1
-        info = self.registry.get(msg.worker_id)
-        # A scrape that waited in a buffer is worth less than none.
-        if info is None or msg.dp_rank >= info.dp_size or time.time() - msg.ts > self.load.engine_stale_after:
-            self.loads_ignored += 1
-            return
-        try:
-            self.load.update_engine(msg.key, msg.running, msg.waiting, msg.kv_usage)
-        except ValueError as err:
-            self.loads_ignored += 1
-            log.warning("ignored load of %s: %s", msg.worker_id, err)
+        self.engine_load.report(msg.key, msg.running, msg.waiting, msg.kv_usage, measured_at=msg.ts)
 
     def _on_active(self, msg: ActiveMessage) -> None:
         if self.sync.receive(msg):
@@ -386,8 +380,9 @@ class GatewayBus:
                 family.add_metric((), float(getattr(self.source.stats, f.name)))
                 yield family
         for name, value, doc in (
-            ("load_messages", self.loads_received, "Load messages received"),
-            ("load_ignored", self.loads_ignored, "Load messages ignored (unknown worker or rank, too old, invalid)"),
+            ("load_messages", self.engine_load.received, "Load messages received"),
+            ("load_ignored", self.engine_load.ignored,
+             "Load messages ignored (unknown worker or rank, too old, invalid)"),
             ("active_sent", self.sync.stats.sent, "In-flight request messages published to the other replicas"),
             ("active_received", self.sync.stats.received, "In-flight request messages from the other replicas"),
             ("restatements", self.sync.stats.restatements, "Restatements of this replica's in-flight requests"),

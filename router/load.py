@@ -1,16 +1,19 @@
 """Active load per worker (``WorkerKey``): what the cost model's load terms read.
 
-Three sources meet here:
+Three sources meet here, each with one writer:
 
-* **this router's own requests**, through their lifecycle: ``begin`` when routed (its
-  tokens still to prefill and the KV blocks it will hold), ``prefill_done`` at the
-  first token (it stops loading the worker's prefill queue but keeps its blocks),
-  ``finish`` on completion *or* cancellation; entries untouched for ``ttl`` seconds
-  expire, so a lost ``finish`` cannot leak load forever;
-* **other gateway replicas' requests** (``add_remote`` / ``remove_remote``, fed from the
-  replica-sync subject), counted like ours and expiring the same way;
-* **engine-reported load** (running, waiting, KV usage), trusted for
-  ``engine_stale_after`` seconds after its timestamp, then reported as unknown.
+* **this router's own requests**, through their lifecycle, written by each request's
+  ``lifecycle.InFlight`` handle only: ``begin`` when routed (its tokens still to
+  prefill and the KV blocks it will hold; again with another key on a retry),
+  ``prefill_done`` at the first token (it stops loading the worker's prefill queue but
+  keeps its blocks), ``finish`` on completion *or* cancellation; entries untouched for
+  ``ttl`` seconds expire, so a lost ``finish`` cannot leak load forever;
+* **other gateway replicas' requests** (``add_remote`` / ``remove_remote``), written by
+  the gateway's ``ActiveSync`` only, from the replica-sync subject; counted like ours
+  and expiring the same way;
+* **engine-reported load** (running, waiting, KV usage, ``update_engine``), written by
+  ``engine_load.EngineLoadFeed`` only, which validates every report first; trusted for
+  ``engine_stale_after`` seconds after it arrived, then reported as unknown.
 
 Pure bookkeeping: no clock reads except the injected ``clock`` (every method also takes
 an explicit ``now``), no I/O, no decisions.

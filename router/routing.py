@@ -1,9 +1,11 @@
 """The router facade: token ids in, a timed ``Decision`` out, request lifecycle tracked.
 
-``route`` = hash the prompt's full blocks (``indexer.hashing``), ask the index which
+``route`` = hash the prompt's full blocks (``protocol.hashing``), ask the index which
 workers hold which prefix (``KvIndexer.find_matches``), let the configured policy score
-the registry's workers against that and their load. The gateway then reports each
-request's lifecycle (``begin`` / ``prefill_done`` / ``finish``) so the load terms see it.
+the registry's workers against that and their load. ``begin`` then hands the gateway
+the request's ``InFlight`` handle (``lifecycle``): its first token, retries and finish
+go through it, so the load terms see them and so do the ``RequestListener``s
+subscribed here (``subscribe``).
 
 The router also listens to the registry: a worker that leaves loses its index and load
 state here, so no later decision can count blocks or requests of a worker that is gone.
@@ -12,7 +14,6 @@ Synchronous and I/O-free; the gateway calls it from its event loop.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -22,6 +23,7 @@ from kvgate.protocol.events import WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
 
 from kvgate.router.config import RouterConfig
+from kvgate.router.lifecycle import InFlight, RequestListener
 from kvgate.router.load import LoadTracker
 from kvgate.router.policies import Decision, NoWorkerAvailable, Policy, RouteTimings, make_policy
 from kvgate.router.registry import RegistryChange, WorkerRegistry
@@ -29,7 +31,7 @@ from kvgate.router.registry import RegistryChange, WorkerRegistry
 if TYPE_CHECKING:
     from kvgate.indexer.kv_indexer import KvIndexer
 
-__all__ = ["Router", "NoWorkerAvailable", "Decision", "PrefixMatcher"]
+__all__ = ["Router", "NoWorkerAvailable", "Decision", "PrefixMatcher", "InFlight", "RequestListener"]
 
 
 class PrefixMatcher(Protocol):
@@ -62,6 +64,7 @@ class Router:
         self.clock = clock
         self.load = load if load is not None else LoadTracker.from_config(config, clock)
         self.policy = policy if policy is not None else make_policy(config)
+        self._listeners: list[RequestListener] = []
         self._unsubscribe = registry.subscribe(self._on_registry_change)
 
     def route(
@@ -92,33 +95,27 @@ class Router:
         decision.timings = RouteTimings(0.0, t1 - t0, time.perf_counter() - t1)
         return decision
 
-    # -- request lifecycle (the gateway reports it; load terms read it) -------------------
+    # -- request lifecycle (the gateway reports it; load terms and listeners see it) --------
 
-    def begin(self, request_id: str, decision: Decision, prompt_tokens: int, key: WorkerKey | None = None) -> None:
-        """The request was sent to ``key`` (default: ``decision.chosen``; a retry passes the next one).
+    def begin(self, request_id: str, decision: Decision, prompt_tokens: int,
+              key: WorkerKey | None = None) -> InFlight:
+        """The request was sent to ``key`` (default: ``decision.chosen``); its handle from now on.
 
-        Its queued prefill is what that worker does not hold (the counted cached prefix);
-        it holds a KV block per started block of its prompt.
+        A retry moves it with ``InFlight.move_to``; ``finish`` frees it.
         """
-        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 0:
-            raise ValueError(f"prompt_tokens must be a non-negative integer, got {prompt_tokens!r}")
-        key = decision.chosen if key is None else key
-        score = decision.score_of(key)
-        cached_tokens = score.cached_blocks * self.config.block_size if score is not None else 0
-        self.load.begin(
-            request_id,
-            key,
-            prompt_tokens,
-            max(0, prompt_tokens - cached_tokens),
-            math.ceil(prompt_tokens / self.config.block_size),
-            self.clock(),
-        )
+        return InFlight(request_id, decision, prompt_tokens, decision.chosen if key is None else key,
+                        load=self.load, block_size=self.config.block_size, clock=self.clock,
+                        listeners=self._listeners)
 
-    def prefill_done(self, request_id: str) -> bool:
-        return self.load.prefill_done(request_id, self.clock())
+    def subscribe(self, listener: RequestListener) -> Callable[[], None]:
+        """``listener`` hears every request's lifecycle from now on; returns the function that unsubscribes it."""
+        self._listeners.append(listener)
 
-    def finish(self, request_id: str) -> bool:
-        return self.load.finish(request_id)
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     def close(self) -> None:
         """Stop listening to the registry (a router replaced by a new one)."""

@@ -174,33 +174,36 @@ def test_distributed_options_from_yaml_env_and_flags(tmp_path):
 
 @pytest.mark.integration
 async def test_two_replicas_share_in_flight_load_over_nats_and_through_a_restart(nats_server: NatsServer):
-    def replica(router_id: str) -> tuple[GatewayBus, LoadTracker]:
+    def replica(router_id: str) -> tuple[GatewayBus, LoadTracker, Router]:
         registry = WorkerRegistry([WorkerInfo("w0", "http://127.0.0.1:1", "m")])
         load = LoadTracker()
-        return GatewayBus(nats_server.url, "t", router_id, KvIndexer(), registry, load, replica_timeout=2.0), load
+        indexer = KvIndexer()
+        bus = GatewayBus(nats_server.url, "t", router_id, indexer, registry, load, replica_timeout=2.0)
+        router = Router(RouterConfig(), indexer, registry, load)
+        router.subscribe(bus)
+        return bus, load, router
 
-    a, load_a = replica("gw-a")
-    b, load_b = replica("gw-b")
+    def begin(router: Router, request_id: str, prompt_tokens: int):
+        return router.begin(request_id, router.route(list(range(prompt_tokens))), prompt_tokens)
+
+    a, load_a, router_a = replica("gw-a")
+    b, load_b, _ = replica("gw-b")
     await a.start()
     await b.start()
     try:
         await a.wait_ready(10)
         await b.wait_ready(10)
         await until(lambda: a.sync.replicas() == ["gw-b"] and b.sync.replicas() == ["gw-a"], what="replicas meet")
-        load_a.begin("r1", W0, 256, 256, 4)
-        a.began("r1")
+        r1 = begin(router_a, "r1", 256)
         await until(lambda: load_b.snapshot(W0).requests == 1, what="r1 shared")
         assert load_b.snapshot(W0).prefill_tokens == 256 and load_b.snapshot(W0).remote_requests == 1
-        load_a.prefill_done("r1")
-        a.prefill_done("r1")
+        r1.first_token()
         await until(lambda: load_b.snapshot(W0).prefill_tokens == 0, what="prefill done shared")
 
         # NATS goes away; meanwhile r1 ends and r2 starts, and nobody hears of it.
         nats_server.kill()
-        load_a.finish("r1")
-        a.finished("r1")
-        load_a.begin("r2", W0, 64, 64, 1)
-        a.began("r2")
+        r1.finish()
+        begin(router_a, "r2", 64)
         assert load_b.snapshot(W0).blocks == 4
         nats_server.start()
         took = await until(lambda: load_b.snapshot(W0).blocks == 1 and len(load_b) == 1, timeout=20,

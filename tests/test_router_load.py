@@ -1,11 +1,15 @@
-"""router.load: request lifecycle, expiry, remote replicas' load, engine load staleness."""
+"""router.load: request lifecycle, expiry, remote replicas' load, engine load staleness;
+router.engine_load: the one entry point of engine-reported load."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvgate.protocol.events import WorkerKey
+from kvgate.protocol.worker_record import WorkerInfo
+from kvgate.router.engine_load import EngineLoadFeed
 from kvgate.router.load import IDLE, LoadSnapshot, LoadTracker, RemoteRequest
+from kvgate.router.registry import WorkerRegistry
 
 A, B, A1 = WorkerKey("a"), WorkerKey("b"), WorkerKey("a", 1)
 
@@ -98,6 +102,27 @@ def test_engine_load_goes_stale():
         A: LoadSnapshot(requests=1, prefill_tokens=64, blocks=1, running=1, waiting=0, kv_usage=0.25),
         B: IDLE,
     }
+
+
+def test_engine_load_feed_applies_known_fresh_valid_reports_and_counts_the_rest():
+    load = tracker(engine_stale_after=5.0)
+    registry = WorkerRegistry([WorkerInfo("a", "http://127.0.0.1:1", "m", dp_size=2)])
+    feed = EngineLoadFeed(load, registry, wall_clock=lambda: 1000.0)
+    assert feed.report(A1, running=2, waiting=1, kv_usage=0.5)  # just measured (a scrape)
+    assert feed.report(A, 1, 0, 0.25, measured_at=995.0)  # exactly engine_stale_after old
+    assert load.snapshot(A1) == LoadSnapshot(running=2, waiting=1, kv_usage=0.5)
+    assert load.snapshot(A) == LoadSnapshot(running=1, waiting=0, kv_usage=0.25)
+    ignored = [
+        (B, 1, 1, 0.5, None),  # unknown worker
+        (WorkerKey("a", 2), 1, 1, 0.5, None),  # a rank it does not have
+        (A, 7, 7, 0.9, 994.9),  # waited in a buffer too long
+        (A, 1, -1, 0.5, None),  # invalid figures
+        (A, 1, 1, 1.5, 1000.0),
+    ]
+    for key, running, waiting, kv_usage, measured_at in ignored:
+        assert not feed.report(key, running, waiting, kv_usage, measured_at)
+    assert (feed.received, feed.ignored) == (7, 5)
+    assert load.snapshot(A) == LoadSnapshot(running=1, waiting=0, kv_usage=0.25) and load.snapshot(B) is IDLE
 
 
 def test_remove_worker_forgets_all_its_ranks():

@@ -123,16 +123,18 @@ def test_lifecycle_load_moves_the_next_decision():
     prompt = tokens(640)
     d1 = router.route(prompt)
     assert d1.chosen == A  # idle and empty: the key decides
-    router.begin("r1", d1, prompt_tokens=650)
+    flight = router.begin("r1", d1, prompt_tokens=650)
+    assert (flight.request_id, flight.key, flight.prompt_tokens, flight.decision) == ("r1", A, 650, d1)
     assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=650, blocks=11)
     d2 = router.route(prompt)
     assert d2.chosen == B
     assert d2.score_of(A).queued_prefill_tokens == 650 and d2.score_of(A).decode_blocks == 11 + 10
 
-    assert router.prefill_done("r1")
+    assert flight.first_token() and not flight.first_token()
     assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=0, blocks=11)
-    assert router.finish("r1") and not router.finish("r1")
-    assert router.load.snapshot(A) is IDLE
+    assert flight.finish() and not flight.finish()
+    assert router.load.snapshot(A) is IDLE and flight.finished
+    assert not flight.first_token() and router.load.snapshot(A) is IDLE
     assert router.route(prompt).chosen == A
 
 
@@ -141,14 +143,75 @@ def test_begin_counts_only_uncached_tokens_as_queued_prefill():
     prompt = tokens(700)
     Engine(indexer, "b").store(prompt[:384])  # 6 of 10 full blocks
     decision = router.route(prompt)
-    router.begin("r1", decision, len(prompt))
+    flight = router.begin("r1", decision, len(prompt))
     assert router.load.snapshot(B) == LoadSnapshot(requests=1, prefill_tokens=700 - 384, blocks=11)
+    assert flight.cached_tokens == 384
     # A retry on the next-best worker moves the request there with that worker's cache.
-    router.begin("r1", decision, len(prompt), key=decision.ranked[1])
+    flight.move_to(decision.ranked[1])
+    assert flight.key == A and flight.cached_tokens == 0
     assert router.load.snapshot(B) is IDLE
     assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=700, blocks=11)
+    flight.finish()
+    with pytest.raises(ValueError, match="already finished"):
+        flight.move_to(B)
+    assert len(router.load) == 0
     with pytest.raises(ValueError, match="prompt_tokens must be a non-negative integer"):
         router.begin("r2", decision, -1)
+    assert len(router.load) == 0
+
+
+class Recorder:
+    """A RequestListener that writes down what it heard and the load it saw at that moment."""
+
+    def __init__(self, router: Router, log: list) -> None:
+        self.router, self.log = router, log
+
+    def _seen(self, event, flight):
+        entry = self.router.load.get(flight.request_id)
+        self.log.append((event, flight.request_id, flight.key,
+                         None if entry is None else (entry.key, entry.prefill_tokens)))
+
+    def on_begin(self, flight):
+        self._seen("begin", flight)
+
+    def on_first_token(self, flight):
+        self._seen("first_token", flight)
+
+    def on_finish(self, flight):
+        self._seen("finish", flight)
+        self.log.append(("outcome", flight.outcome))
+
+
+class Broken:
+    def on_begin(self, flight):
+        raise RuntimeError("a listener bug")
+
+    on_first_token = on_finish = on_begin
+
+
+def test_listeners_hear_each_step_after_the_load_changed():
+    router, _ = fleet("a", "b")
+    heard: list = []
+    router.subscribe(Broken())  # must not keep the others from hearing, nor fail the request
+    unsubscribe = router.subscribe(Recorder(router, heard))
+    flight = router.begin("r1", router.route(tokens(128)), 128)
+    flight.move_to(B)  # a retry: the request begins again on the next worker
+    flight.first_token()
+    flight.first_token()
+    flight.finish("done")
+    flight.finish("again")
+    assert heard[:-1] == [
+        ("begin", "r1", A, (A, 128)),
+        ("begin", "r1", B, (B, 128)),
+        ("first_token", "r1", B, (B, 0)),
+        ("finish", "r1", B, None),
+    ]
+    assert heard[-1] == ("outcome", "done") and flight.outcome == "done"
+
+    unsubscribe()
+    unsubscribe()  # twice is harmless
+    router.begin("r2", router.route(tokens(128)), 128).finish()
+    assert len(heard) == 5 and len(router.load) == 0
 
 
 def test_removed_worker_loses_index_and_load_state():

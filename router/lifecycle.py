@@ -1,0 +1,133 @@
+"""One routed request from ``begin`` to ``finish``: the ``InFlight`` handle and its listeners.
+
+``Router.begin`` returns an ``InFlight``. It is the only writer of its request's load in
+the ``LoadTracker`` (queued prefill and KV blocks on the worker it went to) and tells
+every ``RequestListener`` subscribed on the router what happened: the gateway's request
+metrics, the replica sync that shares in-flight load with the other gateway replicas.
+
+Lifecycle: ``begin`` (routed to ``key``) -> ``move_to(next key)`` per retry -> at most one
+``first_token`` per worker -> ``finish(outcome)`` exactly once, on completion *or*
+cancellation; later calls are no-ops. The tracker changes before the listeners hear of
+it, so a listener reading the tracker sees the new state.
+
+Never routes and never does I/O; ``outcome`` is the caller's description of how the
+request ended, passed to the listeners unread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from kvgate.protocol.events import WorkerKey
+
+from kvgate.router.load import LoadTracker
+from kvgate.router.policies import Decision
+
+__all__ = ["InFlight", "RequestListener"]
+
+log = logging.getLogger(__name__)
+
+
+class RequestListener(Protocol):
+    """Hears each routed request's lifecycle (subscribe with ``Router.subscribe``)."""
+
+    def on_begin(self, flight: InFlight) -> None:
+        """``flight`` was sent to ``flight.key``: its first worker, or the next one on a retry."""
+
+    def on_first_token(self, flight: InFlight) -> None:
+        """The worker's first token for ``flight`` arrived: its prompt is prefilled."""
+
+    def on_finish(self, flight: InFlight) -> None:
+        """``flight`` ended (completed, failed or cancelled); ``flight.outcome`` says how."""
+
+
+class InFlight:
+    """A request the router routed, until it finishes. Created by ``Router.begin`` only."""
+
+    __slots__ = ("request_id", "decision", "prompt_tokens", "key", "outcome",
+                 "_load", "_block_size", "_clock", "_listeners", "_first_token", "_finished")
+
+    def __init__(self, request_id: str, decision: Decision, prompt_tokens: int, key: WorkerKey, *,
+                 load: LoadTracker, block_size: int, clock: Callable[[], float],
+                 listeners: Sequence[RequestListener]) -> None:
+        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 0:
+            raise ValueError(f"prompt_tokens must be a non-negative integer, got {prompt_tokens!r}")
+        self.request_id = request_id
+        self.decision = decision
+        self.prompt_tokens = prompt_tokens
+        self.key = key
+        self.outcome: object = None
+        self._load = load
+        self._block_size = block_size
+        self._clock = clock
+        # The router's own list: a listener subscribed later hears the rest of this request.
+        self._listeners = listeners
+        self._first_token = False
+        self._finished = False
+        self._begin()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the index says ``key`` already holds (its counted cached prefix)."""
+        score = self.decision.score_of(self.key)
+        return score.cached_blocks * self._block_size if score is not None else 0
+
+    def move_to(self, key: WorkerKey) -> None:
+        """Retry on ``key``: the request's load moves there, with that worker's cached prefix."""
+        if self._finished:
+            raise ValueError(f"request {self.request_id} already finished")
+        self.key = key
+        self._first_token = False
+        self._begin()
+
+    def first_token(self) -> bool:
+        """The first token came: the request stops queueing prefill (it keeps its blocks).
+
+        False when already reported for this worker or the request finished.
+        """
+        if self._first_token or self._finished:
+            return False
+        self._first_token = True
+        self._load.prefill_done(self.request_id, self._clock())
+        self._notify(lambda listener: listener.on_first_token)
+        return True
+
+    def finish(self, outcome: object = None) -> bool:
+        """Completed, failed or cancelled: free its load. False when it had already finished."""
+        if self._finished:
+            return False
+        self._finished = True
+        self.outcome = outcome
+        self._load.finish(self.request_id)
+        self._notify(lambda listener: listener.on_finish)
+        return True
+
+    def _begin(self) -> None:
+        # Its queued prefill is what the worker does not hold; it holds a KV block per
+        # started block of its prompt. Beginning the same id again moves it.
+        self._load.begin(
+            self.request_id,
+            self.key,
+            self.prompt_tokens,
+            max(0, self.prompt_tokens - self.cached_tokens),
+            math.ceil(self.prompt_tokens / self._block_size),
+            self._clock(),
+        )
+        self._notify(lambda listener: listener.on_begin)
+
+    def _notify(self, event: Callable[[RequestListener], Callable[[InFlight], None]]) -> None:
+        # The load has already changed; one failing listener (metrics, say) must not keep
+        # the others (the replica sync) from hearing about it, nor fail the request.
+        for listener in list(self._listeners):
+            handler = event(listener)
+            try:
+                handler(self)
+            except Exception:
+                log.exception("request listener %s failed on request %s", handler, self.request_id)
