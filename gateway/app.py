@@ -272,7 +272,7 @@ class Gateway:
     async def _forward(self, request: web.Request, body: bytes, routed: Routed) -> web.StreamResponse:
         decision = routed.decision
         request_id = str(next(self._request_ids))
-        headers = forward_headers(request.headers)
+        headers = forward_headers(request.headers, request.remote)
         flight: InFlight | None = None
         failure: UpstreamFailure | None = None
         attempts = 0
