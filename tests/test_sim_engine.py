@@ -13,7 +13,8 @@ from kvgate.protocol.hashing import sequence_hashes
 from kvgate.worker.sim.answer import TextStream, Vocabulary, answer_tokens
 from kvgate.worker.sim.block_pool import BlockHasher
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 from kvgate.worker.sim.timing import StepWork, TimingModel, decode_ms, prefill_ms
 
 BS = 16

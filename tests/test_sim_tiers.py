@@ -21,7 +21,8 @@ from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, 
 from tests.procs import TINY_MODEL, free_port, python_module, wait_http
 from kvgate.worker.sim.__main__ import config_from_args, parser
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig, TierConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 from kvgate.worker.sim.timing import prefill_ms, transfer_ms
 
 BS = 64

@@ -27,7 +27,8 @@ from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource
 from kvgate.protocol.wire import decode_batch, encode_batch
 from tests.procs import TINY_MODEL, free_port, python_module, wait_http
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig, TierConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 
 BS = 64
 W = WorkerKey("w")

@@ -26,7 +26,8 @@ from pathlib import Path
 import aiohttp
 
 from kvgate.worker.sim.config import EngineConfig, SimConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 
 REPO = Path(__file__).resolve().parents[2]
 
