@@ -34,7 +34,8 @@ from kvgate.protocol.events import (
 )
 from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.kv_indexer import KvIndexer
-from tests.servers import NatsServer, until
+from tests.servers import NatsServer
+from tests.helpers import until
 from kvgate.worker.sidecar.relay import EventRelay
 
 BIG = (1 << 64) - 1
@@ -191,6 +192,7 @@ def test_relay_asks_for_replay_on_a_gap_and_applies_it_in_order():
     assert relay.block_counts() == [(1, 0, 0)]
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 async def test_nats_round_trip_feeds_an_indexer_and_survives_bad_payloads(nats_server: NatsServer):
     publisher = await connect_nats(nats_server.url, name="test-pub")

@@ -14,7 +14,7 @@ import pytest
 
 from kvgate.gateway.config import GatewayConfig
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
-from tests.procs import free_port
+from kvgate.dev.launch import free_port
 
 Answer = Sequence[bytes]
 

@@ -290,6 +290,7 @@ def test_reset_prefix_cache_refused_while_running_then_forced():
 
 # --- invariants under random workloads -----------------------------------------------------
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 60), st.integers(1, 20), st.booleans()),
                 min_size=1, max_size=25),
@@ -365,7 +366,7 @@ def test_cached_prompt_shortens_time_to_first_token():
 def vocab():
     from transformers import AutoTokenizer
 
-    from tests.procs import TINY_MODEL
+    from tests.helpers import TINY_MODEL
 
     return Vocabulary.from_tokenizer(AutoTokenizer.from_pretrained(str(TINY_MODEL)))
 
