@@ -21,11 +21,9 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ import orjson
 
 from kvgate.gateway.config import DEFAULT_MODEL
 from kvgate.dev.demo import spawn_workers, stop_workers, wait_healthy
-from kvgate.dev.launch import free_port
+from kvgate.dev.launch import Service, free_port
 
 
 @dataclass(slots=True)
@@ -150,11 +148,6 @@ def _cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read()
-
-
 async def bench(args: argparse.Namespace) -> None:
     body = orjson.dumps({
         "model": "kvgate-tiny", "stream": True, "max_tokens": args.chunks, "ignore_eos": True,
@@ -164,26 +157,18 @@ async def bench(args: argparse.Namespace) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="kvgate-bench-"))
     workers = spawn_workers(1, str(DEFAULT_MODEL), 64, 8192, log_dir,
                             ["--speedup-ratio", str(args.speedup_ratio), "--max-num-seqs", "1024"])
-    gateway = None
+    gateway: Service | None = None
     try:
         wait_healthy(workers)
         worker = workers[0]
         port = free_port()
-        with open(log_dir / "gateway.log", "wb") as gateway_log:
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "kvgate.gateway", "--port", str(port), "--log-level", "warning",
-                 f"--worker=url={worker.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{worker.events_port},"
-                 f"kv_events_replay_endpoint=tcp://127.0.0.1:{worker.replay_port}"],
-                stdout=gateway_log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get(f"http://127.0.0.1:{port}/health")
-                break
-            except OSError:
-                if gateway.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gateway did not start; see {log_dir / 'gateway.log'}") from None
-                await asyncio.sleep(0.1)
+        gateway = Service("gateway", [
+            sys.executable, "-m", "kvgate.gateway", "--port", port, "--log-level", "warning",
+            f"--worker=url={worker.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{worker.events_port},"
+            f"kv_events_replay_endpoint=tcp://127.0.0.1:{worker.replay_port}",
+        ], log_dir, f"http://127.0.0.1:{port}/health")
+        gateway.start()
+        gateway.wait_healthy(60)
 
         # Warm both paths (connections, tokenizer caches, the worker's prefix cache).
         await drive("warmup", worker.port, body, args.concurrency, requests=args.concurrency * 20)
@@ -197,9 +182,8 @@ async def bench(args: argparse.Namespace) -> None:
                                    cpu_pid=gateway.pid)
         report(args, lat_direct, lat_gateway, tput_direct, tput_gateway)
     finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            gateway.wait(timeout=10)
+        if gateway is not None:
+            gateway.stop()
         stop_workers(workers)
 
 

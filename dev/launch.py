@@ -1,9 +1,11 @@
-"""Child processes the launchers start: free loopback ports, one ``Service`` per process.
+"""Child processes, the one way kvgate starts them: free loopback ports, one ``Service`` each.
 
-``gateway.demo``, ``gateway.cluster`` and ``gateway.bench`` start ``worker.sim`` engines,
-sidecars, etcd, NATS and gateways as real processes; this module is how each one is
-started (own session, output to a log file), waited for (its health URL answers 200)
-and stopped by PID (SIGTERM, then SIGKILL past a timeout).
+``dev.demo``, ``dev.cluster``, ``dev.gateway_bench``, the load test's stack, the
+simulator's bench and the tests start ``worker.sim`` engines, sidecars, etcd, NATS and
+gateways as real processes; this module is how each one is started (its own session,
+so a terminal's Ctrl-C reaches only the launcher; output to a log file), waited for
+(its health URL answers 200) and stopped by PID (SIGTERM, then SIGKILL past a
+timeout). It never finds, reuses or signals a process it did not start.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger("kvgate.dev.launch")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the kernel's pick), for a child to bind."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -41,13 +44,21 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
 
 
 class Service:
-    """One child process: restartable with the same arguments, output appended to a log file."""
+    """One child process, restartable with the same arguments; output goes to ``<log_dir>/<name>.log``.
 
-    def __init__(self, name: str, args: Sequence[str], log_dir: Path, health_url: str | None = None) -> None:
+    The first start empties the log; a restart appends to it, so a post-mortem sees
+    every life of the process. ``env`` adds to this process's environment.
+    """
+
+    def __init__(self, name: str, args: Sequence[str | int | float | Path], log_dir: Path,
+                 health_url: str | None = None, *, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.name = name
         self.args = [str(a) for a in args]
         self.log_path = log_dir / f"{name}.log"
         self.health_url = health_url
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,11 +66,9 @@ class Service:
         return None if self.process is None else self.process.pid
 
     def start(self) -> None:
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(
-                self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        with open(self.log_path, "wb" if self.process is None else "ab") as out:
+            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=self.env, cwd=self.cwd)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -67,14 +76,16 @@ class Service:
     def healthy(self) -> bool:
         return self.alive() and (self.health_url is None or http_status(self.health_url) == 200)
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
+    def wait_healthy(self, timeout: float = 60.0, ready: Callable[[], bool] | None = None) -> None:
+        """Until healthy and, if given, ``ready()`` holds; RuntimeError if it exits, TimeoutError past ``timeout``."""
         deadline = time.monotonic() + timeout
-        while not self.healthy():
+        while not (self.healthy() and (ready is None or ready())):
             if not self.alive():
                 raise RuntimeError(f"{self.name} exited ({self.process and self.process.returncode}); "
                                    f"see {self.log_path}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} not healthy after {timeout:.0f}s; see {self.log_path}")
+                raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}:\n"
+                                   f"{self.log_tail()}")
             time.sleep(0.1)
 
     def log_tail(self, chars: int = 3000) -> str:

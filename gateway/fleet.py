@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvgate.gateway.replicas import GatewayBus
 from kvgate.gateway.config import GatewayConfig
+from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
 from kvgate.protocol.events import WorkerKey
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig
@@ -38,45 +38,6 @@ from kvgate.router.registry import RegistryChange, WorkerRegistry
 from kvgate.protocol.worker_record import WorkerInfo
 
 log = logging.getLogger(__name__)
-
-_RUNNING = "vllm:num_requests_running"
-_WAITING = "vllm:num_requests_waiting"
-# vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc (0.10); accept both.
-_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-
-
-def parse_engine_load(text: str, dp_size: int) -> dict[int, tuple[int, int, float]]:
-    """vLLM /metrics text -> {dp_rank: (running, waiting, kv_usage)} (rank from the ``engine`` label)."""
-    seen: dict[int, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name
-            if name == _RUNNING:
-                field = "running"
-            elif name == _WAITING:
-                field = "waiting"
-            elif name in _KV_USAGE:
-                field = "kv"
-            else:
-                continue
-            try:
-                rank = int(sample.labels.get("engine", "0"))
-            except ValueError:
-                rank = 0
-            if 0 <= rank < dp_size:
-                # Several label sets (per model name) add up to the engine's total.
-                slot = seen.setdefault(rank, {})
-                if field == "kv":
-                    slot[field] = max(slot.get(field, 0.0), sample.value)
-                else:
-                    slot[field] = slot.get(field, 0.0) + sample.value
-    out = {}
-    for rank, slot in seen.items():
-        if "running" in slot and "waiting" in slot:
-            kv = min(max(slot.get("kv", 0.0), 0.0), 1.0)
-            out[rank] = (int(slot["running"]), int(slot["waiting"]), kv)
-    return out
-
 
 class Fleet:
     def __init__(self, config: GatewayConfig, registry: WorkerRegistry, indexer: KvIndexer, load: LoadTracker,
@@ -216,8 +177,8 @@ class Fleet:
             return
         try:
             per_rank = parse_engine_load(text, info.dp_size)
-        except ValueError as err:
-            log.debug("unparseable /metrics from %s: %s", info.worker_id, err)
+        except EngineMetricsError as err:
+            log.debug("unusable /metrics from %s: %s", info.worker_id, err)
             return
         for rank, (running, waiting, kv_usage) in per_rank.items():
             self.engine_load.report(WorkerKey(info.worker_id, rank), running, waiting, kv_usage)

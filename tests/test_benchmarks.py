@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from tests.procs import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def run_quick(module: str) -> str:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import python_module
-from tests.test_e2e_gateway import MODEL, get, post, wait_until
+from tests.helpers import python_module, wait_until
+from tests.test_e2e_gateway import MODEL, get, post
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def listening(port: int) -> bool:

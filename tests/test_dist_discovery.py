@@ -14,7 +14,8 @@ from kvgate.protocol.worker_record import decode_worker, encode_worker, worker_k
 from kvgate.etcd import parse_endpoints
 from kvgate.router.registry import RegistryChange, WorkerRegistry
 from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo
-from tests.servers import EtcdServer, until
+from tests.servers import EtcdServer
+from tests.helpers import until
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +56,7 @@ def test_worker_record_round_trip_and_bad_records():
         parse_endpoints(" , ")
 
 
+@pytest.mark.slow
 async def test_registration_adds_and_lease_expiry_removes(etcd_server: EtcdServer):
     registry = WorkerRegistry()
     changes = Changes(registry)
@@ -87,6 +89,7 @@ async def test_registration_adds_and_lease_expiry_removes(etcd_server: EtcdServe
         await discovery.stop()
 
 
+@pytest.mark.slow
 async def test_unwanted_registration_deregisters_and_comes_back(etcd_server: EtcdServer):
     registry = WorkerRegistry()
     discovery = EtcdDiscovery(etcd_server.endpoint, NS, registry)
@@ -112,6 +115,7 @@ async def test_unwanted_registration_deregisters_and_comes_back(etcd_server: Etc
         await discovery.stop()
 
 
+@pytest.mark.slow
 async def test_bad_records_are_skipped_not_fatal(etcd_server: EtcdServer):
     registry = WorkerRegistry()
     discovery = EtcdDiscovery(etcd_server.endpoint, NS, registry)
@@ -129,6 +133,7 @@ async def test_bad_records_are_skipped_not_fatal(etcd_server: EtcdServer):
     await discovery.stop()
 
 
+@pytest.mark.slow
 async def test_resume_from_last_revision_then_resync_after_compaction(etcd_server: EtcdServer):
     registry = WorkerRegistry()
     changes = Changes(registry)
@@ -161,6 +166,7 @@ async def test_resume_from_last_revision_then_resync_after_compaction(etcd_serve
     await discovery.stop()
 
 
+@pytest.mark.slow
 async def test_watch_and_leases_survive_etcd_kill_and_restart(etcd_server: EtcdServer):
     registry = WorkerRegistry()
     changes = Changes(registry)

@@ -23,9 +23,10 @@ from kvgate.router.load import LoadTracker
 from kvgate.protocol.worker_record import WorkerInfo
 from kvgate.router.registry import WorkerRegistry
 from kvgate.router.routing import Router
-from tests.procs import REPO, TINY_MODEL, free_port
+from kvgate.dev.launch import free_port
+from tests.helpers import REPO, TINY_MODEL, until
 from kvgate.worker.sidecar.__main__ import parse_args as parse_sidecar_args
-from tests.servers import NatsServer, until
+from tests.servers import NatsServer
 
 W0, W1 = WorkerKey("w0"), WorkerKey("w1")
 
@@ -172,6 +173,7 @@ def test_distributed_options_from_yaml_env_and_flags(tmp_path):
             config_from_dict(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 async def test_two_replicas_share_in_flight_load_over_nats_and_through_a_restart(nats_server: NatsServer):
     def replica(router_id: str) -> tuple[GatewayBus, LoadTracker, Router]:
@@ -220,6 +222,7 @@ async def test_two_replicas_share_in_flight_load_over_nats_and_through_a_restart
         await b.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 async def test_gateway_takes_nats_fed_workers_events_from_the_bus(nats_server: NatsServer):
     gateway = Gateway(config_from_dict({"model": str(TINY_MODEL), "health_interval": 60.0,

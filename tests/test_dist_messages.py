@@ -34,8 +34,8 @@ from kvgate.protocol.events import (
 )
 from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.kv_indexer import KvIndexer
-from tests.servers import NatsServer, until
-from kvgate.worker.sidecar.load import LoadParseError, parse_vllm_load
+from tests.servers import NatsServer
+from tests.helpers import until
 from kvgate.worker.sidecar.relay import EventRelay
 
 BIG = (1 << 64) - 1
@@ -192,28 +192,7 @@ def test_relay_asks_for_replay_on_a_gap_and_applies_it_in_order():
     assert relay.block_counts() == [(1, 0, 0)]
 
 
-def test_vllm_load_page_parsing():
-    page = (
-        '# TYPE vllm:num_requests_running gauge\n'
-        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
-        'vllm:num_requests_running{engine="1",model_name="m"} 1.0\n'
-        '# TYPE vllm:num_requests_waiting gauge\n'
-        'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
-        '# TYPE vllm:kv_cache_usage_perc gauge\n'
-        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5\n'
-        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.125\n'
-    )
-    loads = parse_vllm_load(page)
-    assert (loads[0].running, loads[0].waiting, loads[0].kv_usage) == (3, 2, 0.5)
-    assert (loads[1].running, loads[1].waiting, loads[1].kv_usage) == (1, 0, 0.125)
-    old = 'vllm:num_requests_running 4\nvllm:gpu_cache_usage_perc 0.75\n'
-    assert parse_vllm_load(old)[0].kv_usage == 0.75
-    with pytest.raises(LoadParseError):
-        parse_vllm_load("process_cpu_seconds_total 1\n")
-    with pytest.raises(LoadParseError):
-        parse_vllm_load("{{{ not prometheus")
-
-
+@pytest.mark.slow
 @pytest.mark.integration
 async def test_nats_round_trip_feeds_an_indexer_and_survives_bad_payloads(nats_server: NatsServer):
     publisher = await connect_nats(nats_server.url, name="test-pub")

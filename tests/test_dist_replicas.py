@@ -23,9 +23,10 @@ import pytest
 
 from kvgate.dev.cluster import Cluster, ClusterOptions
 from kvgate.protocol.worker_record import worker_key
-from tests.test_e2e_gateway import MODEL, conversation, get, metric, metrics, post, wait_until
+from tests.test_e2e_gateway import MODEL, conversation, get, metric, metrics, post
+from tests.helpers import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NS = "t"
 LEASE_TTL = 3

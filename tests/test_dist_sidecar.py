@@ -32,10 +32,11 @@ from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.router.discovery import EtcdDiscovery
 from kvgate.protocol.worker_record import worker_key
 from kvgate.router.registry import RegistryChange, WorkerRegistry
-from tests.procs import TINY_MODEL, Proc, free_port, python_module, wait_http
-from tests.servers import EtcdServer, NatsServer, until
+from kvgate.dev.launch import free_port
+from tests.helpers import TINY_MODEL, Proc, python_module, until, wait_http
+from tests.servers import EtcdServer, NatsServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NS = "t"
 WORKER = "w1"

@@ -11,10 +11,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import free_port, python_module, wait_http
-from tests.test_e2e_gateway import get, post, wait_until
+from kvgate.dev.launch import free_port
+from tests.helpers import python_module, wait_http, wait_until
+from tests.test_e2e_gateway import get, post
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def listening(port: int) -> bool:

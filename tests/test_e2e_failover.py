@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import web
 
-from tests.procs import free_port, wait_http
+from kvgate.dev.launch import free_port
+from tests.helpers import wait_http, wait_until
 from tests.test_e2e_gateway import (
     MODEL,
     Gateway,
@@ -31,10 +32,9 @@ from tests.test_e2e_gateway import (
     start_gateway,
     start_worker,
     stop_all,
-    wait_until,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SLOW_SECONDS = 3.0
 

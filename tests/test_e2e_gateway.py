@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,9 +19,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.procs import TINY_MODEL, Proc, free_port, python_module, wait_http
+from kvgate.dev.launch import free_port
+from tests.helpers import TINY_MODEL, Proc, python_module, wait_http, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODEL = "kvgate-tiny"
 CONTEXT = 8192
@@ -117,17 +117,6 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def metrics(base_url: str) -> str:
     return get(base_url + "/metrics")[2].decode()
-
-
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.05)
 
 
 def stop_all(*procs: Proc) -> None:

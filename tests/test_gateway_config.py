@@ -9,7 +9,7 @@ import pytest
 
 from kvgate.gateway.config import GatewayConfig, build_parser, config_from_dict, load_config
 from kvgate.router.config import RouterConfig
-from tests.procs import REPO
+from tests.helpers import REPO
 
 
 def write(tmp_path: Path, text: str) -> str:

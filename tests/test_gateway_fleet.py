@@ -16,8 +16,9 @@ from kvgate.gateway.config import config_from_dict, load_config
 from kvgate.protocol.events import BlockStored, EventBatch, WorkerKey
 from kvgate.protocol.wire import encode_batch, encode_frames
 from kvgate.protocol.worker_record import WorkerInfo
-from tests.procs import TINY_MODEL, free_port
-from tests.test_zmq_source import Publisher, tcp, until
+from kvgate.dev.launch import free_port
+from tests.helpers import TINY_MODEL, until
+from tests.test_zmq_source import Publisher, tcp
 
 
 async def test_registry_changes_start_and_stop_sources_and_drop_index_state() -> None:

@@ -16,7 +16,7 @@ from kvgate.gateway.config import GatewayConfig
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
 from multidict import CIMultiDict
 
-from tests.procs import free_port
+from kvgate.dev.launch import free_port
 
 Answer = Sequence[bytes]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,8 @@ from kvgate.indexer.index import Match
 from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.index import PrefixIndex
 from kvgate.indexer.kv_indexer import KvIndexer
+
+pytestmark = pytest.mark.slow
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = [WorkerKey(w, r) for w in ("a", "b") for r in (0, 1)]

@@ -13,7 +13,7 @@ import yaml
 
 from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
 from kvgate.loadtest.trace import ReplayConfig, TracePrompts, load_trace
-from tests.procs import TINY_MODEL, python_module
+from tests.helpers import TINY_MODEL, python_module
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +44,7 @@ def run_bench(tmp_path: Path, *args: str | int, timeout: float = 120) -> tuple[i
     return code, proc.log_path.read_text()
 
 
+@pytest.mark.slow
 def test_bench_compares_modes_and_writes_the_report(tmp_path):
     code, log = run_bench(tmp_path, "--workload", "multi-turn", "--workers", 2, "--modes", "kv,round-robin",
                           "--duration", 3, "--users", 3, "--turns", 4, "--first-turn-tokens", 256,
@@ -79,6 +80,7 @@ def test_bench_compares_modes_and_writes_the_report(tmp_path):
     assert all(refused(p) for p in stack_ports(out))  # every process it started is gone
 
 
+@pytest.mark.slow
 def test_bench_replays_the_trace_with_honoured_lengths(tmp_path):
     code, log = run_bench(tmp_path, "--workload", "trace", "--workers", 2, "--modes", "kv", "--duration", 30,
                           "--max-requests", 12, "--time-scale", 0.02, "--length-scale", 0.125,
@@ -100,6 +102,7 @@ def test_bench_replays_the_trace_with_honoured_lengths(tmp_path):
     assert all(refused(p) for p in stack_ports(tmp_path / "report"))
 
 
+@pytest.mark.slow
 def test_interrupted_bench_stops_everything_it_started(tmp_path):
     proc = python_module("kvgate.loadtest.bench", "--workload", "no-sharing", "--workers", 2, "--modes", "kv",
                          "--duration", 120, "--users", 2, "--prompt-tokens", 128, "--max-tokens", 4,
@@ -119,6 +122,7 @@ def test_interrupted_bench_stops_everything_it_started(tmp_path):
     assert all(refused(p) for p in ports)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--workload", "multi-turn", "--modes", "kv,fastest"], "unknown mode"),
     (["--workload", "trace", "--trace", "/nonexistent/trace.jsonl"], "No such file"),
@@ -131,8 +135,9 @@ def test_bad_arguments_are_clear_errors(tmp_path, args, message):
     assert not (tmp_path / "report" / "logs").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_unreachable_gateway_is_a_clear_error(tmp_path):
-    from kvgate.loadtest.stack import free_port
+    from kvgate.dev.launch import free_port
 
     code, log = run_bench(tmp_path, "--workload", "no-sharing", "--modes", "kv", "--duration", 1,
                           "--gateway-url", f"http://127.0.0.1:{free_port()}", timeout=60)

@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from kvgate.loadtest.stack import Stack, StackConfig
-from tests.procs import python_module
+from tests.helpers import python_module
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from kvgate.loadtest.trace import (
     load_trace,
     parse_line,
 )
-from tests.procs import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 
 @pytest.fixture(scope="module")

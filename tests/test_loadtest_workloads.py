@@ -10,7 +10,7 @@ from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
 from kvgate.loadtest.stream import RequestRecord, StreamObserver
 from kvgate.loadtest.trace import ReplayConfig, load_trace
 from kvgate.loadtest.workloads import CHAT_PATH, COMPLETIONS_PATH, WorkloadConfig, make_session, trace_requests
-from tests.procs import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 BLOCK = 64
 

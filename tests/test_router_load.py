@@ -192,6 +192,7 @@ _ops = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(_ops, st.floats(0, 4)), max_size=60))
 def test_snapshots_match_a_recount(steps):

@@ -13,7 +13,8 @@ import aiohttp
 import openai
 import pytest
 
-from tests.procs import REPO, TINY_MODEL, Proc, free_port, python_module, wait_http
+from kvgate.dev.launch import free_port
+from tests.helpers import REPO, TINY_MODEL, Proc, python_module, wait_http
 from kvgate.worker.sim.__main__ import parser
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig
 
@@ -69,6 +70,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 # --- OpenAI SDK ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_chat_completion_with_usage(client, tok):
     messages = [{"role": "user", "content": "Tell me about prefix caching."}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -85,6 +87,7 @@ def test_chat_completion_with_usage(client, tok):
     assert again.choices[0].message.content == choice.message.content  # deterministic per prompt
 
 
+@pytest.mark.slow
 def test_chat_prompt_is_rendered_with_the_models_chat_template(client, tok):
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
@@ -93,6 +96,7 @@ def test_chat_prompt_is_rendered_with_the_models_chat_template(client, tok):
     assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
 
 
+@pytest.mark.slow
 def test_chat_answer_ends_on_eos_without_max_tokens(client):
     r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "Hi"}])
     assert r.choices[0].finish_reason == "stop"
@@ -101,12 +105,14 @@ def test_chat_answer_ends_on_eos_without_max_tokens(client):
     assert len(r.choices[0].message.content.split()) == r.usage.completion_tokens - 1
 
 
+@pytest.mark.slow
 def test_ignore_eos_and_max_completion_tokens(client):
     r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "Hi"}],
                                        max_completion_tokens=60, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 60
 
 
+@pytest.mark.slow
 def test_chat_streaming_with_include_usage(client):
     messages = [{"role": "user", "content": "Stream please"}]
     stream = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=10, stream=True,
@@ -123,6 +129,7 @@ def test_chat_streaming_with_include_usage(client):
     assert text == full.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_completion_text_and_token_id_prompts(client):
     r = client.completions.create(model="kvgate-tiny", prompt="def main():", max_tokens=5)
     assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 5
@@ -135,11 +142,13 @@ def test_completion_text_and_token_id_prompts(client):
     assert again.choices[0].text == by_ids.choices[0].text
 
 
+@pytest.mark.slow
 def test_completion_default_max_tokens_is_16(client):
     r = client.completions.create(model="kvgate-tiny", prompt=list(range(500, 510)), extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 16
 
 
+@pytest.mark.slow
 def test_completion_streaming(client):
     stream = client.completions.create(model="kvgate-tiny", prompt="streaming", max_tokens=7, stream=True,
                                        stream_options={"include_usage": True})
@@ -151,6 +160,7 @@ def test_completion_streaming(client):
     assert text == full.choices[0].text
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_text(client):
     full = client.completions.create(model="kvgate-tiny", prompt="stop here", max_tokens=12).choices[0].text
     words = full.split()
@@ -164,6 +174,7 @@ def test_stop_strings_cut_the_text(client):
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 
+@pytest.mark.slow
 def test_follow_up_turn_hits_the_cached_answer(client):
     first = [{"role": "user", "content": "Start a long conversation about caches."}]
     r1 = client.chat.completions.create(model="kvgate-tiny", messages=first, max_tokens=130,
@@ -176,18 +187,21 @@ def test_follow_up_turn_hits_the_cached_answer(client):
     assert r2.usage.prompt_tokens_details.cached_tokens == 64 * ((r1.usage.total_tokens - 1) // 64)
 
 
+@pytest.mark.slow
 def test_headers_are_accepted_and_ignored(client):
     r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=2, extra_headers={"X-Request-Id": "abc", "X-Whatever": "1"})
     assert r.usage.completion_tokens == 2
 
 
+@pytest.mark.slow
 def test_n_above_one_is_refused(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "x"}], n=2)
     assert err.value.status_code == 400 and "n=1" in err.value.message
 
 
+@pytest.mark.slow
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
@@ -195,6 +209,7 @@ def test_unknown_model_is_404(client):
 
 # --- raw HTTP ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_models_health_and_metrics(sim):
     async with aiohttp.ClientSession() as http:
         async with http.get(sim + "/health") as r:
@@ -255,6 +270,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("path", "payload", "status", "param"), BAD_REQUESTS)
 async def test_bad_input_gets_an_openai_error(sim, path, payload, status, param):
     if isinstance(payload, bytes):
@@ -268,6 +284,7 @@ async def test_bad_input_gets_an_openai_error(sim, path, payload, status, param)
     assert err["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
 
 
+@pytest.mark.slow
 async def test_engine_keeps_serving_after_bad_input(sim):
     for path, payload, _, _ in BAD_REQUESTS:
         if isinstance(payload, bytes):
@@ -278,6 +295,7 @@ async def test_engine_keeps_serving_after_bad_input(sim):
     assert status == 200 and body["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.slow
 async def test_unknown_route_and_method_are_json_errors(sim):
     async with aiohttp.ClientSession() as http:
         async with http.get(sim + "/v2/nothing") as r:
@@ -310,6 +328,7 @@ async def _wait_for_abort(http: aiohttp.ClientSession, sim: str, before: float) 
 LONG_ANSWER = {"prompt": list(range(2000, 2010)), "max_tokens": 2000, "ignore_eos": True}
 
 
+@pytest.mark.slow
 async def test_client_disconnect_mid_stream_aborts_and_frees_blocks(sim):
     async with aiohttp.ClientSession() as http:
         before = _aborted(await _metrics(http, sim))
@@ -323,6 +342,7 @@ async def test_client_disconnect_mid_stream_aborts_and_frees_blocks(sim):
     assert metric(text, "vllm:kv_cache_usage_perc") == 0
 
 
+@pytest.mark.slow
 async def test_client_disconnect_while_waiting_for_a_whole_answer_aborts(sim):
     async with aiohttp.ClientSession() as http:
         before = _aborted(await _metrics(http, sim))
@@ -343,6 +363,7 @@ async def test_client_disconnect_while_waiting_for_a_whole_answer_aborts(sim):
     assert metric(text, "vllm:kv_cache_usage_perc") == 0
 
 
+@pytest.mark.slow
 async def test_reset_prefix_cache_forgets_cached_prompts(sim):
     prompt = {"prompt": list(range(3000, 3200)), "max_tokens": 1}
     await raw_post(sim, "/v1/completions", json=prompt)
@@ -357,6 +378,7 @@ async def test_reset_prefix_cache_forgets_cached_prompts(sim):
 
 # --- CLI ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "-m", "kvgate.worker.sim", "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
@@ -370,6 +392,7 @@ def test_help_documents_every_flag():
         assert flag in out.stdout
 
 
+@pytest.mark.slow
 def test_impossible_config_exits_with_a_clear_message():
     out = subprocess.run([sys.executable, "-m", "kvgate.worker.sim", "--model-dir", str(TINY_MODEL), "--block-size", "16",
                           "--num-gpu-blocks", "4", "--max-model-len", "100"], capture_output=True, text=True,

@@ -13,7 +13,8 @@ from kvgate.protocol.hashing import sequence_hashes
 from kvgate.worker.sim.answer import TextStream, Vocabulary, answer_tokens
 from kvgate.worker.sim.block_pool import BlockHasher
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 from kvgate.worker.sim.timing import StepWork, TimingModel, decode_ms, prefill_ms
 
 BS = 16
@@ -289,6 +290,7 @@ def test_reset_prefix_cache_refused_while_running_then_forced():
 
 # --- invariants under random workloads -----------------------------------------------------
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 60), st.integers(1, 20), st.booleans()),
                 min_size=1, max_size=25),
@@ -364,7 +366,7 @@ def test_cached_prompt_shortens_time_to_first_token():
 def vocab():
     from transformers import AutoTokenizer
 
-    from tests.procs import TINY_MODEL
+    from tests.helpers import TINY_MODEL
 
     return Vocabulary.from_tokenizer(AutoTokenizer.from_pretrained(str(TINY_MODEL)))
 

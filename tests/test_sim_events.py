@@ -23,8 +23,11 @@ from kvgate.protocol.wire import (
     decode_replay_reply,
     encode_replay_request,
 )
-from tests.procs import TINY_MODEL, Proc, free_port, python_module, wait_http
+from kvgate.dev.launch import free_port
+from tests.helpers import TINY_MODEL, Proc, python_module, until, wait_http
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig
+
+pytestmark = pytest.mark.slow
 
 _prompts = itertools.count(1)
 
@@ -102,17 +105,12 @@ class Subscriber:
         self.received: list[tuple[int, EventBatch, bytes]] = []
 
     async def until(self, done: Callable[[], bool], timeout: float = 20.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not done():
-            left = deadline - loop.time()
-            assert left > 0, f"events did not arrive; got {self.received}"
-            try:
-                frames = await asyncio.wait_for(self.sock.recv_multipart(), left)
-            except TimeoutError:
-                continue
-            _, seq, payload = decode_frames(frames)
-            self.received.append((seq, decode_batch(payload), payload))
+        """Receive until ``done()`` holds."""
+        await until(done, lambda: f"events did not arrive; got {self.received}", timeout, step=self._receive)
+
+    async def _receive(self) -> None:
+        _, seq, payload = decode_frames(await self.sock.recv_multipart())
+        self.received.append((seq, decode_batch(payload), payload))
 
     async def join(self, sim: Sim) -> None:
         """Wait out ZMQ's slow joiner: post fresh prompts until one's events arrive."""

@@ -18,10 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, Tier
-from tests.procs import TINY_MODEL, free_port, python_module, wait_http
+from kvgate.dev.launch import free_port
+from tests.helpers import TINY_MODEL, python_module, wait_http
 from kvgate.worker.sim.__main__ import config_from_args, parser
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig, TierConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 from kvgate.worker.sim.timing import prefill_ms, transfer_ms
 
 BS = 64
@@ -216,6 +218,7 @@ def test_tier_config_is_validated_and_round_trips_the_cli():
 
 # --- invariant: the events describe every tier exactly -----------------------------------
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=30),
        st.integers(4, 10), st.integers(0, 6), st.integers(0, 6), st.sampled_from(["tokenless", "full"]))
@@ -282,6 +285,7 @@ def tiered(tmp_path_factory) -> Iterator[str]:
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow
 async def test_usage_and_metrics_count_cached_tokens_per_tier(tiered):
     async with aiohttp.ClientSession() as http:
         async def complete(tokens: list[int], stream: bool = False) -> dict:

@@ -16,7 +16,8 @@ from kvgate.protocol.events import WorkerKey
 from kvgate.router.config import CostWeights, RouterConfig
 from kvgate.router.policies import score_candidates
 from kvgate.worker.sim.config import EngineConfig, TierConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 from kvgate.worker.sim.timing import prefill_ms, transfer_ms
 
 SIM = EngineConfig()

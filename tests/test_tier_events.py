@@ -25,9 +25,11 @@ from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource
 from kvgate.protocol.wire import decode_batch, encode_batch
-from tests.procs import TINY_MODEL, free_port, python_module, wait_http
+from kvgate.dev.launch import free_port
+from tests.helpers import TINY_MODEL, python_module, wait_http
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig, TierConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 
 BS = 64
 W = WorkerKey("w")
@@ -233,6 +235,7 @@ def tiered(tmp_path_factory) -> Iterator[SimConfig]:
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow
 async def test_worker_process_tiers_reach_the_index_over_zmq(tiered):
     indexer = KvIndexer(BS)
     dispatcher = ReplayDispatcher(indexer)

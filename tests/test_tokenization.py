@@ -244,6 +244,7 @@ def test_encode_decode_round_trip(pre: Preprocessor, text: str) -> None:
     assert ids == pre.tokenizer.encode(text)  # vLLM's completions path: default special tokens
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(min_size=1, max_size=300))
 def test_round_trip_property(pre: Preprocessor, text: str) -> None:
@@ -356,6 +357,7 @@ def test_each_turn_is_a_token_prefix_of_the_next(pre: Preprocessor) -> None:
 _NEWLINE_LEAD = re.compile(r"\s*[\r\n]")
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     history=st.lists(st.text(min_size=1, max_size=120), min_size=1, max_size=3),
@@ -405,6 +407,7 @@ def reference_ids(pre: Preprocessor, prompt: str) -> list[int]:
     return pre.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(turns=st.lists(st.tuples(st.sampled_from(ROLES), CONTENT), min_size=1, max_size=6))
 def test_segment_cached_ids_equal_whole_string_ids(pre: Preprocessor, turns: list[tuple[str, str]]) -> None:

@@ -203,6 +203,7 @@ batches = st.builds(EventBatch, st.floats(allow_nan=False, allow_infinity=False)
                     st.lists(events, max_size=5), st.none() | st.integers(0, 64))
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(batch=batches, encoding=st.sampled_from(["map", "array"]))
 def test_random_batches_round_trip(batch, encoding):
@@ -340,6 +341,7 @@ def _only_decode_errors(payload: bytes) -> None:
         assert decode_batch(encode_batch(got[1])) == got[1]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(payload=st.binary(max_size=512))
 def test_random_bytes_only_raise_decode_error(payload):
@@ -365,6 +367,7 @@ def mutated_fixtures(draw) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(payload=mutated_fixtures())
 def test_mutated_fixtures_only_raise_decode_error(payload):
@@ -394,6 +397,7 @@ def plausible_batches(draw) -> bytes:
     return pack([draw(objects), [event() for _ in range(draw(st.integers(0, 3)))], *draw(st.lists(objects, max_size=2))])
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # generation is costly
 @given(payload=plausible_batches())
 def test_structured_garbage_only_raises_decode_error(payload):

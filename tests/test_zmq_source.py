@@ -31,7 +31,8 @@ from kvgate.protocol.wire import (
     encode_frames,
     encode_replay_reply,
 )
-from tests.procs import free_port
+from kvgate.dev.launch import free_port
+from tests.helpers import until
 
 BS = 64
 FIXTURES = Path(__file__).parent / "fixtures" / "kv_events"
@@ -47,16 +48,6 @@ def tokens(first: int, blocks: int) -> list[int]:
 
 def store(engine_hashes: list[int], first: int, parent: int | None = None) -> EventBatch:
     return EventBatch(1.0, [BlockStored(engine_hashes, parent, tokens(first, len(engine_hashes)), BS)], None)
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Wait for a condition the system under test must reach (fails if it never does)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.01)
 
 
 class Publisher:

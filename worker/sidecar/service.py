@@ -32,16 +32,17 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from kvgate.bus import Bus, connect_nats
-from kvgate.protocol.messages import EventsMessage, LoadMessage, ResyncRequest
-from kvgate.protocol.events import Tier
 from kvgate.indexer.zmq_source import ZmqEventSource, ZmqSourceConfig
-from kvgate.worker.sidecar.registration import EtcdRegistration
+from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
+from kvgate.protocol.events import Tier
+from kvgate.protocol.messages import EventsMessage, LoadMessage, ResyncRequest
+from kvgate.stats import Field, counter, counters, gauge
 from kvgate.worker.sidecar.config import SidecarConfig
-from kvgate.worker.sidecar.load import LoadParseError, parse_vllm_load
+from kvgate.worker.sidecar.registration import EtcdRegistration
 from kvgate.worker.sidecar.relay import EventRelay
 
 log = logging.getLogger(__name__)
@@ -257,16 +258,14 @@ class Sidecar:
                 async with self._session.get(url) as resp:
                     text = await resp.text()
                     if resp.status != 200:
-                        raise LoadParseError(f"HTTP {resp.status}")
-                loads = parse_vllm_load(text)
-            except (aiohttp.ClientError, asyncio.TimeoutError, LoadParseError, UnicodeDecodeError) as exc:
+                        raise EngineMetricsError(f"HTTP {resp.status}")
+                loads = parse_engine_load(text, cfg.dp_size)
+            except (aiohttp.ClientError, asyncio.TimeoutError, EngineMetricsError, UnicodeDecodeError) as exc:
                 self.stats.load_errors += 1
                 log.debug("load scrape of %s failed: %s", url, exc)
                 continue
             now = time.time()
             for rank, load in loads.items():
-                if rank >= cfg.dp_size:
-                    continue
                 msg = LoadMessage(worker_id=cfg.worker_id, dp_rank=rank, running=load.running,
                                   waiting=load.waiting, kv_usage=load.kv_usage, ts=now)
                 try:
@@ -296,6 +295,35 @@ class Sidecar:
         return web.Response(body=generate_latest(self._metrics), headers={"Content-Type": CONTENT_TYPE})
 
 
+# What the relay counts, as the sidecar names it (the relay's words are the engine stream's).
+_RELAY_COUNTERS = (
+    Field("batches", "engine event batches applied (in order)", "engine_batches"),
+    Field("router_events", "router events published"),
+    Field("messages", "event messages produced", "event_messages"),
+    Field("snapshots", "full restatements published"),
+    Field("restarts", "engine restarts detected (seq fell back)", "engine_restarts"),
+    Field("engine_losses", "times the engine stopped answering /health"),
+    Field("gaps", "engine seq gaps"),
+    Field("replays_requested", "replays asked of the engine"),
+    Field("replays_failed", "replays that did not cover their gap"),
+    Field("unknown_parent", "blocks dropped for an unknown parent", "unknown_parent_blocks"),
+    Field("unknown_block", "removals or tier updates of unknown blocks", "unknown_blocks"),
+    Field("rejected", "engine messages or events rejected"),
+)
+_SIDECAR_COUNTERS = (
+    Field("published", "event messages published to NATS"),
+    Field("publish_errors", "event messages NATS refused"),
+    Field("dropped", "event messages dropped on a full queue"),
+    Field("nats_reconnects", "NATS reconnections"),
+    Field("resync_requests", "resync requests received"),
+    Field("health_probes", "engine health probes"),
+    Field("health_failures", "failed engine health probes"),
+    Field("load_scrapes", "engine /metrics scrapes"),
+    Field("load_errors", "failed engine /metrics scrapes"),
+)
+_PREFIX = "kvgate_sidecar_"
+
+
 class _SidecarCollector(Collector):
     """Reads the sidecar's counters at scrape time."""
 
@@ -304,46 +332,17 @@ class _SidecarCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         s = self.sidecar
-        relay, stats = s.relay.stats, s.stats
         for name, value, doc in (
             ("engine_healthy", s.engine_healthy, "1 while the engine answers /health"),
             ("registered", s.registered, "1 while the worker's etcd key is held under a live lease"),
             ("nats_connected", s.nats_connected, "1 while connected to NATS"),
             ("queued_messages", s._queue.qsize(), "event messages waiting to be published"),
         ):
-            yield GaugeMetricFamily(f"kvgate_sidecar_{name}", doc, value=float(value))
-        counters = (
-            ("engine_batches", relay.batches, "engine event batches applied (in order)"),
-            ("router_events", relay.router_events, "router events published"),
-            ("event_messages", relay.messages, "event messages produced"),
-            ("snapshots", relay.snapshots, "full restatements published"),
-            ("engine_restarts", relay.restarts, "engine restarts detected (seq fell back)"),
-            ("engine_losses", relay.engine_losses, "times the engine stopped answering /health"),
-            ("gaps", relay.gaps, "engine seq gaps"),
-            ("replays_requested", relay.replays_requested, "replays asked of the engine"),
-            ("replays_failed", relay.replays_failed, "replays that did not cover their gap"),
-            ("unknown_parent_blocks", relay.unknown_parent, "blocks dropped for an unknown parent"),
-            ("unknown_blocks", relay.unknown_block, "removals or tier updates of unknown blocks"),
-            ("published", stats.published, "event messages published to NATS"),
-            ("publish_errors", stats.publish_errors, "event messages NATS refused"),
-            ("dropped", stats.dropped, "event messages dropped on a full queue"),
-            ("nats_reconnects", stats.nats_reconnects, "NATS reconnections"),
-            ("resync_requests", stats.resync_requests, "resync requests received"),
-            ("caught_up", s.source.stats.caught_up if s.source is not None else 0,
-             "engine batches the SUB socket missed, fetched by the catch-up"),
-            ("health_probes", stats.health_probes, "engine health probes"),
-            ("health_failures", stats.health_failures, "failed engine health probes"),
-            ("load_scrapes", stats.load_scrapes, "engine /metrics scrapes"),
-            ("load_errors", stats.load_errors, "failed engine /metrics scrapes"),
-        )
-        for name, value, doc in counters:
-            yield CounterMetricFamily(f"kvgate_sidecar_{name}", doc, value=float(value))
-        rejected = CounterMetricFamily("kvgate_sidecar_rejected", "engine messages or events rejected", labels=["kind"])
-        for kind, count in sorted(relay.rejected.items()):
-            rejected.add_metric([kind], float(count))
-        yield rejected
-        blocks = GaugeMetricFamily("kvgate_sidecar_blocks", "blocks announced, per rank and tier", labels=["rank", "tier"])
-        for rank, counts in enumerate(s.relay.block_counts()):
-            for tier in Tier:
-                blocks.add_metric([str(rank), tier.name], float(counts[tier]))
-        yield blocks
+            yield gauge(_PREFIX + name, doc, value)
+        yield from counters(_PREFIX, s.relay.stats, _RELAY_COUNTERS)
+        yield from counters(_PREFIX, s.stats, _SIDECAR_COUNTERS)
+        yield counter(_PREFIX + "caught_up", "engine batches the SUB socket missed, fetched by the catch-up",
+                      s.source.stats.caught_up if s.source is not None else 0)
+        blocks = {(str(rank), tier.name): counts[tier]
+                  for rank, counts in enumerate(s.relay.block_counts()) for tier in Tier}
+        yield gauge(_PREFIX + "blocks", "blocks announced, per rank and tier", blocks, label=("rank", "tier"))

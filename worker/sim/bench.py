@@ -15,26 +15,19 @@ import argparse
 import asyncio
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 
+from kvgate.dev.launch import Service, free_port
 from kvgate.worker.sim.config import EngineConfig, SimConfig
-from kvgate.worker.sim.scheduler import Request, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import Scheduler
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -118,35 +111,31 @@ def main(argv: list[str] | None = None) -> None:
                    help="send prompts as token ids (no tokenization in the worker) instead of text")
     args = p.parse_args(argv)
 
-    config = SimConfig(model_dir=args.model_dir, port=_free_port(),
+    config = SimConfig(model_dir=args.model_dir, port=free_port(),
                        engine=EngineConfig(speedup_ratio=args.speedup_ratio))
     warmup = 64
     prompts = _prompts(args.model_dir, warmup + args.requests, args.prompt_tokens, args.token_ids)
     ideal = ideal_requests_per_second(config.engine, args.requests, args.concurrency, args.prompt_tokens,
                                       args.output_tokens)
 
-    with tempfile.NamedTemporaryFile("w+b", prefix="sim-bench-", suffix=".log") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvgate.worker.sim", *config.cli_args(), "--log-level", "WARNING"],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    with tempfile.TemporaryDirectory(prefix="sim-bench-") as log_dir:
+        worker = Service("worker", [sys.executable, "-m", "kvgate.worker.sim", *config.cli_args(),
+                                    "--log-level", "WARNING"], Path(log_dir), f"http://127.0.0.1:{config.port}/health",
+                         cwd=REPO)
+        worker.start()
         try:
+            try:
+                worker.wait_healthy(120)
+            except (RuntimeError, TimeoutError) as err:
+                raise SystemExit(f"worker did not start: {err}") from None
+            assert worker.pid is not None
             base = f"http://127.0.0.1:{config.port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(base + "/health", timeout=2).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        raise SystemExit(f"worker did not start:\n{log.read().decode(errors='replace')}")
-                    time.sleep(0.1)
             asyncio.run(_drive(base, prompts[:warmup], args.concurrency, args.output_tokens, args.stream))
-            cpu0 = _cpu_seconds(proc.pid)
+            cpu0 = _cpu_seconds(worker.pid)
             wall = asyncio.run(_drive(base, prompts[warmup:], args.concurrency, args.output_tokens, args.stream))
-            cpu = _cpu_seconds(proc.pid) - cpu0
+            cpu = _cpu_seconds(worker.pid) - cpu0
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            worker.stop(timeout=30)
 
     rps = args.requests / wall
     print(f"simulated worker: {args.requests} requests, {args.prompt_tokens}-token prompts, "

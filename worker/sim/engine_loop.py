@@ -22,7 +22,8 @@ from kvgate.protocol.events import EventBatch
 from kvgate.worker.sim.answer import TextStream, Vocabulary, answer_tokens
 from kvgate.worker.sim.config import AnswerConfig
 from kvgate.worker.sim.publisher import KvEventPublisher
-from kvgate.worker.sim.scheduler import Request, RequestOutput, Scheduler
+from kvgate.worker.sim.request import Request
+from kvgate.worker.sim.scheduler import RequestOutput, Scheduler
 
 _MAX_LAG_S = 0.05
 log = logging.getLogger(__name__)

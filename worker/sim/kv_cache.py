@@ -18,13 +18,10 @@ their transfer time. The lower tiers keep their copies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from kvgate.protocol.events import Tier
 from kvgate.worker.sim.block_pool import Block, BlockHasher, BlockPool
-
-if TYPE_CHECKING:
-    from kvgate.worker.sim.scheduler import Request
+from kvgate.worker.sim.request import Request
 
 
 @dataclass(slots=True)

@@ -21,51 +21,15 @@ scheduled tokens reached its end, then the stop checks (EOS, ``max_tokens``,
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 
 from kvgate.protocol.events import EngineEvent
 from kvgate.worker.sim.block_pool import BlockHasher, BlockPool
 from kvgate.worker.sim.config import EngineConfig
 from kvgate.worker.sim.kv_cache import KvCache
+from kvgate.worker.sim.request import Request, RequestStatus
 from kvgate.worker.sim.tiers import LowerTiers
 from kvgate.worker.sim.timing import StepWork, TimingModel
-
-
-class RequestStatus(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False, slots=True)
-class Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-    sampler: Iterator[int]  # the simulated model: yields the next output token id
-    eos_token_id: int | None = None  # None: generation never stops on EOS (ignore_eos)
-    all_token_ids: list[int] = field(init=False)
-    output_token_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    num_cached_tokens: int = -1  # prefix hit at first admission (all tiers); -1 until admitted
-    cached_tokens_per_tier: tuple[int, int, int] = (0, 0, 0)  # that hit by (GPU, CPU, disk)
-    num_preemptions: int = 0
-    status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None
-
-    def __post_init__(self) -> None:
-        self.all_token_ids = list(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
 
 @dataclass(slots=True)

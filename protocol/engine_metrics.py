@@ -1,0 +1,91 @@
+"""Engine load from a vLLM ``/metrics`` page: the one reader of vLLM's Prometheus text.
+
+``parse_engine_load`` turns the page into running / waiting request counts and KV-cache
+usage per data-parallel rank. vLLM V1 labels each engine core's gauges with
+``engine="<rank>"``; a page without the label is rank 0. It reads:
+
+* ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``;
+* ``vllm:kv_cache_usage_perc`` (V1, a 0..1 fraction despite its name), or the older
+  ``vllm:gpu_cache_usage_perc`` on pages that lack it (vLLM before 0.10, simulators).
+
+Several samples of one rank (one per served model name) add up; KV usage takes the
+highest. The gateway (scraping a worker itself) and the sidecar (scraping its engine
+for the NATS load message) both read load through here, so they can never disagree on
+what a page says. Pure: text in, numbers out; never fetches a page.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from prometheus_client.parser import text_string_to_metric_families
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+# Newest name first: a page carrying both (vLLM's deprecation window) is read by the new one.
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+class EngineMetricsError(ValueError):
+    """The page is not Prometheus text, holds an impossible load value, or no complete rank."""
+
+
+class EngineLoad(NamedTuple):
+    """One rank's load as its engine reports it."""
+
+    running: int
+    waiting: int
+    kv_usage: float
+    """Fraction of the KV cache in use, 0..1."""
+
+
+def parse_engine_load(text: str, dp_size: int) -> dict[int, EngineLoad]:
+    """``{dp_rank: EngineLoad}`` for the ranks ``0 .. dp_size-1`` the page fully reports.
+
+    A rank needs both request gauges (a missing one is unknown, not zero); KV usage
+    defaults to 0 and is clamped to 0..1. Ranks outside the worker's ``dp_size`` are
+    ignored. Raises ``EngineMetricsError`` when no rank is complete, on text that is
+    not Prometheus, and on a negative or non-finite count or a non-finite usage.
+    """
+    running: dict[int, float] = {}
+    waiting: dict[int, float] = {}
+    usage: dict[str, dict[int, float]] = {name: {} for name in KV_USAGE}
+    try:
+        samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    except ValueError as err:
+        raise EngineMetricsError(f"not Prometheus text: {err}") from None
+    for sample in samples:
+        name = sample.name
+        if name != RUNNING and name != WAITING and name not in usage:
+            continue
+        rank = _rank(sample.labels)
+        if not 0 <= rank < dp_size:
+            continue
+        value = sample.value
+        if name in usage:
+            if not math.isfinite(value):
+                raise EngineMetricsError(f"{name} is {value}")
+            per_rank = usage[name]
+            per_rank[rank] = max(per_rank.get(rank, 0.0), value)
+            continue
+        if not math.isfinite(value) or value < 0:
+            raise EngineMetricsError(f"{name} is {value}, not a count")
+        counts = running if name == RUNNING else waiting
+        counts[rank] = counts.get(rank, 0.0) + value
+    kv = next((usage[name] for name in KV_USAGE if usage[name]), {})
+    ranks = sorted(set(running) & set(waiting))
+    if not ranks:
+        raise EngineMetricsError(f"no rank below {dp_size} with both {RUNNING} and {WAITING}")
+    return {
+        rank: EngineLoad(round(running[rank]), round(waiting[rank]), min(1.0, max(0.0, kv.get(rank, 0.0))))
+        for rank in ranks
+    }
+
+
+def _rank(labels: dict[str, str]) -> int:
+    # A label that is not a number cannot name another rank: it is the only engine.
+    try:
+        return int(labels.get("engine", 0))
+    except ValueError:
+        return 0

@@ -1,0 +1,97 @@
+"""Engine load from a vLLM /metrics page: what the gateway's scrape and the sidecar's both read."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 0.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
+"""
+
+
+def test_engine_load_per_dp_rank() -> None:
+    assert parse_engine_load(VLLM_METRICS, dp_size=2) == {0: (3, 2, 0.25), 1: (1, 0, 0.5)}
+    # Ranks the worker does not have are ignored.
+    assert parse_engine_load(VLLM_METRICS, dp_size=1) == {0: (3, 2, 0.25)}
+    load = parse_engine_load(VLLM_METRICS, dp_size=2)[1]
+    assert (load.running, load.waiting, load.kv_usage) == (1, 0, 0.5)
+
+
+def test_engine_load_sums_model_names_and_takes_the_highest_usage() -> None:
+    page = (
+        'vllm:num_requests_running{engine="0",model_name="a"} 3.0\n'
+        'vllm:num_requests_running{engine="0",model_name="b"} 2.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="a"} 1.0\n'
+        'vllm:kv_cache_usage_perc{engine="0",model_name="a"} 0.25\n'
+        'vllm:kv_cache_usage_perc{engine="0",model_name="b"} 0.75\n'
+    )
+    assert parse_engine_load(page, 1) == {0: (5, 1, 0.75)}
+
+
+def test_engine_load_older_vllm_names_and_gaps() -> None:
+    older = ("vllm:num_requests_running 1\nvllm:num_requests_waiting 4\nvllm:gpu_cache_usage_perc 0.75\n")
+    assert parse_engine_load(older, 1) == {0: (1, 4, 0.75)}
+    assert parse_engine_load(older, 1)[0].kv_usage == 0.75
+    # Both names on one page (vLLM's deprecation window): the current one is read.
+    both = older + "vllm:kv_cache_usage_perc 0.5\n"
+    assert parse_engine_load(both, 1)[0].kv_usage == 0.5
+    # No KV gauge at all: usage unknown, read as empty.
+    assert parse_engine_load("vllm:num_requests_running 1\nvllm:num_requests_waiting 0\n", 1) == {0: (1, 0, 0.0)}
+
+
+def test_engine_load_needs_both_request_gauges() -> None:
+    # A missing count is unknown, not zero: such a rank is not reported.
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load("vllm:num_requests_running 1\n", 1)
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load("vllm:num_requests_running 4\nvllm:gpu_cache_usage_perc 0.75\n", 1)
+    partial = VLLM_METRICS.replace('vllm:num_requests_waiting{engine="1",model_name="m"} 0.0\n', "")
+    assert parse_engine_load(partial, 2) == {0: (3, 2, 0.25)}
+
+
+def test_engine_load_rejects_pages_without_load() -> None:
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load("", 1)
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load("process_cpu_seconds_total 1\n", 1)
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load("{{{ not prometheus", 1)
+    # Only ranks the worker does not have.
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load('vllm:num_requests_running{engine="3"} 1\nvllm:num_requests_waiting{engine="3"} 1\n', 2)
+
+
+def test_engine_load_rejects_impossible_values() -> None:
+    for running in ("-1", "NaN", "+Inf"):
+        with pytest.raises(EngineMetricsError):
+            parse_engine_load(f"vllm:num_requests_running {running}\nvllm:num_requests_waiting 0\n", 1)
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load("vllm:num_requests_running 1\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc NaN\n", 1)
+    # Usage past the ends is clamped, not rejected (rounding in the engine).
+    page = "vllm:num_requests_running 1\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 1.0000001\n"
+    assert parse_engine_load(page, 1)[0].kv_usage == 1.0
+
+
+def test_engine_load_rank_labels() -> None:
+    # A negative rank is no rank of this worker; a label that is not a number is the only engine.
+    negative = 'vllm:num_requests_running{engine="-1"} 1\nvllm:num_requests_waiting{engine="-1"} 1\n'
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load(negative, 2)
+    named = 'vllm:num_requests_running{engine="core"} 2\nvllm:num_requests_waiting{engine="core"} 1\n'
+    assert parse_engine_load(named, 1) == {0: (2, 1, 0.0)}
