@@ -10,7 +10,7 @@ metrics mean the same thing whatever the mode; only the choice differs:
 
 * ``kv``: the cheapest total (router/README.md has the formula and a worked example),
   or a softmax draw over ``-(total - best) / temperature``; ties go to the least loaded,
-  then to the one this policy chose least recently (never-chosen first, then the
+  then to the one least recently sent a request (``sent``; never-sent first, then the
   smallest ``WorkerKey``): quiet traffic with no useful prefix anywhere spreads over
   the fleet instead of piling onto one worker, and the same call sequence always
   gives the same answers;
@@ -194,6 +194,9 @@ class Policy:
         """Eligible scores in fallback order, the chosen one first."""
         raise NotImplementedError
 
+    def sent(self, key: WorkerKey) -> None:
+        """A request was sent to ``key`` (not merely scored, as ``/debug/route`` does)."""
+
 
 class KvPolicy(Policy):
     mode = "kv"
@@ -201,19 +204,20 @@ class KvPolicy(Policy):
     def __init__(self, config: RouterConfig | None = None) -> None:
         super().__init__(config)
         self._rng = random.Random(self.config.seed)
-        # Decision number at which each key was last chosen: the final tie-break.
+        # Send number at which each key last got a request: the final tie-break.
         self._chosen_at: dict[WorkerKey, int] = {}
         self._decisions = 0
 
     def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
-        ordered = self._draw(_rank(eligible, self.config.block_size, self._chosen_at))
-        self._decisions += 1
-        self._chosen_at[ordered[0].key] = self._decisions
         if len(self._chosen_at) > 4 * len(eligible) + 64:
             # Keys of departed workers would otherwise accumulate for ever.
             live = {s.key for s in eligible}
             self._chosen_at = {k: n for k, n in self._chosen_at.items() if k in live}
-        return ordered
+        return self._draw(_rank(eligible, self.config.block_size, self._chosen_at))
+
+    def sent(self, key: WorkerKey) -> None:
+        self._decisions += 1
+        self._chosen_at[key] = self._decisions
 
     def _draw(self, ordered: list[CandidateScore]) -> list[CandidateScore]:
         temperature = self.config.temperature
@@ -328,7 +332,7 @@ def _busy_reason(load: LoadSnapshot, busy: BusyThresholds) -> str | None:
 def _rank(scores: list[CandidateScore], block_size: int,
           chosen_at: dict[WorkerKey, int]) -> list[CandidateScore]:
     """Cheapest first; equal totals: least loaded, then fewer waiting / running, then the
-    least recently chosen (``chosen_at``: decision number, absent = never), then key."""
+    least recently sent a request (``chosen_at``: send number, absent = never), then key."""
     ordered = sorted(scores, key=attrgetter("total"))
     # Ties are rare, so only runs of (nearly) equal totals pay for the full tie-break key.
     i, n = 0, len(ordered)

@@ -103,7 +103,9 @@ class Router:
 
         A retry moves it with ``InFlight.move_to``; ``finish`` frees it.
         """
-        return InFlight(request_id, decision, prompt_tokens, decision.chosen if key is None else key,
+        key = decision.chosen if key is None else key
+        self.policy.sent(key)
+        return InFlight(request_id, decision, prompt_tokens, key,
                         load=self.load, block_size=self.config.block_size, clock=self.clock,
                         listeners=self._listeners)
 

@@ -95,18 +95,25 @@ def test_ties_go_to_least_loaded_then_to_the_smallest_key():
 
 
 def test_quiet_traffic_with_no_prefix_anywhere_spreads_over_every_worker():
-    # Sequential requests (no load) for prompts nobody holds: each goes to the worker chosen
-    # least recently, so a quiet fleet uses all its caches instead of piling onto the first key.
+    # Sequential requests (no load) for prompts nobody holds: each goes to the worker sent a
+    # request least recently, so a quiet fleet uses all its caches instead of piling onto one key.
+    def send(policy: KvPolicy, matches=None) -> WorkerKey:
+        chosen = policy.select([A, B, C, D], matches or {}, 8, {}).chosen
+        policy.sent(chosen)
+        return chosen
+
     policy = KvPolicy()
-    chosen = [policy.select([A, B, C, D], {}, 8, {}).chosen for _ in range(8)]
+    chosen = [send(policy) for _ in range(8)]
     assert chosen == [A, B, C, D, A, B, C, D]
     # A prefix still wins over recency: a holds the prompt, so it is chosen again.
-    assert policy.select([A, B, C, D], {A: match(gpu=8)}, 8, {}).chosen == A
-    # ...and the next cold prompt skips a, the most recently chosen.
-    assert policy.select([A, B, C, D], {}, 8, {}).chosen == B
+    assert send(policy, {A: match(gpu=8)}) == A
+    # ...and the next cold prompt skips a, the most recently sent.
+    assert send(policy) == B
+    # Scoring alone (what /debug/route does) moves nothing.
+    assert [policy.select([A, B, C, D], {}, 8, {}).chosen for _ in range(3)] == [C, C, C]
     # The same call sequence gives the same answers.
     again = KvPolicy()
-    assert [again.select([A, B, C, D], {}, 8, {}).chosen for _ in range(8)] == chosen
+    assert [send(again) for _ in range(8)] == chosen
 
 
 def test_totals_equal_up_to_rounding_are_a_tie():

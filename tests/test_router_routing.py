@@ -135,7 +135,9 @@ def test_lifecycle_load_moves_the_next_decision():
     assert flight.finish() and not flight.finish()
     assert router.load.snapshot(A) is IDLE and flight.finished
     assert not flight.first_token() and router.load.snapshot(A) is IDLE
-    assert router.route(prompt).chosen == A
+    # Idle and empty again: equal totals, and the tie goes to the worker sent nothing yet.
+    d3 = router.route(prompt)
+    assert d3.score_of(A).total == d3.score_of(B).total and d3.chosen == B
 
 
 def test_begin_counts_only_uncached_tokens_as_queued_prefill():
@@ -250,9 +252,11 @@ def test_expired_requests_stop_counting():
     registry = StaticDiscovery([{"id": "a", "url": "http://h:1"}, {"id": "b", "url": "http://h:2"}]).registry()
     router = Router(config, indexer, registry, clock=lambda: now[0])
     router.begin("lost", router.route(tokens(128)), 128)  # its finish never comes
-    assert router.route(tokens(128)).chosen == B
+    before = router.route(tokens(128))
+    assert before.chosen == B and before.score_of(A).total > before.score_of(B).total
     now[0] = 31.0
-    assert router.route(tokens(128)).chosen == A and len(router.load) == 0
+    after = router.route(tokens(128))
+    assert after.score_of(A).total == after.score_of(B).total and len(router.load) == 0
 
 
 def test_round_robin_router_and_block_size_mismatch():
