@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvgate.gateway.replicas import FreshMatches, GatewayBus
+from kvgate.gateway.replicas import GatewayBus
 from kvgate.gateway.config import GatewayConfig
 from kvgate.gateway.errors import (
     NO_WORKER,
@@ -93,9 +93,8 @@ class Gateway:
         self.model_name = config.model_name
         self.lora_adapters = frozenset(config.lora_adapters)
         self.registry = WorkerRegistry()
-        self.indexer = KvIndexer(config.block_size)
-        self.replay = ReplayDispatcher(self.indexer)
-        self.indexer.on_replay = self.replay
+        self.replay = ReplayDispatcher()
+        self.indexer = KvIndexer(config.block_size, self.replay)
         self.load = LoadTracker.from_config(config.kv)
         self.bus: GatewayBus | None = None
         if config.nats_url is not None:
@@ -103,9 +102,8 @@ class Gateway:
                                   self.registry, self.load, events_stale_after=config.events_stale_after,
                                   replica_timeout=config.replica_timeout)
         self.fleet = Fleet(config, self.registry, self.indexer, self.load, self.replay, self.bus)
-        # With NATS-fed workers the router must not trust a stale stream's blocks.
-        matcher = self.indexer if self.bus is None else FreshMatches(self.indexer, self.fleet.is_stale)
-        self.router = Router(config.kv, matcher, self.registry, self.load)
+        # A stale NATS stream's blocks are left out by the index itself (its trust state).
+        self.router = Router(config.kv, self.indexer, self.registry, self.load)
         self.discovery: EtcdDiscovery | None = None
         if config.discovery == "etcd":
             assert config.etcd_endpoints is not None

@@ -9,8 +9,11 @@ polls ``/health`` and scrapes ``/metrics`` (``vllm:num_requests_running`` /
 ``router.engine_load.EngineLoadFeed``, like the bus's load messages). A worker whose
 sidecar relays its events and load over NATS (``metadata.events == "nats"``) gets
 neither a ZMQ source nor a scrape when the gateway has a ``GatewayBus``: the bus feeds
-both, and says when its stream is stale (``is_stale``). Without a bus such a worker
-falls back to its ZMQ endpoints. A worker that leaves has its source and probe stopped
+both. Such a worker's blocks are not trusted (``KvIndexer.set_trusted``) from the
+moment it joins until its sidecar restates its cache; from then on the bus's event
+source keeps that state (stale: out of sync or silent). ZMQ-fed workers stay trusted
+(their sources recover by replay). Without a bus a NATS-relaying worker falls back to
+its ZMQ endpoints. A worker that leaves has its source and probe stopped
 (the router itself drops its index and load state). Failed forwards mark a worker down
 at once; its next successful health poll brings it back.
 
@@ -84,7 +87,7 @@ class Fleet:
 
     def is_stale(self, worker_id: str) -> bool:
         """True while a NATS-fed worker's event stream cannot be trusted (ZMQ sources recover by replay)."""
-        return worker_id in self.nats_fed and self.bus is not None and self.bus.is_stale(worker_id)
+        return worker_id in self.nats_fed and not self.indexer.trusted(worker_id)
 
     def events_of(self, worker_id: str) -> str:
         """How the worker's KV events arrive: ``nats``, ``nats-stale``, ``zmq`` or ``none``."""
@@ -111,6 +114,8 @@ class Fleet:
         self._rebuild_down()
         if self.bus is not None and info.metadata.get("events") == "nats":
             self.nats_fed.add(info.worker_id)
+            # Nothing of its cache is known yet: untrusted until its sidecar restates it.
+            self.indexer.set_trusted(info.worker_id, False)
             self.bus.worker_added(info.worker_id)
         elif info.kv_events_endpoint is not None:
             self.start_events(info)

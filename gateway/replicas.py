@@ -4,7 +4,9 @@ With ``nats_url`` set, ``GatewayBus`` holds one NATS connection and
 
 * feeds ``kvgate.<ns>.events.*`` into the ``KvIndexer`` through a ``NatsEventSource``
   (every replica consumes every event, so their indexes agree), accepting only workers
-  the registry knows, and tells which workers' streams are stale;
+  the registry knows; the source tells the index which workers' streams are stale
+  (``KvIndexer.set_trusted``), and the index leaves their matches out, so those
+  workers are routed by load only until their stream is back in sync;
 * feeds ``kvgate.<ns>.load.*`` (the sidecars' scrapes of ``/metrics``) into the
   ``LoadTracker`` as engine load, through ``router.engine_load.EngineLoadFeed``;
 * listens to the router's request lifecycle (a ``RequestListener``) to share this
@@ -20,9 +22,6 @@ not queued while disconnected: the restatement replaces them. A replica that die
 without ``leave`` stops heartbeating (``alive``) and is forgotten after
 ``replica_timeout``.
 
-``FreshMatches`` is what the router sees of the index: matches of stale workers are
-dropped, so those workers are routed by load only until their stream is back in sync.
-
 Never routes and never touches a request.
 """
 
@@ -32,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -40,8 +39,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from kvgate.protocol.messages import ActiveMessage, LoadMessage, check_token
 from kvgate.bus import Bus, connect_nats
 from kvgate.indexer.nats_source import NatsEventSource
-from kvgate.indexer.index import Match
-from kvgate.protocol.events import WorkerKey
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.router.engine_load import EngineLoadFeed
 from kvgate.router.lifecycle import InFlight
@@ -49,30 +46,6 @@ from kvgate.router.load import LoadTracker, RemoteRequest
 from kvgate.router.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
-
-
-class FreshMatches:
-    """The index as the router sees it: a stale worker's matches are left out.
-
-    Its blocks stay indexed (a stream that comes back in sync restates them anyway);
-    only the router stops trusting them, so the worker competes on load alone.
-    """
-
-    def __init__(self, indexer: KvIndexer, is_stale: Callable[[str], bool]) -> None:
-        self.indexer = indexer
-        self.block_size = indexer.block_size
-        self.is_stale = is_stale
-
-    def find_matches(self, seq_hashes: Sequence[int]) -> dict[WorkerKey, Match]:
-        matches = self.indexer.find_matches(seq_hashes)
-        is_stale = self.is_stale
-        if any(is_stale(key.worker_id) for key in matches):
-            # A new dict: the index's answer is not ours to edit.
-            return {key: m for key, m in matches.items() if not is_stale(key.worker_id)}
-        return matches
-
-    def remove_worker(self, worker_id: str) -> None:
-        self.indexer.remove_worker(worker_id)
 
 
 @dataclass(slots=True)
@@ -269,9 +242,6 @@ class GatewayBus:
 
     # -- what the gateway calls --------------------------------------------------------
 
-    def is_stale(self, worker_id: str) -> bool:
-        return self.source is None or self.source.is_stale(worker_id)
-
     def worker_added(self, worker_id: str) -> None:
         """A NATS-fed worker joined discovery: ask for its whole cache now rather than at its next heartbeat."""
         if self.connected and self.source is not None:
@@ -371,7 +341,7 @@ class GatewayBus:
                                   "1 while a NATS-fed worker's event stream is stale (routed by load only)",
                                   labels=("worker",))
         for worker_id in sorted(nats_fed):
-            stale.add_metric((worker_id,), float(self.is_stale(worker_id)))
+            stale.add_metric((worker_id,), float(not self.indexer.trusted(worker_id)))
         yield stale
         if self.source is not None:
             for f in fields(self.source.stats):

@@ -1,32 +1,33 @@
 """The indexer facade the gateway and the router hold (``KvIndexer``).
 
-Data flow: an event source hands decoded engine batches to ``apply_engine_batch``;
-per (worker, dp_rank) an ``EventStream`` orders them (gap -> ``on_replay``, restart ->
-reset) and a ``BlockTranslator`` turns them into router events, which the
-``PrefixIndex`` applies. The NATS path skips both (its sidecar already ran them) and
-calls ``apply_router_events``. The router asks ``find_matches``. Synchronous; the
-asyncio sources call in from the event loop. Never decodes bytes, never routes.
+Data flow: an event source hands decoded engine batches to ``apply_engine_batch``; per
+(worker, dp_rank) a ``RankPipeline`` orders them (gap -> the ``ReplaySource`` given at
+construction, restart -> that rank is cleared) and translates them into router events,
+which the ``PrefixIndex`` applies. The NATS path skips the pipeline (its sidecar already
+ran one) and calls ``apply_router_events``. The router asks ``find_matches``.
+
+Also owns whether each worker's blocks are trusted (``set_trusted``): its event source
+says so (the NATS source while a stream is out of sync or silent). An untrusted
+worker's blocks stay indexed but ``find_matches`` leaves it out, so the router places
+it on load alone. Synchronous; the asyncio sources call in from the event loop. Never
+decodes bytes, never routes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
+from kvgate.indexer.index import Match, PrefixIndex, is_tier
+from kvgate.indexer.pipeline import START, PipelineStats, RankPipeline, ReplaySource, StreamPosition
+from kvgate.indexer.recovery import DEFAULT_MAX_BUFFERED
+from kvgate.indexer.translation import DEFAULT_MAX_PENDING
 from kvgate.protocol.events import EventBatch, RouterCleared, RouterEvent, RouterRemoved, RouterStored, WorkerKey
-from kvgate.indexer.index import Match
 from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
-from kvgate.indexer.index import PrefixIndex, is_tier
-from kvgate.indexer.recovery import DEFAULT_MAX_BUFFERED, EventStream, RecoveryStats
-from kvgate.indexer.translation import DEFAULT_MAX_PENDING, BlockTranslator, TranslationStats
-
-ReplayRequest = Callable[[str, int, int, int], None]
-"""``on_replay(worker_id, dp_rank, from_seq, to_seq_excl)``: ask that worker's replay
-socket, feed the batches back with ``replayed=True``, then call ``replay_finished``."""
 
 
 @dataclass
-class IndexerStats(TranslationStats, RecoveryStats):
+class IndexerStats(PipelineStats):
     """Everything the indexer counts. ``rejected`` is keyed by reason (decoder kinds from
     ``record_rejected`` plus the translator's ``bad_block_size``,
     ``token_count_mismatch``, ``lora_without_name``); ``unknown_parent`` and
@@ -37,23 +38,13 @@ class IndexerStats(TranslationStats, RecoveryStats):
     blocks_removed: int = 0
 
 
-class _Rank:
-    """The ordering and translation state of one worker rank."""
-
-    __slots__ = ("translator", "stream")
-
-    def __init__(self, translator: BlockTranslator, stream: EventStream[EventBatch]) -> None:
-        self.translator = translator
-        self.stream = stream
-
-
 class KvIndexer:
     """Engine or router events in, per-worker prefix matches out."""
 
     def __init__(
         self,
         block_size: int = DEFAULT_BLOCK_SIZE,
-        on_replay: ReplayRequest | None = None,
+        replay: ReplaySource | None = None,
         *,
         max_pending_blocks: int = DEFAULT_MAX_PENDING,
         max_buffered_batches: int = DEFAULT_MAX_BUFFERED,
@@ -61,13 +52,16 @@ class KvIndexer:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
-        self.on_replay = on_replay  # settable later: sources are usually built after the indexer
+        self.replay = replay
         self.max_pending_blocks = max_pending_blocks
         self.max_buffered_batches = max_buffered_batches
         self.stats = IndexerStats()
         self._index = PrefixIndex()
-        self._ranks: dict[tuple[str, int], _Rank] = {}
+        self._ranks: dict[tuple[str, int], RankPipeline] = {}
         self._owed: dict[tuple[str, int], int] = {}  # replay finishes due to removed ranks
+        self._untrusted: set[str] = set()
+
+    # --- EngineBatchSink (called by ZmqEventSource) ---------------------------------------
 
     def apply_engine_batch(self, worker_id: str, seq: int, batch: EventBatch, *, replayed: bool = False) -> None:
         # Keyed by a plain tuple: building a frozen WorkerKey per batch costs more than the lookup.
@@ -75,7 +69,7 @@ class KvIndexer:
         rank = self._ranks.get(ident)
         if rank is None:
             rank = self._open(WorkerKey(*ident))
-        rank.stream.offer(seq, batch, replayed=replayed)
+        rank.offer(seq, batch, replayed=replayed)
 
     def replay_finished(self, worker_id: str, rank: int, ok: bool) -> None:
         ident = (worker_id, rank)
@@ -89,11 +83,22 @@ class KvIndexer:
             return
         state = self._ranks.get(ident)
         if state is not None:
-            state.stream.replay_finished(ok)
+            state.replay_finished(ok)
 
     def record_rejected(self, worker_id: str, kind: str) -> None:
         """A source could not decode a batch from ``worker_id``."""
         self.stats.rejected[kind] += 1
+
+    def position(self, worker_id: str, rank: int) -> StreamPosition:
+        """Where the rank's engine stream stands; replays owed by a removed rank count as
+        unanswered (its source may still be running them)."""
+        ident = (worker_id, rank)
+        pipeline = self._ranks.get(ident)
+        at = START if pipeline is None else pipeline.position
+        owed = self._owed.get(ident)
+        return replace(at, replays=at.replays + owed) if owed else at
+
+    # --- router events (the NATS path) and departures ------------------------------------
 
     def apply_router_events(self, key: WorkerKey, events: Sequence[RouterEvent]) -> None:
         """Router-native events (the NATS path); raises ``ValueError`` before applying any
@@ -108,15 +113,35 @@ class KvIndexer:
         self.stats.events_applied += len(events)
 
     def remove_worker(self, worker_id: str) -> None:
-        """Forget every rank of ``worker_id``: its blocks, maps and sequence state."""
+        """Forget every rank of ``worker_id``: its blocks, maps, sequence state and trust."""
         for ident in [i for i in self._ranks if i[0] == worker_id]:
             unanswered = self._ranks.pop(ident).stream.unanswered
             if unanswered:
                 self._owed[ident] = self._owed.get(ident, 0) + unanswered
         self._index.remove_worker(worker_id)
+        self._untrusted.discard(worker_id)
+
+    # --- trust ---------------------------------------------------------------------------
+
+    def set_trusted(self, worker_id: str, trusted: bool) -> None:
+        """Whether ``worker_id``'s blocks may be matched (every worker is, until told not)."""
+        if trusted:
+            self._untrusted.discard(worker_id)
+        else:
+            self._untrusted.add(worker_id)
+
+    def trusted(self, worker_id: str) -> bool:
+        return worker_id not in self._untrusted
+
+    # --- what the router asks ------------------------------------------------------------
 
     def find_matches(self, seq_hashes: Sequence[int]) -> dict[WorkerKey, Match]:
-        return self._index.find_matches(seq_hashes)
+        """Per worker rank holding a prefix of ``seq_hashes``: its match; untrusted workers left out."""
+        matches = self._index.find_matches(seq_hashes)
+        untrusted = self._untrusted
+        if untrusted and matches:
+            return {key: m for key, m in matches.items() if key.worker_id not in untrusted}
+        return matches
 
     def block_counts(self) -> dict[WorkerKey, tuple[int, int, int]]:
         return self._index.block_counts()
@@ -129,28 +154,20 @@ class KvIndexer:
         """Distinct router blocks indexed."""
         return len(self._index)
 
-    def _open(self, key: WorkerKey) -> _Rank:
-        translator = BlockTranslator(self.block_size, max_pending=self.max_pending_blocks, stats=self.stats)
-
-        def apply(batch: EventBatch) -> None:
-            self._apply_router(key, translator.translate(batch.events))
-            self.stats.events_applied += len(batch.events)
-
-        def reset() -> None:
-            translator.clear()
-            self._index.clear(key)
-
-        def request_replay(from_seq: int, to_seq: int) -> bool:
-            if self.on_replay is None:
-                return False
-            self.on_replay(key.worker_id, key.dp_rank, from_seq, to_seq)
-            return True
-
-        stream: EventStream[EventBatch] = EventStream(
-            str(key), apply, reset, request_replay, stats=self.stats, max_buffered=self.max_buffered_batches
+    def _open(self, key: WorkerKey) -> RankPipeline:
+        pipeline = self._ranks[(key.worker_id, key.dp_rank)] = RankPipeline(
+            key, self._output, self._reset, stats=self.stats, block_size=self.block_size,
+            replay=self.replay, sink=self, max_pending=self.max_pending_blocks,
+            max_buffered=self.max_buffered_batches,
         )
-        rank = self._ranks[(key.worker_id, key.dp_rank)] = _Rank(translator, stream)
-        return rank
+        return pipeline
+
+    def _output(self, key: WorkerKey, batch: EventBatch, events: list[RouterEvent]) -> None:
+        self._apply_router(key, events)
+        self.stats.events_applied += len(batch.events)
+
+    def _reset(self, key: WorkerKey) -> None:
+        self._index.clear(key)
 
     def _apply_router(self, key: WorkerKey, events: Sequence[RouterEvent]) -> None:
         index = self._index

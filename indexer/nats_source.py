@@ -2,9 +2,10 @@
 
 ``StreamTracker`` (pure) orders each worker's sidecar session (``epoch``, ``seq``,
 ``reset``; the contract is in ``kvgate.protocol.messages``) into apply / skip / resync
-decisions and a staleness verdict; ``NatsEventSource`` is the asyncio edge that feeds
-the index and asks sidecars to restate themselves. Never decodes engine bytes, never
-routes.
+decisions, and says which streams are in sync and which went silent.
+``NatsEventSource`` is the asyncio edge that feeds the index, tells it which workers'
+blocks to trust (``set_trusted``: not while a stream is out of sync or silent) and
+asks sidecars to restate themselves. Never decodes engine bytes, never routes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from nats.aio.subscription import Subscription
 
 from kvgate.bus import Bus
 from kvgate.protocol.events import RouterEvent, WorkerKey
@@ -114,10 +117,9 @@ class StreamTracker:
         stream = self._streams.get(worker_id)
         return stream is not None and stream.in_sync
 
-    def is_stale(self, worker_id: str, now: float) -> bool:
-        """True unless the worker's stream is in sync and heard from within ``stale_after``."""
-        stream = self._streams.get(worker_id)
-        return stream is None or not stream.in_sync or now - stream.last_seen > self.stale_after
+    def silent(self, now: float) -> list[str]:
+        """Workers in sync but not heard from within ``stale_after``: stale by silence."""
+        return [wid for wid, s in self._streams.items() if s.in_sync and now - s.last_seen > self.stale_after]
 
     def workers(self) -> list[str]:
         return sorted(self._streams)
@@ -143,6 +145,12 @@ class RouterEventSink(Protocol):
 
     def remove_worker(self, worker_id: str) -> None: ...
 
+    def set_trusted(self, worker_id: str, trusted: bool) -> None: ...
+
+
+SWEEPS_PER_STALE_AFTER = 4
+"""Silence is noticed within ``stale_after * (1 + 1/4)``: nothing arrives to say so."""
+
 
 class NatsEventSource:
     """Consumes ``events.*`` of a namespace into a ``RouterEventSink`` (a ``KvIndexer``).
@@ -150,6 +158,13 @@ class NatsEventSource:
     ``accept(worker_id)`` says whether a worker is currently known (pass the registry's
     ``__contains__``); call ``forget(worker_id)`` when discovery drops a worker and
     ``resync_all()`` from the connection's reconnected callback.
+
+    Trust: after every message of an accepted worker, the sink trusts it exactly while
+    its stream is in sync (from a ``reset`` on, until a gap or a new epoch); a sweep
+    every ``stale_after / 4`` withdraws trust from streams silent for ``stale_after``
+    (sidecars heartbeat when idle), and their next in-order message restores it. A
+    worker the tracker never heard from is left as the sink has it (the gateway's
+    ``Fleet`` distrusts a NATS-fed worker when it joins).
     """
 
     def __init__(self, bus: Bus, sink: RouterEventSink, *, stale_after: float = 6.0,
@@ -160,8 +175,9 @@ class NatsEventSource:
         self.tracker = StreamTracker(stale_after=stale_after, resync_interval=resync_interval, accept=accept)
         self.consumer_id = consumer_id
         self.clock = clock
-        self._pending: set[asyncio.Task] = set()
-        self._sub = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sub: Subscription | None = None
 
     @property
     def stats(self) -> StreamStats:
@@ -169,8 +185,12 @@ class NatsEventSource:
 
     async def start(self) -> None:
         self._sub = await self.bus.on_events(self.handle)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop(), name="nats-events-sweep")
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._sub is not None:
             await self.bus.unsubscribe(self._sub)
             self._sub = None
@@ -178,27 +198,46 @@ class NatsEventSource:
             task.cancel()
 
     def handle(self, msg: EventsMessage) -> None:
+        worker_id = msg.worker_id
         verdict = self.tracker.observe(msg, self.clock())
         if verdict.reset:
-            self.sink.remove_worker(msg.worker_id)
+            self.sink.remove_worker(worker_id)
         if verdict.apply and msg.events:
             self.sink.apply_router_events(msg.key, msg.events)
+        in_sync = self.tracker.in_sync(worker_id)
+        # Not applied and out of sync: a worker not accepted (the sink holds nothing of it)
+        # or a duplicate from one already distrusted.
+        if verdict.apply or in_sync:
+            self.sink.set_trusted(worker_id, in_sync)
         if verdict.request_resync:
-            task = asyncio.get_running_loop().create_task(self._request_resync(msg.worker_id))
+            task = asyncio.get_running_loop().create_task(self._request_resync(worker_id))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
-    def is_stale(self, worker_id: str) -> bool:
-        return self.tracker.is_stale(worker_id, self.clock())
+    def sweep(self) -> None:
+        """Withdraw trust from in-sync streams silent for ``stale_after``."""
+        for worker_id in self.tracker.silent(self.clock()):
+            self.sink.set_trusted(worker_id, False)
 
     async def resync_all(self) -> None:
         """After this consumer's own NATS reconnect: ask every known worker to restate itself
-        rather than wait for each one's next message to reveal the gap."""
-        for worker_id in self.tracker.desync_all(self.clock()):
+        rather than wait for each one's next message to reveal the gap. Until then none of
+        them is trusted: anything may have been missed."""
+        trusted = [wid for wid in self.tracker.workers() if self.tracker.in_sync(wid)]
+        asked = self.tracker.desync_all(self.clock())
+        for worker_id in trusted:
+            self.sink.set_trusted(worker_id, False)
+        for worker_id in asked:
             await self._request_resync(worker_id)
 
     def forget(self, worker_id: str) -> None:
         self.tracker.forget(worker_id)
+
+    async def _sweep_loop(self) -> None:
+        interval = self.tracker.stale_after / SWEEPS_PER_STALE_AFTER
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
 
     async def _request_resync(self, worker_id: str) -> None:
         try:

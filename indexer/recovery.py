@@ -3,7 +3,8 @@
 Owns the last applied sequence number and the replay state of one engine publisher.
 It hands batches, in order and at most once, to an ``apply`` callable, and calls
 ``reset`` when the engine's state is gone; it never interprets events and never
-touches an index, so ``KvIndexer`` and the NATS sidecar share it.
+touches an index. ``indexer.pipeline.RankPipeline`` wraps one per (worker, rank), for
+``KvIndexer`` and the NATS sidecar alike.
 
 Rules (``last`` starts at -1, so a subscriber that joins mid-stream asks for what it
 missed from seq 0):
@@ -94,6 +95,15 @@ class EventStream(Generic[B]):
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def forget(self) -> None:
+        """Start over as a new stream (the owner dropped this rank's state): the next batch
+        applies as a first one. Replays asked before still get their ``replay_finished``;
+        each is taken as the finish of an abandoned replay, never of a later one."""
+        self.last_seq = -1
+        self._replay_end = None
+        self._replay_hole = False
+        self._buffer.clear()
 
     def offer(self, seq: int, batch: B, *, replayed: bool = False) -> None:
         """One batch from the source: live, or part of a replay this stream asked for."""

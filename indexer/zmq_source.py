@@ -1,32 +1,36 @@
-"""ZMQ event sources: the asyncio edge that feeds engine KV events to a ``KvIndexer``.
+"""ZMQ event sources: the asyncio edge that feeds engine KV events to an ``EngineBatchSink``.
 
 ``ZmqEventSource`` subscribes to one worker's PUB socket (one per data-parallel rank,
-vLLM offsets the port by the rank), decodes every message with ``indexer.wire`` and
-hands typed batches to ``indexer.apply_engine_batch``. Undecodable messages are counted
-(``record_rejected``) and dropped; the source never stops for bad input, and ZMQ
-reconnects by itself while the engine is down or restarting.
+vLLM offsets the port by the rank), decodes every message with ``protocol.wire`` and
+hands typed batches to its sink's ``apply_engine_batch`` (a ``KvIndexer``, or the
+sidecar's ``EventRelay``). Undecodable messages are counted (``record_rejected``) and
+dropped; the source never stops for bad input, and ZMQ reconnects by itself while the
+engine is down or restarting.
 
-Gaps are found by the indexer (seq tracking), which asks for a replay through its
-synchronous ``on_replay`` callback. ``ReplayDispatcher`` is that callback for a fleet:
-it forwards ``(worker_id, rank, from_seq, to_seq)`` to the worker's source, which
-fetches the missing batches from vLLM's ROUTER replay socket in a task, applies them
-with ``replayed=True`` and answers with exactly one ``replay_finished`` per request,
-in request order per rank.
+Gaps are found by the sink's per-rank pipeline (seq tracking), which asks its
+``ReplaySource`` for a replay. ``ReplayDispatcher`` is that replay source for a fleet,
+built before the sink and given to it: it forwards ``(worker_id, rank, from_seq,
+to_seq)`` to the worker's source, which fetches the missing batches from vLLM's ROUTER
+replay socket in a task, applies them with ``replayed=True`` and answers with exactly
+one ``replay_finished`` per request, in request order per rank.
 
 Catch-up: PUB/SUB drops whatever the engine publishes before the SUB socket has
-connected (both starting together, an engine restart), and the indexer only notices a
+connected (both starting together, an engine restart), and the sink only notices a
 lost batch when a later one arrives, so an engine that caches one prompt and goes idle
 would keep it unannounced. Every ``catch_up_interval`` a rank that received no live
 batch since the previous tick asks the replay socket for the batches after the last
-seq it saw (from 0 before any), which costs one request answered by the end marker
-when nothing was missed. What comes back goes to the indexer as live batches, as if the
-SUB socket had delivered them (not ``replayed``: the indexer accepts replayed batches
-only inside a gap it asked for). A batch offered twice would read as an engine restart,
-so only seqs above the last one seen go, and a live batch a catch-up already applied
-(it was in flight) is skipped. Nothing goes while a gap replay of the rank is asked or
-running (it covers up to a live seq) or if the engine restarted during the fetch.
+seq its sink applied (``position``; from 0 before any), which costs one request
+answered by the end marker when nothing was missed. What comes back goes to the sink
+as live batches, as if the SUB socket had delivered them (not ``replayed``: a pipeline
+accepts replayed batches only inside a gap it asked for). A batch offered twice would
+read as an engine restart, so only seqs above the last applied one go, and a live
+batch a catch-up already applied (it was in flight) is skipped. Nothing goes while a
+replay of the rank is unanswered (it covers up to a live seq) or if the rank's order
+started over during the fetch (its ``generation`` changed: engine restart).
 
-Never decides anything about blocks: seq semantics live in the indexer.
+Keeps transport state only (whether a live batch arrived since the last tick, payload
+hashes of what the last catch-up applied); seq semantics live in the sink's pipelines.
+Never decides anything about blocks.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from kvgate.indexer.pipeline import EngineBatchSink, StreamPosition
 from kvgate.protocol.events import EventBatch
 from kvgate.protocol.wire import (
     REPLAY_END_SEQ,
@@ -55,17 +60,6 @@ from kvgate.protocol.wire import (
 __all__ = ["ReplayDispatcher", "SourceStats", "ZmqEventSource", "ZmqSourceConfig", "rank_endpoint"]
 
 log = logging.getLogger(__name__)
-
-
-class EngineBatchSink(Protocol):
-    """The part of ``indexer.kv_indexer.KvIndexer`` a source feeds."""
-
-    def apply_engine_batch(self, worker_id: str, seq: int, batch: EventBatch, *,
-                           replayed: bool = False) -> None: ...
-
-    def replay_finished(self, worker_id: str, rank: int, ok: bool) -> None: ...
-
-    def record_rejected(self, worker_id: str, kind: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -105,15 +99,12 @@ class SourceStats:
 
 
 class _RankFeed:
-    """What the source knows of one rank's seqs, to ask a catch-up from the right place."""
+    """What the source's transport knows of one rank (its seqs are the sink's)."""
 
-    __slots__ = ("last_seq", "epoch", "heard", "replays", "caught")
+    __slots__ = ("heard", "caught")
 
     def __init__(self) -> None:
-        self.last_seq = -1  # last seq handed to the indexer as live
-        self.epoch = 0  # bumped when the seq falls back (engine restart) or is forgotten
         self.heard = False  # a live batch arrived since the previous catch-up tick
-        self.replays = 0  # gap replays asked for and not answered yet
         # seq -> hash of the payload, for what the last catch-up applied: the same batch
         # may still be on its way over the SUB socket, and offered again it would read as
         # an engine restart. vLLM replays the very bytes it published; a restarted engine's
@@ -139,7 +130,7 @@ class ZmqEventSource:
         worker_id: str,
         endpoint: str,
         replay_endpoint: str | None,
-        indexer: EngineBatchSink,
+        sink: EngineBatchSink,
         topic: bytes = b"",
         *,
         dp_size: int = 1,
@@ -155,7 +146,7 @@ class ZmqEventSource:
         self.dp_size = dp_size
         self.config = config or ZmqSourceConfig()
         self.stats = SourceStats()
-        self._indexer = indexer
+        self._sink = sink
         self._context = context
         self._sockets: list[zmq.asyncio.Socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,12 +175,11 @@ class ZmqEventSource:
                 self._spawn(self._catch_up_loop(rank))
         self._running = True
 
-    def forget_seqs(self) -> None:
-        """The sink dropped its seq state of this worker (e.g. the engine was lost): the
-        next catch-up asks from seq 0, and one in flight is discarded."""
+    def engine_lost(self) -> None:
+        """The sink started this worker's seq order over (the engine stopped answering):
+        catch up at the next tick, and let no live batch pass for one the last catch-up
+        applied. (A catch-up in flight is discarded by its rank's new ``generation``.)"""
         for feed in self._feeds:
-            feed.last_seq = -1
-            feed.epoch += 1
             feed.heard = False
             feed.caught.clear()
 
@@ -224,7 +214,7 @@ class ZmqEventSource:
             try:
                 _topic, seq, payload = decode_frames(frames)
                 if feed.caught:
-                    if seq <= feed.last_seq and feed.caught.get(seq) == hash(payload):
+                    if feed.caught.get(seq) == hash(payload):
                         self.stats.late_duplicates += 1
                         continue
                     # The SUB socket delivers in order: nothing the catch-up got is behind this.
@@ -234,33 +224,26 @@ class ZmqEventSource:
                 self._reject(err)
                 continue
             feed.heard = True
-            if self._apply_live(rank, seq, batch):
+            if self._apply(rank, seq, batch, replayed=False):
                 self.stats.batches_applied += 1
-
-    def _apply_live(self, rank: int, seq: int, batch: EventBatch) -> bool:
-        feed = self._feeds[rank]
-        if seq <= feed.last_seq:
-            feed.epoch += 1  # the engine restarted: a catch-up fetched before now is stale
-        feed.last_seq = seq
-        return self._apply(rank, seq, batch, replayed=False)
 
     def _apply(self, rank: int, seq: int, batch: EventBatch, *, replayed: bool) -> bool:
         if batch.data_parallel_rank is None:
             # SGLang and older vLLM may omit the rank; the socket it came on tells it.
             batch.data_parallel_rank = rank
         try:
-            self._indexer.apply_engine_batch(self.worker_id, seq, batch, replayed=replayed)
+            self._sink.apply_engine_batch(self.worker_id, seq, batch, replayed=replayed)
         except Exception:
-            # A failing indexer must not silence this worker's feed for good.
+            # A failing sink must not silence this worker's feed for good.
             self.stats.indexer_errors += 1
-            log.exception("indexer failed on batch seq=%d from %s", seq, self.worker_id)
+            log.exception("sink failed on batch seq=%d from %s", seq, self.worker_id)
             return False
         return True
 
     def _reject(self, err: DecodeError) -> None:
         self.stats.rejected[err.kind] += 1
         log.debug("rejected message from %s: %s", self.worker_id, err)
-        self._indexer.record_rejected(self.worker_id, err.kind)
+        self._sink.record_rejected(self.worker_id, err.kind)
 
     # --- replay ------------------------------------------------------------------------
 
@@ -270,8 +253,6 @@ class ZmqEventSource:
         Safe to call from inside ``apply_engine_batch``: the work (and the answer, even
         an immediate failure) always happens later in a task.
         """
-        if 0 <= rank < self.dp_size:
-            self._feeds[rank].replays += 1
         self._spawn(self._replay(rank, from_seq, to_seq))
 
     async def _replay(self, rank: int, from_seq: int, to_seq: int) -> None:
@@ -290,9 +271,7 @@ class ZmqEventSource:
             else:
                 self.stats.replays_failed += 1
                 log.warning("replay %d..%d of %s rank %d failed", from_seq, to_seq, self.worker_id, rank)
-            if 0 <= rank < self.dp_size:
-                self._feeds[rank].replays -= 1
-            self._indexer.replay_finished(self.worker_id, rank, ok)
+            self._sink.replay_finished(self.worker_id, rank, ok)
 
     async def _fetch(self, rank: int, from_seq: int, to_seq: int | None) -> dict[int, bytes]:
         """Replies with seq in range (``to_seq`` None: no end), until the end marker, the
@@ -356,20 +335,21 @@ class ZmqEventSource:
                 # A lost batch before a live one shows as a gap; only the tail after the
                 # last one can hide, and it is asked for once the rank goes quiet.
                 feed.heard = False
-            elif not feed.replays:
+            elif not self._position(rank).replays:
                 await self._catch_up(rank)
 
     async def _catch_up(self, rank: int) -> None:
         feed = self._feeds[rank]
         async with self._replay_locks.setdefault(rank, asyncio.Lock()):
-            if feed.replays:
+            asked = self._position(rank)
+            if asked.replays:
                 return
-            epoch = feed.epoch
             self.stats.catch_ups += 1
-            payloads = await self._fetch(rank, feed.last_seq + 1, None)
-        if feed.replays or feed.epoch != epoch:
+            payloads = await self._fetch(rank, asked.last_seq + 1, None)
+        now = self._position(rank)
+        if now.replays or now.generation != asked.generation:
             return  # a gap replay now covers this stretch, or the engine restarted
-        fresh = [seq for seq in sorted(payloads) if seq > feed.last_seq]  # others came live meanwhile
+        fresh = [seq for seq in sorted(payloads) if seq > now.last_seq]  # others came live meanwhile
         if not fresh:
             return
         feed.caught = {}
@@ -378,24 +358,27 @@ class ZmqEventSource:
             try:
                 batch = decode_batch(payload)
             except DecodeError as err:
-                # Skipped: the next batch shows the hole and the indexer handles it as a gap.
+                # Skipped: the next batch shows the hole and the sink handles it as a gap.
                 self._reject(err)
                 continue
             feed.caught[seq] = hash(payload)
-            if self._apply_live(rank, seq, batch):
+            if self._apply(rank, seq, batch, replayed=False):
                 self.stats.caught_up += 1
+
+    def _position(self, rank: int) -> StreamPosition:
+        return self._sink.position(self.worker_id, rank)
 
 
 class ReplayDispatcher:
-    """A ``KvIndexer`` ``on_replay`` callback that forwards each request to its worker's source.
+    """The ``ReplaySource`` of a fleet: forwards each request to its worker's source.
 
-    ``indexer.on_replay = ReplayDispatcher(indexer)``, then ``add`` each source. A request
-    for a worker without a source is answered ``ok=False`` (soon, never from inside the
-    call), so the indexer never waits on a replay nobody will run.
+    Built first and given to the sink (``KvIndexer(block_size, dispatcher)``); then
+    ``add`` each source as it starts. A request for a worker without a source is
+    answered ``ok=False`` to the asking sink (soon, never from inside the call), so no
+    pipeline waits on a replay nobody will run.
     """
 
-    def __init__(self, indexer: EngineBatchSink) -> None:
-        self._indexer = indexer
+    def __init__(self) -> None:
         self._sources: dict[str, ZmqEventSource] = {}
 
     def add(self, source: ZmqEventSource) -> None:
@@ -404,10 +387,10 @@ class ReplayDispatcher:
     def discard(self, worker_id: str) -> None:
         self._sources.pop(worker_id, None)
 
-    def __call__(self, worker_id: str, rank: int, from_seq: int, to_seq: int) -> None:
+    def request_replay(self, sink: EngineBatchSink, worker_id: str, rank: int, from_seq: int, to_seq: int) -> None:
         source = self._sources.get(worker_id)
         if source is not None:
             source.request_replay(rank, from_seq, to_seq)
             return
         log.warning("replay request for %s, which has no source; answering failure", worker_id)
-        asyncio.get_running_loop().call_soon(self._indexer.replay_finished, worker_id, rank, False)
+        asyncio.get_running_loop().call_soon(sink.replay_finished, worker_id, rank, False)

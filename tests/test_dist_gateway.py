@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kvgate.gateway.app import Gateway
-from kvgate.gateway.replicas import ActiveSync, FreshMatches, GatewayBus
+from kvgate.gateway.replicas import ActiveSync, GatewayBus
 from kvgate.gateway.config import GatewayConfig, config_from_dict, load_config
 from kvgate.protocol.messages import ActiveMessage, EventsMessage, LoadMessage
 from kvgate.bus import Bus, connect_nats
@@ -123,27 +123,27 @@ def test_bad_active_messages_are_counted_not_applied():
         ActiveSync("gw.a", load_b)
 
 
-def test_fresh_matches_leaves_stale_workers_to_load_only_routing():
+def test_untrusted_workers_are_routed_by_load_only():
     indexer = KvIndexer(block_size=4)
     tokens = list(range(16))
     hashes = sequence_hashes(tokens, 4)
     indexer.apply_router_events(W0, [RouterStored(hashes, Tier.GPU)])
-    stale: set[str] = set()
     registry = WorkerRegistry([WorkerInfo("w0", "http://127.0.0.1:1", "m", block_size=4),
                                WorkerInfo("w1", "http://127.0.0.1:2", "m", block_size=4)])
     load = LoadTracker()
-    router = Router(RouterConfig(block_size=4), FreshMatches(indexer, stale.__contains__), registry, load)
+    router = Router(RouterConfig(block_size=4), indexer, registry, load)
     load.begin("busy", W0, 4, 4, 1)  # w0 already has a request; w1 is idle
 
     assert router.route(tokens).chosen == W0  # its 4 cached blocks outweigh one request
-    stale.add("w0")
+    indexer.set_trusted("w0", False)  # its event stream went stale
     decision = router.route(tokens)
     assert decision.chosen == W1 and decision.score_of(W0).depth == 0
-    assert indexer.find_matches(hashes)[W0].depth == 4  # the index keeps the blocks
-    stale.clear()
+    assert indexer.block_counts()[W0] == (4, 0, 0)  # the index keeps the blocks
+    indexer.set_trusted("w0", True)
     assert router.route(tokens).chosen == W0
-    registry.remove("w0")  # the router drops a departed worker's index state through the wrapper
-    assert indexer.block_counts() == {}
+    indexer.set_trusted("w0", False)
+    registry.remove("w0")  # the router drops a departed worker's index state, trust included
+    assert indexer.block_counts() == {} and indexer.trusted("w0")
 
 
 def test_distributed_options_from_yaml_env_and_flags(tmp_path):

@@ -34,8 +34,9 @@ from kvgate.protocol.events import (
 )
 from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.kv_indexer import KvIndexer
-from tests.servers import NatsServer
+from kvgate.indexer.pipeline import StreamPosition
 from tests.helpers import until
+from tests.servers import NatsServer
 from kvgate.worker.sidecar.relay import EventRelay
 
 BIG = (1 << 64) - 1
@@ -105,10 +106,10 @@ def test_tracker_syncs_on_reset_and_detects_gaps_duplicates_and_new_sessions():
     # Joining mid-stream: applied best effort, but stale until a reset; resync asked once per interval.
     assert t.observe(msg(7), 0.0).request_resync
     assert not t.observe(msg(8), 0.5).request_resync
-    assert t.is_stale("w1", 0.5)
+    assert not t.in_sync("w1")
     assert t.observe(msg(9), 1.2).request_resync
     v = t.observe(msg(10, reset=True), 1.3)
-    assert v.apply and v.reset and t.in_sync("w1") and not t.is_stale("w1", 1.3)
+    assert v.apply and v.reset and t.in_sync("w1") and t.silent(1.3) == []
     assert t.observe(msg(11), 1.4) == t.observe(msg(12), 1.4)  # plain applies
     assert not t.observe(msg(12), 1.5).apply  # duplicate
     assert t.stats.duplicates == 1
@@ -120,7 +121,7 @@ def test_tracker_syncs_on_reset_and_detects_gaps_duplicates_and_new_sessions():
     v = t.observe(msg(0, epoch=2, reset=True), 1.8)
     assert v.apply and v.reset and t.in_sync("w1") and t.stats.epochs_changed == 1
     # Silence makes a worker stale even in sync.
-    assert t.is_stale("w1", 1.8 + 5.1)
+    assert t.silent(1.8 + 5.0) == [] and t.silent(1.8 + 5.1) == ["w1"]
 
 
 def test_tracker_desync_all_after_a_consumer_reconnect():
@@ -177,19 +178,147 @@ def test_relay_translates_numbers_mirrors_and_snapshots():
     assert out[0].events == [RouterCleared()] and relay.block_counts() == [(0, 0, 0)]
 
 
+class Replays:
+    """A ``ReplaySource`` that records (rank, from, to) and who the answer goes to."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int, int]] = []
+        self.answer_to: list[object] = []
+
+    def request_replay(self, sink: object, worker_id: str, rank: int, from_seq: int, to_seq: int) -> None:
+        self.asked.append((rank, from_seq, to_seq))
+        self.answer_to.append(sink)
+
+
 def test_relay_asks_for_replay_on_a_gap_and_applies_it_in_order():
     out: list[EventsMessage] = []
-    asked: list[tuple[int, int, int]] = []
-    relay = EventRelay("w1", out.append, block_size=4, request_replay=lambda *a: asked.append(a))
+    replays = Replays()
+    asked = replays.asked
+    relay = EventRelay("w1", out.append, block_size=4, replay=replays)
     t = list(range(8))
     relay.apply_engine_batch("w1", 0, EventBatch(0.0, [stored([1], tokens=t[:4])]))
     relay.apply_engine_batch("w1", 2, EventBatch(0.0, [BlockRemoved([1])]))
-    assert asked == [(0, 1, 2)] and len(out) == 1
+    assert asked == [(0, 1, 2)] and len(out) == 1 and replays.answer_to == [relay]
     relay.apply_engine_batch("w1", 1, EventBatch(0.0, [stored([2], parent=1, tokens=t[4:])]), replayed=True)
     relay.replay_finished("w1", 0, True)
     kinds = [type(e) for m in out for e in m.events]
     assert kinds == [RouterStored, RouterStored, RouterRemoved]
     assert relay.block_counts() == [(1, 0, 0)]
+
+
+def test_relay_engine_lost_starts_every_rank_over():
+    out: list[EventsMessage] = []
+    replays = Replays()
+    relay = EventRelay("w1", out.append, block_size=4, dp_size=2, replay=replays)
+    t = list(range(8))
+    relay.apply_engine_batch("w1", 0, EventBatch(0.0, [stored([1], tokens=t[:4])]))
+    relay.apply_engine_batch("w1", 3, EventBatch(0.0, [stored([2], parent=1, tokens=t[4:])]))  # gap: 1, 2
+    assert replays.asked == [(0, 1, 3)] and relay.position("w1", 0) == StreamPosition(0, 0, 1)
+    out.clear()
+    relay.engine_lost()
+    assert [m.events for m in out] == [[RouterCleared()], [RouterCleared()]] and relay.block_counts() == [(0, 0, 0)] * 2
+    # The order starts over (a source's catch-up asks from seq 0 under a new generation);
+    # the replay asked of the lost engine is still owed its answer.
+    assert relay.position("w1", 0) == StreamPosition(-1, 1, 1) and relay.position("w1", 1) == StreamPosition(-1, 1, 0)
+    out.clear()
+    relay.apply_engine_batch("w1", 0, EventBatch(0.0, [stored([7], tokens=t[:4])]))
+    relay.apply_engine_batch("w1", 2, EventBatch(0.0, [stored([8], parent=7, tokens=t[4:])]))  # gap: 1
+    assert replays.asked == [(0, 1, 3), (0, 1, 2)]
+    relay.replay_finished("w1", 0, False)  # the lost engine's answer: not the new replay's
+    assert len(out) == 1 and relay.stats.replays_failed == 0
+    relay.replay_finished("w1", 0, False)
+    assert len(out) == 2 and relay.stats.replays_failed == 1 and relay.stats.restarts == 0
+    assert relay.position("w9", 0) == relay.position("w1", 5) == StreamPosition(-1, 0, 0)
+
+
+class StubBus:
+    """The part of ``Bus`` a ``NatsEventSource`` uses, without a server."""
+
+    def __init__(self) -> None:
+        self.resyncs: list[str] = []
+
+    async def on_events(self, callback: object) -> object:
+        return object()
+
+    async def unsubscribe(self, sub: object) -> None:
+        return None
+
+    async def request_resync(self, worker_id: str, requester: str) -> None:
+        self.resyncs.append(worker_id)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_nats_source_trusts_a_worker_exactly_while_its_stream_is_in_sync_and_heard():
+    known = {"w1", "w2"}
+    indexer, clock, bus = KvIndexer(block_size=4), Clock(), StubBus()
+    source = NatsEventSource(bus, indexer, stale_after=5.0, accept=known.__contains__, clock=clock)  # type: ignore[arg-type]
+    h = sequence_hashes(list(range(8)), 4)
+    w1 = WorkerKey("w1")
+
+    def matched() -> bool:
+        return w1 in indexer.find_matches(h)
+
+    source.handle(msg(0, reset=True, events=[RouterCleared(), RouterStored(h)]))
+    assert indexer.trusted("w1") and matched()
+    source.handle(msg(1))
+    assert indexer.trusted("w1")
+    # A lost message: the stream is out of sync, its blocks stay indexed but are not matched.
+    source.handle(msg(3, events=[RouterStored(h[:1], Tier.CPU)]))
+    assert not indexer.trusted("w1") and not matched() and indexer.block_counts()[w1] == (2, 1, 0)
+    source.handle(msg(3))  # a duplicate changes nothing
+    assert not indexer.trusted("w1")
+    await until(lambda: bus.resyncs == ["w1"], what="resync asked")
+    source.handle(msg(4, reset=True, events=[RouterCleared(), RouterStored(h)]))
+    assert indexer.trusted("w1") and matched()
+
+    # Silence: nothing arrives to say so, the sweep does; the next in-order message restores it.
+    clock.now = 5.0
+    source.sweep()
+    assert indexer.trusted("w1")
+    clock.now = 5.1
+    source.sweep()
+    assert not indexer.trusted("w1") and not matched()
+    source.handle(msg(5))
+    assert indexer.trusted("w1") and matched()
+
+    # A new sidecar session without its reset, then with it.
+    source.handle(msg(0, epoch=2))
+    assert not indexer.trusted("w1")
+    source.handle(msg(1, epoch=2, reset=True, events=[RouterCleared(), RouterStored(h)]))
+    assert indexer.trusted("w1")
+
+    # This consumer reconnected: nobody is trusted until restated.
+    source.handle(msg(0, reset=True, worker="w2"))
+    await source.resync_all()
+    assert not indexer.trusted("w1") and not indexer.trusted("w2")
+    source.handle(msg(2, epoch=2, reset=True, events=[RouterCleared(), RouterStored(h)]))
+    assert indexer.trusted("w1") and not indexer.trusted("w2")
+
+    # A worker discovery does not know is never applied, nor marked in the index.
+    source.handle(msg(0, worker="ghost", events=[RouterStored(h)]))
+    source.handle(msg(3, worker="ghost"))
+    assert indexer.trusted("ghost") and WorkerKey("ghost") not in indexer.block_counts()
+    await source.stop()
+
+
+async def test_nats_source_sweeps_silent_streams_on_its_own():
+    indexer, bus = KvIndexer(block_size=4), StubBus()
+    source = NatsEventSource(bus, indexer, stale_after=0.2)  # type: ignore[arg-type]
+    await source.start()
+    try:
+        source.handle(msg(0, reset=True))
+        assert indexer.trusted("w1")
+        took = await until(lambda: not indexer.trusted("w1"), timeout=5, what="silent stream distrusted")
+        assert took >= 0.2
+    finally:
+        await source.stop()
 
 
 @pytest.mark.slow
@@ -218,13 +347,13 @@ async def test_nats_round_trip_feeds_an_indexer_and_survives_bad_payloads(nats_s
         await until(lambda: indexer.find_matches(h).get(WorkerKey("w1")) is not None and loads, what="events applied")
         assert indexer.find_matches(h)[WorkerKey("w1")].depth == 2
         assert consumer_bus.rejected == {} and sum(source.bus.rejected.values()) == 1
-        assert not source.is_stale("w1")
+        assert indexer.trusted("w1")
         # A lost message (seq 2) -> the consumer asks the worker's sidecar for a resync.
         await pub_bus.publish_events(EventsMessage("w1", 0, 3, 5, [RouterRemoved([h[1]])]))
         await until(lambda: resyncs, what="resync requested")
-        assert source.is_stale("w1")
+        assert not indexer.trusted("w1")
         await pub_bus.publish_events(EventsMessage("w1", 0, 4, 5, [RouterCleared(), RouterStored(h[:1])], reset=True))
-        await until(lambda: not source.is_stale("w1"), what="back in sync")
+        await until(lambda: indexer.trusted("w1"), what="back in sync")
         assert indexer.find_matches(h)[WorkerKey("w1")].depth == 1
         await source.stop()
     finally:

@@ -2,8 +2,8 @@
 
 The consumer is wired the way a gateway in ``--discovery etcd`` mode wires it:
 ``EtcdDiscovery`` fills a ``WorkerRegistry``; a ``NatsEventSource`` feeds a ``KvIndexer``
-and only accepts workers the registry knows; a worker leaving the registry loses its
-index state. Recovery times are printed (figures, never asserted).
+and only accepts workers the registry knows; a worker joining the registry is not
+trusted until its sidecar restates its cache, and one leaving it loses its index state. Recovery times are printed (figures, never asserted).
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ class Consumer:
         self.registry.subscribe(self._on_change)
 
     def _on_change(self, change: RegistryChange) -> None:
-        if change.kind == "removed":
+        if change.kind == "added":
+            self.indexer.set_trusted(change.worker.worker_id, False)
+        else:
             self.indexer.remove_worker(change.worker.worker_id)
             if self.source is not None:
                 self.source.forget(change.worker.worker_id)
@@ -152,6 +154,9 @@ class Consumer:
             await self.source.stop()
         if self.nc is not None:
             await self.nc.close()
+
+    def in_sync(self) -> bool:
+        return WORKER in self.registry and self.indexer.trusted(WORKER)
 
     def depth(self, tokens: list[int]) -> int:
         match = self.indexer.find_matches(sequence_hashes(tokens, 64)).get(KEY)
@@ -186,7 +191,7 @@ async def test_sidecar_relays_events_and_load_and_follows_its_engine(
         a = prompt(1)
         await asyncio.to_thread(engine.complete, a)
         await until(lambda: consumer.depth(a) == 4, what="prompt A's blocks in the consumer's index")
-        await until(lambda: not consumer.source.is_stale(WORKER), what="stream in sync")
+        await until(lambda: consumer.in_sync(), what="stream in sync")
         await until(lambda: any(m.worker_id == WORKER for m in consumer.loads), what="load published")
         last = consumer.loads[-1]
         assert (last.dp_rank, last.running, last.waiting) == (0, 0, 0)  # idle engine, as its /metrics says
@@ -210,7 +215,7 @@ async def test_sidecar_relays_events_and_load_and_follows_its_engine(
         # The sidecar's SUB socket reconnects on its own schedule, so B's batch may have been
         # published to nobody, and the engine stays idle: the catch-up (from seq 0, the
         # engine was lost) fetches it from the replay socket.
-        await until(lambda: consumer.depth(b) == 4 and not consumer.source.is_stale(WORKER), what="prompt B indexed")
+        await until(lambda: consumer.depth(b) == 4 and consumer.in_sync(), what="prompt B indexed")
         print(f"after the engine restart: {sidecar_metrics(port)['kvgate_sidecar_caught_up_total']:.0f} "
               "batch(es) caught up from the replay socket")
         assert consumer.depth(a) == 0  # nothing of the dead engine's cache came back
@@ -243,7 +248,7 @@ async def test_nats_restart_resumes_events_and_the_index_converges(
         assert consumer.depth(b) == 0
         restarted = time.monotonic()
         await asyncio.to_thread(nats_server.start)
-        took = await until(lambda: consumer.depth(b) == 4 and not consumer.source.is_stale(WORKER), timeout=20,
+        took = await until(lambda: consumer.depth(b) == 4 and consumer.in_sync(), timeout=20,
                            what="index converged after the NATS restart")
         print(f"NATS restart -> consumer index converged {took:.2f}s after nats-server answered "
               f"({time.monotonic() - restarted:.2f}s incl. its start)")

@@ -212,13 +212,14 @@ class Fleet:
         self.engines = {key: self._start(key) for key in KEYS}
         self.refs = {key: Reference() for key in KEYS}
         self.replays: list[tuple[WorkerKey, int, int, int]] = []  # key, incarnation, from, to
-        self.indexer = KvIndexer(BS, on_replay=self._on_replay, max_pending_blocks=10_000)
+        self.indexer = KvIndexer(BS, self, max_pending_blocks=10_000)
 
     def _start(self, key: WorkerKey) -> Engine:
         self.incarnations += 1
         return Engine(key, self.incarnations)
 
-    def _on_replay(self, worker_id: str, rank: int, start: int, end: int) -> None:
+    def request_replay(self, sink: object, worker_id: str, rank: int, start: int, end: int) -> None:
+        """The fleet is the indexer's ``ReplaySource``: requests queue until ``serve_replays``."""
         key = WorkerKey(worker_id, rank)
         self.replays.append((key, self.engines[key].incarnation, start, end))
 

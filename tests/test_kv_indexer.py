@@ -20,6 +20,7 @@ from kvgate.protocol.events import (
 from kvgate.indexer.index import Match
 from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.kv_indexer import IndexerStats, KvIndexer
+from kvgate.indexer.pipeline import StreamPosition
 from kvgate.protocol.wire import decode_batch
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kv_events"
@@ -39,13 +40,15 @@ def stored(i: int, j: int, parent: int | None = None, tier: Tier = Tier.GPU, tok
 
 
 class Replays:
-    """Records replay requests the way a source would receive them."""
+    """A ``ReplaySource`` that records requests the way a source would receive them."""
 
     def __init__(self) -> None:
         self.asked: list[tuple[str, int, int, int]] = []
+        self.answer_to: list[object] = []
 
-    def __call__(self, worker_id: str, rank: int, start: int, end: int) -> None:
+    def request_replay(self, sink: object, worker_id: str, rank: int, start: int, end: int) -> None:
         self.asked.append((worker_id, rank, start, end))
+        self.answer_to.append(sink)
 
 
 def test_engine_batches_become_prefix_matches() -> None:
@@ -80,10 +83,10 @@ def test_tier_moves_through_the_engine_path() -> None:
 
 def test_gap_replays_through_the_callback() -> None:
     replays = Replays()
-    ix = KvIndexer(BS, on_replay=replays)
+    ix = KvIndexer(BS, replays)
     ix.apply_engine_batch("w", 0, batch(stored(0, 2), rank=2))
     ix.apply_engine_batch("w", 3, batch(stored(4, 6, parent=E[3]), rank=2))
-    assert replays.asked == [("w", 2, 1, 3)]
+    assert replays.asked == [("w", 2, 1, 3)] and replays.answer_to == [ix]
     assert ix.stats.unknown_parent == 0  # the out-of-order child waits, it is not dropped
     ix.apply_engine_batch("w", 1, batch(stored(2, 3, parent=E[1]), rank=2), replayed=True)
     ix.apply_engine_batch("w", 2, batch(stored(3, 4, parent=E[2]), rank=2), replayed=True)
@@ -92,18 +95,27 @@ def test_gap_replays_through_the_callback() -> None:
     assert (ix.stats.gaps, ix.stats.replays_requested, ix.stats.replays_failed) == (1, 1, 0)
 
 
-def test_on_replay_can_be_set_after_construction_and_unknown_finishes_are_ignored() -> None:
+def test_without_replay_source_gaps_are_skipped_and_unknown_finishes_are_ignored() -> None:
     ix = KvIndexer(BS)
     ix.replay_finished("nobody", 0, True)
     ix.apply_engine_batch("w", 5, batch(stored(0, 1)))  # no replay source: gap skipped
     assert ix.find_matches(SEQ) == {W0: Match(1, [1, 0, 0])}
-    replays = Replays()
-    ix.on_replay = replays
     ix.apply_engine_batch("w", 9, batch(stored(1, 2, parent=E[0])))
-    assert replays.asked == [("w", 0, 6, 9)]
+    assert ix.find_matches(SEQ) == {W0: Match(2, [2, 0, 0])}
+    assert (ix.stats.gaps, ix.stats.replays_requested) == (2, 0)
+
+
+def test_a_failed_replay_continues_with_the_buffered_batches() -> None:
+    replays = Replays()
+    ix = KvIndexer(BS, replays)
+    ix.apply_engine_batch("w", 5, batch(stored(0, 1)))
+    assert replays.asked == [("w", 0, 0, 5)]
+    ix.replay_finished("w", 0, False)
+    ix.apply_engine_batch("w", 9, batch(stored(1, 2, parent=E[0])))
+    assert replays.asked == [("w", 0, 0, 5), ("w", 0, 6, 9)]
     ix.replay_finished("w", 0, False)
     assert ix.find_matches(SEQ) == {W0: Match(2, [2, 0, 0])}
-    assert ix.stats.replays_failed == 1
+    assert ix.stats.replays_failed == 2
 
 
 def test_restart_drops_that_rank_before_the_new_batch() -> None:
@@ -143,10 +155,12 @@ def test_remove_worker_forgets_blocks_maps_and_seqs() -> None:
 
 def test_replay_finishes_owed_by_a_removed_worker_do_not_end_its_next_replay() -> None:
     replays = Replays()
-    ix = KvIndexer(BS, on_replay=replays)
+    ix = KvIndexer(BS, replays)
     ix.apply_engine_batch("w", 0, batch(stored(0, 1)))
     ix.apply_engine_batch("w", 4, batch(stored(1, 2, parent=E[0])))
+    assert ix.position("w", 0) == StreamPosition(0, 0, 1)
     ix.remove_worker("w")
+    assert ix.position("w", 0) == StreamPosition(-1, 0, 1)  # its source may still be running it
     ix.apply_engine_batch("w", 2, batch(stored(1, 2, parent=E[0])))  # back: asks (0, 2)
     assert replays.asked == [("w", 0, 1, 4), ("w", 0, 0, 2)]
     ix.replay_finished("w", 0, False)  # answers the request made before the removal
@@ -208,3 +222,42 @@ def test_decoded_fixtures_compose_gpu_and_offload_events() -> None:
     assert ix.find_matches(seq) == {W0: Match(1, [0, 1, 0])}
     assert ix.block_counts() == {W0: (0, 1, 0)}
     assert ix.stats.unknown_block == 0 and ix.stats.events_applied == 5
+
+
+def test_position_tells_a_source_the_last_applied_seq_and_restarts() -> None:
+    ix = KvIndexer(BS)
+    assert ix.position("w", 0) == StreamPosition(-1, 0, 0)
+    ix.apply_engine_batch("w", 0, batch(stored(0, 1)))
+    ix.apply_engine_batch("w", 1, batch(stored(1, 2, parent=E[0])))
+    assert ix.position("w", 0) == StreamPosition(1, 0, 0)
+    ix.apply_engine_batch("w", 0, batch(stored(0, 1)))  # seq fell back: a new engine
+    assert ix.position("w", 0) == StreamPosition(0, 1, 0)
+    assert ix.position("w", 1) == StreamPosition(-1, 0, 0)
+
+
+def test_an_untrusted_workers_blocks_stay_indexed_but_are_not_matched() -> None:
+    ix = KvIndexer(BS)
+    ix.apply_router_events(W0, [RouterStored(SEQ[:4])])
+    ix.apply_router_events(WorkerKey("w", 1), [RouterStored(SEQ[:3])])
+    ix.apply_router_events(WorkerKey("v"), [RouterStored(SEQ[:2])])
+    everyone = ix.find_matches(SEQ)
+    assert ix.trusted("w") and len(everyone) == 3
+
+    ix.set_trusted("w", False)  # e.g. its NATS stream went out of sync
+    assert not ix.trusted("w") and ix.trusted("v")
+    assert ix.find_matches(SEQ) == {WorkerKey("v"): Match(2, [2, 0, 0])}  # every rank of w left out
+    assert ix.block_counts()[W0] == (4, 0, 0) and len(ix) == 4  # still indexed
+    ix.apply_router_events(W0, [RouterStored(SEQ[4:5])])  # still fed
+    assert W0 not in ix.find_matches(SEQ)
+
+    ix.set_trusted("w", True)  # back in sync
+    assert ix.find_matches(SEQ)[W0] == Match(5, [5, 0, 0]) and ix.find_matches(SEQ) == {**everyone, W0: Match(5, [5, 0, 0])}
+
+
+def test_removing_a_worker_forgets_its_trust_state() -> None:
+    ix = KvIndexer(BS)
+    ix.set_trusted("w", False)
+    ix.remove_worker("w")
+    assert ix.trusted("w")
+    ix.apply_router_events(W0, [RouterStored(SEQ[:1])])
+    assert ix.find_matches(SEQ) == {W0: Match(1, [1, 0, 0])}

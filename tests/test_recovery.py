@@ -205,3 +205,18 @@ def test_an_abandoned_replays_finish_does_not_end_the_next_one() -> None:
     stream.replay_finished(True)
     assert rec.log == ["b0", "b1", "RESET", "b0", "b1", "b2", "b3", "b4"]
     assert stream.unanswered == 0 and stream.stats.replays_failed == 0
+
+
+def test_forget_starts_over_and_still_absorbs_the_replays_asked_before() -> None:
+    stream, rec = make()
+    live(stream, 0, 1, 5, 6)  # asks (2, 5); 5 and 6 buffered
+    stream.forget()
+    assert not stream.replaying and stream.buffered == 0 and stream.last_seq == -1
+    assert stream.unanswered == 1 and stream.stats.restarts == 0 and "RESET" not in rec.log
+    live(stream, 0, 3)  # a first batch again, then a gap of the new order: asks (1, 3)
+    assert rec.asked == [(2, 5), (1, 3)] and rec.log == ["b0", "b1", "b0"]
+    stream.replay_finished(True)  # answers the forgotten request
+    assert stream.replaying
+    replay(stream, 1, 2)
+    stream.replay_finished(True)
+    assert rec.log == ["b0", "b1", "b0", "b1", "b2", "b3"] and stream.stats.replays_failed == 0

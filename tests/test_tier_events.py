@@ -237,9 +237,8 @@ def tiered(tmp_path_factory) -> Iterator[SimConfig]:
 
 @pytest.mark.slow
 async def test_worker_process_tiers_reach_the_index_over_zmq(tiered):
-    indexer = KvIndexer(BS)
-    dispatcher = ReplayDispatcher(indexer)
-    indexer.on_replay = dispatcher
+    dispatcher = ReplayDispatcher()
+    indexer = KvIndexer(BS, dispatcher)
     source = ZmqEventSource("w", tiered.events.endpoint, tiered.events.replay_endpoint, indexer)
     dispatcher.add(source)
     source.start()

@@ -21,7 +21,7 @@ import pytest
 
 from kvgate.dev.launch import Service, free_port
 from kvgate.gateway.tokenization import Preprocessor
-from tests.vllm_engines import BLOCK_SIZE, MODEL_NAME, VLLM_MODEL, Engine, start_engines, unavailable_reason
+from tests.vllm_engines import BLOCK_SIZE, MODEL_NAME, VLLM_MODEL, Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -148,6 +148,7 @@ def test_a_conversation_stays_on_its_worker_and_predicted_overlap_equals_cached_
         gateway: Gateway, engines: list[Engine]) -> None:
     messages: list[dict[str, Any]] = [{"role": "system", "content": text(1, 150)}]
     home: str | None = None
+    previous_prompt = 0
     for turn in range(4):
         messages.append({"role": "user", "content": text(turn + 10, 120)})
         body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 8, "temperature": 0}

@@ -144,20 +144,18 @@ async def ctx():
 
 @pytest.fixture
 async def rig(ctx):
-    """A KvIndexer wired to a ReplayDispatcher, plus cleanup of whatever a test starts."""
-    indexer = KvIndexer(block_size=BS)
-    indexer.on_replay = ReplayDispatcher(indexer)
+    """A KvIndexer built with a ReplayDispatcher, plus cleanup of whatever a test starts."""
+    indexer = replayed_indexer()
     started: list[ZmqEventSource | Publisher] = []
 
     def source(worker_id: str, port: int, replay_port: int | None = None, *, into: KvIndexer | None = None,
                config: ZmqSourceConfig | None = None, **kw) -> ZmqEventSource:
         """A started source feeding ``into`` (default: the rig's indexer), catch-up off by default."""
         into = indexer if into is None else into
-        if into.on_replay is None:
-            into.on_replay = ReplayDispatcher(into)
+        assert isinstance(into.replay, ReplayDispatcher), "build it with replayed_indexer()"
         src = ZmqEventSource(worker_id, tcp(port), None if replay_port is None else tcp(replay_port), into,
                              context=ctx, config=config or ZmqSourceConfig(catch_up_interval=0), **kw)
-        into.on_replay.add(src)
+        into.replay.add(src)
         src.start()
         started.append(src)
         return src
@@ -171,6 +169,11 @@ async def rig(ctx):
     yield indexer, source, publisher
     for thing in reversed(started):
         await (thing.stop() if isinstance(thing, ZmqEventSource) else thing.close())
+
+
+def replayed_indexer() -> KvIndexer:
+    """An indexer whose gaps are asked of the sources a test adds to its ReplayDispatcher."""
+    return KvIndexer(block_size=BS, replay=ReplayDispatcher())
 
 
 def depth(indexer: KvIndexer, key: WorkerKey, token_ids: list[int]) -> int:
@@ -396,9 +399,7 @@ async def test_dispatcher_routes_replays_to_the_right_worker(rig):
 
 
 async def test_dispatcher_answers_for_a_worker_without_source():
-    indexer = KvIndexer(block_size=BS)
-    replays = ReplayDispatcher(indexer)
-    indexer.on_replay = replays
+    indexer = KvIndexer(block_size=BS, replay=ReplayDispatcher())
     indexer.apply_engine_batch("ghost", 0, store([1], 0))
     indexer.apply_engine_batch("ghost", 3, store([2], 4000))
     assert depth(indexer, WorkerKey("ghost"), tokens(4000, 1)) == 0  # held behind the replay
@@ -411,7 +412,7 @@ async def test_stop_answers_a_replay_in_flight(rig, ctx):
     port, replay_port = free_port(), free_port()
     src = ZmqEventSource("w1", tcp(port), tcp(replay_port), indexer, context=ctx,
                          config=ZmqSourceConfig(replay_timeout=60, catch_up_interval=0))
-    indexer.on_replay.add(src)
+    indexer.replay.add(src)
     src.start()
     pub = publisher(port, replay_port, answer_replays=False)
     await pub.subscribed()
@@ -474,7 +475,7 @@ async def test_catch_up_fetches_what_was_published_before_the_subscriber_connect
     port, replay_port = free_port(), free_port()
     pub = publisher(port, replay_port)
     await pub.publish(store([1, 2], 0))  # no subscriber yet: the PUB socket drops it
-    off, blind = KvIndexer(block_size=BS), KvIndexer(block_size=BS)
+    off, blind = replayed_indexer(), replayed_indexer()
     src = source("w1", port, replay_port, config=CATCH_UP)
     off_src = source("w1", port, replay_port, into=off, config=ZmqSourceConfig(catch_up_interval=0))
     blind_src = source("w1", port, into=blind, config=CATCH_UP)
@@ -544,7 +545,7 @@ async def test_catch_up_waits_while_a_gap_replay_is_in_flight(rig):
         """Notes the source's catch-up count when a replay is asked for and when it ends."""
 
         def __init__(self) -> None:
-            super().__init__(block_size=BS)
+            super().__init__(block_size=BS, replay=ReplayDispatcher())
             self.seen: list[int] = []
 
         def apply_engine_batch(self, worker_id, seq, batch, *, replayed=False):

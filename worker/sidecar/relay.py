@@ -1,11 +1,12 @@
 """Engine KV events -> router-native bus messages, for one worker (``EventRelay``).
 
 The sidecar's pure core. ``ZmqEventSource`` feeds it decoded engine batches (it is an
-``EngineBatchSink``); per data-parallel rank an ``EventStream`` orders them (gap ->
-replay request, seq falling back -> engine restart) and a ``BlockTranslator`` turns
-them into router events, exactly as ``KvIndexer`` does in the embedded mode. Instead of
-indexing them, the relay numbers them into ``EventsMessage``s of its session (``epoch``,
-``seq``; see ``indexer.bus``) and hands them to ``publish``.
+``EngineBatchSink``); per data-parallel rank a ``RankPipeline`` orders them (gap ->
+the ``ReplaySource`` given at construction, seq falling back -> engine restart) and
+turns them into router events, exactly as ``KvIndexer`` does in the embedded mode.
+Instead of indexing them, the relay numbers them into ``EventsMessage``s of its
+session (``epoch``, ``seq``; see ``kvgate.protocol.messages``) and hands them to
+``publish``.
 
 It also keeps a *mirror* of what it has told the world: per rank and tier, the router
 hashes currently stored. ``snapshot()`` restates the mirror as a ``reset`` message
@@ -20,17 +21,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from kvgate.indexer.pipeline import START, PipelineStats, RankPipeline, ReplaySource, StreamPosition
+from kvgate.protocol.events import (
+    EventBatch,
+    RouterCleared,
+    RouterEvent,
+    RouterRemoved,
+    RouterStored,
+    Tier,
+    WorkerKey,
+)
 from kvgate.protocol.messages import EventsMessage, new_epoch
-from kvgate.protocol.events import EventBatch, RouterCleared, RouterEvent, RouterRemoved, RouterStored, Tier
-from kvgate.indexer.recovery import EventStream, RecoveryStats
-from kvgate.indexer.translation import BlockTranslator, TranslationStats
 
 DEFAULT_SNAPSHOT_CHUNK = 8192
 """Hashes per snapshot message: ~75 KB of msgpack, far below NATS's 1 MB payload limit."""
 
 
 @dataclass
-class RelayStats(TranslationStats, RecoveryStats):
+class RelayStats(PipelineStats):
     batches: int = 0
     engine_events: int = 0
     router_events: int = 0
@@ -51,7 +59,7 @@ class EventRelay:
         *,
         block_size: int = 64,
         dp_size: int = 1,
-        request_replay: Callable[[int, int, int], None] | None = None,
+        replay: ReplaySource | None = None,
         epoch: int | None = None,
         snapshot_chunk: int = DEFAULT_SNAPSHOT_CHUNK,
     ) -> None:
@@ -65,11 +73,13 @@ class EventRelay:
         self.snapshot_chunk = snapshot_chunk
         self.stats = RelayStats()
         self._publish = publish
-        self._request_replay = request_replay
         self._next_seq = 0
-        self._translators = [BlockTranslator(block_size, stats=self.stats) for _ in range(dp_size)]
         self._mirror: list[tuple[set[int], set[int], set[int]]] = [(set(), set(), set()) for _ in range(dp_size)]
-        self._streams = [self._open(rank) for rank in range(dp_size)]
+        self._pipelines = [
+            RankPipeline(WorkerKey(worker_id, rank), self._output, self._reset, stats=self.stats,
+                         block_size=block_size, replay=replay, sink=self)
+            for rank in range(dp_size)
+        ]
 
     # --- EngineBatchSink (called by ZmqEventSource) ---------------------------------------
 
@@ -78,14 +88,19 @@ class EventRelay:
         if worker_id != self.worker_id or rank >= self.dp_size:
             self.stats.foreign_batches += 1
             return
-        self._streams[rank].offer(seq, batch, replayed=replayed)
+        self._pipelines[rank].offer(seq, batch, replayed=replayed)
 
     def replay_finished(self, worker_id: str, rank: int, ok: bool) -> None:
         if worker_id == self.worker_id and 0 <= rank < self.dp_size:
-            self._streams[rank].replay_finished(ok)
+            self._pipelines[rank].replay_finished(ok)
 
     def record_rejected(self, worker_id: str, kind: str) -> None:
         self.stats.rejected[kind] += 1
+
+    def position(self, worker_id: str, rank: int) -> StreamPosition:
+        if worker_id == self.worker_id and 0 <= rank < self.dp_size:
+            return self._pipelines[rank].position
+        return START
 
     # --- what the edge calls ------------------------------------------------------------
 
@@ -114,18 +129,13 @@ class EventRelay:
 
         The seq tracking starts over too, so the next engine's first batch applies as
         such, and one lost while the SUB socket reconnects is fetched by replay as soon
-        as a later seq shows the gap. If it was only a blip, the same replay re-learns
-        the forgotten blocks; announcing blocks a restarted engine no longer has would
-        misroute instead.
+        as a later seq shows the gap (or by the source's next catch-up, which asks from
+        seq 0). If it was only a blip, the same replay re-learns the forgotten blocks;
+        announcing blocks a restarted engine no longer has would misroute instead.
         """
         self.stats.engine_losses += 1
-        for rank, translator in enumerate(self._translators):
-            translator.clear()
-            old = self._streams[rank]
-            self._streams[rank] = new = self._open(rank)
-            # Replays the old stream asked for still get their replay_finished; the new
-            # stream must count them, or such a late finish would end a replay of its own.
-            new.unanswered = old.unanswered
+        for rank, pipeline in enumerate(self._pipelines):
+            pipeline.forget()
             self._emit(rank, [RouterCleared()])
 
     def heartbeat(self) -> None:
@@ -143,28 +153,15 @@ class EventRelay:
 
     # --- internals ---------------------------------------------------------------------
 
-    def _open(self, rank: int) -> EventStream[EventBatch]:
-        translator = self._translators[rank]
+    def _output(self, key: WorkerKey, batch: EventBatch, events: list[RouterEvent]) -> None:
+        self.stats.batches += 1
+        self.stats.engine_events += len(batch.events)
+        if events:
+            self._emit(key.dp_rank, events)
 
-        def apply(batch: EventBatch) -> None:
-            self.stats.batches += 1
-            self.stats.engine_events += len(batch.events)
-            events = translator.translate(batch.events)
-            if events:
-                self._emit(rank, events)
-
-        def reset() -> None:
-            self.stats.engine_resets += 1
-            translator.clear()
-            self._emit(rank, [RouterCleared()])
-
-        def request_replay(from_seq: int, to_seq: int) -> bool:
-            if self._request_replay is None:
-                return False
-            self._request_replay(rank, from_seq, to_seq)
-            return True
-
-        return EventStream(f"{self.worker_id}#{rank}", apply, reset, request_replay, stats=self.stats)
+    def _reset(self, key: WorkerKey) -> None:
+        self.stats.engine_resets += 1
+        self._emit(key.dp_rank, [RouterCleared()])
 
     def _emit(self, rank: int, events: list[RouterEvent], *, reset: bool = False) -> None:
         self._mirror_apply(rank, events)

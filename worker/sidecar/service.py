@@ -36,7 +36,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from kvgate.bus import Bus, connect_nats
-from kvgate.indexer.zmq_source import ZmqEventSource, ZmqSourceConfig
+from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig
 from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
 from kvgate.protocol.events import Tier
 from kvgate.protocol.messages import EventsMessage, LoadMessage, ResyncRequest
@@ -69,14 +69,16 @@ class Sidecar:
         self.config = config
         self.stats = SidecarStats()
         self.info = config.worker_info()
+        replay = ReplayDispatcher()
         self.relay = EventRelay(config.worker_id, self._enqueue, block_size=config.block_size,
-                                dp_size=config.dp_size, request_replay=self._request_replay)
-        self.source = None
+                                dp_size=config.dp_size, replay=replay)
+        self.source: ZmqEventSource | None = None
         if config.kv_events_endpoint:
             self.source = ZmqEventSource(config.worker_id, config.kv_events_endpoint,
                                          config.kv_events_replay_endpoint, self.relay,
                                          config.kv_events_topic.encode(), dp_size=config.dp_size,
                                          config=ZmqSourceConfig(catch_up_interval=config.catch_up_interval))
+            replay.add(self.source)
         self.registration = None
         if config.etcd_endpoints:
             self.registration = EtcdRegistration(config.etcd_endpoints, config.namespace, self.info,
@@ -161,10 +163,6 @@ class Sidecar:
             # Consumers see the seq gap and the snapshot after the reconnect restates it all.
             self.stats.dropped += 1
 
-    def _request_replay(self, rank: int, from_seq: int, to_seq: int) -> None:
-        if self.source is not None:
-            self.source.request_replay(rank, from_seq, to_seq)
-
     async def _nats_loop(self) -> None:
         cfg = self.config
         self.nc = await connect_nats(cfg.nats_url, name=f"kvgate-sidecar-{cfg.worker_id}",
@@ -229,9 +227,9 @@ class Sidecar:
                     self.engine_healthy = False
                     self.relay.engine_lost()
                     if self.source is not None:
-                        # The relay's seq tracking starts over: a restarted engine's first
+                        # The relay's seq tracking started over: a restarted engine's first
                         # batches, lost before the SUB socket reconnects, are asked from seq 0.
-                        self.source.forget_seqs()
+                        self.source.engine_lost()
             if self.registration is not None:
                 self.registration.set_wanted(self.engine_healthy)
             await asyncio.sleep(cfg.health_interval)
