@@ -26,6 +26,7 @@ import gc
 import random
 import time
 import tracemalloc
+from typing import Any
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -107,7 +108,7 @@ class NaiveEngineIndexer:
 
     def __init__(self) -> None:
         self.index = NaiveIndex()
-        self.maps: dict[WorkerKey, dict[int, int]] = {}
+        self.maps: dict[WorkerKey, dict[int | bytes, int]] = {}
 
     def apply_engine_batch(self, worker_id: str, seq: int, batch: EventBatch) -> None:
         key = WorkerKey(worker_id, batch.data_parallel_rank or 0)
@@ -192,11 +193,12 @@ def worst_case(index: PrefixIndex | NaiveIndex, seed: int) -> list[int]:
     return prompt
 
 
-def apply_events(n_blocks: int, seed: int) -> tuple[list[tuple[WorkerKey, RouterEvent]], list[tuple[WorkerKey, RouterEvent]]]:
+def apply_events(n_blocks: int, seed: int) -> tuple[list[tuple[WorkerKey, RouterStored]], list[tuple[WorkerKey, RouterRemoved]]]:
     """Stores of 16 blocks spread over the workers, and the removals undoing them."""
     rng = random.Random(seed + 3)
     keys = _keys()
-    stores, removes = [], []
+    stores: list[tuple[WorkerKey, RouterStored]] = []
+    removes: list[tuple[WorkerKey, RouterRemoved]] = []
     for i in range(max(1, n_blocks // 16)):
         key = keys[i % WORKERS]
         hashes = [rng.getrandbits(64) for _ in range(16)]
@@ -213,12 +215,12 @@ def engine_batches(n_blocks: int, seed: int, blocks_per_event: int = 16) -> tupl
     pool = [[rng.randrange(150_000) for _ in range(BLOCK * blocks_per_event)] for _ in range(256)]
     workers = [k.worker_id for k in _keys()]
     stores: list[tuple[str, int, EventBatch]] = []
-    removed: dict[str, list[list[int]]] = {w: [] for w in workers}
+    removed: dict[str, list[list[int | bytes]]] = {w: [] for w in workers}
     n_events = max(1, n_blocks // blocks_per_event)
     for i in range(n_events):
         w = workers[(i // 8) % WORKERS]
         parent = None if i % 8 == 0 else removed[w][-1][-1]
-        hashes = [rng.getrandbits(64) for _ in range(blocks_per_event)]
+        hashes: list[int | bytes] = [rng.getrandbits(64) for _ in range(blocks_per_event)]
         tokens = pool[rng.randrange(len(pool))] if parent is not None else [rng.randrange(150_000) for _ in range(BLOCK * blocks_per_event)]
         stores.append((w, 0, EventBatch(0.0, [BlockStored(hashes, parent, tokens, BLOCK)])))
         removed[w].append(hashes)
@@ -245,8 +247,8 @@ def _rate(n_blocks: int, fn: Callable[[], None]) -> float:
     return n_blocks / (time.thread_time() - t0)
 
 
-def _best_rates(n: int, contenders: dict[str, Callable[[], object]], stores: list, removes: list,
-                run: Callable[[object, list], None], rounds: int = 3) -> dict[str, tuple[float, float]]:
+def _best_rates(n: int, contenders: dict[str, Callable[[], object]], stores: list[Any], removes: list[Any],
+                run: Callable[[Any, list[Any]], None], rounds: int = 3) -> dict[str, tuple[float, float]]:
     """Best store and remove rate per contender; rounds interleave the contenders so that
     a noisy neighbour on the shared machine does not favour one of them."""
     best = {name: (0.0, 0.0) for name in contenders}
@@ -273,13 +275,13 @@ def _run_engine(indexer: object, batches: list[tuple[str, int, EventBatch]]) -> 
 
 def bench_apply(sizes: Sizes, seed: int) -> dict[str, tuple[float, float]]:
     stores, removes = apply_events(sizes.apply_blocks, seed)
-    n = sum(len(ev.hashes) for _, ev in stores)  # type: ignore[union-attr]
+    n = sum(len(ev.hashes) for _, ev in stores)
     return _best_rates(n, {"index": PrefixIndex, "naive": NaiveIndex}, stores, removes, _run_router)
 
 
 def bench_engine(sizes: Sizes, seed: int, blocks_per_event: int) -> dict[str, tuple[float, float]]:
     stores, removes = engine_batches(sizes.engine_blocks, seed, blocks_per_event)
-    n = sum(len(b.events[0].block_hashes) for _, _, b in stores)  # type: ignore[union-attr]
+    n = sum(len(e.block_hashes) for _, _, b in stores for e in b.events if isinstance(e, BlockStored))
     return _best_rates(n, {"kv": KvIndexer, "naive": NaiveEngineIndexer}, stores, removes, _run_engine)
 
 

@@ -255,7 +255,7 @@ class PrefixIndex:
 def is_tier(value: object) -> bool:
     """A ``Tier`` or a plain int 0-2; anything else would set a slot's guard bit and
     corrupt its neighbours' matches."""
-    return type(value) is Tier or (type(value) is int and 0 <= value <= 2)  # type: ignore[operator]
+    return type(value) is Tier or (type(value) is int and 0 <= value <= 2)
 
 
 def _check_tier(tier: object) -> None:

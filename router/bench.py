@@ -55,7 +55,7 @@ class NaiveFleet:
     """The obvious implementation: a set of block hashes per worker and tier."""
 
     def __init__(self, keys: Sequence[WorkerKey]) -> None:
-        self.sets = {k: (set(), set(), set()) for k in keys}
+        self.sets: dict[WorkerKey, tuple[set[int], set[int], set[int]]] = {k: (set(), set(), set()) for k in keys}
 
     def store(self, key: WorkerKey, hashes: Sequence[int], tier: Tier) -> None:
         self.sets[key][tier].update(hashes)
@@ -164,9 +164,11 @@ def percentile(values: list[float], q: float) -> float:
 def run(scale: Scale) -> dict[str, dict[str, float]]:
     t0 = time.perf_counter()
     router, naive, prompts = build(scale)
-    pairs = sum(sum(c) for c in router.indexer.block_counts().values())
+    indexer = router.indexer
+    assert isinstance(indexer, KvIndexer)
+    pairs = sum(sum(c) for c in indexer.block_counts().values())
     print(f"index: {len(router.registry.keys())} workers, {pairs:,} (block, worker) pairs, "
-          f"{len(router.indexer):,} distinct blocks; {len(router.load)} requests in flight; "
+          f"{len(indexer):,} distinct blocks; {len(router.load)} requests in flight; "
           f"built in {time.perf_counter() - t0:.1f} s")
     gc.collect()
     gc.freeze()  # the index is long-lived: keep the collector from rescanning it mid-measurement

@@ -26,6 +26,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd
 import aetcd.exceptions
@@ -63,7 +64,7 @@ class EtcdDiscovery:
         self._owned: set[str] = set()
         self._need_listing = True
         self._ready = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._task is None:
@@ -127,7 +128,7 @@ class EtcdDiscovery:
         self.stats.resyncs += 1
         self._ready.set()
 
-    def _apply(self, event) -> None:
+    def _apply(self, event: Any) -> None:
         self.revision = max(self.revision, event.kv.mod_revision)
         worker_id = self._worker_id(event.kv.key)
         if worker_id is None:
