@@ -37,8 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvgate.gateway.config import DEFAULT_MODEL, load_config
 from kvgate.dev.launch import Service, free_port, stop_all
+from kvgate.gateway.config import DEFAULT_MODEL, load_config
 
 log = logging.getLogger("kvgate.dev.cluster")
 
@@ -69,12 +69,30 @@ class Etcd(Service):
         self.client_port, self.peer_port = free_port(), free_port()
         self.data_dir = log_dir / "etcd-data"
         client, peer = f"http://{LOOPBACK}:{self.client_port}", f"http://{LOOPBACK}:{self.peer_port}"
-        super().__init__("etcd", [
-            etcd_binary(), "--name", "kvgate", "--data-dir", self.data_dir,
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"kvgate={peer}", "--log-level", "warn",
-        ], log_dir, f"{client}/health")
+        super().__init__(
+            "etcd",
+            [
+                etcd_binary(),
+                "--name",
+                "kvgate",
+                "--data-dir",
+                self.data_dir,
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"kvgate={peer}",
+                "--log-level",
+                "warn",
+            ],
+            log_dir,
+            f"{client}/health",
+        )
 
     @property
     def endpoint(self) -> str:
@@ -84,8 +102,12 @@ class Etcd(Service):
 class Nats(Service):
     def __init__(self, log_dir: Path) -> None:
         self.port, self.monitor_port = free_port(), free_port()
-        super().__init__("nats", [nats_binary(), "-a", LOOPBACK, "-p", self.port, "-m", self.monitor_port],
-                         log_dir, f"http://{LOOPBACK}:{self.monitor_port}/healthz")
+        super().__init__(
+            "nats",
+            [nats_binary(), "-a", LOOPBACK, "-p", self.port, "-m", self.monitor_port],
+            log_dir,
+            f"http://{LOOPBACK}:{self.monitor_port}/healthz",
+        )
 
     @property
     def url(self) -> str:
@@ -124,18 +146,62 @@ class SimWorker:
         self.worker_id = worker_id
         self.port, self.sidecar_port = free_port(), free_port()
         events, replay = f"tcp://{LOOPBACK}:{free_port()}", f"tcp://{LOOPBACK}:{free_port()}"
-        self.engine = Service(f"{worker_id}-engine", [
-            sys.executable, "-m", "kvgate.worker.sim", "--host", LOOPBACK, "--port", self.port,
-            "--model-dir", options.model, "--max-model-len", options.max_model_len,
-            "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay, *options.worker_args,
-        ], log_dir, f"{self.url}/health")
-        self.sidecar = Service(f"{worker_id}-sidecar", [
-            sys.executable, "-m", "kvgate.worker.sidecar", "--worker-id", worker_id, "--engine-url", self.url,
-            "--model", Path(options.model.rstrip("/")).name, "--kv-events-endpoint", events,
-            "--kv-events-replay-endpoint", replay, "--etcd-endpoints", etcd.endpoint, "--nats-url", nats.url,
-            "--namespace", options.namespace, "--lease-ttl", options.lease_ttl,
-            "--health-host", LOOPBACK, "--health-port", self.sidecar_port, *options.sidecar_args,
-        ], log_dir, f"http://{LOOPBACK}:{self.sidecar_port}/health")
+        self.engine = Service(
+            f"{worker_id}-engine",
+            [
+                sys.executable,
+                "-m",
+                "kvgate.worker.sim",
+                "--host",
+                LOOPBACK,
+                "--port",
+                self.port,
+                "--model-dir",
+                options.model,
+                "--max-model-len",
+                options.max_model_len,
+                "--kv-events-endpoint",
+                events,
+                "--kv-events-replay-endpoint",
+                replay,
+                *options.worker_args,
+            ],
+            log_dir,
+            f"{self.url}/health",
+        )
+        self.sidecar = Service(
+            f"{worker_id}-sidecar",
+            [
+                sys.executable,
+                "-m",
+                "kvgate.worker.sidecar",
+                "--worker-id",
+                worker_id,
+                "--engine-url",
+                self.url,
+                "--model",
+                Path(options.model.rstrip("/")).name,
+                "--kv-events-endpoint",
+                events,
+                "--kv-events-replay-endpoint",
+                replay,
+                "--etcd-endpoints",
+                etcd.endpoint,
+                "--nats-url",
+                nats.url,
+                "--namespace",
+                options.namespace,
+                "--lease-ttl",
+                options.lease_ttl,
+                "--health-host",
+                LOOPBACK,
+                "--health-port",
+                self.sidecar_port,
+                *options.sidecar_args,
+            ],
+            log_dir,
+            f"http://{LOOPBACK}:{self.sidecar_port}/health",
+        )
 
     @property
     def url(self) -> str:
@@ -158,23 +224,47 @@ class SimWorker:
 class Cluster:
     def __init__(self, options: ClusterOptions) -> None:
         self.options = options
-        self.log_dir = (Path(options.log_dir) if options.log_dir is not None
-                        else Path(tempfile.mkdtemp(prefix="kvgate-cluster-")))
+        self.log_dir = (
+            Path(options.log_dir) if options.log_dir is not None else Path(tempfile.mkdtemp(prefix="kvgate-cluster-"))
+        )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.etcd = Etcd(self.log_dir)
         self.nats = Nats(self.log_dir)
-        self.workers = [SimWorker(f"w{i}", options, self.etcd, self.nats, self.log_dir)
-                        for i in range(options.workers)]
+        self.workers = [SimWorker(f"w{i}", options, self.etcd, self.nats, self.log_dir) for i in range(options.workers)]
         self.gateway_ports = [options.port + i if options.port else free_port() for i in range(options.gateways)]
         self.gateways = [self._gateway(i, port) for i, port in enumerate(self.gateway_ports)]
 
     def _gateway(self, i: int, port: int) -> Service:
         o = self.options
-        return Service(f"g{i}", [
-            sys.executable, "-m", "kvgate.gateway", "--host", o.host, "--port", port, "--model", o.model,
-            "--context-length", o.max_model_len, "--discovery", "etcd", "--etcd-endpoints", self.etcd.endpoint,
-            "--nats-url", self.nats.url, "--namespace", o.namespace, "--router-id", f"g{i}", *o.gateway_args,
-        ], self.log_dir, f"http://{LOOPBACK if o.host in ('0.0.0.0', '::') else o.host}:{port}/health")
+        return Service(
+            f"g{i}",
+            [
+                sys.executable,
+                "-m",
+                "kvgate.gateway",
+                "--host",
+                o.host,
+                "--port",
+                port,
+                "--model",
+                o.model,
+                "--context-length",
+                o.max_model_len,
+                "--discovery",
+                "etcd",
+                "--etcd-endpoints",
+                self.etcd.endpoint,
+                "--nats-url",
+                self.nats.url,
+                "--namespace",
+                o.namespace,
+                "--router-id",
+                f"g{i}",
+                *o.gateway_args,
+            ],
+            self.log_dir,
+            f"http://{LOOPBACK if o.host in ('0.0.0.0', '::') else o.host}:{port}/health",
+        )
 
     @property
     def services(self) -> list[Service]:
@@ -211,8 +301,10 @@ class Cluster:
                 if not gateway.alive():
                     raise RuntimeError(f"{gateway.name} exited; see {gateway.log_path}:\n{gateway.log_tail()}")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{gateway.name} does not see workers {sorted(expected)} up after "
-                                       f"{timeout:.0f}s: {self.gateway_health(i)}")
+                    raise TimeoutError(
+                        f"{gateway.name} does not see workers {sorted(expected)} up after "
+                        f"{timeout:.0f}s: {self.gateway_health(i)}"
+                    )
                 time.sleep(0.1)
 
     def gateway_health(self, i: int) -> dict:
@@ -232,10 +324,12 @@ class Cluster:
         stop_all([self.nats, self.etcd])
 
     def describe(self) -> str:
-        lines = [f"kvgate cluster up: {len(self.gateways)} gateways, {len(self.workers)} workers "
-                 f"(namespace {self.options.namespace}, logs in {self.log_dir})",
-                 f"  etcd     {self.etcd.endpoint}",
-                 f"  nats     {self.nats.url}  (monitoring http://{LOOPBACK}:{self.nats.monitor_port})"]
+        lines = [
+            f"kvgate cluster up: {len(self.gateways)} gateways, {len(self.workers)} workers "
+            f"(namespace {self.options.namespace}, logs in {self.log_dir})",
+            f"  etcd     {self.etcd.endpoint}",
+            f"  nats     {self.nats.url}  (monitoring http://{LOOPBACK}:{self.nats.monitor_port})",
+        ]
         for w in self.workers:
             lines.append(f"  worker   {w.worker_id}  {w.url}  (sidecar http://{LOOPBACK}:{w.sidecar_port}/health)")
         for i, g in enumerate(self.gateways):
@@ -252,38 +346,72 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m kvgate.dev.cluster",
         description="Start etcd, NATS, simulated vLLM workers with their sidecars, and gateway replicas on "
-                    "etcd discovery + NATS, all on this machine. Any other flag is passed to every gateway "
-                    "(see python -m kvgate.gateway --help).",
+        "etcd discovery + NATS, all on this machine. Any other flag is passed to every gateway "
+        "(see python -m kvgate.gateway --help).",
     )
     defaults = ClusterOptions()
     parser.add_argument("--gateways", type=int, default=defaults.gateways, help="gateway replicas (default: 2)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="simulated workers (default: 3)")
     parser.add_argument("--host", default=defaults.host, help="address the gateways listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=defaults.port,
-                        help="first gateway's port, the others follow; 0 picks free ports (default: 8000)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=defaults.port,
+        help="first gateway's port, the others follow; 0 picks free ports (default: 8000)",
+    )
     parser.add_argument("--namespace", default=defaults.namespace, help="fleet namespace (default: default)")
-    parser.add_argument("--lease-ttl", type=int, default=defaults.lease_ttl,
-                        help="sidecars' etcd lease TTL in seconds (default: 10)")
+    parser.add_argument(
+        "--lease-ttl", type=int, default=defaults.lease_ttl, help="sidecars' etcd lease TTL in seconds (default: 10)"
+    )
     parser.add_argument("--model", default=defaults.model, help="tokenizer directory for workers and gateways")
-    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len,
-                        help="workers' context length, and the gateways' (default: 8192)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=defaults.max_model_len,
+        help="workers' context length, and the gateways' (default: 8192)",
+    )
     parser.add_argument("--log-dir", default=None, help="logs and etcd data (default: a new temp dir)")
     for kind in ("worker", "sidecar", "gateway"):
-        parser.add_argument(f"--{kind}-arg", action="append", default=[], metavar="ARG",
-                            help=f"extra flag for every {kind}, e.g. --{kind}-arg=--log-level=debug (repeatable)")
+        parser.add_argument(
+            f"--{kind}-arg",
+            action="append",
+            default=[],
+            metavar="ARG",
+            help=f"extra flag for every {kind}, e.g. --{kind}-arg=--log-level=debug (repeatable)",
+        )
     args, gateway_flags = parser.parse_known_args(argv)
     try:
         options = ClusterOptions(
-            gateways=args.gateways, workers=args.workers, host=args.host, port=args.port,
-            namespace=args.namespace, lease_ttl=args.lease_ttl, model=args.model, max_model_len=args.max_model_len,
-            log_dir=Path(args.log_dir) if args.log_dir else None, worker_args=args.worker_arg,
-            sidecar_args=args.sidecar_arg, gateway_args=[*gateway_flags, *args.gateway_arg],
+            gateways=args.gateways,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            namespace=args.namespace,
+            lease_ttl=args.lease_ttl,
+            model=args.model,
+            max_model_len=args.max_model_len,
+            log_dir=Path(args.log_dir) if args.log_dir else None,
+            worker_args=args.worker_arg,
+            sidecar_args=args.sidecar_arg,
+            gateway_args=[*gateway_flags, *args.gateway_arg],
         )
     except ValueError as err:
         parser.error(str(err))
     # Fail on a bad gateway flag here, not in N gateway logs.
-    load_config([*options.gateway_args, "--discovery", "etcd", "--etcd-endpoints", "127.0.0.1:2379",
-                 "--nats-url", "nats://127.0.0.1:4222", "--namespace", options.namespace], environ={})
+    load_config(
+        [
+            *options.gateway_args,
+            "--discovery",
+            "etcd",
+            "--etcd-endpoints",
+            "127.0.0.1:2379",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--namespace",
+            options.namespace,
+        ],
+        environ={},
+    )
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM while starting must still stop what was started: route it through the finally below.
     signal.signal(signal.SIGTERM, _interrupt)

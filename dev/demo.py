@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kvgate.dev.launch import Service, free_port, stop_all
 from kvgate.gateway.__main__ import configure_logging, serve, use_uvloop
 from kvgate.gateway.config import load_config
-from kvgate.dev.launch import Service, free_port, stop_all
 
 log = logging.getLogger("kvgate.dev.demo")
 
@@ -42,22 +42,45 @@ class SimWorker:
         return self.service.log_path
 
     def entry(self) -> dict[str, object]:
-        return {"id": self.worker_id, "url": self.url,
-                "kv_events_endpoint": f"tcp://127.0.0.1:{self.events_port}",
-                "kv_events_replay_endpoint": f"tcp://127.0.0.1:{self.replay_port}"}
+        return {
+            "id": self.worker_id,
+            "url": self.url,
+            "kv_events_endpoint": f"tcp://127.0.0.1:{self.events_port}",
+            "kv_events_replay_endpoint": f"tcp://127.0.0.1:{self.replay_port}",
+        }
 
 
-def spawn_workers(count: int, model_dir: str, block_size: int, max_model_len: int, log_dir: Path,
-                  extra: Sequence[str] = ()) -> list[SimWorker]:
+def spawn_workers(
+    count: int, model_dir: str, block_size: int, max_model_len: int, log_dir: Path, extra: Sequence[str] = ()
+) -> list[SimWorker]:
     workers = []
     for i in range(count):
         port, events, replay = free_port(), free_port(), free_port()
-        service = Service(f"worker-{i}", [
-            sys.executable, "-m", "kvgate.worker.sim", "--host", "127.0.0.1", "--port", port,
-            "--model-dir", model_dir, "--block-size", block_size, "--max-model-len", max_model_len,
-            "--kv-events-endpoint", f"tcp://127.0.0.1:{events}",
-            "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}", *extra,
-        ], log_dir, f"http://127.0.0.1:{port}/health")
+        service = Service(
+            f"worker-{i}",
+            [
+                sys.executable,
+                "-m",
+                "kvgate.worker.sim",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "--model-dir",
+                model_dir,
+                "--block-size",
+                block_size,
+                "--max-model-len",
+                max_model_len,
+                "--kv-events-endpoint",
+                f"tcp://127.0.0.1:{events}",
+                "--kv-events-replay-endpoint",
+                f"tcp://127.0.0.1:{replay}",
+                *extra,
+            ],
+            log_dir,
+            f"http://127.0.0.1:{port}/health",
+        )
         service.start()
         workers.append(SimWorker(f"w{i}", port, events, replay, service))
     return workers
@@ -80,14 +103,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m kvgate.dev.demo",
         description="Start N simulated vLLM workers and the kvgate gateway in front of them. "
-                    "Any other flag is a gateway flag (see python -m kvgate.gateway --help), "
-                    "e.g. --host, --port, --router-mode.",
+        "Any other flag is a gateway flag (see python -m kvgate.gateway --help), "
+        "e.g. --host, --port, --router-mode.",
     )
     parser.add_argument("--workers", type=int, default=2, help="simulated workers to start (default: 2)")
-    parser.add_argument("--max-model-len", type=int, default=8192,
-                        help="context length of the workers, and of the gateway's checks (default: 8192)")
-    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
-                        help="extra flag for every worker.sim, e.g. --worker-arg=--speedup-ratio=10 (repeatable)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=8192,
+        help="context length of the workers, and of the gateway's checks (default: 8192)",
+    )
+    parser.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for every worker.sim, e.g. --worker-arg=--speedup-ratio=10 (repeatable)",
+    )
     parser.add_argument("--log-dir", default=None, help="where worker logs go (default: a new temp dir)")
     args, gateway_args = parser.parse_known_args(argv)
     if args.workers < 1:
@@ -103,17 +135,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     workers: list[SimWorker] = []
     try:
-        workers = spawn_workers(args.workers, config.model, config.block_size, args.max_model_len, log_dir,
-                                args.worker_arg)
+        workers = spawn_workers(
+            args.workers, config.model, config.block_size, args.max_model_len, log_dir, args.worker_arg
+        )
         wait_healthy(workers)
         for worker in workers:
-            log.info("worker %s on %s (events %s, logs %s)", worker.worker_id, worker.url,
-                     worker.entry()["kv_events_endpoint"], worker.log_path)
+            log.info(
+                "worker %s on %s (events %s, logs %s)",
+                worker.worker_id,
+                worker.url,
+                worker.entry()["kv_events_endpoint"],
+                worker.log_path,
+            )
         config = replace(config, workers=[w.entry() for w in workers])
         use_uvloop()
-        print(f"kvgate demo: http://{config.host}:{config.port}/v1  "
-              f"({len(workers)} simulated workers, router {config.router_mode}, model {config.model_name})",
-              flush=True)
+        print(
+            f"kvgate demo: http://{config.host}:{config.port}/v1  "
+            f"({len(workers)} simulated workers, router {config.router_mode}, model {config.model_name})",
+            flush=True,
+        )
         serve(config)
     except KeyboardInterrupt:
         pass

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import orjson
 
-from kvgate.gateway.config import DEFAULT_MODEL
 from kvgate.dev.demo import spawn_workers, stop_workers, wait_healthy
 from kvgate.dev.launch import Service, free_port
+from kvgate.gateway.config import DEFAULT_MODEL
 
 
 @dataclass(slots=True)
@@ -101,8 +101,16 @@ class Connection:
             self.writer.close()
 
 
-async def drive(label: str, port: int, body: bytes, concurrency: int, *, requests: int | None = None,
-                seconds: float | None = None, cpu_pid: int | None = None) -> RunResult:
+async def drive(
+    label: str,
+    port: int,
+    body: bytes,
+    concurrency: int,
+    *,
+    requests: int | None = None,
+    seconds: float | None = None,
+    cpu_pid: int | None = None,
+) -> RunResult:
     """``concurrency`` connections in a closed loop, for ``requests`` total or ``seconds``."""
     conns = [Connection("127.0.0.1", port, "/v1/chat/completions", body) for _ in range(concurrency)]
     await asyncio.gather(*(c.open() for c in conns))
@@ -149,24 +157,43 @@ def _cpu_seconds(pid: int | None) -> float:
 
 
 async def bench(args: argparse.Namespace) -> None:
-    body = orjson.dumps({
-        "model": "kvgate-tiny", "stream": True, "max_tokens": args.chunks, "ignore_eos": True,
-        "messages": [{"role": "system", "content": "You are a terse benchmark assistant."},
-                     {"role": "user", "content": "Count from one to forty, one number per line."}],
-    })
+    body = orjson.dumps(
+        {
+            "model": "kvgate-tiny",
+            "stream": True,
+            "max_tokens": args.chunks,
+            "ignore_eos": True,
+            "messages": [
+                {"role": "system", "content": "You are a terse benchmark assistant."},
+                {"role": "user", "content": "Count from one to forty, one number per line."},
+            ],
+        }
+    )
     log_dir = Path(tempfile.mkdtemp(prefix="kvgate-bench-"))
-    workers = spawn_workers(1, str(DEFAULT_MODEL), 64, 8192, log_dir,
-                            ["--speedup-ratio", str(args.speedup_ratio), "--max-num-seqs", "1024"])
+    workers = spawn_workers(
+        1, str(DEFAULT_MODEL), 64, 8192, log_dir, ["--speedup-ratio", str(args.speedup_ratio), "--max-num-seqs", "1024"]
+    )
     gateway: Service | None = None
     try:
         wait_healthy(workers)
         worker = workers[0]
         port = free_port()
-        gateway = Service("gateway", [
-            sys.executable, "-m", "kvgate.gateway", "--port", port, "--log-level", "warning",
-            f"--worker=url={worker.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{worker.events_port},"
-            f"kv_events_replay_endpoint=tcp://127.0.0.1:{worker.replay_port}",
-        ], log_dir, f"http://127.0.0.1:{port}/health")
+        gateway = Service(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "kvgate.gateway",
+                "--port",
+                port,
+                "--log-level",
+                "warning",
+                f"--worker=url={worker.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{worker.events_port},"
+                f"kv_events_replay_endpoint=tcp://127.0.0.1:{worker.replay_port}",
+            ],
+            log_dir,
+            f"http://127.0.0.1:{port}/health",
+        )
         gateway.start()
         gateway.wait_healthy(60)
 
@@ -175,11 +202,11 @@ async def bench(args: argparse.Namespace) -> None:
         await drive("warmup", port, body, args.concurrency, requests=args.concurrency * 20)
 
         lat_direct = await drive("direct", worker.port, body, args.latency_concurrency, requests=args.requests)
-        lat_gateway = await drive("gateway", port, body, args.latency_concurrency, requests=args.requests,
-                                  cpu_pid=gateway.pid)
+        lat_gateway = await drive(
+            "gateway", port, body, args.latency_concurrency, requests=args.requests, cpu_pid=gateway.pid
+        )
         tput_direct = await drive("direct", worker.port, body, args.concurrency, seconds=args.seconds)
-        tput_gateway = await drive("gateway", port, body, args.concurrency, seconds=args.seconds,
-                                   cpu_pid=gateway.pid)
+        tput_gateway = await drive("gateway", port, body, args.concurrency, seconds=args.seconds, cpu_pid=gateway.pid)
         report(args, lat_direct, lat_gateway, tput_direct, tput_gateway)
     finally:
         if gateway is not None:
@@ -187,19 +214,28 @@ async def bench(args: argparse.Namespace) -> None:
         stop_workers(workers)
 
 
-def report(args: argparse.Namespace, lat_direct: RunResult, lat_gateway: RunResult, tput_direct: RunResult,
-           tput_gateway: RunResult) -> None:
+def report(
+    args: argparse.Namespace,
+    lat_direct: RunResult,
+    lat_gateway: RunResult,
+    tput_direct: RunResult,
+    tput_gateway: RunResult,
+) -> None:
     ms = 1000.0
-    print(f"kvgate gateway benchmark: streamed chat, {args.chunks} tokens per answer, "
-          f"worker --speedup-ratio {args.speedup_ratio:g}, {os.cpu_count()} CPUs on this machine")
+    print(
+        f"kvgate gateway benchmark: streamed chat, {args.chunks} tokens per answer, "
+        f"worker --speedup-ratio {args.speedup_ratio:g}, {os.cpu_count()} CPUs on this machine"
+    )
     print(f"\nTTFT at concurrency {args.latency_concurrency} ({args.requests} requests each):")
     print(f"  {'':8} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9}")
     for r in (lat_direct, lat_gateway):
         print(f"  {r.label:8} {r.pct(0.5) * ms:9.3f} {r.pct(0.99) * ms:9.3f} {statistics.fmean(r.ttft) * ms:9.3f}")
-    print(f"  {'added':8} {(lat_gateway.pct(0.5) - lat_direct.pct(0.5)) * ms:9.3f} "
-          f"{(lat_gateway.pct(0.99) - lat_direct.pct(0.99)) * ms:9.3f} "
-          f"{(statistics.fmean(lat_gateway.ttft) - statistics.fmean(lat_direct.ttft)) * ms:9.3f}"
-          f"   (target: added p50 <= 2 ms)")
+    print(
+        f"  {'added':8} {(lat_gateway.pct(0.5) - lat_direct.pct(0.5)) * ms:9.3f} "
+        f"{(lat_gateway.pct(0.99) - lat_direct.pct(0.99)) * ms:9.3f} "
+        f"{(statistics.fmean(lat_gateway.ttft) - statistics.fmean(lat_direct.ttft)) * ms:9.3f}"
+        f"   (target: added p50 <= 2 ms)"
+    )
     print(f"\nSustained streamed requests/s at concurrency {args.concurrency} ({args.seconds:g} s each):")
     for r in (tput_direct, tput_gateway):
         print(f"  {r.label:8} {r.rps:9.0f} req/s   failures {r.failures}")
@@ -207,9 +243,12 @@ def report(args: argparse.Namespace, lat_direct: RunResult, lat_gateway: RunResu
     for r in (lat_gateway, tput_gateway):
         if r.cpu_seconds and r.requests:
             per = r.cpu_seconds / r.requests
-            print(f"  gateway CPU ({r.label} run at c={args.latency_concurrency if r is lat_gateway else args.concurrency}): "
-                  f"{per * 1e6:.0f} us/request, {r.cpu_seconds / r.seconds:.2f} cores busy "
-                  f"-> projected {1 / per:.0f} streamed req/s on one dedicated core (target >= 1000)")
+            concurrency = args.latency_concurrency if r is lat_gateway else args.concurrency
+            print(
+                f"  gateway CPU ({r.label} run at c={concurrency}): "
+                f"{per * 1e6:.0f} us/request, {r.cpu_seconds / r.seconds:.2f} cores busy "
+                f"-> projected {1 / per:.0f} streamed req/s on one dedicated core (target >= 1000)"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -50,9 +50,16 @@ class Service:
     every life of the process. ``env`` adds to this process's environment.
     """
 
-    def __init__(self, name: str, args: Sequence[str | int | float | Path], log_dir: Path,
-                 health_url: str | None = None, *, env: Mapping[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str | int | float | Path],
+        log_dir: Path,
+        health_url: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.args = [str(a) for a in args]
         self.log_path = log_dir / f"{name}.log"
@@ -67,8 +74,9 @@ class Service:
 
     def start(self) -> None:
         with open(self.log_path, "wb" if self.process is None else "ab") as out:
-            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env=self.env, cwd=self.cwd)
+            self.process = subprocess.Popen(
+                self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env, cwd=self.cwd
+            )
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -81,11 +89,14 @@ class Service:
         deadline = time.monotonic() + timeout
         while not (self.healthy() and (ready is None or ready())):
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited ({self.process and self.process.returncode}); "
-                                   f"see {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited ({self.process and self.process.returncode}); "
+                    f"see {self.log_path}:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}:\n"
-                                   f"{self.log_tail()}")
+                raise TimeoutError(
+                    f"{self.name} not ready after {timeout:.0f}s; see {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def log_tail(self, chars: int = 3000) -> str:

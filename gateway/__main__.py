@@ -33,8 +33,14 @@ def configure_logging(level: str) -> None:
 def serve(config: GatewayConfig) -> None:
     """Build the app and serve it on ``config.host:config.port`` until a signal stops it."""
     app = build_app(config)
-    log.info("kvgate on http://%s:%d  model=%s  router=%s  workers=%s", config.host, config.port,
-             config.model_name, config.router_mode, ", ".join(w["id"] for w in config.workers) or "none")
+    log.info(
+        "kvgate on http://%s:%d  model=%s  router=%s  workers=%s",
+        config.host,
+        config.port,
+        config.model_name,
+        config.router_mode,
+        ", ".join(w["id"] for w in config.workers) or "none",
+    )
     web.run_app(
         app,
         host=config.host,

@@ -123,7 +123,9 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
     if top_p is not None and not 0 < top_p <= 1:
         raise bad_request("`top_p` must be in (0, 1].", "top_p")
     stop = data.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
         raise bad_request("`stop` must be a string or a list of strings.", "stop")
     _optional(data, "stream_options", dict, "an object")
     return _Common(model, bool(stream), max_tokens)
@@ -148,7 +150,9 @@ def _check_message(i: int, message: Any) -> None:
         raise bad_request(f"`{param}.content` must not be null for role `{role}`.", f"{param}.content")
     if isinstance(content, str):
         return
-    if isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str) for part in content):
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and isinstance(part.get("type"), str) for part in content
+    ):
         return
     raise bad_request(
         f"`{param}.content` must be a string or a list of content parts with a `type`.", f"{param}.content"
@@ -166,8 +170,7 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
         if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
             return list(prompt)
     raise bad_request(
-        "`prompt` must be a string, a non-empty list of strings, a list of token ids "
-        "or a list of token-id lists.",
+        "`prompt` must be a string, a non-empty list of strings, a list of token ids or a list of token-id lists.",
         "prompt",
     )
 
@@ -198,8 +201,15 @@ def _number(data: dict[str, Any], name: str) -> None:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 __all__ = ["ApiError", "ChatRequest", "CompletionRequest", "parse_chat", "parse_completion", "parse_json_object"]

@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvgate.gateway.replicas import GatewayBus
+from kvgate.gateway.api import ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_object
 from kvgate.gateway.config import GatewayConfig
 from kvgate.gateway.errors import (
     NO_WORKER,
@@ -46,15 +46,15 @@ from kvgate.gateway.errors import (
 )
 from kvgate.gateway.fleet import Fleet
 from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, Outcome, StateSources
-from kvgate.gateway.api import ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_object
 from kvgate.gateway.relay import ClientGone, Exchange, relay
+from kvgate.gateway.replicas import GatewayBus
 from kvgate.gateway.tokenization import Preprocessor, TokenizerError
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher
-from kvgate.router.load import LoadTracker
 from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.lifecycle import InFlight
+from kvgate.router.load import LoadTracker
 from kvgate.router.policies import Decision
 from kvgate.router.registry import WorkerRegistry
 from kvgate.router.routing import NoWorkerAvailable, Router
@@ -67,7 +67,7 @@ DISCOVERY_WAIT_SECONDS = 10.0
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 
 
 @dataclass(slots=True)
@@ -87,8 +87,11 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, preprocessor: Preprocessor | None = None) -> None:
         self.config = config
-        self.preprocessor = (preprocessor if preprocessor is not None
-                             else Preprocessor.load(config.model, **config.preprocessor_options()))
+        self.preprocessor = (
+            preprocessor
+            if preprocessor is not None
+            else Preprocessor.load(config.model, **config.preprocessor_options())
+        )
         self.context_length = self.preprocessor.context_length
         self.model_name = config.model_name
         self.lora_adapters = frozenset(config.lora_adapters)
@@ -98,9 +101,16 @@ class Gateway:
         self.load = LoadTracker.from_config(config.kv)
         self.bus: GatewayBus | None = None
         if config.nats_url is not None:
-            self.bus = GatewayBus(config.nats_url, config.namespace, config.replica_id, self.indexer,
-                                  self.registry, self.load, events_stale_after=config.events_stale_after,
-                                  replica_timeout=config.replica_timeout)
+            self.bus = GatewayBus(
+                config.nats_url,
+                config.namespace,
+                config.replica_id,
+                self.indexer,
+                self.registry,
+                self.load,
+                events_stale_after=config.events_stale_after,
+                replica_timeout=config.replica_timeout,
+            )
         self.fleet = Fleet(config, self.registry, self.indexer, self.load, self.replay, self.bus)
         # A stale NATS stream's blocks are left out by the index itself (its trust state).
         self.router = Router(config.kv, self.indexer, self.registry, self.load)
@@ -109,13 +119,15 @@ class Gateway:
             assert config.etcd_endpoints is not None
             self.discovery = EtcdDiscovery(config.etcd_endpoints, config.namespace, self.registry)
         self.upstream = Upstream(config)
-        self.metrics = GatewayMetrics(StateSources(
-            block_counts=self.indexer.block_counts,
-            indexer_stats=lambda: self.indexer.stats,
-            load=lambda: self.load.snapshots(self.registry.keys()),
-            workers_up=lambda: dict(self.fleet.up),
-            extra=self._distributed_metrics,
-        ))
+        self.metrics = GatewayMetrics(
+            StateSources(
+                block_counts=self.indexer.block_counts,
+                indexer_stats=lambda: self.indexer.stats,
+                load=lambda: self.load.snapshots(self.registry.keys()),
+                workers_up=lambda: dict(self.fleet.up),
+                extra=self._distributed_metrics,
+            )
+        )
         self.router.subscribe(self.metrics)
         if self.bus is not None:
             self.router.subscribe(self.bus)
@@ -134,9 +146,12 @@ class Gateway:
         await self.discovery.start()
         try:
             await self.discovery.wait_ready(DISCOVERY_WAIT_SECONDS)
-        except asyncio.TimeoutError:
-            log.warning("etcd %s not answering after %.0fs: serving without workers until it does",
-                        self.config.etcd_endpoints, DISCOVERY_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "etcd %s not answering after %.0fs: serving without workers until it does",
+                self.config.etcd_endpoints,
+                DISCOVERY_WAIT_SECONDS,
+            )
 
     async def stop(self) -> None:
         if self.discovery is not None:
@@ -158,11 +173,29 @@ class Gateway:
 
     async def models(self, request: web.Request) -> web.Response:
         created = int(time.time())
-        cards = [{"id": self.model_name, "object": "model", "created": created, "owned_by": "kvgate",
-                  "root": self.config.model, "parent": None, "max_model_len": self.context_length}]
-        cards += [{"id": name, "object": "model", "created": created, "owned_by": "kvgate",
-                   "root": self.model_name, "parent": self.model_name, "max_model_len": self.context_length}
-                  for name in sorted(self.lora_adapters)]
+        cards = [
+            {
+                "id": self.model_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "kvgate",
+                "root": self.config.model,
+                "parent": None,
+                "max_model_len": self.context_length,
+            }
+        ]
+        cards += [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "kvgate",
+                "root": self.model_name,
+                "parent": self.model_name,
+                "max_model_len": self.context_length,
+            }
+            for name in sorted(self.lora_adapters)
+        ]
         return _json({"object": "list", "data": cards})
 
     # -- operations -----------------------------------------------------------------------
@@ -172,12 +205,18 @@ class Gateway:
         ready = any(workers.values())
         body: dict[str, object] = {"status": "ok" if ready else "unavailable", "workers": workers}
         if self.discovery is not None:
-            body["discovery"] = {"mode": "etcd", "connected": self.discovery.connected,
-                                 "revision": self.discovery.revision}
+            body["discovery"] = {
+                "mode": "etcd",
+                "connected": self.discovery.connected,
+                "revision": self.discovery.revision,
+            }
         if self.bus is not None:
             body["events"] = {wid: self.fleet.events_of(wid) for wid in workers}
-            body["nats"] = {"connected": self.bus.connected, "router_id": self.bus.router_id,
-                            "replicas": self.bus.sync.replicas()}
+            body["nats"] = {
+                "connected": self.bus.connected,
+                "router_id": self.bus.router_id,
+                "replicas": self.bus.sync.replicas(),
+            }
         return _json(body, status=200 if ready else 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
@@ -236,9 +275,10 @@ class Gateway:
             decision = self.router.route(token_ids, lora_name=lora_name, exclude=self.fleet.down_keys)
         except NoWorkerAvailable as err:
             raise no_worker_available(f"No worker is available: {err.reason}") from None
-        self.metrics.observe_routing(tokenize_seconds, {"hash": decision.timings.hash,
-                                                         "match": decision.timings.match,
-                                                         "score": decision.timings.score})
+        self.metrics.observe_routing(
+            tokenize_seconds,
+            {"hash": decision.timings.hash, "match": decision.timings.match, "score": decision.timings.score},
+        )
         return Routed(route, started, sum(len(p) for p in prompts), decision, tokenize_seconds)
 
     def _lora_for(self, model: str | None) -> str | None:
@@ -264,7 +304,8 @@ class Gateway:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{requested} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in the completion). "
                 "Please reduce the length of the messages or completion.",
-                param, code="context_length_exceeded",
+                param,
+                code="context_length_exceeded",
             )
 
     async def _forward(self, request: web.Request, body: bytes, routed: Routed) -> web.StreamResponse:
@@ -313,14 +354,21 @@ class Gateway:
         flight.finish(Outcome(routed.route, str(error.status)))
         return error.response(flight.key.worker_id)
 
-    async def _answer(self, request: web.Request, routed: Routed, flight: InFlight,
-                      upstream: UpstreamResponse) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, routed: Routed, flight: InFlight, upstream: UpstreamResponse
+    ) -> web.StreamResponse:
         worker = flight.key.worker_id
         exchange = Exchange(routed.started)
         status = "500"
         try:
-            response = await relay(request, upstream, worker, exchange, on_first_byte=flight.first_token,
-                                   on_gap=self.metrics.child(self.metrics.itl, worker).observe)
+            response = await relay(
+                request,
+                upstream,
+                worker,
+                exchange,
+                on_first_byte=flight.first_token,
+                on_gap=self.metrics.child(self.metrics.itl, worker).observe,
+            )
             status = str(response.status)
             return response
         except UpstreamFailure as err:
@@ -347,8 +395,9 @@ class Gateway:
             yield from self.bus.collect(self.fleet.nats_fed)
         if self.discovery is not None:
             d = self.discovery
-            yield GaugeMetricFamily("kvgate_discovery_connected", "1 while the etcd watch is established",
-                                    value=float(d.connected))
+            yield GaugeMetricFamily(
+                "kvgate_discovery_connected", "1 while the etcd watch is established", value=float(d.connected)
+            )
             yield GaugeMetricFamily("kvgate_discovery_revision", "Last etcd revision applied", value=float(d.revision))
             for name in ("resyncs", "compactions", "watch_restarts", "puts", "deletes", "invalid_records"):
                 family = CounterMetricFamily(f"kvgate_discovery_{name}", f"etcd discovery: {name.replace('_', ' ')}")
@@ -375,8 +424,9 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return ApiError(500, "Internal gateway error; see the gateway log.", type="server_error",
-                        code="internal_error").response()
+        return ApiError(
+            500, "Internal gateway error; see the gateway log.", type="server_error", code="internal_error"
+        ).response()
 
 
 def build_app(config: GatewayConfig, preprocessor: Preprocessor | None = None) -> web.Application:

@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from kvgate.protocol.messages import check_token
-from kvgate.router.config import ROUTER_MODES, RouterConfig
 from kvgate.etcd import parse_endpoints
+from kvgate.protocol.messages import check_token
 from kvgate.protocol.worker_record import workers_prefix
+from kvgate.router.config import ROUTER_MODES, RouterConfig
 from kvgate.router.registry import StaticDiscovery
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,43 +50,74 @@ class GatewayConfig:
     served_model_name: str | None = _opt(None, "model name clients send (default: basename of --model)")
     revision: str | None = _opt(None, "hub revision of --model (branch, tag or commit)")
     trust_remote_code: bool = _opt(False, "allow a hub tokenizer's custom code")
-    chat_template: str | None = _opt(None, "chat template file or text overriding the tokenizer's (like vLLM's "
-                                           "--chat-template; give the workers the same one)")
-    tokenizer_offload_chars: int | None = _opt(None, "prompts at least this long are tokenized in a thread, "
-                                                     "off the event loop (default: tokenization.py's, 1536)")
+    chat_template: str | None = _opt(
+        None,
+        "chat template file or text overriding the tokenizer's (like vLLM's "
+        "--chat-template; give the workers the same one)",
+    )
+    tokenizer_offload_chars: int | None = _opt(
+        None,
+        "prompts at least this long are tokenized in a thread, off the event loop (default: tokenization.py's, 1536)",
+    )
     tokenizer_threads: int | None = _opt(None, "threads that tokenize long prompts (default: tokenization.py's, 2)")
-    tokenizer_cache_bytes: int | None = _opt(None, "byte budget of the tokenizer's per-segment LRU; 0: off "
-                                                   "(default: tokenization.py's, 128 MiB)")
-    lora_adapters: list[str] = _opt([], "LoRA adapter names served by the workers; a request naming one "
-                                        "is hashed with the adapter's seed")
+    tokenizer_cache_bytes: int | None = _opt(
+        None, "byte budget of the tokenizer's per-segment LRU; 0: off (default: tokenization.py's, 128 MiB)"
+    )
+    lora_adapters: list[str] = _opt(
+        [], "LoRA adapter names served by the workers; a request naming one is hashed with the adapter's seed"
+    )
     context_length: int | None = _opt(None, "max prompt + completion tokens (default: the model's)")
     router_mode: str = _opt("kv", "routing policy", choices=ROUTER_MODES)
     block_size: int = _opt(64, "KV block size in tokens; must match the workers' --block-size")
-    workers: list[dict[str, Any]] = _opt([], "static workers (router.registry.StaticDiscovery entries); flag form: "
-                                           "url=http://H:P[,id=NAME][,kv_events_endpoint=tcp://H:P]"
-                                           "[,kv_events_replay_endpoint=tcp://H:P][,dp_size=N] (repeatable)")
-    discovery: str = _opt("static", "where workers come from: the workers list, or etcd (leases under "
-                                    "/kvgate/<namespace>/workers/, kept by each worker's sidecar)",
-                          choices=DISCOVERY_MODES)
+    workers: list[dict[str, Any]] = _opt(
+        [],
+        "static workers (router.registry.StaticDiscovery entries); flag form: "
+        "url=http://H:P[,id=NAME][,kv_events_endpoint=tcp://H:P]"
+        "[,kv_events_replay_endpoint=tcp://H:P][,dp_size=N] (repeatable)",
+    )
+    discovery: str = _opt(
+        "static",
+        "where workers come from: the workers list, or etcd (leases under "
+        "/kvgate/<namespace>/workers/, kept by each worker's sidecar)",
+        choices=DISCOVERY_MODES,
+    )
     etcd_endpoints: str | None = _opt(None, "etcd host:port list, comma-separated (discovery etcd)")
-    nats_url: str | None = _opt(None, "NATS server URL(s), comma-separated: KV events and load of workers whose "
-                                      "sidecar publishes them, in-flight load shared with the other gateway "
-                                      "replicas (default: none; events come from each worker's ZMQ socket)")
-    namespace: str = _opt("default", "fleet name: etcd keys /kvgate/<namespace>/workers/, NATS subjects "
-                                     "kvgate.<namespace>.*")
-    router_id: str | None = _opt(None, "this replica's id on NATS (kvgate.<namespace>.active.<router_id>); "
-                                       "unique per replica (default: <hostname>-<pid>)")
-    events_stale_after: float = _opt(6.0, "seconds a NATS-fed worker's event stream may stay silent or out of "
-                                          "sync before its index state is ignored and it is routed by load only "
-                                          "(sidecars heartbeat every 2 s)")
-    events_catch_up_interval: float = _opt(2.0, "seconds between asks of a quiet ZMQ-fed worker's replay socket "
-                                                "for batches its SUB socket missed (published before it connected); "
-                                                "0: never")
-    replica_timeout: float = _opt(5.0, "seconds without a message from another replica (each heartbeats every "
-                                       "replica_timeout/4) before its in-flight requests are forgotten")
+    nats_url: str | None = _opt(
+        None,
+        "NATS server URL(s), comma-separated: KV events and load of workers whose "
+        "sidecar publishes them, in-flight load shared with the other gateway "
+        "replicas (default: none; events come from each worker's ZMQ socket)",
+    )
+    namespace: str = _opt(
+        "default", "fleet name: etcd keys /kvgate/<namespace>/workers/, NATS subjects kvgate.<namespace>.*"
+    )
+    router_id: str | None = _opt(
+        None,
+        "this replica's id on NATS (kvgate.<namespace>.active.<router_id>); "
+        "unique per replica (default: <hostname>-<pid>)",
+    )
+    events_stale_after: float = _opt(
+        6.0,
+        "seconds a NATS-fed worker's event stream may stay silent or out of "
+        "sync before its index state is ignored and it is routed by load only "
+        "(sidecars heartbeat every 2 s)",
+    )
+    events_catch_up_interval: float = _opt(
+        2.0,
+        "seconds between asks of a quiet ZMQ-fed worker's replay socket "
+        "for batches its SUB socket missed (published before it connected); "
+        "0: never",
+    )
+    replica_timeout: float = _opt(
+        5.0,
+        "seconds without a message from another replica (each heartbeats every "
+        "replica_timeout/4) before its in-flight requests are forgotten",
+    )
     connect_timeout: float = _opt(3.0, "seconds to open a connection to a worker before trying the next one")
-    read_timeout: float = _opt(600.0, "seconds a worker may stay silent (before the first byte or between "
-                                      "chunks) before the request fails with 504")
+    read_timeout: float = _opt(
+        600.0,
+        "seconds a worker may stay silent (before the first byte or between chunks) before the request fails with 504",
+    )
     max_attempts: int = _opt(3, "workers tried per request on connect failure or 5xx before the first byte")
     keepalive_connections: int = _opt(256, "idle keep-alive connections kept open per worker")
     client_max_size: int = _opt(16 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
@@ -95,19 +126,31 @@ class GatewayConfig:
     probe_timeout: float = _opt(2.0, "timeout of one health poll or load scrape, in seconds")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
     access_log: bool = _opt(False, "log every HTTP request (costs throughput)")
-    kv: RouterConfig = field(default_factory=RouterConfig,
-                             metadata={"help": "router settings (router/config.py); mode and block_size "
-                                               "come from router_mode / block_size"})
+    kv: RouterConfig = field(
+        default_factory=RouterConfig,
+        metadata={"help": "router settings (router/config.py); mode and block_size come from router_mode / block_size"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError(f"port must be in 1..65535 (or 0 for any free port), got {self.port}")
-        for name in ("connect_timeout", "read_timeout", "health_interval", "load_interval", "probe_timeout",
-                     "events_stale_after", "replica_timeout"):
+        for name in (
+            "connect_timeout",
+            "read_timeout",
+            "health_interval",
+            "load_interval",
+            "probe_timeout",
+            "events_stale_after",
+            "replica_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name, minimum in (("max_attempts", 1), ("client_max_size", 1), ("keepalive_connections", 0),
-                              ("block_size", 1)):
+        for name, minimum in (
+            ("max_attempts", 1),
+            ("client_max_size", 1),
+            ("keepalive_connections", 0),
+            ("block_size", 1),
+        ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
         if self.events_catch_up_interval < 0:
@@ -131,8 +174,12 @@ class GatewayConfig:
 
     def preprocessor_options(self) -> dict[str, Any]:
         """Keyword arguments of ``tokenization.PreprocessorConfig`` (its defaults where unset)."""
-        options: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
-                                   "chat_template": self.chat_template, "context_length": self.context_length}
+        options: dict[str, Any] = {
+            "revision": self.revision,
+            "trust_remote_code": self.trust_remote_code,
+            "chat_template": self.chat_template,
+            "context_length": self.context_length,
+        }
         if self.tokenizer_offload_chars is not None:
             options["offload_threshold_chars"] = self.tokenizer_offload_chars
         if self.tokenizer_threads is not None:
@@ -180,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kvgate.gateway",
         description="kvgate: a KV-cache-aware OpenAI-compatible gateway in front of vLLM workers. "
-                    f"Precedence: defaults < --config YAML < {ENV_PREFIX}<OPTION> env vars < flags.",
+        f"Precedence: defaults < --config YAML < {ENV_PREFIX}<OPTION> env vars < flags.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML file whose keys are the options below in snake_case")
@@ -191,12 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
         if f.name == "workers":
-            parser.add_argument("--worker", dest="workers", action="append", type=_parse_worker_flag,
-                                metavar="SPEC", help=meta["help"])
+            parser.add_argument(
+                "--worker", dest="workers", action="append", type=_parse_worker_flag, metavar="SPEC", help=meta["help"]
+            )
             continue
         if f.name == "lora_adapters":
-            parser.add_argument("--lora-adapter", dest="lora_adapters", action="append", metavar="NAME",
-                                help=meta["help"] + " (repeatable)")
+            parser.add_argument(
+                "--lora-adapter",
+                dest="lora_adapters",
+                action="append",
+                metavar="NAME",
+                help=meta["help"] + " (repeatable)",
+            )
             continue
         kind, _ = _field_kind(f)
         help_text = meta["help"]
@@ -207,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=f.name.upper(),
-                                help=help_text)
+            parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=f.name.upper(), help=help_text)
     group = parser.add_argument_group("router (kv: section of the YAML)")
     for path, leaf, default in _router_leaves(RouterConfig()):
         kind = bool if isinstance(default, bool) else (type(default) if default is not None else None)
@@ -218,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=_number_or_none if kind is None else kind,
-                               metavar=leaf.upper(), help=help_text)
+            group.add_argument(
+                flag, dest=dest, type=_number_or_none if kind is None else kind, metavar=leaf.upper(), help=help_text
+            )
     return parser
 
 

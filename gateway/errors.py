@@ -40,9 +40,7 @@ class ApiError(Exception):
 
     def response(self, worker: str | None = None) -> web.Response:
         headers = {WORKER_HEADER: worker} if worker is not None else None
-        return web.Response(
-            status=self.status, body=self.body(), content_type="application/json", headers=headers
-        )
+        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

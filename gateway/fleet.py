@@ -29,22 +29,30 @@ from collections.abc import Callable
 
 import aiohttp
 
-from kvgate.gateway.replicas import GatewayBus
 from kvgate.gateway.config import GatewayConfig
-from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
-from kvgate.protocol.events import WorkerKey
+from kvgate.gateway.replicas import GatewayBus
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig
+from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
+from kvgate.protocol.events import WorkerKey
+from kvgate.protocol.worker_record import WorkerInfo
 from kvgate.router.engine_load import EngineLoadFeed
 from kvgate.router.load import LoadTracker
 from kvgate.router.registry import RegistryChange, WorkerRegistry
-from kvgate.protocol.worker_record import WorkerInfo
 
 log = logging.getLogger(__name__)
 
+
 class Fleet:
-    def __init__(self, config: GatewayConfig, registry: WorkerRegistry, indexer: KvIndexer, load: LoadTracker,
-                 replay: ReplayDispatcher, bus: GatewayBus | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        registry: WorkerRegistry,
+        indexer: KvIndexer,
+        load: LoadTracker,
+        replay: ReplayDispatcher,
+        bus: GatewayBus | None = None,
+    ) -> None:
         self.config = config
         self.registry = registry
         self.indexer = indexer
@@ -76,8 +84,7 @@ class Fleet:
             self._unsubscribe()
         for worker_id in list(self._probes):
             self._probes.pop(worker_id).cancel()
-        await asyncio.gather(*(s.stop() for s in self.sources.values()), *self._stopping,
-                             return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in self.sources.values()), *self._stopping, return_exceptions=True)
         self.sources.clear()
         if self._session is not None:
             await self._session.close()
@@ -122,9 +129,14 @@ class Fleet:
         self._probes[info.worker_id] = asyncio.get_running_loop().create_task(self._probe(info))
 
     def start_events(self, info: WorkerInfo) -> None:
-        source = ZmqEventSource(info.worker_id, info.kv_events_endpoint, info.kv_events_replay_endpoint,
-                                self.indexer, dp_size=info.dp_size,
-                                config=ZmqSourceConfig(catch_up_interval=self.config.events_catch_up_interval))
+        source = ZmqEventSource(
+            info.worker_id,
+            info.kv_events_endpoint,
+            info.kv_events_replay_endpoint,
+            self.indexer,
+            dp_size=info.dp_size,
+            config=ZmqSourceConfig(catch_up_interval=self.config.events_catch_up_interval),
+        )
         self.sources[info.worker_id] = source
         self.replay.add(source)
         source.start()
@@ -168,7 +180,7 @@ class Fleet:
             async with self._session.get(info.base_url + "/health") as response:
                 await response.read()
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def _scrape_load(self, info: WorkerInfo) -> None:
@@ -178,7 +190,7 @@ class Fleet:
                 if response.status != 200:
                     return
                 text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
+        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
             return
         try:
             per_rank = parse_engine_load(text, info.dp_size)

@@ -64,44 +64,91 @@ class GatewayMetrics:
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("kvgate_requests", "Requests answered, by route, HTTP status and worker",
-                                ("route", "status", "worker"), registry=r)
-        self.ttft = Histogram("kvgate_time_to_first_token_seconds",
-                              "From request arrival to the first byte of the worker's answer relayed",
-                              ("route", "worker"), buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("kvgate_inter_token_latency_seconds",
-                             "Gap between consecutive streamed chunks relayed to the client, per chunk",
-                             ("worker",), buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("kvgate_e2e_request_latency_seconds", "From request arrival to the last byte relayed",
-                             ("route", "worker"), buckets=_LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens routed (gateway's tokenization)",
-                                     ("worker",), registry=r)
-        self.cached_tokens = Counter("kvgate_cached_tokens",
-                                     "Prompt tokens the worker reported served from its prefix cache "
-                                     "(usage.prompt_tokens_details.cached_tokens)", ("worker",), registry=r)
-        self.prompt_blocks = Counter("kvgate_prompt_blocks", "Full KV blocks of the routed prompts",
-                                     ("worker",), registry=r)
-        self.overlap_blocks_total = Counter("kvgate_overlap_blocks",
-                                            "Prompt blocks the index said the chosen worker held, by tier",
-                                            ("worker", "tier"), registry=r)
-        self.overlap_blocks = Histogram("kvgate_request_overlap_blocks",
-                                        "Per request: prefix blocks the chosen worker held (any tier)",
-                                        ("worker",), buckets=_BLOCK_BUCKETS, registry=r)
-        self.hit_rate = Histogram("kvgate_request_prefix_hit_rate",
-                                  "Per request: overlap blocks / prompt blocks on the chosen worker "
-                                  "(requests with at least one full block)",
-                                  ("worker",), buckets=_RATE_BUCKETS, registry=r)
-        self.routing = Histogram("kvgate_routing_overhead_seconds",
-                                 "Time spent before forwarding, by stage (tokenize, hash, match, score)",
-                                 ("stage",), buckets=_ROUTING_BUCKETS, registry=r)
-        self.retries = Counter("kvgate_upstream_retries", "Forwards retried on the next-best worker, by reason",
-                               ("worker", "reason"), registry=r)
-        self.aborted = Counter("kvgate_client_disconnects",
-                               "Requests whose client went away before the answer ended (upstream cancelled)",
-                               ("worker",), registry=r)
-        self.stream_failures = Counter("kvgate_stream_failures",
-                                       "Streams the worker broke off after the first byte (ended with an SSE "
-                                       "error event)", ("worker",), registry=r)
+        self.requests = Counter(
+            "kvgate_requests",
+            "Requests answered, by route, HTTP status and worker",
+            ("route", "status", "worker"),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "kvgate_time_to_first_token_seconds",
+            "From request arrival to the first byte of the worker's answer relayed",
+            ("route", "worker"),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kvgate_inter_token_latency_seconds",
+            "Gap between consecutive streamed chunks relayed to the client, per chunk",
+            ("worker",),
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kvgate_e2e_request_latency_seconds",
+            "From request arrival to the last byte relayed",
+            ("route", "worker"),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "kvgate_prompt_tokens", "Prompt tokens routed (gateway's tokenization)", ("worker",), registry=r
+        )
+        self.cached_tokens = Counter(
+            "kvgate_cached_tokens",
+            "Prompt tokens the worker reported served from its prefix cache "
+            "(usage.prompt_tokens_details.cached_tokens)",
+            ("worker",),
+            registry=r,
+        )
+        self.prompt_blocks = Counter(
+            "kvgate_prompt_blocks", "Full KV blocks of the routed prompts", ("worker",), registry=r
+        )
+        self.overlap_blocks_total = Counter(
+            "kvgate_overlap_blocks",
+            "Prompt blocks the index said the chosen worker held, by tier",
+            ("worker", "tier"),
+            registry=r,
+        )
+        self.overlap_blocks = Histogram(
+            "kvgate_request_overlap_blocks",
+            "Per request: prefix blocks the chosen worker held (any tier)",
+            ("worker",),
+            buckets=_BLOCK_BUCKETS,
+            registry=r,
+        )
+        self.hit_rate = Histogram(
+            "kvgate_request_prefix_hit_rate",
+            "Per request: overlap blocks / prompt blocks on the chosen worker (requests with at least one full block)",
+            ("worker",),
+            buckets=_RATE_BUCKETS,
+            registry=r,
+        )
+        self.routing = Histogram(
+            "kvgate_routing_overhead_seconds",
+            "Time spent before forwarding, by stage (tokenize, hash, match, score)",
+            ("stage",),
+            buckets=_ROUTING_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "kvgate_upstream_retries",
+            "Forwards retried on the next-best worker, by reason",
+            ("worker", "reason"),
+            registry=r,
+        )
+        self.aborted = Counter(
+            "kvgate_client_disconnects",
+            "Requests whose client went away before the answer ended (upstream cancelled)",
+            ("worker",),
+            registry=r,
+        )
+        self.stream_failures = Counter(
+            "kvgate_stream_failures",
+            "Streams the worker broke off after the first byte (ended with an SSE error event)",
+            ("worker",),
+            registry=r,
+        )
         self._routing_children = {stage: self.routing.labels(stage) for stage in ROUTING_STAGES}
         # labels() takes a lock and a dict lookup; the request path caches the children it uses.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -161,8 +208,9 @@ class GatewayMetrics:
             self.child(self.cached_tokens, worker).inc(exchange.cached_tokens)
         score = flight.decision.score_of(flight.key)
         if score is not None:
-            self._observe_overlap(worker, flight.decision.num_blocks,
-                                 (score.gpu_blocks, score.cpu_blocks, score.disk_blocks))
+            self._observe_overlap(
+                worker, flight.decision.num_blocks, (score.gpu_blocks, score.cpu_blocks, score.disk_blocks)
+            )
 
     def _observe_overlap(self, worker: str, prompt_blocks: int, per_tier: Iterable[int]) -> None:
         per_tier = list(per_tier)
@@ -199,8 +247,11 @@ class _StateCollector(Collector):
             yield from self.state.extra()
 
     def _index(self) -> Iterable[Metric]:
-        blocks = GaugeMetricFamily("kvgate_index_blocks", "Blocks the prefix index holds per worker, rank and tier",
-                                   labels=("worker", "dp_rank", "tier"))
+        blocks = GaugeMetricFamily(
+            "kvgate_index_blocks",
+            "Blocks the prefix index holds per worker, rank and tier",
+            labels=("worker", "dp_rank", "tier"),
+        )
         for key, counts in sorted(self.state.block_counts().items()):
             for tier, count in zip(Tier, counts):
                 blocks.add_metric((key.worker_id, str(key.dp_rank), tier.name), count)
@@ -229,30 +280,40 @@ class _StateCollector(Collector):
             family = CounterMetricFamily(f"kvgate_index_{name}", doc)
             family.add_metric((), float(value))
             yield family
-        rejected = CounterMetricFamily("kvgate_index_events_rejected", "Event batches rejected, by reason",
-                                       labels=("kind",))
+        rejected = CounterMetricFamily(
+            "kvgate_index_events_rejected", "Event batches rejected, by reason", labels=("kind",)
+        )
         for kind, count in sorted(getattr(stats, "rejected", {}).items()):
             rejected.add_metric((kind,), float(count))
         yield rejected
 
     def _load(self) -> Iterable[Metric]:
         gauges = {
-            "requests": GaugeMetricFamily("kvgate_active_requests", "Requests routed to the worker and not finished",
-                                          labels=("worker", "dp_rank")),
-            "prefill_tokens": GaugeMetricFamily("kvgate_active_prefill_tokens",
-                                                "Prompt tokens routed to the worker still awaiting their first token",
-                                                labels=("worker", "dp_rank")),
-            "blocks": GaugeMetricFamily("kvgate_active_blocks", "KV blocks held by the worker's active requests",
-                                        labels=("worker", "dp_rank")),
-            "remote_requests": GaugeMetricFamily("kvgate_active_remote_requests",
-                                                 "Of kvgate_active_requests, those routed by other gateway replicas",
-                                                 labels=("worker", "dp_rank")),
-            "running": GaugeMetricFamily("kvgate_engine_running", "vllm:num_requests_running as last scraped",
-                                         labels=("worker", "dp_rank")),
-            "waiting": GaugeMetricFamily("kvgate_engine_waiting", "vllm:num_requests_waiting as last scraped",
-                                         labels=("worker", "dp_rank")),
-            "kv_usage": GaugeMetricFamily("kvgate_engine_kv_usage", "vllm:kv_cache_usage_perc as last scraped",
-                                          labels=("worker", "dp_rank")),
+            "requests": GaugeMetricFamily(
+                "kvgate_active_requests", "Requests routed to the worker and not finished", labels=("worker", "dp_rank")
+            ),
+            "prefill_tokens": GaugeMetricFamily(
+                "kvgate_active_prefill_tokens",
+                "Prompt tokens routed to the worker still awaiting their first token",
+                labels=("worker", "dp_rank"),
+            ),
+            "blocks": GaugeMetricFamily(
+                "kvgate_active_blocks", "KV blocks held by the worker's active requests", labels=("worker", "dp_rank")
+            ),
+            "remote_requests": GaugeMetricFamily(
+                "kvgate_active_remote_requests",
+                "Of kvgate_active_requests, those routed by other gateway replicas",
+                labels=("worker", "dp_rank"),
+            ),
+            "running": GaugeMetricFamily(
+                "kvgate_engine_running", "vllm:num_requests_running as last scraped", labels=("worker", "dp_rank")
+            ),
+            "waiting": GaugeMetricFamily(
+                "kvgate_engine_waiting", "vllm:num_requests_waiting as last scraped", labels=("worker", "dp_rank")
+            ),
+            "kv_usage": GaugeMetricFamily(
+                "kvgate_engine_kv_usage", "vllm:kv_cache_usage_perc as last scraped", labels=("worker", "dp_rank")
+            ),
         }
         for key, snap in sorted(self.state.load().items()):
             labels = (key.worker_id, str(key.dp_rank))

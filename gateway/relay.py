@@ -67,8 +67,9 @@ async def relay(
     return await _relay_body(upstream, headers, exchange, on_first_byte)
 
 
-async def _relay_body(upstream: UpstreamResponse, headers: Any, exchange: Exchange,
-                      on_first_byte: Callable[[], object]) -> web.Response:
+async def _relay_body(
+    upstream: UpstreamResponse, headers: Any, exchange: Exchange, on_first_byte: Callable[[], object]
+) -> web.Response:
     body = await upstream.read()
     now = time.perf_counter()
     exchange.first_byte = exchange.last_byte = now
@@ -82,9 +83,14 @@ async def _relay_body(upstream: UpstreamResponse, headers: Any, exchange: Exchan
     return web.Response(status=upstream.status, body=body, headers=headers)
 
 
-async def _relay_stream(request: web.Request, upstream: UpstreamResponse, headers: Any,
-                        exchange: Exchange, on_first_byte: Callable[[], object],
-                        on_gap: Callable[[float], None]) -> web.StreamResponse:
+async def _relay_stream(
+    request: web.Request,
+    upstream: UpstreamResponse,
+    headers: Any,
+    exchange: Exchange,
+    on_first_byte: Callable[[], object],
+    on_gap: Callable[[float], None],
+) -> web.StreamResponse:
     exchange.streamed = True
     response = web.StreamResponse(status=upstream.status, headers=headers)
     # The worker's stream may be long-lived; the client must see every chunk at once.
@@ -114,8 +120,14 @@ async def _relay_stream(request: web.Request, upstream: UpstreamResponse, header
     except UpstreamFailure as err:
         # Headers are out: the only honest way left to fail is an SSE error event.
         exchange.upstream_error = f"worker {worker_of(headers)} failed mid-stream: {err.detail}"
-        error = {"error": {"message": exchange.upstream_error, "type": "upstream_error",
-                           "param": None, "code": 504 if err.kind == "timeout" else 502}}
+        error = {
+            "error": {
+                "message": exchange.upstream_error,
+                "type": "upstream_error",
+                "param": None,
+                "code": 504 if err.kind == "timeout" else 502,
+            }
+        }
         try:
             await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
         except ConnectionError:

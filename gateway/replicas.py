@@ -36,10 +36,10 @@ from dataclasses import dataclass, fields
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from kvgate.protocol.messages import ActiveMessage, LoadMessage, check_token
 from kvgate.bus import Bus, connect_nats
-from kvgate.indexer.nats_source import NatsEventSource
 from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.indexer.nats_source import NatsEventSource
+from kvgate.protocol.messages import ActiveMessage, LoadMessage, check_token
 from kvgate.router.engine_load import EngineLoadFeed
 from kvgate.router.lifecycle import InFlight
 from kvgate.router.load import LoadTracker, RemoteRequest
@@ -66,8 +66,14 @@ class ActiveSync:
     publishes what the methods return.
     """
 
-    def __init__(self, router_id: str, load: LoadTracker, *, replica_timeout: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        router_id: str,
+        load: LoadTracker,
+        *,
+        replica_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if replica_timeout <= 0:
             raise ValueError(f"replica_timeout must be > 0, got {replica_timeout}")
         self.router_id = check_token("router_id", router_id)
@@ -161,10 +167,17 @@ class ActiveSync:
         if entry is None:
             return None
         op = "add" if entry.in_prefill else "prefill_done"
-        return ActiveMessage(router_id=self.router_id, op=op, request_id=request_id,
-                             worker_id=entry.key.worker_id, dp_rank=entry.key.dp_rank,
-                             prompt_tokens=entry.prompt_tokens, new_prefill_tokens=entry.prefill_tokens,
-                             blocks=entry.blocks, ts=time.time())
+        return ActiveMessage(
+            router_id=self.router_id,
+            op=op,
+            request_id=request_id,
+            worker_id=entry.key.worker_id,
+            dp_rank=entry.key.dp_rank,
+            prompt_tokens=entry.prompt_tokens,
+            new_prefill_tokens=entry.prefill_tokens,
+            blocks=entry.blocks,
+            ts=time.time(),
+        )
 
     def _message(self, op: str, request_id: str = "") -> ActiveMessage:
         return ActiveMessage(router_id=self.router_id, op=op, request_id=request_id, ts=time.time())
@@ -173,9 +186,19 @@ class ActiveSync:
 class GatewayBus:
     """One replica's NATS connection and everything that flows over it (see the module doc)."""
 
-    def __init__(self, nats_url: str, namespace: str, router_id: str, indexer: KvIndexer,
-                 registry: WorkerRegistry, load: LoadTracker, *, events_stale_after: float = 6.0,
-                 replica_timeout: float = 5.0, resync_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        namespace: str,
+        router_id: str,
+        indexer: KvIndexer,
+        registry: WorkerRegistry,
+        load: LoadTracker,
+        *,
+        events_stale_after: float = 6.0,
+        replica_timeout: float = 5.0,
+        resync_interval: float = 1.0,
+    ) -> None:
         self.nats_url = nats_url
         self.namespace = namespace
         self.indexer = indexer
@@ -205,8 +228,10 @@ class GatewayBus:
     async def start(self) -> None:
         """Connect in the background: the gateway serves (routing by load) until NATS answers."""
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run(), name="gateway-bus"),
-                       loop.create_task(self._heartbeat(), name="gateway-bus-heartbeat")]
+        self._tasks = [
+            loop.create_task(self._run(), name="gateway-bus"),
+            loop.create_task(self._heartbeat(), name="gateway-bus-heartbeat"),
+        ]
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait for the first connection and subscriptions."""
@@ -254,12 +279,18 @@ class GatewayBus:
     # -- the connection ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        self.nc = await connect_nats(self.nats_url, name=f"kvgate-gateway-{self.router_id}",
-                                     on_reconnected=self._on_reconnected)
+        self.nc = await connect_nats(
+            self.nats_url, name=f"kvgate-gateway-{self.router_id}", on_reconnected=self._on_reconnected
+        )
         self.bus = Bus(self.nc, self.namespace)
-        self.source = NatsEventSource(self.bus, self.indexer, stale_after=self.events_stale_after,
-                                      resync_interval=self.resync_interval, accept=self.registry.__contains__,
-                                      consumer_id=self.router_id)
+        self.source = NatsEventSource(
+            self.bus,
+            self.indexer,
+            stale_after=self.events_stale_after,
+            resync_interval=self.resync_interval,
+            accept=self.registry.__contains__,
+            consumer_id=self.router_id,
+        )
         await self.source.start()
         await self.bus.on_load(self._on_load)
         await self.bus.on_active(self._on_active)
@@ -276,8 +307,9 @@ class GatewayBus:
 
     async def _catch_up(self) -> None:
         """After any (re)connect: workers and replicas restate what we may have missed."""
-        await self._request_resync([info.worker_id for info in self.registry.all()
-                                    if info.metadata.get("events") == "nats"])
+        await self._request_resync(
+            [info.worker_id for info in self.registry.all() if info.metadata.get("events") == "nats"]
+        )
         for msg in self.sync.restatement():
             self._post(msg)
         self._post(self.sync.sync_request())
@@ -335,36 +367,47 @@ class GatewayBus:
     def collect(self, nats_fed: Iterable[str]) -> Iterable[Metric]:
         """``kvgate_bus_*`` families, read at scrape time; ``nats_fed``: workers whose events come over NATS."""
         yield GaugeMetricFamily("kvgate_bus_connected", "1 while connected to NATS", value=float(self.connected))
-        yield GaugeMetricFamily("kvgate_bus_replicas", "Other gateway replicas heard from",
-                                value=float(len(self.sync.replicas())))
-        stale = GaugeMetricFamily("kvgate_worker_events_stale",
-                                  "1 while a NATS-fed worker's event stream is stale (routed by load only)",
-                                  labels=("worker",))
+        yield GaugeMetricFamily(
+            "kvgate_bus_replicas", "Other gateway replicas heard from", value=float(len(self.sync.replicas()))
+        )
+        stale = GaugeMetricFamily(
+            "kvgate_worker_events_stale",
+            "1 while a NATS-fed worker's event stream is stale (routed by load only)",
+            labels=("worker",),
+        )
         for worker_id in sorted(nats_fed):
             stale.add_metric((worker_id,), float(not self.indexer.trusted(worker_id)))
         yield stale
         if self.source is not None:
             for f in fields(self.source.stats):
-                family = CounterMetricFamily(f"kvgate_bus_event_stream_{f.name}",
-                                             f"Event messages over NATS: {f.name.replace('_', ' ')}")
+                family = CounterMetricFamily(
+                    f"kvgate_bus_event_stream_{f.name}", f"Event messages over NATS: {f.name.replace('_', ' ')}"
+                )
                 family.add_metric((), float(getattr(self.source.stats, f.name)))
                 yield family
         for name, value, doc in (
             ("load_messages", self.engine_load.received, "Load messages received"),
-            ("load_ignored", self.engine_load.ignored,
-             "Load messages ignored (unknown worker or rank, too old, invalid)"),
+            (
+                "load_ignored",
+                self.engine_load.ignored,
+                "Load messages ignored (unknown worker or rank, too old, invalid)",
+            ),
             ("active_sent", self.sync.stats.sent, "In-flight request messages published to the other replicas"),
             ("active_received", self.sync.stats.received, "In-flight request messages from the other replicas"),
             ("restatements", self.sync.stats.restatements, "Restatements of this replica's in-flight requests"),
-            ("replicas_expired", self.sync.stats.replicas_expired,
-             "Replicas forgotten after replica_timeout of silence"),
+            (
+                "replicas_expired",
+                self.sync.stats.replicas_expired,
+                "Replicas forgotten after replica_timeout of silence",
+            ),
             ("reconnects", self.reconnects, "NATS reconnections"),
         ):
             family = CounterMetricFamily(f"kvgate_bus_{name}", doc)
             family.add_metric((), float(value))
             yield family
-        rejected = CounterMetricFamily("kvgate_bus_rejected", "Bus messages dropped as malformed, by reason",
-                                       labels=("kind",))
+        rejected = CounterMetricFamily(
+            "kvgate_bus_rejected", "Bus messages dropped as malformed, by reason", labels=("kind",)
+        )
         if self.bus is not None:
             for kind, count in sorted(self.bus.rejected.items()):
                 rejected.add_metric((kind,), float(count))

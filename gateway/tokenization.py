@@ -88,8 +88,18 @@ _PROBE_CONVERSATION = ({"role": "user", "content": "probe"},)
 # Texts around which the load-time self-test places added tokens: whitespace and newlines that a
 # pre-tokenizer could merge across a boundary, combining marks, non-BMP characters, CRLF.
 _SELF_TEST_TEXTS = (
-    "", " ", "\n", "\n\n", " \n ", "\r\n", "\t", "  x  ", "\nhello\n", "e\u0301\u00e9 \u2028\u00a0",
-    "\u65e5\u672c\u8a9e \U0001f44d\U0001f3fd", "It's 3.14!\n\n```py\nx = 1\n```\n",
+    "",
+    " ",
+    "\n",
+    "\n\n",
+    " \n ",
+    "\r\n",
+    "\t",
+    "  x  ",
+    "\nhello\n",
+    "e\u0301\u00e9 \u2028\u00a0",
+    "\u65e5\u672c\u8a9e \U0001f44d\U0001f3fd",
+    "It's 3.14!\n\n```py\nx = 1\n```\n",
     "\u0645\u0631\u062d\u0628\u0627  \n\t",
 )
 
@@ -565,7 +575,9 @@ def _normalize_tool_calls(where: str, tool_calls: Any) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise TokenizerError(f"{where}.tool_calls[{position}].function.arguments is not valid JSON") from exc
             except RecursionError:
-                raise TokenizerError(f"{where}.tool_calls[{position}].function.arguments is nested too deeply") from None
+                raise TokenizerError(
+                    f"{where}.tool_calls[{position}].function.arguments is nested too deeply"
+                ) from None
         normalized.append({**call, "function": {**function, "arguments": arguments}})
     return normalized
 

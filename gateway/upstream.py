@@ -33,8 +33,18 @@ FailureKind = Literal["connect", "disconnect", "status", "timeout"]
 # RFC 9110 hop-by-hop headers, plus the framing ones each hop sets for itself.
 HOP_BY_HOP = frozenset(
     h.lower()
-    for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-              "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
 )
 _MAX_HEAD = 64 * 1024
 # Reading from a worker pauses while this much of its answer waits for a slow client.
@@ -92,14 +102,15 @@ def _values(headers: Mapping[str, str], name: str) -> list[str]:
 
 def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     """The worker's response headers to relay; aiohttp sets the framing for the client hop."""
-    return CIMultiDict((k, v) for k, v in headers.items()
-                       if k.lower() not in HOP_BY_HOP and k.lower() not in ("date", "server"))
+    return CIMultiDict(
+        (k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in ("date", "server")
+    )
 
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; llhttp (via httptools) parses one response at a time."""
 
-    def __init__(self, pool: "_Pool") -> None:
+    def __init__(self, pool: _Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -241,8 +252,9 @@ class _Connection(asyncio.Protocol):
 
     def _timed_out(self, waiter: asyncio.Future[None]) -> None:
         if not waiter.done():
-            waiter.set_exception(UpstreamFailure("timeout", f"{self.pool.name} sent nothing for "
-                                                            f"{self.pool.read_timeout}s"))
+            waiter.set_exception(
+                UpstreamFailure("timeout", f"{self.pool.name} sent nothing for {self.pool.read_timeout}s")
+            )
 
     def take(self) -> bytes:
         chunks = self._chunks
@@ -343,10 +355,12 @@ class _Pool:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self), self.host, self.port), self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamFailure("connect", f"connecting to {self.name} timed out "
-                                             f"after {self.connect_timeout}s") from None
+                loop.create_connection(lambda: _Connection(self), self.host, self.port), self.connect_timeout
+            )
+        except TimeoutError:
+            raise UpstreamFailure(
+                "connect", f"connecting to {self.name} timed out after {self.connect_timeout}s"
+            ) from None
         except OSError as err:
             raise UpstreamFailure("connect", f"cannot connect to {self.name}: {err.strerror or err}") from None
         return conn
@@ -381,15 +395,15 @@ class Upstream:
             found = self._pools[base_url] = (pool, parts.path.rstrip("/"))
         return found
 
-    async def post(self, base_url: str, path: str, body: bytes,
-                   headers: list[tuple[str, str]]) -> UpstreamResponse:
+    async def post(self, base_url: str, path: str, body: bytes, headers: list[tuple[str, str]]) -> UpstreamResponse:
         """POST ``body`` unchanged; returns at the status line. The caller must release/close it."""
         pool, prefix = self._pool(base_url)
         # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape; encoding
         # the same way sends the worker the very bytes the client sent, Latin-1 or not.
         head = "".join(f"{k}: {v}\r\n" for k, v in headers)
-        request = (f"POST {prefix}{path} HTTP/1.1\r\nHost: {pool.name}\r\n{head}"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode("utf-8", "surrogateescape") + body
+        request = (
+            f"POST {prefix}{path} HTTP/1.1\r\nHost: {pool.name}\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+        ).encode("utf-8", "surrogateescape") + body
         conn = await pool.acquire()
         try:
             response = await self._exchange(conn, request)

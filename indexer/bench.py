@@ -26,11 +26,13 @@ import gc
 import random
 import time
 import tracemalloc
-from typing import Any
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from typing import Any
 
+from kvgate.indexer.index import Match, PrefixIndex
+from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.protocol.events import (
     BlockRemoved,
     BlockStored,
@@ -41,10 +43,7 @@ from kvgate.protocol.events import (
     Tier,
     WorkerKey,
 )
-from kvgate.indexer.index import Match
 from kvgate.protocol.hashing import chain_hashes, local_block_hashes, sequence_hashes
-from kvgate.indexer.index import PrefixIndex
-from kvgate.indexer.kv_indexer import KvIndexer
 
 BLOCK = 64
 PROMPT_BLOCKS = 128
@@ -60,10 +59,10 @@ class Sizes:
     queries: int
 
 
-FULL = Sizes(indexed_blocks=1_000_000, apply_blocks=1_000_000, engine_blocks=200_000,
-             memory_engine_blocks=200_000, queries=2_000)
-QUICK = Sizes(indexed_blocks=20_000, apply_blocks=20_000, engine_blocks=5_000,
-              memory_engine_blocks=5_000, queries=200)
+FULL = Sizes(
+    indexed_blocks=1_000_000, apply_blocks=1_000_000, engine_blocks=200_000, memory_engine_blocks=200_000, queries=2_000
+)
+QUICK = Sizes(indexed_blocks=20_000, apply_blocks=20_000, engine_blocks=5_000, memory_engine_blocks=5_000, queries=200)
 
 
 class NaiveIndex:
@@ -193,7 +192,9 @@ def worst_case(index: PrefixIndex | NaiveIndex, seed: int) -> list[int]:
     return prompt
 
 
-def apply_events(n_blocks: int, seed: int) -> tuple[list[tuple[WorkerKey, RouterStored]], list[tuple[WorkerKey, RouterRemoved]]]:
+def apply_events(
+    n_blocks: int, seed: int
+) -> tuple[list[tuple[WorkerKey, RouterStored]], list[tuple[WorkerKey, RouterRemoved]]]:
     """Stores of 16 blocks spread over the workers, and the removals undoing them."""
     rng = random.Random(seed + 3)
     keys = _keys()
@@ -208,7 +209,9 @@ def apply_events(n_blocks: int, seed: int) -> tuple[list[tuple[WorkerKey, Router
     return stores, removes
 
 
-def engine_batches(n_blocks: int, seed: int, blocks_per_event: int = 16) -> tuple[list[tuple[str, int, EventBatch]], list[tuple[str, int, EventBatch]]]:
+def engine_batches(
+    n_blocks: int, seed: int, blocks_per_event: int = 16
+) -> tuple[list[tuple[str, int, EventBatch]], list[tuple[str, int, EventBatch]]]:
     """Engine store batches (tokens, chained in conversations of 8 events) per worker,
     and removal batches undoing them; each list carries its own per-worker seqs."""
     rng = random.Random(seed + 4)
@@ -221,7 +224,11 @@ def engine_batches(n_blocks: int, seed: int, blocks_per_event: int = 16) -> tupl
         w = workers[(i // 8) % WORKERS]
         parent = None if i % 8 == 0 else removed[w][-1][-1]
         hashes: list[int | bytes] = [rng.getrandbits(64) for _ in range(blocks_per_event)]
-        tokens = pool[rng.randrange(len(pool))] if parent is not None else [rng.randrange(150_000) for _ in range(BLOCK * blocks_per_event)]
+        tokens = (
+            pool[rng.randrange(len(pool))]
+            if parent is not None
+            else [rng.randrange(150_000) for _ in range(BLOCK * blocks_per_event)]
+        )
         stores.append((w, 0, EventBatch(0.0, [BlockStored(hashes, parent, tokens, BLOCK)])))
         removed[w].append(hashes)
     store_seq = {w: 0 for w in workers}
@@ -247,16 +254,22 @@ def _rate(n_blocks: int, fn: Callable[[], None]) -> float:
     return n_blocks / (time.thread_time() - t0)
 
 
-def _best_rates(n: int, contenders: dict[str, Callable[[], object]], stores: list[Any], removes: list[Any],
-                run: Callable[[Any, list[Any]], None], rounds: int = 3) -> dict[str, tuple[float, float]]:
+def _best_rates(
+    n: int,
+    contenders: dict[str, Callable[[], object]],
+    stores: list[Any],
+    removes: list[Any],
+    run: Callable[[Any, list[Any]], None],
+    rounds: int = 3,
+) -> dict[str, tuple[float, float]]:
     """Best store and remove rate per contender; rounds interleave the contenders so that
     a noisy neighbour on the shared machine does not favour one of them."""
     best = {name: (0.0, 0.0) for name in contenders}
     for _ in range(rounds):
         for name, factory in contenders.items():
             target = factory()
-            s = _rate(n, lambda: run(target, stores))
-            r = _rate(n, lambda: run(target, removes))
+            s = _rate(n, lambda target=target: run(target, stores))  # type: ignore[misc]
+            r = _rate(n, lambda target=target: run(target, removes))  # type: ignore[misc]
             best[name] = (max(best[name][0], s), max(best[name][1], r))
     return best
 
@@ -368,11 +381,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     seed = args.seed
-    print(f"indexer.bench ({'quick' if args.quick else 'full'}): {WORKERS} workers, {PROMPT_BLOCKS}-block prompts, "
-          f"block size {BLOCK}")
+    print(
+        f"indexer.bench ({'quick' if args.quick else 'full'}): {WORKERS} workers, {PROMPT_BLOCKS}-block prompts, "
+        f"block size {BLOCK}"
+    )
 
     hash_us, tok_us, n_tokens = bench_hash_vs_tokenize(sizes.queries)
-    print(f"\n[hashing vs tokenizing one {n_tokens:,}-token prompt (models/kvgate-tiny), CPU microseconds, best of runs]")
+    print(
+        f"\n[hashing vs tokenizing one {n_tokens:,}-token prompt (models/kvgate-tiny), CPU microseconds, best of runs]"
+    )
     print(f"  sequence_hashes {hash_us:9.1f}   tokenize {tok_us:9.1f}   hashing = {hash_us / tok_us:.1%} of tokenizing")
 
     rates = bench_apply(sizes, seed)
@@ -387,11 +404,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         (k_store, k_remove), (n_store, n_remove) = rates["kv"], rates["naive"]
         k_mix = 2 / (1 / k_store + 1 / k_remove)
         n_mix = 2 / (1 / n_store + 1 / n_remove)
-        print(f"\n[engine path: KvIndexer.apply_engine_batch, {per_event}-block events, hashing included, per CPU-second, best of 3]")
-        print(f"  kv     store {k_store:>12,.0f} blocks/s   remove {k_remove:>12,.0f} blocks/s   "
-              f"mixed {k_mix:>12,.0f} blocks/s")
-        print(f"  naive  store {n_store:>12,.0f} blocks/s   remove {n_remove:>12,.0f} blocks/s   "
-              f"mixed {n_mix:>12,.0f} blocks/s")
+        print(
+            f"\n[engine path: KvIndexer.apply_engine_batch, {per_event}-block events, hashing included, "
+            "per CPU-second, best of 3]"
+        )
+        print(
+            f"  kv     store {k_store:>12,.0f} blocks/s   remove {k_remove:>12,.0f} blocks/s   "
+            f"mixed {k_mix:>12,.0f} blocks/s"
+        )
+        print(
+            f"  naive  store {n_store:>12,.0f} blocks/s   remove {n_remove:>12,.0f} blocks/s   "
+            f"mixed {n_mix:>12,.0f} blocks/s"
+        )
         print(f"  ratio kv/naive: mixed {k_mix / n_mix:.2f}x")
 
     index, index_bytes = _traced(lambda: _build_index(PrefixIndex(), sizes, seed))
@@ -409,16 +433,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     assert index.find_matches(worst) == naive.find_matches(worst)
     w_mine = time_queries(index.find_matches, [worst] * 200)
     w_base = time_queries(naive.find_matches, [worst] * 50)
-    print(f"\n[find_matches: {len(index):,} distinct blocks, {pairs:,} (block, worker, tier) entries; "
-          "microseconds, wall clock | thread CPU time]")
+    print(
+        f"\n[find_matches: {len(index):,} distinct blocks, {pairs:,} (block, worker, tier) entries; "
+        "microseconds, wall clock | thread CPU time]"
+    )
     for name, lat in (("index", mine), ("naive", base)):
-        print(f"  {name}  p50 {lat.p50:8.1f}  p99 {lat.p99:8.1f}  |  cpu p50 {lat.cpu_p50:8.1f}  cpu p99 {lat.cpu_p99:8.1f}")
+        print(
+            f"  {name}  p50 {lat.p50:8.1f}  p99 {lat.p99:8.1f}  |  "
+            f"cpu p50 {lat.cpu_p50:8.1f}  cpu p99 {lat.cpu_p99:8.1f}"
+        )
     print(f"  ratio naive/index: p50 {base.p50 / mine.p50:.1f}x  cpu p99 {base.cpu_p99 / mine.cpu_p99:.1f}x")
-    print(f"  floor (the prompt's {PROMPT_BLOCKS} dict look-ups alone, no matching): cpu p50 {floor.cpu_p50:.1f}  "
-          f"cpu p99 {floor.cpu_p99:.1f}")
-    print(f"  worst case (16 holders, tier mix changes every block): index cpu p50 {w_mine.cpu_p50:.1f} "
-          f"cpu p99 {w_mine.cpu_p99:.1f} (wall p99 {w_mine.p99:.1f}); naive cpu p99 {w_base.cpu_p99:.1f} "
-          f"({w_base.cpu_p99 / w_mine.cpu_p99:.1f}x)")
+    print(
+        f"  floor (the prompt's {PROMPT_BLOCKS} dict look-ups alone, no matching): cpu p50 {floor.cpu_p50:.1f}  "
+        f"cpu p99 {floor.cpu_p99:.1f}"
+    )
+    print(
+        f"  worst case (16 holders, tier mix changes every block): index cpu p50 {w_mine.cpu_p50:.1f} "
+        f"cpu p99 {w_mine.cpu_p99:.1f} (wall p99 {w_mine.p99:.1f}); naive cpu p99 {w_base.cpu_p99:.1f} "
+        f"({w_base.cpu_p99 / w_mine.cpu_p99:.1f}x)"
+    )
 
     print("\n[memory, tracemalloc]")
     print(f"  index        {index_bytes / pairs:7.1f} bytes per (block, worker) entry  ({index_bytes / 2**20:.1f} MiB)")
@@ -441,7 +474,9 @@ def bench_hash_vs_tokenize(rounds: int) -> tuple[float, float, int]:
 
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(Path(__file__).resolve().parents[1] / "models" / "kvgate-tiny" / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(
+        str(Path(__file__).resolve().parents[1] / "models" / "kvgate-tiny" / "tokenizer.json")
+    )
     text = " ".join(f"block {i} of the prompt holds words like cache, route, worker and tier." for i in range(300))
     ids = tokenizer.encode(text, add_special_tokens=False).ids[:4000]
     text = tokenizer.decode(ids)

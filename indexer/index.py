@@ -15,11 +15,11 @@ at once. Slots are reused after ``remove_worker``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import repeat
 
-from dataclasses import dataclass, field
-
 from kvgate.protocol.events import RouterCleared, RouterEvent, RouterRemoved, RouterStored, Tier, WorkerKey
+
 
 @dataclass(slots=True)
 class Match:

@@ -156,8 +156,14 @@ class KvIndexer:
 
     def _open(self, key: WorkerKey) -> RankPipeline:
         pipeline = self._ranks[(key.worker_id, key.dp_rank)] = RankPipeline(
-            key, self._output, self._reset, stats=self.stats, block_size=self.block_size,
-            replay=self.replay, sink=self, max_pending=self.max_pending_blocks,
+            key,
+            self._output,
+            self._reset,
+            stats=self.stats,
+            block_size=self.block_size,
+            replay=self.replay,
+            sink=self,
+            max_pending=self.max_pending_blocks,
             max_buffered=self.max_buffered_batches,
         )
         return pipeline

@@ -69,8 +69,9 @@ class StreamTracker:
     seconds (sidecars heartbeat when idle) is stale too.
     """
 
-    def __init__(self, *, stale_after: float = 6.0, resync_interval: float = 1.0,
-                 accept: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, *, stale_after: float = 6.0, resync_interval: float = 1.0, accept: Callable[[str], bool] | None = None
+    ) -> None:
         if stale_after <= 0 or resync_interval <= 0:
             raise ValueError("stale_after and resync_interval must be > 0")
         self.stale_after = stale_after
@@ -167,9 +168,17 @@ class NatsEventSource:
     ``Fleet`` distrusts a NATS-fed worker when it joins).
     """
 
-    def __init__(self, bus: Bus, sink: RouterEventSink, *, stale_after: float = 6.0,
-                 resync_interval: float = 1.0, accept: Callable[[str], bool] | None = None,
-                 consumer_id: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        sink: RouterEventSink,
+        *,
+        stale_after: float = 6.0,
+        resync_interval: float = 1.0,
+        accept: Callable[[str], bool] | None = None,
+        consumer_id: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.bus = bus
         self.sink = sink
         self.tracker = StreamTracker(stale_after=stale_after, resync_interval=resync_interval, accept=accept)

@@ -43,8 +43,7 @@ START = StreamPosition(-1, 0, 0)
 class EngineBatchSink(Protocol):
     """What a ``ZmqEventSource`` feeds: ``KvIndexer`` or the sidecar's ``EventRelay``."""
 
-    def apply_engine_batch(self, worker_id: str, seq: int, batch: EventBatch, *,
-                           replayed: bool = False) -> None: ...
+    def apply_engine_batch(self, worker_id: str, seq: int, batch: EventBatch, *, replayed: bool = False) -> None: ...
 
     def replay_finished(self, worker_id: str, rank: int, ok: bool) -> None: ...
 
@@ -62,8 +61,7 @@ class ReplaySource(Protocol):
     answer goes to when no source of the worker can run the replay.
     """
 
-    def request_replay(self, sink: EngineBatchSink, worker_id: str, rank: int,
-                       from_seq: int, to_seq: int) -> None: ...
+    def request_replay(self, sink: EngineBatchSink, worker_id: str, rank: int, from_seq: int, to_seq: int) -> None: ...
 
 
 @dataclass
@@ -108,8 +106,12 @@ class RankPipeline:
         self._replay = replay
         self._sink = sink
         self.stream: EventStream[EventBatch] = EventStream(
-            str(key), self._apply, self._restarted, None if replay is None else self._request_replay,
-            stats=stats, max_buffered=max_buffered,
+            str(key),
+            self._apply,
+            self._restarted,
+            None if replay is None else self._request_replay,
+            stats=stats,
+            max_buffered=max_buffered,
         )
         # The stream's own method, not a wrapper: one call less per batch on the hot path.
         self.offer = self.stream.offer

@@ -125,7 +125,9 @@ class EventStream(Generic[B]):
             return  # the finish of an abandoned replay
         if not ok or self._replay_hole or self.last_seq < end - 1:
             self.stats.replays_failed += 1
-            log.warning("%s: replay up to seq %d incomplete (last applied %d); continuing", self.name, end, self.last_seq)
+            log.warning(
+                "%s: replay up to seq %d incomplete (last applied %d); continuing", self.name, end, self.last_seq
+            )
         self._flush()
 
     def _live(self, seq: int, batch: B) -> None:
@@ -177,7 +179,9 @@ class EventStream(Generic[B]):
 
     def _restart(self, seq: int, batch: B) -> None:
         self.stats.restarts += 1
-        log.info("%s: seq fell back to %d (last %d): engine restarted, dropping its blocks", self.name, seq, self.last_seq)
+        log.info(
+            "%s: seq fell back to %d (last %d): engine restarted, dropping its blocks", self.name, seq, self.last_seq
+        )
         self._reset()
         self.last_seq = -1
         self._live(seq, batch)

@@ -77,8 +77,20 @@ class _Held:
 class BlockTranslator:
     """Per ``WorkerKey``: engine events -> router events, keeping engine -> router maps."""
 
-    __slots__ = ("block_size", "max_pending", "max_forgotten", "stats", "_maps", "_others", "_pending",
-                 "_orphans", "_held", "_held_blocks", "_forgotten", "_older")
+    __slots__ = (
+        "block_size",
+        "max_pending",
+        "max_forgotten",
+        "stats",
+        "_maps",
+        "_others",
+        "_pending",
+        "_orphans",
+        "_held",
+        "_held_blocks",
+        "_forgotten",
+        "_older",
+    )
 
     def __init__(
         self,
@@ -278,8 +290,9 @@ class BlockTranslator:
         out.append(RouterRemoved(gone, tier))  # type: ignore[arg-type]
         # Remember the blocks that just left their last tier (bounded, see the docstring).
         a, b = self._others[tier]
-        pairs = zip(engine, gone) if not (a or b) else (
-            (e, r) for e, r in zip(engine, gone) if e not in a and e not in b)
+        pairs = (
+            zip(engine, gone) if not (a or b) else ((e, r) for e, r in zip(engine, gone) if e not in a and e not in b)
+        )
         forgotten = self._forgotten
         forgotten.update(pairs)  # type: ignore[arg-type]
         if len(forgotten) >= self.max_forgotten // 2:

@@ -56,19 +56,37 @@ if TYPE_CHECKING:
     from kvgate.indexer.kv_indexer import KvIndexer as KvIndexer
     from kvgate.protocol.events import (
         AllBlocksCleared as AllBlocksCleared,
+    )
+    from kvgate.protocol.events import (
         BlockRemoved as BlockRemoved,
+    )
+    from kvgate.protocol.events import (
         BlockStored as BlockStored,
+    )
+    from kvgate.protocol.events import (
         EventBatch as EventBatch,
+    )
+    from kvgate.protocol.events import (
         RouterCleared as RouterCleared,
+    )
+    from kvgate.protocol.events import (
         RouterRemoved as RouterRemoved,
+    )
+    from kvgate.protocol.events import (
         RouterStored as RouterStored,
+    )
+    from kvgate.protocol.events import (
         Tier as Tier,
+    )
+    from kvgate.protocol.events import (
         WorkerKey as WorkerKey,
     )
     from kvgate.protocol.hashing import sequence_hashes as sequence_hashes
     from kvgate.protocol.worker_record import WorkerInfo as WorkerInfo
-    from kvgate.router.config import CostWeights as CostWeights, RouterConfig as RouterConfig
-    from kvgate.router.policies import Decision as Decision, NoWorkerAvailable as NoWorkerAvailable
+    from kvgate.router.config import CostWeights as CostWeights
+    from kvgate.router.config import RouterConfig as RouterConfig
+    from kvgate.router.policies import Decision as Decision
+    from kvgate.router.policies import NoWorkerAvailable as NoWorkerAvailable
     from kvgate.router.registry import WorkerRegistry as WorkerRegistry
     from kvgate.router.routing import Router as Router
 

@@ -40,10 +40,14 @@ log = logging.getLogger(__name__)
 _M = TypeVar("_M")
 
 
-async def connect_nats(url: str | Sequence[str], *, name: str,
-                       on_reconnected: Callable[[], Awaitable[None]] | None = None,
-                       on_disconnected: Callable[[], Awaitable[None]] | None = None,
-                       reconnect_time_wait: float = 0.5) -> Client:
+async def connect_nats(
+    url: str | Sequence[str],
+    *,
+    name: str,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
+    on_disconnected: Callable[[], Awaitable[None]] | None = None,
+    reconnect_time_wait: float = 0.5,
+) -> Client:
     """A nats-py client that never gives up: waits for the server at start, reconnects forever.
 
     ``url``: one server, a comma-separated list, or a sequence of URLs.
@@ -67,9 +71,16 @@ async def connect_nats(url: str | Sequence[str], *, name: str,
             await on_disconnected()
 
     return await nats.connect(
-        servers, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
-        reconnect_time_wait=reconnect_time_wait, connect_timeout=2, ping_interval=5,
-        max_outstanding_pings=2, error_cb=error_cb, reconnected_cb=reconnected_cb,
+        servers,
+        name=name,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=reconnect_time_wait,
+        connect_timeout=2,
+        ping_interval=5,
+        max_outstanding_pings=2,
+        error_cb=error_cb,
+        reconnected_cb=reconnected_cb,
         disconnected_cb=disconnected_cb,
     )
 
@@ -123,8 +134,9 @@ class Bus:
         for sub in list(self._subs):
             await self.unsubscribe(sub)
 
-    async def _subscribe(self, subject: str, decode: Callable[[bytes], _M],
-                         callback: Callable[[_M], None]) -> Subscription:
+    async def _subscribe(
+        self, subject: str, decode: Callable[[bytes], _M], callback: Callable[[_M], None]
+    ) -> Subscription:
         async def handler(msg: Msg) -> None:
             try:
                 decoded = decode(msg.data)

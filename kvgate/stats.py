@@ -44,28 +44,32 @@ class Field:
     """For a mapping attribute: the label(s) its keys go under."""
 
 
-def counter(name: str, doc: str, value: Value, *, label: str | Sequence[str] = "kind",
-            labels: Mapping[str, str] | None = None) -> CounterMetricFamily:
+def counter(
+    name: str, doc: str, value: Value, *, label: str | Sequence[str] = "kind", labels: Mapping[str, str] | None = None
+) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=_label_names(value, label, labels))
     _add(family, value, labels)
     return family
 
 
-def gauge(name: str, doc: str, value: Value, *, label: str | Sequence[str] = "kind",
-          labels: Mapping[str, str] | None = None) -> GaugeMetricFamily:
+def gauge(
+    name: str, doc: str, value: Value, *, label: str | Sequence[str] = "kind", labels: Mapping[str, str] | None = None
+) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=_label_names(value, label, labels))
     _add(family, value, labels)
     return family
 
 
-def counters(prefix: str, stats: object, fields: Iterable[Field], *,
-             labels: Mapping[str, str] | None = None) -> Iterator[CounterMetricFamily]:
+def counters(
+    prefix: str, stats: object, fields: Iterable[Field], *, labels: Mapping[str, str] | None = None
+) -> Iterator[CounterMetricFamily]:
     for f in fields:
         yield counter(prefix + (f.name or f.attr), f.doc, _read(stats, f.attr), label=f.label, labels=labels)
 
 
-def gauges(prefix: str, stats: object, fields: Iterable[Field], *,
-           labels: Mapping[str, str] | None = None) -> Iterator[GaugeMetricFamily]:
+def gauges(
+    prefix: str, stats: object, fields: Iterable[Field], *, labels: Mapping[str, str] | None = None
+) -> Iterator[GaugeMetricFamily]:
     for f in fields:
         yield gauge(prefix + (f.name or f.attr), f.doc, _read(stats, f.attr), label=f.label, labels=labels)
 

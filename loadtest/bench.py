@@ -60,67 +60,153 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=8, help="concurrent users (closed-loop workloads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="report directory (default: reports/<workload>-<time>)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="tokenizer for exact prompt lengths, and the workers' --model-dir")
-    p.add_argument("--gateway-url", action="append", default=[],
-                   help="use a running gateway instead of starting one; repeat once per mode, in --modes order")
-    p.add_argument("--worker-url", action="append", default=[],
-                   help="with --gateway-url: a worker to scrape, as ID=URL or URL (repeatable)")
-    p.add_argument("--reset-prefix-cache", action="store_true",
-                   help="with --worker-url: POST /reset_prefix_cache to each worker before each mode")
+    p.add_argument(
+        "--model", default=str(DEFAULT_MODEL), help="tokenizer for exact prompt lengths, and the workers' --model-dir"
+    )
+    p.add_argument(
+        "--gateway-url",
+        action="append",
+        default=[],
+        help="use a running gateway instead of starting one; repeat once per mode, in --modes order",
+    )
+    p.add_argument(
+        "--worker-url",
+        action="append",
+        default=[],
+        help="with --gateway-url: a worker to scrape, as ID=URL or URL (repeatable)",
+    )
+    p.add_argument(
+        "--reset-prefix-cache",
+        action="store_true",
+        help="with --worker-url: POST /reset_prefix_cache to each worker before each mode",
+    )
     p.add_argument("--request-timeout", type=float, default=_default(DriverConfig, "request_timeout_s"))
-    p.add_argument("--drain-timeout", type=float, default=_default(DriverConfig, "drain_timeout_s"),
-                   help="seconds in-flight requests may take to finish once the load stops")
-    p.add_argument("--think-time", type=float, default=_default(DriverConfig, "think_time_s"),
-                   help="closed loop: mean seconds a user waits between requests (uniform 0..2x, seeded)")
-    p.add_argument("--ramp-up", type=float, default=_default(DriverConfig, "ramp_up_s"),
-                   help="closed loop: each user starts after a seeded delay in [0, RAMP_UP) seconds")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=_default(DriverConfig, "drain_timeout_s"),
+        help="seconds in-flight requests may take to finish once the load stops",
+    )
+    p.add_argument(
+        "--think-time",
+        type=float,
+        default=_default(DriverConfig, "think_time_s"),
+        help="closed loop: mean seconds a user waits between requests (uniform 0..2x, seeded)",
+    )
+    p.add_argument(
+        "--ramp-up",
+        type=float,
+        default=_default(DriverConfig, "ramp_up_s"),
+        help="closed loop: each user starts after a seeded delay in [0, RAMP_UP) seconds",
+    )
 
     s = p.add_argument_group("simulated workers (ignored with --gateway-url)")
     for name in ("num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
         s.add_argument("--" + name.replace("_", "-"), type=int, default=_default(StackConfig, name))
-    s.add_argument("--speedup-ratio", type=float, default=_default(StackConfig, "speedup_ratio"),
-                   help="engine time divided by this (see worker/sim/timing.py)")
-    s.add_argument("--cpu-blocks", type=int, default=_default(StackConfig, "cpu_blocks"),
-                   help="each worker's CPU KV tier in blocks (0: none)")
-    s.add_argument("--disk-blocks", type=int, default=_default(StackConfig, "disk_blocks"),
-                   help="each worker's disk KV tier in blocks (0: none)")
+    s.add_argument(
+        "--speedup-ratio",
+        type=float,
+        default=_default(StackConfig, "speedup_ratio"),
+        help="engine time divided by this (see worker/sim/timing.py)",
+    )
+    s.add_argument(
+        "--cpu-blocks",
+        type=int,
+        default=_default(StackConfig, "cpu_blocks"),
+        help="each worker's CPU KV tier in blocks (0: none)",
+    )
+    s.add_argument(
+        "--disk-blocks",
+        type=int,
+        default=_default(StackConfig, "disk_blocks"),
+        help="each worker's disk KV tier in blocks (0: none)",
+    )
     s.add_argument("--gateway-arg", action="append", default=[], help="extra flag for the gateway (repeatable)")
 
     w = p.add_argument_group("workloads")
-    for name in ("max_tokens", "turns", "first_turn_tokens", "turn_tokens", "conversations_per_user", "tenants",
-                 "system_prompt_tokens", "question_tokens", "prompt_tokens"):
+    for name in (
+        "max_tokens",
+        "turns",
+        "first_turn_tokens",
+        "turn_tokens",
+        "conversations_per_user",
+        "tenants",
+        "system_prompt_tokens",
+        "question_tokens",
+        "prompt_tokens",
+    ):
         w.add_argument("--" + name.replace("_", "-"), type=int, default=_default(WorkloadConfig, name))
 
     t = p.add_argument_group("trace replay")
     t.add_argument("--trace", default=str(DEFAULT_TRACE), help="Mooncake-format JSONL")
-    t.add_argument("--time-scale", type=float, default=_default(ReplayConfig, "time_scale"),
-                   help="multiply the gaps between arrivals (0.5: twice as fast)")
-    t.add_argument("--length-scale", type=float, default=_default(ReplayConfig, "length_scale"),
-                   help="scale prompt lengths: each 512-token block becomes round(512*x) tokens")
-    t.add_argument("--output-scale", type=float, default=_default(ReplayConfig, "output_scale"),
-                   help="scale output lengths (max_tokens)")
+    t.add_argument(
+        "--time-scale",
+        type=float,
+        default=_default(ReplayConfig, "time_scale"),
+        help="multiply the gaps between arrivals (0.5: twice as fast)",
+    )
+    t.add_argument(
+        "--length-scale",
+        type=float,
+        default=_default(ReplayConfig, "length_scale"),
+        help="scale prompt lengths: each 512-token block becomes round(512*x) tokens",
+    )
+    t.add_argument(
+        "--output-scale",
+        type=float,
+        default=_default(ReplayConfig, "output_scale"),
+        help="scale output lengths (max_tokens)",
+    )
     t.add_argument("--max-requests", type=int, default=None, help="replay at most this many requests")
     t.add_argument("--skip", type=int, default=0, help="start at this request of the trace")
     return p
 
 
 def configs(args: argparse.Namespace) -> tuple[WorkloadConfig, StackConfig, DriverConfig]:
-    replay = ReplayConfig(time_scale=args.time_scale, length_scale=args.length_scale,
-                          output_scale=args.output_scale, max_requests=args.max_requests,
-                          max_duration_s=args.duration, skip=args.skip)
-    workload = WorkloadConfig(seed=args.seed, max_tokens=args.max_tokens, turns=args.turns,
-                              first_turn_tokens=args.first_turn_tokens, turn_tokens=args.turn_tokens,
-                              conversations_per_user=args.conversations_per_user, tenants=args.tenants, system_prompt_tokens=args.system_prompt_tokens,
-                              question_tokens=args.question_tokens, prompt_tokens=args.prompt_tokens, replay=replay)
-    stack = StackConfig(workers=args.workers, model=args.model, block_size=args.block_size,
-                        num_gpu_blocks=args.num_gpu_blocks, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        speedup_ratio=args.speedup_ratio, cpu_blocks=args.cpu_blocks, disk_blocks=args.disk_blocks,
-                        seed=args.seed, gateway_args=tuple(args.gateway_arg))
-    driver = DriverConfig(base_url="", duration_s=args.duration, request_timeout_s=args.request_timeout,
-                          drain_timeout_s=args.drain_timeout, think_time_s=args.think_time,
-                          ramp_up_s=args.ramp_up, seed=args.seed)
+    replay = ReplayConfig(
+        time_scale=args.time_scale,
+        length_scale=args.length_scale,
+        output_scale=args.output_scale,
+        max_requests=args.max_requests,
+        max_duration_s=args.duration,
+        skip=args.skip,
+    )
+    workload = WorkloadConfig(
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        turns=args.turns,
+        first_turn_tokens=args.first_turn_tokens,
+        turn_tokens=args.turn_tokens,
+        conversations_per_user=args.conversations_per_user,
+        tenants=args.tenants,
+        system_prompt_tokens=args.system_prompt_tokens,
+        question_tokens=args.question_tokens,
+        prompt_tokens=args.prompt_tokens,
+        replay=replay,
+    )
+    stack = StackConfig(
+        workers=args.workers,
+        model=args.model,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        speedup_ratio=args.speedup_ratio,
+        cpu_blocks=args.cpu_blocks,
+        disk_blocks=args.disk_blocks,
+        seed=args.seed,
+        gateway_args=tuple(args.gateway_arg),
+    )
+    driver = DriverConfig(
+        base_url="",
+        duration_s=args.duration,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        think_time_s=args.think_time,
+        ramp_up_s=args.ramp_up,
+        seed=args.seed,
+    )
     return workload, stack, driver
 
 
@@ -141,8 +227,14 @@ async def _served_model(http: aiohttp.ClientSession, gateway_url: str) -> str:
         return (await resp.json())["data"][0]["id"]
 
 
-async def run_mode(mode: str, gateway_url: str, worker_urls: dict[str, str], args: argparse.Namespace,
-                   vocabulary: Vocabulary, trace: list[TraceRequest] | None) -> ModeResult:
+async def run_mode(
+    mode: str,
+    gateway_url: str,
+    worker_urls: dict[str, str],
+    args: argparse.Namespace,
+    vocabulary: Vocabulary,
+    trace: list[TraceRequest] | None,
+) -> ModeResult:
     workload, _, driver = configs(args)
     driver = DriverConfig(**{**asdict(driver), "base_url": gateway_url, "label": mode})
     async with aiohttp.ClientSession() as http:
@@ -153,20 +245,30 @@ async def run_mode(mode: str, gateway_url: str, worker_urls: dict[str, str], arg
         model = await _served_model(http, gateway_url)
         # Requests are built before the first scrape so building them never overlaps the measured window.
         timed = trace_requests(trace, vocabulary, workload, model) if trace is not None else None
-        sessions = None if trace is not None else [
-            make_session(args.workload, u, vocabulary, workload, model) for u in range(args.users)]
+        sessions = (
+            None
+            if trace is not None
+            else [make_session(args.workload, u, vocabulary, workload, model) for u in range(args.users)]
+        )
         gw0 = await fetch_all(http, {"gateway": gateway_url})
         w0 = await fetch_all(http, worker_urls)
         load0 = os.getloadavg()[0]
-        outcome = (await run_open_loop(driver, timed) if timed is not None
-                   else await run_closed_loop(driver, sessions or []))
+        outcome = (
+            await run_open_loop(driver, timed) if timed is not None else await run_closed_loop(driver, sessions or [])
+        )
         gw1 = await fetch_all(http, {"gateway": gateway_url})
         w1 = await fetch_all(http, worker_urls)
     notes = [f"no /metrics from {name}" for name, snap in {**gw1, **w1}.items() if not snap]
     # Client, gateway and workers share this machine's cores: say how busy it was.
     notes.append(f"1-min load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs")
-    return ModeResult(mode, outcome.records, outcome.duration_s, delta(gw0["gateway"], gw1["gateway"]),
-                      {k: delta(w0[k], w1[k]) for k in worker_urls}, notes)
+    return ModeResult(
+        mode,
+        outcome.records,
+        outcome.duration_s,
+        delta(gw0["gateway"], gw1["gateway"]),
+        {k: delta(w0[k], w1[k]) for k in worker_urls},
+        notes,
+    )
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -198,20 +300,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # unreadable tokenizer or trace, VocabularyError, TraceError
         print(f"error: {err}", file=sys.stderr)
         return 2
-    meta = {"workload": args.workload, "modes": modes, "duration_s": args.duration, "users": args.users,
-            "seed": args.seed, "command": "python -m kvgate.loadtest.bench " + shlex.join(argv),
-            "workload_config": asdict(workload_cfg),
-            "stack": asdict(stack_cfg) if not args.gateway_url else {"gateway_urls": args.gateway_url},
-            "trace": args.trace if trace is not None else None}
+    meta = {
+        "workload": args.workload,
+        "modes": modes,
+        "duration_s": args.duration,
+        "users": args.users,
+        "seed": args.seed,
+        "command": "python -m kvgate.loadtest.bench " + shlex.join(argv),
+        "workload_config": asdict(workload_cfg),
+        "stack": asdict(stack_cfg) if not args.gateway_url else {"gateway_urls": args.gateway_url},
+        "trace": args.trace if trace is not None else None,
+    }
     results = BenchResults(meta, [])
     try:
         for i, mode in enumerate(modes):
             router_mode, flags = gateway_mode(mode)
             mode_stack = replace(stack_cfg, gateway_args=stack_cfg.gateway_args + flags)
-            stack: AbstractContextManager[Any] = (nullcontext() if args.gateway_url
-                                                  else Stack(mode_stack, router_mode, out / "logs" / mode))
-            print(f"[{mode}] starting" + ("" if args.gateway_url else f" {args.workers} workers + gateway"),
-                  file=sys.stderr, flush=True)
+            stack: AbstractContextManager[Any] = (
+                nullcontext() if args.gateway_url else Stack(mode_stack, router_mode, out / "logs" / mode)
+            )
+            print(
+                f"[{mode}] starting" + ("" if args.gateway_url else f" {args.workers} workers + gateway"),
+                file=sys.stderr,
+                flush=True,
+            )
             with stack as running:
                 gateway_url = args.gateway_url[i] if args.gateway_url else running.gateway_url
                 workers = _worker_urls(args.worker_url) if args.gateway_url else running.worker_urls

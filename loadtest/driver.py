@@ -39,10 +39,10 @@ class DriverConfig:
     base_url: str
     duration_s: float = 30.0
     request_timeout_s: float = 300.0
-    drain_timeout_s: float = 60.0      # after the last send: how long in-flight requests may finish
-    think_time_s: float = 0.0           # closed loop: mean pause between a user's requests
-    ramp_up_s: float = 0.0              # closed loop: each user starts after a seeded delay in [0, ramp_up_s)
-    seed: int = 0                       # think-time jitter
+    drain_timeout_s: float = 60.0  # after the last send: how long in-flight requests may finish
+    think_time_s: float = 0.0  # closed loop: mean pause between a user's requests
+    ramp_up_s: float = 0.0  # closed loop: each user starts after a seeded delay in [0, ramp_up_s)
+    seed: int = 0  # think-time jitter
     progress_every_s: float = 2.0
     label: str = ""
 
@@ -50,7 +50,7 @@ class DriverConfig:
 @dataclass
 class RunOutcome:
     records: list[RequestRecord]
-    duration_s: float   # first send to last answer
+    duration_s: float  # first send to last answer
 
 
 class Progress:
@@ -72,9 +72,11 @@ class Progress:
     def line(self, elapsed: float) -> str:
         ttft = f"{np.percentile(self._recent_ttft, 50) * 1000:.0f}ms" if self._recent_ttft else "–"
         self._recent_ttft = []
-        return (f"[{self.label}] {elapsed:5.1f}/{self.duration_s:.0f}s sent {self.sent} done {self.done} "
-                f"in-flight {self.sent - self.done} errors {self.errors} "
-                f"req/s {self.done / elapsed if elapsed > 0 else 0:.1f} TTFT p50(last) {ttft}")
+        return (
+            f"[{self.label}] {elapsed:5.1f}/{self.duration_s:.0f}s sent {self.sent} done {self.done} "
+            f"in-flight {self.sent - self.done} errors {self.errors} "
+            f"req/s {self.done / elapsed if elapsed > 0 else 0:.1f} TTFT p50(last) {ttft}"
+        )
 
     async def run(self, t0: float, every: float) -> None:
         while True:
@@ -86,16 +88,20 @@ def observer(spec: RequestSpec) -> StreamObserver:
     return StreamObserver(RequestRecord(spec.workload, spec.user, spec.turn, 0.0), time.perf_counter())
 
 
-async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec, obs: StreamObserver,
-               t0: float, timeout_s: float) -> RequestRecord:
+async def send(
+    http: aiohttp.ClientSession, base_url: str, spec: RequestSpec, obs: StreamObserver, t0: float, timeout_s: float
+) -> RequestRecord:
     """Send one streaming request and feed ``obs``; the streamed text stays in ``obs.text``."""
     data = json.dumps(spec.body).encode()  # serialized before the clock starts
     obs.sent_at = time.perf_counter()
     obs.record.start_s = obs.sent_at - t0
     try:
-        async with http.post(base_url.rstrip("/") + spec.path, data=data,
-                             headers={"content-type": "application/json"},
-                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with http.post(
+            base_url.rstrip("/") + spec.path,
+            data=data,
+            headers={"content-type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
             obs.on_headers(resp.status, resp.headers)
             if resp.status != 200:
                 obs.error_body(await resp.read())
@@ -103,7 +109,7 @@ async def send(http: aiohttp.ClientSession, base_url: str, spec: RequestSpec, ob
             async for chunk in resp.content.iter_any():
                 obs.feed(chunk, time.perf_counter())
             return obs.finish(time.perf_counter())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return obs.fail(f"timeout after {timeout_s}s", time.perf_counter())
     except (aiohttp.ClientError, OSError) as exc:
         return obs.fail(f"{type(exc).__name__}: {exc}", time.perf_counter())
@@ -130,8 +136,14 @@ def _outcome(records: list[RequestRecord]) -> RunOutcome:
     return RunOutcome(sorted(records, key=lambda r: r.start_s), last - first)
 
 
-async def _send_recorded(http: aiohttp.ClientSession, config: DriverConfig, spec: RequestSpec, t0: float,
-                         records: list[RequestRecord], progress: Progress) -> StreamObserver:
+async def _send_recorded(
+    http: aiohttp.ClientSession,
+    config: DriverConfig,
+    spec: RequestSpec,
+    t0: float,
+    records: list[RequestRecord],
+    progress: Progress,
+) -> StreamObserver:
     """Send one request and keep its record, even when the drain timeout cancels it."""
     obs = observer(spec)
     try:

@@ -43,17 +43,24 @@ from kvgate.loadtest.stream import RequestRecord, StreamObserver
 from kvgate.loadtest.trace import DEFAULT_TRACE, ReplayConfig, load_trace
 from kvgate.loadtest.workloads import RequestSpec, Session, TimedRequest, WorkloadConfig, make_session, trace_requests
 
-_INT_KNOBS = {"max_tokens": WorkloadConfig.max_tokens, "turns": WorkloadConfig.turns,
-              "first_turn_tokens": WorkloadConfig.first_turn_tokens, "turn_tokens": WorkloadConfig.turn_tokens,
-              "tenants": WorkloadConfig.tenants, "system_prompt_tokens": WorkloadConfig.system_prompt_tokens,
-              "question_tokens": WorkloadConfig.question_tokens, "prompt_tokens": WorkloadConfig.prompt_tokens}
+_INT_KNOBS = {
+    "max_tokens": WorkloadConfig.max_tokens,
+    "turns": WorkloadConfig.turns,
+    "first_turn_tokens": WorkloadConfig.first_turn_tokens,
+    "turn_tokens": WorkloadConfig.turn_tokens,
+    "tenants": WorkloadConfig.tenants,
+    "system_prompt_tokens": WorkloadConfig.system_prompt_tokens,
+    "question_tokens": WorkloadConfig.question_tokens,
+    "prompt_tokens": WorkloadConfig.prompt_tokens,
+}
 
 
 @events.init_command_line_parser.add_listener
 def add_arguments(parser: Any) -> None:
     def arg(name: str, **kw: Any) -> None:
-        parser.add_argument("--" + name.replace("_", "-"), env_var="KVGATE_" + name.upper(),
-                            include_in_web_ui=True, **kw)
+        parser.add_argument(
+            "--" + name.replace("_", "-"), env_var="KVGATE_" + name.upper(), include_in_web_ui=True, **kw
+        )
 
     arg("seed", type=int, default=0, help="workload seed")
     arg("tokenizer", default=str(DEFAULT_MODEL), help="tokenizer dir or hub id (exact prompt lengths)")
@@ -93,8 +100,12 @@ class _Shared:
             resp = requests.get(environment.host.rstrip("/") + "/v1/models", timeout=10)
             resp.raise_for_status()
             self.model = resp.json()["data"][0]["id"]
-        replay = ReplayConfig(time_scale=opts.time_scale, length_scale=opts.length_scale,
-                              output_scale=opts.output_scale, max_requests=opts.max_requests)
+        replay = ReplayConfig(
+            time_scale=opts.time_scale,
+            length_scale=opts.length_scale,
+            output_scale=opts.output_scale,
+            max_requests=opts.max_requests,
+        )
         self.config = WorkloadConfig(seed=opts.seed, replay=replay, **{k: getattr(opts, k) for k in _INT_KNOBS})
         if TraceReplayUser in (environment.user_classes or ()):
             self.trace = trace_requests(load_trace(opts.trace), self.vocabulary, self.config, self.model)
@@ -115,8 +126,9 @@ def on_test_start(environment: Environment, **_: Any) -> None:
 
 
 def _fire(user: HttpUser, kind: str, name: str, value: float, length: int = 0) -> None:
-    user.environment.events.request.fire(request_type=kind, name=name, response_time=value,
-                                         response_length=length, exception=None, context={})
+    user.environment.events.request.fire(
+        request_type=kind, name=name, response_time=value, response_length=length, exception=None, context={}
+    )
 
 
 def stream_request(user: HttpUser, spec: RequestSpec) -> str:
@@ -124,8 +136,14 @@ def stream_request(user: HttpUser, spec: RequestSpec) -> str:
     data = json.dumps(spec.body)
     obs = StreamObserver(RequestRecord(spec.workload, spec.user, spec.turn, 0.0), time.perf_counter())
     obs.record.start_s = obs.sent_at - _shared.t0
-    with user.client.post(spec.path, data=data, headers={"content-type": "application/json"}, stream=True,
-                          catch_response=True, name=f"{spec.path} [{spec.workload}]") as resp:
+    with user.client.post(
+        spec.path,
+        data=data,
+        headers={"content-type": "application/json"},
+        stream=True,
+        catch_response=True,
+        name=f"{spec.path} [{spec.workload}]",
+    ) as resp:
         obs.on_headers(resp.status_code, resp.headers)
         if resp.status_code != 200:
             obs.error_body(resp.content)
@@ -168,8 +186,9 @@ class _ChatUser(HttpUser):
 
     def on_start(self) -> None:
         assert _shared.vocabulary is not None and _shared.config is not None
-        self.session = make_session(self.workload, next(_shared.users), _shared.vocabulary, _shared.config,
-                                    _shared.model)
+        self.session = make_session(
+            self.workload, next(_shared.users), _shared.vocabulary, _shared.config, _shared.model
+        )
 
     @task
     def next_turn(self) -> None:

@@ -30,25 +30,37 @@ THROUGHPUT_PNG = "throughput_hit_rate.png"
 class ModeResult:
     mode: str
     records: list[RequestRecord]
-    duration_s: float                                    # first send to last answer
-    gateway_metrics: Snapshot = field(default_factory=dict)         # after - before
+    duration_s: float  # first send to last answer
+    gateway_metrics: Snapshot = field(default_factory=dict)  # after - before
     worker_metrics: dict[str, Snapshot] = field(default_factory=dict)  # per worker, after - before
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mode": self.mode, "duration_s": self.duration_s, "summary": summarize(self),
-                "notes": self.notes, "gateway_metrics": self.gateway_metrics,
-                "worker_metrics": self.worker_metrics, "records": [r.to_json() for r in self.records]}
+        return {
+            "mode": self.mode,
+            "duration_s": self.duration_s,
+            "summary": summarize(self),
+            "notes": self.notes,
+            "gateway_metrics": self.gateway_metrics,
+            "worker_metrics": self.worker_metrics,
+            "records": [r.to_json() for r in self.records],
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModeResult:
-        return cls(d["mode"], [RequestRecord.from_json(r) for r in d["records"]], d["duration_s"],
-                   d.get("gateway_metrics", {}), d.get("worker_metrics", {}), d.get("notes", []))
+        return cls(
+            d["mode"],
+            [RequestRecord.from_json(r) for r in d["records"]],
+            d["duration_s"],
+            d.get("gateway_metrics", {}),
+            d.get("worker_metrics", {}),
+            d.get("notes", []),
+        )
 
 
 @dataclass
 class BenchResults:
-    meta: dict[str, Any]          # workload, knobs, seed, command line: whatever reproduces the run
+    meta: dict[str, Any]  # workload, knobs, seed, command line: whatever reproduces the run
     modes: list[ModeResult]
 
     def to_json(self) -> dict[str, Any]:
@@ -83,8 +95,11 @@ def summarize(result: ModeResult) -> dict[str, Any]:
         "prefix_hit_rate": _all_tier_hit_rate(result.worker_metrics),
         "tier_hit_rate": tier_hit_rates(result.worker_metrics),
         # What the responses said, where the server fills usage.prompt_tokens_details.
-        "cached_token_rate": (sum(r.cached_tokens or 0 for r in reported) / sum(r.prompt_tokens or 0 for r in reported)
-                              if reported else None),
+        "cached_token_rate": (
+            sum(r.cached_tokens or 0 for r in reported) / sum(r.prompt_tokens or 0 for r in reported)
+            if reported
+            else None
+        ),
         "gateway_overhead_ms": gateway_overhead_ms(result.gateway_metrics),
         "requests_per_worker": dict(sorted(Counter(r.worker for r in result.records if r.worker).items())),
         "error_kinds": dict(Counter((r.error or "")[:80] for r in result.records if not r.ok).most_common(5)),
@@ -125,15 +140,39 @@ def _all_tier_hit_rate(worker_metrics: Mapping[str, Snapshot]) -> float | None:
 
 
 def markdown_table(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    head = ["mode", "requests", "errors", "req/s", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms",
-            "ITL p50 ms", "ITL p99 ms", "E2E p50 ms", "E2E p99 ms", "prefix hit rate", "requests per worker"]
+    head = [
+        "mode",
+        "requests",
+        "errors",
+        "req/s",
+        "TTFT p50 ms",
+        "TTFT p90 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "E2E p50 ms",
+        "E2E p99 ms",
+        "prefix hit rate",
+        "requests per worker",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for mode, s in summaries:
         per_worker = ", ".join(f"{w}: {n}" for w, n in s["requests_per_worker"].items()) or "–"
-        cells = [mode, str(s["requests"]), str(s["errors"]), f"{s['requests_per_s']:.2f}",
-                 _ms(s["ttft_ms"]["p50"]), _ms(s["ttft_ms"]["p90"]), _ms(s["ttft_ms"]["p99"]),
-                 _ms(s["itl_ms"]["p50"]), _ms(s["itl_ms"]["p99"]),
-                 _ms(s["e2e_ms"]["p50"]), _ms(s["e2e_ms"]["p99"]), _rate(s["prefix_hit_rate"]), per_worker]
+        cells = [
+            mode,
+            str(s["requests"]),
+            str(s["errors"]),
+            f"{s['requests_per_s']:.2f}",
+            _ms(s["ttft_ms"]["p50"]),
+            _ms(s["ttft_ms"]["p90"]),
+            _ms(s["ttft_ms"]["p99"]),
+            _ms(s["itl_ms"]["p50"]),
+            _ms(s["itl_ms"]["p99"]),
+            _ms(s["e2e_ms"]["p50"]),
+            _ms(s["e2e_ms"]["p99"]),
+            _rate(s["prefix_hit_rate"]),
+            per_worker,
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -142,13 +181,17 @@ def tier_table(summaries: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Hit rate per cache tier (simulated workers only); empty when no mode has tiers."""
     if not any(s.get("tier_hit_rate") for _, s in summaries):
         return ""
-    rows = ["| mode | TTFT p50 ms | TTFT p99 ms | req/s | hit GPU | hit CPU | hit disk | hit total |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| mode | TTFT p50 ms | TTFT p99 ms | req/s | hit GPU | hit CPU | hit disk | hit total |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for mode, s in summaries:
         t = s.get("tier_hit_rate") or {}
-        rows.append(f"| {mode} | {_ms(s['ttft_ms']['p50'])} | {_ms(s['ttft_ms']['p99'])} | {s['requests_per_s']:.2f} | "
-                    + " | ".join(_rate(t.get(k)) for k in ("gpu", "cpu", "disk"))
-                    + f" | {_rate(sum(t.values()) if t else None)} |")
+        rows.append(
+            f"| {mode} | {_ms(s['ttft_ms']['p50'])} | {_ms(s['ttft_ms']['p99'])} | {s['requests_per_s']:.2f} | "
+            + " | ".join(_rate(t.get(k)) for k in ("gpu", "cpu", "disk"))
+            + f" | {_rate(sum(t.values()) if t else None)} |"
+        )
     return "\n".join(rows)
 
 
@@ -180,26 +223,43 @@ def render_markdown(results: BenchResults) -> str:
     out += [markdown_table(summaries), ""]
     tiers = tier_table(summaries)
     if tiers:
-        out += ["Prompt tokens found cached, by the tier they came from (Δ`kvgate_sim_cached_tokens_total{tier}` / "
-                "Δ`vllm:prefix_cache_queries_total`, summed over the workers):", "", tiers, ""]
+        out += [
+            "Prompt tokens found cached, by the tier they came from (Δ`kvgate_sim_cached_tokens_total{tier}` / "
+            "Δ`vllm:prefix_cache_queries_total`, summed over the workers):",
+            "",
+            tiers,
+            "",
+        ]
     out += headline(summaries)
-    out += ["", "Latencies are client-side (time to the first content token, gaps between content chunks, "
-            "whole request). Prefix hit rate = Δ`vllm:prefix_cache_hits_total` / Δ`vllm:prefix_cache_queries_total` "
-            "summed over the workers (tokens); on workers with CPU / disk tiers it counts prompt tokens found in "
-            "any tier (the tier table splits them). Requests per worker come from the `x-kvgate-worker` header.", ""]
+    out += [
+        "",
+        "Latencies are client-side (time to the first content token, gaps between content chunks, "
+        "whole request). Prefix hit rate = Δ`vllm:prefix_cache_hits_total` / Δ`vllm:prefix_cache_queries_total` "
+        "summed over the workers (tokens); on workers with CPU / disk tiers it counts prompt tokens found in "
+        "any tier (the tier table splits them). Requests per worker come from the `x-kvgate-worker` header.",
+        "",
+    ]
     for m in results.modes:
         for note in m.notes:
             out.append(f"- {m.mode}: {note}")
         overhead = summarize(m)["gateway_overhead_ms"]
         if overhead:
-            out.append(f"- {m.mode}: gateway time per request before forwarding (mean ms): "
-                       + ", ".join(f"{stage} {ms:.2f}" for stage, ms in overhead.items()))
+            out.append(
+                f"- {m.mode}: gateway time per request before forwarding (mean ms): "
+                + ", ".join(f"{stage} {ms:.2f}" for stage, ms in overhead.items())
+            )
         kinds = summarize(m)["error_kinds"]
         if kinds:
             out.append(f"- {m.mode} errors: " + "; ".join(f"{k} (x{n})" for k, n in kinds.items()))
     out += ["", f"![TTFT CDF]({TTFT_PNG})", "", f"![throughput and hit rate]({THROUGHPUT_PNG})", ""]
-    out += ["## Settings", "", "```json", json.dumps({k: v for k, v in meta.items() if k != "command"},
-                                                    indent=2, sort_keys=True), "```", ""]
+    out += [
+        "## Settings",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in meta.items() if k != "command"}, indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
     return "\n".join(out)
 
 

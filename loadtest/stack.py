@@ -43,12 +43,12 @@ class StackConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 32768
     speedup_ratio: float = 1.0
-    cpu_blocks: int = 0              # worker CPU tier (0: none); see worker/README.md
-    disk_blocks: int = 0             # worker disk tier (0: none)
+    cpu_blocks: int = 0  # worker CPU tier (0: none); see worker/README.md
+    disk_blocks: int = 0  # worker disk tier (0: none)
     event_encoding: str = "map"
     seed: int = 0
     startup_timeout_s: float = 60.0
-    settle_s: float = 1.0            # after /health: lets the gateway's ZMQ subscriptions join
+    settle_s: float = 1.0  # after /health: lets the gateway's ZMQ subscriptions join
     gateway_args: tuple[str, ...] = ()
 
 
@@ -109,25 +109,71 @@ class Stack:
         for i in range(c.workers):
             wid, port, ev, replay = f"w{i}", free_port(), free_port(), free_port()
             url = f"http://127.0.0.1:{port}"
-            workers.append(self._spawn(
-                wid, "kvgate.worker.sim", url, "--host", "127.0.0.1", "--port", str(port), "--model-dir", c.model,
-                "--block-size", str(c.block_size), "--num-gpu-blocks", str(c.num_gpu_blocks),
-                "--max-num-seqs", str(c.max_num_seqs), "--max-num-batched-tokens", str(c.max_num_batched_tokens),
-                "--max-model-len", str(c.max_model_len), "--speedup-ratio", str(c.speedup_ratio),
-                "--kv-events-endpoint", f"tcp://127.0.0.1:{ev}", "--kv-events-replay-endpoint",
-                f"tcp://127.0.0.1:{replay}", "--event-encoding", c.event_encoding, "--seed", str(c.seed + i),
-                "--cpu-blocks", str(c.cpu_blocks), "--disk-blocks", str(c.disk_blocks)))
+            workers.append(
+                self._spawn(
+                    wid,
+                    "kvgate.worker.sim",
+                    url,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--model-dir",
+                    c.model,
+                    "--block-size",
+                    str(c.block_size),
+                    "--num-gpu-blocks",
+                    str(c.num_gpu_blocks),
+                    "--max-num-seqs",
+                    str(c.max_num_seqs),
+                    "--max-num-batched-tokens",
+                    str(c.max_num_batched_tokens),
+                    "--max-model-len",
+                    str(c.max_model_len),
+                    "--speedup-ratio",
+                    str(c.speedup_ratio),
+                    "--kv-events-endpoint",
+                    f"tcp://127.0.0.1:{ev}",
+                    "--kv-events-replay-endpoint",
+                    f"tcp://127.0.0.1:{replay}",
+                    "--event-encoding",
+                    c.event_encoding,
+                    "--seed",
+                    str(c.seed + i),
+                    "--cpu-blocks",
+                    str(c.cpu_blocks),
+                    "--disk-blocks",
+                    str(c.disk_blocks),
+                )
+            )
             self.worker_urls[wid] = url
-            entries.append({"id": wid, "url": url, "kv_events_endpoint": f"tcp://127.0.0.1:{ev}",
-                            "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}"})
+            entries.append(
+                {
+                    "id": wid,
+                    "url": url,
+                    "kv_events_endpoint": f"tcp://127.0.0.1:{ev}",
+                    "kv_events_replay_endpoint": f"tcp://127.0.0.1:{replay}",
+                }
+            )
         port = free_port()
         config_path = self.log_dir / "gateway.yaml"
-        config_path.write_text(yaml.safe_dump({
-            "host": "127.0.0.1", "port": port, "model": c.model, "router_mode": self.mode,
-            "block_size": c.block_size, "workers": entries}, sort_keys=False))
+        config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "model": c.model,
+                    "router_mode": self.mode,
+                    "block_size": c.block_size,
+                    "workers": entries,
+                },
+                sort_keys=False,
+            )
+        )
         self.gateway_url = f"http://127.0.0.1:{port}"
-        gateway = self._spawn("gateway", "kvgate.gateway", self.gateway_url, "--config", str(config_path),
-                              *c.gateway_args)
+        gateway = self._spawn(
+            "gateway", "kvgate.gateway", self.gateway_url, "--config", str(config_path), *c.gateway_args
+        )
         # Everything starts at once (imports dominate start-up on a small machine); then wait for all.
         try:
             for child in workers:

@@ -25,14 +25,14 @@ class RequestRecord:
     workload: str
     user: int
     turn: int
-    start_s: float                    # send time, seconds after the run started
-    status: int = 0                   # HTTP status (0: no response)
+    start_s: float  # send time, seconds after the run started
+    status: int = 0  # HTTP status (0: no response)
     error: str | None = None
     worker: str | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
-    chunks: int = 0                   # SSE events carrying content
+    chunks: int = 0  # SSE events carrying content
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
@@ -72,7 +72,7 @@ class StreamObserver:
             cut = self._buf.find(b"\n")
             if cut < 0:
                 return
-            line, self._buf = self._buf[:cut].rstrip(b"\r"), self._buf[cut + 1:]
+            line, self._buf = self._buf[:cut].rstrip(b"\r"), self._buf[cut + 1 :]
             if line.startswith(b"data:"):
                 self._event(line[5:].strip(), now)
 

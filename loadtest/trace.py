@@ -97,9 +97,7 @@ def parse_line(line: str, lineno: int = 0) -> TraceRequest:
     if inp < 1 or not ids:
         raise TraceError(f"line {lineno}: empty prompt")
     if len(ids) != -(-inp // TRACE_BLOCK_TOKENS):
-        raise TraceError(
-            f"line {lineno}: {len(ids)} hash ids for input_length {inp} (blocks of {TRACE_BLOCK_TOKENS})"
-        )
+        raise TraceError(f"line {lineno}: {len(ids)} hash ids for input_length {inp} (blocks of {TRACE_BLOCK_TOKENS})")
     return TraceRequest(ts, inp, out, tuple(ids))
 
 
@@ -110,7 +108,7 @@ def load_trace(path: str | Path = DEFAULT_TRACE) -> list[TraceRequest]:
 
 def arrival_schedule(requests: Sequence[TraceRequest], config: ReplayConfig) -> list[Arrival]:
     """Arrivals relative to the first replayed request, gaps scaled, capped by count and duration."""
-    chosen = requests[config.skip:]
+    chosen = requests[config.skip :]
     if config.max_requests is not None:
         chosen = chosen[: config.max_requests]
     if not chosen:
@@ -161,4 +159,3 @@ class TracePrompts:
 
     def max_tokens(self, request: TraceRequest) -> int:
         return max(1, round(request.output_length * self.config.output_scale))
-

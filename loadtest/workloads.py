@@ -41,20 +41,29 @@ class WorkloadConfig:
     """Every workload knob, with its default, in one place."""
 
     seed: int = 0
-    max_tokens: int = 32          # output tokens per chat request
-    turns: int = 6                # multi-turn: requests per conversation
+    max_tokens: int = 32  # output tokens per chat request
+    turns: int = 6  # multi-turn: requests per conversation
     first_turn_tokens: int = 512  # multi-turn: the opening message (a pasted document)
-    turn_tokens: int = 48         # multi-turn: each later user message
+    turn_tokens: int = 48  # multi-turn: each later user message
     conversations_per_user: int = 3  # returning: conversations each user keeps open, in rotation
-    tenants: int = 4              # shared-prefix: distinct system prompts
+    tenants: int = 4  # shared-prefix: distinct system prompts
     system_prompt_tokens: int = 1024
     question_tokens: int = 32
-    prompt_tokens: int = 512      # no-sharing: tokens per random prompt
+    prompt_tokens: int = 512  # no-sharing: tokens per random prompt
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self) -> None:
-        positive = ("max_tokens", "turns", "first_turn_tokens", "turn_tokens", "conversations_per_user", "tenants",
-                    "system_prompt_tokens", "question_tokens", "prompt_tokens")
+        positive = (
+            "max_tokens",
+            "turns",
+            "first_turn_tokens",
+            "turn_tokens",
+            "conversations_per_user",
+            "tenants",
+            "system_prompt_tokens",
+            "question_tokens",
+            "prompt_tokens",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -81,8 +90,9 @@ class Session(Protocol):
 def _stream_options(body: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     # ignore_eos is vLLM's extension: a real engine then emits exactly max_tokens,
     # so both routing modes do the same decode work.
-    body.update(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream=True,
-                stream_options={"include_usage": True})
+    body.update(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream=True, stream_options={"include_usage": True}
+    )
     return body
 
 
@@ -155,10 +165,13 @@ class SharedPrefixSession:
 
     def next_request(self) -> RequestSpec:
         tenant = self._rng.randrange(self.config.tenants)
-        messages = [{"role": "system", "content": self._system[tenant]},
-                    {"role": "user", "content": self.vocabulary.text(self._rng, self.config.question_tokens)}]
-        return RequestSpec("shared-prefix", CHAT_PATH, chat_body(self.model, messages, self.config.max_tokens),
-                           self.user, self.turn)
+        messages = [
+            {"role": "system", "content": self._system[tenant]},
+            {"role": "user", "content": self.vocabulary.text(self._rng, self.config.question_tokens)},
+        ]
+        return RequestSpec(
+            "shared-prefix", CHAT_PATH, chat_body(self.model, messages, self.config.max_tokens), self.user, self.turn
+        )
 
     def observe(self, content: str) -> None:
         self.turn += 1
@@ -172,15 +185,20 @@ class NoSharingSession:
 
     def next_request(self) -> RequestSpec:
         messages = [{"role": "user", "content": self.vocabulary.text(self._rng, self.config.prompt_tokens)}]
-        return RequestSpec("no-sharing", CHAT_PATH, chat_body(self.model, messages, self.config.max_tokens),
-                           self.user, self.turn)
+        return RequestSpec(
+            "no-sharing", CHAT_PATH, chat_body(self.model, messages, self.config.max_tokens), self.user, self.turn
+        )
 
     def observe(self, content: str) -> None:
         self.turn += 1
 
 
-SESSIONS = {"multi-turn": MultiTurnSession, "returning": ReturningSession, "shared-prefix": SharedPrefixSession,
-            "no-sharing": NoSharingSession}
+SESSIONS = {
+    "multi-turn": MultiTurnSession,
+    "returning": ReturningSession,
+    "shared-prefix": SharedPrefixSession,
+    "no-sharing": NoSharingSession,
+}
 
 
 def make_session(workload: str, user: int, vocabulary: Vocabulary, config: WorkloadConfig, model: str) -> Session:
@@ -199,13 +217,19 @@ class TimedRequest:
     spec: RequestSpec
 
 
-def trace_requests(trace: list[TraceRequest], vocabulary: Vocabulary, config: WorkloadConfig,
-                   model: str) -> list[TimedRequest]:
+def trace_requests(
+    trace: list[TraceRequest], vocabulary: Vocabulary, config: WorkloadConfig, model: str
+) -> list[TimedRequest]:
     prompts = TracePrompts(vocabulary, config.replay, config.seed)
     return [
-        TimedRequest(a.offset_s, RequestSpec("trace", COMPLETIONS_PATH,
-                                             completion_body(model, prompts.prompt(a.request),
-                                                             prompts.max_tokens(a.request)),
-                                             user=a.index))
+        TimedRequest(
+            a.offset_s,
+            RequestSpec(
+                "trace",
+                COMPLETIONS_PATH,
+                completion_body(model, prompts.prompt(a.request), prompts.max_tokens(a.request)),
+                user=a.index,
+            ),
+        )
         for a in arrival_schedule(trace, config.replay)
     ]

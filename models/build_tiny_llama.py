@@ -16,6 +16,7 @@ from one generator seeded with ``--seed`` (normal(0, 0.02), norms 1), so model.s
 is byte-identical across runs under one transformers version (``--check`` builds twice and
 compares).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def sha256(path: Path) -> str:
@@ -49,8 +55,10 @@ def build(tok_dir: Path, out_dir: Path, seed: int = 0) -> dict:
     src_cfg = json.loads((tok_dir / "config.json").read_text()) if (tok_dir / "config.json").exists() else {}
     vocab = vocab_size_of(tok_dir)
     if src_cfg.get("vocab_size", vocab) != vocab:
-        print(f"warning: config.json vocab_size {src_cfg['vocab_size']} != tokenizer {vocab}; using {vocab}",
-              file=sys.stderr)
+        print(
+            f"warning: config.json vocab_size {src_cfg['vocab_size']} != tokenizer {vocab}; using {vocab}",
+            file=sys.stderr,
+        )
     tok_cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     gen_cfg_path = tok_dir / "generation_config.json"
     gen_cfg = json.loads(gen_cfg_path.read_text()) if gen_cfg_path.exists() else {}
@@ -97,8 +105,7 @@ def build(tok_dir: Path, out_dir: Path, seed: int = 0) -> dict:
     if "chat_template" in tok_cfg and not (out_dir / "chat_template.jinja").exists():
         (out_dir / "chat_template.jinja").write_text(tok_cfg["chat_template"])
     n_params = sum(p.numel() for p in model.parameters())
-    return {"params": n_params, "vocab": vocab,
-            "sha256_model": sha256(out_dir / "model.safetensors")}
+    return {"params": n_params, "vocab": vocab, "sha256_model": sha256(out_dir / "model.safetensors")}
 
 
 def main() -> int:
@@ -114,8 +121,11 @@ def main() -> int:
     if a.check:
         with tempfile.TemporaryDirectory() as td:
             info2 = build(a.tokenizer_dir, Path(td), a.seed)
-            diff = [f.name for f in sorted(a.out_dir.iterdir())
-                    if f.is_file() and (Path(td) / f.name).exists() and sha256(f) != sha256(Path(td) / f.name)]
+            diff = [
+                f.name
+                for f in sorted(a.out_dir.iterdir())
+                if f.is_file() and (Path(td) / f.name).exists() and sha256(f) != sha256(Path(td) / f.name)
+            ]
         info["deterministic"] = info2["sha256_model"] == info["sha256_model"] and not diff
         info["differing_files"] = diff
     print(json.dumps(info, indent=2))

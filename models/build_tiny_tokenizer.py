@@ -118,9 +118,7 @@ def _docstrings(source: str) -> Iterator[str]:
 def collect_corpus(root: pathlib.Path) -> Corpus:
     documents: list[str] = []
     files = sorted(
-        path
-        for path in root.rglob("*.py")
-        if not SKIPPED_STDLIB_DIRS.intersection(path.relative_to(root).parts)
+        path for path in root.rglob("*.py") if not SKIPPED_STDLIB_DIRS.intersection(path.relative_to(root).parts)
     )
     for path in files:
         documents.extend(_docstrings(path.read_text(encoding="utf-8", errors="replace")))

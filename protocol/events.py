@@ -26,7 +26,7 @@ class Tier(IntEnum):
     DISK = 2
 
     @classmethod
-    def from_medium(cls, medium: str | None) -> "Tier":
+    def from_medium(cls, medium: str | None) -> Tier:
         """vLLM's ``medium`` field: absent or ``GPU``, ``CPU``, ``DISK`` / ``STORAGE`` (any case)."""
         if medium is None:
             return cls.GPU

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -59,7 +59,7 @@ class DecodeError(ValueError):
 # --- payloads -----------------------------------------------------------------------
 
 _U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
-_Hash = Union[int, bytes]
+_Hash = int | bytes
 
 
 # Fast path: typed Structs let msgspec check shapes, types and token ranges in C while
@@ -107,13 +107,13 @@ class _ArrayCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True, gc=
 
 class _MapBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
-    events: list[Union[_MapStored, _MapRemoved, _MapCleared]]
+    events: list[_MapStored | _MapRemoved | _MapCleared]
     data_parallel_rank: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class _ArrayBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
-    events: list[Union[_ArrayStored, _ArrayRemoved, _ArrayCleared]]
+    events: list[_ArrayStored | _ArrayRemoved | _ArrayCleared]
     data_parallel_rank: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
@@ -154,8 +154,11 @@ def _from_typed(typed: _MapBatch | _ArrayBatch) -> EventBatch:
             tokens = e.token_ids
             if tokens:
                 _check_token_count(len(tokens), len(e.block_hashes), e.block_size)
-            append(BlockStored(e.block_hashes, e.parent_block_hash, tokens, e.block_size,
-                               e.lora_id, _medium(e.medium), e.lora_name))
+            append(
+                BlockStored(
+                    e.block_hashes, e.parent_block_hash, tokens, e.block_size, e.lora_id, _medium(e.medium), e.lora_name
+                )
+            )
         elif type(e) is _MapRemoved or type(e) is _ArrayRemoved:
             append(BlockRemoved(e.block_hashes, _medium(e.medium)))
         else:
@@ -171,9 +174,7 @@ def _timestamp(ts: float) -> float:
 
 def _check_token_count(n_tokens: int, n_hashes: int, block_size: int) -> None:
     if n_tokens != n_hashes * block_size:
-        raise DecodeError(
-            "token_count_mismatch", f"{n_tokens} tokens for {n_hashes} blocks of {block_size}"
-        )
+        raise DecodeError("token_count_mismatch", f"{n_tokens} tokens for {n_hashes} blocks of {block_size}")
 
 
 # Generic path: builtin objects validated in Python; the definition of what is valid.
@@ -211,8 +212,13 @@ def _event(raw: Any) -> EngineEvent:
                 raise DecodeError("bad_shape", "BlockStored array too short")
             n = len(raw)
             return _stored(
-                raw[1], raw[2], raw[3], raw[4],
-                raw[5] if n > 5 else None, raw[6] if n > 6 else None, raw[7] if n > 7 else None,
+                raw[1],
+                raw[2],
+                raw[3],
+                raw[4],
+                raw[5] if n > 5 else None,
+                raw[6] if n > 6 else None,
+                raw[7] if n > 7 else None,
             )
         if tag == "BlockRemoved":
             if len(raw) < 2:
@@ -230,8 +236,9 @@ def _event(raw: Any) -> EngineEvent:
             except KeyError as exc:
                 raise DecodeError("bad_shape", f"BlockStored lacks {exc.args[0]!r}") from None
             get = raw.get
-            return _stored(hashes, get("parent_block_hash"), tokens, block_size,
-                           get("lora_id"), get("medium"), get("lora_name"))
+            return _stored(
+                hashes, get("parent_block_hash"), tokens, block_size, get("lora_id"), get("medium"), get("lora_name")
+            )
         if tag == "BlockRemoved":
             if "block_hashes" not in raw:
                 raise DecodeError("bad_shape", "BlockRemoved lacks 'block_hashes'")
@@ -263,8 +270,9 @@ def _medium(raw: Any) -> Tier:
         raise DecodeError("bad_field", str(exc)) from None
 
 
-def _stored(hashes: Any, parent: Any, tokens: Any, block_size: Any,
-            lora_id: Any, medium: Any, lora_name: Any) -> BlockStored:
+def _stored(
+    hashes: Any, parent: Any, tokens: Any, block_size: Any, lora_id: Any, medium: Any, lora_name: Any
+) -> BlockStored:
     hashes = _hashes(hashes)
     if parent is not None and type(parent) is not int and type(parent) is not bytes:
         raise DecodeError("bad_field", "parent_block_hash is not a hash")
@@ -317,16 +325,22 @@ def _event_map(event: EngineEvent) -> dict[str, Any]:
             "lora_name": event.lora_name,
         }
     if type(event) is BlockRemoved:
-        return {"type": "BlockRemoved", "block_hashes": event.block_hashes,
-                "medium": _MEDIUM_NAMES[event.medium]}
+        return {"type": "BlockRemoved", "block_hashes": event.block_hashes, "medium": _MEDIUM_NAMES[event.medium]}
     return {"type": "AllBlocksCleared"}
 
 
 def _event_array(event: EngineEvent) -> list[Any]:
     # The legacy writers leave ``medium`` None for GPU; only offloaded tiers are named.
     if type(event) is BlockStored:
-        out = ["BlockStored", event.block_hashes, event.parent_block_hash, event.token_ids,
-               event.block_size, event.lora_id, _LEGACY_MEDIUM_NAMES[event.medium]]
+        out = [
+            "BlockStored",
+            event.block_hashes,
+            event.parent_block_hash,
+            event.token_ids,
+            event.block_size,
+            event.lora_id,
+            _LEGACY_MEDIUM_NAMES[event.medium],
+        ]
         # msgspec's omit_defaults drops a trailing default; older readers stop at medium.
         if event.lora_name is not None:
             out.append(event.lora_name)
@@ -337,6 +351,7 @@ def _event_array(event: EngineEvent) -> list[Any]:
 
 
 # --- frames and replay ----------------------------------------------------------------
+
 
 def _u64(seq: int) -> bytes:
     if not 0 <= seq <= _MAX_SEQ:

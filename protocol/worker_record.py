@@ -111,9 +111,20 @@ def decode_worker(worker_id: str, value: bytes) -> WorkerInfo:
         raise WorkerConfigError(f"worker {worker_id!r}: value names worker {record['worker_id']!r}")
     if "base_url" not in record:
         raise WorkerConfigError(f"worker {worker_id!r}: missing base_url")
-    fields: dict[str, Any] = {k: record[k] for k in (
-        "base_url", "model", "block_size", "dp_size", "kv_events_endpoint",
-        "kv_events_replay_endpoint", "tiers", "metadata") if k in record}
+    fields: dict[str, Any] = {
+        k: record[k]
+        for k in (
+            "base_url",
+            "model",
+            "block_size",
+            "dp_size",
+            "kv_events_endpoint",
+            "kv_events_replay_endpoint",
+            "tiers",
+            "metadata",
+        )
+        if k in record
+    }
     fields.setdefault("model", "")
     try:
         return WorkerInfo(worker_id=worker_id, **fields)
@@ -135,8 +146,10 @@ def _check_url(where: str, name: str, value: Any, schemes: tuple[str, ...]) -> s
         # ZMQ's tcp transport has no default port; HTTP does.
         ok = parts.scheme in schemes and bool(parts.hostname) and (parts.scheme != "tcp" or port is not None)
     if not ok:
-        raise WorkerConfigError(f"{where}: {name} must look like {schemes[0]}://host:port "
-                                f"(scheme one of {', '.join(schemes)}), got {value!r}")
+        raise WorkerConfigError(
+            f"{where}: {name} must look like {schemes[0]}://host:port "
+            f"(scheme one of {', '.join(schemes)}), got {value!r}"
+        )
     return value
 
 

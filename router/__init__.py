@@ -6,6 +6,7 @@ Owns the routing policies (``kv``, ``round-robin``, ``random``) and the ``kv`` c
 sync, ``engine_load.EngineLoadFeed``), the worker registry and its discovery sources
 (``registry``, ``discovery``) and the facade the gateway calls (``routing.Router``).
 Data enters as token ids (or block hashes), the index's matches and lifecycle calls on
-``InFlight`` handles; it leaves as a ``Decision`` that can explain itself. Never serves HTTP, never decodes engine bytes, never writes
-the index except to drop a worker that left discovery. See router/README.md.
+``InFlight`` handles; it leaves as a ``Decision`` that can explain itself. Never serves
+HTTP, never decodes engine bytes, never writes the index except to drop a worker that
+left discovery. See router/README.md.
 """

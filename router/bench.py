@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import xxhash
 
+from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.protocol.events import RouterStored, Tier, WorkerKey
 from kvgate.protocol.hashing import BASE_SEED, chain_hashes, sequence_hashes
-from kvgate.indexer.kv_indexer import KvIndexer
-
 from kvgate.router.config import RouterConfig
 from kvgate.router.load import LoadSnapshot
 from kvgate.router.registry import StaticDiscovery
@@ -87,16 +86,24 @@ class NaiveFleet:
         return out
 
     @staticmethod
-    def score(config: RouterConfig, keys: Sequence[WorkerKey], matches: dict[WorkerKey, list[int]],
-              n: int, loads: dict[WorkerKey, LoadSnapshot]) -> WorkerKey:
+    def score(
+        config: RouterConfig,
+        keys: Sequence[WorkerKey],
+        matches: dict[WorkerKey, list[int]],
+        n: int,
+        loads: dict[WorkerKey, LoadSnapshot],
+    ) -> WorkerKey:
         w = config.weights
         best = None
         for key in keys:
             gpu, cpu, disk = matches.get(key, [0, 0, 0])
             load = loads[key]
-            prefill = (cpu * w.tier_load_cost(Tier.CPU) + disk * w.tier_load_cost(Tier.DISK)
-                       + (n - gpu - cpu - disk) * w.compute_cost
-                       + load.prefill_tokens / config.block_size * w.compute_cost)
+            prefill = (
+                cpu * w.tier_load_cost(Tier.CPU)
+                + disk * w.tier_load_cost(Tier.DISK)
+                + (n - gpu - cpu - disk) * w.compute_cost
+                + load.prefill_tokens / config.block_size * w.compute_cost
+            )
             total = w.prefill_weight * prefill + w.decode_weight * (load.blocks + n)
             rank = (round(total, 9), load.blocks + load.prefill_tokens / config.block_size, key)
             if best is None or rank < best:
@@ -149,8 +156,9 @@ def build(scale: Scale, seed: int = 0) -> tuple[Router, NaiveFleet, list[list[in
             store(rng.choice(keys), parent + tail)
     for i in range(scale.in_flight):
         prompt_tokens = rng.randint(100, 8000)
-        router.load.begin(f"bg{i}", rng.choice(keys), prompt_tokens, rng.randint(0, prompt_tokens),
-                          -(-prompt_tokens // bs))
+        router.load.begin(
+            f"bg{i}", rng.choice(keys), prompt_tokens, rng.randint(0, prompt_tokens), -(-prompt_tokens // bs)
+        )
         if rng.random() < 0.8:
             router.load.prefill_done(f"bg{i}")
     return router, naive, prompts
@@ -167,9 +175,11 @@ def run(scale: Scale) -> dict[str, dict[str, float]]:
     indexer = router.indexer
     assert isinstance(indexer, KvIndexer)
     pairs = sum(sum(c) for c in indexer.block_counts().values())
-    print(f"index: {len(router.registry.keys())} workers, {pairs:,} (block, worker) pairs, "
-          f"{len(indexer):,} distinct blocks; {len(router.load)} requests in flight; "
-          f"built in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"index: {len(router.registry.keys())} workers, {pairs:,} (block, worker) pairs, "
+        f"{len(indexer):,} distinct blocks; {len(router.load)} requests in flight; "
+        f"built in {time.perf_counter() - t0:.1f} s"
+    )
     gc.collect()
     gc.freeze()  # the index is long-lived: keep the collector from rescanning it mid-measurement
     config = router.config
@@ -204,8 +214,10 @@ def run(scale: Scale) -> dict[str, dict[str, float]]:
         if chosen != decision.chosen:
             raise AssertionError(f"prompt {i % len(prompts)}: naive chose {chosen}, router chose {decision.chosen}")
 
-    print(f"{scale.iterations} decisions, {scale.prompt_tokens}-token prompts ({len(hashes)} blocks), "
-          f"chosen overlap depth mean {sum(depths) / len(depths):.1f} blocks")
+    print(
+        f"{scale.iterations} decisions, {scale.prompt_tokens}-token prompts ({len(hashes)} blocks), "
+        f"chosen overlap depth mean {sum(depths) / len(depths):.1f} blocks"
+    )
     print(f"{'phase':<7}{'kvgate p50':>12}{'p99':>10}{'naive p50':>12}{'p99':>10}{'ratio p50':>11}   (µs)")
     summary = {}
     # "cpu": thread CPU time of the whole decision. On a shared machine wall-clock
@@ -217,8 +229,10 @@ def run(scale: Scale) -> dict[str, dict[str, float]]:
         print(f"{phase:<7}{p50:>12.1f}{p99:>10.1f}{n50:>12.1f}{n99:>10.1f}{n50 / p50:>10.1f}x")
     total, cpu = summary["total"]["p50_us"], summary["cpu"]["p50_us"]
     verdict = "OK" if total <= TARGET_P50_US else "MISSED"
-    print(f"total p50 {total:.1f} µs (cpu {cpu:.1f} µs) vs target {TARGET_P50_US:.0f} µs: {verdict}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"total p50 {total:.1f} µs (cpu {cpu:.1f} µs) vs target {TARGET_P50_US:.0f} µs: {verdict}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     return summary
 
 

@@ -67,7 +67,7 @@ class CostWeights:
         return fraction * self.compute_cost
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "weights") -> "CostWeights":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "weights") -> CostWeights:
         return _from_dict(cls, data, where)
 
 
@@ -99,7 +99,7 @@ class BusyThresholds:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "busy") -> "BusyThresholds":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "busy") -> BusyThresholds:
         return _from_dict(cls, data, where)
 
 
@@ -142,7 +142,7 @@ class RouterConfig:
             _check_int("seed", self.seed, minimum=0)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "router") -> "RouterConfig":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "router") -> RouterConfig:
         """Build from a YAML mapping; ``weights`` and ``busy`` are nested mappings."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")

@@ -51,8 +51,16 @@ class DiscoveryStats:
 class EtcdDiscovery:
     """Mirror ``/kvgate/<namespace>/workers/`` into ``registry``, live."""
 
-    def __init__(self, endpoints: str | Sequence[str], namespace: str, registry: WorkerRegistry, *,
-                 timeout: float = 5.0, retry_interval: float = 0.25, max_retry_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        namespace: str,
+        registry: WorkerRegistry,
+        *,
+        timeout: float = 5.0,
+        retry_interval: float = 0.25,
+        max_retry_interval: float = 2.0,
+    ) -> None:
         self.prefix = workers_prefix(namespace)
         self.registry = registry
         self.retry_interval = retry_interval
@@ -157,5 +165,5 @@ class EtcdDiscovery:
         self.registry.put(info)
 
     def _worker_id(self, key: bytes) -> str | None:
-        name = key.decode(errors="replace")[len(self.prefix):]
+        name = key.decode(errors="replace")[len(self.prefix) :]
         return name if name and "/" not in name else None

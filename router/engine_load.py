@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 
 from kvgate.protocol.events import WorkerKey
-
 from kvgate.router.load import LoadTracker
 from kvgate.router.registry import WorkerRegistry
 
@@ -29,24 +28,29 @@ log = logging.getLogger(__name__)
 class EngineLoadFeed:
     """Validates engine load reports against the registry and writes them into the tracker."""
 
-    def __init__(self, load: LoadTracker, registry: WorkerRegistry, *,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, load: LoadTracker, registry: WorkerRegistry, *, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self.load = load
         self.registry = registry
         self.wall_clock = wall_clock
         self.received = 0
         self.ignored = 0
 
-    def report(self, key: WorkerKey, running: int, waiting: int, kv_usage: float,
-               measured_at: float | None = None) -> bool:
+    def report(
+        self, key: WorkerKey, running: int, waiting: int, kv_usage: float, measured_at: float | None = None
+    ) -> bool:
         """``key``'s engine runs ``running``, queues ``waiting``, fills ``kv_usage`` of its KV cache.
 
         ``measured_at``: wall-clock time of the measurement (None: just now). True when applied.
         """
         self.received += 1
         info = self.registry.get(key.worker_id)
-        if (info is None or key.dp_rank >= info.dp_size
-                or (measured_at is not None and self.wall_clock() - measured_at > self.load.engine_stale_after)):
+        if (
+            info is None
+            or key.dp_rank >= info.dp_size
+            or (measured_at is not None and self.wall_clock() - measured_at > self.load.engine_stale_after)
+        ):
             self.ignored += 1
             return False
         try:

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from kvgate.protocol.events import WorkerKey
-
 from kvgate.router.load import LoadTracker
 from kvgate.router.policies import Decision
 
@@ -47,12 +46,32 @@ class RequestListener(Protocol):
 class InFlight:
     """A request the router routed, until it finishes. Created by ``Router.begin`` only."""
 
-    __slots__ = ("request_id", "decision", "prompt_tokens", "key", "outcome",
-                 "_load", "_block_size", "_clock", "_listeners", "_first_token", "_finished")
+    __slots__ = (
+        "request_id",
+        "decision",
+        "prompt_tokens",
+        "key",
+        "outcome",
+        "_load",
+        "_block_size",
+        "_clock",
+        "_listeners",
+        "_first_token",
+        "_finished",
+    )
 
-    def __init__(self, request_id: str, decision: Decision, prompt_tokens: int, key: WorkerKey, *,
-                 load: LoadTracker, block_size: int, clock: Callable[[], float],
-                 listeners: Sequence[RequestListener]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        decision: Decision,
+        prompt_tokens: int,
+        key: WorkerKey,
+        *,
+        load: LoadTracker,
+        block_size: int,
+        clock: Callable[[], float],
+        listeners: Sequence[RequestListener],
+    ) -> None:
         if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 0:
             raise ValueError(f"prompt_tokens must be a non-negative integer, got {prompt_tokens!r}")
         self.request_id = request_id

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvgate.protocol.events import WorkerKey
-
 from kvgate.router.config import RouterConfig
 
 
@@ -105,8 +104,9 @@ class _EngineLoad:
 
 
 class LoadTracker:
-    def __init__(self, ttl: float = 600.0, engine_stale_after: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl: float = 600.0, engine_stale_after: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if ttl <= 0 or engine_stale_after <= 0:
             raise ValueError("ttl and engine_stale_after must be > 0")
         self.ttl = ttl
@@ -121,21 +121,31 @@ class LoadTracker:
         self._snapshots: dict[WorkerKey, tuple[LoadSnapshot, float]] = {}
 
     @classmethod
-    def from_config(cls, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> "LoadTracker":
+    def from_config(cls, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> LoadTracker:
         return cls(config.active_request_ttl, config.engine_load_stale_after, clock)
 
     # -- this replica's requests ---------------------------------------------------------
 
-    def begin(self, request_id: str, key: WorkerKey, prompt_tokens: int, new_prefill_tokens: int,
-              blocks: int, now: float | None = None) -> None:
+    def begin(
+        self,
+        request_id: str,
+        key: WorkerKey,
+        prompt_tokens: int,
+        new_prefill_tokens: int,
+        blocks: int,
+        now: float | None = None,
+    ) -> None:
         """A request was routed to ``key``. Beginning an id again moves it (a retry elsewhere)."""
         _check_count("prompt_tokens", prompt_tokens)
         _check_count("new_prefill_tokens", new_prefill_tokens)
         _check_count("blocks", blocks)
         if new_prefill_tokens > prompt_tokens:
             raise ValueError(f"new_prefill_tokens ({new_prefill_tokens}) > prompt_tokens ({prompt_tokens})")
-        self._put(ActiveRequest(request_id, key, prompt_tokens, new_prefill_tokens, blocks,
-                                self.clock() if now is None else now))
+        self._put(
+            ActiveRequest(
+                request_id, key, prompt_tokens, new_prefill_tokens, blocks, self.clock() if now is None else now
+            )
+        )
 
     def prefill_done(self, request_id: str, now: float | None = None) -> bool:
         """First token arrived: the request no longer queues prefill. False if unknown."""
@@ -168,8 +178,17 @@ class LoadTracker:
             _check_count("prefill_tokens", remote.prefill_tokens)
             _check_count("blocks", remote.blocks)
         for remote in entries:
-            self._put(ActiveRequest(remote.request_id, remote.key, remote.prefill_tokens,
-                                    remote.prefill_tokens, remote.blocks, now, router_id))
+            self._put(
+                ActiveRequest(
+                    remote.request_id,
+                    remote.key,
+                    remote.prefill_tokens,
+                    remote.prefill_tokens,
+                    remote.blocks,
+                    now,
+                    router_id,
+                )
+            )
 
     def remove_remote(self, router_id: str, request_ids: Iterable[str] | None = None) -> int:
         """Free some of a replica's requests, or all of them (None: the replica went away)."""
@@ -181,8 +200,9 @@ class LoadTracker:
 
     # -- engine-reported load ------------------------------------------------------------
 
-    def update_engine(self, key: WorkerKey, running: int, waiting: int, kv_usage: float,
-                      now: float | None = None) -> None:
+    def update_engine(
+        self, key: WorkerKey, running: int, waiting: int, kv_usage: float, now: float | None = None
+    ) -> None:
         _check_count("running", running)
         _check_count("waiting", waiting)
         if isinstance(kv_usage, bool) or not isinstance(kv_usage, (int, float)) or not 0.0 <= kv_usage <= 1.0:
@@ -234,8 +254,15 @@ class LoadTracker:
             if engine is None:
                 snap = LoadSnapshot(t.requests, t.prefill_tokens, t.blocks, t.remote_requests)
             else:
-                snap = LoadSnapshot(t.requests, t.prefill_tokens, t.blocks, t.remote_requests,
-                                    engine.running, engine.waiting, engine.kv_usage)
+                snap = LoadSnapshot(
+                    t.requests,
+                    t.prefill_tokens,
+                    t.blocks,
+                    t.remote_requests,
+                    engine.running,
+                    engine.waiting,
+                    engine.kv_usage,
+                )
         self._snapshots[key] = (snap, stale_at)
         return snap
 

@@ -32,7 +32,6 @@ from typing import Any
 
 from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
-
 from kvgate.router.config import BusyThresholds, RouterConfig
 from kvgate.router.load import IDLE, LoadSnapshot
 
@@ -45,7 +44,7 @@ _TIE_EPSILON = 1e-9
 class NoWorkerAvailable(Exception):
     """No candidate can take the request (none registered, all excluded or all busy)."""
 
-    def __init__(self, reason: str, scores: Sequence["CandidateScore"] = ()) -> None:
+    def __init__(self, reason: str, scores: Sequence[CandidateScore] = ()) -> None:
         super().__init__(reason)
         self.reason = reason
         self.scores = list(scores)
@@ -155,8 +154,12 @@ class Decision:
             "ranked": [str(k) for k in self.ranked],
             "num_blocks": self.num_blocks,
             "block_size": self.block_size,
-            "timings_us": {"hash": t.hash * 1e6, "match": t.match * 1e6, "score": t.score * 1e6,
-                           "total": t.total * 1e6},
+            "timings_us": {
+                "hash": t.hash * 1e6,
+                "match": t.match * 1e6,
+                "score": t.score * 1e6,
+                "total": t.total * 1e6,
+            },
             "config": self.config.to_dict() if self.config is not None else None,
             "candidates": [s.explain() for s in self.scores],
         }
@@ -311,11 +314,27 @@ def score_candidates(
             skipped = "excluded"
         elif busy is not None:
             skipped = _busy_reason(load, busy)
-        scores.append(CandidateScore(
-            key, m.depth, gpu, cpu, disk, cached, uncached, tier, compute_term, load.prefill_tokens, queued,
-            prefill, decode_blocks, float(decode_blocks), prefill_weight * prefill + decode_weight * decode_blocks,
-            load, skipped,
-        ))
+        scores.append(
+            CandidateScore(
+                key,
+                m.depth,
+                gpu,
+                cpu,
+                disk,
+                cached,
+                uncached,
+                tier,
+                compute_term,
+                load.prefill_tokens,
+                queued,
+                prefill,
+                decode_blocks,
+                float(decode_blocks),
+                prefill_weight * prefill + decode_weight * decode_blocks,
+                load,
+                skipped,
+            )
+        )
     return scores
 
 
@@ -329,8 +348,7 @@ def _busy_reason(load: LoadSnapshot, busy: BusyThresholds) -> str | None:
     return None
 
 
-def _rank(scores: list[CandidateScore], block_size: int,
-          chosen_at: dict[WorkerKey, int]) -> list[CandidateScore]:
+def _rank(scores: list[CandidateScore], block_size: int, chosen_at: dict[WorkerKey, int]) -> list[CandidateScore]:
     """Cheapest first; equal totals: least loaded, then fewer waiting / running, then the
     least recently sent a request (``chosen_at``: send number, absent = never), then key."""
     ordered = sorted(scores, key=attrgetter("total"))
@@ -341,8 +359,9 @@ def _rank(scores: list[CandidateScore], block_size: int,
         while j < n - 1 and _tied(ordered[j].total, ordered[j + 1].total):
             j += 1
         if j > i:
-            ordered[i : j + 1] = sorted(ordered[i : j + 1],
-                                        key=lambda s: (*_load_key(s, block_size), chosen_at.get(s.key, 0), s.key))
+            ordered[i : j + 1] = sorted(
+                ordered[i : j + 1], key=lambda s: (*_load_key(s, block_size), chosen_at.get(s.key, 0), s.key)
+            )
         i = j + 1
     return ordered
 

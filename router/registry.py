@@ -20,6 +20,7 @@ from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class RegistryChange:
     kind: Literal["added", "removed"]
@@ -116,11 +117,21 @@ class StaticDiscovery:
     so a bad list never reaches a registry half-applied.
     """
 
-    _KEYS = ("id", "url", "model", "block_size", "dp_size", "kv_events_endpoint",
-             "kv_events_replay_endpoint", "tiers", "metadata")
+    _KEYS = (
+        "id",
+        "url",
+        "model",
+        "block_size",
+        "dp_size",
+        "kv_events_endpoint",
+        "kv_events_replay_endpoint",
+        "tiers",
+        "metadata",
+    )
 
-    def __init__(self, entries: Sequence[Mapping[str, Any]], *, model: str = "",
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(
+        self, entries: Sequence[Mapping[str, Any]], *, model: str = "", block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> None:
         if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
             raise WorkerConfigError(f"workers must be a list of mappings, got {type(entries).__name__}")
         workers: list[WorkerInfo] = []

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Protocol
 from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
-
 from kvgate.router.config import RouterConfig
 from kvgate.router.lifecycle import InFlight, RequestListener
 from kvgate.router.load import LoadTracker
@@ -48,7 +47,7 @@ class Router:
     def __init__(
         self,
         config: RouterConfig,
-        indexer: "KvIndexer | PrefixMatcher",
+        indexer: KvIndexer | PrefixMatcher,
         registry: WorkerRegistry,
         load: LoadTracker | None = None,
         *,
@@ -97,17 +96,23 @@ class Router:
 
     # -- request lifecycle (the gateway reports it; load terms and listeners see it) --------
 
-    def begin(self, request_id: str, decision: Decision, prompt_tokens: int,
-              key: WorkerKey | None = None) -> InFlight:
+    def begin(self, request_id: str, decision: Decision, prompt_tokens: int, key: WorkerKey | None = None) -> InFlight:
         """The request was sent to ``key`` (default: ``decision.chosen``); its handle from now on.
 
         A retry moves it with ``InFlight.move_to``; ``finish`` frees it.
         """
         key = decision.chosen if key is None else key
         self.policy.sent(key)
-        return InFlight(request_id, decision, prompt_tokens, key,
-                        load=self.load, block_size=self.config.block_size, clock=self.clock,
-                        listeners=self._listeners)
+        return InFlight(
+            request_id,
+            decision,
+            prompt_tokens,
+            key,
+            load=self.load,
+            block_size=self.config.block_size,
+            clock=self.clock,
+            listeners=self._listeners,
+        )
 
     def subscribe(self, listener: RequestListener) -> Callable[[], None]:
         """``listener`` hears every request's lifecycle from now on; returns the function that unsubscribes it."""

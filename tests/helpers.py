@@ -68,8 +68,13 @@ def wait_http(url: str, timeout: float = 30.0, proc: Proc | None = None, status:
     raise TimeoutError(f"{url} not answering {status} after {timeout}s (last: {last})\n{detail}")
 
 
-async def until(predicate: Callable[[], object], what: str | Callable[[], str] = "condition", timeout: float = 10.0,
-                *, step: Callable[[], Awaitable[object]] | None = None) -> float:
+async def until(
+    predicate: Callable[[], object],
+    what: str | Callable[[], str] = "condition",
+    timeout: float = 10.0,
+    *,
+    step: Callable[[], Awaitable[object]] | None = None,
+) -> float:
     """Wait for ``predicate``; returns the seconds it took (a figure to print, never to assert on).
 
     Between checks it sleeps, or awaits ``step()`` (receiving one message, say), cut

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 def run_quick(module: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=REPO, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--quick"], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -23,8 +24,16 @@ def run_quick(module: str) -> str:
 @pytest.mark.timeout(300)
 def test_indexer_bench_prints_every_figure_with_its_baseline():
     out = run_quick("kvgate.indexer.bench")
-    for section in ("hashing vs tokenizing", "[apply: router events", "1-block events", "16-block events",
-                    "[find_matches", "ratio naive/index", "[memory, tracemalloc]", "index+translators"):
+    for section in (
+        "hashing vs tokenizing",
+        "[apply: router events",
+        "1-block events",
+        "16-block events",
+        "[find_matches",
+        "ratio naive/index",
+        "[memory, tracemalloc]",
+        "index+translators",
+    ):
         assert section in out, section
 
 

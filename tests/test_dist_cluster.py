@@ -24,8 +24,20 @@ def listening(port: int) -> bool:
 
 
 def test_cluster_command_serves_through_every_gateway_and_stops_everything(tmp_path: Path) -> None:
-    cluster = python_module("kvgate.dev.cluster", "--gateways", 2, "--workers", 3, "--port", 0, "--lease-ttl", 3,
-                            "--log-dir", tmp_path / "cluster", log_path=tmp_path / "cluster.log")
+    cluster = python_module(
+        "kvgate.dev.cluster",
+        "--gateways",
+        2,
+        "--workers",
+        3,
+        "--port",
+        0,
+        "--lease-ttl",
+        3,
+        "--log-dir",
+        tmp_path / "cluster",
+        log_path=tmp_path / "cluster.log",
+    )
     try:
         wait_until(lambda: "Ctrl-C" in cluster.log() or not cluster.alive(), timeout=120, what="cluster up")
         out = cluster.log()
@@ -39,8 +51,10 @@ def test_cluster_command_serves_through_every_gateway_and_stops_everything(tmp_p
             health = json.loads(get(url + "/health")[2])
             assert health["workers"] == {"w0": True, "w1": True, "w2": True}
             assert health["discovery"]["connected"] and health["nats"]["router_id"] == name
-            status, headers, body = post(url + "/v1/chat/completions", {
-                "model": MODEL, "messages": [{"role": "user", "content": f"Hello {name}!"}], "max_tokens": 8})
+            status, headers, body = post(
+                url + "/v1/chat/completions",
+                {"model": MODEL, "messages": [{"role": "user", "content": f"Hello {name}!"}], "max_tokens": 8},
+            )
             assert status == 200 and headers["x-kvgate-worker"] in ("w0", "w1", "w2")
             assert json.loads(body)["choices"][0]["message"]["content"]
         ports = [int(url.rsplit(":", 1)[1]) for _, url in gateways] + infra

@@ -8,14 +8,13 @@ import time
 import aetcd
 import pytest
 
-from kvgate.router.discovery import EtcdDiscovery
-from kvgate.worker.sidecar.registration import EtcdRegistration
-from kvgate.protocol.worker_record import decode_worker, encode_worker, worker_key
 from kvgate.etcd import parse_endpoints
+from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo, decode_worker, encode_worker, worker_key
+from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.registry import RegistryChange, WorkerRegistry
-from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo
-from tests.servers import EtcdServer
+from kvgate.worker.sidecar.registration import EtcdRegistration
 from tests.helpers import until
+from tests.servers import EtcdServer
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +22,16 @@ NS = "t"
 
 
 def info(worker_id: str, port: int = 9000) -> WorkerInfo:
-    return WorkerInfo(worker_id, f"http://127.0.0.1:{port}", "tiny", block_size=64, dp_size=2,
-                      kv_events_endpoint="tcp://127.0.0.1:5557", kv_events_replay_endpoint="tcp://127.0.0.1:5558",
-                      tiers=("GPU", "CPU"))
+    return WorkerInfo(
+        worker_id,
+        f"http://127.0.0.1:{port}",
+        "tiny",
+        block_size=64,
+        dp_size=2,
+        kv_events_endpoint="tcp://127.0.0.1:5557",
+        kv_events_replay_endpoint="tcp://127.0.0.1:5558",
+        tiers=("GPU", "CPU"),
+    )
 
 
 class Changes:
@@ -186,8 +192,10 @@ async def test_watch_and_leases_survive_etcd_kill_and_restart(etcd_server: EtcdS
         late = EtcdRegistration(etcd_server.endpoint, NS, info("w9", 9009), ttl=3)
         await late.start()
         took = await until(lambda: "w9" in registry, timeout=15, what="watch resumed after restart")
-        print(f"etcd restart: watch resumed {took:.2f}s after etcd answered "
-              f"({time.monotonic() - down_at:.2f}s after restart began)")
+        print(
+            f"etcd restart: watch resumed {took:.2f}s after etcd answered "
+            f"({time.monotonic() - down_at:.2f}s after restart began)"
+        )
         # Longer than the TTL: the old leases are being refreshed again, nobody was lost.
         await asyncio.sleep(4)
         assert sorted(w.worker_id for w in registry.all()) == ["w0", "w1", "w9"]

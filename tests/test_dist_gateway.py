@@ -10,22 +10,22 @@ import time
 import pytest
 import yaml
 
-from kvgate.gateway.app import Gateway
-from kvgate.gateway.replicas import ActiveSync, GatewayBus
-from kvgate.gateway.config import GatewayConfig, config_from_dict, load_config
-from kvgate.protocol.messages import ActiveMessage, EventsMessage, LoadMessage
 from kvgate.bus import Bus, connect_nats
+from kvgate.dev.launch import free_port
+from kvgate.gateway.app import Gateway
+from kvgate.gateway.config import GatewayConfig, config_from_dict, load_config
+from kvgate.gateway.replicas import ActiveSync, GatewayBus
+from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.protocol.events import RouterCleared, RouterStored, Tier, WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
-from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.protocol.messages import ActiveMessage, EventsMessage, LoadMessage
+from kvgate.protocol.worker_record import WorkerInfo
 from kvgate.router.config import RouterConfig
 from kvgate.router.load import LoadTracker
-from kvgate.protocol.worker_record import WorkerInfo
 from kvgate.router.registry import WorkerRegistry
 from kvgate.router.routing import Router
-from kvgate.dev.launch import free_port
-from tests.helpers import REPO, TINY_MODEL, until
 from kvgate.worker.sidecar.__main__ import parse_args as parse_sidecar_args
+from tests.helpers import REPO, TINY_MODEL, until
 from tests.servers import NatsServer
 
 W0, W1 = WorkerKey("w0"), WorkerKey("w1")
@@ -41,8 +41,12 @@ class Clock:
 
 def pair(clock: Clock) -> tuple[LoadTracker, ActiveSync, LoadTracker, ActiveSync]:
     load_a, load_b = LoadTracker(clock=clock), LoadTracker(clock=clock)
-    return (load_a, ActiveSync("gw-a", load_a, replica_timeout=5.0, clock=clock),
-            load_b, ActiveSync("gw-b", load_b, replica_timeout=5.0, clock=clock))
+    return (
+        load_a,
+        ActiveSync("gw-a", load_a, replica_timeout=5.0, clock=clock),
+        load_b,
+        ActiveSync("gw-b", load_b, replica_timeout=5.0, clock=clock),
+    )
 
 
 def deliver(msgs, *to: ActiveSync) -> list[bool]:
@@ -128,8 +132,12 @@ def test_untrusted_workers_are_routed_by_load_only():
     tokens = list(range(16))
     hashes = sequence_hashes(tokens, 4)
     indexer.apply_router_events(W0, [RouterStored(hashes, Tier.GPU)])
-    registry = WorkerRegistry([WorkerInfo("w0", "http://127.0.0.1:1", "m", block_size=4),
-                               WorkerInfo("w1", "http://127.0.0.1:2", "m", block_size=4)])
+    registry = WorkerRegistry(
+        [
+            WorkerInfo("w0", "http://127.0.0.1:1", "m", block_size=4),
+            WorkerInfo("w1", "http://127.0.0.1:2", "m", block_size=4),
+        ]
+    )
     load = LoadTracker()
     router = Router(RouterConfig(block_size=4), indexer, registry, load)
     load.begin("busy", W0, 4, 4, 1)  # w0 already has a request; w1 is idle
@@ -148,11 +156,16 @@ def test_untrusted_workers_are_routed_by_load_only():
 
 def test_distributed_options_from_yaml_env_and_flags(tmp_path):
     path = tmp_path / "gw.yaml"
-    path.write_text("discovery: etcd\netcd_endpoints: etcd:2379,etcd2:2379\nnats_url: nats://nats:4222\n"
-                    "namespace: prod\nrouter_id: gw-a\nevents_stale_after: 3\n")
+    path.write_text(
+        "discovery: etcd\netcd_endpoints: etcd:2379,etcd2:2379\nnats_url: nats://nats:4222\n"
+        "namespace: prod\nrouter_id: gw-a\nevents_stale_after: 3\n"
+    )
     config = load_config(["--config", str(path), "--replica-timeout", "7"], environ={"KVGATE_NAMESPACE": "stage"})
-    assert (config.discovery, config.etcd_endpoints, config.nats_url) == ("etcd", "etcd:2379,etcd2:2379",
-                                                                          "nats://nats:4222")
+    assert (config.discovery, config.etcd_endpoints, config.nats_url) == (
+        "etcd",
+        "etcd:2379,etcd2:2379",
+        "nats://nats:4222",
+    )
     assert (config.namespace, config.router_id, config.replica_id) == ("stage", "gw-a", "gw-a")
     assert (config.events_stale_after, config.replica_timeout) == (3.0, 7.0)
     default_id = GatewayConfig().replica_id
@@ -208,10 +221,14 @@ async def test_two_replicas_share_in_flight_load_over_nats_and_through_a_restart
         begin(router_a, "r2", 64)
         assert load_b.snapshot(W0).blocks == 4
         nats_server.start()
-        took = await until(lambda: load_b.snapshot(W0).blocks == 1 and len(load_b) == 1, timeout=20,
-                           what="b's view restated after the restart")
-        print(f"\nNATS restart: the other replica's in-flight view was right again {took:.2f}s after "
-              "nats-server answered")
+        took = await until(
+            lambda: load_b.snapshot(W0).blocks == 1 and len(load_b) == 1,
+            timeout=20,
+            what="b's view restated after the restart",
+        )
+        print(
+            f"\nNATS restart: the other replica's in-flight view was right again {took:.2f}s after nats-server answered"
+        )
         assert a.reconnects >= 1 and b.reconnects >= 1
 
         # A clean shutdown leaves at once.
@@ -225,8 +242,17 @@ async def test_two_replicas_share_in_flight_load_over_nats_and_through_a_restart
 @pytest.mark.slow
 @pytest.mark.integration
 async def test_gateway_takes_nats_fed_workers_events_from_the_bus(nats_server: NatsServer):
-    gateway = Gateway(config_from_dict({"model": str(TINY_MODEL), "health_interval": 60.0,
-                                        "nats_url": nats_server.url, "namespace": "t", "router_id": "gw-a"}))
+    gateway = Gateway(
+        config_from_dict(
+            {
+                "model": str(TINY_MODEL),
+                "health_interval": 60.0,
+                "nats_url": nats_server.url,
+                "namespace": "t",
+                "router_id": "gw-a",
+            }
+        )
+    )
     sidecar = await connect_nats(nats_server.url, name="fake-sidecar")
     resyncs: list[str] = []
     bus = Bus(sidecar, "t")
@@ -235,8 +261,14 @@ async def test_gateway_takes_nats_fed_workers_events_from_the_bus(nats_server: N
     await gateway.start()
     try:
         await gateway.bus.wait_ready(10)
-        info = WorkerInfo("w1", f"http://127.0.0.1:{free_port()}", "kvgate-tiny", block_size=64,
-                          kv_events_endpoint=f"tcp://127.0.0.1:{free_port()}", metadata={"events": "nats"})
+        info = WorkerInfo(
+            "w1",
+            f"http://127.0.0.1:{free_port()}",
+            "kvgate-tiny",
+            block_size=64,
+            kv_events_endpoint=f"tcp://127.0.0.1:{free_port()}",
+            metadata={"events": "nats"},
+        )
         gateway.registry.put(info)
         # Events come over NATS: no ZMQ source; stale (load-only) until the sidecar restates.
         assert gateway.fleet.sources == {} and gateway.fleet.nats_fed == {"w1"}
@@ -258,8 +290,14 @@ async def test_gateway_takes_nats_fed_workers_events_from_the_bus(nats_server: N
         assert gateway.load.snapshot(WorkerKey("w1")).running is None
         assert gateway.bus.source.tracker.workers() == []
         # A worker that relays nothing over NATS keeps its ZMQ source.
-        gateway.registry.put(WorkerInfo("w2", f"http://127.0.0.1:{free_port()}", "kvgate-tiny",
-                                        kv_events_endpoint=f"tcp://127.0.0.1:{free_port()}"))
+        gateway.registry.put(
+            WorkerInfo(
+                "w2",
+                f"http://127.0.0.1:{free_port()}",
+                "kvgate-tiny",
+                kv_events_endpoint=f"tcp://127.0.0.1:{free_port()}",
+            )
+        )
         assert set(gateway.fleet.sources) == {"w2"} and gateway.fleet.events_of("w2") == "zmq"
     finally:
         await gateway.stop()

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-
 import msgspec
 import pytest
 
+from kvgate.bus import Bus, connect_nats
+from kvgate.indexer.kv_indexer import KvIndexer
+from kvgate.indexer.nats_source import NatsEventSource, StreamTracker
+from kvgate.indexer.pipeline import StreamPosition
+from kvgate.protocol.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    RouterCleared,
+    RouterRemoved,
+    RouterStored,
+    Tier,
+    WorkerKey,
+)
+from kvgate.protocol.hashing import sequence_hashes
 from kvgate.protocol.messages import (
     ActiveMessage,
     BusDecodeError,
@@ -19,25 +34,9 @@ from kvgate.protocol.messages import (
     encode_events,
     encode_load,
 )
-from kvgate.bus import Bus, connect_nats
-from kvgate.indexer.nats_source import NatsEventSource, StreamTracker
-from kvgate.protocol.events import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    EventBatch,
-    RouterCleared,
-    RouterRemoved,
-    RouterStored,
-    Tier,
-    WorkerKey,
-)
-from kvgate.protocol.hashing import sequence_hashes
-from kvgate.indexer.kv_indexer import KvIndexer
-from kvgate.indexer.pipeline import StreamPosition
+from kvgate.worker.sidecar.relay import EventRelay
 from tests.helpers import until
 from tests.servers import NatsServer
-from kvgate.worker.sidecar.relay import EventRelay
 
 BIG = (1 << 64) - 1
 
@@ -56,10 +55,19 @@ def test_subjects_follow_the_architecture():
 
 
 def test_events_round_trip_keeps_every_event_and_u64_hashes():
-    msg = EventsMessage("w1", 1, 42, BIG, [
-        RouterStored([0, 1, BIG], Tier.GPU), RouterRemoved([7], Tier.CPU), RouterCleared(),
-        RouterStored([5], Tier.DISK),
-    ], reset=True)
+    msg = EventsMessage(
+        "w1",
+        1,
+        42,
+        BIG,
+        [
+            RouterStored([0, 1, BIG], Tier.GPU),
+            RouterRemoved([7], Tier.CPU),
+            RouterCleared(),
+            RouterStored([5], Tier.DISK),
+        ],
+        reset=True,
+    )
     back = decode_events(encode_events(msg))
     assert back == msg
     assert back.key == WorkerKey("w1", 1)
@@ -68,22 +76,34 @@ def test_events_round_trip_keeps_every_event_and_u64_hashes():
 def test_load_and_active_round_trip():
     load = LoadMessage(worker_id="w1", dp_rank=0, running=3, waiting=1, kv_usage=0.25, ts=1.5)
     assert decode_load(encode_load(load)) == load
-    active = ActiveMessage(router_id="gw-a", op="add", request_id="r1", worker_id="w1", dp_rank=0,
-                           prompt_tokens=300, new_prefill_tokens=100, blocks=5, ts=2.0)
+    active = ActiveMessage(
+        router_id="gw-a",
+        op="add",
+        request_id="r1",
+        worker_id="w1",
+        dp_rank=0,
+        prompt_tokens=300,
+        new_prefill_tokens=100,
+        blocks=5,
+        ts=2.0,
+    )
     assert decode_active(encode_active(active)) == active
     assert decode_active(encode_active(ActiveMessage(router_id="gw-a", op="leave"))).op == "leave"
 
 
-@pytest.mark.parametrize("payload, kind", [
-    (b"", "empty"),
-    (b"\xc1", "not_msgpack"),
-    (msgspec.msgpack.encode(["w1", 0, 1, 2, [[9, [1]]]]), "bad_shape"),        # unknown event tag
-    (msgspec.msgpack.encode(["w1", 0, -1, 2, []]), "bad_shape"),             # negative seq
-    (msgspec.msgpack.encode(["w.1", 0, 1, 2, []]), "bad_shape"),             # not a subject token
-    (msgspec.msgpack.encode(["w1", 0, 1, 2, [[0, [-5], 0]]]), "bad_shape"),  # negative hash
-    (msgspec.msgpack.encode(["w1", 0, 1, 2, [[0, [5], 3]]]), "bad_shape"),   # no such tier
-    (msgspec.msgpack.encode({"worker_id": "w1"}), "bad_shape"),
-])
+@pytest.mark.parametrize(
+    "payload, kind",
+    [
+        (b"", "empty"),
+        (b"\xc1", "not_msgpack"),
+        (msgspec.msgpack.encode(["w1", 0, 1, 2, [[9, [1]]]]), "bad_shape"),  # unknown event tag
+        (msgspec.msgpack.encode(["w1", 0, -1, 2, []]), "bad_shape"),  # negative seq
+        (msgspec.msgpack.encode(["w.1", 0, 1, 2, []]), "bad_shape"),  # not a subject token
+        (msgspec.msgpack.encode(["w1", 0, 1, 2, [[0, [-5], 0]]]), "bad_shape"),  # negative hash
+        (msgspec.msgpack.encode(["w1", 0, 1, 2, [[0, [5], 3]]]), "bad_shape"),  # no such tier
+        (msgspec.msgpack.encode({"worker_id": "w1"}), "bad_shape"),
+    ],
+)
 def test_bad_event_payloads_raise_typed_errors(payload: bytes, kind: str):
     with pytest.raises(BusDecodeError) as err:
         decode_events(payload)

@@ -23,8 +23,8 @@ import pytest
 
 from kvgate.dev.cluster import Cluster, ClusterOptions
 from kvgate.protocol.worker_record import worker_key
-from tests.test_e2e_gateway import MODEL, conversation, get, metric, metrics, post
 from tests.helpers import wait_until
+from tests.test_e2e_gateway import MODEL, conversation, get, metric, metrics, post
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,13 +53,27 @@ def report_figures(request: pytest.FixtureRequest, title: str, lines: list[str])
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(ClusterOptions(
-        gateways=2, workers=3, port=0, namespace=NS, lease_ttl=LEASE_TTL,
-        log_dir=tmp_path_factory.mktemp("dist-replicas"),
-        sidecar_args=["--health-interval", "0.25", "--load-interval", "0.5", "--heartbeat-interval", "0.5",
-                      "--catch-up-interval", "0.5"],
-        gateway_args=["--health-interval", "0.5", "--events-stale-after", "2", "--replica-timeout", "2"],
-    ))
+    c = Cluster(
+        ClusterOptions(
+            gateways=2,
+            workers=3,
+            port=0,
+            namespace=NS,
+            lease_ttl=LEASE_TTL,
+            log_dir=tmp_path_factory.mktemp("dist-replicas"),
+            sidecar_args=[
+                "--health-interval",
+                "0.25",
+                "--load-interval",
+                "0.5",
+                "--heartbeat-interval",
+                "0.5",
+                "--catch-up-interval",
+                "0.5",
+            ],
+            gateway_args=["--health-interval", "0.5", "--events-stale-after", "2", "--replica-timeout", "2"],
+        )
+    )
     c.start()
     try:
         yield c
@@ -81,8 +95,9 @@ class HeldStream:
     def __init__(self, base_url: str, body: dict) -> None:
         url = urlsplit(base_url)
         self.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-        self.conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                          {"Content-Type": "application/json"})
+        self.conn.request(
+            "POST", "/v1/chat/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"}
+        )
         self.response = self.conn.getresponse()  # headers come with the worker's first byte
         assert self.response.status == 200, self.response.read()
         self.worker = self.response.getheader("x-kvgate-worker")
@@ -109,7 +124,7 @@ class Traffic:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for t in self._threads:
             t.start()
         wait_until(lambda: len(self.outcomes) >= 4, what="traffic flowing")
@@ -189,8 +204,10 @@ def restore(cluster: Cluster) -> float:
             if not service.alive():
                 service.start()
     cluster.wait_fleet(60)
-    wait_until(lambda: on_every_gateway(cluster, lambda h: set(h.get("events", {}).values()) == {"nats"}),
-               what="every stream in sync")
+    wait_until(
+        lambda: on_every_gateway(cluster, lambda h: set(h.get("events", {}).values()) == {"nats"}),
+        what="every stream in sync",
+    )
     return time.monotonic() - t0
 
 
@@ -211,12 +228,24 @@ def test_next_turn_lands_on_the_prefix_holder_whichever_replica_receives_it(clus
         stream.close()  # the prompt's blocks stay cached on the worker
     wait_until(lambda: all(active(u) == 0 for u in g), what="first turns over on both replicas")
     assert sorted(holders.values()) == ["w0", "w1", "w2"], holders
-    next_turns = {topic: {"model": MODEL, "max_tokens": 4, "messages": conversation(topic) + [
-        {"role": "assistant", "content": "Noted."}, {"role": "user", "content": "And then?"}]} for topic in topics}
+    next_turns = {
+        topic: {
+            "model": MODEL,
+            "max_tokens": 4,
+            "messages": conversation(topic)
+            + [{"role": "assistant", "content": "Noted."}, {"role": "user", "content": "And then?"}],
+        }
+        for topic in topics
+    }
     # Every replica consumes every event: both see each holder's blocks, and their indexes
     # hold exactly what the sidecars announced.
-    wait_until(lambda: all(overlaps(u, next_turns[t])[holders[t]] > 0 for u in g for t in topics)
-               and indexes_agree_with_sidecars(cluster), what="both replicas' indexes agree with the sidecars")
+    wait_until(
+        lambda: (
+            all(overlaps(u, next_turns[t])[holders[t]] > 0 for u in g for t in topics)
+            and indexes_agree_with_sidecars(cluster)
+        ),
+        what="both replicas' indexes agree with the sidecars",
+    )
     for n, topic in enumerate(topics):
         other = g[(n + 1) % 2]  # the replica that did not serve the first turn
         status, headers, answer = post(other + "/v1/chat/completions", next_turns[topic])
@@ -238,11 +267,19 @@ def test_replicas_share_in_flight_load(cluster: Cluster) -> None:
         views = []
         for u in g:
             text = metrics(u)
-            views.append({w.worker_id: (int(metric(text, "kvgate_active_requests", worker=w.worker_id)),
-                                        int(metric(text, "kvgate_active_remote_requests", worker=w.worker_id)))
-                          for w in cluster.workers})
-        figure(f"shared load: 6 concurrent requests via 2 replicas -> workers {chosen}; active (all, of which "
-               f"remote) per worker: g0 {views[0]}, g1 {views[1]}")
+            views.append(
+                {
+                    w.worker_id: (
+                        int(metric(text, "kvgate_active_requests", worker=w.worker_id)),
+                        int(metric(text, "kvgate_active_remote_requests", worker=w.worker_id)),
+                    )
+                    for w in cluster.workers
+                }
+            )
+        figure(
+            f"shared load: 6 concurrent requests via 2 replicas -> workers {chosen}; active (all, of which "
+            f"remote) per worker: g0 {views[0]}, g1 {views[1]}"
+        )
         assert chosen == ["w0", "w0", "w1", "w1", "w2", "w2"]
         for view in views:
             assert {w: total for w, (total, _) in view.items()} == {"w0": 2, "w1": 2, "w2": 2}
@@ -265,15 +302,20 @@ def test_sigkill_worker_under_load_leaves_routing_and_no_later_request_fails(clu
         victim.kill()  # engine and sidecar: a lost node, no deregistration
         wait_until(lambda: on_every_gateway(cluster, lambda h: not h["workers"].get(wid)), what="marked down")
         down = time.monotonic() - killed
-        wait_until(lambda: on_every_gateway(cluster, lambda h: wid not in h["workers"]), timeout=LEASE_TTL + 5,
-                   what="lease expired")
+        wait_until(
+            lambda: on_every_gateway(cluster, lambda h: wid not in h["workers"]),
+            timeout=LEASE_TTL + 5,
+            what="lease expired",
+        )
         gone = time.monotonic() - killed
         time.sleep(1.0)
     in_flight, later = traffic.split(killed)
     failed_in_flight = sum(not o.ok for o in in_flight)
-    figure(f"worker SIGKILL (engine + sidecar) under load: out of routing {down:.2f}s after the kill (health / "
-           f"connect failure), out of discovery {gone:.2f}s (lease TTL {LEASE_TTL}s); {failed_in_flight} of "
-           f"{len(in_flight)} requests in flight failed, 0 of {len(later)} later ones")
+    figure(
+        f"worker SIGKILL (engine + sidecar) under load: out of routing {down:.2f}s after the kill (health / "
+        f"connect failure), out of discovery {gone:.2f}s (lease TTL {LEASE_TTL}s); {failed_in_flight} of "
+        f"{len(in_flight)} requests in flight failed, 0 of {len(later)} later ones"
+    )
     assert later and all(o.ok for o in later)
     assert gone <= LEASE_TTL + 2
     # Its lease went, and with it its index state, on both replicas.
@@ -295,9 +337,11 @@ def test_sidecar_losing_its_engine_takes_the_worker_out_of_traffic(cluster: Clus
         time.sleep(1.0)
     in_flight, later = traffic.split(killed)
     served_after = [o.worker for o in traffic.outcomes if o.start >= after]
-    figure(f"engine lost, sidecar alive, under load: out of discovery {gone:.2f}s after the kill (probe 0.25 s x 2); "
-           f"{sum(not o.ok for o in in_flight)} of {len(in_flight)} in-flight requests failed, "
-           f"0 of {len(later)} later ones")
+    figure(
+        f"engine lost, sidecar alive, under load: out of discovery {gone:.2f}s after the kill (probe 0.25 s x 2); "
+        f"{sum(not o.ok for o in in_flight)} of {len(in_flight)} in-flight requests failed, "
+        f"0 of {len(later)} later ones"
+    )
     assert later and all(o.ok for o in later)
     assert served_after and wid not in served_after
     assert cluster.workers[2].sidecar.alive()
@@ -329,8 +373,10 @@ def test_etcd_restart_loses_no_worker_and_discovery_resumes(cluster: Cluster) ->
         time.sleep(LEASE_TTL + 0.5)
         assert on_every_gateway(cluster, lambda h: h["workers"] == expected)
     failed = sum(not o.ok for o in traffic.outcomes)
-    figure(f"etcd SIGKILL + restart under load: 0 workers lost, watch resumed {resumed:.2f}s after etcd answered, "
-           f"{failed} of {len(traffic.outcomes)} requests failed")
+    figure(
+        f"etcd SIGKILL + restart under load: 0 workers lost, watch resumed {resumed:.2f}s after etcd answered, "
+        f"{failed} of {len(traffic.outcomes)} requests failed"
+    )
     assert lost == [] and failed == 0
 
 
@@ -351,8 +397,10 @@ def test_nats_restart_events_resume_and_indexes_converge(cluster: Cluster) -> No
         killed = time.monotonic()
         # The workers keep caching and nobody hears about it: once the streams are stale,
         # the replicas stop trusting the index and route on load alone.
-        wait_until(lambda: on_every_gateway(cluster, lambda h: set(h["events"].values()) == {"nats-stale"}),
-                   what="streams stale")
+        wait_until(
+            lambda: on_every_gateway(cluster, lambda h: set(h["events"].values()) == {"nats-stale"}),
+            what="streams stale",
+        )
         stale = time.monotonic() - killed
         assert all(max(overlaps(u, cached).values()) == 0 for u in g)
         time.sleep(0.5)
@@ -360,19 +408,30 @@ def test_nats_restart_events_resume_and_indexes_converge(cluster: Cluster) -> No
     cluster.nats.start()
     cluster.nats.wait_healthy(30)
     answered = time.monotonic()
-    wait_until(lambda: on_every_gateway(cluster, lambda h: h["nats"]["connected"]
-                                        and set(h["events"].values()) == {"nats"} and h["nats"]["replicas"])
-               and indexes_agree_with_sidecars(cluster), timeout=30, what="indexes converged")
+    wait_until(
+        lambda: (
+            on_every_gateway(
+                cluster,
+                lambda h: h["nats"]["connected"] and set(h["events"].values()) == {"nats"} and h["nats"]["replicas"],
+            )
+            and indexes_agree_with_sidecars(cluster)
+        ),
+        timeout=30,
+        what="indexes converged",
+    )
     converged = time.monotonic() - answered
     # Events flow again: a new prefix cached through one replica is routed to by the other.
     status, headers, _ = post(g[0] + "/v1/chat/completions", chat("after-the-restart"))
     assert status == 200
     holder = headers["x-kvgate-worker"]
-    wait_until(lambda: chosen_by(g[1], chat("after-the-restart", turns=2)) == holder,
-               what="the other replica routes to the new prefix")
+    wait_until(
+        lambda: chosen_by(g[1], chat("after-the-restart", turns=2)) == holder,
+        what="the other replica routes to the new prefix",
+    )
     failed = sum(not o.ok for o in outage)
-    figure(f"NATS SIGKILL + restart under load: {failed} of {len(outage)} requests during the outage failed; "
-           f"streams stale (load-only routing) {stale:.2f}s after the kill (events_stale_after 2 s); both indexes "
-           f"equal the sidecars' announced blocks {converged:.2f}s after nats-server answered")
+    figure(
+        f"NATS SIGKILL + restart under load: {failed} of {len(outage)} requests during the outage failed; "
+        f"streams stale (load-only routing) {stale:.2f}s after the kill (events_stale_after 2 s); both indexes "
+        f"equal the sidecars' announced blocks {converged:.2f}s after nats-server answered"
+    )
     assert failed == 0
-

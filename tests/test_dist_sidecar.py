@@ -3,7 +3,8 @@
 The consumer is wired the way a gateway in ``--discovery etcd`` mode wires it:
 ``EtcdDiscovery`` fills a ``WorkerRegistry``; a ``NatsEventSource`` feeds a ``KvIndexer``
 and only accepts workers the registry knows; a worker joining the registry is not
-trusted until its sidecar restates its cache, and one leaving it loses its index state. Recovery times are printed (figures, never asserted).
+trusted until its sidecar restates its cache, and one leaving it loses its index state.
+Recovery times are printed (figures, never asserted).
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvgate.bus import Bus, connect_nats
-from kvgate.protocol.messages import LoadMessage
+from kvgate.dev.launch import free_port
+from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.nats_source import NatsEventSource
 from kvgate.protocol.events import WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
-from kvgate.indexer.kv_indexer import KvIndexer
-from kvgate.router.discovery import EtcdDiscovery
+from kvgate.protocol.messages import LoadMessage
 from kvgate.protocol.worker_record import worker_key
+from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.registry import RegistryChange, WorkerRegistry
-from kvgate.dev.launch import free_port
 from tests.helpers import TINY_MODEL, Proc, python_module, until, wait_http
 from tests.servers import EtcdServer, NatsServer
 
@@ -69,8 +70,19 @@ class Engine:
     def start(self) -> None:
         self.starts += 1
         self.proc = python_module(
-            "worker.sim", "--port", self.port, "--model-dir", TINY_MODEL, "--kv-events-endpoint", self.events,
-            "--kv-events-replay-endpoint", self.replay, "--speedup-ratio", 100, "--num-gpu-blocks", 256,
+            "worker.sim",
+            "--port",
+            self.port,
+            "--model-dir",
+            TINY_MODEL,
+            "--kv-events-endpoint",
+            self.events,
+            "--kv-events-replay-endpoint",
+            self.replay,
+            "--speedup-ratio",
+            100,
+            "--num-gpu-blocks",
+            256,
             log_path=self.workdir / f"sim.{self.starts}.log",
         )
         wait_http(f"{self.url}/health", proc=self.proc)
@@ -87,15 +99,41 @@ class Engine:
             self.proc.stop()
 
 
-def start_sidecar(workdir: Path, engine: Engine, etcd: EtcdServer, nats: NatsServer,
-                  lease_ttl: int = 2) -> tuple[Proc, int]:
+def start_sidecar(
+    workdir: Path, engine: Engine, etcd: EtcdServer, nats: NatsServer, lease_ttl: int = 2
+) -> tuple[Proc, int]:
     port = free_port()
     proc = python_module(
-        "worker.sidecar", "--engine-url", engine.url, "--worker-id", WORKER, "--model", "kvgate-tiny",
-        "--kv-events-endpoint", engine.events, "--kv-events-replay-endpoint", engine.replay,
-        "--etcd-endpoints", etcd.endpoint, "--nats-url", nats.url, "--namespace", NS, "--health-port", port,
-        "--lease-ttl", lease_ttl, "--health-interval", 0.25, "--load-interval", 0.25, "--heartbeat-interval", 0.5,
-        "--catch-up-interval", 0.25, log_path=workdir / "sidecar.log",
+        "worker.sidecar",
+        "--engine-url",
+        engine.url,
+        "--worker-id",
+        WORKER,
+        "--model",
+        "kvgate-tiny",
+        "--kv-events-endpoint",
+        engine.events,
+        "--kv-events-replay-endpoint",
+        engine.replay,
+        "--etcd-endpoints",
+        etcd.endpoint,
+        "--nats-url",
+        nats.url,
+        "--namespace",
+        NS,
+        "--health-port",
+        port,
+        "--lease-ttl",
+        lease_ttl,
+        "--health-interval",
+        0.25,
+        "--load-interval",
+        0.25,
+        "--heartbeat-interval",
+        0.5,
+        "--catch-up-interval",
+        0.25,
+        log_path=workdir / "sidecar.log",
     )
     wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
     return proc, port
@@ -137,14 +175,16 @@ class Consumer:
 
     async def start(self, nats: NatsServer) -> None:
         await self.discovery.start()
+
         async def reconnected() -> None:
             if self.source is not None:
                 await self.source.resync_all()
 
         self.nc = await connect_nats(nats.url, name="test-gateway", on_reconnected=reconnected)
         bus = Bus(self.nc, NS)
-        self.source = NatsEventSource(bus, self.indexer, accept=self.registry.__contains__,
-                                      resync_interval=0.2, stale_after=2.0)
+        self.source = NatsEventSource(
+            bus, self.indexer, accept=self.registry.__contains__, resync_interval=0.2, stale_after=2.0
+        )
         await self.source.start()
         await bus.on_load(self.loads.append)
 
@@ -179,7 +219,8 @@ def prompt(seed: int, blocks: int = 4) -> list[int]:
 
 
 async def test_sidecar_relays_events_and_load_and_follows_its_engine(
-        tmp_path: Path, etcd_server: EtcdServer, nats_server: NatsServer, consumer: Consumer):
+    tmp_path: Path, etcd_server: EtcdServer, nats_server: NatsServer, consumer: Consumer
+):
     engine = Engine(tmp_path)
     await asyncio.to_thread(engine.start)
     sidecar, port = await asyncio.to_thread(start_sidecar, tmp_path, engine, etcd_server, nats_server)
@@ -216,8 +257,10 @@ async def test_sidecar_relays_events_and_load_and_follows_its_engine(
         # published to nobody, and the engine stays idle: the catch-up (from seq 0, the
         # engine was lost) fetches it from the replay socket.
         await until(lambda: consumer.depth(b) == 4 and consumer.in_sync(), what="prompt B indexed")
-        print(f"after the engine restart: {sidecar_metrics(port)['kvgate_sidecar_caught_up_total']:.0f} "
-              "batch(es) caught up from the replay socket")
+        print(
+            f"after the engine restart: {sidecar_metrics(port)['kvgate_sidecar_caught_up_total']:.0f} "
+            "batch(es) caught up from the replay socket"
+        )
         assert consumer.depth(a) == 0  # nothing of the dead engine's cache came back
         assert sidecar_status(port)[1]["blocks"][0][0] >= 4
 
@@ -231,7 +274,8 @@ async def test_sidecar_relays_events_and_load_and_follows_its_engine(
 
 
 async def test_nats_restart_resumes_events_and_the_index_converges(
-        tmp_path: Path, etcd_server: EtcdServer, nats_server: NatsServer, consumer: Consumer):
+    tmp_path: Path, etcd_server: EtcdServer, nats_server: NatsServer, consumer: Consumer
+):
     engine = Engine(tmp_path)
     await asyncio.to_thread(engine.start)
     # A long lease: the clean shutdown at the end must remove the key itself.
@@ -248,10 +292,15 @@ async def test_nats_restart_resumes_events_and_the_index_converges(
         assert consumer.depth(b) == 0
         restarted = time.monotonic()
         await asyncio.to_thread(nats_server.start)
-        took = await until(lambda: consumer.depth(b) == 4 and consumer.in_sync(), timeout=20,
-                           what="index converged after the NATS restart")
-        print(f"NATS restart -> consumer index converged {took:.2f}s after nats-server answered "
-              f"({time.monotonic() - restarted:.2f}s incl. its start)")
+        took = await until(
+            lambda: consumer.depth(b) == 4 and consumer.in_sync(),
+            timeout=20,
+            what="index converged after the NATS restart",
+        )
+        print(
+            f"NATS restart -> consumer index converged {took:.2f}s after nats-server answered "
+            f"({time.monotonic() - restarted:.2f}s incl. its start)"
+        )
         assert consumer.depth(a) == 4
         assert consumer.indexer.block_counts()[KEY] == (8, 0, 0)
         # Whichever got there first (the sidecar's buffered messages, its post-reconnect snapshot

@@ -26,16 +26,29 @@ def listening(port: int) -> bool:
 
 def test_demo_serves_and_stops_its_workers(tmp_path: Path) -> None:
     port = free_port()
-    demo = python_module("kvgate.dev.demo", "--workers", 2, "--host", "127.0.0.1", "--port", port,
-                         "--log-dir", tmp_path / "workers", log_path=tmp_path / "demo.log")
+    demo = python_module(
+        "kvgate.dev.demo",
+        "--workers",
+        2,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--log-dir",
+        tmp_path / "workers",
+        log_path=tmp_path / "demo.log",
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=demo)
-        status, headers, body = post(f"http://127.0.0.1:{port}/v1/chat/completions", {
-            "model": "kvgate-tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
+        status, headers, body = post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"model": "kvgate-tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16},
+        )
         assert status == 200 and headers["x-kvgate-worker"] in ("w0", "w1")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        stream = client.chat.completions.create(model="kvgate-tiny", stream=True, max_tokens=8,
-                                                messages=[{"role": "user", "content": "Stream, please."}])
+        stream = client.chat.completions.create(
+            model="kvgate-tiny", stream=True, max_tokens=8, messages=[{"role": "user", "content": "Stream, please."}]
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert json.loads(get(f"http://127.0.0.1:{port}/health")[2])["workers"] == {"w0": True, "w1": True}
         worker_ports = [int(p) for p in re.findall(r"worker w\d on http://127\.0\.0\.1:(\d+)", demo.log())]

@@ -124,8 +124,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for g in (retry, bad, kill):
             wait_http(g.url + "/health", timeout=60, proc=g.proc)
         for g in (retry, kill):
-            wait_until(lambda g=g: all(json.loads(get(g.url + "/health")[2])["workers"].values()),
-                       what="all workers up")
+            wait_until(
+                lambda g=g: all(json.loads(get(g.url + "/health")[2])["workers"].values()), what="all workers up"
+            )
         yield Stack(w0, w1, broken, retry, bad, kill)
     finally:
         stop_all(*procs)
@@ -147,8 +148,9 @@ def test_5xx_before_first_byte_retries_on_the_next_best_worker(stack: Stack) -> 
 
 
 def test_upstream_failure_is_502_and_timeout_504(stack: Stack) -> None:
-    status, headers, payload = post(stack.bad.url + "/v1/chat/completions",
-                                    {"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    status, headers, payload = post(
+        stack.bad.url + "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    )
     assert status == 502 and headers["x-kvgate-worker"] == "a-broken"
     assert json.loads(payload)["error"]["code"] == "bad_gateway"
     status, headers, payload = post(stack.bad.url + "/v1/completions", {"model": MODEL, "prompt": "x"})
@@ -158,8 +160,10 @@ def test_upstream_failure_is_502_and_timeout_504(stack: Stack) -> None:
 
 
 def test_stream_broken_after_the_first_byte_ends_with_an_error_event(stack: Stack) -> None:
-    status, headers, payload = post(stack.bad.url + "/v1/chat/completions", {
-        "model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True})
+    status, headers, payload = post(
+        stack.bad.url + "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True},
+    )
     assert status == 200 and headers["x-kvgate-worker"] == "a-broken"
     events = [e[6:] for e in payload.decode().split("\n\n") if e.startswith("data: ")]
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hi"
@@ -171,8 +175,12 @@ def test_worker_killed_mid_run_is_routed_around(stack: Stack) -> None:
     # The conversation's prefix lives on w1 (turn 1 sent to it directly), so kv routes there.
     first = conversation("geology")
     assert post(stack.w1.url + "/v1/chat/completions", {"model": MODEL, "messages": first, "max_tokens": 4})[0] == 200
-    body = {"model": MODEL, "messages": first + [{"role": "user", "content": "more"}], "max_tokens": 30,
-            "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "messages": first + [{"role": "user", "content": "more"}],
+        "max_tokens": 30,
+        "ignore_eos": True,
+    }
     wait_until(lambda: explain(stack.kill, body)["chosen"] == "w1", what="w1's prefix in the index")
 
     results: list[tuple[int, str]] = []

@@ -46,8 +46,10 @@ class Worker:
         return f"http://127.0.0.1:{self.port}"
 
     def flag(self) -> str:
-        return (f"--worker=id={self.worker_id},url={self.url},kv_events_endpoint=tcp://127.0.0.1:{self.events},"
-                f"kv_events_replay_endpoint=tcp://127.0.0.1:{self.replay}")
+        return (
+            f"--worker=id={self.worker_id},url={self.url},kv_events_endpoint=tcp://127.0.0.1:{self.events},"
+            f"kv_events_replay_endpoint=tcp://127.0.0.1:{self.replay}"
+        )
 
 
 @dataclass
@@ -66,18 +68,42 @@ class Gateway:
 def start_worker(worker_id: str, log_dir: Path, *extra: str) -> Worker:
     port, events, replay = free_port(), free_port(), free_port()
     proc = python_module(
-        "worker.sim", "--host", "127.0.0.1", "--port", port, "--model-dir", TINY_MODEL, "--max-model-len", CONTEXT,
-        "--kv-events-endpoint", f"tcp://127.0.0.1:{events}", "--kv-events-replay-endpoint", f"tcp://127.0.0.1:{replay}",
-        *extra, log_path=log_dir / f"{worker_id}.log",
+        "worker.sim",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--model-dir",
+        TINY_MODEL,
+        "--max-model-len",
+        CONTEXT,
+        "--kv-events-endpoint",
+        f"tcp://127.0.0.1:{events}",
+        "--kv-events-replay-endpoint",
+        f"tcp://127.0.0.1:{replay}",
+        *extra,
+        log_path=log_dir / f"{worker_id}.log",
     )
     return Worker(worker_id, port, events, replay, proc)
 
 
 def start_gateway(name: str, log_dir: Path, *flags: str) -> Gateway:
     port = free_port()
-    proc = python_module("kvgate.gateway", "--port", port, "--model", TINY_MODEL, "--context-length", CONTEXT,
-                         "--health-interval", "0.5", "--load-interval", "0.5", *flags,
-                         log_path=log_dir / f"gateway-{name}.log")
+    proc = python_module(
+        "kvgate.gateway",
+        "--port",
+        port,
+        "--model",
+        TINY_MODEL,
+        "--context-length",
+        CONTEXT,
+        "--health-interval",
+        "0.5",
+        "--load-interval",
+        "0.5",
+        *flags,
+        log_path=log_dir / f"gateway-{name}.log",
+    )
     return Gateway(port, proc)
 
 
@@ -91,8 +117,9 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 def post(url: str, body: bytes | dict, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
@@ -162,15 +189,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for w in workers.values():
             wait_http(w.url + "/health", timeout=60, proc=w.proc)
         flags = [w.flag() for w in workers.values()]
-        kv = start_gateway("kv", log_dir, "--router-mode", "kv", "--client-max-size", BODY_LIMIT,
-                           "--lora-adapter", LORA, *flags)
+        kv = start_gateway(
+            "kv", log_dir, "--router-mode", "kv", "--client-max-size", BODY_LIMIT, "--lora-adapter", LORA, *flags
+        )
         rr = start_gateway("rr", log_dir, "--router-mode", "round-robin", *flags)
         procs += [kv.proc, rr.proc]
         for g in (kv, rr):
             wait_http(g.url + "/health", timeout=60, proc=g.proc)
             # Ready means every worker up, not just one: the tests below count on both.
-            wait_until(lambda g=g: all(json.loads(get(g.url + "/health")[2])["workers"].values()),
-                       what="all workers up")
+            wait_until(
+                lambda g=g: all(json.loads(get(g.url + "/health")[2])["workers"].values()), what="all workers up"
+            )
         yield Stack(workers, kv, rr)
     finally:
         stop_all(*procs)
@@ -181,7 +210,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def test_sdk_chat(stack: Stack) -> None:
     raw = stack.kv.client().chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=8)
+        model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=8
+    )
     completion = raw.parse()
     assert raw.headers["x-kvgate-worker"] in stack.workers
     assert completion.choices[0].message.content
@@ -191,8 +221,12 @@ def test_sdk_chat(stack: Stack) -> None:
 
 def test_sdk_chat_stream(stack: Stack) -> None:
     raw = stack.kv.client().chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "Stream something."}], max_tokens=12, stream=True,
-        stream_options={"include_usage": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Stream something."}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     assert raw.headers["x-kvgate-worker"] in stack.workers
     assert raw.headers["content-type"].startswith("text/event-stream")
     chunks = list(raw.parse())
@@ -226,9 +260,17 @@ def test_sdk_models_and_errors(stack: Stack) -> None:
 
 def test_raw_stream_is_relayed_as_sse(stack: Stack) -> None:
     # ignore_eos is a vLLM extension the gateway does not know: it must still reach the worker.
-    status, headers, body = post(stack.kv.url + "/v1/chat/completions", {
-        "model": MODEL, "messages": [{"role": "user", "content": "raw"}], "max_tokens": 40, "ignore_eos": True,
-        "stream": True, "stream_options": {"include_usage": True}})
+    status, headers, body = post(
+        stack.kv.url + "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "raw"}],
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert status == 200 and headers["x-kvgate-worker"] in stack.workers
     events = [line[6:] for line in body.decode().split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -237,8 +279,11 @@ def test_raw_stream_is_relayed_as_sse(stack: Stack) -> None:
 
 
 def test_raw_non_stream_passthrough(stack: Stack) -> None:
-    status, headers, body = post(stack.kv.url + "/v1/completions", {
-        "model": MODEL, "prompt": "abc", "max_tokens": 30, "ignore_eos": True}, headers={"X-Request-Id": "abc-123"})
+    status, headers, body = post(
+        stack.kv.url + "/v1/completions",
+        {"model": MODEL, "prompt": "abc", "max_tokens": 30, "ignore_eos": True},
+        headers={"X-Request-Id": "abc-123"},
+    )
     assert status == 200
     assert headers["x-kvgate-worker"] in stack.workers
     assert json.loads(body)["usage"]["completion_tokens"] == 30
@@ -252,13 +297,16 @@ def test_next_turn_lands_on_the_worker_holding_the_prefix(stack: Stack) -> None:
     # Turn 1 goes straight to w1, behind the gateway's back: only w1's KV events can
     # tell the gateway where the prefix lives (an idle tie would otherwise go to w0).
     first = conversation("astronomy")
-    status, _, body = post(stack.workers["w1"].url + "/v1/chat/completions",
-                           {"model": MODEL, "messages": first, "max_tokens": 8})
+    status, _, body = post(
+        stack.workers["w1"].url + "/v1/chat/completions", {"model": MODEL, "messages": first, "max_tokens": 8}
+    )
     assert status == 200
     reply = json.loads(body)["choices"][0]["message"]["content"]
     nxt = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
-    explained = wait_until(lambda: (e := explain(stack.kv, {"model": MODEL, "messages": nxt}))
-                           and overlap_of(e, "w1")["gpu"] > 0 and e, what="w1's prefix in the index")
+    explained = wait_until(
+        lambda: (e := explain(stack.kv, {"model": MODEL, "messages": nxt})) and overlap_of(e, "w1")["gpu"] > 0 and e,
+        what="w1's prefix in the index",
+    )
     assert explained["chosen"] == "w1"
     assert overlap_of(explained, "w0")["blocks"] == 0
 
@@ -268,10 +316,14 @@ def test_next_turn_lands_on_the_worker_holding_the_prefix(stack: Stack) -> None:
     assert usage.prompt_tokens_details.cached_tokens > 0
 
     after = metrics(stack.kv.url)
-    assert metric(after, "kvgate_cached_tokens_total", worker="w1") - metric(
-        before, "kvgate_cached_tokens_total", worker="w1") == usage.prompt_tokens_details.cached_tokens
+    assert (
+        metric(after, "kvgate_cached_tokens_total", worker="w1")
+        - metric(before, "kvgate_cached_tokens_total", worker="w1")
+        == usage.prompt_tokens_details.cached_tokens
+    )
     gained = metric(after, "kvgate_overlap_blocks_total", worker="w1", tier="GPU") - metric(
-        before, "kvgate_overlap_blocks_total", worker="w1", tier="GPU")
+        before, "kvgate_overlap_blocks_total", worker="w1", tier="GPU"
+    )
     assert gained == overlap_of(explained, "w1")["gpu"] > 0
     assert metric(after, "kvgate_request_prefix_hit_rate_count", worker="w1") > 0
     assert metric(after, "kvgate_index_blocks", worker="w1", tier="GPU") > 0
@@ -298,11 +350,15 @@ def test_debug_route_explains_without_forwarding(stack: Stack) -> None:
 
 def test_lora_adapter_requests_hash_apart(stack: Stack) -> None:
     first = conversation("zoology")
-    assert post(stack.workers["w1"].url + "/v1/chat/completions",
-                {"model": MODEL, "messages": first, "max_tokens": 2})[0] == 200
+    assert (
+        post(stack.workers["w1"].url + "/v1/chat/completions", {"model": MODEL, "messages": first, "max_tokens": 2})[0]
+        == 200
+    )
     nxt = first + [{"role": "user", "content": "More?"}]
-    wait_until(lambda: overlap_of(explain(stack.kv, {"model": MODEL, "messages": nxt}), "w1")["blocks"] > 0,
-               what="w1's prefix in the index")
+    wait_until(
+        lambda: overlap_of(explain(stack.kv, {"model": MODEL, "messages": nxt}), "w1")["blocks"] > 0,
+        what="w1's prefix in the index",
+    )
     # The same tokens under an adapter are other blocks: no worker holds them.
     adapter = explain(stack.kv, {"model": LORA, "messages": nxt})
     assert all(c["overlap"]["blocks"] == 0 for c in adapter["candidates"])
@@ -311,9 +367,14 @@ def test_lora_adapter_requests_hash_apart(stack: Stack) -> None:
 
 def test_round_robin_alternates(stack: Stack) -> None:
     client = stack.rr.client()
-    served = [client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "same prompt every time"}], max_tokens=2,
-    ).headers["x-kvgate-worker"] for _ in range(6)]
+    served = [
+        client.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "same prompt every time"}],
+            max_tokens=2,
+        ).headers["x-kvgate-worker"]
+        for _ in range(6)
+    ]
     assert all(a != b for a, b in zip(served, served[1:])), served
     assert set(served) == set(stack.workers)
 
@@ -331,10 +392,20 @@ ERROR_CASES = [
     ("empty body", "/v1/completions", b"", 400, None),
     ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400, "messages"),
     ("empty messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("message without role", "/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400,
-     "messages[0].role"),
-    ("message content wrong type", "/v1/chat/completions",
-     {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (
+        "message without role",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
+    (
+        "message content wrong type",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+    ),
     ("max_tokens zero", "/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
     ("max_tokens string", "/v1/chat/completions", _chat(max_tokens="5"), 400, "max_tokens"),
     ("max_tokens bool", "/v1/chat/completions", _chat(max_tokens=True), 400, "max_tokens"),
@@ -344,12 +415,27 @@ ERROR_CASES = [
     ("prompt wrong type", "/v1/completions", {"model": MODEL, "prompt": {"a": 1}}, 400, "prompt"),
     ("prompt token out of vocabulary", "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "prompt"),
     ("unknown model", "/v1/completions", {"model": "gpt-99", "prompt": "x"}, 404, "model"),
-    ("prompt over the context length", "/v1/completions", {"model": MODEL, "prompt": "word " * (CONTEXT + 100)},
-     400, "prompt"),
-    ("prompt + max_tokens over the context length", "/v1/completions",
-     {"model": MODEL, "prompt": "hello", "max_tokens": CONTEXT}, 400, "prompt"),
-    ("chat over the context length", "/v1/chat/completions",
-     {"model": MODEL, "messages": [{"role": "user", "content": "word " * (CONTEXT + 100)}]}, 400, "messages"),
+    (
+        "prompt over the context length",
+        "/v1/completions",
+        {"model": MODEL, "prompt": "word " * (CONTEXT + 100)},
+        400,
+        "prompt",
+    ),
+    (
+        "prompt + max_tokens over the context length",
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hello", "max_tokens": CONTEXT},
+        400,
+        "prompt",
+    ),
+    (
+        "chat over the context length",
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "word " * (CONTEXT + 100)}]},
+        400,
+        "messages",
+    ),
     ("body over the size limit", "/v1/chat/completions", b'{"pad": "' + b"x" * (BODY_LIMIT + 10) + b'"}', 413, None),
 ]
 
@@ -393,12 +479,22 @@ def test_health_and_metrics_endpoints(stack: Stack) -> None:
 
 
 def test_client_disconnect_mid_stream_frees_the_worker(stack: Stack) -> None:
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a very long story"}],
-                       "max_tokens": 4000, "ignore_eos": True, "stream": True}).encode()
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "a very long story"}],
+            "max_tokens": 4000,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", stack.kv.port), timeout=30)
     try:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         received = b""
         while b"data: " not in received:
             received += sock.recv(65536)
@@ -408,11 +504,14 @@ def test_client_disconnect_mid_stream_frees_the_worker(stack: Stack) -> None:
         assert metric(metrics(worker_url), "vllm:num_requests_running") == 1
     finally:
         sock.close()
-    wait_until(lambda: metric(metrics(stack.kv.url), "kvgate_active_requests", worker=worker) == 0,
-               what="the gateway freeing the request's load")
+    wait_until(
+        lambda: metric(metrics(stack.kv.url), "kvgate_active_requests", worker=worker) == 0,
+        what="the gateway freeing the request's load",
+    )
     # The upstream request was cancelled too: the worker stops generating.
-    wait_until(lambda: metric(metrics(worker_url), "vllm:num_requests_running") == 0,
-               what="the worker aborting the generation")
+    wait_until(
+        lambda: metric(metrics(worker_url), "vllm:num_requests_running") == 0, what="the worker aborting the generation"
+    )
     assert metric(metrics(stack.kv.url), "kvgate_client_disconnects_total", worker=worker) == 1
 
 

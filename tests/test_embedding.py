@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_the_readme_example_runs_and_routes_to_the_holder(capsys) -> None:
     text = README.read_text()
-    section = text[text.index("### Embedding"):]
+    section = text[text.index("### Embedding") :]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None
     scope: dict[str, object] = {}

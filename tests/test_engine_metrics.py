@@ -45,7 +45,7 @@ def test_engine_load_sums_model_names_and_takes_the_highest_usage() -> None:
 
 
 def test_engine_load_older_vllm_names_and_gaps() -> None:
-    older = ("vllm:num_requests_running 1\nvllm:num_requests_waiting 4\nvllm:gpu_cache_usage_perc 0.75\n")
+    older = "vllm:num_requests_running 1\nvllm:num_requests_waiting 4\nvllm:gpu_cache_usage_perc 0.75\n"
     assert parse_engine_load(older, 1) == {0: (1, 4, 0.75)}
     assert parse_engine_load(older, 1)[0].kv_usage == 0.75
     # Both names on one page (vLLM's deprecation window): the current one is read.

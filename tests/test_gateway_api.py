@@ -6,10 +6,10 @@ import json
 
 import orjson
 import pytest
-
-from kvgate.gateway.errors import ApiError, from_http_exception, model_not_found
-from kvgate.gateway.api import parse_chat, parse_completion
 from aiohttp import web
+
+from kvgate.gateway.api import parse_chat, parse_completion
+from kvgate.gateway.errors import ApiError, from_http_exception, model_not_found
 
 
 def body(**fields) -> bytes:
@@ -17,13 +17,23 @@ def body(**fields) -> bytes:
 
 
 def test_chat_fields_routing_needs() -> None:
-    parsed = parse_chat(body(model="m", stream=True, max_completion_tokens=7, max_tokens=9,
-                             messages=[{"role": "system", "content": "s"},
-                                       {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                                       {"role": "assistant", "tool_calls": [{"id": "1"}]},
-                                       {"role": "assistant", "content": None}],
-                             tools=[{"type": "function", "function": {"name": "f"}}],
-                             chat_template_kwargs={"enable_thinking": False}, logit_bias={"1": 2}))
+    parsed = parse_chat(
+        body(
+            model="m",
+            stream=True,
+            max_completion_tokens=7,
+            max_tokens=9,
+            messages=[
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "tool_calls": [{"id": "1"}]},
+                {"role": "assistant", "content": None},
+            ],
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            chat_template_kwargs={"enable_thinking": False},
+            logit_bias={"1": 2},
+        )
+    )
     assert parsed.model == "m" and parsed.stream is True
     assert parsed.max_tokens == 7  # max_completion_tokens wins, as in vLLM
     assert len(parsed.messages) == 4
@@ -34,31 +44,37 @@ def test_model_is_optional_as_in_vllm() -> None:
     assert parse_completion(body(prompt="x")).model is None
 
 
-@pytest.mark.parametrize("prompt,expected", [
-    ("text", ["text"]),
-    (["a", "b"], ["a", "b"]),
-    ([1, 2, 3], [[1, 2, 3]]),
-    ([[1, 2], [3]], [[1, 2], [3]]),
-])
+@pytest.mark.parametrize(
+    "prompt,expected",
+    [
+        ("text", ["text"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        ([[1, 2], [3]], [[1, 2], [3]]),
+    ],
+)
 def test_completion_prompt_forms(prompt, expected) -> None:
     assert parse_completion(body(prompt=prompt)).prompts == expected
 
 
-@pytest.mark.parametrize("fields,param", [
-    ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"messages": [{"role": "", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
-    ({"messages": [{"role": "user", "content": "x"}], "stream_options": []}, "stream_options"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": {}}, "tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": "yes"}, "add_generation_prompt"),
-])
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "stream_options": []}, "stream_options"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": {}}, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": "yes"}, "add_generation_prompt"),
+    ],
+)
 def test_chat_rejections_name_the_field(fields, param) -> None:
     with pytest.raises(ApiError) as err:
         parse_chat(body(**fields))
@@ -86,8 +102,14 @@ def test_not_a_json_object(raw: bytes) -> None:
 def test_error_body_is_openai_shaped() -> None:
     err = model_not_found("x")
     payload = json.loads(err.body())
-    assert payload == {"error": {"message": "The model `x` does not exist.", "type": "invalid_request_error",
-                                 "param": "model", "code": "model_not_found"}}
+    assert payload == {
+        "error": {
+            "message": "The model `x` does not exist.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
     response = err.response("w3")
     assert response.status == 404 and response.headers["x-kvgate-worker"] == "w3"
     too_large = from_http_exception(web.HTTPRequestEntityTooLarge(max_size=10, actual_size=20))

@@ -26,10 +26,15 @@ def test_defaults_without_any_source() -> None:
 
 
 def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
-    path = write(tmp_path, "port: 9001\nhost: 0.0.0.0\nread_timeout: 5\nrouter_mode: random\n"
-                           "kv: {temperature: 0.5, weights: {decode_weight: 2.0}}\n")
-    config = load_config(["--config", path, "--port", "9003", "--kv-decode-weight", "3"],
-                         environ={"KVGATE_PORT": "9002", "KVGATE_HOST": "127.0.0.2", "KVGATE_ACCESS_LOG": "true"})
+    path = write(
+        tmp_path,
+        "port: 9001\nhost: 0.0.0.0\nread_timeout: 5\nrouter_mode: random\n"
+        "kv: {temperature: 0.5, weights: {decode_weight: 2.0}}\n",
+    )
+    config = load_config(
+        ["--config", path, "--port", "9003", "--kv-decode-weight", "3"],
+        environ={"KVGATE_PORT": "9002", "KVGATE_HOST": "127.0.0.2", "KVGATE_ACCESS_LOG": "true"},
+    )
     assert config.port == 9003  # flag beats env beats YAML
     assert config.host == "127.0.0.2"  # env beats YAML
     assert config.read_timeout == 5.0 and isinstance(config.read_timeout, float)
@@ -53,8 +58,15 @@ def test_every_option_is_a_documented_flag() -> None:
 
 
 def test_worker_flags_and_yaml_workers(tmp_path: Path) -> None:
-    config = load_config(["--worker", "url=http://127.0.0.1:8001,kv_events_endpoint=tcp://127.0.0.1:5557",
-                          "--worker", "http://127.0.0.1:8002"], environ={})
+    config = load_config(
+        [
+            "--worker",
+            "url=http://127.0.0.1:8001,kv_events_endpoint=tcp://127.0.0.1:5557",
+            "--worker",
+            "http://127.0.0.1:8002",
+        ],
+        environ={},
+    )
     assert [w["id"] for w in config.workers] == ["w0", "w1"]
     infos = config.static_discovery().workers
     assert infos[0].kv_events_endpoint == "tcp://127.0.0.1:5557" and infos[1].kv_events_endpoint is None
@@ -67,19 +79,22 @@ def test_shipped_demo_config_loads() -> None:
     assert config.kv.busy.max_waiting == 64
 
 
-@pytest.mark.parametrize("text,message", [
-    ("prot: 1\n", "unknown option(s) prot"),
-    ("port: eighty\n", "port must be int"),
-    ("router_mode: fastest\n", "router_mode must be one of"),
-    ("read_timeout: 0\n", "read_timeout must be > 0"),
-    ("kv: {mode: kv}\n", "top-level router_mode"),
-    ("kv: {weights: {cpu_load_fraction: 3}}\n", "cpu_load_fraction must be <= 1"),
-    ("workers: [{id: a, url: http://h:1}, {id: a, url: http://h:2}]\n", "duplicate worker id"),
-    ("workers: [{id: a, url: ftp://h:1}]\n", "base_url must look like http"),
-    ("workers: [{id: a, url: 'http://h:1', colour: red}]\n", "unknown key(s) colour"),
-    ("- just a list\n", "must be a mapping"),
-    ("port: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("prot: 1\n", "unknown option(s) prot"),
+        ("port: eighty\n", "port must be int"),
+        ("router_mode: fastest\n", "router_mode must be one of"),
+        ("read_timeout: 0\n", "read_timeout must be > 0"),
+        ("kv: {mode: kv}\n", "top-level router_mode"),
+        ("kv: {weights: {cpu_load_fraction: 3}}\n", "cpu_load_fraction must be <= 1"),
+        ("workers: [{id: a, url: http://h:1}, {id: a, url: http://h:2}]\n", "duplicate worker id"),
+        ("workers: [{id: a, url: ftp://h:1}]\n", "base_url must look like http"),
+        ("workers: [{id: a, url: 'http://h:1', colour: red}]\n", "unknown key(s) colour"),
+        ("- just a list\n", "must be a mapping"),
+        ("port: [\n", "not valid YAML"),
+    ],
+)
 def test_bad_yaml_fails_at_start_naming_the_key(tmp_path: Path, capsys, text: str, message: str) -> None:
     with pytest.raises(SystemExit):
         load_config(["--config", write(tmp_path, text)], environ={})

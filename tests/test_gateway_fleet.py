@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import zmq
 import zmq.asyncio
 
-import pytest
-
+from kvgate.dev.launch import free_port
 from kvgate.gateway.app import Gateway
 from kvgate.gateway.config import config_from_dict, load_config
 from kvgate.protocol.events import BlockStored, EventBatch, WorkerKey
 from kvgate.protocol.wire import encode_batch, encode_frames
 from kvgate.protocol.worker_record import WorkerInfo
-from kvgate.dev.launch import free_port
 from tests.helpers import TINY_MODEL, until
 from tests.test_zmq_source import Publisher, tcp
 
@@ -29,8 +28,14 @@ async def test_registry_changes_start_and_stop_sources_and_drop_index_state() ->
     pub.bind(f"tcp://127.0.0.1:{events_port}")
     await gateway.start()
     try:
-        gateway.registry.put(WorkerInfo("w9", f"http://127.0.0.1:{free_port()}", "kvgate-tiny",
-                                        kv_events_endpoint=f"tcp://127.0.0.1:{events_port}"))
+        gateway.registry.put(
+            WorkerInfo(
+                "w9",
+                f"http://127.0.0.1:{free_port()}",
+                "kvgate-tiny",
+                kv_events_endpoint=f"tcp://127.0.0.1:{events_port}",
+            )
+        )
         assert set(gateway.fleet.sources) == {"w9"} and gateway.fleet.up == {"w9": False}
         batch = EventBatch(0.0, [BlockStored([11, 12], None, list(range(128)), 64)], 0)
         seq = 0
@@ -41,7 +46,7 @@ async def test_registry_changes_start_and_stop_sources_and_drop_index_state() ->
             await asyncio.sleep(0.05)
             assert seq < 200, "events never reached the index"
         assert gateway.indexer.block_counts() == {WorkerKey("w9"): (2, 0, 0)}
-        assert "kvgate_index_blocks{dp_rank=\"0\",tier=\"GPU\",worker=\"w9\"} 2.0" in gateway.metrics.render().decode()
+        assert 'kvgate_index_blocks{dp_rank="0",tier="GPU",worker="w9"} 2.0' in gateway.metrics.render().decode()
 
         gateway.registry.remove("w9")
         assert gateway.indexer.block_counts() == {}
@@ -55,8 +60,9 @@ async def test_registry_changes_start_and_stop_sources_and_drop_index_state() ->
 
 async def test_an_idle_workers_batch_published_before_the_gateway_subscribed_is_caught_up() -> None:
     events_port, replay_port = free_port(), free_port()
-    config = load_config(["--model", str(TINY_MODEL), "--health-interval", "60",
-                          "--events-catch-up-interval", "0.05"], environ={})
+    config = load_config(
+        ["--model", str(TINY_MODEL), "--health-interval", "60", "--events-catch-up-interval", "0.05"], environ={}
+    )
     gateway = Gateway(config)
     ctx = zmq.asyncio.Context()
     engine = Publisher(ctx, events_port, replay_port)
@@ -64,9 +70,15 @@ async def test_an_idle_workers_batch_published_before_the_gateway_subscribed_is_
     await engine.publish(EventBatch(0.0, [BlockStored([11, 12], None, list(range(128)), 64)], 0))  # to nobody
     await gateway.start()
     try:
-        gateway.registry.put(WorkerInfo("w9", f"http://127.0.0.1:{free_port()}", "kvgate-tiny",
-                                        kv_events_endpoint=tcp(events_port),
-                                        kv_events_replay_endpoint=tcp(replay_port)))
+        gateway.registry.put(
+            WorkerInfo(
+                "w9",
+                f"http://127.0.0.1:{free_port()}",
+                "kvgate-tiny",
+                kv_events_endpoint=tcp(events_port),
+                kv_events_replay_endpoint=tcp(replay_port),
+            )
+        )
         source = gateway.fleet.sources["w9"]
         assert source.config.catch_up_interval == 0.05
         await until(lambda: gateway.indexer.block_counts() == {WorkerKey("w9"): (2, 0, 0)}, "caught up")

@@ -10,10 +10,12 @@ def sse(*events: str) -> bytes:
 
 
 def test_usage_from_the_final_chunk() -> None:
-    tail = sse('{"choices":[{"delta":{"content":"a"}}],"usage":null}',
-               '{"choices":[],"usage":{"prompt_tokens":130,"completion_tokens":2,'
-               '"prompt_tokens_details":{"cached_tokens":128}}}',
-               "[DONE]")
+    tail = sse(
+        '{"choices":[{"delta":{"content":"a"}}],"usage":null}',
+        '{"choices":[],"usage":{"prompt_tokens":130,"completion_tokens":2,'
+        '"prompt_tokens_details":{"cached_tokens":128}}}',
+        "[DONE]",
+    )
     exchange = Exchange(0.0)
     exchange.read_usage(usage_from_sse(tail))
     assert exchange.cached_tokens == 128
@@ -24,8 +26,10 @@ def test_usage_absent_null_or_cut() -> None:
     assert usage_from_sse(sse("[DONE]")) is None
     # The tail may start mid-event: the broken first line is skipped, not fatal.
     assert usage_from_sse(b'ns":[],"usage":{"prompt_tokens":1}}\n\n' + sse("[DONE]")) is None
-    continuous = sse('{"usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":1}}}',
-                     '{"usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}}')
+    continuous = sse(
+        '{"usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":1}}}',
+        '{"usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}}',
+    )
     assert usage_from_sse(continuous)["prompt_tokens_details"]["cached_tokens"] == 4
 
 

@@ -18,8 +18,9 @@ PROMPT = list(range(200))  # 3 full blocks of 64
 
 def setup() -> tuple[Router, GatewayMetrics]:
     indexer = KvIndexer(block_size=64)
-    registry = StaticDiscovery([{"id": "w0", "url": "http://127.0.0.1:1"},
-                                {"id": "w1", "url": "http://127.0.0.1:2"}]).registry()
+    registry = StaticDiscovery(
+        [{"id": "w0", "url": "http://127.0.0.1:1"}, {"id": "w1", "url": "http://127.0.0.1:2"}]
+    ).registry()
     indexer.apply_router_events(WorkerKey("w0"), [RouterStored(sequence_hashes(PROMPT, 64)[:2])])
     router = Router(RouterConfig(), indexer, registry)
     metrics = GatewayMetrics()

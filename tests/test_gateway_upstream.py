@@ -11,12 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
-
-from kvgate.gateway.config import GatewayConfig
-from kvgate.gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
 from multidict import CIMultiDict
 
 from kvgate.dev.launch import free_port
+from kvgate.gateway.config import GatewayConfig
+from kvgate.gateway.upstream import Upstream, UpstreamFailure, forward_headers, response_headers
 
 Answer = Sequence[bytes]
 
@@ -40,8 +39,14 @@ class Scripted:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
                 self.requests.append(head + await reader.readexactly(length))
                 for piece in self.answers(len(self.requests) - 1):
                     writer.write(piece)
@@ -64,9 +69,11 @@ def bytewise(data: bytes) -> list[bytes]:
     return [data[i : i + 1] for i in range(len(data))]
 
 
-CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-           b"X-Worker-Note: kept\r\n\r\n"
-           b"f\r\ndata: {\"a\":1}\n\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n")
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+    b"X-Worker-Note: kept\r\n\r\n"
+    b'f\r\ndata: {"a":1}\n\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n'
+)
 
 
 @pytest.fixture
@@ -100,7 +107,7 @@ async def test_chunked_split_anywhere_then_keep_alive(upstream: Upstream) -> Non
 async def test_content_length_interim_answer_and_close_delimited(upstream: Upstream) -> None:
     answers = [
         [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n", b"\r\nabc", b"defg"],
-        [b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"body\":", b" \"until close\"}"],
+        [b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"body":', b' "until close"}'],
     ]
     server = Scripted(lambda n: answers[n], close_after=True)
     url = await server.start()
@@ -132,23 +139,51 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 BIG_HEADER = b"X-Big: " + b"a" * 70_000 + b"\r\n"
 
 
-@pytest.mark.parametrize(("answer", "fails_at", "message"), [
-    pytest.param(bytewise(b"HTPT/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), "post", "bad response head",
-                 id="garbage-status-line"),
-    pytest.param([b"HTTP/1.1 2x0 OK\r\n\r\n"], "post", "bad response head", id="bad-status-code"),
-    pytest.param([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"], "post",
-                 "bad response head", id="two-content-lengths"),
-    pytest.param([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"], "post",
-                 "unexpected protocol switch", id="protocol-switch"),
-    pytest.param([b"HTTP/1.1 200 OK\r\n" + BIG_HEADER + b"Content-Length: 2\r\n\r\nok"], "post",
-                 "response head too large", id="oversized-head"),
-    pytest.param([b"HTTP/1.1 200 OK\r\nX-Endless: "] + [b"a" * 8192] * 10, "post", "response head too large",
-                 id="unterminated-head"),
-    pytest.param(bytewise(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"), "read",
-                 "bad chunk framing", id="bad-chunk-size"),
-])
+@pytest.mark.parametrize(
+    ("answer", "fails_at", "message"),
+    [
+        pytest.param(
+            bytewise(b"HTPT/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            "post",
+            "bad response head",
+            id="garbage-status-line",
+        ),
+        pytest.param([b"HTTP/1.1 2x0 OK\r\n\r\n"], "post", "bad response head", id="bad-status-code"),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"],
+            "post",
+            "bad response head",
+            id="two-content-lengths",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"],
+            "post",
+            "unexpected protocol switch",
+            id="protocol-switch",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\n" + BIG_HEADER + b"Content-Length: 2\r\n\r\nok"],
+            "post",
+            "response head too large",
+            id="oversized-head",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nX-Endless: "] + [b"a" * 8192] * 10,
+            "post",
+            "response head too large",
+            id="unterminated-head",
+        ),
+        pytest.param(
+            bytewise(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n"),
+            "read",
+            "bad chunk framing",
+            id="bad-chunk-size",
+        ),
+    ],
+)
 async def test_malformed_answer_is_a_disconnect_and_drops_the_connection(
-        upstream: Upstream, answer: Answer, fails_at: str, message: str) -> None:
+    upstream: Upstream, answer: Answer, fails_at: str, message: str
+) -> None:
     server = Scripted(lambda n: answer if n == 0 else [OK])
     url = await server.start()
     try:
@@ -169,15 +204,20 @@ async def test_malformed_answer_is_a_disconnect_and_drops_the_connection(
         await server.stop()
 
 
-@pytest.mark.parametrize("answer", [
-    # The server keeps these connections open: the client alone must decide not to reuse them.
-    pytest.param([b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"], id="connection-close"),
-    pytest.param([b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"], id="http-1.0"),
-    pytest.param([OK + b"XY"], id="length-then-bytes"),
-    pytest.param([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n" + OK],
-                 id="chunked-then-a-second-answer"),
-    pytest.param([OK, b"garbage"], id="length-then-later-bytes"),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # The server keeps these connections open: the client alone must decide not to reuse them.
+        pytest.param([b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"], id="connection-close"),
+        pytest.param([b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"], id="http-1.0"),
+        pytest.param([OK + b"XY"], id="length-then-bytes"),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n" + OK],
+            id="chunked-then-a-second-answer",
+        ),
+        pytest.param([OK, b"garbage"], id="length-then-later-bytes"),
+    ],
+)
 async def test_answers_that_forbid_reuse(upstream: Upstream, answer: Answer) -> None:
     server = Scripted(lambda n: answer if n == 0 else [OK])
     url = await server.start()
@@ -192,10 +232,13 @@ async def test_answers_that_forbid_reuse(upstream: Upstream, answer: Answer) -> 
         await server.stop()
 
 
-@pytest.mark.parametrize("answer", [
-    pytest.param([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"], id="length"),
-    pytest.param([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"], id="chunked"),
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"], id="length"),
+        pytest.param([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"], id="chunked"),
+    ],
+)
 async def test_close_before_the_body_ends_is_a_disconnect(upstream: Upstream, answer: Answer) -> None:
     server = Scripted(lambda n: answer, close_after=True)
     url = await server.start()
@@ -280,27 +323,55 @@ async def test_idle_connection_closed_by_the_worker_is_replaced(upstream: Upstre
 
 
 def test_header_filters_drop_hop_by_hop() -> None:
-    sent = forward_headers({"Host": "gw", "Content-Length": "3", "Connection": "keep-alive",
-                            "Authorization": "Bearer k", "X-Request-Id": "r1"})
+    sent = forward_headers(
+        {
+            "Host": "gw",
+            "Content-Length": "3",
+            "Connection": "keep-alive",
+            "Authorization": "Bearer k",
+            "X-Request-Id": "r1",
+        }
+    )
     assert sent == [("Authorization", "Bearer k"), ("X-Request-Id", "r1")]
     # Headers the client's Connection names are hop-by-hop too; the decoded body loses its encoding.
-    sent = forward_headers(CIMultiDict([("Connection", "close, X-Secret-Hop"), ("X-Secret-Hop", "1"),
-                                        ("Content-Encoding", "gzip"), ("X-Kept", "2")]))
+    sent = forward_headers(
+        CIMultiDict(
+            [
+                ("Connection", "close, X-Secret-Hop"),
+                ("X-Secret-Hop", "1"),
+                ("Content-Encoding", "gzip"),
+                ("X-Kept", "2"),
+            ]
+        )
+    )
     assert sent == [("X-Kept", "2")]
-    relayed = response_headers({"Transfer-Encoding": "chunked", "Content-Type": "text/event-stream",
-                                "Date": "now", "Server": "uvicorn", "X-Request-Id": "r1"})
+    relayed = response_headers(
+        {
+            "Transfer-Encoding": "chunked",
+            "Content-Type": "text/event-stream",
+            "Date": "now",
+            "Server": "uvicorn",
+            "X-Request-Id": "r1",
+        }
+    )
     assert dict(relayed) == {"Content-Type": "text/event-stream", "X-Request-Id": "r1"}
 
 
 def test_the_client_address_is_appended_to_forwarding_headers() -> None:
     headers = CIMultiDict([("X-Forwarded-For", "203.0.113.7"), ("Forwarded", "for=203.0.113.7"), ("X-A", "1")])
     sent = forward_headers(headers, client="127.0.0.5")
-    assert sent == [("X-A", "1"), ("X-Forwarded-For", "203.0.113.7, 127.0.0.5"),
-                    ("Forwarded", "for=203.0.113.7, for=127.0.0.5")]
+    assert sent == [
+        ("X-A", "1"),
+        ("X-Forwarded-For", "203.0.113.7, 127.0.0.5"),
+        ("Forwarded", "for=203.0.113.7, for=127.0.0.5"),
+    ]
     assert forward_headers(CIMultiDict(), client="::1") == [("X-Forwarded-For", "::1"), ("Forwarded", 'for="[::1]"')]
     # Without a known peer, what the client sent passes as it was.
-    assert forward_headers(headers) == [("X-A", "1"), ("X-Forwarded-For", "203.0.113.7"),
-                                        ("Forwarded", "for=203.0.113.7")]
+    assert forward_headers(headers) == [
+        ("X-A", "1"),
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("Forwarded", "for=203.0.113.7"),
+    ]
 
 
 async def test_header_values_beyond_latin_1_reach_the_worker_byte_for_byte() -> None:

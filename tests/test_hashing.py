@@ -47,7 +47,8 @@ def test_a_partial_last_block_is_not_hashed() -> None:
 def test_chaining_continues_from_a_parent() -> None:
     assert chain_hashes(LOCAL[1:], parent=SEQUENCE[0]) == SEQUENCE[1:]
     assert sequence_hashes(TOKENS[64:], 64, parent=SEQUENCE[0])[:1] == [
-        xxhash.xxh3_64_intdigest(struct.pack("<QQ", SEQUENCE[0], LOCAL[1]), seed=BASE_SEED)]
+        xxhash.xxh3_64_intdigest(struct.pack("<QQ", SEQUENCE[0], LOCAL[1]), seed=BASE_SEED)
+    ]
 
 
 def test_block_size_must_be_positive() -> None:
@@ -58,6 +59,8 @@ def test_block_size_must_be_positive() -> None:
 @given(st.lists(st.integers(0, 2**32 - 1), max_size=300), st.integers(1, 80))
 def test_local_hashes_are_xxh3_of_u32_little_endian_blocks(tokens: list[int], block_size: int) -> None:
     assert pack_tokens(tokens) == struct.pack(f"<{len(tokens)}I", *tokens)
-    expected = [xxhash.xxh3_64_intdigest(struct.pack(f"<{block_size}I", *tokens[i:i + block_size]), seed=BASE_SEED)
-                for i in range(0, len(tokens) - block_size + 1, block_size)]
+    expected = [
+        xxhash.xxh3_64_intdigest(struct.pack(f"<{block_size}I", *tokens[i : i + block_size]), seed=BASE_SEED)
+        for i in range(0, len(tokens) - block_size + 1, block_size)
+    ]
     assert local_block_hashes(tokens, block_size) == expected

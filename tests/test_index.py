@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvgate.indexer.index import Match
+from kvgate.indexer.index import Match, PrefixIndex
 from kvgate.protocol.events import RouterCleared, RouterRemoved, RouterStored, Tier, WorkerKey
-from kvgate.indexer.index import PrefixIndex
 
 A = WorkerKey("a")
 A1 = WorkerKey("a", 1)
@@ -43,8 +42,12 @@ def test_workers_diverge_and_each_gets_its_own_depth() -> None:
         B: Match(5, [5, 0, 0]),
         C: Match(10, [10, 0, 0]),
     }
-    assert index.find_matches(PROMPT[:4]) == {A: Match(2, [2, 0, 0]), A1: Match(1, [1, 0, 0]),
-                                              B: Match(4, [4, 0, 0]), C: Match(4, [4, 0, 0])}
+    assert index.find_matches(PROMPT[:4]) == {
+        A: Match(2, [2, 0, 0]),
+        A1: Match(1, [1, 0, 0]),
+        B: Match(4, [4, 0, 0]),
+        C: Match(4, [4, 0, 0]),
+    }
 
 
 def test_each_block_counts_under_its_best_tier() -> None:

@@ -10,12 +10,14 @@ lost batches recovered through replay).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvgate.indexer.index import Match, PrefixIndex
+from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -28,10 +30,7 @@ from kvgate.protocol.events import (
     Tier,
     WorkerKey,
 )
-from kvgate.indexer.index import Match
 from kvgate.protocol.hashing import sequence_hashes
-from kvgate.indexer.index import PrefixIndex
-from kvgate.indexer.kv_indexer import KvIndexer
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +120,7 @@ def tokens_of(node: Node) -> list[int]:
     return [10 * c + j + 1 for c in node for j in range(BS)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def router_of(node: Node) -> int:
     return sequence_hashes(tokens_of(node), BS)[-1]
 
@@ -278,8 +277,15 @@ def pick(items: list, i: int) -> object:
 
 # One generic op; its first field picks the kind with these weights (out of 100), the
 # rest are read by that kind (see run_engine_op).
-OP_KINDS = [("store", 35), ("tier", 20), ("remove", 25), ("clear", 4), ("restart", 5),
-            ("remove_worker", 3), ("serve", 8)]
+OP_KINDS = [
+    ("store", 35),
+    ("tier", 20),
+    ("remove", 25),
+    ("clear", 4),
+    ("restart", 5),
+    ("remove_worker", 3),
+    ("serve", 8),
+]
 engine_ops = st.lists(
     st.tuples(
         st.integers(0, 99),
@@ -329,9 +335,13 @@ def run_engine_op(fleet: Fleet, op: tuple) -> None:
         ext = [c % CHOICES for c in picks]
         nodes = [base + tuple(ext[: i + 1]) for i in range(len(ext))]
         tier = Tier.CPU if tier == Tier.DISK else tier  # self-describing stores: GPU, some CPU
-        event = BlockStored([engine.engine_hash(n) for n in nodes],
-                            None if parent is None else engine.engine_hash(parent),  # type: ignore[arg-type]
-                            [t for c in ext for t in tokens_of((c,))], BS, medium=tier)
+        event = BlockStored(
+            [engine.engine_hash(n) for n in nodes],
+            None if parent is None else engine.engine_hash(parent),  # type: ignore[arg-type]
+            [t for c in ext for t in tokens_of((c,))],
+            BS,
+            medium=tier,
+        )
         engine.present |= {(tier, n) for n in nodes}
         ref.store(nodes, parent, tier)  # type: ignore[arg-type]
         fleet.publish(key, [event], lost)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from kvgate.indexer.index import Match
+from kvgate.indexer.kv_indexer import IndexerStats, KvIndexer
+from kvgate.indexer.pipeline import StreamPosition
 from kvgate.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -17,10 +20,7 @@ from kvgate.protocol.events import (
     Tier,
     WorkerKey,
 )
-from kvgate.indexer.index import Match
 from kvgate.protocol.hashing import sequence_hashes
-from kvgate.indexer.kv_indexer import IndexerStats, KvIndexer
-from kvgate.indexer.pipeline import StreamPosition
 from kvgate.protocol.wire import decode_batch
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kv_events"
@@ -251,7 +251,10 @@ def test_an_untrusted_workers_blocks_stay_indexed_but_are_not_matched() -> None:
     assert W0 not in ix.find_matches(SEQ)
 
     ix.set_trusted("w", True)  # back in sync
-    assert ix.find_matches(SEQ)[W0] == Match(5, [5, 0, 0]) and ix.find_matches(SEQ) == {**everyone, W0: Match(5, [5, 0, 0])}
+    assert ix.find_matches(SEQ)[W0] == Match(5, [5, 0, 0]) and ix.find_matches(SEQ) == {
+        **everyone,
+        W0: Match(5, [5, 0, 0]),
+    }
 
 
 def test_removing_a_worker_forgets_its_trust_state() -> None:

@@ -70,8 +70,15 @@ FILES = product_files()
 
 def test_the_layout_is_found() -> None:
     names = {str(p.relative_to(REPO)) for p in FILES}
-    assert {"protocol/wire.py", "indexer/kv_indexer.py", "router/routing.py", "gateway/app.py",
-            "worker/sidecar/service.py", "kvgate/bus.py", "dev/launch.py"} <= names
+    assert {
+        "protocol/wire.py",
+        "indexer/kv_indexer.py",
+        "router/routing.py",
+        "gateway/app.py",
+        "worker/sidecar/service.py",
+        "kvgate/bus.py",
+        "dev/launch.py",
+    } <= names
     for package in OLD_ROOTS:
         link = REPO / "kvgate" / package
         assert link.is_symlink() and link.resolve() == REPO / package
@@ -95,8 +102,7 @@ def test_imports_use_one_root_and_flow_one_way(path: Path) -> None:
         assert in_scope(module, allowed), f"{path}:{line}: {package}/ may not import {module}"
 
 
-@pytest.mark.parametrize("path", [p for p in FILES if own_package(p) == "protocol"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in FILES if own_package(p) == "protocol"], ids=lambda p: p.name)
 def test_the_protocol_layer_does_no_io(path: Path) -> None:
     for line, module in imports_of(path):
         assert module.split(".")[0] not in NO_IO_IN_PROTOCOL, f"{path}:{line} imports {module}"
@@ -107,9 +113,13 @@ def test_nothing_points_outside_the_repository() -> None:
     offenders = []
     for path in REPO.rglob("*"):
         rel = path.relative_to(REPO)
-        if (rel.parts[0] in {".git", ".venv", ".hypothesis", "build", ".mypy_cache", ".ruff_cache"}
-                or path.is_symlink() or not path.is_file() or "egg-info" in rel.parts[0]
-                or path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".json", ".cfg", ""}):
+        if (
+            rel.parts[0] in {".git", ".venv", ".hypothesis", "build", ".mypy_cache", ".ruff_cache"}
+            or path.is_symlink()
+            or not path.is_file()
+            or "egg-info" in rel.parts[0]
+            or path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".json", ".cfg", ""}
+        ):
             continue
         text = path.read_text(errors="replace")
         offenders += [f"{rel}:{n}" for n, line in enumerate(text.splitlines(), 1) if outside.search(line)]

@@ -46,9 +46,31 @@ def run_bench(tmp_path: Path, *args: str | int, timeout: float = 120) -> tuple[i
 
 @pytest.mark.slow
 def test_bench_compares_modes_and_writes_the_report(tmp_path):
-    code, log = run_bench(tmp_path, "--workload", "multi-turn", "--workers", 2, "--modes", "kv,round-robin",
-                          "--duration", 3, "--users", 3, "--turns", 4, "--first-turn-tokens", 256,
-                          "--turn-tokens", 32, "--max-tokens", 8, "--think-time", 0.05, "--seed", 5)
+    code, log = run_bench(
+        tmp_path,
+        "--workload",
+        "multi-turn",
+        "--workers",
+        2,
+        "--modes",
+        "kv,round-robin",
+        "--duration",
+        3,
+        "--users",
+        3,
+        "--turns",
+        4,
+        "--first-turn-tokens",
+        256,
+        "--turn-tokens",
+        32,
+        "--max-tokens",
+        8,
+        "--think-time",
+        0.05,
+        "--seed",
+        5,
+    )
     assert code == 0, log
     out = tmp_path / "report"
     assert "[kv]" in log and "sent" in log and "req/s" in log  # progress while it ran
@@ -82,17 +104,34 @@ def test_bench_compares_modes_and_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 def test_bench_replays_the_trace_with_honoured_lengths(tmp_path):
-    code, log = run_bench(tmp_path, "--workload", "trace", "--workers", 2, "--modes", "kv", "--duration", 30,
-                          "--max-requests", 12, "--time-scale", 0.02, "--length-scale", 0.125,
-                          "--output-scale", 0.1)
+    code, log = run_bench(
+        tmp_path,
+        "--workload",
+        "trace",
+        "--workers",
+        2,
+        "--modes",
+        "kv",
+        "--duration",
+        30,
+        "--max-requests",
+        12,
+        "--time-scale",
+        0.02,
+        "--length-scale",
+        0.125,
+        "--output-scale",
+        0.1,
+    )
     assert code == 0, log
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     (mode,) = results["modes"]
     recs = mode["records"]
     assert len(recs) == 12 and all(r["status"] == 200 and r["error"] is None for r in recs)
 
-    prompts = TracePrompts(Vocabulary.from_tokenizer(load_tokenizer(str(TINY_MODEL))),
-                           ReplayConfig(length_scale=0.125, output_scale=0.1))
+    prompts = TracePrompts(
+        Vocabulary.from_tokenizer(load_tokenizer(str(TINY_MODEL))), ReplayConfig(length_scale=0.125, output_scale=0.1)
+    )
     by_index = {r["user"]: r for r in recs}
     for i, req in enumerate(load_trace()[:12]):
         # The served prompt is as long as the replay meant (the trace's length, scaled), and so is the output.
@@ -104,9 +143,26 @@ def test_bench_replays_the_trace_with_honoured_lengths(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_bench_stops_everything_it_started(tmp_path):
-    proc = python_module("kvgate.loadtest.bench", "--workload", "no-sharing", "--workers", 2, "--modes", "kv",
-                         "--duration", 120, "--users", 2, "--prompt-tokens", 128, "--max-tokens", 4,
-                         "--out", tmp_path / "report", log_path=tmp_path / "bench.log")
+    proc = python_module(
+        "kvgate.loadtest.bench",
+        "--workload",
+        "no-sharing",
+        "--workers",
+        2,
+        "--modes",
+        "kv",
+        "--duration",
+        120,
+        "--users",
+        2,
+        "--prompt-tokens",
+        128,
+        "--max-tokens",
+        4,
+        "--out",
+        tmp_path / "report",
+        log_path=tmp_path / "bench.log",
+    )
     try:
         deadline = time.monotonic() + 90
         while "[kv]   " not in proc.log() and time.monotonic() < deadline:
@@ -123,12 +179,15 @@ def test_interrupted_bench_stops_everything_it_started(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--workload", "multi-turn", "--modes", "kv,fastest"], "unknown mode"),
-    (["--workload", "trace", "--trace", "/nonexistent/trace.jsonl"], "No such file"),
-    (["--workload", "trace", "--time-scale", "0"], "time_scale"),
-    (["--workload", "multi-turn", "--gateway-url", "http://127.0.0.1:1"], "given 1 times for 2 modes"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workload", "multi-turn", "--modes", "kv,fastest"], "unknown mode"),
+        (["--workload", "trace", "--trace", "/nonexistent/trace.jsonl"], "No such file"),
+        (["--workload", "trace", "--time-scale", "0"], "time_scale"),
+        (["--workload", "multi-turn", "--gateway-url", "http://127.0.0.1:1"], "given 1 times for 2 modes"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(tmp_path, args, message):
     code, log = run_bench(tmp_path, *args, timeout=60)
     assert code in (1, 2) and message in log and "Traceback" not in log
@@ -139,8 +198,18 @@ def test_bad_arguments_are_clear_errors(tmp_path, args, message):
 def test_unreachable_gateway_is_a_clear_error(tmp_path):
     from kvgate.dev.launch import free_port
 
-    code, log = run_bench(tmp_path, "--workload", "no-sharing", "--modes", "kv", "--duration", 1,
-                          "--gateway-url", f"http://127.0.0.1:{free_port()}", timeout=60)
+    code, log = run_bench(
+        tmp_path,
+        "--workload",
+        "no-sharing",
+        "--modes",
+        "kv",
+        "--duration",
+        1,
+        "--gateway-url",
+        f"http://127.0.0.1:{free_port()}",
+        timeout=60,
+    )
     assert code == 1 and "error: Cannot connect" in log and "Traceback" not in log
 
 

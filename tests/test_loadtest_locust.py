@@ -22,12 +22,49 @@ def gateway_url(tmp_path_factory):
 def test_locust_headless_runs_every_user_class(gateway_url, tmp_path):
     records = tmp_path / "records.jsonl"
     proc = python_module(
-        "locust", "-f", "loadtest/locustfile.py", "--headless", "-H", gateway_url, "-u", 4, "-r", 4, "-t", "5s",
-        "--only-summary", "--json-file", tmp_path / "stats", "--records", records, "--seed", 3,
-        "--first-turn-tokens", 200, "--turn-tokens", 16, "--max-tokens", 6, "--system-prompt-tokens", 256,
-        "--prompt-tokens", 100, "--max-requests", 5, "--time-scale", 0.01, "--length-scale", 0.05,
-        "--output-scale", 0.1, "MultiTurnUser", "SharedPrefixUser", "NoSharingUser", "TraceReplayUser",
-        log_path=tmp_path / "locust.log")
+        "locust",
+        "-f",
+        "loadtest/locustfile.py",
+        "--headless",
+        "-H",
+        gateway_url,
+        "-u",
+        4,
+        "-r",
+        4,
+        "-t",
+        "5s",
+        "--only-summary",
+        "--json-file",
+        tmp_path / "stats",
+        "--records",
+        records,
+        "--seed",
+        3,
+        "--first-turn-tokens",
+        200,
+        "--turn-tokens",
+        16,
+        "--max-tokens",
+        6,
+        "--system-prompt-tokens",
+        256,
+        "--prompt-tokens",
+        100,
+        "--max-requests",
+        5,
+        "--time-scale",
+        0.01,
+        "--length-scale",
+        0.05,
+        "--output-scale",
+        0.1,
+        "MultiTurnUser",
+        "SharedPrefixUser",
+        "NoSharingUser",
+        "TraceReplayUser",
+        log_path=tmp_path / "locust.log",
+    )
     try:
         assert proc.popen.wait(timeout=90) == 0, proc.log()
     finally:
@@ -47,8 +84,7 @@ def test_locust_headless_runs_every_user_class(gateway_url, tmp_path):
     assert any(r["cached_tokens"] >= 192 for r in recs if r["workload"] == "multi-turn" and r["turn"] > 0)
 
     # Locust's final stats (--json-file is written after the run; its CSV may lag a second).
-    stats = {(e["method"], e["name"]): e["num_requests"]
-             for e in json.loads((tmp_path / "stats.json").read_text())}
+    stats = {(e["method"], e["name"]): e["num_requests"] for e in json.loads((tmp_path / "stats.json").read_text())}
     for workload, n in by_workload.items():
         for kind in ("TTFT", "E2E", "CACHED"):
             assert stats[(kind, workload)] == n

@@ -33,9 +33,23 @@ def records(n: int, ttft_ms: float, workers: list[str], seed: int) -> list[Reque
     for i in range(n):
         ttft = ttft_ms / 1000 * rng.uniform(0.5, 1.5)
         itl = [rng.uniform(0.004, 0.006) for _ in range(7)]
-        out.append(RequestRecord("multi-turn", i % 3, i // 3, i * 0.1, status=200, worker=workers[i % len(workers)],
-                                 ttft_s=ttft, e2e_s=ttft + sum(itl), itl_s=itl, chunks=8, prompt_tokens=500,
-                                 completion_tokens=8, cached_tokens=400))
+        out.append(
+            RequestRecord(
+                "multi-turn",
+                i % 3,
+                i // 3,
+                i * 0.1,
+                status=200,
+                worker=workers[i % len(workers)],
+                ttft_s=ttft,
+                e2e_s=ttft + sum(itl),
+                itl_s=itl,
+                chunks=8,
+                prompt_tokens=500,
+                completion_tokens=8,
+                cached_tokens=400,
+            )
+        )
     out.append(RequestRecord("multi-turn", 0, 99, 5.0, status=503, error="HTTP 503: no worker", e2e_s=0.01))
     return out
 
@@ -55,15 +69,30 @@ def test_prometheus_parsing_and_hit_rate():
 def small_results() -> BenchResults:
     kv_metrics = delta(parse_metrics(worker_exposition(0, 0, 0)), parse_metrics(worker_exposition(1000, 800, 0)))
     rr_metrics = delta(parse_metrics(worker_exposition(0, 0, 0)), parse_metrics(worker_exposition(1000, 400, 0)))
-    kv = ModeResult("kv", records(30, 40, ["w0", "w1"], 1), 3.0, {"kvgate_requests_total": 31.0,
-                     'kvgate_routing_overhead_seconds_sum{stage="tokenize"}': 0.31,
-                     'kvgate_routing_overhead_seconds_count{stage="tokenize"}': 31.0,
-                     'kvgate_routing_overhead_seconds_bucket{le="0.01",stage="tokenize"}': 30.0},
-                    {"w0": kv_metrics, "w1": kv_metrics})
-    rr = ModeResult("round-robin", records(20, 80, ["w0", "w1"], 2), 3.0, {},
-                    {"w0": rr_metrics, "w1": {}}, notes=["no /metrics from w1"])
-    return BenchResults({"workload": "multi-turn", "command": "python -m kvgate.loadtest.bench --workload multi-turn",
-                         "seed": 0}, [kv, rr])
+    kv = ModeResult(
+        "kv",
+        records(30, 40, ["w0", "w1"], 1),
+        3.0,
+        {
+            "kvgate_requests_total": 31.0,
+            'kvgate_routing_overhead_seconds_sum{stage="tokenize"}': 0.31,
+            'kvgate_routing_overhead_seconds_count{stage="tokenize"}': 31.0,
+            'kvgate_routing_overhead_seconds_bucket{le="0.01",stage="tokenize"}': 30.0,
+        },
+        {"w0": kv_metrics, "w1": kv_metrics},
+    )
+    rr = ModeResult(
+        "round-robin",
+        records(20, 80, ["w0", "w1"], 2),
+        3.0,
+        {},
+        {"w0": rr_metrics, "w1": {}},
+        notes=["no /metrics from w1"],
+    )
+    return BenchResults(
+        {"workload": "multi-turn", "command": "python -m kvgate.loadtest.bench --workload multi-turn", "seed": 0},
+        [kv, rr],
+    )
 
 
 def test_summary_figures():
@@ -122,9 +151,13 @@ def test_report_with_one_mode_and_no_successes(tmp_path):
 
 def test_hit_rate_per_tier_from_simulated_workers():
     workers = {
-        "w0": {f'{PREFIX_QUERIES}{{engine="0"}}': 1000.0, 'vllm:external_prefix_cache_queries_total': 1000.0,
-               'kvgate_sim_cached_tokens_total{tier="gpu"}': 100.0,
-               'kvgate_sim_cached_tokens_total{tier="cpu"}': 500.0, 'kvgate_sim_cached_tokens_total{tier="disk"}': 0.0},
+        "w0": {
+            f'{PREFIX_QUERIES}{{engine="0"}}': 1000.0,
+            "vllm:external_prefix_cache_queries_total": 1000.0,
+            'kvgate_sim_cached_tokens_total{tier="gpu"}': 100.0,
+            'kvgate_sim_cached_tokens_total{tier="cpu"}': 500.0,
+            'kvgate_sim_cached_tokens_total{tier="disk"}': 0.0,
+        },
         "w1": {f'{PREFIX_QUERIES}{{engine="0"}}': 1000.0, 'kvgate_sim_cached_tokens_total{tier="cpu"}': 300.0},
     }
     assert tier_hit_rates(workers) == {"gpu": 0.05, "cpu": 0.4, "disk": 0.0}
@@ -135,9 +168,13 @@ def test_hit_rate_per_tier_from_simulated_workers():
 
 def test_tiered_workers_count_lower_tier_hits_in_the_headline_hit_rate():
     # vLLM's prefix counter sees the GPU tier only; a CPU hit is a prompt not recomputed too.
-    tiered = {'vllm:prefix_cache_queries_total{engine="0"}': 1000.0, 'vllm:prefix_cache_hits_total{engine="0"}': 50.0,
-              'vllm:external_prefix_cache_queries_total': 950.0,
-              'kvgate_sim_cached_tokens_total{tier="gpu"}': 50.0, 'kvgate_sim_cached_tokens_total{tier="cpu"}': 600.0}
+    tiered = {
+        'vllm:prefix_cache_queries_total{engine="0"}': 1000.0,
+        'vllm:prefix_cache_hits_total{engine="0"}': 50.0,
+        "vllm:external_prefix_cache_queries_total": 950.0,
+        'kvgate_sim_cached_tokens_total{tier="gpu"}': 50.0,
+        'kvgate_sim_cached_tokens_total{tier="cpu"}': 600.0,
+    }
     mode = ModeResult("kv", records(10, 50, ["w0"], 3), 1.0, {}, {"w0": tiered})
     assert summarize(mode)["prefix_hit_rate"] == pytest.approx(0.65)
     plain = {'vllm:prefix_cache_queries_total{engine="0"}': 1000.0, 'vllm:prefix_cache_hits_total{engine="0"}': 50.0}

@@ -49,9 +49,11 @@ def test_vocabulary_words_are_single_tokens(tokenizer, vocabulary):
         assert len(tokenizer.encode(word, add_special_tokens=False)) == 1
 
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu apple banana cherry grape lemon "
-         "mango melon olive peach pear plum").split()
+WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu apple banana cherry grape lemon "
+    "mango melon olive peach pear plum"
+).split()
 
 
 def merging_tokenizer(words: list[str]):
@@ -161,14 +163,17 @@ def test_synthetic_trace_schedule_fits_a_window():
     assert all(a.offset_s <= b.offset_s for a, b in zip(sched, sched[1:]))
 
 
-@pytest.mark.parametrize("line, match", [
-    ("not json", "not JSON"),
-    ("[1, 2]", "expected an object"),
-    ('{"timestamp": 0, "input_length": 10, "output_length": 1}', "missing field 'hash_ids'"),
-    ('{"timestamp": -1, "input_length": 10, "output_length": 1, "hash_ids": [1]}', "non-negative"),
-    ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": ["a"]}', "list of integers"),
-    ('{"timestamp": 0, "input_length": 1000, "output_length": 1, "hash_ids": [1]}', "2 hash ids|1 hash ids"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "expected an object"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1}', "missing field 'hash_ids'"),
+        ('{"timestamp": -1, "input_length": 10, "output_length": 1, "hash_ids": [1]}', "non-negative"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": ["a"]}', "list of integers"),
+        ('{"timestamp": 0, "input_length": 1000, "output_length": 1, "hash_ids": [1]}', "2 hash ids|1 hash ids"),
+    ],
+)
 def test_bad_trace_lines_are_typed_errors(line, match):
     with pytest.raises(TraceError, match=match):
         parse_line(line, 3)

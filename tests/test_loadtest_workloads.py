@@ -108,7 +108,7 @@ def test_no_sharing_prompts_share_less_than_a_block(tokenizer, vocabulary):
             session.observe("")
     assert all(len(p) == len(prompts[0]) > 300 for p in prompts)
     for i, a in enumerate(prompts):
-        for b in prompts[i + 1:]:
+        for b in prompts[i + 1 :]:
             assert shared(a, b) < BLOCK
 
 
@@ -134,14 +134,18 @@ def sse(*chunks: dict | str) -> bytes:
 
 
 def test_stream_observer_times_content_only_and_reads_usage():
-    body = sse({"choices": [{"delta": {"role": "assistant"}}]},
-               {"choices": [{"delta": {"content": "a"}}]},
-               {"choices": [{"delta": {"content": ""}}]},
-               {"choices": [{"delta": {"content": "b"}}]},
-               {"choices": [{"delta": {"content": "c"}}]},
-               {"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 3,
-                                         "prompt_tokens_details": {"cached_tokens": 64}}},
-               "[DONE]")
+    body = sse(
+        {"choices": [{"delta": {"role": "assistant"}}]},
+        {"choices": [{"delta": {"content": "a"}}]},
+        {"choices": [{"delta": {"content": ""}}]},
+        {"choices": [{"delta": {"content": "b"}}]},
+        {"choices": [{"delta": {"content": "c"}}]},
+        {
+            "choices": [],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 64}},
+        },
+        "[DONE]",
+    )
     events = body.split(b"\n\n")
     obs = StreamObserver(RequestRecord("w", 0, 0, 0.0), sent_at=10.0)
     obs.on_headers(200, {"x-kvgate-worker": "w1"})
@@ -197,4 +201,7 @@ def test_returning_conversations_take_turns_in_rotation(vocabulary):
             session.observe(f"reply {k}")
     assert len(set(openings)) == 3  # three distinct conversations
     # Same seed, same conversations: the first one is multi-turn user 1 * 3 + 0's.
-    assert openings[0] == make_session("multi-turn", 3, vocabulary, config, "m").next_request().body["messages"][1]["content"]
+    assert (
+        openings[0]
+        == make_session("multi-turn", 3, vocabulary, config, "m").next_request().body["messages"][1]["content"]
+    )

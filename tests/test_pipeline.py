@@ -51,8 +51,15 @@ class Owner:
 def make(replay: bool = True) -> tuple[RankPipeline, Owner, PipelineStats]:
     owner, stats = Owner(), PipelineStats()
     sink = object()  # only handed on to the replay source
-    pipeline = RankPipeline(KEY, owner.output, owner.reset, stats=stats, block_size=BS,
-                            replay=owner if replay else None, sink=sink if replay else None)  # type: ignore[arg-type]
+    pipeline = RankPipeline(
+        KEY,
+        owner.output,
+        owner.reset,
+        stats=stats,
+        block_size=BS,
+        replay=owner if replay else None,
+        sink=sink if replay else None,
+    )  # type: ignore[arg-type]
     return pipeline, owner, stats
 
 
@@ -72,7 +79,7 @@ def test_a_gap_is_asked_of_the_replay_source_for_the_sink() -> None:
     pipeline, owner, stats = make()
     pipeline.offer(0, batch(stored(0, 1)))
     pipeline.offer(2, batch(stored(2, 3, parent=101)))
-    (sink, worker_id, rank, start, end), = owner.asked
+    ((sink, worker_id, rank, start, end),) = owner.asked
     assert (worker_id, rank, start, end) == ("w", 1, 1, 2) and sink is not owner
     assert pipeline.position == StreamPosition(0, 0, 1)
     pipeline.offer(1, batch(stored(1, 2, parent=100)), replayed=True)

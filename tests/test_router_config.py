@@ -25,11 +25,17 @@ def test_tier_load_cost_is_a_fraction_of_compute_cost():
 
 
 def test_from_dict_nested():
-    config = RouterConfig.from_dict({
-        "mode": "round-robin", "block_size": 16, "temperature": 0.5, "gpu_only": True, "seed": 7,
-        "weights": {"prefill_weight": 2, "cpu_load_fraction": 0.2},
-        "busy": {"max_kv_usage": 0.9, "max_waiting": 4},
-    })
+    config = RouterConfig.from_dict(
+        {
+            "mode": "round-robin",
+            "block_size": 16,
+            "temperature": 0.5,
+            "gpu_only": True,
+            "seed": 7,
+            "weights": {"prefill_weight": 2, "cpu_load_fraction": 0.2},
+            "busy": {"max_kv_usage": 0.9, "max_waiting": 4},
+        }
+    )
     assert config.mode == "round-robin" and config.block_size == 16 and config.seed == 7 and config.gpu_only
     assert config.weights == CostWeights(prefill_weight=2, cpu_load_fraction=0.2)
     assert config.busy == BusyThresholds(max_kv_usage=0.9, max_waiting=4)

@@ -50,8 +50,11 @@ def test_cost_terms_gpu_cpu_disk_absent_queued_and_decode():
 
 
 def test_weights_scale_the_terms():
-    config = RouterConfig(weights=CostWeights(prefill_weight=2.0, decode_weight=0.5, compute_cost=2.0,
-                                              cpu_load_fraction=0.5, disk_load_fraction=1.0))
+    config = RouterConfig(
+        weights=CostWeights(
+            prefill_weight=2.0, decode_weight=0.5, compute_cost=2.0, cpu_load_fraction=0.5, disk_load_fraction=1.0
+        )
+    )
     decision = KvPolicy(config).select(KEYS, MATCHES, 10, LOADS)
     a = decision.score_of(A)
     # tier = 3*0.5*2 + 1*1.0*2 = 5 ; compute = 4*2 = 8 ; total = 2*13 + 0.5*10 = 31
@@ -144,8 +147,9 @@ def test_temperature_samples_the_softmax_of_cost_differences():
     # Same seed, same sequence of choices.
     again = KvPolicy(config)
     replay = KvPolicy(config)
-    assert [again.select([A, B, C], matches, 4, loads).chosen for _ in range(50)] == \
-           [replay.select([A, B, C], matches, 4, loads).chosen for _ in range(50)]
+    assert [again.select([A, B, C], matches, 4, loads).chosen for _ in range(50)] == [
+        replay.select([A, B, C], matches, 4, loads).chosen for _ in range(50)
+    ]
 
 
 def test_temperature_ranks_the_rest_after_the_draw():
@@ -263,8 +267,14 @@ def test_explain_is_json_and_carries_every_term():
     by_worker = {c["worker"]: c for c in out["candidates"]}
     a = by_worker["a"]
     assert a["overlap"] == {"blocks": 6, "gpu": 2, "cpu": 3, "disk": 1}
-    assert a["costs"] == {"tier_load": 1.25, "compute": 4.0, "queued_prefill": 0.0, "prefill": 5.25,
-                          "decode": 10.0, "total": 15.25}
+    assert a["costs"] == {
+        "tier_load": 1.25,
+        "compute": 4.0,
+        "queued_prefill": 0.0,
+        "prefill": 5.25,
+        "decode": 10.0,
+        "total": 15.25,
+    }
     assert (a["cached_blocks"], a["uncached_blocks"], a["decode_blocks"]) == (6, 4, 10)
     assert 0 < a["probability"] < 1 and a["skipped"] is None
     c = by_worker["c"]

@@ -3,8 +3,8 @@
 import pytest
 
 from kvgate.protocol.events import WorkerKey
-from kvgate.router.registry import RegistryChange, StaticDiscovery, WorkerRegistry
 from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo
+from kvgate.router.registry import RegistryChange, StaticDiscovery, WorkerRegistry
 
 
 def info(worker_id="w1", **kw):
@@ -12,8 +12,13 @@ def info(worker_id="w1", **kw):
 
 
 def test_worker_info_normalises():
-    w = info(base_url="http://127.0.0.1:9001/", tiers=["gpu", "cpu", "storage"], dp_size=2,
-             kv_events_endpoint="tcp://127.0.0.1:5557", kv_events_replay_endpoint="tcp://127.0.0.1:5558")
+    w = info(
+        base_url="http://127.0.0.1:9001/",
+        tiers=["gpu", "cpu", "storage"],
+        dp_size=2,
+        kv_events_endpoint="tcp://127.0.0.1:5557",
+        kv_events_replay_endpoint="tcp://127.0.0.1:5558",
+    )
     assert w.base_url == "http://127.0.0.1:9001"
     assert w.tiers == ("GPU", "CPU", "DISK")
     assert w.keys == [WorkerKey("w1", 0), WorkerKey("w1", 1)]
@@ -82,8 +87,11 @@ def test_put_is_idempotent_and_replaces_changed_workers():
     registry.put(info("w1"))
     registry.put(info("w1"))  # lease refresh: same description, nothing to announce
     registry.put(info("w1", base_url="http://127.0.0.1:9002"))
-    assert changes == [("added", "http://127.0.0.1:9001"), ("removed", "http://127.0.0.1:9001"),
-                       ("added", "http://127.0.0.1:9002")]
+    assert changes == [
+        ("added", "http://127.0.0.1:9001"),
+        ("removed", "http://127.0.0.1:9001"),
+        ("added", "http://127.0.0.1:9002"),
+    ]
     assert registry.get("w1").base_url == "http://127.0.0.1:9002"
 
 
@@ -125,8 +133,10 @@ def test_static_discovery_builds_a_registry():
         ([{"id": "a"}], "workers[0]: missing required key 'url'"),
         ([{"id": "a", "url": "http://h:1", "port": 3}], "workers[0]: unknown key(s) port"),
         ([{"id": "a", "url": "http://h:1"}, {"id": "a", "url": "http://h:2"}], "workers[1]: duplicate worker id 'a'"),
-        ([{"id": "a", "url": "http://h:1"}, {"id": "b", "url": "h:2"}],
-         "workers[1]: worker 'b': base_url must look like"),
+        (
+            [{"id": "a", "url": "http://h:1"}, {"id": "b", "url": "h:2"}],
+            "workers[1]: worker 'b': base_url must look like",
+        ),
         ([{"id": "a", "url": "http://h:1", "dp_size": 0}], "workers[0]: worker 'a': dp_size must be an integer >= 1"),
     ],
 )

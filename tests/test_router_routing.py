@@ -5,9 +5,9 @@ import random
 
 import pytest
 
+from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.protocol.events import BlockRemoved, BlockStored, EventBatch, RouterStored, Tier, WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
-from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.router.config import BusyThresholds, CostWeights, RouterConfig
 from kvgate.router.load import IDLE, LoadSnapshot, LoadTracker
 from kvgate.router.policies import NoWorkerAvailable
@@ -170,8 +170,9 @@ class Recorder:
 
     def _seen(self, event, flight):
         entry = self.router.load.get(flight.request_id)
-        self.log.append((event, flight.request_id, flight.key,
-                         None if entry is None else (entry.key, entry.prefill_tokens)))
+        self.log.append(
+            (event, flight.request_id, flight.key, None if entry is None else (entry.key, entry.prefill_tokens))
+        )
 
     def on_begin(self, flight):
         self._seen("begin", flight)

@@ -14,15 +14,22 @@ import openai
 import pytest
 
 from kvgate.dev.launch import free_port
-from tests.helpers import REPO, TINY_MODEL, Proc, python_module, wait_http
 from kvgate.worker.sim.__main__ import parser
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig
+from tests.helpers import REPO, TINY_MODEL, Proc, python_module, wait_http
 
 MAX_MODEL_LEN = 2048
 CONFIG = SimConfig(
-    model_dir=TINY_MODEL, port=0,
-    engine=EngineConfig(block_size=64, num_gpu_blocks=256, max_num_seqs=16, max_num_batched_tokens=1024,
-                        max_model_len=MAX_MODEL_LEN, speedup_ratio=1000.0),
+    model_dir=TINY_MODEL,
+    port=0,
+    engine=EngineConfig(
+        block_size=64,
+        num_gpu_blocks=256,
+        max_num_seqs=16,
+        max_num_batched_tokens=1024,
+        max_model_len=MAX_MODEL_LEN,
+        speedup_ratio=1000.0,
+    ),
     answer=AnswerConfig(min_tokens=20, max_tokens=40),
 )
 
@@ -70,6 +77,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 # --- OpenAI SDK ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_chat_completion_with_usage(client, tok):
     messages = [{"role": "user", "content": "Tell me about prefix caching."}]
@@ -89,8 +97,10 @@ def test_chat_completion_with_usage(client, tok):
 
 @pytest.mark.slow
 def test_chat_prompt_is_rendered_with_the_models_chat_template(client, tok):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     r = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=1)
     assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
@@ -107,16 +117,21 @@ def test_chat_answer_ends_on_eos_without_max_tokens(client):
 
 @pytest.mark.slow
 def test_ignore_eos_and_max_completion_tokens(client):
-    r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "Hi"}],
-                                       max_completion_tokens=60, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="kvgate-tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_completion_tokens=60,
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 60
 
 
 @pytest.mark.slow
 def test_chat_streaming_with_include_usage(client):
     messages = [{"role": "user", "content": "Stream please"}]
-    stream = client.chat.completions.create(model="kvgate-tiny", messages=messages, max_tokens=10, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="kvgate-tiny", messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.usage is None for c in chunks[:-1])
@@ -150,8 +165,9 @@ def test_completion_default_max_tokens_is_16(client):
 
 @pytest.mark.slow
 def test_completion_streaming(client):
-    stream = client.completions.create(model="kvgate-tiny", prompt="streaming", max_tokens=7, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model="kvgate-tiny", prompt="streaming", max_tokens=7, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 7 and chunks[-1].choices == []
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -169,18 +185,20 @@ def test_stop_strings_cut_the_text(client):
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == full[: full.index(stop)]
     assert r.usage.completion_tokens == 4  # the token that completed the stop string counts
-    streamed = client.completions.create(model="kvgate-tiny", prompt="stop here", max_tokens=12, stop=stop,
-                                         stream=True)
+    streamed = client.completions.create(model="kvgate-tiny", prompt="stop here", max_tokens=12, stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 
 @pytest.mark.slow
 def test_follow_up_turn_hits_the_cached_answer(client):
     first = [{"role": "user", "content": "Start a long conversation about caches."}]
-    r1 = client.chat.completions.create(model="kvgate-tiny", messages=first, max_tokens=130,
-                                        extra_body={"ignore_eos": True})
-    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
-                      {"role": "user", "content": "Go on."}]
+    r1 = client.chat.completions.create(
+        model="kvgate-tiny", messages=first, max_tokens=130, extra_body={"ignore_eos": True}
+    )
+    second = first + [
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "Go on."},
+    ]
     r2 = client.chat.completions.create(model="kvgate-tiny", messages=second, max_tokens=1)
     # Blocks filled by the generated answer are reused, not just the first prompt's.
     assert r2.usage.prompt_tokens_details.cached_tokens > r1.usage.prompt_tokens
@@ -189,8 +207,12 @@ def test_follow_up_turn_hits_the_cached_answer(client):
 
 @pytest.mark.slow
 def test_headers_are_accepted_and_ignored(client):
-    r = client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "x"}],
-                                       max_tokens=2, extra_headers={"X-Request-Id": "abc", "X-Whatever": "1"})
+    r = client.chat.completions.create(
+        model="kvgate-tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=2,
+        extra_headers={"X-Request-Id": "abc", "X-Whatever": "1"},
+    )
     assert r.usage.completion_tokens == 2
 
 
@@ -208,6 +230,7 @@ def test_unknown_model_is_404(client):
 
 
 # --- raw HTTP ------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 async def test_models_health_and_metrics(sim):
@@ -255,8 +278,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * MAX_MODEL_LEN}]}, 400, "messages"),
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": 42}, 400, "prompt"),
@@ -378,14 +405,25 @@ async def test_reset_prefix_cache_forgets_cached_prompts(sim):
 
 # --- CLI ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, "-m", "kvgate.worker.sim", "--help"], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvgate.worker.sim", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert out.returncode == 0
     flags = [opt for action in parser()._actions for opt in action.option_strings if opt.startswith("--")]
-    assert {"--kv-events-endpoint", "--kv-events-replay-endpoint", "--event-encoding", "--speedup-ratio",
-            "--num-gpu-blocks", "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--seed"} <= set(flags)
+    assert {
+        "--kv-events-endpoint",
+        "--kv-events-replay-endpoint",
+        "--event-encoding",
+        "--speedup-ratio",
+        "--num-gpu-blocks",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--block-size",
+        "--seed",
+    } <= set(flags)
     for action in parser()._actions:
         assert action.help, action.option_strings
     for flag in flags:
@@ -394,9 +432,25 @@ def test_help_documents_every_flag():
 
 @pytest.mark.slow
 def test_impossible_config_exits_with_a_clear_message():
-    out = subprocess.run([sys.executable, "-m", "kvgate.worker.sim", "--model-dir", str(TINY_MODEL), "--block-size", "16",
-                          "--num-gpu-blocks", "4", "--max-model-len", "100"], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvgate.worker.sim",
+            "--model-dir",
+            str(TINY_MODEL),
+            "--block-size",
+            "16",
+            "--num-gpu-blocks",
+            "4",
+            "--max-model-len",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 2 and "max_model_len 100 exceeds the KV cache capacity" in out.stderr
 
 

@@ -21,8 +21,9 @@ BS = 16
 
 
 def engine(**kw) -> Scheduler:
-    defaults = dict(block_size=BS, num_gpu_blocks=64, max_num_seqs=8, max_num_batched_tokens=256,
-                    max_model_len=512, seed=7)
+    defaults = dict(
+        block_size=BS, num_gpu_blocks=64, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512, seed=7
+    )
     return Scheduler(EngineConfig(**{**defaults, **kw}))
 
 
@@ -56,6 +57,7 @@ def removed_hashes(steps) -> list[int]:
 
 # --- block hashes ----------------------------------------------------------------------
 
+
 def test_block_stored_carries_tokens_parent_and_block_size():
     s = engine()
     prompt = list(range(100, 100 + 3 * BS + 5))
@@ -86,6 +88,7 @@ def test_engine_hashes_are_seeded_and_differ_from_router_hashes():
 
 
 # --- prefix caching ----------------------------------------------------------------------
+
 
 def test_second_request_hits_prefix_and_stores_only_new_blocks():
     s = engine()
@@ -162,11 +165,15 @@ def test_reused_block_is_protected_from_eviction_while_referenced():
     s.schedule()  # a holds its blocks while running
     s.add_request(request("b", list(range(900, 900 + 2 * BS + 1)), max_tokens=1))
     steps = run(s)
-    assert not any(isinstance(e, BlockRemoved) and set(e.block_hashes) & set(long_runner.block_hashes[:2])
-                   for _, _, ev in steps for e in ev)
+    assert not any(
+        isinstance(e, BlockRemoved) and set(e.block_hashes) & set(long_runner.block_hashes[:2])
+        for _, _, ev in steps
+        for e in ev
+    )
 
 
 # --- scheduler limits ------------------------------------------------------------------
+
 
 def test_max_num_seqs_bounds_running_requests():
     s = engine(max_num_seqs=3)
@@ -269,6 +276,7 @@ def test_config_refuses_a_context_larger_than_the_cache():
 
 # --- reset -------------------------------------------------------------------------------
 
+
 def test_reset_prefix_cache_refused_while_running_then_forced():
     s = engine()
     prompt = list(range(2 * BS + 1))
@@ -290,14 +298,28 @@ def test_reset_prefix_cache_refused_while_running_then_forced():
 
 # --- invariants under random workloads -----------------------------------------------------
 
+
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 60), st.integers(1, 20), st.booleans()),
-                min_size=1, max_size=25),
-       st.integers(4, 12), st.integers(1, 4), st.integers(8, 64))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 60), st.integers(1, 20), st.booleans()), min_size=1, max_size=25
+    ),
+    st.integers(4, 12),
+    st.integers(1, 4),
+    st.integers(8, 64),
+)
 def test_random_workloads_keep_the_pool_consistent(ops, blocks, max_seqs, budget):
-    s = Scheduler(EngineConfig(block_size=8, num_gpu_blocks=blocks, max_num_seqs=max_seqs,
-                               max_num_batched_tokens=budget, max_model_len=blocks * 8, seed=3))
+    s = Scheduler(
+        EngineConfig(
+            block_size=8,
+            num_gpu_blocks=blocks,
+            max_num_seqs=max_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=blocks * 8,
+            seed=3,
+        )
+    )
     counter = itertools.count()
     live_hashes: set[int] = set()
 
@@ -338,6 +360,7 @@ def test_random_workloads_keep_the_pool_consistent(ops, blocks, max_seqs, budget
 
 # --- timing ----------------------------------------------------------------------------------
 
+
 def test_timing_model_matches_the_mocker_polynomials():
     assert prefill_ms(0) == 0.0
     assert prefill_ms(1000) == pytest.approx(4.209989e-7 * 1e6 + 15.18344 + 16.50142)
@@ -361,6 +384,7 @@ def test_cached_prompt_shortens_time_to_first_token():
 
 
 # --- answers -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def vocab():
@@ -404,6 +428,7 @@ def test_text_stream_holds_back_only_a_possible_stop_prefix():
 
 
 # --- the asyncio engine loop, in process -----------------------------------------------------
+
 
 async def test_engine_loop_streams_cuts_at_stop_strings_and_ends_pending_requests_on_stop(vocab):
     from kvgate.worker.sim.engine_loop import EngineLoop

@@ -14,6 +14,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from kvgate.dev.launch import free_port
 from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from kvgate.protocol.hashing import sequence_hashes
 from kvgate.protocol.wire import (
@@ -23,9 +24,8 @@ from kvgate.protocol.wire import (
     decode_replay_reply,
     encode_replay_request,
 )
-from kvgate.dev.launch import free_port
-from tests.helpers import TINY_MODEL, Proc, python_module, until, wait_http
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig
+from tests.helpers import TINY_MODEL, Proc, python_module, until, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ class Sim:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.config.port}"
 
-    def start(self) -> "Sim":
+    def start(self) -> Sim:
         self.stop()
         log = self.log_dir / f"sim-{self.config.port}-{next(self._starts)}.log"
         self.proc = python_module("kvgate.worker.sim", *self.config.cli_args(), log_path=log)
@@ -70,8 +70,7 @@ class Sim:
 
     async def complete(self, prompt: list[int], **extra) -> dict:
         async with aiohttp.ClientSession() as http:
-            async with http.post(self.base + "/v1/completions",
-                                 json={"prompt": prompt, "max_tokens": 1, **extra}) as r:
+            async with http.post(self.base + "/v1/completions", json={"prompt": prompt, "max_tokens": 1, **extra}) as r:
                 assert r.status == 200, await r.text()
                 return await r.json()
 
@@ -83,12 +82,22 @@ class Sim:
 
 def sim_config(**engine) -> SimConfig:
     return SimConfig(
-        model_dir=TINY_MODEL, port=free_port(),
-        engine=EngineConfig(**{"block_size": 64, "num_gpu_blocks": 512, "max_num_seqs": 16,
-                               "max_num_batched_tokens": 2048, "max_model_len": 4096,
-                               "speedup_ratio": 1000.0, **engine}),
-        events=KvEventsConfig(endpoint=f"tcp://127.0.0.1:{free_port()}",
-                              replay_endpoint=f"tcp://127.0.0.1:{free_port()}"),
+        model_dir=TINY_MODEL,
+        port=free_port(),
+        engine=EngineConfig(
+            **{
+                "block_size": 64,
+                "num_gpu_blocks": 512,
+                "max_num_seqs": 16,
+                "max_num_batched_tokens": 2048,
+                "max_model_len": 4096,
+                "speedup_ratio": 1000.0,
+                **engine,
+            }
+        ),
+        events=KvEventsConfig(
+            endpoint=f"tcp://127.0.0.1:{free_port()}", replay_endpoint=f"tcp://127.0.0.1:{free_port()}"
+        ),
         answer=AnswerConfig(min_tokens=8, max_tokens=16),
     )
 
@@ -118,7 +127,7 @@ class Subscriber:
             before = len(self.received)
             await sim.complete(unique_prompt(65))
             try:
-                await self.until(lambda: len(self.received) > before, timeout=0.3)
+                await self.until(lambda before=before: len(self.received) > before, timeout=0.3)
                 return
             except AssertionError:
                 continue
@@ -155,6 +164,7 @@ def stored(events) -> list[BlockStored]:
 
 
 # --- one worker, map encoding ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> Iterator[Sim]:
@@ -262,10 +272,17 @@ async def test_reset_prefix_cache_publishes_all_blocks_cleared(sim, sub):
 
 # --- a small worker: eviction, legacy array encoding, scheduler limits, restart -----------
 
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Iterator[Sim]:
-    config = sim_config(block_size=16, num_gpu_blocks=8, max_model_len=128, max_num_seqs=2,
-                        max_num_batched_tokens=64, speedup_ratio=10.0)
+    config = sim_config(
+        block_size=16,
+        num_gpu_blocks=8,
+        max_model_len=128,
+        max_num_seqs=2,
+        max_num_batched_tokens=64,
+        speedup_ratio=10.0,
+    )
     config = replace(config, events=replace(config.events, encoding="array"))
     s = Sim(config, tmp_path_factory.mktemp("sim_small")).start()
     try:
@@ -286,8 +303,12 @@ async def test_eviction_under_a_small_cache_produces_block_removed(small):
         assert len(a_hashes) == 3
         await small.complete(unique_prompt(49))
         await small.complete(unique_prompt(49))
-        await sub.until(lambda: {h for e in sub.events_since(mark) if isinstance(e, BlockRemoved)
-                                 for h in e.block_hashes} >= set(a_hashes))
+        await sub.until(
+            lambda: (
+                {h for e in sub.events_since(mark) if isinstance(e, BlockRemoved) for h in e.block_hashes}
+                >= set(a_hashes)
+            )
+        )
         # Legacy encoding: events are tagged arrays.
         raw_events = [ev for _, _, p in sub.received[mark:] for ev in msgspec.msgpack.decode(p)[1]]
         assert {ev[0] for ev in raw_events} == {"BlockStored", "BlockRemoved"}
@@ -321,8 +342,11 @@ async def test_restart_starts_seq_at_zero_with_new_hashes(small):
     prompt = unique_prompt(33)
     before = await replay(small.config.events.replay_endpoint, 0)
     await small.complete(prompt)
-    old = [e for seq, p in await replay(small.config.events.replay_endpoint, len(before))
-           for e in stored(decode_batch(p).events)]
+    old = [
+        e
+        for seq, p in await replay(small.config.events.replay_endpoint, len(before))
+        for e in stored(decode_batch(p).events)
+    ]
     small.start()  # SIGTERM, then the same command line again
     await small.complete(prompt)
     after = await replay(small.config.events.replay_endpoint, 0)

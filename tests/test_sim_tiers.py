@@ -17,14 +17,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, Tier
 from kvgate.dev.launch import free_port
-from tests.helpers import TINY_MODEL, python_module, wait_http
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, Tier
 from kvgate.worker.sim.__main__ import config_from_args, parser
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig, TierConfig
 from kvgate.worker.sim.request import Request
 from kvgate.worker.sim.scheduler import Scheduler
 from kvgate.worker.sim.timing import prefill_ms, transfer_ms
+from tests.helpers import TINY_MODEL, python_module, wait_http
 
 BS = 64
 BLOCK_BYTES = 2 * 32 * 8 * 128 * 2 * BS  # Llama-3-8B: 8 MiB per 64-token block
@@ -34,9 +34,17 @@ _ids = itertools.count(1)
 
 
 def engine(gpu: int = 4, cpu: int = 0, disk: int = 0, style: str = "tokenless") -> Scheduler:
-    return Scheduler(EngineConfig(block_size=BS, num_gpu_blocks=gpu, max_num_seqs=4, max_num_batched_tokens=1024,
-                                  max_model_len=gpu * BS, seed=11,
-                                  tiers=TierConfig(cpu_blocks=cpu, disk_blocks=disk, event_style=style)))
+    return Scheduler(
+        EngineConfig(
+            block_size=BS,
+            num_gpu_blocks=gpu,
+            max_num_seqs=4,
+            max_num_batched_tokens=1024,
+            max_model_len=gpu * BS,
+            seed=11,
+            tiers=TierConfig(cpu_blocks=cpu, disk_blocks=disk, event_style=style),
+        )
+    )
 
 
 def prompt(blocks: int = 3) -> list[int]:
@@ -72,6 +80,7 @@ def tier_hashes(s: Scheduler, tier: Tier) -> list[int]:
 
 # --- transitions -----------------------------------------------------------------------
 
+
 def test_gpu_eviction_offloads_to_cpu_before_the_gpu_removal():
     s = engine(cpu=8)
     a, _ = serve(s, prompt())
@@ -79,9 +88,12 @@ def test_gpu_eviction_offloads_to_cpu_before_the_gpu_removal():
     _, steps = serve(s, prompt())  # needs all 4 GPU blocks: a's are evicted, tail first
     evs = events(steps)
     assert shape(evs[:6]) == [
-        ("BlockStored", "CPU", [h[2]]), ("BlockRemoved", "GPU", [h[2]]),
-        ("BlockStored", "CPU", [h[1]]), ("BlockRemoved", "GPU", [h[1]]),
-        ("BlockStored", "CPU", [h[0]]), ("BlockRemoved", "GPU", [h[0]]),
+        ("BlockStored", "CPU", [h[2]]),
+        ("BlockRemoved", "GPU", [h[2]]),
+        ("BlockStored", "CPU", [h[1]]),
+        ("BlockRemoved", "GPU", [h[1]]),
+        ("BlockStored", "CPU", [h[0]]),
+        ("BlockRemoved", "GPU", [h[0]]),
     ]
     # Token-less (vLLM's OffloadingConnector): only the hash the GPU already announced.
     assert all(e.token_ids == [] and e.parent_block_hash is None for e in evs[:6:2])
@@ -95,8 +107,10 @@ def test_cpu_lru_moves_to_disk_and_disk_lru_drops():
     ha, hb = a.block_hashes[:3], b.block_hashes[:3]
     c, steps = serve(s, prompt())  # b's blocks go to CPU and push a's down to disk
     assert shape(events(steps)[:4]) == [
-        ("BlockStored", "DISK", [ha[2]]), ("BlockRemoved", "CPU", [ha[2]]),
-        ("BlockStored", "CPU", [hb[2]]), ("BlockRemoved", "GPU", [hb[2]]),
+        ("BlockStored", "DISK", [ha[2]]),
+        ("BlockRemoved", "CPU", [ha[2]]),
+        ("BlockStored", "CPU", [hb[2]]),
+        ("BlockRemoved", "GPU", [hb[2]]),
     ]
     assert tier_hashes(s, Tier.CPU) == [hb[2], hb[1], hb[0]]
     assert tier_hashes(s, Tier.DISK) == [ha[2], ha[1], ha[0]]
@@ -114,8 +128,10 @@ def test_with_only_a_disk_tier_gpu_evictions_go_to_disk():
     s = engine(disk=4)
     a, _ = serve(s, prompt())
     _, steps = serve(s, prompt())
-    assert shape(events(steps)[:2]) == [("BlockStored", "DISK", [a.block_hashes[2]]),
-                                        ("BlockRemoved", "GPU", [a.block_hashes[2]])]
+    assert shape(events(steps)[:2]) == [
+        ("BlockStored", "DISK", [a.block_hashes[2]]),
+        ("BlockRemoved", "GPU", [a.block_hashes[2]]),
+    ]
 
 
 def test_load_back_from_each_tier_costs_its_transfer_not_a_recompute():
@@ -127,10 +143,16 @@ def test_load_back_from_each_tier_costs_its_transfer_not_a_recompute():
         first[name] = (again, steps[0][0])
     bs3 = 3 * BS
     assert [first[n][0].cached_tokens_per_tier for n in ("gpu", "cpu", "disk", "cold")] == [
-        (bs3, 0, 0), (0, bs3, 0), (0, 0, bs3), (0, 0, 0)]
+        (bs3, 0, 0),
+        (0, bs3, 0),
+        (0, 0, bs3),
+        (0, 0, 0),
+    ]
     assert [first[n][0].num_cached_tokens for n in ("gpu", "cpu", "disk", "cold")] == [bs3, bs3, bs3, 0]
-    work = {n: (step.work.prefill_tokens, step.work.cpu_loaded_blocks, step.work.disk_loaded_blocks)
-            for n, (_, step) in first.items()}
+    work = {
+        n: (step.work.prefill_tokens, step.work.cpu_loaded_blocks, step.work.disk_loaded_blocks)
+        for n, (_, step) in first.items()
+    }
     assert work == {"gpu": (1, 0, 0), "cpu": (1, 3, 0), "disk": (1, 0, 3), "cold": (bs3 + 1, 0, 0)}
     seconds = {n: step.seconds for n, (_, step) in first.items()}
     assert seconds["gpu"] == pytest.approx(prefill_ms(1) / 1e3)
@@ -139,7 +161,11 @@ def test_load_back_from_each_tier_costs_its_transfer_not_a_recompute():
     assert seconds["cold"] == pytest.approx(prefill_ms(bs3 + 1) / 1e3)
     assert seconds["gpu"] < seconds["cpu"] < seconds["disk"] < seconds["cold"]
     assert (s.kv.queries, s.kv.hits, s.kv.external_queries, s.kv.external_hits) == (
-        7 * (bs3 + 1), bs3, 7 * (bs3 + 1), 2 * bs3)
+        7 * (bs3 + 1),
+        bs3,
+        7 * (bs3 + 1),
+        2 * bs3,
+    )
     assert s.kv.cached_tokens_per_tier == [bs3, bs3, bs3]
 
 
@@ -150,13 +176,16 @@ def test_loaded_blocks_reenter_the_gpu_cache_and_tiers_keep_their_copy():
     again, steps = serve(s, a.prompt_token_ids)
     h = a.block_hashes[:3]
     gpu_stores = [e for e in events(steps) if isinstance(e, BlockStored) and e.medium == Tier.GPU]
-    assert gpu_stores[0].block_hashes == h and gpu_stores[0].token_ids == a.prompt_token_ids[:3 * BS]
+    assert gpu_stores[0].block_hashes == h and gpu_stores[0].token_ids == a.prompt_token_ids[: 3 * BS]
     assert set(h) <= set(tier_hashes(s, Tier.CPU))
     # Evicted from the GPU again: the CPU already holds them, so only the GPU removals.
     _, steps = serve(s, prompt())
     evs = [e for e in events(steps) if h[0] in e.block_hashes or h[1] in e.block_hashes or h[2] in e.block_hashes]
-    assert shape(evs) == [("BlockRemoved", "GPU", [h[2]]), ("BlockRemoved", "GPU", [h[1]]),
-                          ("BlockRemoved", "GPU", [h[0]])]
+    assert shape(evs) == [
+        ("BlockRemoved", "GPU", [h[2]]),
+        ("BlockRemoved", "GPU", [h[1]]),
+        ("BlockRemoved", "GPU", [h[0]]),
+    ]
 
 
 def test_blocks_being_loaded_become_their_tiers_most_recent():
@@ -186,7 +215,7 @@ def test_full_style_tier_events_carry_tokens_and_parent():
     stores = {(e.medium, e.block_hashes[0]): e for e in events(steps) if isinstance(e, BlockStored)}
     for i in range(3):  # a's blocks went GPU -> CPU (previous request), now CPU -> disk
         e = stores[(Tier.DISK, h[i])]
-        assert e.token_ids == toks[i * BS:(i + 1) * BS] and e.block_size == BS
+        assert e.token_ids == toks[i * BS : (i + 1) * BS] and e.block_size == BS
         assert e.parent_block_hash == (h[i - 1] if i else None)
 
 
@@ -203,29 +232,57 @@ def test_reset_clears_every_tier():
 
 
 def test_tier_config_is_validated_and_round_trips_the_cli():
-    for bad, message in ((dict(cpu_blocks=-1), "cpu_blocks"), (dict(bytes_per_block=0), "bytes_per_block"),
-                         (dict(disk_bandwidth_gbps=0.0), "disk_bandwidth_gbps"),
-                         (dict(event_style="x"), "event_style")):
+    for bad, message in (
+        (dict(cpu_blocks=-1), "cpu_blocks"),
+        (dict(bytes_per_block=0), "bytes_per_block"),
+        (dict(disk_bandwidth_gbps=0.0), "disk_bandwidth_gbps"),
+        (dict(event_style="x"), "event_style"),
+    ):
         with pytest.raises(ValueError, match=message):
             EngineConfig(tiers=TierConfig(**bad)).validate()
     assert EngineConfig().bytes_per_block == 8 * 1024 * 1024
     assert EngineConfig(block_size=16).bytes_per_block == 2 * 1024 * 1024
-    config = SimConfig(model_dir=TINY_MODEL, engine=EngineConfig(
-        max_model_len=4096, tiers=TierConfig(cpu_blocks=100, disk_blocks=200, bytes_per_block=4096,
-                                             cpu_bandwidth_gbps=12.5, disk_bandwidth_gbps=3.0, event_style="full")))
+    config = SimConfig(
+        model_dir=TINY_MODEL,
+        engine=EngineConfig(
+            max_model_len=4096,
+            tiers=TierConfig(
+                cpu_blocks=100,
+                disk_blocks=200,
+                bytes_per_block=4096,
+                cpu_bandwidth_gbps=12.5,
+                disk_bandwidth_gbps=3.0,
+                event_style="full",
+            ),
+        ),
+    )
     assert config_from_args(parser().parse_args(config.cli_args())) == config
 
 
 # --- invariant: the events describe every tier exactly -----------------------------------
 
+
 @pytest.mark.slow
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=30),
-       st.integers(4, 10), st.integers(0, 6), st.integers(0, 6), st.sampled_from(["tokenless", "full"]))
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=30),
+    st.integers(4, 10),
+    st.integers(0, 6),
+    st.integers(0, 6),
+    st.sampled_from(["tokenless", "full"]),
+)
 def test_replaying_the_events_rebuilds_every_tier(ops, gpu, cpu, disk, style):
-    s = Scheduler(EngineConfig(block_size=8, num_gpu_blocks=gpu, max_num_seqs=3, max_num_batched_tokens=24,
-                               max_model_len=gpu * 8, seed=5,
-                               tiers=TierConfig(cpu_blocks=cpu, disk_blocks=disk, event_style=style)))
+    s = Scheduler(
+        EngineConfig(
+            block_size=8,
+            num_gpu_blocks=gpu,
+            max_num_seqs=3,
+            max_num_batched_tokens=24,
+            max_model_len=gpu * 8,
+            seed=5,
+            tiers=TierConfig(cpu_blocks=cpu, disk_blocks=disk, event_style=style),
+        )
+    )
     gpu_copies: Counter[int] = Counter()
     tiers: dict[Tier, set[int]] = {Tier.CPU: set(), Tier.DISK: set()}
 
@@ -262,6 +319,7 @@ def test_replaying_the_events_rebuilds_every_tier(ops, gpu, cpu, disk, style):
 
 # --- a worker process: usage and /metrics ------------------------------------------------
 
+
 def metric(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -271,9 +329,20 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def tiered(tmp_path_factory) -> Iterator[str]:
-    config = SimConfig(model_dir=TINY_MODEL, port=free_port(), engine=EngineConfig(
-        block_size=BS, num_gpu_blocks=4, max_num_seqs=4, max_num_batched_tokens=1024, max_model_len=4 * BS,
-        speedup_ratio=1000.0, tiers=TierConfig(cpu_blocks=3, disk_blocks=6)), answer=AnswerConfig(1, 4))
+    config = SimConfig(
+        model_dir=TINY_MODEL,
+        port=free_port(),
+        engine=EngineConfig(
+            block_size=BS,
+            num_gpu_blocks=4,
+            max_num_seqs=4,
+            max_num_batched_tokens=1024,
+            max_model_len=4 * BS,
+            speedup_ratio=1000.0,
+            tiers=TierConfig(cpu_blocks=3, disk_blocks=6),
+        ),
+        answer=AnswerConfig(1, 4),
+    )
     log = tmp_path_factory.mktemp("sim_tiers") / "sim.log"
     proc = python_module("kvgate.worker.sim", *config.cli_args(), log_path=log)
     base = f"http://127.0.0.1:{config.port}"
@@ -288,6 +357,7 @@ def tiered(tmp_path_factory) -> Iterator[str]:
 @pytest.mark.slow
 async def test_usage_and_metrics_count_cached_tokens_per_tier(tiered):
     async with aiohttp.ClientSession() as http:
+
         async def complete(tokens: list[int], stream: bool = False) -> dict:
             body: dict = {"prompt": tokens, "max_tokens": 1}
             if stream:
@@ -296,8 +366,7 @@ async def test_usage_and_metrics_count_cached_tokens_per_tier(tiered):
                 assert r.status == 200, await r.text()
                 if not stream:
                     return (await r.json())["usage"]
-                chunks = [json.loads(line[6:]) for line in (await r.text()).splitlines()
-                          if line.startswith("data: {")]
+                chunks = [json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: {")]
                 return chunks[-1]["usage"]
 
         async with http.get(tiered + "/metrics") as r:

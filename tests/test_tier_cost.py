@@ -46,8 +46,14 @@ def test_defaults_are_the_simulators_load_over_recompute_ratios():
 
 def first_step_ms(tier_of_prefix: str, blocks: int) -> float:
     """The simulated time of the step admitting a ``blocks``-block prompt whose prefix sits in one tier."""
-    s = Scheduler(EngineConfig(num_gpu_blocks=blocks + 1, max_model_len=(blocks + 1) * 64, seed=1,
-                               tiers=TierConfig(cpu_blocks=blocks, disk_blocks=blocks)))
+    s = Scheduler(
+        EngineConfig(
+            num_gpu_blocks=blocks + 1,
+            max_model_len=(blocks + 1) * 64,
+            seed=1,
+            tiers=TierConfig(cpu_blocks=blocks, disk_blocks=blocks),
+        )
+    )
     ids = itertools.count()
     tokens = list(range(1, blocks * 64 + 2))
     other = list(range(100_000, 100_000 + blocks * 64 + 1))
@@ -75,10 +81,15 @@ def test_router_costs_track_the_engines_step_times():
     ms = {tier: first_step_ms(tier, blocks) for tier in ("gpu", "cpu", "disk", "absent")}
     assert ms["gpu"] < ms["cpu"] < ms["disk"] < ms["absent"]
     keys = {tier: WorkerKey(tier) for tier in ms}
-    matches = {keys["gpu"]: Match(blocks, [blocks, 0, 0]), keys["cpu"]: Match(blocks, [0, blocks, 0]),
-               keys["disk"]: Match(blocks, [0, 0, blocks])}
-    scores = {s.key.worker_id: s.prefill_cost
-              for s in score_candidates(RouterConfig(), list(keys.values()), matches, blocks, {})}
+    matches = {
+        keys["gpu"]: Match(blocks, [blocks, 0, 0]),
+        keys["cpu"]: Match(blocks, [0, blocks, 0]),
+        keys["disk"]: Match(blocks, [0, 0, blocks]),
+    }
+    scores = {
+        s.key.worker_id: s.prefill_cost
+        for s in score_candidates(RouterConfig(), list(keys.values()), matches, blocks, {})
+    }
     # What reusing each tier saves over a recompute, as a share of the whole recompute:
     # the router's cost units against the engine's milliseconds.
     for tier in ("cpu", "disk"):

@@ -19,17 +19,17 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from kvgate.protocol.events import BlockRemoved, BlockStored, EventBatch, Tier, WorkerKey
+from kvgate.dev.launch import free_port
 from kvgate.indexer.index import Match
-from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource
+from kvgate.protocol.events import BlockRemoved, BlockStored, EventBatch, Tier, WorkerKey
+from kvgate.protocol.hashing import sequence_hashes
 from kvgate.protocol.wire import decode_batch, encode_batch
-from kvgate.dev.launch import free_port
-from tests.helpers import TINY_MODEL, python_module, wait_http
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, KvEventsConfig, SimConfig, TierConfig
 from kvgate.worker.sim.request import Request
 from kvgate.worker.sim.scheduler import Scheduler
+from tests.helpers import TINY_MODEL, python_module, wait_http
 
 BS = 64
 W = WorkerKey("w")
@@ -45,9 +45,17 @@ class Worker:
     """The pure simulated engine, publishing one wire-encoded batch per step that changed the cache."""
 
     def __init__(self, style: str, encoding: str = "map", gpu: int = 4, cpu: int = 3, disk: int = 3) -> None:
-        self.engine = Scheduler(EngineConfig(
-            block_size=BS, num_gpu_blocks=gpu, max_num_seqs=4, max_num_batched_tokens=1024, max_model_len=gpu * BS,
-            seed=13, tiers=TierConfig(cpu_blocks=cpu, disk_blocks=disk, event_style=style)))
+        self.engine = Scheduler(
+            EngineConfig(
+                block_size=BS,
+                num_gpu_blocks=gpu,
+                max_num_seqs=4,
+                max_num_batched_tokens=1024,
+                max_model_len=gpu * BS,
+                seed=13,
+                tiers=TierConfig(cpu_blocks=cpu, disk_blocks=disk, event_style=style),
+            )
+        )
         self.encoding = encoding
 
     def serve(self, tokens: list[int]) -> tuple[Request, list[EventBatch]]:
@@ -91,6 +99,7 @@ def only(batches: list[EventBatch], keep) -> EventBatch:
 
 
 # --- every transition, both styles, both encodings ------------------------------------
+
 
 @pytest.mark.parametrize("encoding", ["map", "array"])
 @pytest.mark.parametrize("style", ["tokenless", "full"])
@@ -141,6 +150,7 @@ def test_multi_turn_conversations_match_what_the_engine_would_load(style):
 
 
 # --- tier events before, after, or without the GPU events ------------------------------
+
 
 def offload_scenario(style: str) -> tuple[Worker, Request, list[EventBatch], list[EventBatch]]:
     """a's blocks stored on the GPU (``gpu``), then offloaded to the CPU by b (``offload``)."""
@@ -206,8 +216,10 @@ def test_tier_events_after_the_gpu_removal_in_the_same_batch(style):
     _, a, gpu, offload = offload_scenario(style)
     feed = Feed()
     feed.send(*gpu)
-    reordered = [EventBatch(b.ts, [e for e in b.events if not is_tier_store(e)]
-                            + [e for e in b.events if is_tier_store(e)], 0) for b in offload]
+    reordered = [
+        EventBatch(b.ts, [e for e in b.events if not is_tier_store(e)] + [e for e in b.events if is_tier_store(e)], 0)
+        for b in offload
+    ]
     assert any(isinstance(e, BlockRemoved) for e in reordered[0].events[:1])
     feed.send(*reordered)
     assert per_tier(feed.match(a.prompt_token_ids)) == (0, 3, 0)
@@ -215,16 +227,28 @@ def test_tier_events_after_the_gpu_removal_in_the_same_batch(style):
 
 # --- a worker process over ZMQ -----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiered(tmp_path_factory) -> Iterator[SimConfig]:
     config = SimConfig(
-        model_dir=TINY_MODEL, port=free_port(),
-        engine=EngineConfig(block_size=BS, num_gpu_blocks=4, max_num_seqs=4, max_num_batched_tokens=1024,
-                            max_model_len=4 * BS, speedup_ratio=1000.0,
-                            tiers=TierConfig(cpu_blocks=3, disk_blocks=3)),
-        events=KvEventsConfig(endpoint=f"tcp://127.0.0.1:{free_port()}",
-                              replay_endpoint=f"tcp://127.0.0.1:{free_port()}", encoding="array"),
-        answer=AnswerConfig(1, 4))
+        model_dir=TINY_MODEL,
+        port=free_port(),
+        engine=EngineConfig(
+            block_size=BS,
+            num_gpu_blocks=4,
+            max_num_seqs=4,
+            max_num_batched_tokens=1024,
+            max_model_len=4 * BS,
+            speedup_ratio=1000.0,
+            tiers=TierConfig(cpu_blocks=3, disk_blocks=3),
+        ),
+        events=KvEventsConfig(
+            endpoint=f"tcp://127.0.0.1:{free_port()}",
+            replay_endpoint=f"tcp://127.0.0.1:{free_port()}",
+            encoding="array",
+        ),
+        answer=AnswerConfig(1, 4),
+    )
     log = tmp_path_factory.mktemp("tier_events") / "sim.log"
     proc = python_module("kvgate.worker.sim", *config.cli_args(), log_path=log)
     try:
@@ -248,8 +272,9 @@ async def test_worker_process_tiers_reach_the_index_over_zmq(tiered):
     try:
         async with aiohttp.ClientSession() as http:
             for p in prompts:
-                async with http.post(f"http://127.0.0.1:{tiered.port}/v1/completions",
-                                     json={"prompt": p, "max_tokens": 1}) as r:
+                async with http.post(
+                    f"http://127.0.0.1:{tiered.port}/v1/completions", json={"prompt": p, "max_tokens": 1}
+                ) as r:
                     assert r.status == 200, await r.text()
         for _ in range(200):
             if indexer.block_counts().get(W) == (3, 3, 3):

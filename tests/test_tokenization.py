@@ -203,8 +203,13 @@ def test_chat_template_kwargs_and_continue_final_message(pre: Preprocessor) -> N
         ([{"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}], "function"),
         (
             # A RecursionError inside json.loads, a 500 before: now a clear 400.
-            [{"role": "assistant", "content": "",
-              "tool_calls": [{"function": {"name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}]}],
+            [
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}],
+                }
+            ],
             "nested too deeply",
         ),
         ([{"role": "wizard", "content": "hi"}], "unknown message role"),

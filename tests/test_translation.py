@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvgate.indexer.translation import BlockTranslator, TranslationStats
 from kvgate.protocol.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -14,7 +15,6 @@ from kvgate.protocol.events import (
     Tier,
 )
 from kvgate.protocol.hashing import sequence_hashes
-from kvgate.indexer.translation import BlockTranslator, TranslationStats
 
 BS = 4
 TOKENS = list(range(1000, 1000 + 5 * BS))
@@ -22,8 +22,9 @@ SEQ = sequence_hashes(TOKENS, BS)  # router keys of the 5 blocks
 E = [0xE0 + i for i in range(5)]  # the engine's opaque hashes for them
 
 
-def stored(i: int, j: int, parent: int | None = None, tier: Tier = Tier.GPU, tokens: bool = True,
-           **kw: object) -> BlockStored:
+def stored(
+    i: int, j: int, parent: int | None = None, tier: Tier = Tier.GPU, tokens: bool = True, **kw: object
+) -> BlockStored:
     """Engine store of blocks i..j-1 (with their tokens unless ``tokens`` is False)."""
     return BlockStored(E[i:j], parent, TOKENS[i * BS : j * BS] if tokens else [], BS, medium=tier, **kw)  # type: ignore[arg-type]
 
@@ -82,8 +83,14 @@ def test_tier_store_after_the_gpu_removal_in_the_same_batch(tokens: bool) -> Non
     t = BlockTranslator(BS)
     t.translate([stored(0, 3)])
     batch = [removed(0, 3)] + (
-        [stored(2, 3, parent=E[1], tier=Tier.CPU), stored(1, 2, parent=E[0], tier=Tier.CPU),
-         stored(0, 1, tier=Tier.CPU)] if tokens else [stored(0, 3, tier=Tier.CPU, tokens=False)])
+        [
+            stored(2, 3, parent=E[1], tier=Tier.CPU),
+            stored(1, 2, parent=E[0], tier=Tier.CPU),
+            stored(0, 1, tier=Tier.CPU),
+        ]
+        if tokens
+        else [stored(0, 3, tier=Tier.CPU, tokens=False)]
+    )
     out = t.translate(batch)
     assert out[0] == RouterRemoved(SEQ[:3])
     assert sorted(h for ev in out[1:] for h in ev.hashes) == sorted(SEQ[:3])  # type: ignore[union-attr]
@@ -200,8 +207,9 @@ def test_bad_events_are_rejected_whole_and_counted(event: BlockStored, kind: str
 
 def test_all_blocks_cleared_forgets_every_tier_and_pending() -> None:
     t = BlockTranslator(BS)
-    t.translate([stored(0, 3), stored(0, 2, tier=Tier.CPU, tokens=False),
-                 BlockStored([77], None, [], BS, medium=Tier.DISK)])
+    t.translate(
+        [stored(0, 3), stored(0, 2, tier=Tier.CPU, tokens=False), BlockStored([77], None, [], BS, medium=Tier.DISK)]
+    )
     t.translate([removed(2, 3), stored(4, 5, parent=E[3])])  # remembered, and held
     assert t.translate([AllBlocksCleared()]) == [RouterCleared()]
     assert len(t) == 0 and t.pending == 0

@@ -53,8 +53,13 @@ def event_kinds(name: str) -> list[str]:
 
 
 def test_live_frames_decode_with_their_topic_seq_and_rank() -> None:
-    for name in ("01_store_first", "02_store_continuation", "04_store_cache_salt",
-                 "06b_next_request_after_reset", "10_all_blocks_cleared_alone"):
+    for name in (
+        "01_store_first",
+        "02_store_continuation",
+        "04_store_cache_salt",
+        "06b_next_request_after_reset",
+        "10_all_blocks_cleared_alone",
+    ):
         for topic, seq, batch in live(name):
             assert topic == b"kv-events" and seq >= 0
             assert batch.data_parallel_rank == 0 and batch.ts > 1.7e9
@@ -67,8 +72,8 @@ def test_a_reset_leads_the_next_batch_or_stands_alone() -> None:
 
 
 def test_stores_carry_u64_hashes_tokens_and_chain_across_turns() -> None:
-    (_, _, first), = live("01_store_first")
-    (_, _, second), = live("02_store_continuation")
+    ((_, _, first),) = live("01_store_first")
+    ((_, _, second),) = live("02_store_continuation")
     store1 = first.events[-1]
     store2 = second.events[0]
     assert isinstance(store1, BlockStored) and isinstance(store2, BlockStored)
@@ -86,8 +91,8 @@ def test_the_index_built_from_real_events_matches_the_prompt_the_engine_cached()
     for name in ("01_store_first", "02_store_continuation"):
         for _, seq, batch in live(name):
             indexer.apply_engine_batch("vllm", seq, batch)
-    (_, _, first), = live("01_store_first")
-    (_, _, second), = live("02_store_continuation")
+    ((_, _, first),) = live("01_store_first")
+    ((_, _, second),) = live("02_store_continuation")
     tokens = [*first.events[-1].token_ids, *second.events[0].token_ids]
     matches = indexer.find_matches(sequence_hashes(tokens, 64))
     assert matches[WorkerKey("vllm")].depth == 10
@@ -97,8 +102,8 @@ def test_the_index_built_from_real_events_matches_the_prompt_the_engine_cached()
 
 
 def test_cache_salt_shows_in_extra_keys_and_changes_every_engine_hash() -> None:
-    (_, _, salted), = live("04_store_cache_salt")
-    (_, _, plain), = live("01_store_first")
+    ((_, _, salted),) = live("04_store_cache_salt")
+    ((_, _, plain),) = live("01_store_first")
     raw = load("04_store_cache_salt")["messages"][0]["decoded"][1][0]
     assert raw["extra_keys"][0] == ["tenant-A"] and raw["extra_keys"][1:] == [None] * 4
     assert salted.events[0].token_ids == plain.events[-1].token_ids

@@ -25,8 +25,10 @@ from tests.vllm_engines import BLOCK_SIZE, MODEL_NAME, VLLM_MODEL, Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
-         "tau upsilon phi chi psi omega").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+    "tau upsilon phi chi psi omega"
+).split()
 
 
 def text(seed: int, words: int) -> str:
@@ -40,8 +42,9 @@ class Gateway:
         self.url = f"http://127.0.0.1:{port}"
 
     def post(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[dict[str, Any], dict[str, str]]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read()), dict(response.headers)
 
@@ -59,9 +62,23 @@ class Gateway:
 
 def start_gateway(engines: list[Engine], log_dir: Path, *extra: str) -> Gateway:
     port = free_port()
-    args = [sys.executable, "-m", "kvgate.gateway", "--host", "127.0.0.1", "--port", str(port),
-            "--model", str(VLLM_MODEL), "--served-model-name", MODEL_NAME, "--log-level", "info",
-            *(a for engine in engines for a in ("--worker", engine.worker_flag())), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "kvgate.gateway",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        str(VLLM_MODEL),
+        "--served-model-name",
+        MODEL_NAME,
+        "--log-level",
+        "info",
+        *(a for engine in engines for a in ("--worker", engine.worker_flag())),
+        *extra,
+    ]
     service = Service(f"gateway-{port}", args, log_dir, health_url=f"http://127.0.0.1:{port}/health")
     service.start()
     service.wait_healthy(60)
@@ -108,24 +125,58 @@ def engine_cached_blocks(prompt_tokens: int, predicted_blocks: int) -> int:
 MESSAGE_SHAPES: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": "Hello there, how are you?"}]},
     {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
-                  {"role": "assistant", "content": "Two."}, {"role": "user", "content": "Three?"}]},
-    {"messages": [{"role": "user", "content": [{"type": "text", "text": "part one"},
-                                               {"type": "text", "text": "part two"}]}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "One?"},
+            {"role": "assistant", "content": "Two."},
+            {"role": "user", "content": "Three?"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]}
+        ]
+    },
     {"messages": [{"role": "user", "content": "Ünïcödé: 日本語, emoji 🚀, RTL עברית, combining e\u0301."}]},
     {"messages": [{"role": "user", "content": "  leading and trailing   whitespace \n\n\t "}]},
     # tool_choice "none": "auto" needs a tool-call parser on the engine; the tools still render.
-    {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tool_choice": "none",
-     "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
-                                                  "parameters": {"type": "object", "properties": {
-                                                      "city": {"type": "string"}}, "required": ["city"]}}}]},
-    {"messages": [{"role": "user", "content": "Weather in Paris?"},
-                  {"role": "assistant", "content": None, "tool_calls": [
-                      {"id": "call_1", "type": "function",
-                       "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
-                  {"role": "tool", "tool_call_id": "call_1", "content": "18 C, clear"}]},
-    {"messages": [{"role": "user", "content": "Continue this."}, {"role": "assistant", "content": "Once upon"}],
-     "add_generation_prompt": False, "continue_final_message": True},
+    {
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tool_choice": "none",
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Weather by city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                },
+            }
+        ],
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C, clear"},
+        ]
+    },
+    {
+        "messages": [{"role": "user", "content": "Continue this."}, {"role": "assistant", "content": "Once upon"}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    },
 ]
 
 
@@ -145,7 +196,8 @@ def test_chat_token_ids_equal_the_engines_own(engines: list[Engine], shape: dict
 
 
 def test_a_conversation_stays_on_its_worker_and_predicted_overlap_equals_cached_tokens(
-        gateway: Gateway, engines: list[Engine]) -> None:
+    gateway: Gateway, engines: list[Engine]
+) -> None:
     messages: list[dict[str, Any]] = [{"role": "system", "content": text(1, 150)}]
     home: str | None = None
     previous_prompt = 0
@@ -203,8 +255,9 @@ def test_reset_prefix_cache_on_the_engine_clears_the_index(gateway: Gateway, eng
     settled_overlap(gateway, body, engine.name, at_least=blocks)
     assert engine.post("/reset_prefix_cache?reset_running_requests=true") == {"success": True}
     # vLLM publishes the clear with its next step's batch: any request flushes it.
-    engine.post("/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
-                                         "max_tokens": 1})
+    engine.post(
+        "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    )
     wait_for(lambda: gateway.overlap(body, engine.name) == 0, 20, "the reset to reach the index")
     again = engine.post("/v1/chat/completions", body)
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
@@ -219,8 +272,15 @@ def test_the_openai_sdk_through_the_gateway_streams_and_not(gateway: Gateway) ->
     reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6)  # type: ignore[arg-type]
     assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage is not None
     assert reply.usage.completion_tokens <= 6 and reply.choices[0].message.content
-    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6,  # type: ignore[arg-type]
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=messages,
+            max_tokens=6,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content and chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
     assert chunks[-1].usage.prompt_tokens_details is not None

@@ -73,6 +73,7 @@ def expected_hash(h: int | str) -> int | bytes:
 
 # --- fixtures -------------------------------------------------------------------------
 
+
 def test_manifest_covers_every_fixture_file():
     listed = {v["file"] for v in VALID.values()} | {v["file"] for v in INVALID.values()}
     assert listed == {p.name for p in FIXTURES.glob("*.msgpack")}
@@ -128,6 +129,7 @@ def test_fast_path_agrees_with_reference_on_fixtures(name):
 
 # --- encoding -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("encoding", ["map", "array"])
 @pytest.mark.parametrize("name", sorted(VALID))
 def test_fixture_round_trips_through_both_encodings(name, encoding):
@@ -159,19 +161,42 @@ def test_map_encoding_matches_golden_fixture(name):
 
 
 def test_map_encoding_writes_vllm_field_names():
-    batch = EventBatch(1.5, [BlockStored([1], 9, list(range(4)), 4, 3, Tier.DISK, "ad"),
-                             BlockRemoved([b"\x01"], Tier.CPU), AllBlocksCleared()], 2)
-    assert raw_msgpack(encode_batch(batch, "map")) == [1.5, [
-        {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": 9, "token_ids": [0, 1, 2, 3],
-         "block_size": 4, "lora_id": 3, "medium": "DISK", "lora_name": "ad"},
-        {"type": "BlockRemoved", "block_hashes": [b"\x01"], "medium": "CPU"},
-        {"type": "AllBlocksCleared"},
-    ], 2]
-    assert raw_msgpack(encode_batch(batch, "array")) == [1.5, [
-        ["BlockStored", [1], 9, [0, 1, 2, 3], 4, 3, "DISK", "ad"],
-        ["BlockRemoved", [b"\x01"], "CPU"],
-        ["AllBlocksCleared"],
-    ], 2]
+    batch = EventBatch(
+        1.5,
+        [
+            BlockStored([1], 9, list(range(4)), 4, 3, Tier.DISK, "ad"),
+            BlockRemoved([b"\x01"], Tier.CPU),
+            AllBlocksCleared(),
+        ],
+        2,
+    )
+    assert raw_msgpack(encode_batch(batch, "map")) == [
+        1.5,
+        [
+            {
+                "type": "BlockStored",
+                "block_hashes": [1],
+                "parent_block_hash": 9,
+                "token_ids": [0, 1, 2, 3],
+                "block_size": 4,
+                "lora_id": 3,
+                "medium": "DISK",
+                "lora_name": "ad",
+            },
+            {"type": "BlockRemoved", "block_hashes": [b"\x01"], "medium": "CPU"},
+            {"type": "AllBlocksCleared"},
+        ],
+        2,
+    ]
+    assert raw_msgpack(encode_batch(batch, "array")) == [
+        1.5,
+        [
+            ["BlockStored", [1], 9, [0, 1, 2, 3], 4, 3, "DISK", "ad"],
+            ["BlockRemoved", [b"\x01"], "CPU"],
+            ["AllBlocksCleared"],
+        ],
+        2,
+    ]
 
 
 def test_unknown_encoding_is_refused():
@@ -187,11 +212,26 @@ def stored_events(draw) -> BlockStored:
     block_size = draw(st.integers(1, 8))
     block_hashes = draw(st.lists(hashes, max_size=4))
     token_less = draw(st.booleans())
-    tokens = [] if token_less else draw(st.lists(
-        st.integers(0, 2**32 - 1), min_size=len(block_hashes) * block_size, max_size=len(block_hashes) * block_size))
-    return BlockStored(block_hashes, draw(st.none() | hashes), tokens, block_size,
-                       draw(st.none() | st.integers(0, 2**31)), draw(st.sampled_from(Tier)),
-                       draw(st.none() | st.text(max_size=8)))
+    tokens = (
+        []
+        if token_less
+        else draw(
+            st.lists(
+                st.integers(0, 2**32 - 1),
+                min_size=len(block_hashes) * block_size,
+                max_size=len(block_hashes) * block_size,
+            )
+        )
+    )
+    return BlockStored(
+        block_hashes,
+        draw(st.none() | hashes),
+        tokens,
+        block_size,
+        draw(st.none() | st.integers(0, 2**31)),
+        draw(st.sampled_from(Tier)),
+        draw(st.none() | st.text(max_size=8)),
+    )
 
 
 events = st.one_of(
@@ -199,8 +239,12 @@ events = st.one_of(
     st.builds(BlockRemoved, st.lists(hashes, max_size=4), st.sampled_from(Tier)),
     st.just(AllBlocksCleared()),
 )
-batches = st.builds(EventBatch, st.floats(allow_nan=False, allow_infinity=False),
-                    st.lists(events, max_size=5), st.none() | st.integers(0, 64))
+batches = st.builds(
+    EventBatch,
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(events, max_size=5),
+    st.none() | st.integers(0, 64),
+)
 
 
 @pytest.mark.slow
@@ -217,10 +261,20 @@ def test_random_batches_round_trip(batch, encoding):
 TOKENS_2x4 = list(range(8))
 
 
-@pytest.mark.parametrize("medium,tier", [
-    (None, Tier.GPU), ("GPU", Tier.GPU), ("gpu", Tier.GPU), ("cpu", Tier.CPU), ("Cpu", Tier.CPU),
-    ("DISK", Tier.DISK), ("disk", Tier.DISK), ("STORAGE", Tier.DISK), ("storage", Tier.DISK),
-])
+@pytest.mark.parametrize(
+    "medium,tier",
+    [
+        (None, Tier.GPU),
+        ("GPU", Tier.GPU),
+        ("gpu", Tier.GPU),
+        ("cpu", Tier.CPU),
+        ("Cpu", Tier.CPU),
+        ("DISK", Tier.DISK),
+        ("disk", Tier.DISK),
+        ("STORAGE", Tier.DISK),
+        ("storage", Tier.DISK),
+    ],
+)
 def test_medium_in_any_case(medium, tier):
     array_form = [1.0, [["BlockStored", [1, 2], None, TOKENS_2x4, 4, None, medium], ["BlockRemoved", [1], medium]]]
     map_form = [1.0, [{"type": "BlockRemoved", "block_hashes": [1], "medium": medium}]]
@@ -229,19 +283,39 @@ def test_medium_in_any_case(medium, tier):
 
 
 def test_short_positional_forms_and_missing_rank():
-    batch = decode_batch(pack([2.0, [["BlockStored", [1, 2], None, TOKENS_2x4, 4], ["BlockRemoved", [2]],
-                                     ["AllBlocksCleared"]]]))
-    assert batch == EventBatch(2.0, [BlockStored([1, 2], None, TOKENS_2x4, 4), BlockRemoved([2]),
-                                     AllBlocksCleared()], None)
+    batch = decode_batch(
+        pack([2.0, [["BlockStored", [1, 2], None, TOKENS_2x4, 4], ["BlockRemoved", [2]], ["AllBlocksCleared"]]])
+    )
+    assert batch == EventBatch(
+        2.0, [BlockStored([1, 2], None, TOKENS_2x4, 4), BlockRemoved([2]), AllBlocksCleared()], None
+    )
 
 
 def test_sglang_array_with_trailing_fields_and_newer_map_fields_are_read():
     sglang = [3, [["BlockStored", [5], 4, [1, 2], 2, None, "GPU", "lora-a", [["mm"]], 0, "full"]], 0]
     assert decode_batch(pack(sglang)).events == [BlockStored([5], 4, [1, 2], 2, None, Tier.GPU, "lora-a")]
-    newer = [3.0, [{"type": "BlockStored", "block_hashes": [5], "parent_block_hash": None, "token_ids": [1, 2],
-                    "block_size": 2, "lora_id": 7, "medium": "CPU", "lora_name": None, "extra_keys": [["x", 1]],
-                    "group_idx": 1, "kv_cache_spec_kind": "sliding_window", "kv_cache_spec_sliding_window": 64,
-                    "locality": "REMOTE", "something_new": {"nested": [1]}}], None]
+    newer = [
+        3.0,
+        [
+            {
+                "type": "BlockStored",
+                "block_hashes": [5],
+                "parent_block_hash": None,
+                "token_ids": [1, 2],
+                "block_size": 2,
+                "lora_id": 7,
+                "medium": "CPU",
+                "lora_name": None,
+                "extra_keys": [["x", 1]],
+                "group_idx": 1,
+                "kv_cache_spec_kind": "sliding_window",
+                "kv_cache_spec_sliding_window": 64,
+                "locality": "REMOTE",
+                "something_new": {"nested": [1]},
+            }
+        ],
+        None,
+    ]
     assert decode_batch(pack(newer)).events == [BlockStored([5], None, [1, 2], 2, 7, Tier.CPU)]
 
 
@@ -254,45 +328,51 @@ def test_map_batch_and_mixed_encodings_use_the_generic_path():
 
 # --- rejected variants ----------------------------------------------------------------
 
-@pytest.mark.parametrize("obj,kind", [
-    ({"ts": 1.0}, "bad_shape"),
-    ([1.0], "bad_shape"),
-    ("hello", "bad_shape"),
-    ([1.0, {"not": "a list"}], "bad_shape"),
-    ([1.0, [42]], "bad_shape"),
-    ([1.0, [[]]], "bad_shape"),
-    ([1.0, [[7, [1]]]], "bad_shape"),
-    ([1.0, [{"block_hashes": [1]}]], "bad_shape"),
-    ([1.0, [["BlockStored", [1], None, [0, 1]]]], "bad_shape"),
-    ([1.0, [{"type": "BlockStored", "block_hashes": [1], "block_size": 2}]], "bad_shape"),
-    ([1.0, [["BlockRemoved"]]], "bad_shape"),
-    ([1.0, [{"type": "BlockRemoved"}]], "bad_shape"),
-    ([1.0, [["Stored", [1]]]], "unknown_event"),
-    (["yesterday", []], "bad_field"),
-    ([True, []], "bad_field"),
-    ([float("nan"), []], "bad_field"),
-    ([float("inf"), []], "bad_field"),
-    ([1.0, [], -1], "bad_field"),
-    ([1.0, [], "0"], "bad_field"),
-    ([1.0, [["BlockRemoved", [1, "2"]]]], "bad_field"),
-    ([1.0, [["BlockRemoved", [1.5]]]], "bad_field"),
-    ([1.0, [["BlockRemoved", [True]]]], "bad_field"),
-    ([1.0, [["BlockRemoved", [1], "TAPE"]]], "bad_field"),
-    ([1.0, [["BlockRemoved", [1], 0]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], "p", [0, 1], 2]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, "01", 2]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, [0, -1], 2]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, [0, 2**32], 2]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, [0, 1.0], 2]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, [0, 1], "2"]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, [0, 1], 2, "lora"]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, [0, 1], 2, None, None, 5]]], "bad_field"),
-    ([1.0, [["BlockStored", [1], None, [0, 1], 0]]], "bad_block_size"),
-    ([1.0, [["BlockStored", [], None, [], -2]]], "bad_block_size"),
-    ([1.0, [["BlockStored", [1, 2], None, [0, 1, 2], 2]]], "token_count_mismatch"),
-    ([1.0, [{"type": "BlockStored", "block_hashes": [1], "token_ids": [0], "block_size": 2}]],
-     "token_count_mismatch"),
-])
+
+@pytest.mark.parametrize(
+    "obj,kind",
+    [
+        ({"ts": 1.0}, "bad_shape"),
+        ([1.0], "bad_shape"),
+        ("hello", "bad_shape"),
+        ([1.0, {"not": "a list"}], "bad_shape"),
+        ([1.0, [42]], "bad_shape"),
+        ([1.0, [[]]], "bad_shape"),
+        ([1.0, [[7, [1]]]], "bad_shape"),
+        ([1.0, [{"block_hashes": [1]}]], "bad_shape"),
+        ([1.0, [["BlockStored", [1], None, [0, 1]]]], "bad_shape"),
+        ([1.0, [{"type": "BlockStored", "block_hashes": [1], "block_size": 2}]], "bad_shape"),
+        ([1.0, [["BlockRemoved"]]], "bad_shape"),
+        ([1.0, [{"type": "BlockRemoved"}]], "bad_shape"),
+        ([1.0, [["Stored", [1]]]], "unknown_event"),
+        (["yesterday", []], "bad_field"),
+        ([True, []], "bad_field"),
+        ([float("nan"), []], "bad_field"),
+        ([float("inf"), []], "bad_field"),
+        ([1.0, [], -1], "bad_field"),
+        ([1.0, [], "0"], "bad_field"),
+        ([1.0, [["BlockRemoved", [1, "2"]]]], "bad_field"),
+        ([1.0, [["BlockRemoved", [1.5]]]], "bad_field"),
+        ([1.0, [["BlockRemoved", [True]]]], "bad_field"),
+        ([1.0, [["BlockRemoved", [1], "TAPE"]]], "bad_field"),
+        ([1.0, [["BlockRemoved", [1], 0]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], "p", [0, 1], 2]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, "01", 2]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, -1], 2]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 2**32], 2]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 1.0], 2]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 1], "2"]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 1], 2, "lora"]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 1], 2, None, None, 5]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 1], 0]]], "bad_block_size"),
+        ([1.0, [["BlockStored", [], None, [], -2]]], "bad_block_size"),
+        ([1.0, [["BlockStored", [1, 2], None, [0, 1, 2], 2]]], "token_count_mismatch"),
+        (
+            [1.0, [{"type": "BlockStored", "block_hashes": [1], "token_ids": [0], "block_size": 2}]],
+            "token_count_mismatch",
+        ),
+    ],
+)
 def test_malformed_batches_are_rejected_with_a_kind(obj, kind):
     payload = pack(obj)
     with pytest.raises(DecodeError) as info:
@@ -308,15 +388,18 @@ def test_one_bad_event_rejects_the_whole_batch():
     assert info.value.kind == "bad_field"
 
 
-@pytest.mark.parametrize("payload,kind", [
-    (fixture("vllm_tagged_map.msgpack") + b"\x00", "not_msgpack"),
-    (b"\x92\xcb", "truncated"),
-    (b"\xdd\xff\xff\xff\xff", "truncated"),
-    (b"\x91" * 100_000 + b"\xc0", "not_msgpack"),
-    (b"\xc7\x01\x05\x00", "bad_shape"),
-    (b"\x92\x01\x91\xd6\xff\x00\x00\x00\x01", "bad_shape"),
-    (b"\x92\x01\x91\x92\xa1\xff\x90", "not_msgpack"),
-])
+@pytest.mark.parametrize(
+    "payload,kind",
+    [
+        (fixture("vllm_tagged_map.msgpack") + b"\x00", "not_msgpack"),
+        (b"\x92\xcb", "truncated"),
+        (b"\xdd\xff\xff\xff\xff", "truncated"),
+        (b"\x91" * 100_000 + b"\xc0", "not_msgpack"),
+        (b"\xc7\x01\x05\x00", "bad_shape"),
+        (b"\x92\x01\x91\xd6\xff\x00\x00\x00\x01", "bad_shape"),
+        (b"\x92\x01\x91\x92\xa1\xff\x90", "not_msgpack"),
+    ],
+)
 def test_hostile_bytes_are_rejected(payload, kind):
     with pytest.raises(DecodeError) as info:
         decode_batch(payload)
@@ -363,7 +446,7 @@ def mutated_fixtures(draw) -> bytes:
         elif op == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=9))
         elif op == "delete":
-            del data[pos:pos + draw(st.integers(1, 9))]
+            del data[pos : pos + draw(st.integers(1, 9))]
     return bytes(data)
 
 
@@ -374,19 +457,47 @@ def test_mutated_fixtures_only_raise_decode_error(payload):
     _only_decode_errors(payload)
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False),
-                    st.text(max_size=6), st.binary(max_size=6),
-                    st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared", "GPU", "cpu", "type"]))
-objects = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=8),
-    st.dictionaries(st.sampled_from(["type", "block_hashes", "parent_block_hash", "token_ids", "block_size",
-                                     "medium", "lora_id", "lora_name", "ts", "events", "x"]), inner, max_size=8),
-), max_leaves=20)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=6),
+    st.binary(max_size=6),
+    st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared", "GPU", "cpu", "type"]),
+)
+objects = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=8),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "block_hashes",
+                    "parent_block_hash",
+                    "token_ids",
+                    "block_size",
+                    "medium",
+                    "lora_id",
+                    "lora_name",
+                    "ts",
+                    "events",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=8,
+        ),
+    ),
+    max_leaves=20,
+)
 
 
 @st.composite
 def plausible_batches(draw) -> bytes:
     """Well-formed msgpack shaped roughly like a batch, with random contents in every slot."""
+
     def event() -> Any:
         tag = draw(st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared", "Nope"]))
         fields = draw(st.lists(objects, max_size=8))
@@ -394,7 +505,10 @@ def plausible_batches(draw) -> bytes:
             return [tag, *fields]
         keys = ["block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name"]
         return {"type": tag, **dict(zip(keys, fields))}
-    return pack([draw(objects), [event() for _ in range(draw(st.integers(0, 3)))], *draw(st.lists(objects, max_size=2))])
+
+    return pack(
+        [draw(objects), [event() for _ in range(draw(st.integers(0, 3)))], *draw(st.lists(objects, max_size=2))]
+    )
 
 
 @pytest.mark.slow
@@ -406,6 +520,7 @@ def test_structured_garbage_only_raises_decode_error(payload):
 
 # --- frames and replay ----------------------------------------------------------------
 
+
 def test_frames_round_trip_with_big_endian_seq():
     frames = encode_frames(b"kv", 258, b"payload")
     assert frames == [b"kv", b"\x00\x00\x00\x00\x00\x00\x01\x02", b"payload"]
@@ -413,7 +528,9 @@ def test_frames_round_trip_with_big_endian_seq():
     assert decode_frames(encode_frames(b"", 2**64 - 1, b"")) == (b"", 2**64 - 1, b"")
 
 
-@pytest.mark.parametrize("frames", [[], [b"t", b"\x00" * 8], [b"t", b"\x00" * 7, b"p"], [b"t", b"\x00" * 8, b"p", b"x"]])
+@pytest.mark.parametrize(
+    "frames", [[], [b"t", b"\x00" * 8], [b"t", b"\x00" * 7, b"p"], [b"t", b"\x00" * 8, b"p", b"x"]]
+)
 def test_bad_frames_are_rejected(frames):
     with pytest.raises(DecodeError) as info:
         decode_frames(frames)
@@ -446,16 +563,25 @@ def test_replay_replies_in_vllm_0_32_framing_carry_the_topic():
     assert decode_replay_reply(end) == (REPLAY_END_SEQ, b"")
 
 
-@pytest.mark.parametrize("frames", [[b"id", encode_replay_request(1)], [b"id", b"x", encode_replay_request(1)],
-                                    [b"id", b"", b"\x01"]])
+@pytest.mark.parametrize(
+    "frames", [[b"id", encode_replay_request(1)], [b"id", b"x", encode_replay_request(1)], [b"id", b"", b"\x01"]]
+)
 def test_bad_replay_requests_are_rejected(frames):
     with pytest.raises(DecodeError):
         decode_replay_request(frames)
 
 
-@pytest.mark.parametrize("frames", [[b"", b"\x00" * 8], [b"x", b"\x00" * 8, b""], [b"", b"\x00", b""],
-                                    [b"", b"t", b"\x00", b""], [b"x", b"t", b"\x00" * 8, b""],
-                                    [b"", b"t", b"\x00" * 8, b"", b""]])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"", b"\x00" * 8],
+        [b"x", b"\x00" * 8, b""],
+        [b"", b"\x00", b""],
+        [b"", b"t", b"\x00", b""],
+        [b"x", b"t", b"\x00" * 8, b""],
+        [b"", b"t", b"\x00" * 8, b"", b""],
+    ],
+)
 def test_bad_replay_replies_are_rejected(frames):
     with pytest.raises(DecodeError) as info:
         decode_replay_reply(frames)

@@ -19,11 +19,12 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier, WorkerKey
+from kvgate.dev.launch import free_port
 from kvgate.indexer.index import Match
-from kvgate.protocol.hashing import sequence_hashes
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig, rank_endpoint
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, Tier, WorkerKey
+from kvgate.protocol.hashing import sequence_hashes
 from kvgate.protocol.wire import (
     REPLAY_END_SEQ,
     decode_replay_request,
@@ -31,7 +32,6 @@ from kvgate.protocol.wire import (
     encode_frames,
     encode_replay_reply,
 )
-from kvgate.dev.launch import free_port
 from tests.helpers import until
 
 BS = 64
@@ -53,8 +53,15 @@ def store(engine_hashes: list[int], first: int, parent: int | None = None) -> Ev
 class Publisher:
     """One engine rank's publisher on real sockets, following vLLM's protocol."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, port: int, replay_port: int | None = None,
-                 topic: bytes = b"", *, answer_replays: bool = True) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        port: int,
+        replay_port: int | None = None,
+        topic: bytes = b"",
+        *,
+        answer_replays: bool = True,
+    ) -> None:
         self.ctx, self.port, self.replay_port, self.topic = ctx, port, replay_port, topic
         self.answer_replays = answer_replays
         # Awaited between receiving a replay request and answering it: what the engine
@@ -98,8 +105,9 @@ class Publisher:
             if msg[:1] == b"\x01":
                 return
 
-    async def publish(self, batch: EventBatch, *, live: bool = True, encoding: str = "map",
-                      topic: bytes | None = None) -> int:
+    async def publish(
+        self, batch: EventBatch, *, live: bool = True, encoding: str = "map", topic: bytes | None = None
+    ) -> int:
         seq = self.next_seq
         self.next_seq += 1
         payload = encode_batch(batch, encoding)
@@ -148,13 +156,27 @@ async def rig(ctx):
     indexer = replayed_indexer()
     started: list[ZmqEventSource | Publisher] = []
 
-    def source(worker_id: str, port: int, replay_port: int | None = None, *, into: KvIndexer | None = None,
-               config: ZmqSourceConfig | None = None, **kw) -> ZmqEventSource:
+    def source(
+        worker_id: str,
+        port: int,
+        replay_port: int | None = None,
+        *,
+        into: KvIndexer | None = None,
+        config: ZmqSourceConfig | None = None,
+        **kw,
+    ) -> ZmqEventSource:
         """A started source feeding ``into`` (default: the rig's indexer), catch-up off by default."""
         into = indexer if into is None else into
         assert isinstance(into.replay, ReplayDispatcher), "build it with replayed_indexer()"
-        src = ZmqEventSource(worker_id, tcp(port), None if replay_port is None else tcp(replay_port), into,
-                             context=ctx, config=config or ZmqSourceConfig(catch_up_interval=0), **kw)
+        src = ZmqEventSource(
+            worker_id,
+            tcp(port),
+            None if replay_port is None else tcp(replay_port),
+            into,
+            context=ctx,
+            config=config or ZmqSourceConfig(catch_up_interval=0),
+            **kw,
+        )
         into.replay.add(src)
         src.start()
         started.append(src)
@@ -182,6 +204,7 @@ def depth(indexer: KvIndexer, key: WorkerKey, token_ids: list[int]) -> int:
 
 # --- end to end -----------------------------------------------------------------------
 
+
 async def test_published_events_reach_the_index(rig):
     indexer, source, publisher = rig
     port = free_port()
@@ -195,10 +218,12 @@ async def test_published_events_reach_the_index(rig):
     await until(lambda: depth(indexer, key, prompt) == 3, "3 blocks indexed")
     assert indexer.find_matches(sequence_hashes(prompt, BS))[key].per_tier == [3, 0, 0]
 
-    await pub.publish(EventBatch(2.0, [BlockStored([12, 13], None, [], BS, medium=Tier.CPU),
-                                       BlockRemoved([13], Tier.GPU)], 0))
-    await until(lambda: indexer.find_matches(sequence_hashes(prompt, BS))[key].per_tier == [2, 1, 0],
-                "block 13 moved to CPU")
+    await pub.publish(
+        EventBatch(2.0, [BlockStored([12, 13], None, [], BS, medium=Tier.CPU), BlockRemoved([13], Tier.GPU)], 0)
+    )
+    await until(
+        lambda: indexer.find_matches(sequence_hashes(prompt, BS))[key].per_tier == [2, 1, 0], "block 13 moved to CPU"
+    )
     await pub.publish(EventBatch(3.0, [BlockRemoved([12, 13], Tier.CPU), BlockRemoved([12], Tier.GPU)], 0))
     await until(lambda: depth(indexer, key, prompt) == 1, "removals applied")
     await pub.publish(EventBatch(4.0, [AllBlocksCleared()], 0))
@@ -249,6 +274,7 @@ async def test_topic_filters_other_publications(rig):
 
 # --- bad input ------------------------------------------------------------------------
 
+
 async def test_garbage_is_counted_and_the_source_keeps_going(rig):
     indexer, source, publisher = rig
     port = free_port()
@@ -294,6 +320,7 @@ async def test_an_indexer_failure_is_counted_not_fatal(rig, ctx):
 
 
 # --- restarts and gaps ----------------------------------------------------------------
+
 
 async def test_publisher_restart_resets_the_worker(rig):
     indexer, source, publisher = rig
@@ -389,7 +416,7 @@ async def test_dispatcher_routes_replays_to_the_right_worker(rig):
     pubs = {w: publisher(*ports[w]) for w in ports}
     for pub in pubs.values():
         await pub.subscribed()
-    for w, pub in pubs.items():
+    for pub in pubs.values():
         await pub.publish(store([1], 0))
     await pubs["b"].publish(store([2], 4000), live=False)
     await pubs["b"].publish(store([3], 8000))
@@ -410,8 +437,14 @@ async def test_dispatcher_answers_for_a_worker_without_source():
 async def test_stop_answers_a_replay_in_flight(rig, ctx):
     indexer, _, publisher = rig
     port, replay_port = free_port(), free_port()
-    src = ZmqEventSource("w1", tcp(port), tcp(replay_port), indexer, context=ctx,
-                         config=ZmqSourceConfig(replay_timeout=60, catch_up_interval=0))
+    src = ZmqEventSource(
+        "w1",
+        tcp(port),
+        tcp(replay_port),
+        indexer,
+        context=ctx,
+        config=ZmqSourceConfig(replay_timeout=60, catch_up_interval=0),
+    )
     indexer.replay.add(src)
     src.start()
     pub = publisher(port, replay_port, answer_replays=False)
@@ -426,6 +459,7 @@ async def test_stop_answers_a_replay_in_flight(rig, ctx):
 
 
 # --- data-parallel ranks --------------------------------------------------------------
+
 
 def consecutive_free_ports() -> int:
     """A port p such that p and p + 1 are both free (vLLM puts rank r on port + r)."""
@@ -562,8 +596,9 @@ async def test_catch_up_waits_while_a_gap_replay_is_in_flight(rig):
     indexer = Recording()
     port, replay_port = free_port(), free_port()
     pub = publisher(port, replay_port, answer_replays=False)  # every request runs into the timeout
-    src = source("w1", port, replay_port, into=indexer,
-                 config=ZmqSourceConfig(catch_up_interval=0.02, replay_timeout=0.3))
+    src = source(
+        "w1", port, replay_port, into=indexer, config=ZmqSourceConfig(catch_up_interval=0.02, replay_timeout=0.3)
+    )
     await pub.subscribed()
     await pub.publish(store([1], 0))
     await pub.publish(store([2], 5000), live=False)

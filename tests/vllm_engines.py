@@ -79,13 +79,22 @@ class Engine:
 
     def worker_flag(self, **extra: str) -> str:
         """The gateway's ``--worker`` value for this engine."""
-        fields = {"id": self.name, "url": self.url, "kv_events_endpoint": self.events,
-                  "kv_events_replay_endpoint": self.replay, **extra}
+        fields = {
+            "id": self.name,
+            "url": self.url,
+            "kv_events_endpoint": self.events,
+            "kv_events_replay_endpoint": self.replay,
+            **extra,
+        }
         return ",".join(f"{k}={v}" for k, v in fields.items())
 
     def post(self, path: str, body: dict[str, object] | None = None, timeout: float = 60.0) -> dict[str, object]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body or {}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body or {}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             result: dict[str, object] = json.loads(response.read() or b"{}")
             return result
@@ -127,13 +136,31 @@ def engine_args(port: int, events_port: int, replay_port: int) -> list[str]:
     kv_events = serve_sh_kv_events(events_port, replay_port)
     kv_events["topic"] = TOPIC  # serve.sh publishes on ""; a named topic shows the framing carries it
     return [
-        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(VLLM_MODEL), "--served-model-name", MODEL_NAME,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching", "--enable-prompt-tokens-details",
-        "--kv-events-config", json.dumps(kv_events),
-        "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", str(NUM_BLOCKS),
-        "--enforce-eager", "--max-num-seqs", "8", "--enable-scale-out",
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(VLLM_MODEL),
+        "--served-model-name",
+        MODEL_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--enable-prefix-caching",
+        "--enable-prompt-tokens-details",
+        "--kv-events-config",
+        json.dumps(kv_events),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--num-gpu-blocks-override",
+        str(NUM_BLOCKS),
+        "--enforce-eager",
+        "--max-num-seqs",
+        "8",
+        "--enable-scale-out",
     ]
 
 
@@ -152,8 +179,14 @@ def start_engines(names: list[str], log_dir: Path, timeout: float = 240.0) -> li
     engines = []
     for name in names:
         port, events_port, replay_port = free_port(), free_port(), free_port()
-        service = Service(name, engine_args(port, events_port, replay_port), log_dir,
-                          health_url=f"http://127.0.0.1:{port}/health", env=ENGINE_ENV, cwd=REPO)
+        service = Service(
+            name,
+            engine_args(port, events_port, replay_port),
+            log_dir,
+            health_url=f"http://127.0.0.1:{port}/health",
+            env=ENGINE_ENV,
+            cwd=REPO,
+        )
         engines.append(Engine(name, port, events_port, replay_port, service))
     for engine in engines:
         engine.service.start()

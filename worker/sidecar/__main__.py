@@ -41,22 +41,37 @@ def parse_args(argv: list[str] | None = None) -> SidecarConfig:
     p.add_argument("--unhealthy-after", type=int, default=DEFAULTS.unhealthy_after)
     p.add_argument("--load-interval", type=float, default=DEFAULTS.load_interval)
     p.add_argument("--heartbeat-interval", type=float, default=DEFAULTS.heartbeat_interval)
-    p.add_argument("--catch-up-interval", type=float, default=DEFAULTS.catch_up_interval,
-                   help="seconds between asks of the replay socket for batches the SUB socket missed (0: never)")
+    p.add_argument(
+        "--catch-up-interval",
+        type=float,
+        default=DEFAULTS.catch_up_interval,
+        help="seconds between asks of the replay socket for batches the SUB socket missed (0: never)",
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return SidecarConfig(
-            engine_url=args.engine_url, worker_id=args.worker_id, model=args.model,
-            advertise_url=args.advertise_url, kv_events_endpoint=args.kv_events_endpoint,
-            kv_events_replay_endpoint=args.kv_events_replay_endpoint, kv_events_topic=args.kv_events_topic,
-            etcd_endpoints=args.etcd_endpoints, nats_url=args.nats_url, namespace=args.namespace,
-            block_size=args.block_size, dp_size=args.dp_size,
+            engine_url=args.engine_url,
+            worker_id=args.worker_id,
+            model=args.model,
+            advertise_url=args.advertise_url,
+            kv_events_endpoint=args.kv_events_endpoint,
+            kv_events_replay_endpoint=args.kv_events_replay_endpoint,
+            kv_events_topic=args.kv_events_topic,
+            etcd_endpoints=args.etcd_endpoints,
+            nats_url=args.nats_url,
+            namespace=args.namespace,
+            block_size=args.block_size,
+            dp_size=args.dp_size,
             tiers=tuple(t.strip().upper() for t in args.tiers.split(",") if t.strip()),
-            health_host=args.health_host, health_port=args.health_port, lease_ttl=args.lease_ttl,
-            health_interval=args.health_interval, unhealthy_after=args.unhealthy_after,
-            load_interval=args.load_interval, heartbeat_interval=args.heartbeat_interval,
+            health_host=args.health_host,
+            health_port=args.health_port,
+            lease_ttl=args.lease_ttl,
+            health_interval=args.health_interval,
+            unhealthy_after=args.unhealthy_after,
+            load_interval=args.load_interval,
+            heartbeat_interval=args.heartbeat_interval,
             catch_up_interval=args.catch_up_interval,
         )
     except ValueError as err:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvgate.protocol.messages import check_token
 from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
-from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL
-from kvgate.protocol.worker_record import WorkerInfo
+from kvgate.protocol.messages import check_token
+from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL, WorkerInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +63,7 @@ class SidecarConfig:
         for name in ("block_size", "dp_size", "unhealthy_after", "max_queued_messages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("health_interval", "engine_timeout", "load_interval", "heartbeat_interval",
-                     "resync_min_interval"):
+        for name in ("health_interval", "engine_timeout", "load_interval", "heartbeat_interval", "resync_min_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.catch_up_interval < 0:
@@ -81,11 +79,15 @@ class SidecarConfig:
     def worker_info(self) -> WorkerInfo:
         """What the sidecar registers in etcd for gateways."""
         return WorkerInfo(
-            worker_id=self.worker_id, base_url=self.base_url, model=self.model,
-            block_size=self.block_size, dp_size=self.dp_size,
+            worker_id=self.worker_id,
+            base_url=self.base_url,
+            model=self.model,
+            block_size=self.block_size,
+            dp_size=self.dp_size,
             kv_events_endpoint=self.kv_events_endpoint,
             kv_events_replay_endpoint=self.kv_events_replay_endpoint,
-            tiers=self.tiers, metadata={"events": "nats" if self.nats_url else "zmq"},
+            tiers=self.tiers,
+            metadata={"events": "nats" if self.nats_url else "zmq"},
         )
 
     @property

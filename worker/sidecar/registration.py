@@ -38,9 +38,18 @@ class EtcdRegistration:
     a killed process simply stops refreshing and etcd drops the key after ``ttl``.
     """
 
-    def __init__(self, endpoints: str | Sequence[str], namespace: str, info: WorkerInfo, *,
-                 ttl: int = DEFAULT_LEASE_TTL, timeout: float = 5.0, retry_interval: float = 0.25,
-                 max_retry_interval: float = 2.0, wanted: bool = True) -> None:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        namespace: str,
+        info: WorkerInfo,
+        *,
+        ttl: int = DEFAULT_LEASE_TTL,
+        timeout: float = 5.0,
+        retry_interval: float = 0.25,
+        max_retry_interval: float = 2.0,
+        wanted: bool = True,
+    ) -> None:
         if ttl < 2:
             raise ValueError(f"lease ttl must be >= 2 s (etcd's minimum), got {ttl}")
         self.key = worker_key(namespace, info.worker_id).encode()
@@ -161,6 +170,6 @@ class EtcdRegistration:
     async def _wait_change(self, timeout: float | None) -> None:
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self._changed.clear()

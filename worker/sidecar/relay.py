@@ -76,8 +76,15 @@ class EventRelay:
         self._next_seq = 0
         self._mirror: list[tuple[set[int], set[int], set[int]]] = [(set(), set(), set()) for _ in range(dp_size)]
         self._pipelines = [
-            RankPipeline(WorkerKey(worker_id, rank), self._output, self._reset, stats=self.stats,
-                         block_size=block_size, replay=replay, sink=self)
+            RankPipeline(
+                WorkerKey(worker_id, rank),
+                self._output,
+                self._reset,
+                stats=self.stats,
+                block_size=block_size,
+                replay=replay,
+                sink=self,
+            )
             for rank in range(dp_size)
         ]
 
@@ -187,4 +194,4 @@ class EventRelay:
         for tier in Tier:
             hashes = list(self._mirror[rank][tier])
             for start in range(0, len(hashes), chunk):
-                yield RouterStored(hashes[start:start + chunk], tier)
+                yield RouterStored(hashes[start : start + chunk], tier)

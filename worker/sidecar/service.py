@@ -70,19 +70,26 @@ class Sidecar:
         self.stats = SidecarStats()
         self.info = config.worker_info()
         replay = ReplayDispatcher()
-        self.relay = EventRelay(config.worker_id, self._enqueue, block_size=config.block_size,
-                                dp_size=config.dp_size, replay=replay)
+        self.relay = EventRelay(
+            config.worker_id, self._enqueue, block_size=config.block_size, dp_size=config.dp_size, replay=replay
+        )
         self.source: ZmqEventSource | None = None
         if config.kv_events_endpoint:
-            self.source = ZmqEventSource(config.worker_id, config.kv_events_endpoint,
-                                         config.kv_events_replay_endpoint, self.relay,
-                                         config.kv_events_topic.encode(), dp_size=config.dp_size,
-                                         config=ZmqSourceConfig(catch_up_interval=config.catch_up_interval))
+            self.source = ZmqEventSource(
+                config.worker_id,
+                config.kv_events_endpoint,
+                config.kv_events_replay_endpoint,
+                self.relay,
+                config.kv_events_topic.encode(),
+                dp_size=config.dp_size,
+                config=ZmqSourceConfig(catch_up_interval=config.catch_up_interval),
+            )
             replay.add(self.source)
         self.registration = None
         if config.etcd_endpoints:
-            self.registration = EtcdRegistration(config.etcd_endpoints, config.namespace, self.info,
-                                                 ttl=config.lease_ttl, wanted=False)
+            self.registration = EtcdRegistration(
+                config.etcd_endpoints, config.namespace, self.info, ttl=config.lease_ttl, wanted=False
+            )
         self.engine_healthy = False
         self.nc = None
         self.bus: Bus | None = None
@@ -165,8 +172,9 @@ class Sidecar:
 
     async def _nats_loop(self) -> None:
         cfg = self.config
-        self.nc = await connect_nats(cfg.nats_url, name=f"kvgate-sidecar-{cfg.worker_id}",
-                                     on_reconnected=self._on_reconnected)
+        self.nc = await connect_nats(
+            cfg.nats_url, name=f"kvgate-sidecar-{cfg.worker_id}", on_reconnected=self._on_reconnected
+        )
         self.bus = Bus(self.nc, cfg.namespace)
         await self.bus.on_resync(cfg.worker_id, self._on_resync)
         self._snapshot_now()
@@ -240,7 +248,7 @@ class Sidecar:
             async with self._session.get(f"{self.config.engine_url.rstrip('/')}/health") as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def _load_loop(self) -> None:
@@ -258,14 +266,20 @@ class Sidecar:
                     if resp.status != 200:
                         raise EngineMetricsError(f"HTTP {resp.status}")
                 loads = parse_engine_load(text, cfg.dp_size)
-            except (aiohttp.ClientError, asyncio.TimeoutError, EngineMetricsError, UnicodeDecodeError) as exc:
+            except (TimeoutError, aiohttp.ClientError, EngineMetricsError, UnicodeDecodeError) as exc:
                 self.stats.load_errors += 1
                 log.debug("load scrape of %s failed: %s", url, exc)
                 continue
             now = time.time()
             for rank, load in loads.items():
-                msg = LoadMessage(worker_id=cfg.worker_id, dp_rank=rank, running=load.running,
-                                  waiting=load.waiting, kv_usage=load.kv_usage, ts=now)
+                msg = LoadMessage(
+                    worker_id=cfg.worker_id,
+                    dp_rank=rank,
+                    running=load.running,
+                    waiting=load.waiting,
+                    kv_usage=load.kv_usage,
+                    ts=now,
+                )
                 try:
                     await self.bus.publish_load(msg)
                     self.stats.load_published += 1
@@ -339,8 +353,12 @@ class _SidecarCollector(Collector):
             yield gauge(_PREFIX + name, doc, value)
         yield from counters(_PREFIX, s.relay.stats, _RELAY_COUNTERS)
         yield from counters(_PREFIX, s.stats, _SIDECAR_COUNTERS)
-        yield counter(_PREFIX + "caught_up", "engine batches the SUB socket missed, fetched by the catch-up",
-                      s.source.stats.caught_up if s.source is not None else 0)
-        blocks = {(str(rank), tier.name): counts[tier]
-                  for rank, counts in enumerate(s.relay.block_counts()) for tier in Tier}
+        yield counter(
+            _PREFIX + "caught_up",
+            "engine batches the SUB socket missed, fetched by the catch-up",
+            s.source.stats.caught_up if s.source is not None else 0,
+        )
+        blocks = {
+            (str(rank), tier.name): counts[tier] for rank, counts in enumerate(s.relay.block_counts()) for tier in Tier
+        }
         yield gauge(_PREFIX + "blocks", "blocks announced, per rank and tier", blocks, label=("rank", "tier"))

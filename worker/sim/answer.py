@@ -39,7 +39,7 @@ class Vocabulary:
     pieces: dict[int, str]
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "Vocabulary":
+    def from_tokenizer(cls, tokenizer) -> Vocabulary:
         spaced: dict[str, int] = {}
         bare: dict[str, int] = {}
         for token_id in range(len(tokenizer)):

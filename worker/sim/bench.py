@@ -53,8 +53,9 @@ def _prompts(model_dir: Path, n: int, tokens: int, as_ids: bool, seed: int = 0) 
     return out
 
 
-def ideal_requests_per_second(engine: EngineConfig, n: int, concurrency: int, prompt_tokens: int,
-                              output_tokens: int) -> float:
+def ideal_requests_per_second(
+    engine: EngineConfig, n: int, concurrency: int, prompt_tokens: int, output_tokens: int
+) -> float:
     """The timing model's own throughput for the closed-loop workload (simulated seconds only)."""
     s = Scheduler(engine)
     ids = iter(range(n))
@@ -98,8 +99,11 @@ async def _drive(base: str, prompts: list, concurrency: int, output_tokens: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kvgate.worker.sim.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m kvgate.worker.sim.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model-dir", type=Path, default=REPO / "models" / "kvgate-tiny", help="model directory")
     p.add_argument("--speedup-ratio", type=float, default=100.0, help="the worker's --speedup-ratio")
     p.add_argument("--requests", type=int, default=1000, help="requests measured (after a warm-up of 64)")
@@ -107,21 +111,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=1000, help="tokens per prompt")
     p.add_argument("--output-tokens", type=int, default=32, help="generated tokens per request")
     p.add_argument("--stream", action="store_true", help="stream the answers (SSE) instead of one JSON body")
-    p.add_argument("--token-ids", action="store_true",
-                   help="send prompts as token ids (no tokenization in the worker) instead of text")
+    p.add_argument(
+        "--token-ids",
+        action="store_true",
+        help="send prompts as token ids (no tokenization in the worker) instead of text",
+    )
     args = p.parse_args(argv)
 
-    config = SimConfig(model_dir=args.model_dir, port=free_port(),
-                       engine=EngineConfig(speedup_ratio=args.speedup_ratio))
+    config = SimConfig(
+        model_dir=args.model_dir, port=free_port(), engine=EngineConfig(speedup_ratio=args.speedup_ratio)
+    )
     warmup = 64
     prompts = _prompts(args.model_dir, warmup + args.requests, args.prompt_tokens, args.token_ids)
-    ideal = ideal_requests_per_second(config.engine, args.requests, args.concurrency, args.prompt_tokens,
-                                      args.output_tokens)
+    ideal = ideal_requests_per_second(
+        config.engine, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens
+    )
 
     with tempfile.TemporaryDirectory(prefix="sim-bench-") as log_dir:
-        worker = Service("worker", [sys.executable, "-m", "kvgate.worker.sim", *config.cli_args(),
-                                    "--log-level", "WARNING"], Path(log_dir), f"http://127.0.0.1:{config.port}/health",
-                         cwd=REPO)
+        worker = Service(
+            "worker",
+            [sys.executable, "-m", "kvgate.worker.sim", *config.cli_args(), "--log-level", "WARNING"],
+            Path(log_dir),
+            f"http://127.0.0.1:{config.port}/health",
+            cwd=REPO,
+        )
         worker.start()
         try:
             try:
@@ -138,14 +151,18 @@ def main(argv: list[str] | None = None) -> None:
             worker.stop(timeout=30)
 
     rps = args.requests / wall
-    print(f"simulated worker: {args.requests} requests, {args.prompt_tokens}-token prompts, "
-          f"{args.output_tokens} output tokens, {args.concurrency} in flight, speedup {args.speedup_ratio:g}, "
-          f"{'streaming' if args.stream else 'non-streaming'}, prompts as {'token ids' if args.token_ids else 'text'}")
+    print(
+        f"simulated worker: {args.requests} requests, {args.prompt_tokens}-token prompts, "
+        f"{args.output_tokens} output tokens, {args.concurrency} in flight, speedup {args.speedup_ratio:g}, "
+        f"{'streaming' if args.stream else 'non-streaming'}, prompts as {'token ids' if args.token_ids else 'text'}"
+    )
     print(f"  measured   {rps:9.1f} req/s   ({wall:.2f} s wall)")
     print(f"  worker CPU {cpu / args.requests * 1000:9.2f} ms/request   ({cpu / wall * 100:.0f}% of one core)")
     print(f"  baseline   {ideal:9.1f} req/s   (timing model alone, same workload)")
     print(f"  ratio      {rps / ideal:9.3f}   measured / baseline")
-    print(f"  load avg   {os.getloadavg()[0]:9.2f}   on {os.cpu_count()} CPUs (the worker shares them with this client)")
+    print(
+        f"  load avg   {os.getloadavg()[0]:9.2f}   on {os.cpu_count()} CPUs (the worker shares them with this client)"
+    )
 
 
 if __name__ == "__main__":

@@ -150,9 +150,7 @@ class BlockPool:
             self._cached.setdefault(block_hash, {})[block.block_id] = block
             new_hashes.append(block_hash)
         parent = block_hashes[num_cached - 1] if num_cached > 0 else None
-        self._events.append(
-            BlockStored(new_hashes, parent, list(token_ids[num_cached * bs : num_full * bs]), bs)
-        )
+        self._events.append(BlockStored(new_hashes, parent, list(token_ids[num_cached * bs : num_full * bs]), bs))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block, lower tiers included; refused (False) while any block is

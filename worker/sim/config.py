@@ -114,9 +114,7 @@ class AnswerConfig:
 
     def validate(self) -> None:
         if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(
-                f"answer lengths need 1 <= min <= max, got {self.min_tokens}..{self.max_tokens}"
-            )
+            raise ValueError(f"answer lengths need 1 <= min <= max, got {self.min_tokens}..{self.max_tokens}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,22 +135,52 @@ class SimConfig:
         """The ``python -m kvgate.worker.sim`` arguments that reproduce this config (for launchers)."""
         e, ev, a = self.engine, self.events, self.answer
         args = [
-            "--host", self.host, "--port", str(self.port), "--model-dir", str(self.model_dir),
-            "--block-size", str(e.block_size), "--num-gpu-blocks", str(e.num_gpu_blocks),
-            "--max-num-seqs", str(e.max_num_seqs), "--max-num-batched-tokens", str(e.max_num_batched_tokens),
-            "--max-model-len", str(e.max_model_len), "--speedup-ratio", repr(e.speedup_ratio),
-            "--answer-min-tokens", str(a.min_tokens), "--answer-max-tokens", str(a.max_tokens),
-            "--event-encoding", ev.encoding, "--kv-events-topic", ev.topic,
-            "--kv-events-buffer-steps", str(ev.buffer_steps),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--model-dir",
+            str(self.model_dir),
+            "--block-size",
+            str(e.block_size),
+            "--num-gpu-blocks",
+            str(e.num_gpu_blocks),
+            "--max-num-seqs",
+            str(e.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(e.max_num_batched_tokens),
+            "--max-model-len",
+            str(e.max_model_len),
+            "--speedup-ratio",
+            repr(e.speedup_ratio),
+            "--answer-min-tokens",
+            str(a.min_tokens),
+            "--answer-max-tokens",
+            str(a.max_tokens),
+            "--event-encoding",
+            ev.encoding,
+            "--kv-events-topic",
+            ev.topic,
+            "--kv-events-buffer-steps",
+            str(ev.buffer_steps),
         ]
         if self.served_model_name:
             args += ["--served-model-name", self.served_model_name]
         if e.seed is not None:
             args += ["--seed", str(e.seed)]
         t = e.tiers
-        args += ["--cpu-blocks", str(t.cpu_blocks), "--disk-blocks", str(t.disk_blocks),
-                 "--cpu-bandwidth-gbps", repr(t.cpu_bandwidth_gbps),
-                 "--disk-bandwidth-gbps", repr(t.disk_bandwidth_gbps), "--tier-event-style", t.event_style]
+        args += [
+            "--cpu-blocks",
+            str(t.cpu_blocks),
+            "--disk-blocks",
+            str(t.disk_blocks),
+            "--cpu-bandwidth-gbps",
+            repr(t.cpu_bandwidth_gbps),
+            "--disk-bandwidth-gbps",
+            repr(t.disk_bandwidth_gbps),
+            "--tier-event-style",
+            t.event_style,
+        ]
         if t.bytes_per_block is not None:
             args += ["--bytes-per-block", str(t.bytes_per_block)]
         if ev.endpoint:

@@ -87,8 +87,9 @@ class RequestHandle:
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, vocab: Vocabulary, answer: AnswerConfig,
-                 publisher: KvEventPublisher | None = None) -> None:
+    def __init__(
+        self, scheduler: Scheduler, vocab: Vocabulary, answer: AnswerConfig, publisher: KvEventPublisher | None = None
+    ) -> None:
         self.scheduler = scheduler
         self.vocab = vocab
         self.answer = answer
@@ -123,8 +124,14 @@ class EngineLoop:
             handle.put(Delta("", "abort"))
         self._handles.clear()
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], max_tokens: int,
-               stop: Sequence[str] = (), ignore_eos: bool = False) -> RequestHandle:
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> RequestHandle:
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,

@@ -82,7 +82,7 @@ class KvCache:
             hit.blocks.append(block)
         lower = self.pool.lower
         if lower is not None:
-            for block_hash in hashes[len(hit.blocks):]:
+            for block_hash in hashes[len(hit.blocks) :]:
                 tier = lower.find(block_hash)
                 if tier is None:
                     break

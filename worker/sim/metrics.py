@@ -27,10 +27,18 @@ _PREFIX_CACHE = (
     Field("hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits"),
 )
 _EXTERNAL_PREFIX_CACHE = (
-    Field("external_queries", "External prefix cache queries from KV connector cross-instance cache sharing, "
-                              "in terms of number of queried tokens.", "external_prefix_cache_queries"),
-    Field("external_hits", "External prefix cache hits from KV connector cross-instance cache sharing, "
-                           "in terms of number of cached tokens.", "external_prefix_cache_hits"),
+    Field(
+        "external_queries",
+        "External prefix cache queries from KV connector cross-instance cache sharing, "
+        "in terms of number of queried tokens.",
+        "external_prefix_cache_queries",
+    ),
+    Field(
+        "external_hits",
+        "External prefix cache hits from KV connector cross-instance cache sharing, "
+        "in terms of number of cached tokens.",
+        "external_prefix_cache_hits",
+    ),
 )
 _LOOP = (
     Field("prompt_tokens", "Number of prefill tokens processed."),
@@ -47,24 +55,37 @@ class EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self._engine.scheduler
         labels = self._labels
-        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", len(s.running),
-                    labels=labels)
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", len(s.waiting),
-                    labels=labels)
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.pool.usage,
-                    labels=labels)
+        yield gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", len(s.running), labels=labels
+        )
+        yield gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", len(s.waiting), labels=labels
+        )
+        yield gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.pool.usage, labels=labels
+        )
         yield from counters("vllm:", s.kv, _PREFIX_CACHE, labels=labels)
         if s.lower is not None:
             yield from counters("vllm:", s.kv, _EXTERNAL_PREFIX_CACHE, labels=labels)
-        yield counter("kvgate_sim_cached_tokens", "Prompt tokens found cached at admission, by tier.",
-                      dict(zip(("gpu", "cpu", "disk"), s.kv.cached_tokens_per_tier)), label="tier", labels=labels)
+        yield counter(
+            "kvgate_sim_cached_tokens",
+            "Prompt tokens found cached at admission, by tier.",
+            dict(zip(("gpu", "cpu", "disk"), s.kv.cached_tokens_per_tier)),
+            label="tier",
+            labels=labels,
+        )
         held = {"gpu": s.pool.num_cached_hashes}
         for store in s.lower.stores if s.lower is not None else ():
             held[store.tier.name.lower()] = len(store)
-        yield gauge("kvgate_sim_cached_blocks", "Distinct blocks each cache tier holds now.", held, label="tier",
-                    labels=labels)
-        yield counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.", s.num_preemptions,
-                      labels=labels)
+        yield gauge(
+            "kvgate_sim_cached_blocks", "Distinct blocks each cache tier holds now.", held, label="tier", labels=labels
+        )
+        yield counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemptions from the engine.",
+            s.num_preemptions,
+            labels=labels,
+        )
         yield from counters("vllm:", self._engine.stats, _LOOP, labels=labels)
 
 

@@ -22,14 +22,16 @@ class PromptRenderer:
         self.vocab_size = len(tokenizer)
 
     @classmethod
-    def from_dir(cls, model_dir: Path | str) -> "PromptRenderer":
+    def from_dir(cls, model_dir: Path | str) -> PromptRenderer:
         return cls(AutoTokenizer.from_pretrained(str(model_dir)))
 
     def token_ids(self, params: GenerateParams) -> list[int]:
         if params.kind == "chat":
             try:
                 text = self.tokenizer.apply_chat_template(
-                    params.messages, tools=params.tools, tokenize=False,
+                    params.messages,
+                    tools=params.tools,
+                    tokenize=False,
                     add_generation_prompt=params.add_generation_prompt,
                 )
             except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:

@@ -3,7 +3,8 @@
 Owns what a request may contain and what every answer looks like on the wire; never
 tokenizes (``prompt``) or schedules (``engine_loop``). Sampling fields the simulation
 has no use for are accepted and ignored (``temperature``, ``top_p`` and ``seed`` once
-their type and range check out); unknown fields are ignored, as vLLM does. ``n`` (and ``best_of``) above 1 are refused: the simulator answers one choice.
+their type and range check out); unknown fields are ignored, as vLLM does. ``n`` (and
+``best_of``) above 1 are refused: the simulator answers one choice.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError", 409: "ConflictError",
-                500: "InternalServerError", 503: "ServiceUnavailableError"}
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    409: "ConflictError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 
 class ApiError(Exception):
@@ -26,8 +33,14 @@ class ApiError(Exception):
         self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "BadRequestError"),
-                          "param": self.param, "code": self.status}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": _ERROR_TYPES.get(self.status, "BadRequestError"),
+                "param": self.param,
+                "code": self.status,
+            }
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +118,14 @@ def _common(body: Any) -> dict[str, Any]:
             raise _bad("'stream_options' can only be given with stream=true", "stream_options")
         include_usage = _optional(options, "include_usage", lambda v: isinstance(v, bool), "a boolean") or False
     ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean") or False
-    return {"model": model, "max_tokens": max_completion if max_completion is not None else max_tokens,
-            "stop": stop, "stream": stream, "include_usage": include_usage, "ignore_eos": ignore_eos}
+    return {
+        "model": model,
+        "max_tokens": max_completion if max_completion is not None else max_tokens,
+        "stop": stop,
+        "stream": stream,
+        "include_usage": include_usage,
+        "ignore_eos": ignore_eos,
+    }
 
 
 def parse_chat(body: Any) -> GenerateParams:
@@ -128,8 +147,14 @@ def parse_chat(body: Any) -> GenerateParams:
             raise _bad(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
     tools = _optional(body, "tools", lambda v: isinstance(v, list), "a list")
     add_gen = _optional(body, "add_generation_prompt", lambda v: isinstance(v, bool), "a boolean")
-    return GenerateParams(kind="chat", messages=messages, tools=tools or None,
-                          add_generation_prompt=True if add_gen is None else add_gen, prompt=None, **common)
+    return GenerateParams(
+        kind="chat",
+        messages=messages,
+        tools=tools or None,
+        add_generation_prompt=True if add_gen is None else add_gen,
+        prompt=None,
+        **common,
+    )
 
 
 def parse_completion(body: Any) -> GenerateParams:
@@ -149,40 +174,73 @@ def parse_completion(body: Any) -> GenerateParams:
         raise _bad("'prompt' must be a string or a list of token ids", "prompt")
     if body.get("echo") is True:
         raise _bad("'echo' is not supported by this server", "echo")
-    return GenerateParams(kind="completion", messages=None, tools=None, add_generation_prompt=False,
-                          prompt=prompt, **common)
+    return GenerateParams(
+        kind="completion", messages=None, tools=None, add_generation_prompt=False, prompt=prompt, **common
+    )
 
 
 # --- response shapes ------------------------------------------------------------------
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
-          cached_tokens_per_tier: dict[str, int] | None = None) -> dict[str, Any]:
+
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int, cached_tokens_per_tier: dict[str, int] | None = None
+) -> dict[str, Any]:
     """vLLM's usage; ``cached_tokens`` counts every tier, ``cached_tokens_per_tier`` (an
     extra field, ignored by OpenAI clients) splits it into ``gpu`` / ``cpu`` / ``disk``."""
     details: dict[str, Any] = {"cached_tokens": cached_tokens}
     if cached_tokens_per_tier is not None:
         details["cached_tokens_per_tier"] = cached_tokens_per_tier
-    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-            "completion_tokens": completion_tokens, "prompt_tokens_details": details}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": details,
+    }
 
 
-def response(kind: str, response_id: str, created: int, model: str, text: str,
-             finish_reason: str | None, stop_reason: str | None, usage_: dict[str, Any]) -> dict[str, Any]:
+def response(
+    kind: str,
+    response_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    stop_reason: str | None,
+    usage_: dict[str, Any],
+) -> dict[str, Any]:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
-                  "logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
+        }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                  "stop_reason": stop_reason}
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
+        }
         obj = "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": model,
-            "choices": [choice], "usage": usage_}
+    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage_}
 
 
-def chunk(kind: str, response_id: str, created: int, model: str, text: str | None,
-          finish_reason: str | None = None, stop_reason: str | None = None, *, role: bool = False,
-          include_usage: bool = False) -> dict[str, Any]:
+def chunk(
+    kind: str,
+    response_id: str,
+    created: int,
+    model: str,
+    text: str | None,
+    finish_reason: str | None = None,
+    stop_reason: str | None = None,
+    *,
+    role: bool = False,
+    include_usage: bool = False,
+) -> dict[str, Any]:
     """One streamed choice delta; ``text=None`` with ``role`` opens a chat stream."""
     if kind == "chat":
         delta: dict[str, Any] = {}
@@ -205,20 +263,41 @@ def chunk(kind: str, response_id: str, created: int, model: str, text: str | Non
 
 def usage_chunk(kind: str, response_id: str, created: int, model: str, usage_: dict[str, Any]) -> dict[str, Any]:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage_}
+    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
 def models_list(model: str, root: str, max_model_len: int, created: int | None = None) -> dict[str, Any]:
     created = int(time.time()) if created is None else created
-    return {"object": "list", "data": [{
-        "id": model, "object": "model", "created": created, "owned_by": "vllm", "root": root,
-        "parent": None, "max_model_len": max_model_len,
-        "permission": [{"id": f"modelperm-{model}", "object": "model_permission", "created": created,
-                        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                        "organization": "*", "group": None, "is_blocking": False}],
-    }]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": created,
+                "owned_by": "vllm",
+                "root": root,
+                "parent": None,
+                "max_model_len": max_model_len,
+                "permission": [
+                    {
+                        "id": f"modelperm-{model}",
+                        "object": "model_permission",
+                        "created": created,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+        ],
+    }
 
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI / vLLM default for /v1/completions

@@ -71,9 +71,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if not 0 < request.num_prompt_tokens < self.config.max_model_len:
-            raise ValueError(
-                f"prompt of {request.num_prompt_tokens} tokens outside 1..{self.config.max_model_len - 1}"
-            )
+            raise ValueError(f"prompt of {request.num_prompt_tokens} tokens outside 1..{self.config.max_model_len - 1}")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 

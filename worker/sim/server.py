@@ -74,8 +74,9 @@ class SimServer:
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
     async def models(self, request: web.Request) -> web.Response:
-        return _json(protocol.models_list(self.model, str(self.config.model_dir),
-                                          self.config.engine.max_model_len, self.created))
+        return _json(
+            protocol.models_list(self.model, str(self.config.model_dir), self.config.engine.max_model_len, self.created)
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.engine.alive else 503)
@@ -86,8 +87,11 @@ class SimServer:
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         preempt = request.query.get("reset_running_requests", "false").lower() in ("1", "true", "yes")
         if not self.engine.reset_prefix_cache(preempt):
-            raise ApiError(409, f"{len(self.engine.scheduler.running)} running requests hold KV blocks; retry when "
-                                "idle or pass ?reset_running_requests=true")
+            raise ApiError(
+                409,
+                f"{len(self.engine.scheduler.running)} running requests hold KV blocks; retry when "
+                "idle or pass ?reset_running_requests=true",
+            )
         return web.Response(status=200)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -123,18 +127,35 @@ class SimServer:
                 self.engine.abort(handle)
 
     def _usage(self, handle: RequestHandle) -> dict[str, Any]:
-        return protocol.usage(handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens,
-                              handle.cached_tokens_per_tier)
+        return protocol.usage(
+            handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens, handle.cached_tokens_per_tier
+        )
 
     async def _complete(self, params: GenerateParams, handle: RequestHandle) -> web.Response:
         parts = [delta.text async for delta in handle.deltas()]
-        return _json(protocol.response(params.kind, handle.request_id, int(time.time()), self.model, "".join(parts),
-                                       handle.finish_reason, handle.stop_reason, self._usage(handle)))
+        return _json(
+            protocol.response(
+                params.kind,
+                handle.request_id,
+                int(time.time()),
+                self.model,
+                "".join(parts),
+                handle.finish_reason,
+                handle.stop_reason,
+                self._usage(handle),
+            )
+        )
 
     async def _stream(self, request: web.Request, params: GenerateParams, handle: RequestHandle) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        kind, rid, created, model, usage = params.kind, handle.request_id, int(time.time()), self.model, params.include_usage
+        kind, rid, created, model, usage = (
+            params.kind,
+            handle.request_id,
+            int(time.time()),
+            self.model,
+            params.include_usage,
+        )
 
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
@@ -144,8 +165,18 @@ class SimServer:
                 await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage))
             async for delta in handle.deltas():
                 if delta.text or delta.finish_reason is not None:
-                    await send(protocol.chunk(kind, rid, created, model, delta.text, delta.finish_reason,
-                                              delta.stop_reason, include_usage=usage))
+                    await send(
+                        protocol.chunk(
+                            kind,
+                            rid,
+                            created,
+                            model,
+                            delta.text,
+                            delta.finish_reason,
+                            delta.stop_reason,
+                            include_usage=usage,
+                        )
+                    )
             if usage:
                 await send(protocol.usage_chunk(kind, rid, created, model, self._usage(handle)))
             await resp.write(b"data: [DONE]\n\n")

@@ -79,8 +79,9 @@ class LowerTiers:
     def __init__(self, config: TierConfig, block_size: int) -> None:
         self.block_size = block_size
         self.full_events = config.event_style == "full"
-        self.stores = [TierStore(tier, n) for tier, n in ((Tier.CPU, config.cpu_blocks),
-                                                          (Tier.DISK, config.disk_blocks)) if n > 0]
+        self.stores = [
+            TierStore(tier, n) for tier, n in ((Tier.CPU, config.cpu_blocks), (Tier.DISK, config.disk_blocks)) if n > 0
+        ]
         if not self.stores:
             raise ValueError("LowerTiers needs a CPU or disk tier")
 
@@ -124,6 +125,7 @@ class LowerTiers:
 
     def _stored(self, block: TierBlock, tier: Tier) -> BlockStored:
         if self.full_events:
-            return BlockStored([block.block_hash], block.parent_hash, list(block.token_ids), self.block_size,
-                               medium=tier)
+            return BlockStored(
+                [block.block_hash], block.parent_hash, list(block.token_ids), self.block_size, medium=tier
+            )
         return BlockStored([block.block_hash], None, [], self.block_size, medium=tier)

@@ -18,6 +18,7 @@ from kvgate.worker.sim.config import EngineConfig
 
 _DEFAULT = EngineConfig()
 
+
 @dataclass(frozen=True, slots=True)
 class StepWork:
     prefill_tokens: int = 0
@@ -51,13 +52,14 @@ class TimingModel:
     disk_bandwidth_gbps: float = _DEFAULT.tiers.disk_bandwidth_gbps
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "TimingModel":
+    def from_config(cls, config: EngineConfig) -> TimingModel:
         t = config.tiers
         return cls(config.speedup_ratio, config.bytes_per_block, t.cpu_bandwidth_gbps, t.disk_bandwidth_gbps)
 
     def load_ms(self, work: StepWork) -> float:
-        return (transfer_ms(work.cpu_loaded_blocks * self.bytes_per_block, self.cpu_bandwidth_gbps)
-                + transfer_ms(work.disk_loaded_blocks * self.bytes_per_block, self.disk_bandwidth_gbps))
+        return transfer_ms(work.cpu_loaded_blocks * self.bytes_per_block, self.cpu_bandwidth_gbps) + transfer_ms(
+            work.disk_loaded_blocks * self.bytes_per_block, self.disk_bandwidth_gbps
+        )
 
     def step_seconds(self, work: StepWork) -> float:
         ms = prefill_ms(work.prefill_tokens) + self.load_ms(work)
