@@ -5,7 +5,7 @@ rank of one set per tier; ``find_matches`` walks the prompt once per worker):
 
 * raw apply rate: ``RouterStored`` / ``RouterRemoved`` into ``PrefixIndex``;
 * engine path: ``KvIndexer.apply_engine_batch`` with token-carrying stores (router
-  hashes recomputed with ``indexer.hashing``) and removals; the baseline runs the same
+  hashes recomputed with ``kvgate.protocol.hashing``) and removals; the baseline runs the same
   hashing into a plain engine->router dict and the naive index;
 * ``find_matches`` p50 / p99 for 128-block prompts, 16 workers, ~1,000,000 indexed
   blocks, plus a worst case where all 16 workers hold the prompt with a different tier

@@ -2,7 +2,7 @@
 
 Owns the engine hash -> router hash map of one ``WorkerKey``, per tier. Engine hashes
 are opaque (their seed may be random per process), so a store that carries tokens is
-re-hashed with ``indexer.hashing`` (the event's LoRA name, chained from the parent's
+re-hashed with ``kvgate.protocol.hashing`` (the event's LoRA name, chained from the parent's
 router hash); its mapping lets later parents, removals and token-less tier updates
 resolve. A mapping leaves a tier's map when its block leaves that tier, so the maps
 hold exactly what the engine holds. Never touches the prefix index (the NATS sidecar

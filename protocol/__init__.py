@@ -7,6 +7,7 @@
   decoder of engine bytes);
 * ``messages``: NATS subjects and the codecs of the events, load, active and resync
   messages;
+* ``engine_metrics``: vLLM's ``/metrics`` page read as per-rank engine load;
 * ``worker_record``: ``WorkerInfo`` and its etcd key and JSON value.
 
 Pure: no sockets, no clients, no asyncio. Everything imports it; it imports nothing of

@@ -4,10 +4,10 @@ Two families live here:
 
 * **Engine events** (``BlockStored``, ``BlockRemoved``, ``AllBlocksCleared`` in an
   ``EventBatch``) mirror what vLLM / SGLang publish. Their block hashes are the
-  engine's own, opaque values (``int`` or ``bytes``); only ``indexer.wire`` creates them
+  engine's own, opaque values (``int`` or ``bytes``); only ``kvgate.protocol.wire`` creates them
   from bytes, and ``worker.sim`` creates them to publish.
 * **Router-native events** (``RouterStored``, ``RouterRemoved``, ``RouterCleared``) carry
-  router sequence hashes already recomputed from token ids (``indexer.hashing``). They
+  router sequence hashes already recomputed from token ids (``kvgate.protocol.hashing``). They
   are what the prefix index applies and what a sidecar publishes on NATS.
 """
 

@@ -22,7 +22,7 @@ and a staleness verdict; ``NatsEventSource`` (asyncio) is the edge that feeds a
 ``KvIndexer``. Payloads are msgspec msgpack; malformed ones raise ``BusDecodeError``
 (``kind`` is a metric label), counted and dropped by the consumers.
 
-Never decides routes and never decodes engine bytes (``indexer.wire`` does that).
+Never decides routes and never decodes engine bytes (``kvgate.protocol.wire`` does that).
 """
 
 from __future__ import annotations

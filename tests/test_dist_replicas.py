@@ -1,5 +1,5 @@
 """Two gateway replicas on etcd + NATS in front of three simulated workers with sidecars, all
-real processes (``gateway.cluster``): the next turn lands on the prefix holder whichever replica
+real processes (``kvgate.dev.cluster``): the next turn lands on the prefix holder whichever replica
 gets it, replicas share in-flight load, and the faults of distributed mode, each with its cost.
 
 One cluster serves the module; every fault test restores it (all workers back, both gateways

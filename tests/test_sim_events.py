@@ -1,4 +1,4 @@
-"""The simulated worker's KV-event stream over real ZMQ sockets, read by ``indexer.wire``."""
+"""The simulated worker's KV-event stream over real ZMQ sockets, read by ``kvgate.protocol.wire``."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Tier events from the simulated worker, decoded by ``indexer.wire``, applied by the real ``KvIndexer``.
+"""Tier events from the simulated worker, decoded by ``kvgate.protocol.wire``, applied by the real ``KvIndexer``.
 
 Every batch here is a real engine batch: produced by ``worker.sim``'s scheduler (or its
-process, over ZMQ), encoded and decoded with ``indexer.wire``. The index's per-tier
+process, over ZMQ), encoded and decoded with ``kvgate.protocol.wire``. The index's per-tier
 ``Match`` must say what the engine itself would reuse from each tier, in both event
 styles (token-less like vLLM's OffloadingConnector, self-describing like LMCache) and
 both encodings; and the index must cope with tier events that arrive before, after, or

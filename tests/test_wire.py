@@ -1,4 +1,4 @@
-"""indexer.wire: every fixture, both encodings, the frame layer, and fuzzing for DecodeError-only failures."""
+"""kvgate.protocol.wire: every fixture, both encodings, the frame layer, and fuzzing for DecodeError-only failures."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Each batch goes out as ``(topic, seq u64 BE, msgpack payload)`` with ``seq`` cou
 from 0 at every process start (so consumers detect restarts), and is kept in a ring of
 the last ``buffer_steps`` batches. A replay request ``[identity, b"", start_seq]`` is
 answered with every kept batch whose seq >= start_seq, then the end marker — vLLM's
-protocol, framed by ``indexer.wire``. Bytes are made only by ``indexer.wire``.
+protocol, framed by ``kvgate.protocol.wire``. Bytes are made only by ``kvgate.protocol.wire``.
 """
 
 from __future__ import annotations
