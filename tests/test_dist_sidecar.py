@@ -70,7 +70,7 @@ class Engine:
     def start(self) -> None:
         self.starts += 1
         self.proc = python_module(
-            "worker.sim",
+            "kvgate.worker.sim",
             "--port",
             self.port,
             "--model-dir",
@@ -104,7 +104,7 @@ def start_sidecar(
 ) -> tuple[Proc, int]:
     port = free_port()
     proc = python_module(
-        "worker.sidecar",
+        "kvgate.worker.sidecar",
         "--engine-url",
         engine.url,
         "--worker-id",

@@ -68,7 +68,7 @@ class Gateway:
 def start_worker(worker_id: str, log_dir: Path, *extra: str) -> Worker:
     port, events, replay = free_port(), free_port(), free_port()
     proc = python_module(
-        "worker.sim",
+        "kvgate.worker.sim",
         "--host",
         "127.0.0.1",
         "--port",

@@ -132,3 +132,26 @@ def test_nothing_points_outside_the_repository() -> None:
         text = path.read_text(errors="replace")
         offenders += [f"{name}:{n}" for n, line in enumerate(text.splitlines(), 1) if outside.search(line)]
     assert not offenders, f"paths outside the repository: {offenders}"
+
+
+def test_commands_start_modules_by_their_installed_name() -> None:
+    # A rootless name (worker.sim) run from a checkout imports the folder as a second package.
+    old = re.compile(r"""-m["',\s]+(?:gateway|router|indexer|worker|loadtest|protocol|dev)\b(?!/)""")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    offenders = []
+    for name in filter(None, listed):
+        path = REPO / name
+        if path.is_symlink() or not path.is_file() or path.suffix not in {".py", ".md", ".yaml", ".yml", ".sh", ""}:
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        offenders += [f"{name}:{n}" for n, line in enumerate(lines, 1) if old.search(line)]
+    assert not offenders, f"commands naming a module without the kvgate root: {offenders}"
