@@ -145,7 +145,10 @@ class SimWorker:
     def __init__(self, worker_id: str, options: ClusterOptions, etcd: Etcd, nats: Nats, log_dir: Path) -> None:
         self.worker_id = worker_id
         self.port, self.sidecar_port = free_port(), free_port()
-        events, replay = f"tcp://{LOOPBACK}:{free_port()}", f"tcp://{LOOPBACK}:{free_port()}"
+        events_port, replay_port = free_port(), free_port()
+        # The engine binds tcp://*:P, as vLLM binds only a wildcard host; its sidecar
+        # connects to the loopback address.
+        events, replay = f"tcp://{LOOPBACK}:{events_port}", f"tcp://{LOOPBACK}:{replay_port}"
         self.engine = Service(
             f"{worker_id}-engine",
             [
@@ -161,9 +164,9 @@ class SimWorker:
                 "--max-model-len",
                 options.max_model_len,
                 "--kv-events-endpoint",
-                events,
+                f"tcp://*:{events_port}",
                 "--kv-events-replay-endpoint",
-                replay,
+                f"tcp://*:{replay_port}",
                 *options.worker_args,
             ],
             log_dir,

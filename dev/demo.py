@@ -72,10 +72,12 @@ def spawn_workers(
                 block_size,
                 "--max-model-len",
                 max_model_len,
+                # The engine side binds, as vLLM does for tcp://*:P; the gateway connects
+                # to 127.0.0.1 (``entry``).
                 "--kv-events-endpoint",
-                f"tcp://127.0.0.1:{events}",
+                f"tcp://*:{events}",
                 "--kv-events-replay-endpoint",
-                f"tcp://127.0.0.1:{replay}",
+                f"tcp://*:{replay}",
                 *extra,
             ],
             log_dir,

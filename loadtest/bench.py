@@ -242,6 +242,9 @@ async def run_mode(
             for url in worker_urls.values():
                 async with http.post(url.rstrip("/") + "/reset_prefix_cache") as resp:
                     resp.raise_for_status()
+                    # vLLM answers 200 {"success": false} when requests still hold blocks.
+                    if not (await resp.json()).get("success"):
+                        raise RuntimeError(f"{url} refused to reset its prefix cache")
         model = await _served_model(http, gateway_url)
         # Requests are built before the first scrape so building them never overlaps the measured window.
         timed = trace_requests(trace, vocabulary, workload, model) if trace is not None else None

@@ -132,10 +132,11 @@ class Stack:
                     str(c.max_model_len),
                     "--speedup-ratio",
                     str(c.speedup_ratio),
+                    # Bound by the engine (vLLM binds only tcp://*:P); the gateway connects below.
                     "--kv-events-endpoint",
-                    f"tcp://127.0.0.1:{ev}",
+                    f"tcp://*:{ev}",
                     "--kv-events-replay-endpoint",
-                    f"tcp://127.0.0.1:{replay}",
+                    f"tcp://*:{replay}",
                     "--event-encoding",
                     c.event_encoding,
                     "--seed",

@@ -301,7 +301,7 @@ def _removed(hashes: Any, medium: Any) -> BlockRemoved:
 
 
 def encode_batch(batch: EventBatch, encoding: Literal["map", "array"] = "map") -> bytes:
-    """Serialize ``batch`` as vLLM does: tagged maps (>= 0.26) or legacy tagged arrays."""
+    """Serialize ``batch`` as vLLM does: tagged maps (as 0.32 writes them) or legacy tagged arrays."""
     events: list[dict[str, Any]] | list[list[Any]]
     if encoding == "map":
         events = [_event_map(e) for e in batch.events]
@@ -313,6 +313,9 @@ def encode_batch(batch: EventBatch, encoding: Literal["map", "array"] = "map") -
 
 
 def _event_map(event: EngineEvent) -> dict[str, Any]:
+    # vLLM 0.32's keys, in its order (msgspec writes struct fields in declaration order and
+    # omits the defaults): one full-attention KV-cache group (``group_idx`` 0), and no
+    # extra hash keys (LoRA, multimodal, cache salt) on any block.
     if type(event) is BlockStored:
         return {
             "type": "BlockStored",
@@ -323,9 +326,17 @@ def _event_map(event: EngineEvent) -> dict[str, Any]:
             "lora_id": event.lora_id,
             "medium": _MEDIUM_NAMES[event.medium],
             "lora_name": event.lora_name,
+            "extra_keys": [None] * len(event.block_hashes),
+            "group_idx": 0,
+            "kv_cache_spec_kind": "full_attention",
         }
     if type(event) is BlockRemoved:
-        return {"type": "BlockRemoved", "block_hashes": event.block_hashes, "medium": _MEDIUM_NAMES[event.medium]}
+        return {
+            "type": "BlockRemoved",
+            "block_hashes": event.block_hashes,
+            "medium": _MEDIUM_NAMES[event.medium],
+            "group_idx": 0,
+        }
     return {"type": "AllBlocksCleared"}
 
 

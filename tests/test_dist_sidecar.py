@@ -61,6 +61,7 @@ class Engine:
 
     @property
     def events(self) -> str:
+        """Where the sidecar connects (the engine binds ``tcp://*:port``, as vLLM does)."""
         return f"tcp://127.0.0.1:{self.events_port}"
 
     @property
@@ -76,9 +77,9 @@ class Engine:
             "--model-dir",
             TINY_MODEL,
             "--kv-events-endpoint",
-            self.events,
+            f"tcp://*:{self.events_port}",
             "--kv-events-replay-endpoint",
-            self.replay,
+            f"tcp://*:{self.replay_port}",
             "--speedup-ratio",
             100,
             "--num-gpu-blocks",

@@ -78,9 +78,9 @@ def start_worker(worker_id: str, log_dir: Path, *extra: str) -> Worker:
         "--max-model-len",
         CONTEXT,
         "--kv-events-endpoint",
-        f"tcp://127.0.0.1:{events}",
+        f"tcp://*:{events}",
         "--kv-events-replay-endpoint",
-        f"tcp://127.0.0.1:{replay}",
+        f"tcp://*:{replay}",
         *extra,
         log_path=log_dir / f"{worker_id}.log",
     )

@@ -121,6 +121,26 @@ def test_fully_cached_prompt_still_computes_its_last_token():
     steps = run(s)
     assert b.num_cached_tokens == BS  # the second block holds the last token: recomputed
     assert steps[0][0].work.prefill_tokens == BS
+    # vLLM counts the recomputed block as created, and stores its copy again.
+    assert b.num_created_cache_tokens == BS
+    assert [e.token_ids for e in stored(e for _, _, events in steps for e in events)] == [prompt[BS:]]
+
+
+def test_created_cache_tokens_count_the_full_prompt_blocks_the_prefill_computed():
+    s = engine()
+    a = request("a", list(range(3 * BS + 5)), max_tokens=2 * BS)
+    s.add_request(a)
+    run(s)
+    # Generated tokens filled a fourth block: only prompt blocks count.
+    assert (a.num_cached_tokens, a.num_created_cache_tokens) == (0, 3 * BS)
+    b = request("b", a.prompt_token_ids[: 2 * BS] + list(range(7000, 7000 + 2 * BS + 1)), max_tokens=1)
+    s.add_request(b)
+    run(s)
+    assert (b.num_cached_tokens, b.num_created_cache_tokens) == (2 * BS, 2 * BS)
+    c = request("c", list(range(9000, 9000 + BS - 1)), max_tokens=1)
+    s.add_request(c)
+    run(s)
+    assert (c.num_cached_tokens, c.num_created_cache_tokens) == (0, 0)
 
 
 def test_generated_tokens_fill_and_cache_blocks_too():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import itertools
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +32,19 @@ from tests.helpers import TINY_MODEL, Proc, python_module, until, wait_http
 
 pytestmark = pytest.mark.slow
 
+GOLDEN = Path(__file__).parent / "fixtures" / "vllm-0.32"
+
+
+def golden(name: str) -> dict:
+    """A recording of the real vLLM 0.32 engine (see tests/test_vllm_golden.py)."""
+    data: dict = json.loads((GOLDEN / f"{name}.json").read_text())
+    return data
+
+
+def golden_frames(message: dict) -> list[bytes]:
+    return [base64.b64decode(f) for f in message["frames_b64"]]
+
+
 _prompts = itertools.count(1)
 
 
@@ -50,6 +66,15 @@ class Sim:
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.config.port}"
+
+    @property
+    def events(self) -> str:
+        """Where a subscriber connects: the worker binds ``tcp://*:P``, as vLLM does."""
+        return _loopback(self.config.events.endpoint)
+
+    @property
+    def replay(self) -> str:
+        return _loopback(self.config.events.replay_endpoint)
 
     def start(self) -> Sim:
         self.stop()
@@ -80,6 +105,11 @@ class Sim:
                 return await r.text()
 
 
+def _loopback(endpoint: str | None) -> str:
+    assert endpoint is not None and endpoint.startswith("tcp://*:")
+    return endpoint.replace("*", "127.0.0.1")
+
+
 def sim_config(**engine) -> SimConfig:
     return SimConfig(
         model_dir=TINY_MODEL,
@@ -95,8 +125,9 @@ def sim_config(**engine) -> SimConfig:
                 **engine,
             }
         ),
+        # As configs/vllm/serve.sh configures vLLM: wildcard endpoints, which both sockets bind.
         events=KvEventsConfig(
-            endpoint=f"tcp://127.0.0.1:{free_port()}", replay_endpoint=f"tcp://127.0.0.1:{free_port()}"
+            endpoint=f"tcp://*:{free_port()}", replay_endpoint=f"tcp://*:{free_port()}", topic="kv-events"
         ),
         answer=AnswerConfig(min_tokens=8, max_tokens=16),
     )
@@ -178,7 +209,7 @@ def sim(tmp_path_factory) -> Iterator[Sim]:
 @pytest.fixture
 async def sub(sim) -> AsyncIterator[Subscriber]:
     await sim.complete(unique_prompt(65))  # a batch published before anyone listens
-    s = Subscriber(sim.config.events.endpoint)
+    s = Subscriber(sim.events)
     await s.join(sim)
     try:
         yield s
@@ -217,6 +248,82 @@ async def test_map_encoding_on_the_wire(sim, sub):
     assert raw[2] == 0  # data_parallel_rank
 
 
+def golden_event(name: str, kind: str) -> dict:
+    for message in golden(name).get("messages") or golden(name)["replies"]:
+        for event in (message["decoded"] or [0, []])[1]:
+            if event["type"] == kind:
+                return event
+    raise KeyError(kind)
+
+
+async def test_events_carry_vllm_032_keys_in_its_order(sim, sub):
+    """BlockStored / BlockRemoved as vLLM 0.32 writes them (tests/fixtures/vllm-0.32)."""
+    mark = len(sub.received)
+    prompt = unique_prompt(130)
+    await sim.complete(prompt)
+    await sub.until(lambda: bool(stored(sub.events_since(mark))))
+    (raw,) = [e for _, _, p in sub.received[mark:] for e in msgspec.msgpack.decode(p)[1] if e["type"] == "BlockStored"]
+    real = golden_event("01_store_first", "BlockStored")
+    assert list(raw) == list(real)
+    assert raw["extra_keys"] == [None, None] and raw["token_ids"] == prompt[:128]
+    assert {k: raw[k] for k in ("parent_block_hash", "block_size", "lora_id", "medium", "lora_name")} == {
+        "parent_block_hash": None,
+        "block_size": 64,
+        "lora_id": None,
+        "medium": "GPU",
+        "lora_name": None,
+    }
+    assert (raw["group_idx"], raw["kv_cache_spec_kind"]) == (real["group_idx"], real["kv_cache_spec_kind"])
+    assert all(type(h) is int and 0 <= h < 2**64 for h in raw["block_hashes"])
+
+
+async def test_a_fully_cached_repeat_publishes_nothing(sim, sub):
+    prompt = unique_prompt(150)  # 2 full blocks + 22 tokens: the hit covers both blocks
+    await sim.complete(prompt)
+    await sub.until(lambda: any(e.token_ids[:1] == prompt[:1] for e in stored(sub.events_since(0))))
+    mark = len(sub.received)
+    again = await sim.complete(prompt)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 128
+    marker = unique_prompt(65)
+    await sim.complete(marker)
+    await sub.until(lambda: len(sub.received) > mark)
+    (seq, batch, _), *_ = sub.received[mark:]
+    # The repeat's step published no batch: the next seq is the marker prompt's store.
+    assert seq == sub.received[mark - 1][0] + 1
+    assert [e.token_ids for e in stored(batch.events)] == [marker[:64]]
+
+
+async def test_usage_has_vllm_032_prompt_tokens_details(sim):
+    real = golden("http/chat_nonstream_repeat_cached")["response"]["usage"]
+    prompt = unique_prompt(370)
+    first = (await sim.complete(prompt))["usage"]
+    # cached_tokens_per_tier is the simulator's own extra (see worker/README.md).
+    assert list(first) == list(real) and first["completion_tokens_details"] is None
+    assert [k for k in first["prompt_tokens_details"] if k != "cached_tokens_per_tier"] == list(
+        real["prompt_tokens_details"]
+    )
+    details = [first["prompt_tokens_details"]]
+    details.append((await sim.complete(prompt))["usage"]["prompt_tokens_details"])
+    details.append((await sim.complete(prompt + unique_prompt(290)))["usage"]["prompt_tokens_details"])
+    # As the real engine answered the same three requests (01, 03, 02 in the goldens).
+    assert [(d["cached_tokens"], d["created_cache_tokens"], d["multimodal_tokens"]) for d in details] == [
+        (0, 320, None),
+        (320, 0, None),
+        (320, 320, None),
+    ]
+    for name, ours in zip(("01_store_first", "03_repeat_hit", "02_store_continuation"), details):
+        real_details = golden(name)["http"]["body"]["usage"]["prompt_tokens_details"]
+        assert real_details == {k: ours[k] for k in real_details}
+
+
+async def test_a_prompt_cached_whole_reports_one_block_less(sim):
+    prompt = unique_prompt(256)
+    await sim.complete(prompt)
+    again = (await sim.complete(prompt))["usage"]["prompt_tokens_details"]
+    # The engine always computes the last prompt token, so the last block is recomputed.
+    assert (again["cached_tokens"], again["created_cache_tokens"]) == (192, 64)
+
+
 async def test_seq_counts_up_by_one_per_batch(sim, sub):
     for _ in range(3):
         await sim.complete(unique_prompt(65))
@@ -234,13 +341,13 @@ async def test_replay_returns_missed_batches(sim, sub):
     await sim.complete(unique_prompt(65))
     await sub.until(lambda: len(sub.received) > mark)
     last_seen = sub.received[-1][0]
-    replayed = await replay(sim.config.events.replay_endpoint, 0)
+    replayed = await replay(sim.replay, 0)
     assert [seq for seq, _ in replayed][: last_seen + 1] == list(range(last_seen + 1))
     missed = [decode_batch(p) for seq, p in replayed if seq < first_seen]
     assert missed and all(isinstance(e, BlockStored) for b in missed for e in b.events)
     seen = {seq: payload for seq, _, payload in sub.received}
     assert all(seen[seq] == payload for seq, payload in replayed if seq in seen)
-    tail = await replay(sim.config.events.replay_endpoint, last_seen)
+    tail = await replay(sim.replay, last_seen)
     assert tail[0] == (last_seen, seen[last_seen])
 
 
@@ -248,26 +355,137 @@ async def test_replay_survives_a_malformed_request(sim):
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(sim.config.events.replay_endpoint)
+    sock.connect(sim.replay)
     try:
         await sock.send_multipart([b"", b"\x01\x02"])
         await sock.send_multipart([b"garbage"])
     finally:
         sock.close()
         ctx.term()
-    assert (await replay(sim.config.events.replay_endpoint, 0))[0][0] == 0
+    assert (await replay(sim.replay, 0))[0][0] == 0
 
 
-async def test_reset_prefix_cache_publishes_all_blocks_cleared(sim, sub):
+async def reset(sim: Sim, query: str = "") -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(sim.base + "/reset_prefix_cache" + query) as r:
+            assert r.status == 200 and r.content_type == "application/json"
+            return await r.json()
+
+
+async def test_reset_prefix_cache_clears_with_the_next_batch(sim, sub):
     prompt = unique_prompt(130)
     await sim.complete(prompt)
+    await sub.until(lambda: any(e.token_ids[:1] == prompt[:1] for e in stored(sub.events_since(0))))
     mark = len(sub.received)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(sim.base + "/reset_prefix_cache") as r:
-            assert r.status == 200
-    await sub.until(lambda: any(isinstance(e, AllBlocksCleared) for e in sub.events_since(mark)))
+    assert await reset(sim) == {"success": True}
+    assert await reset(sim) == {"success": True}
+    # As vLLM: nothing is published until a step runs, then the clears lead its batch.
+    with pytest.raises(AssertionError):
+        await sub.until(lambda: len(sub.received) > mark, timeout=0.5)
     again = await sim.complete(prompt)
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    await sub.until(lambda: len(sub.received) > mark)
+    _, batch, _ = sub.received[mark]
+    assert [type(e) for e in batch.events] == [AllBlocksCleared, AllBlocksCleared, BlockStored]
+
+
+async def test_a_reset_then_a_request_without_a_full_block_publishes_the_clear_alone(sim, sub):
+    mark = len(sub.received)
+    assert await reset(sim) == {"success": True}
+    await sim.complete(unique_prompt(11))
+    await sub.until(lambda: len(sub.received) > mark)
+    _, batch, payload = sub.received[mark]
+    assert batch.events == [AllBlocksCleared()]
+    ((_, _, real),) = [decode_frames(golden_frames(m)) for m in golden("10_all_blocks_cleared_alone")["messages"]]
+    assert msgspec.msgpack.decode(payload)[1:] == msgspec.msgpack.decode(real)[1:]
+
+
+async def test_reset_refused_while_a_request_runs_unless_asked_to_preempt(tmp_path):
+    # Real time (no speedup): a 3,000-token answer takes many seconds.
+    slow = Sim(sim_config(speedup_ratio=1.0), tmp_path).start()
+    job = asyncio.ensure_future(slow.complete(unique_prompt(10), max_tokens=3000, ignore_eos=True))
+    try:
+        for _ in range(200):
+            if metric(await slow.metrics(), "vllm:num_requests_running") > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await reset(slow) == {"success": False}
+        assert await reset(slow, "?reset_running_requests=true") == {"success": True}
+    finally:
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        slow.stop()
+
+
+# --- replay and endpoints, frame for frame -------------------------------------------------
+
+
+async def dealer_replies(endpoint: str, start_seq: int, timeout: float = 20.0) -> list[list[bytes]]:
+    """The raw multipart replies a DEALER gets for one replay request, end marker included."""
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        await sock.send_multipart([b"", encode_replay_request(start_seq)])
+        out: list[list[bytes]] = []
+        while not out or out[-1] != END_MARKER:
+            out.append(await asyncio.wait_for(sock.recv_multipart(), timeout))
+        return out
+    finally:
+        sock.close()
+        ctx.term()
+
+
+END_MARKER = [b"", b"", b"\xff" * 8, b""]
+
+
+async def test_replay_frames_are_vllm_032s(sim, sub):
+    mark = len(sub.received)
+    await sim.complete(unique_prompt(65))
+    await sub.until(lambda: len(sub.received) > mark)
+    last_seq, _, last_payload = sub.received[-1]
+    replies = await dealer_replies(sim.replay, last_seq - 1)
+    live = {seq: payload for seq, _, payload in sub.received}
+    assert replies == [
+        [b"", b"kv-events", (last_seq - 1).to_bytes(8, "big"), live[last_seq - 1]],
+        [b"", b"kv-events", last_seq.to_bytes(8, "big"), last_payload],
+        END_MARKER,
+    ]
+    # The real engine's replies to the same request (08), frame lengths and all.
+    real = [golden_frames(r) for r in golden("08_replay_from_last_minus_1")["replies"]]
+    assert [[len(f) for f in r] for r in real][-1] == [len(f) for f in END_MARKER]
+    assert real[-1] == END_MARKER
+    assert [r[:2] for r in real[:-1]] == [r[:2] for r in replies[:-1]]
+
+
+async def test_replay_past_the_end_gets_only_the_end_marker(sim, sub):
+    next_seq = sub.received[-1][0] + 1
+    assert await dealer_replies(sim.replay, next_seq + 100) == [END_MARKER]
+    assert [golden_frames(r) for r in golden("09_replay_beyond_end")["replies"]] == [END_MARKER]
+
+
+async def test_kv_event_sources_is_vllm_032s(sim):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sim.base + "/kv_event_sources") as r:
+            assert r.status == 200 and r.content_type == "application/json"
+            sources = await r.json()
+    real = golden("http/kv_event_sources")["response"]
+    assert list(sources) == list(real) == ["0"]
+    assert list(sources["0"]) == list(real["0"])
+    ev = sim.config.events
+    assert sources["0"] == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": ev.endpoint,  # as configured, tcp://*:P
+        "replay_endpoint": ev.replay_endpoint,
+        "buffer_steps": ev.buffer_steps,
+        "hwm": ev.hwm,
+        "max_queue_size": real["0"]["max_queue_size"],
+        "topic": "kv-events",
+    }
+    assert {k: type(v) for k, v in sources["0"].items()} == {k: type(v) for k, v in real["0"].items()}
 
 
 # --- a small worker: eviction, legacy array encoding, scheduler limits, restart -----------
@@ -292,7 +510,7 @@ def small(tmp_path_factory) -> Iterator[Sim]:
 
 
 async def test_eviction_under_a_small_cache_produces_block_removed(small):
-    sub = Subscriber(small.config.events.endpoint)
+    sub = Subscriber(small.events)
     try:
         await sub.join(small)
         mark = len(sub.received)
@@ -340,17 +558,45 @@ async def test_max_num_seqs_observed_in_metrics(small):
 
 async def test_restart_starts_seq_at_zero_with_new_hashes(small):
     prompt = unique_prompt(33)
-    before = await replay(small.config.events.replay_endpoint, 0)
+    before = await replay(small.replay, 0)
     await small.complete(prompt)
-    old = [
-        e
-        for seq, p in await replay(small.config.events.replay_endpoint, len(before))
-        for e in stored(decode_batch(p).events)
-    ]
+    old = [e for seq, p in await replay(small.replay, len(before)) for e in stored(decode_batch(p).events)]
     small.start()  # SIGTERM, then the same command line again
     await small.complete(prompt)
-    after = await replay(small.config.events.replay_endpoint, 0)
+    after = await replay(small.replay, 0)
     assert [seq for seq, _ in after] == [0]  # only the new process's one batch
     new = stored(decode_batch(after[0][1]).events)
     assert new[0].token_ids == old[0].token_ids == prompt[:32]
     assert new[0].block_hashes != old[0].block_hashes  # seeded randomly per process
+
+
+# --- bind or connect, as vLLM decides ------------------------------------------------------
+
+
+async def test_a_worker_configured_with_a_host_endpoint_connects_to_a_bound_subscriber(tmp_path):
+    port = free_port()
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.LINGER, 0)
+    # Bound first: a worker that tried to bind the port would fail to start.
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    config = replace(sim_config(), events=KvEventsConfig(endpoint=f"tcp://127.0.0.1:{port}", topic="kv-events"))
+    connecting = Sim(config, tmp_path).start()
+    try:
+        prompt = unique_prompt(65)
+        for _ in range(100):  # the connection may join after the first batches
+            await connecting.complete(prompt)
+            try:
+                topic, _, payload = decode_frames(await asyncio.wait_for(sock.recv_multipart(), 0.3))
+                break
+            except TimeoutError:
+                prompt = unique_prompt(65)
+        else:
+            raise AssertionError("no batch reached the bound subscriber")
+        assert topic == b"kv-events"
+        assert [e.token_ids for e in stored(decode_batch(payload).events)] == [prompt[:64]]
+    finally:
+        connecting.stop()
+        sock.close()
+        ctx.term()

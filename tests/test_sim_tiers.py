@@ -379,9 +379,24 @@ async def test_usage_and_metrics_count_cached_tokens_per_tier(tiered):
             after = await r.text()
     bs3 = 3 * BS
     assert details == [
-        {"cached_tokens": bs3, "cached_tokens_per_tier": {"gpu": bs3, "cpu": 0, "disk": 0}},
-        {"cached_tokens": bs3, "cached_tokens_per_tier": {"gpu": 0, "cpu": bs3, "disk": 0}},
-        {"cached_tokens": bs3, "cached_tokens_per_tier": {"gpu": 0, "cpu": 0, "disk": bs3}},
+        {
+            "cached_tokens": bs3,
+            "created_cache_tokens": 0,
+            "multimodal_tokens": None,
+            "cached_tokens_per_tier": {"gpu": bs3, "cpu": 0, "disk": 0},
+        },
+        {
+            "cached_tokens": bs3,
+            "created_cache_tokens": 0,
+            "multimodal_tokens": None,
+            "cached_tokens_per_tier": {"gpu": 0, "cpu": bs3, "disk": 0},
+        },
+        {
+            "cached_tokens": bs3,
+            "created_cache_tokens": 0,
+            "multimodal_tokens": None,
+            "cached_tokens_per_tier": {"gpu": 0, "cpu": 0, "disk": bs3},
+        },
     ]
 
     def delta(name: str, **labels: str) -> float:

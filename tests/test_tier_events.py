@@ -243,8 +243,8 @@ def tiered(tmp_path_factory) -> Iterator[SimConfig]:
             tiers=TierConfig(cpu_blocks=3, disk_blocks=3),
         ),
         events=KvEventsConfig(
-            endpoint=f"tcp://127.0.0.1:{free_port()}",
-            replay_endpoint=f"tcp://127.0.0.1:{free_port()}",
+            endpoint=f"tcp://*:{free_port()}",
+            replay_endpoint=f"tcp://*:{free_port()}",
             encoding="array",
         ),
         answer=AnswerConfig(1, 4),
@@ -263,7 +263,9 @@ def tiered(tmp_path_factory) -> Iterator[SimConfig]:
 async def test_worker_process_tiers_reach_the_index_over_zmq(tiered):
     dispatcher = ReplayDispatcher()
     indexer = KvIndexer(BS, dispatcher)
-    source = ZmqEventSource("w", tiered.events.endpoint, tiered.events.replay_endpoint, indexer)
+    # The worker binds tcp://*:P (as vLLM does); consumers connect to the loopback address.
+    events, replay = (e.replace("*", "127.0.0.1") for e in (tiered.events.endpoint, tiered.events.replay_endpoint))
+    source = ZmqEventSource("w", events, replay, indexer)
     dispatcher.add(source)
     source.start()
     # Whatever is published before the SUB socket has joined comes back through the replay

@@ -121,12 +121,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--kv-events-endpoint",
         default=None,
-        help="ZMQ PUB endpoint to bind, e.g. tcp://127.0.0.1:5557 (default: no events)",
+        help="ZMQ PUB endpoint, as vLLM's: tcp://*:5557 binds (so do ipc://, inproc://), "
+        "tcp://HOST:5557 connects to a subscriber bound there (default: no events)",
     )
     ev.add_argument(
         "--kv-events-replay-endpoint",
         default=None,
-        help="ZMQ ROUTER endpoint to bind for replaying recent batches, e.g. tcp://127.0.0.1:5558",
+        help="ZMQ ROUTER endpoint (always bound) for replaying recent batches, e.g. tcp://*:5558",
     )
     ev.add_argument("--kv-events-topic", default=_K.topic, help="topic frame of every published batch")
     ev.add_argument(
@@ -138,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--kv-events-buffer-steps", type=int, default=_K.buffer_steps, help="published batches kept for replay"
     )
+    ev.add_argument("--kv-events-hwm", type=int, default=_K.hwm, help="ZMQ high-water mark of the PUB socket")
     p.add_argument("--log-level", default="INFO", help="logging level")
     return p
 
@@ -179,11 +181,14 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         topic=args.kv_events_topic,
         encoding=args.event_encoding,
         buffer_steps=args.kv_events_buffer_steps,
+        hwm=args.kv_events_hwm,
     )
     if events.replay_endpoint and not events.endpoint:
         raise ValueError("--kv-events-replay-endpoint needs --kv-events-endpoint")
     if events.buffer_steps <= 0:
         raise ValueError("--kv-events-buffer-steps must be positive")
+    if events.hwm < 0:
+        raise ValueError("--kv-events-hwm must be >= 0 (0: no limit)")
     config = SimConfig(
         model_dir=args.model_dir,
         served_model_name=args.served_model_name,

@@ -96,13 +96,19 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class KvEventsConfig:
-    """vLLM's ZMQ KV-event publisher (``--kv-events-config`` in vLLM)."""
+    """vLLM's ZMQ KV-event publisher (``--kv-events-config`` in vLLM).
+
+    ``endpoint`` follows vLLM's rule: ``tcp://*:P`` (or a ``::`` host, ``ipc://``,
+    ``inproc://``) is bound, any other endpoint is connected to; ``replay_endpoint`` is
+    always bound.
+    """
 
     endpoint: str | None = None  # None: no events published
     replay_endpoint: str | None = None
     topic: str = ""
     encoding: Literal["map", "array"] = "map"
     buffer_steps: int = 10_000  # batches kept for replay (vLLM's default)
+    hwm: int = 100_000  # ZMQ high-water mark of the PUB socket (vLLM's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +169,8 @@ class SimConfig:
             ev.topic,
             "--kv-events-buffer-steps",
             str(ev.buffer_steps),
+            "--kv-events-hwm",
+            str(ev.hwm),
         ]
         if self.served_model_name:
             args += ["--served-model-name", self.served_model_name]

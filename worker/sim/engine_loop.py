@@ -67,6 +67,10 @@ class RequestHandle:
         return max(self.request.num_cached_tokens, 0)
 
     @property
+    def created_cache_tokens(self) -> int:
+        return self.request.num_created_cache_tokens
+
+    @property
     def cached_tokens_per_tier(self) -> dict[str, int]:
         gpu, cpu, disk = self.request.cached_tokens_per_tier
         return {"gpu": gpu, "cpu": cpu, "disk": disk}
@@ -152,9 +156,10 @@ class EngineLoop:
             self.stats.finished["abort"] += 1
 
     def reset_prefix_cache(self, preempt_running: bool = False) -> bool:
+        """Clear the prefix cache. Its ``AllBlocksCleared`` waits for the next step's batch,
+        as in vLLM, which flushes events only after a model step: an idle engine publishes
+        nothing until its next request runs."""
         ok = self.scheduler.reset_prefix_cache(preempt_running)
-        # Publish now: an idle engine runs no step that would carry the event.
-        self._publish_events()
         if preempt_running:
             self._wake.set()
         return ok

@@ -17,7 +17,6 @@ _ERROR_TYPES = {
     400: "BadRequestError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
-    409: "ConflictError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -183,11 +182,21 @@ def parse_completion(body: Any) -> GenerateParams:
 
 
 def usage(
-    prompt_tokens: int, completion_tokens: int, cached_tokens: int, cached_tokens_per_tier: dict[str, int] | None = None
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    created_cache_tokens: int = 0,
+    cached_tokens_per_tier: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """vLLM's usage; ``cached_tokens`` counts every tier, ``cached_tokens_per_tier`` (an
-    extra field, ignored by OpenAI clients) splits it into ``gpu`` / ``cpu`` / ``disk``."""
-    details: dict[str, Any] = {"cached_tokens": cached_tokens}
+    """vLLM 0.32's usage (``--enable-prompt-tokens-details``), in whole blocks:
+    ``cached_tokens`` the prefix hit (every tier), ``created_cache_tokens`` the full prompt
+    blocks the prefill computed. ``cached_tokens_per_tier`` (an extra field, ignored by
+    OpenAI clients) splits the hit into ``gpu`` / ``cpu`` / ``disk``."""
+    details: dict[str, Any] = {
+        "cached_tokens": cached_tokens,
+        "created_cache_tokens": created_cache_tokens,
+        "multimodal_tokens": None,
+    }
     if cached_tokens_per_tier is not None:
         details["cached_tokens_per_tier"] = cached_tokens_per_tier
     return {
@@ -195,6 +204,7 @@ def usage(
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": details,
+        "completion_tokens_details": None,
     }
 
 

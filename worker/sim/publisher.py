@@ -1,10 +1,16 @@
-"""vLLM's KV-event publisher: a ZMQ PUB socket plus a ROUTER that replays recent batches.
+"""vLLM 0.32's KV-event publisher: a ZMQ PUB socket plus a ROUTER that replays recent batches.
 
 Each batch goes out as ``(topic, seq u64 BE, msgpack payload)`` with ``seq`` counting
 from 0 at every process start (so consumers detect restarts), and is kept in a ring of
 the last ``buffer_steps`` batches. A replay request ``[identity, b"", start_seq]`` is
-answered with every kept batch whose seq >= start_seq, then the end marker — vLLM's
-protocol, framed by ``kvgate.protocol.wire``. Bytes are made only by ``kvgate.protocol.wire``.
+answered with ``[identity, b"", topic, seq, payload]`` for every kept batch whose seq >=
+start_seq, then the end marker ``[identity, b"", b"", -1, b""]`` — vLLM 0.32's framing.
+
+Sockets follow vLLM's rule: the PUB socket binds only a wildcard endpoint
+(``tcp://*:P``, a ``::`` host) or an ``ipc://`` / ``inproc://`` one and *connects* to
+anything else (``tcp://127.0.0.1:P`` makes the engine connect to a subscriber bound
+there); the replay ROUTER always binds. Bytes are made only by ``kvgate.protocol.wire``;
+this module never decides what the events are.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -29,6 +36,34 @@ from kvgate.worker.sim.config import KvEventsConfig
 
 log = logging.getLogger(__name__)
 
+# vLLM bounds the queue between its engine and its publisher thread by this; the sim
+# publishes from the engine loop itself, with no queue, and only reports vLLM's default.
+MAX_QUEUE_SIZE = 100_000
+
+
+def binds(endpoint: str) -> bool:
+    """Whether vLLM's PUB socket binds ``endpoint`` (True) or connects to it (False)."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+def kv_event_sources(config: KvEventsConfig) -> dict[str, dict[str, Any]]:
+    """``GET /kv_event_sources`` as vLLM 0.32 answers it: the publisher's config per DP rank
+    (the sim is rank 0), endpoints exactly as configured; ``{}`` with events off."""
+    if config.endpoint is None:
+        return {}
+    return {
+        "0": {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": config.endpoint,
+            "replay_endpoint": config.replay_endpoint,
+            "buffer_steps": config.buffer_steps,
+            "hwm": config.hwm,
+            "max_queue_size": MAX_QUEUE_SIZE,
+            "topic": config.topic,
+        }
+    }
+
 
 class KvEventPublisher:
     def __init__(self, config: KvEventsConfig) -> None:
@@ -42,13 +77,21 @@ class KvEventPublisher:
         # PUB never blocks (it drops at the high-water mark), so a plain socket will do.
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(config.endpoint)
+        self._pub.set_hwm(config.hwm)
         self._replay: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task | None = None
-        if config.replay_endpoint is not None:
-            self._replay = zmq.asyncio.Context.shadow(self._ctx).socket(zmq.ROUTER)
-            self._replay.setsockopt(zmq.LINGER, 0)
-            self._replay.bind(config.replay_endpoint)
+        try:
+            if binds(config.endpoint):
+                self._pub.bind(config.endpoint)
+            else:
+                self._pub.connect(config.endpoint)
+            if config.replay_endpoint is not None:
+                self._replay = zmq.asyncio.Context.shadow(self._ctx).socket(zmq.ROUTER)
+                self._replay.setsockopt(zmq.LINGER, 0)
+                self._replay.bind(config.replay_endpoint)
+        except zmq.ZMQError:
+            self._close_sockets()
+            raise
 
     @property
     def next_seq(self) -> int:
@@ -79,8 +122,9 @@ class KvEventPublisher:
                 continue
             for seq, payload in list(self._buffer):
                 if seq >= start_seq:
-                    await self._replay.send_multipart([identity, *encode_replay_reply(seq, payload)])
-            await self._replay.send_multipart([identity, *encode_replay_reply(REPLAY_END_SEQ)])
+                    reply = encode_replay_reply(seq, payload, topic=self._topic)
+                    await self._replay.send_multipart([identity, *reply])
+            await self._replay.send_multipart([identity, *encode_replay_reply(REPLAY_END_SEQ, topic=self._topic)])
 
     async def close(self) -> None:
         if self._replay_task is not None:
@@ -89,6 +133,9 @@ class KvEventPublisher:
                 await self._replay_task
             except asyncio.CancelledError:
                 pass
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         self._pub.close()
         if self._replay is not None:
             self._replay.close()

@@ -33,6 +33,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix hit at first admission (all tiers); -1 until admitted
     cached_tokens_per_tier: tuple[int, int, int] = (0, 0, 0)  # that hit by (GPU, CPU, disk)
+    # Prompt tokens of full blocks the prefill computes (vLLM's created_cache_tokens).
+    num_created_cache_tokens: int = 0
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None

@@ -125,6 +125,9 @@ class Scheduler:
                 bs = self.config.block_size
                 request.num_cached_tokens = hit.num_tokens
                 request.cached_tokens_per_tier = (gpu * bs, cpu * bs, disk * bs)
+                # vLLM counts the prompt's full blocks the request holds once prefilled,
+                # less its hit: a recomputed last block (the hit is capped) counts as created.
+                request.num_created_cache_tokens = request.num_prompt_tokens // bs * bs - hit.num_tokens
                 self.kv.record_query(request.num_tokens, hit)
             request.num_computed_tokens = hit.num_tokens
             request.status = RequestStatus.RUNNING

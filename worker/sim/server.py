@@ -27,7 +27,7 @@ from kvgate.worker.sim.config import SimConfig
 from kvgate.worker.sim.engine_loop import EngineLoop, RequestHandle
 from kvgate.worker.sim.prompt import PromptRenderer
 from kvgate.worker.sim.protocol import ApiError, GenerateParams
-from kvgate.worker.sim.publisher import KvEventPublisher
+from kvgate.worker.sim.publisher import KvEventPublisher, kv_event_sources
 from kvgate.worker.sim.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,14 @@ class SimServer:
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(self.registry), headers={"Content-Type": metrics.CONTENT_TYPE})
 
+    async def kv_event_sources(self, request: web.Request) -> web.Response:
+        return _json(kv_event_sources(self.config.events))
+
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        # vLLM's answer: 200 with {"success": false} while requests hold blocks, unless
+        # ?reset_running_requests=true preempts them first.
         preempt = request.query.get("reset_running_requests", "false").lower() in ("1", "true", "yes")
-        if not self.engine.reset_prefix_cache(preempt):
-            raise ApiError(
-                409,
-                f"{len(self.engine.scheduler.running)} running requests hold KV blocks; retry when "
-                "idle or pass ?reset_running_requests=true",
-            )
-        return web.Response(status=200)
+        return _json({"success": self.engine.reset_prefix_cache(preempt)})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, protocol.parse_chat, "chatcmpl")
@@ -128,7 +127,11 @@ class SimServer:
 
     def _usage(self, handle: RequestHandle) -> dict[str, Any]:
         return protocol.usage(
-            handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens, handle.cached_tokens_per_tier
+            handle.prompt_tokens,
+            handle.completion_tokens,
+            handle.cached_tokens,
+            handle.created_cache_tokens,
+            handle.cached_tokens_per_tier,
         )
 
     async def _complete(self, params: GenerateParams, handle: RequestHandle) -> web.Response:
@@ -214,4 +217,5 @@ def build_app(config: SimConfig, renderer: PromptRenderer | None = None) -> web.
     app.router.add_post("/v1/chat/completions", server.chat)
     app.router.add_post("/v1/completions", server.completions)
     app.router.add_post("/reset_prefix_cache", server.reset_prefix_cache)
+    app.router.add_get("/kv_event_sources", server.kv_event_sources)
     return app
