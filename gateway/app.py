@@ -129,6 +129,7 @@ class Gateway:
             )
         )
         self.router.subscribe(self.metrics)
+        self.router.subscribe(self.fleet)
         if self.bus is not None:
             self.router.subscribe(self.bus)
         self._request_ids = itertools.count()
@@ -210,8 +211,11 @@ class Gateway:
                 "connected": self.discovery.connected,
                 "revision": self.discovery.revision,
             }
+        events = {wid: self.fleet.events_of(wid) for wid in workers}
+        # Shown with NATS, and whenever a worker's events are missing or absent (load-only routing).
+        if self.bus is not None or not {"zmq-missing", "none"}.isdisjoint(events.values()):
+            body["events"] = events
         if self.bus is not None:
-            body["events"] = {wid: self.fleet.events_of(wid) for wid in workers}
             body["nats"] = {
                 "connected": self.bus.connected,
                 "router_id": self.bus.router_id,
@@ -391,6 +395,7 @@ class Gateway:
                 log.warning("request %s: %s", flight.request_id, exchange.upstream_error)
 
     def _distributed_metrics(self):
+        yield from self.fleet.collect()
         if self.bus is not None:
             yield from self.bus.collect(self.fleet.nats_fed)
         if self.discovery is not None:

@@ -108,6 +108,13 @@ class GatewayConfig:
         "for batches its SUB socket missed (published before it connected); "
         "0: never",
     )
+    events_missing_after: float = _opt(
+        5.0,
+        "seconds after a ZMQ-fed worker answered a request that stored new KV blocks "
+        "without any event batch arriving from it before its events are declared "
+        "missing (a warning, kvgate_worker_events_missing, /health) and it is routed "
+        "by load only until a batch arrives; keep it above events_catch_up_interval; 0: never",
+    )
     replica_timeout: float = _opt(
         5.0,
         "seconds without a message from another replica (each heartbeats every "
@@ -121,7 +128,12 @@ class GatewayConfig:
     max_attempts: int = _opt(3, "workers tried per request on connect failure or 5xx before the first byte")
     keepalive_connections: int = _opt(256, "idle keep-alive connections kept open per worker")
     client_max_size: int = _opt(16 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
-    health_interval: float = _opt(1.0, "seconds between polls of each worker's /health")
+    health_interval: float = _opt(
+        0.5,
+        "seconds between polls of each worker's /health; a worker seen down has its index "
+        "forgotten (its engine may come back empty), so an outage longer than this plus "
+        "one poll is always seen",
+    )
     load_interval: float = _opt(1.0, "seconds between scrapes of each worker's /metrics (engine load)")
     probe_timeout: float = _opt(2.0, "timeout of one health poll or load scrape, in seconds")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
@@ -153,8 +165,9 @@ class GatewayConfig:
         ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
-        if self.events_catch_up_interval < 0:
-            raise ValueError(f"events_catch_up_interval must be >= 0 (0: off), got {self.events_catch_up_interval}")
+        for name in ("events_catch_up_interval", "events_missing_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         for name in ("context_length", "tokenizer_offload_chars", "tokenizer_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -6,8 +6,11 @@ construction, restart -> that rank is cleared) and translates them into router e
 which the ``PrefixIndex`` applies. The NATS path skips the pipeline (its sidecar already
 ran one) and calls ``apply_router_events``. The router asks ``find_matches``.
 
-Also owns whether each worker's blocks are trusted (``set_trusted``): its event source
-says so (the NATS source while a stream is out of sync or silent). An untrusted
+``engine_lost`` forgets a worker's blocks and seq order when the gateway saw its engine
+go away (a restarted engine starts its seqs over at 0). Also owns whether each worker's
+blocks are trusted (``set_trusted``): its event source says so (the NATS source while a
+stream is out of sync or silent, the gateway's fleet while a ZMQ-fed engine serves
+requests whose events never arrive). An untrusted
 worker's blocks stay indexed but ``find_matches`` leaves it out, so the router places
 it on load alone. Synchronous; the asyncio sources call in from the event loop. Never
 decodes bytes, never routes.
@@ -120,6 +123,21 @@ class KvIndexer:
                 self._owed[ident] = self._owed.get(ident, 0) + unanswered
         self._index.remove_worker(worker_id)
         self._untrusted.discard(worker_id)
+
+    def engine_lost(self, worker_id: str) -> None:
+        """``worker_id``'s engine stopped answering: what it cached is unknown now.
+
+        Every rank's blocks and engine-hash maps go and its seq order starts over (a new
+        ``generation``, so a catch-up fetched before is discarded), keeping the worker
+        and its trust mark. A restarted engine's first batch then applies as a first one,
+        whatever its seq; if it was only a blip, a catch-up from seq 0 re-learns what the
+        engine still holds. Routing on the old engine's blocks would send prompts to a
+        worker that recomputes them.
+        """
+        for (wid, _), pipeline in self._ranks.items():
+            if wid == worker_id:
+                pipeline.forget()
+        self._index.remove_worker(worker_id)
 
     # --- trust ---------------------------------------------------------------------------
 

@@ -29,7 +29,9 @@ replay of the rank is unanswered (it covers up to a live seq) or if the rank's o
 started over during the fetch (its ``generation`` changed: engine restart).
 
 Keeps transport state only (whether a live batch arrived since the last tick, payload
-hashes of what the last catch-up applied); seq semantics live in the sink's pipelines.
+hashes of what the last catch-up applied, when the last batch of any kind arrived:
+``last_batch``, which the gateway's missing-events alarm reads); seq semantics live in
+the sink's pipelines.
 Never decides anything about blocks.
 """
 
@@ -155,6 +157,8 @@ class ZmqEventSource:
         self._replay_locks: dict[int, asyncio.Lock] = {}
         self._feeds = [_RankFeed() for _ in range(dp_size)]
         self._running = False
+        self.last_batch: float | None = None
+        """``time.perf_counter()`` when the last batch (live, caught up or replayed) was decoded."""
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -228,6 +232,7 @@ class ZmqEventSource:
                 self.stats.batches_applied += 1
 
     def _apply(self, rank: int, seq: int, batch: EventBatch, *, replayed: bool) -> bool:
+        self.last_batch = time.perf_counter()
         if batch.data_parallel_rank is None:
             # SGLang and older vLLM may omit the rank; the socket it came on tells it.
             batch.data_parallel_rank = rank

@@ -264,3 +264,36 @@ def test_removing_a_worker_forgets_its_trust_state() -> None:
     assert ix.trusted("w")
     ix.apply_router_events(W0, [RouterStored(SEQ[:1])])
     assert ix.find_matches(SEQ) == {W0: Match(1, [1, 0, 0])}
+
+
+def test_engine_lost_forgets_blocks_maps_and_seqs_but_keeps_the_worker_and_its_trust() -> None:
+    replays = Replays()
+    ix = KvIndexer(BS, replays)
+    for rank in (0, 1):
+        ix.apply_engine_batch("w", 0, batch(stored(0, 3), rank=rank))
+        ix.apply_engine_batch("w", 1, batch(stored(3, 4, parent=E[2]), rank=rank))
+    ix.apply_engine_batch("v", 0, batch(stored(0, 2)))
+    ix.engine_lost("w")
+    assert ix.find_matches(SEQ) == {WorkerKey("v"): Match(2, [2, 0, 0])}
+    assert ix.block_counts() == {WorkerKey("v"): (2, 0, 0)} and ix.trusted("w")
+    # Its order starts over in a new generation: a catch-up fetched before is stale.
+    assert ix.position("w", 0) == StreamPosition(-1, 1, 0) and ix.position("w", 1) == StreamPosition(-1, 1, 0)
+    # A restarted engine whose seq already passed the old one is not taken for a gap to
+    # replay onto the old blocks: it is a first batch, asking from 0.
+    ix.apply_engine_batch("w", 5, batch(stored(3, 4, parent=E[2])))
+    assert replays.asked == [("w", 0, 0, 5)]
+    ix.replay_finished("w", 0, False)
+    assert W0 not in ix.find_matches(SEQ)  # the old engine's parent is unknown now
+    ix.apply_engine_batch("w", 6, batch(stored(0, 1)))
+    assert ix.find_matches(SEQ)[W0] == Match(1, [1, 0, 0])
+    assert ix.stats.restarts == 0
+
+
+def test_engine_lost_keeps_an_untrusted_worker_untrusted() -> None:
+    ix = KvIndexer(BS)
+    ix.apply_engine_batch("w", 0, batch(stored(0, 2)))
+    ix.set_trusted("w", False)
+    ix.engine_lost("w")
+    assert not ix.trusted("w")
+    ix.engine_lost("unknown")  # nothing to forget
+    assert ix.keys() == []

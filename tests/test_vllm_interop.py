@@ -288,3 +288,88 @@ def test_the_openai_sdk_through_the_gateway_streams_and_not(gateway: Gateway) ->
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
     completion = client.completions.create(model=MODEL_NAME, prompt=text(401, 30), max_tokens=4)
     assert completion.choices[0].text is not None and completion.usage is not None
+
+
+# --- event endpoints that cannot fail silently, engines that restart ----------------------------
+
+
+def gateway_health(gw: Gateway) -> dict[str, Any]:
+    with urllib.request.urlopen(gw.url + "/health", timeout=10) as response:
+        health: dict[str, Any] = json.loads(response.read())
+        return health
+
+
+def worker_sample(gw: Gateway, name: str, worker: str) -> float | None:
+    """The value of ``name{worker="<worker>"}`` on the gateway's /metrics, None when absent."""
+    with urllib.request.urlopen(gw.url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f'{name}{{worker="{worker}"}} '):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_worker_given_only_its_url_learns_its_event_endpoints(engines: list[Engine], tmp_path: Path) -> None:
+    # The engine answers /kv_event_sources with tcp://*:PORT and its topic; nothing else is configured.
+    engine = engines[0]
+    gw = start_gateway([], tmp_path, "--worker", f"id={engine.name},url={engine.url}")
+    try:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": text(500, 250)}], "max_tokens": 2}
+        answer, headers = gw.post("/v1/chat/completions", body)
+        assert headers["x-kvgate-worker"] == engine.name
+        blocks = answer["usage"]["prompt_tokens"] // BLOCK_SIZE
+        assert settled_overlap(gw, body, engine.name, at_least=blocks) == blocks
+        assert "events" not in gateway_health(gw)  # its events flow: nothing to report
+        assert f"publishes KV events on tcp://127.0.0.1:{engine.events_port}" in gw.service.log_path.read_text()
+    finally:
+        gw.service.stop()
+
+
+def test_a_worker_whose_events_never_arrive_is_reported_and_routed_by_load_only(
+    engines: list[Engine], tmp_path: Path
+) -> None:
+    # The right URL, but an event endpoint nothing publishes on (and no replay to catch up from).
+    engine = engines[0]
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    gw = start_gateway(
+        [],
+        tmp_path,
+        "--worker",
+        f"id={engine.name},url={engine.url},kv_events_endpoint={nowhere}",
+        "--events-missing-after",
+        "2",
+    )
+    try:
+        assert gateway_health(gw) == {"status": "ok", "workers": {engine.name: True}}
+        for i in range(3):
+            body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": text(600 + i, 200)}], "max_tokens": 2}
+            gw.post("/v1/chat/completions", body)
+        started = time.monotonic()
+        wait_for(lambda: gateway_health(gw).get("events") == {engine.name: "zmq-missing"}, 15, "events missing")
+        print(f"events reported missing {time.monotonic() - started:.1f}s after the last answer")
+        assert worker_sample(gw, "kvgate_worker_events_missing", engine.name) == 1.0
+        assert gw.overlap(body, engine.name) == 0
+        log = gw.service.log_path.read_text()
+        assert "no KV event batch came from " + nowhere in log and "tcp://*:PORT" in log
+    finally:
+        gw.service.stop()
+
+
+def test_an_engine_restarted_on_its_ports_is_not_routed_on_its_old_blocks(
+    engines: list[Engine], tmp_path: Path
+) -> None:
+    engine = engines[1]
+    gw = start_gateway(engines, tmp_path)
+    try:
+        body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": text(700, 300)}], "max_tokens": 2}
+        answer = engine.post("/v1/chat/completions", body)
+        blocks = answer["usage"]["prompt_tokens"] // BLOCK_SIZE  # type: ignore[index]
+        settled_overlap(gw, body, engine.name, at_least=blocks)
+        engine.restart()  # SIGKILL, then a new engine on the same ports: empty cache, seqs from 0
+        wait_for(lambda: gateway_health(gw)["workers"][engine.name], 30, "the gateway to see it up again")
+        predicted = gw.overlap(body, engine.name)
+        assert predicted == 0
+        assert (worker_sample(gw, "kvgate_worker_engine_losses_total", engine.name) or 0) >= 1
+        again = engine.post("/v1/chat/completions", body)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == predicted * BLOCK_SIZE  # type: ignore[index]
+    finally:
+        gw.service.stop()
