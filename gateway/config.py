@@ -121,6 +121,17 @@ class GatewayConfig:
     max_attempts: int = _opt(3, "workers tried per request on connect failure or 5xx before the first byte")
     keepalive_connections: int = _opt(256, "idle keep-alive connections kept open per worker")
     client_max_size: int = _opt(16 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
+    max_messages: int = _opt(4096, "most messages one chat request may carry (400 above; vLLM has no such limit)")
+    header_timeout: float = _opt(
+        10.0, "seconds from a request's first byte until its headers are complete; past it: 408, connection closed"
+    )
+    body_timeout: float = _opt(60.0, "seconds from a request's headers until its whole body has arrived; past it: 408")
+    keepalive_timeout: float = _opt(75.0, "seconds a client connection may sit idle between requests before closing")
+    max_connections: int = _opt(
+        4096, "client connections open at once; a connection beyond it gets a 503 and is closed at once"
+    )
+    max_header_size: int = _opt(8190, "longest request line or header field, in bytes (431 above)")
+    max_headers: int = _opt(128, "most header fields a request may carry (431 above)")
     health_interval: float = _opt(1.0, "seconds between polls of each worker's /health")
     load_interval: float = _opt(1.0, "seconds between scrapes of each worker's /metrics (engine load)")
     probe_timeout: float = _opt(2.0, "timeout of one health poll or load scrape, in seconds")
@@ -153,6 +164,12 @@ class GatewayConfig:
         ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_messages", "max_connections", "max_header_size", "max_headers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.events_catch_up_interval < 0:
             raise ValueError(f"events_catch_up_interval must be >= 0 (0: off), got {self.events_catch_up_interval}")
         for name in ("context_length", "tokenizer_offload_chars", "tokenizer_threads"):
