@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
+from kvgate.gateway import server
 from kvgate.gateway.app import build_app
 from kvgate.gateway.config import GatewayConfig, load_config
 from kvgate.gateway.tokenization import TokenizerError
@@ -41,16 +41,33 @@ def serve(config: GatewayConfig) -> None:
         config.router_mode,
         ", ".join(w["id"] for w in config.workers) or "none",
     )
-    web.run_app(
-        app,
-        host=config.host,
-        port=config.port,
-        access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-        # A client that goes away cancels its handler, which closes the upstream request.
-        handler_cancellation=True,
-        print=None,
-        backlog=1024,
+    raise_open_files_limit(config.max_connections)
+    asyncio.run(
+        server.serve(
+            app,
+            config.host,
+            config.port,
+            server.ServerLimits.from_config(config),
+            access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+        )
     )
+
+
+def raise_open_files_limit(max_connections: int) -> None:
+    """Make room for each client connection and its worker connection, or say there is none."""
+    needed = 2 * max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warning(
+                "open files limit %d is below the %d that max_connections=%d needs: "
+                "raise the hard limit (ulimit -Hn) or lower max_connections",
+                target,
+                needed,
+                max_connections,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

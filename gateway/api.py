@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from kvgate.gateway.errors import ApiError, bad_request
+from kvgate.gateway.errors import ApiError, bad_request, too_many_messages
 
 # Deeper JSON than this is refused (400): rendering and re-parsing it would recurse past
 # Python's limit. Tool parameter schemas in the wild stay far below it.
@@ -42,7 +42,7 @@ class CompletionRequest:
     max_tokens: int | None
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes, max_messages: int | None = None) -> dict[str, Any]:
     if not body:
         raise bad_request("Request body is empty; expected a JSON object.")
     try:
@@ -51,6 +51,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise bad_request(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request(f"Request body must be a JSON object, not {_type_name(data)}.")
+    messages = data.get("messages")
+    # Counted before the depth walk, which costs time per message on the event loop.
+    if max_messages is not None and isinstance(messages, list) and len(messages) > max_messages:
+        raise too_many_messages(len(messages), max_messages)
     if _depth_exceeds(data, MAX_JSON_DEPTH):
         raise bad_request(f"Request body is nested more than {MAX_JSON_DEPTH} levels deep.")
     return data
@@ -70,8 +74,8 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def parse_chat(body: bytes) -> ChatRequest:
-    data = parse_json_object(body)
+def parse_chat(body: bytes, max_messages: int | None = None) -> ChatRequest:
+    data = parse_json_object(body, max_messages)
     messages = data.get("messages")
     if "messages" not in data:
         raise bad_request("Missing required field `messages`.", "messages")

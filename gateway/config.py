@@ -134,6 +134,17 @@ class GatewayConfig:
         "forgotten (its engine may come back empty), so an outage longer than this plus "
         "one poll is always seen",
     )
+    max_messages: int = _opt(4096, "most messages one chat request may carry (400 above; vLLM has no such limit)")
+    header_timeout: float = _opt(
+        10.0, "seconds from a request's first byte until its headers are complete; past it: 408, connection closed"
+    )
+    body_timeout: float = _opt(60.0, "seconds from a request's headers until its whole body has arrived; past it: 408")
+    keepalive_timeout: float = _opt(75.0, "seconds a client connection may sit idle between requests before closing")
+    max_connections: int = _opt(
+        4096, "client connections open at once; a connection beyond it gets a 503 and is closed at once"
+    )
+    max_header_size: int = _opt(8190, "longest request line or header field, in bytes (431 above)")
+    max_headers: int = _opt(128, "most header fields a request may carry (431 above)")
     load_interval: float = _opt(1.0, "seconds between scrapes of each worker's /metrics (engine load)")
     probe_timeout: float = _opt(2.0, "timeout of one health poll or load scrape, in seconds")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
@@ -168,6 +179,12 @@ class GatewayConfig:
         for name in ("events_catch_up_interval", "events_missing_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_messages", "max_connections", "max_header_size", "max_headers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("context_length", "tokenizer_offload_chars", "tokenizer_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -2,16 +2,23 @@
 
 Owns ``ApiError`` (raised anywhere in a handler) and its JSON rendering
 ``{"error": {"message", "type", "param", "code"}}``, the shape the OpenAI SDK
-parses. It never decides *when* a request fails; handlers and the upstream client do.
+parses, also as raw HTTP/1.1 bytes for the server's answers outside any request
+(``raw_response``), and the mapping of aiohttp's parser rejections to it. It never
+decides *when* a request fails; handlers, the server and the upstream client do.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 WORKER_HEADER = "x-kvgate-worker"
 NO_WORKER = "none"
+# Every answer's Server header: no library or Python version for a scanner to match.
+SERVER_NAME = "kvgate"
 
 
 class ApiError(Exception):
@@ -42,6 +49,16 @@ class ApiError(Exception):
         headers = {WORKER_HEADER: worker} if worker is not None else None
         return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
 
+    def raw_response(self) -> bytes:
+        """The whole HTTP/1.1 answer, for a connection that gets it and is closed (no request object)."""
+        body = self.body()
+        head = (
+            f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\nServer: {SERVER_NAME}\r\n{WORKER_HEADER}: {NO_WORKER}\r\n\r\n"
+        )
+        return head.encode("ascii") + body
+
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
@@ -59,6 +76,42 @@ def no_worker_available(detail: str = "no worker is available to serve this requ
     return ApiError(503, detail, type="service_unavailable_error", code="no_worker_available")
 
 
+def too_many_messages(count: int, limit: int) -> ApiError:
+    return ApiError(
+        400,
+        f"The request has {count} messages; this gateway accepts at most {limit} per request (max_messages).",
+        param="messages",
+        code="too_many_messages",
+    )
+
+
+def body_undecodable(detail: str) -> ApiError:
+    return ApiError(400, f"The request body cannot be read: {detail}.", code="invalid_body")
+
+
+def body_timeout(seconds: float) -> ApiError:
+    return ApiError(408, f"The request body did not arrive within {seconds:g}s (body_timeout).", code="request_timeout")
+
+
+def header_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408, f"The request headers did not arrive within {seconds:g}s (header_timeout).", code="request_timeout"
+    )
+
+
+def too_many_connections(limit: int) -> ApiError:
+    return ApiError(
+        503,
+        f"The gateway is at its limit of {limit} open connections (max_connections); retry later.",
+        type="service_unavailable_error",
+        code="too_many_connections",
+    )
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "Internal gateway error; see the gateway log.", type="server_error", code="internal_error")
+
+
 def upstream_failed(detail: str) -> ApiError:
     return ApiError(502, detail, type="upstream_error", code="bad_gateway")
 
@@ -72,3 +125,28 @@ def from_http_exception(exc: web.HTTPException) -> ApiError:
     code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
     return ApiError(exc.status, exc.reason if not exc.text else exc.text, type=kind, code=code)
+
+
+def from_parser_error(exc: HttpProcessingError, max_header_size: int, max_headers: int) -> ApiError:
+    """A request aiohttp's parser refused, in OpenAI shape; the message never echoes the client's bytes."""
+    if isinstance(exc, LineTooLong):
+        return ApiError(
+            431,
+            f"A request line or header field is longer than {max_header_size} bytes (max_header_size).",
+            code="request_header_fields_too_large",
+        )
+    # aiohttp's messages quote the offending bytes and point at them with a caret: keep only the words.
+    words = [
+        line.strip().rstrip(":")
+        for line in exc.message.splitlines()
+        if line.strip() and not line.strip().startswith(("b'", 'b"', "bytearray(", "^"))
+    ]
+    summary = "; ".join(words)[:200] or "unparseable request"
+    if summary.startswith("Too many headers"):
+        return ApiError(
+            431,
+            f"The request has more than {max_headers} header fields (max_headers).",
+            code="request_header_fields_too_large",
+        )
+    status = exc.code if 400 <= exc.code < 500 else 400
+    return ApiError(status, f"Malformed HTTP request: {summary}.", code="malformed_request")

@@ -1,8 +1,11 @@
 """Relaying a worker's answer to the client, byte for byte, while measuring it.
 
 ``relay`` copies an opened upstream response to the client: an SSE stream chunk by
-chunk as the bytes arrive (never re-framed, never parsed on the hot path), any other
-body in one piece. Along the way it records first/last byte times and inter-chunk gaps
+chunk as the bytes arrive (never parsed on the hot path; an event cut across two reads
+is held until its end arrives, so the client only ever gets whole events), any other
+body in one piece. A worker failing mid-stream ends the stream as vLLM ends one that
+fails: an error event, ``data: {"error": {...}}`` naming the worker by id (never its
+address), then ``data: [DONE]``. Along the way it records first/last byte times and inter-chunk gaps
 and, once the answer is complete, reads ``usage`` (prompt and cached tokens) from the
 body or from the tail of the stream, so the bytes the client gets are exactly the
 worker's. It never decides where a request goes and never retries: once a byte is
@@ -25,6 +28,8 @@ from kvgate.gateway.upstream import UpstreamFailure, UpstreamResponse, response_
 
 # The usage chunk and `data: [DONE]` are small; the last few reads always hold them whole.
 _TAIL_CHUNKS = 4
+# The blank line that ends an SSE event, in each of the line endings the format allows.
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class ClientGone(Exception):
@@ -63,7 +68,7 @@ async def relay(
     headers = response_headers(upstream.headers)
     headers[WORKER_HEADER] = worker
     if upstream.content_type == "text/event-stream":
-        return await _relay_stream(request, upstream, headers, exchange, on_first_byte, on_gap)
+        return await _relay_stream(request, upstream, worker, headers, exchange, on_first_byte, on_gap)
     return await _relay_body(upstream, headers, exchange, on_first_byte)
 
 
@@ -86,6 +91,7 @@ async def _relay_body(
 async def _relay_stream(
     request: web.Request,
     upstream: UpstreamResponse,
+    worker: str,
     headers: Any,
     exchange: Exchange,
     on_first_byte: Callable[[], object],
@@ -102,6 +108,9 @@ async def _relay_stream(
     tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
     previous: float | None = None
     perf = time.perf_counter
+    # The start of an event whose end has not arrived yet (almost always empty: workers
+    # write whole events). Sent with its end, or dropped if the worker fails before it.
+    pending = b""
     try:
         async for chunk in upstream.iter_chunks():
             now = perf()
@@ -111,27 +120,33 @@ async def _relay_stream(
             else:
                 on_gap(now - previous)
             previous = now
+            if pending:
+                chunk, pending = pending + chunk, b""
+            if not chunk.endswith(_EVENT_ENDS):
+                cut = max(chunk.rfind(end) + len(end) if end in chunk else 0 for end in _EVENT_ENDS)
+                chunk, pending = chunk[:cut], chunk[cut:]
+                if not chunk:
+                    continue
             tail.append(chunk)
-            try:
-                await response.write(chunk)
-            except ConnectionError:
-                raise ClientGone() from None
+            await _write(response, chunk)
         exchange.complete = True
+        if pending:
+            # A stream that ends without a blank line: the client gets exactly what the worker sent.
+            tail.append(pending)
+            await _write(response, pending)
     except UpstreamFailure as err:
-        # Headers are out: the only honest way left to fail is an SSE error event.
-        exchange.upstream_error = f"worker {worker_of(headers)} failed mid-stream: {err.detail}"
+        # Headers are out: what is left is vLLM's way of failing a stream, an error event
+        # then [DONE] (the OpenAI SDK raises APIError on the event).
+        exchange.upstream_error = f"worker {worker} failed mid-stream: {err.detail}"
         error = {
             "error": {
-                "message": exchange.upstream_error,
+                "message": f"{err.public(worker)} mid-stream",
                 "type": "upstream_error",
                 "param": None,
                 "code": 504 if err.kind == "timeout" else 502,
             }
         }
-        try:
-            await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
-        except ConnectionError:
-            raise ClientGone() from None
+        await _write(response, b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
     exchange.last_byte = previous
     if exchange.complete:
         exchange.read_usage(usage_from_sse(b"".join(tail)))
@@ -142,8 +157,11 @@ async def _relay_stream(
     return response
 
 
-def worker_of(headers: Any) -> str:
-    return headers.get(WORKER_HEADER, "?")
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionError:
+        raise ClientGone() from None
 
 
 def usage_from_sse(tail: bytes) -> Any:

@@ -21,9 +21,12 @@ costs more than encoding a short prompt, so prompts shorter than `offload_thresh
 ~350 tokens) are encoded inline and longer ones in the thread pool. The measurements behind these
 choices are in BENCHMARKS.md ("Tokenization").
 
-Rendering (Jinja, pure Python, holds the GIL) stays inline: a thread would not free the loop. It costs
-about the same per message whatever the message length, so only very long conversations stall the loop
-for long (figures in BENCHMARKS.md).
+Rendering (Jinja, pure Python) costs about the same per message whatever the message length (figures in
+BENCHMARKS.md), ~100 us a message: inline for conversations shorter than `offload_render_messages` (256),
+in the thread pool for longer ones, together with their segment split, encode and id assembly, which
+also grow with the message count. A thread does not make rendering cheaper, as it holds the GIL while
+it runs, but the interpreter hands the GIL back to the loop's thread every switch interval (5 ms), so the
+loop keeps serving other requests instead of stalling for the whole render (4096 messages: ~0.5 s).
 
 Encoding uses a private copy of the tokenizer's Rust backend with truncation and padding cleared (what
 transformers does before every call), so concurrent encodes never mutate shared state.
@@ -120,6 +123,8 @@ class PreprocessorConfig:
     # Overrides the context length read from config.json / tokenizer_config.json.
     context_length: int | None = None
     offload_threshold_chars: int = 1536
+    # Conversations with at least this many messages are rendered in the thread pool.
+    offload_render_messages: int = 256
     executor_threads: int = 2
     # Byte budget (approximate: text + id lists) of the segment cache; 0 turns it off.
     segment_cache_bytes: int = 128 * 1024 * 1024
@@ -253,11 +258,29 @@ class Preprocessor:
     async def render_and_encode_async(
         self, messages: Sequence[Mapping[str, Any]], *, add_special_tokens: bool = False, **render_options: Any
     ) -> ChatEncoding:
+        if len(messages) >= self.config.offload_render_messages:
+            work = functools.partial(self._render_and_encode_offloaded, messages, add_special_tokens, render_options)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
         started = time.perf_counter()
         prompt = self.render_chat(messages, **render_options)
         rendered = time.perf_counter()
         token_ids, offloaded = await self._encode_text_async(prompt, add_special_tokens)
         return ChatEncoding(prompt, token_ids, rendered - started, time.perf_counter() - rendered, offloaded)
+
+    def _render_and_encode_offloaded(
+        self, messages: Sequence[Mapping[str, Any]], add_special_tokens: bool, render_options: Mapping[str, Any]
+    ) -> ChatEncoding:
+        """A long conversation's whole preprocessing, in the thread pool: its segment split and
+        id assembly cost per message too, and the encode runs with the GIL released."""
+        started = time.perf_counter()
+        prompt = self.render_chat(messages, **render_options)
+        rendered = time.perf_counter()
+        if self._segments is None or add_special_tokens:
+            token_ids = self._encode_released([prompt], add_special_tokens)[0]
+        else:
+            parts, known, missing = self._segments.lookup(prompt)
+            token_ids = self._segments.assemble(parts, known, missing, self._encode_released(missing, False))
+        return ChatEncoding(prompt, _non_empty(token_ids), rendered - started, time.perf_counter() - rendered, True)
 
     async def encode_chat_async(self, messages: Sequence[Mapping[str, Any]], **render_options: Any) -> list[int]:
         return (await self.render_and_encode_async(messages, **render_options)).token_ids

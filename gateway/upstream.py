@@ -13,7 +13,8 @@ wrong is told apart, because the caller treats each differently: ``connect`` (no
 reached the worker: try the next one and mark this one down), ``disconnect`` (the
 worker dropped the connection before answering: try the next one), ``status`` (a 5xx
 before the first byte: try the next one) and ``timeout`` (the worker is alive but
-silent past ``read_timeout``: 504, no retry, as the first may still be working).
+silent past ``read_timeout``: 504, no retry, as the first may still be working). A
+failure's ``detail`` names the worker's address for the log; ``public`` is what clients read.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ class UpstreamFailure(Exception):
     @property
     def retryable(self) -> bool:
         return self.kind != "timeout"
+
+    def public(self, worker: str) -> str:
+        """What a client may read: the worker's id and what went wrong. ``detail``, with the
+        worker's address and the OS or parser error, is for the gateway's log only."""
+        if self.kind == "connect":
+            return f"worker {worker} could not be reached"
+        if self.kind == "disconnect":
+            return f"worker {worker} dropped the connection"
+        if self.kind == "status":
+            return f"worker {worker} answered {self.status}"
+        return f"worker {worker} sent nothing for longer than read_timeout"
 
 
 def forward_headers(headers: Mapping[str, str], client: str | None = None) -> list[tuple[str, str]]:
