@@ -10,6 +10,11 @@ Starts, each on free loopback ports (the gateways on ``--port``, ``--port``+1, .
 * ``--gateways`` gateway replicas (``python -m kvgate.gateway --discovery etcd --nats-url ...
   --router-id gN``) sharing that fleet.
 
+``--secure`` runs etcd with authentication (a ``root`` user and a ``kvgate`` user allowed
+only ``/kvgate/``) and NATS with a user and password, and signs bus messages: fresh random
+secrets, written to mode-600 files in the log directory and handed to every sidecar and
+gateway as ``--*-file`` options, never on a command line.
+
 It waits until every gateway sees every worker up, prints the URLs, and on SIGINT /
 SIGTERM stops everything it started, by PID, in order: gateways, sidecars (they
 deregister), engines, then NATS and etcd. Children run in their own sessions, so a
@@ -26,8 +31,10 @@ import argparse
 import importlib.util
 import json
 import logging
+import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +71,13 @@ def nats_binary() -> Path:
     return Path(found)
 
 
+def write_secret(path: Path, value: str) -> Path:
+    """``value`` into a new file only its owner can read."""
+    path.touch(mode=0o600)
+    path.write_text(value + "\n", encoding="utf-8")
+    return path
+
+
 class Etcd(Service):
     def __init__(self, log_dir: Path) -> None:
         self.client_port, self.peer_port = free_port(), free_port()
@@ -98,13 +112,46 @@ class Etcd(Service):
     def endpoint(self) -> str:
         return f"{LOOPBACK}:{self.client_port}"
 
+    def etcdctl(self, *args: str, user: str | None = None) -> str:
+        """Run ``etcdctl`` against this server (``user``: ``name:password``); its output."""
+        command = [str(etcd_binary().parent / "etcdctl"), "--endpoints", self.endpoint]
+        if user is not None:
+            command += ["--user", user]
+        done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            # etcdctl's errors never echo a password given with --user or --new-user-password.
+            raise RuntimeError(f"etcdctl {args[0]} {args[1] if len(args) > 1 else ''}: {done.stderr.strip()}")
+        return done.stdout
+
+    def enable_auth(self, root_password: str, user: str, password: str, prefix: str = "/kvgate/") -> None:
+        """Turn authentication on: ``root`` for administration, ``user`` may read and write ``prefix`` only."""
+        self.etcdctl("user", "add", "root", "--interactive=false", f"--new-user-password={root_password}")
+        self.etcdctl("user", "grant-role", "root", "root")
+        self.etcdctl("role", "add", user)
+        self.etcdctl("role", "grant-permission", user, "readwrite", prefix, "--prefix=true")
+        self.etcdctl("user", "add", user, "--interactive=false", f"--new-user-password={password}")
+        self.etcdctl("user", "grant-role", user, user)
+        self.etcdctl("auth", "enable")
+
 
 class Nats(Service):
-    def __init__(self, log_dir: Path) -> None:
+    """``nats-server`` on loopback; ``config``: a server config file (authorization, TLS)."""
+
+    def __init__(self, log_dir: Path, config: Path | None = None) -> None:
         self.port, self.monitor_port = free_port(), free_port()
+        self.config = config
         super().__init__(
             "nats",
-            [nats_binary(), "-a", LOOPBACK, "-p", self.port, "-m", self.monitor_port],
+            [
+                nats_binary(),
+                "-a",
+                LOOPBACK,
+                "-p",
+                self.port,
+                "-m",
+                self.monitor_port,
+                *(["-c", config] if config is not None else []),
+            ],
             log_dir,
             f"http://{LOOPBACK}:{self.monitor_port}/healthz",
         )
@@ -131,6 +178,8 @@ class ClusterOptions:
     worker_args: list[str] = field(default_factory=list)
     sidecar_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
+    secure: bool = False
+    """etcd and NATS with authentication, bus messages signed (module doc)."""
 
     def __post_init__(self) -> None:
         if self.gateways < 1 or self.workers < 1:
@@ -139,10 +188,59 @@ class ClusterOptions:
             raise ValueError("--lease-ttl must be >= 2 (etcd's minimum)")
 
 
+SECURE_USER = "kvgate"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The secrets of a ``--secure`` cluster, each in its own file."""
+
+    etcd_root_password: str
+    etcd_password_file: Path
+    nats_password_file: Path
+    bus_secret_file: Path
+
+    @classmethod
+    def generate(cls, directory: Path) -> Credentials:
+        return cls(
+            etcd_root_password=secrets.token_urlsafe(24),
+            etcd_password_file=write_secret(directory / "etcd-password", secrets.token_urlsafe(24)),
+            nats_password_file=write_secret(directory / "nats-password", secrets.token_urlsafe(24)),
+            bus_secret_file=write_secret(directory / "bus-secret", secrets.token_urlsafe(32)),
+        )
+
+    def client_args(self) -> list[str | Path]:
+        """The same flags for sidecars and gateways."""
+        return [
+            "--etcd-user",
+            SECURE_USER,
+            "--etcd-password-file",
+            self.etcd_password_file,
+            "--nats-user",
+            SECURE_USER,
+            "--nats-password-file",
+            self.nats_password_file,
+            "--bus-secret-file",
+            self.bus_secret_file,
+        ]
+
+    def nats_config(self, path: Path) -> Path:
+        password = self.nats_password_file.read_text(encoding="utf-8").strip()
+        return write_secret(path, f'authorization {{ user: "{SECURE_USER}", password: "{password}" }}')
+
+
 class SimWorker:
     """A ``worker.sim`` engine and its sidecar, on their own ports."""
 
-    def __init__(self, worker_id: str, options: ClusterOptions, etcd: Etcd, nats: Nats, log_dir: Path) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        options: ClusterOptions,
+        etcd: Etcd,
+        nats: Nats,
+        log_dir: Path,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.port, self.sidecar_port = free_port(), free_port()
         events_port, replay_port = free_port(), free_port()
@@ -200,6 +298,7 @@ class SimWorker:
                 LOOPBACK,
                 "--health-port",
                 self.sidecar_port,
+                *(credentials.client_args() if credentials is not None else []),
                 *options.sidecar_args,
             ],
             log_dir,
@@ -231,9 +330,16 @@ class Cluster:
             Path(options.log_dir) if options.log_dir is not None else Path(tempfile.mkdtemp(prefix="kvgate-cluster-"))
         )
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.credentials = Credentials.generate(self.log_dir) if options.secure else None
         self.etcd = Etcd(self.log_dir)
-        self.nats = Nats(self.log_dir)
-        self.workers = [SimWorker(f"w{i}", options, self.etcd, self.nats, self.log_dir) for i in range(options.workers)]
+        self.nats = Nats(
+            self.log_dir,
+            self.credentials.nats_config(self.log_dir / "nats.conf") if self.credentials is not None else None,
+        )
+        self.workers = [
+            SimWorker(f"w{i}", options, self.etcd, self.nats, self.log_dir, self.credentials)
+            for i in range(options.workers)
+        ]
         self.gateway_ports = [options.port + i if options.port else free_port() for i in range(options.gateways)]
         self.gateways = [self._gateway(i, port) for i, port in enumerate(self.gateway_ports)]
 
@@ -263,6 +369,7 @@ class Cluster:
                 o.namespace,
                 "--router-id",
                 f"g{i}",
+                *(self.credentials.client_args() if self.credentials is not None else []),
                 *o.gateway_args,
             ],
             self.log_dir,
@@ -284,6 +391,12 @@ class Cluster:
                 service.start()
             for service in (self.etcd, self.nats):
                 service.wait_healthy(timeout)
+            if self.credentials is not None:
+                self.etcd.enable_auth(
+                    self.credentials.etcd_root_password,
+                    SECURE_USER,
+                    self.credentials.etcd_password_file.read_text(encoding="utf-8").strip(),
+                )
             for worker in self.workers:
                 worker.start()
             for gateway in self.gateways:
@@ -333,6 +446,11 @@ class Cluster:
             f"  etcd     {self.etcd.endpoint}",
             f"  nats     {self.nats.url}  (monitoring http://{LOOPBACK}:{self.nats.monitor_port})",
         ]
+        if self.credentials is not None:
+            lines.append(
+                f"  secure   etcd and NATS user {SECURE_USER}, signed bus; secrets in {self.log_dir} "
+                "(etcd-password, nats-password, bus-secret)"
+            )
         for w in self.workers:
             lines.append(f"  worker   {w.worker_id}  {w.url}  (sidecar http://{LOOPBACK}:{w.sidecar_port}/health)")
         for i, g in enumerate(self.gateways):
@@ -374,6 +492,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="workers' context length, and the gateways' (default: 8192)",
     )
     parser.add_argument("--log-dir", default=None, help="logs and etcd data (default: a new temp dir)")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="etcd and NATS with user/password authentication and signed bus messages (secrets in the log dir)",
+    )
     for kind in ("worker", "sidecar", "gateway"):
         parser.add_argument(
             f"--{kind}-arg",
@@ -397,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             worker_args=args.worker_arg,
             sidecar_args=args.sidecar_arg,
             gateway_args=[*gateway_flags, *args.gateway_arg],
+            secure=args.secure,
         )
     except ValueError as err:
         parser.error(str(err))

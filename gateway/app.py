@@ -53,7 +53,7 @@ from kvgate.gateway.errors import (
 from kvgate.gateway.fleet import Fleet
 from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, Outcome, StateSources
 from kvgate.gateway.relay import ClientGone, Exchange, relay
-from kvgate.gateway.replicas import GatewayBus
+from kvgate.gateway.replicas import GatewayBus, GatewaySecurity
 from kvgate.gateway.tokenization import Preprocessor, TokenizerError
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
 from kvgate.indexer.kv_indexer import KvIndexer
@@ -111,6 +111,7 @@ class Gateway:
         self.indexer = KvIndexer(config.block_size, self.replay)
         self.load = LoadTracker.from_config(config.kv)
         self.bus: GatewayBus | None = None
+        security = GatewaySecurity.from_config(config)
         if config.nats_url is not None:
             self.bus = GatewayBus(
                 config.nats_url,
@@ -121,6 +122,8 @@ class Gateway:
                 self.load,
                 events_stale_after=config.events_stale_after,
                 replica_timeout=config.replica_timeout,
+                credentials=security.nats,
+                secret=security.bus_secret,
             )
         self.fleet = Fleet(config, self.registry, self.indexer, self.load, self.replay, self.bus)
         # A stale NATS stream's blocks are left out by the index itself (its trust state).
@@ -128,7 +131,9 @@ class Gateway:
         self.discovery: EtcdDiscovery | None = None
         if config.discovery == "etcd":
             assert config.etcd_endpoints is not None
-            self.discovery = EtcdDiscovery(config.etcd_endpoints, config.namespace, self.registry)
+            self.discovery = EtcdDiscovery(
+                config.etcd_endpoints, config.namespace, self.registry, credentials=security.etcd
+            )
         self.upstream = Upstream(config)
         self.metrics = GatewayMetrics(
             StateSources(

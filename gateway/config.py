@@ -91,6 +91,43 @@ class GatewayConfig:
     namespace: str = _opt(
         "default", "fleet name: etcd keys /kvgate/<namespace>/workers/, NATS subjects kvgate.<namespace>.*"
     )
+    etcd_user: str | None = _opt(None, "etcd user (etcd auth enabled); its password from etcd_password[_file]")
+    etcd_password: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "etcd password; set it as KVGATE_ETCD_PASSWORD or use etcd_password_file (flags show in ps)"},
+    )
+    etcd_password_file: str | None = _opt(None, "file holding the etcd password")
+    etcd_tls_ca: str | None = _opt(None, "CA certificate (PEM) of etcd's server certificate: talk TLS to etcd")
+    etcd_tls_cert: str | None = _opt(None, "client certificate (PEM) for etcd --client-cert-auth; needs etcd_tls_key")
+    etcd_tls_key: str | None = _opt(None, "private key (PEM) of etcd_tls_cert")
+    nats_user: str | None = _opt(None, "NATS user; its password from nats_password[_file]")
+    nats_password: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "NATS password; set it as KVGATE_NATS_PASSWORD or use nats_password_file (flags show in ps)"},
+    )
+    nats_password_file: str | None = _opt(None, "file holding the NATS password")
+    nats_token: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "NATS token; set it as KVGATE_NATS_TOKEN or use nats_token_file (flags show in ps)"},
+    )
+    nats_token_file: str | None = _opt(None, "file holding the NATS token")
+    nats_nkey_seed_file: str | None = _opt(None, "NATS NKey seed file (needs the nkeys package)")
+    nats_creds_file: str | None = _opt(None, "NATS creds file: user JWT + NKey seed (needs the nkeys package)")
+    nats_tls_ca: str | None = _opt(None, "CA certificate (PEM) of the NATS server's certificate: talk TLS to NATS")
+    nats_tls_cert: str | None = _opt(None, "client certificate (PEM) for a NATS server that verifies clients")
+    nats_tls_key: str | None = _opt(None, "private key (PEM) of nats_tls_cert")
+    bus_secret: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "shared secret signing every NATS message (HMAC-SHA256); unsigned or badly signed "
+            "ones are dropped. Set it as KVGATE_BUS_SECRET or use bus_secret_file (flags show in ps)"
+        },
+    )
+    bus_secret_file: str | None = _opt(None, "file holding the bus secret (same on every gateway and sidecar)")
     router_id: str | None = _opt(
         None,
         "this replica's id on NATS (kvgate.<namespace>.active.<router_id>); "

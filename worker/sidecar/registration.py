@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import aetcd
 import aetcd.exceptions
 
-from kvgate.etcd import Endpoints, close_client
+from kvgate.etcd import Endpoints, EtcdCredentials, close_client
 from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL, WorkerInfo, encode_worker, worker_key
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class EtcdRegistration:
         timeout: float = 5.0,
         retry_interval: float = 0.25,
         max_retry_interval: float = 2.0,
+        credentials: EtcdCredentials | None = None,
         wanted: bool = True,
     ) -> None:
         if ttl < 2:
@@ -60,7 +61,7 @@ class EtcdRegistration:
         self.stats = RegistrationStats()
         self.registered = False
         self.lease_id: int | None = None
-        self._endpoints = Endpoints(endpoints, timeout)
+        self._endpoints = Endpoints(endpoints, timeout, credentials)
         self._wanted = wanted
         self._changed = asyncio.Event()
         self._client: aetcd.Client | None = None

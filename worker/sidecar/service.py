@@ -14,6 +14,9 @@ Tasks, all independent so one failing dependency never stalls the others:
   announced cache (``EventRelay.engine_lost``); one success registers it again.
 * **load**: scrapes the engine's ``/metrics`` and publishes ``load.<worker_id>`` per rank.
 * **registration**: ``EtcdRegistration`` keeps the worker key under its lease.
+
+NATS and etcd are reached with the configured credentials; with a bus secret every
+message is signed and only signed ``resync`` requests are obeyed.
 * **http**: the sidecar's own ``GET /health`` (200 while the engine is healthy, JSON
   status either way) and ``GET /metrics`` (Prometheus, ``kvgate_sidecar_*``).
 
@@ -88,7 +91,12 @@ class Sidecar:
         self.registration = None
         if config.etcd_endpoints:
             self.registration = EtcdRegistration(
-                config.etcd_endpoints, config.namespace, self.info, ttl=config.lease_ttl, wanted=False
+                config.etcd_endpoints,
+                config.namespace,
+                self.info,
+                ttl=config.lease_ttl,
+                wanted=False,
+                credentials=config.etcd_credentials,
             )
         self.engine_healthy = False
         self.nc = None
@@ -173,9 +181,12 @@ class Sidecar:
     async def _nats_loop(self) -> None:
         cfg = self.config
         self.nc = await connect_nats(
-            cfg.nats_url, name=f"kvgate-sidecar-{cfg.worker_id}", on_reconnected=self._on_reconnected
+            cfg.nats_url,
+            name=f"kvgate-sidecar-{cfg.worker_id}",
+            credentials=cfg.nats_credentials,
+            on_reconnected=self._on_reconnected,
         )
-        self.bus = Bus(self.nc, cfg.namespace)
+        self.bus = Bus(self.nc, cfg.namespace, secret=cfg.bus_secret)
         await self.bus.on_resync(cfg.worker_id, self._on_resync)
         self._snapshot_now()
         while True:
