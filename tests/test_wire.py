@@ -293,7 +293,8 @@ def test_short_positional_forms_and_missing_rank():
 
 def test_sglang_array_with_trailing_fields_and_newer_map_fields_are_read():
     sglang = [3, [["BlockStored", [5], 4, [1, 2], 2, None, "GPU", "lora-a", [["mm"]], 0, "full"]], 0]
-    assert decode_batch(pack(sglang)).events == [BlockStored([5], 4, [1, 2], 2, None, Tier.GPU, "lora-a")]
+    # extra_keys (the ninth element) is read, every entry as a tuple; the rest is ignored.
+    assert decode_batch(pack(sglang)).events == [BlockStored([5], 4, [1, 2], 2, None, Tier.GPU, "lora-a", [("mm",)])]
     newer = [
         3.0,
         [
@@ -316,7 +317,24 @@ def test_sglang_array_with_trailing_fields_and_newer_map_fields_are_read():
         ],
         None,
     ]
-    assert decode_batch(pack(newer)).events == [BlockStored([5], None, [1, 2], 2, 7, Tier.CPU)]
+    assert decode_batch(pack(newer)).events == [BlockStored([5], None, [1, 2], 2, 7, Tier.CPU, None, [("x", 1)])]
+
+
+@pytest.mark.parametrize("encoding", ["map", "array"])
+def test_extra_keys_round_trip_and_are_written_only_when_present(encoding):
+    keys: list[tuple[object, ...] | None] = [("tenant-A",), None]
+    batch = EventBatch(2.0, [BlockStored([1, 2], None, [0, 1, 2, 3], 2, extra_keys=keys)], 0)
+    assert decode_batch(encode_batch(batch, encoding)) == batch
+    (event,) = raw_msgpack(encode_batch(batch, encoding))[1]
+    if encoding == "map":
+        assert event["extra_keys"] == [["tenant-A"], None]
+    else:
+        # lora_name (None) is written to put extra_keys in its place, the ninth.
+        assert event[7:] == [None, [["tenant-A"], None]]
+    # Like vLLM's omit_defaults, no extra keys means no field.
+    plain = EventBatch(2.0, [BlockStored([1], None, [0, 1], 2)], 0)
+    (event,) = raw_msgpack(encode_batch(plain, encoding))[1]
+    assert "extra_keys" not in event if encoding == "map" else len(event) == 7
 
 
 def test_map_batch_and_mixed_encodings_use_the_generic_path():
@@ -364,6 +382,14 @@ def test_map_batch_and_mixed_encodings_use_the_generic_path():
         ([1.0, [["BlockStored", [1], None, [0, 1], "2"]]], "bad_field"),
         ([1.0, [["BlockStored", [1], None, [0, 1], 2, "lora"]]], "bad_field"),
         ([1.0, [["BlockStored", [1], None, [0, 1], 2, None, None, 5]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 1], 2, None, None, None, "salt"]]], "bad_field"),
+        (
+            [
+                1.0,
+                [{"type": "BlockStored", "block_hashes": [1], "token_ids": [0, 1], "block_size": 2, "extra_keys": [5]}],
+            ],
+            "bad_field",
+        ),
         ([1.0, [["BlockStored", [1], None, [0, 1], 0]]], "bad_block_size"),
         ([1.0, [["BlockStored", [], None, [], -2]]], "bad_block_size"),
         ([1.0, [["BlockStored", [1, 2], None, [0, 1, 2], 2]]], "token_count_mismatch"),
