@@ -1,7 +1,8 @@
 """The OpenAI request fields the gateway reads, validated; everything else passes through.
 
 ``parse_chat`` / ``parse_completion`` take the raw body bytes and return what routing
-needs (messages or prompt, model, stream, token budget) or raise ``ApiError`` (400).
+needs (messages or prompt, model, stream, token budget, ``cache_salt``) or raise
+``ApiError`` (400).
 The body forwarded to the worker is the client's bytes, never a re-serialization of
 these objects, so fields this module does not know still reach vLLM untouched.
 """
@@ -23,6 +24,11 @@ MAX_JSON_DEPTH = 64
 # so the gateway hashes the prompt the worker will actually see.
 TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 
+# vLLM 0.32's rules for ``cache_salt`` (``validate_cache_salt``): refused here as the worker
+# would refuse it, before a salt the engine never uses could key the routing.
+MAX_CACHE_SALT_LENGTH = 128
+_CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
+
 
 @dataclass(slots=True)
 class ChatRequest:
@@ -31,6 +37,7 @@ class ChatRequest:
     stream: bool
     max_tokens: int | None
     template_args: dict[str, Any] = field(default_factory=dict)
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)
@@ -40,6 +47,7 @@ class CompletionRequest:
     prompts: list[str | list[int]]
     stream: bool
     max_tokens: int | None
+    cache_salt: str | None = None
 
 
 def parse_json_object(body: bytes, max_messages: int | None = None) -> dict[str, Any]:
@@ -89,7 +97,7 @@ def parse_chat(body: bytes, max_messages: int | None = None) -> ChatRequest:
         _optional(data, name, bool, "a boolean")
     _optional(data, "chat_template_kwargs", dict, "an object")
     _optional(data, "tools", list, "a list")
-    return ChatRequest(common.model, messages, common.stream, common.max_tokens, template_args)
+    return ChatRequest(common.model, messages, common.stream, common.max_tokens, template_args, common.cache_salt)
 
 
 def parse_completion(body: bytes) -> CompletionRequest:
@@ -98,7 +106,7 @@ def parse_completion(body: bytes) -> CompletionRequest:
         raise bad_request("Missing required field `prompt`.", "prompt")
     prompts = _prompts(data["prompt"])
     common = _common(data, token_budget=("max_tokens",))
-    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens)
+    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens, common.cache_salt)
 
 
 @dataclass(slots=True)
@@ -106,6 +114,7 @@ class _Common:
     model: str | None
     stream: bool
     max_tokens: int | None
+    cache_salt: str | None
 
 
 def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
@@ -132,7 +141,22 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
     ):
         raise bad_request("`stop` must be a string or a list of strings.", "stop")
     _optional(data, "stream_options", dict, "an object")
-    return _Common(model, bool(stream), max_tokens)
+    return _Common(model, bool(stream), max_tokens, _cache_salt(data))
+
+
+def _cache_salt(data: dict[str, Any]) -> str | None:
+    salt = data.get("cache_salt")
+    if salt is None:
+        return None
+    if type(salt) is not str or not salt:
+        raise bad_request("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
+    if len(salt) > MAX_CACHE_SALT_LENGTH or not _CACHE_SALT_FORBIDDEN.isdisjoint(salt):
+        raise bad_request(
+            f"Parameter 'cache_salt' must be at most {MAX_CACHE_SALT_LENGTH} characters and must "
+            "not contain '@', '/', '\\\\', or NUL.",
+            "cache_salt",
+        )
+    return salt
 
 
 def _check_message(i: int, message: Any) -> None:

@@ -304,7 +304,9 @@ class Gateway:
         # A batch of prompts goes to one worker; its first prompt decides where.
         token_ids = prompts[0]
         try:
-            decision = self.router.route(token_ids, lora_name=lora_name, exclude=self.fleet.down_keys)
+            decision = self.router.route(
+                token_ids, lora_name=lora_name, cache_salt=parsed.cache_salt, exclude=self.fleet.down_keys
+            )
         except NoWorkerAvailable as err:
             raise no_worker_available(f"No worker is available: {err.reason}") from None
         self.metrics.observe_routing(

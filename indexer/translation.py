@@ -2,11 +2,12 @@
 
 Owns the engine hash -> router hash map of one ``WorkerKey``, per tier. Engine hashes
 are opaque (their seed may be random per process), so a store that carries tokens is
-re-hashed with ``kvgate.protocol.hashing`` (the event's LoRA name, chained from the parent's
-router hash); its mapping lets later parents, removals and token-less tier updates
-resolve. A mapping leaves a tier's map when its block leaves that tier, so the maps
-hold exactly what the engine holds. Never touches the prefix index (the NATS sidecar
-publishes what this produces instead of indexing it) and never reads sequence numbers.
+re-hashed with ``kvgate.protocol.hashing`` (the event's LoRA name, chained from the
+parent's router hash, or from its cache salt's root for a prompt's first blocks); its
+mapping lets later parents, removals and token-less tier updates resolve. A mapping
+leaves a tier's map when its block leaves that tier, so the maps hold exactly what the
+engine holds. Never touches the prefix index (the NATS sidecar publishes what this
+produces instead of indexing it) and never reads sequence numbers.
 
 Deliberate choices:
 
@@ -30,6 +31,20 @@ Deliberate choices:
 * A store with a ``lora_id`` but no ``lora_name`` cannot be keyed the way the gateway
   keys LoRA prompts; it is rejected (``lora_without_name``) rather than filed under the
   base model's keys.
+* **Extra keys, strictly.** vLLM publishes per block the untagged extra keys its hash
+  mixed in: the LoRA name on every block of a LoRA request, then ``(mm id, offset)``
+  pairs, the ``cache_salt`` on a prompt's first block only, prompt-embeds digests. A
+  salt is followed (``hashing.salt_root``), so salted blocks are keyed apart from
+  everyone else's; a continuation inherits it through its parent. Keys the router
+  cannot follow (multimodal, prompt embeddings) reject the store
+  (``unsupported_extra_keys``): filed under token-only keys they would over-report.
+  Anything else off that layout (wrong length, a LoRA name other than the event's, a
+  salt past the first block or on a store with a parent) is ``bad_extra_keys``.
+* **Stores without extra keys keep a known first block.** The connectors'
+  self-describing stores (LMCache, the OffloadingConnector's) publish no extra keys, so
+  a salted prompt's first block offloaded that way looks unsalted; a root store whose
+  first engine hash is already mapped (by its GPU store) chains from that mapping
+  instead. Engine hashes name content for the engine's lifetime, salt included.
 """
 
 from __future__ import annotations
@@ -44,13 +59,14 @@ from kvgate.protocol.events import (
     BlockStored,
     EngineEvent,
     EngineHash,
+    ExtraKeys,
     RouterCleared,
     RouterEvent,
     RouterRemoved,
     RouterStored,
     Tier,
 )
-from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE, chain_hashes, local_block_hashes
+from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE, chain_hashes, local_block_hashes, salt_root
 
 DEFAULT_MAX_PENDING = 65_536
 DEFAULT_MAX_FORGOTTEN = 8_192
@@ -64,6 +80,37 @@ class TranslationStats:
     rejected: Counter[str] = field(default_factory=Counter)
     unknown_parent: int = 0  # held blocks given up before their parent became known
     unknown_block: int = 0  # removals naming an unknown block + pending tier updates given up
+
+
+class _Unkeyable(Exception):
+    """A store whose extra keys the router's keys cannot follow; ``kind`` is counted."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _salt_of(ev: BlockStored, extra: list[ExtraKeys | None]) -> str | None:
+    """The cache salt ``ev``'s extra keys give its first block (None: unsalted); raises ``_Unkeyable``."""
+    if len(extra) != len(ev.block_hashes):
+        raise _Unkeyable("bad_extra_keys")
+    lora = ev.lora_name
+    salt = None
+    for i, keys in enumerate(extra):
+        rest: ExtraKeys = () if keys is None else keys
+        if lora:
+            if not rest or rest[0] != lora:
+                raise _Unkeyable("bad_extra_keys")
+            rest = rest[1:]
+        if not rest:
+            continue
+        if any(type(k) is list or type(k) is tuple or type(k) is bytes for k in rest):
+            raise _Unkeyable("unsupported_extra_keys")
+        first = rest[0]
+        if i or ev.parent_block_hash is not None or len(rest) != 1 or type(first) is not str or not first:
+            raise _Unkeyable("bad_extra_keys")
+        salt = first
+    return salt
 
 
 @dataclass(slots=True)
@@ -185,6 +232,13 @@ class BlockTranslator:
         if ev.lora_id is not None and not ev.lora_name:
             self.stats.rejected["lora_without_name"] += 1
             return
+        salt = None
+        if ev.extra_keys is not None:
+            try:
+                salt = _salt_of(ev, ev.extra_keys)
+            except _Unkeyable as exc:
+                self.stats.rejected[exc.kind] += 1
+                return
         parent = ev.parent_block_hash
         if parent is not None:
             # Parents are nearly always on GPU: try that map before the general lookup.
@@ -192,6 +246,8 @@ class BlockTranslator:
             if parent is None:
                 self._hold_store(ev)
                 return
+        elif salt is not None:
+            parent = salt_root(salt)
         self._map(ev, parent, out)
         if self._orphans:
             self._release(engine, out)
@@ -199,7 +255,11 @@ class BlockTranslator:
     def _map(self, ev: BlockStored, parent: int | None, out: list[RouterEvent]) -> None:
         """Key a valid store whose parent's router hash is known, and emit it."""
         engine = ev.block_hashes
-        routers = chain_hashes(local_block_hashes(ev.token_ids, self.block_size, ev.lora_name), parent)
+        local = local_block_hashes(ev.token_ids, self.block_size, ev.lora_name)
+        known = self.router_hash(engine[0]) if parent is None and ev.extra_keys is None else None
+        # A root store without extra keys may be a salted first block a connector announced
+        # self-described (see the module docstring): its GPU store's mapping knows better.
+        routers = chain_hashes(local, parent) if known is None else [known, *chain_hashes(local[1:], known)]
         tier = ev.medium
         self._maps[tier].update(zip(engine, routers))
         out.append(RouterStored(routers, tier))

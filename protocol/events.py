@@ -39,6 +39,7 @@ class Tier(IntEnum):
 _MEDIUMS = {"GPU": Tier.GPU, "CUDA": Tier.GPU, "CPU": Tier.CPU, "DISK": Tier.DISK, "STORAGE": Tier.DISK}
 
 EngineHash: TypeAlias = int | bytes
+ExtraKeys: TypeAlias = tuple[object, ...]
 
 
 @dataclass(slots=True)
@@ -47,6 +48,12 @@ class BlockStored:
 
     ``token_ids`` holds ``len(block_hashes) * block_size`` tokens, or none at all for a
     tier update (the CPU offloading connector announces copies of blocks already known).
+
+    ``extra_keys`` is vLLM's per-block list of the untagged extra keys its block hashes
+    mixed in (None: no block had any), kept as published: each entry None or a tuple of,
+    in order, the LoRA name, ``(mm identifier, offset)`` pairs, the ``cache_salt`` (the
+    first block of a prompt only) and prompt-embeds digests. ``indexer.translation``
+    decides which of them the router's keys can follow.
     """
 
     block_hashes: list[EngineHash]
@@ -56,6 +63,7 @@ class BlockStored:
     lora_id: int | None = None
     medium: Tier = Tier.GPU
     lora_name: str | None = None
+    extra_keys: list[ExtraKeys | None] | None = None
 
 
 @dataclass(slots=True)

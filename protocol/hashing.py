@@ -7,6 +7,13 @@ so a block's hash names its whole prefix. A partial last block is never hashed.
 
 A LoRA adapter changes the local seed to ``(1337 + xxh3_64(utf8(name))) mod 2**64`` so
 requests for different adapters never share blocks; the chain keeps seed 1337.
+
+A ``cache_salt`` (kvgate's extension; Dynamo has none) chains the first block onto a
+virtual root, ``root = xxh3_64(b"kvgate.cache_salt\\0" || utf8(salt), 1337)``, so
+``seq[0] = xxh3_64(u64le(root) || u64le(local[0]), 1337)`` and every later hash differs
+from the unsalted prompt's, as vLLM's salt (an extra key of block 0 only) changes its
+whole chain. Local hashes (and so LoRA seeds) are untouched; an empty salt is no salt,
+as in vLLM. Unsalted hashes are exactly Dynamo's.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ _MASK64 = (1 << 64) - 1
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _pair = struct.Struct("<QQ").pack
+_SALT_TAG = b"kvgate.cache_salt\0"
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 
@@ -34,6 +42,12 @@ def lora_seed(lora_name: str | None) -> int:
     if not lora_name:
         return BASE_SEED
     return (BASE_SEED + _xxh3(lora_name.encode("utf-8"))) & _MASK64
+
+
+@lru_cache(maxsize=1024)
+def salt_root(cache_salt: str) -> int:
+    """The virtual parent a prompt salted with ``cache_salt`` chains its first block onto."""
+    return _xxh3(_SALT_TAG + cache_salt.encode("utf-8"), BASE_SEED)
 
 
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
@@ -78,6 +92,15 @@ def sequence_hashes(
     block_size: int = DEFAULT_BLOCK_SIZE,
     lora_name: str | None = None,
     parent: int | None = None,
+    cache_salt: str | None = None,
 ) -> list[int]:
-    """The router's block keys for a prompt: chained hashes of its full blocks."""
+    """The router's block keys for a prompt: chained hashes of its full blocks.
+
+    ``parent`` continues a known prefix; ``cache_salt`` starts a salted one (the salt
+    keys the first block only: a continuation inherits it through its parent).
+    """
+    if cache_salt:
+        if parent is not None:
+            raise ValueError("cache_salt keys a prompt's first block; a continuation inherits it from its parent")
+        parent = salt_root(cache_salt)
     return chain_hashes(local_block_hashes(token_ids, block_size, lora_name), parent)

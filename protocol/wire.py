@@ -9,7 +9,9 @@ sockets or the index: it is pure functions over bytes.
 Reading is lenient where engines differ (short positional forms, trailing or unknown
 fields, ``medium`` in any case) and strict about what the index relies on (hash and
 token types, u32 token ids, ``len(token_ids) == len(block_hashes) * block_size`` unless
-the store is a token-less tier update, ``block_size > 0``).
+the store is a token-less tier update, ``block_size > 0``). A store's ``extra_keys`` is
+checked for shape only (a list of arrays or nils, each kept as a tuple): what they mean
+is the translator's to judge, one event at a time.
 
 Every malformed payload raises ``DecodeError`` with a ``kind`` (a metric label) and
 nothing else; a batch is validated completely before any of it is returned, so a bad
@@ -25,7 +27,15 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, EngineEvent, EventBatch, Tier
+from kvgate.protocol.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EngineEvent,
+    EventBatch,
+    ExtraKeys,
+    Tier,
+)
 
 __all__ = [
     "DecodeError",
@@ -60,6 +70,7 @@ class DecodeError(ValueError):
 
 _U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
 _Hash = int | bytes
+_ExtraKeys = list[tuple[Any, ...] | None] | None
 
 
 # Fast path: typed Structs let msgspec check shapes, types and token ranges in C while
@@ -75,6 +86,7 @@ class _MapStored(msgspec.Struct, tag="BlockStored", tag_field="type", gc=False):
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: _ExtraKeys = None
 
 
 class _MapRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", gc=False):
@@ -94,6 +106,7 @@ class _ArrayStored(msgspec.Struct, tag="BlockStored", array_like=True, gc=False)
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
+    extra_keys: _ExtraKeys = None
 
 
 class _ArrayRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
@@ -156,7 +169,14 @@ def _from_typed(typed: _MapBatch | _ArrayBatch) -> EventBatch:
                 _check_token_count(len(tokens), len(e.block_hashes), e.block_size)
             append(
                 BlockStored(
-                    e.block_hashes, e.parent_block_hash, tokens, e.block_size, e.lora_id, _medium(e.medium), e.lora_name
+                    e.block_hashes,
+                    e.parent_block_hash,
+                    tokens,
+                    e.block_size,
+                    e.lora_id,
+                    _medium(e.medium),
+                    e.lora_name,
+                    e.extra_keys,
                 )
             )
         elif type(e) is _MapRemoved or type(e) is _ArrayRemoved:
@@ -219,6 +239,7 @@ def _event(raw: Any) -> EngineEvent:
                 raw[5] if n > 5 else None,
                 raw[6] if n > 6 else None,
                 raw[7] if n > 7 else None,
+                raw[8] if n > 8 else None,
             )
         if tag == "BlockRemoved":
             if len(raw) < 2:
@@ -228,8 +249,8 @@ def _event(raw: Any) -> EngineEvent:
             return AllBlocksCleared()
     elif type(raw) is dict:
         tag = raw.get("type")
-        # Unknown keys (extra_keys, group_idx, kv_cache_spec_*, locality, ...) are
-        # deliberately ignored: they do not change which blocks a worker holds.
+        # Unknown keys (group_idx, kv_cache_spec_*, locality, ...) are deliberately
+        # ignored: they do not change which blocks a worker holds.
         if tag == "BlockStored":
             try:
                 hashes, tokens, block_size = raw["block_hashes"], raw["token_ids"], raw["block_size"]
@@ -237,7 +258,14 @@ def _event(raw: Any) -> EngineEvent:
                 raise DecodeError("bad_shape", f"BlockStored lacks {exc.args[0]!r}") from None
             get = raw.get
             return _stored(
-                hashes, get("parent_block_hash"), tokens, block_size, get("lora_id"), get("medium"), get("lora_name")
+                hashes,
+                get("parent_block_hash"),
+                tokens,
+                block_size,
+                get("lora_id"),
+                get("medium"),
+                get("lora_name"),
+                get("extra_keys"),
             )
         if tag == "BlockRemoved":
             if "block_hashes" not in raw:
@@ -271,7 +299,7 @@ def _medium(raw: Any) -> Tier:
 
 
 def _stored(
-    hashes: Any, parent: Any, tokens: Any, block_size: Any, lora_id: Any, medium: Any, lora_name: Any
+    hashes: Any, parent: Any, tokens: Any, block_size: Any, lora_id: Any, medium: Any, lora_name: Any, extra_keys: Any
 ) -> BlockStored:
     hashes = _hashes(hashes)
     if parent is not None and type(parent) is not int and type(parent) is not bytes:
@@ -293,7 +321,20 @@ def _stored(
         raise DecodeError("bad_field", "lora_id is not an int")
     if lora_name is not None and type(lora_name) is not str:
         raise DecodeError("bad_field", "lora_name is not a string")
-    return BlockStored(hashes, parent, tokens, block_size, lora_id, _medium(medium), lora_name)
+    return BlockStored(hashes, parent, tokens, block_size, lora_id, _medium(medium), lora_name, _extra_keys(extra_keys))
+
+
+def _extra_keys(raw: Any) -> list[ExtraKeys | None] | None:
+    if raw is None:
+        return None
+    if type(raw) is not list:
+        raise DecodeError("bad_field", "extra_keys is not a list")
+    out: list[ExtraKeys | None] = []
+    for keys in raw:
+        if keys is not None and type(keys) is not list:
+            raise DecodeError("bad_field", "extra_keys entry is neither a list nor nil")
+        out.append(None if keys is None else tuple(keys))
+    return out
 
 
 def _removed(hashes: Any, medium: Any) -> BlockRemoved:
@@ -326,7 +367,9 @@ def _event_map(event: EngineEvent) -> dict[str, Any]:
             "lora_id": event.lora_id,
             "medium": _MEDIUM_NAMES[event.medium],
             "lora_name": event.lora_name,
-            "extra_keys": [None] * len(event.block_hashes),
+            # vLLM 0.32 sends one entry per block (null, or [salt] on a salted prompt's first);
+            # an event decoded from an older engine has none, and writes none.
+            **({} if event.extra_keys is None else {"extra_keys": event.extra_keys}),
             "group_idx": 0,
             "kv_cache_spec_kind": "full_attention",
         }
@@ -343,7 +386,7 @@ def _event_map(event: EngineEvent) -> dict[str, Any]:
 def _event_array(event: EngineEvent) -> list[Any]:
     # The legacy writers leave ``medium`` None for GPU; only offloaded tiers are named.
     if type(event) is BlockStored:
-        out = [
+        out: list[Any] = [
             "BlockStored",
             event.block_hashes,
             event.parent_block_hash,
@@ -352,9 +395,11 @@ def _event_array(event: EngineEvent) -> list[Any]:
             event.lora_id,
             _LEGACY_MEDIUM_NAMES[event.medium],
         ]
-        # msgspec's omit_defaults drops a trailing default; older readers stop at medium.
-        if event.lora_name is not None:
+        # msgspec's omit_defaults drops trailing defaults; older readers stop at medium.
+        if event.lora_name is not None or event.extra_keys is not None:
             out.append(event.lora_name)
+        if event.extra_keys is not None:
+            out.append(event.extra_keys)
         return out
     if type(event) is BlockRemoved:
         return ["BlockRemoved", event.block_hashes, _LEGACY_MEDIUM_NAMES[event.medium]]

@@ -71,11 +71,16 @@ class Router:
         token_ids: Sequence[int],
         *,
         lora_name: str | None = None,
+        cache_salt: str | None = None,
         exclude: Collection[WorkerKey | str] = (),
     ) -> Decision:
-        """Choose a worker for a tokenized prompt. Raises ``NoWorkerAvailable``."""
+        """Choose a worker for a tokenized prompt. Raises ``NoWorkerAvailable``.
+
+        ``cache_salt`` is the request's (vLLM's field): only blocks cached under the same
+        salt count as its prefix.
+        """
         t0 = time.perf_counter()
-        seq_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name)
+        seq_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
         hashed = time.perf_counter() - t0
         decision = self.route_hashes(seq_hashes, exclude=exclude)
         decision.timings.hash = hashed

@@ -365,6 +365,37 @@ def test_lora_adapter_requests_hash_apart(stack: Stack) -> None:
     assert LORA in [m.id for m in stack.kv.client().models.list().data]
 
 
+def test_cache_salts_keep_tenants_apart(stack: Stack) -> None:
+    # The same conversation cached salted on w1 and unsalted on w0, behind the gateway's back.
+    messages = conversation("cartography")
+    for worker, extra in (("w1", {"cache_salt": "tenant-A"}), ("w0", {})):
+        url = stack.workers[worker].url + "/v1/chat/completions"
+        assert post(url, {"model": MODEL, "messages": messages, "max_tokens": 2, **extra})[0] == 200
+
+    def overlaps(**extra: str) -> dict[str, int]:
+        explained = explain(stack.kv, {"model": MODEL, "messages": messages, **extra})
+        return {w: overlap_of(explained, w)["blocks"] for w in stack.workers}
+
+    tenant_a = wait_until(
+        lambda: (o := overlaps(cache_salt="tenant-A")) and o["w1"] > 0 and o, what="w1's salted prefix in the index"
+    )
+    assert tenant_a["w0"] == 0
+    plain = wait_until(lambda: (o := overlaps()) and o["w0"] > 0 and o, what="w0's prefix in the index")
+    assert plain["w1"] == 0 and plain["w0"] == tenant_a["w1"]
+    assert overlaps(cache_salt="tenant-B") == {"w0": 0, "w1": 0}
+
+    # Served: tenant A lands on its own blocks, tenant B reuses nobody's.
+    raw = stack.kv.client().chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=1, extra_body={"cache_salt": "tenant-A"}
+    )
+    assert raw.headers["x-kvgate-worker"] == "w1"
+    assert raw.parse().usage.prompt_tokens_details.cached_tokens == 64 * tenant_a["w1"]
+    other = stack.kv.client().chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1, extra_body={"cache_salt": "tenant-B"}
+    )
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_round_robin_alternates(stack: Stack) -> None:
     client = stack.rr.client()
     served = [
@@ -410,6 +441,14 @@ ERROR_CASES = [
     ("max_tokens string", "/v1/chat/completions", _chat(max_tokens="5"), 400, "max_tokens"),
     ("max_tokens bool", "/v1/chat/completions", _chat(max_tokens=True), 400, "max_tokens"),
     ("stream not bool", "/v1/chat/completions", _chat(stream="yes"), 400, "stream"),
+    ("empty cache_salt", "/v1/chat/completions", _chat(cache_salt=""), 400, "cache_salt"),
+    (
+        "cache_salt with a slash",
+        "/v1/completions",
+        {"model": MODEL, "prompt": "x", "cache_salt": "a/b"},
+        400,
+        "cache_salt",
+    ),
     ("model not string", "/v1/chat/completions", _chat(model=7), 400, "model"),
     ("missing prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("prompt wrong type", "/v1/completions", {"model": MODEL, "prompt": {"a": 1}}, 400, "prompt"),

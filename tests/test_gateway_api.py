@@ -81,6 +81,27 @@ def test_chat_rejections_name_the_field(fields, param) -> None:
     assert err.value.status == 400 and err.value.param == param
 
 
+def test_cache_salt_is_read_for_routing() -> None:
+    messages = [{"role": "user", "content": "x"}]
+    assert parse_chat(body(messages=messages, cache_salt="tenant-A")).cache_salt == "tenant-A"
+    assert parse_chat(body(messages=messages)).cache_salt is None
+    assert parse_chat(body(messages=messages, cache_salt=None)).cache_salt is None
+    assert parse_completion(body(prompt="x", cache_salt="é" * 128)).cache_salt == "é" * 128
+
+
+# vLLM 0.32's validate_cache_salt: a non-empty string, at most 128 characters, none of @ / \ NUL.
+@pytest.mark.parametrize("salt", ["", 5, True, ["a"], {"a": 1}, "x" * 129, "a@b", "a/b", "a\\b", "a\x00b"])
+def test_bad_cache_salts_are_refused_as_vllm_refuses_them(salt) -> None:
+    for parse, fields in (
+        (parse_chat, {"messages": [{"role": "user", "content": "x"}]}),
+        (parse_completion, {"prompt": "x"}),
+    ):
+        with pytest.raises(ApiError) as err:
+            parse(body(cache_salt=salt, **fields))
+        assert err.value.status == 400 and err.value.param == "cache_salt"
+        assert "cache_salt" in err.value.message
+
+
 @pytest.mark.parametrize("prompt", ["", [], [-1], [1, "a"], [[1], []], [["a"]], 5, None])
 def test_bad_prompts(prompt) -> None:
     if prompt == "":

@@ -15,6 +15,7 @@ from kvgate.protocol.hashing import (
     local_block_hashes,
     lora_seed,
     pack_tokens,
+    salt_root,
     sequence_hashes,
 )
 
@@ -37,6 +38,58 @@ def test_a_lora_adapter_changes_the_local_seed_only() -> None:
     assert lora_seed(None) == lora_seed("") == BASE_SEED
     # The chain keeps seed 1337 whatever the adapter.
     assert sequence_hashes(TOKENS, 64, "adapter-a") == chain_hashes(LOCAL_ADAPTER_A)
+
+
+# kvgate's cache_salt extension, pinned: changing it silently would split a fleet whose
+# replicas run different versions.
+SALT_ROOT_A = 14374831365005752168
+SEQUENCE_SALT_A = [6152609590236497240, 10246241433458757672, 5747917387433740832]
+SEQUENCE_ADAPTER_A_SALT_A = [1823925706183434528, 15817777092515741790, 9510859916761914331]
+
+
+def test_a_salt_chains_the_first_block_onto_its_root() -> None:
+    assert salt_root("tenant-A") == SALT_ROOT_A
+    assert SALT_ROOT_A == xxhash.xxh3_64_intdigest(b"kvgate.cache_salt\0tenant-A", seed=BASE_SEED)
+    assert sequence_hashes(TOKENS, 64, cache_salt="tenant-A") == SEQUENCE_SALT_A
+    assert SEQUENCE_SALT_A == chain_hashes(LOCAL, parent=SALT_ROOT_A)
+    assert SEQUENCE_SALT_A[0] == xxhash.xxh3_64_intdigest(struct.pack("<QQ", SALT_ROOT_A, LOCAL[0]), seed=BASE_SEED)
+
+
+def test_a_salt_changes_every_hash_and_no_salt_changes_none() -> None:
+    salted_a = sequence_hashes(TOKENS, 64, cache_salt="tenant-A")
+    salted_b = sequence_hashes(TOKENS, 64, cache_salt="tenant-B")
+    assert not set(salted_a) & set(SEQUENCE)
+    assert not set(salted_a) & set(salted_b)
+    # As in vLLM an empty salt is no salt; the Dynamo vectors are untouched.
+    assert sequence_hashes(TOKENS, 64, cache_salt=None) == sequence_hashes(TOKENS, 64, cache_salt="") == SEQUENCE
+    assert local_block_hashes(TOKENS, 64) == LOCAL
+
+
+def test_lora_and_salt_combine() -> None:
+    both = sequence_hashes(TOKENS, 64, "adapter-a", cache_salt="tenant-A")
+    assert both == SEQUENCE_ADAPTER_A_SALT_A == chain_hashes(LOCAL_ADAPTER_A, parent=SALT_ROOT_A)
+    alone = [SEQUENCE, SEQUENCE_SALT_A, sequence_hashes(TOKENS, 64, "adapter-a")]
+    assert all(not set(both) & set(other) for other in alone)
+
+
+def test_a_salted_continuation_inherits_the_salt_from_its_parent() -> None:
+    salted = sequence_hashes(TOKENS, 64, cache_salt="tenant-A")
+    assert sequence_hashes(TOKENS[64:], 64, parent=salted[0]) == salted[1:]
+    with pytest.raises(ValueError, match="first block"):
+        sequence_hashes(TOKENS[64:], 64, parent=salted[0], cache_salt="tenant-A")
+
+
+@given(
+    st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=40),
+    st.text(min_size=1, max_size=20),
+    st.text(min_size=1, max_size=20),
+)
+def test_salted_chains_share_no_key_with_other_salts_or_none(tokens: list[int], salt: str, other: str) -> None:
+    salted = sequence_hashes(tokens, 4, cache_salt=salt)
+    assert len(salted) == len(tokens) // 4
+    assert not set(salted) & set(sequence_hashes(tokens, 4))
+    if other != salt:
+        assert not set(salted) & set(sequence_hashes(tokens, 4, cache_salt=other))
 
 
 def test_a_partial_last_block_is_not_hashed() -> None:

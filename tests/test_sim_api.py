@@ -206,6 +206,21 @@ def test_follow_up_turn_hits_the_cached_answer(client):
 
 
 @pytest.mark.slow
+def test_a_cache_salt_shares_cached_blocks_only_within_the_salt(client):
+    prompt = "Salted prompts are cached per tenant. " * 20
+
+    def cached(salt: str | None) -> int:
+        extra = {} if salt is None else {"cache_salt": salt}
+        r = client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=1, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-A") == 0
+    assert cached(None) == 0
+    assert cached("tenant-B") == 0
+    assert cached("tenant-A") > 0 and cached(None) > 0
+
+
+@pytest.mark.slow
 def test_headers_are_accepted_and_ignored(client):
     r = client.chat.completions.create(
         model="kvgate-tiny",
@@ -294,6 +309,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "model"),
+    ("/v1/completions", {"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
+    ("/v1/completions", {"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "cache_salt": "a/b"}, 400, "cache_salt"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "cache_salt": "s" * 129},
+        400,
+        "cache_salt",
+    ),
 ]
 
 

@@ -87,6 +87,51 @@ def test_engine_hashes_are_seeded_and_differ_from_router_hashes():
     assert all(0 <= h < 2**64 for h in a)
 
 
+def test_a_cache_salt_keys_the_first_block_and_so_the_whole_chain():
+    tokens = list(range(3 * BS))
+    hasher = BlockHasher(1)
+
+    def chain(salt):
+        out, parent = [], None
+        for i in range(0, len(tokens), BS):
+            parent = hasher.hash_block(parent, tokens[i : i + BS], salt if parent is None else None)
+            out.append(parent)
+        return out
+
+    plain, a, b = chain(None), chain("tenant-A"), chain("tenant-B")
+    assert chain("") == plain and chain("tenant-A") == a
+    assert not set(a) & set(plain) and not set(a) & set(b)
+
+
+def test_block_stored_names_extra_keys_per_block_as_vllm_does():
+    s = engine()
+    prompt = list(range(100, 100 + 3 * BS + 5))
+    s.add_request(request("plain", prompt, max_tokens=1))
+    salted = request("salted", prompt, max_tokens=BS)
+    salted.cache_salt = "tenant-A"
+    s.add_request(salted)
+    plain_ev, first, *rest = stored(e for _, _, events in run(s) for e in events)
+    assert plain_ev.extra_keys == [None, None, None]
+    assert first.extra_keys == [("tenant-A",), None, None] and first.parent_block_hash is None
+    assert first.token_ids == plain_ev.token_ids and not set(first.block_hashes) & set(plain_ev.block_hashes)
+    # The block its answer fills continues the salted chain with no salt of its own.
+    (more,) = rest
+    assert more.parent_block_hash == first.block_hashes[-1] and more.extra_keys == [None]
+
+
+def test_salted_requests_hit_only_their_own_salts_blocks():
+    s = engine()
+    prompt = list(range(2000, 2000 + 4 * BS + 3))
+    hits = {}
+    for rid, salt in (("a1", "tenant-A"), ("plain", None), ("b", "tenant-B"), ("a2", "tenant-A")):
+        r = request(rid, prompt, max_tokens=1)
+        r.cache_salt = salt
+        s.add_request(r)
+        run(s)
+        hits[rid] = r.num_cached_tokens
+    assert hits == {"a1": 0, "plain": 0, "b": 0, "a2": 4 * BS}
+
+
 # --- prefix caching ----------------------------------------------------------------------
 
 

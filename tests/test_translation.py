@@ -228,3 +228,96 @@ def test_empty_and_zero_block_events_do_nothing() -> None:
 def test_block_size_must_be_positive() -> None:
     with pytest.raises(ValueError):
         BlockTranslator(0)
+
+
+# --- cache_salt: vLLM's extra keys ------------------------------------------------------
+
+SALTED = sequence_hashes(TOKENS, BS, cache_salt="tenant-A")
+
+
+def salted(i: int, j: int, parent: int | None = None, salt: str = "tenant-A", **kw: object) -> BlockStored:
+    """A store as vLLM publishes a salted prompt's: ``[salt]`` for block 0, None for the rest."""
+    keys: list[tuple[object, ...] | None] = [None] * (j - i)
+    if i == 0:
+        keys[0] = (salt,)
+    return stored(i, j, parent, extra_keys=keys, **kw)
+
+
+def test_a_salted_store_is_keyed_under_the_salted_prompt_hashes() -> None:
+    t = BlockTranslator(BS)
+    assert t.translate([salted(0, 2)]) == [RouterStored(SALTED[:2])]
+    assert not set(SALTED) & set(SEQ)
+    other = BlockTranslator(BS)
+    assert other.translate([salted(0, 2, salt="tenant-B")]) == [
+        RouterStored(sequence_hashes(TOKENS[: 2 * BS], BS, cache_salt="tenant-B"))
+    ]
+    # vLLM's unsalted stores name every block's keys as None: the plain keys.
+    plain = BlockTranslator(BS)
+    assert plain.translate([stored(0, 2, extra_keys=[None, None])]) == [RouterStored(SEQ[:2])]
+
+
+def test_a_continuation_inherits_the_salt_through_its_parent() -> None:
+    t = BlockTranslator(BS)
+    t.translate([salted(0, 2)])
+    assert t.translate([salted(2, 5, parent=E[1])]) == [RouterStored(SALTED[2:5])]
+    # Held for its parent first, then released under the salted chain.
+    held = BlockTranslator(BS)
+    assert held.translate([salted(2, 5, parent=E[1])]) == []
+    assert held.translate([salted(0, 2)]) == [RouterStored(SALTED[:2]), RouterStored(SALTED[2:5])]
+
+
+def test_lora_and_salt_combine_in_the_extra_keys() -> None:
+    t = BlockTranslator(BS)
+    keys: list[tuple[object, ...] | None] = [("ad", "tenant-A"), ("ad",)]
+    assert t.translate([stored(0, 2, lora_id=1, lora_name="ad", extra_keys=keys)]) == [
+        RouterStored(sequence_hashes(TOKENS[: 2 * BS], BS, "ad", cache_salt="tenant-A"))
+    ]
+    unsalted = BlockTranslator(BS)
+    assert unsalted.translate([stored(0, 2, lora_id=1, lora_name="ad", extra_keys=[("ad",), ("ad",)])]) == [
+        RouterStored(sequence_hashes(TOKENS[: 2 * BS], BS, "ad"))
+    ]
+
+
+@pytest.mark.parametrize(
+    "keys,kw,kind",
+    [
+        ([("tenant-A",)], {}, "bad_extra_keys"),  # one entry for two blocks
+        ([None, ("tenant-A",)], {}, "bad_extra_keys"),  # a salt past the first block
+        ([("tenant-A",), None], {"parent": 7}, "bad_extra_keys"),  # a salt on a continuation
+        ([("",), None], {}, "bad_extra_keys"),
+        ([(5,), None], {}, "bad_extra_keys"),
+        ([("tenant-A", "again"), None], {}, "bad_extra_keys"),
+        ([("other", "s"), ("other",)], {"lora_id": 1, "lora_name": "ad"}, "bad_extra_keys"),
+        ([("s",), None], {"lora_id": 1, "lora_name": "ad"}, "bad_extra_keys"),
+        ([(["mm-hash", 0],), None], {}, "unsupported_extra_keys"),  # multimodal
+        ([(b"\x01" * 32,), None], {}, "unsupported_extra_keys"),  # prompt embeddings
+        ([("tenant-A", ["mm-hash", 3]), None], {}, "unsupported_extra_keys"),
+    ],
+)
+def test_extra_keys_off_vllms_layout_reject_the_store(
+    keys: list[tuple[object, ...] | None], kw: dict[str, object], kind: str
+) -> None:
+    t = BlockTranslator(BS)
+    parent = kw.pop("parent", None)
+    if parent is not None:
+        t.translate([stored(0, 1)])
+        parent = E[0]
+        ev = stored(1, 3, parent, extra_keys=keys, **kw)
+    else:
+        ev = stored(0, 2, extra_keys=keys, **kw)
+    assert t.translate([ev]) == []
+    assert t.stats.rejected == {kind: 1}
+    assert t.pending == 0
+
+
+def test_a_self_described_offload_of_a_salted_first_block_keeps_its_salt() -> None:
+    # LMCache and the OffloadingConnector's self-describing stores publish no extra keys.
+    t = BlockTranslator(BS)
+    t.translate([salted(0, 2)])
+    assert t.translate([stored(0, 2, tier=Tier.CPU)]) == [RouterStored(SALTED[:2], Tier.CPU)]
+    # Also once the GPU copy is gone (the connector's events follow the KV manager's).
+    t.translate([removed(0, 2)])
+    assert t.translate([stored(0, 2, tier=Tier.DISK)]) == [RouterStored(SALTED[:2], Tier.DISK)]
+    # An unknown first block has nothing better than its tokens.
+    fresh = BlockTranslator(BS)
+    assert fresh.translate([stored(0, 2, tier=Tier.CPU)]) == [RouterStored(SEQ[:2], Tier.CPU)]

@@ -7,11 +7,13 @@ they show, and this module checks:
 
 * live frames are ``[topic, seq (u64 BE), payload]``; the payload is the array
   ``[ts, events, data_parallel_rank]`` of map-encoded events with fields this decoder
-  does not read (``extra_keys``, ``group_idx``, ``kv_cache_spec_kind``);
+  does not read (``group_idx``, ``kv_cache_spec_kind``) and ``extra_keys``;
 * ``/reset_prefix_cache`` publishes nothing at once: ``AllBlocksCleared`` leads the next
   batch (01, 06b), or is a batch alone (10);
 * replay replies carry the topic: ``[b"", topic, seq, payload]``, ending ``[b"", b"", -1, b""]``;
-* ``cache_salt`` shows as ``extra_keys[0] == [salt]`` on a store whose hashes all differ (04).
+* ``cache_salt`` shows as ``extra_keys[0] == [salt]`` on a store whose hashes all differ (04);
+  unsalted stores name every block's extra keys as nil. The translator keys 04 under
+  ``sequence_hashes(tokens, cache_salt="tenant-A")``, apart from 01's same tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 import pytest
 
 from kvgate.indexer.kv_indexer import KvIndexer
-from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, WorkerKey
+from kvgate.indexer.translation import BlockTranslator
+from kvgate.protocol.events import AllBlocksCleared, BlockRemoved, BlockStored, RouterStored, WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
 from kvgate.protocol.wire import REPLAY_END_SEQ, decode_batch, decode_frames, decode_replay_reply
 
@@ -108,6 +111,34 @@ def test_cache_salt_shows_in_extra_keys_and_changes_every_engine_hash() -> None:
     assert raw["extra_keys"][0] == ["tenant-A"] and raw["extra_keys"][1:] == [None] * 4
     assert salted.events[0].token_ids == plain.events[-1].token_ids
     assert not set(salted.events[0].block_hashes) & set(plain.events[-1].block_hashes)
+
+
+def test_extra_keys_decode_per_block_as_published() -> None:
+    ((_, _, salted),) = live("04_store_cache_salt")
+    ((_, _, plain),) = live("01_store_first")
+    assert salted.events[0].extra_keys == [("tenant-A",), None, None, None, None]  # type: ignore[union-attr]
+    assert plain.events[-1].extra_keys == [None] * 5  # type: ignore[union-attr]
+
+
+def test_a_salted_store_is_indexed_under_the_salted_prompt_only() -> None:
+    ((_, seq_salted, salted),) = live("04_store_cache_salt")
+    ((_, seq_plain, plain),) = live("01_store_first")
+    store = salted.events[0]
+    assert isinstance(store, BlockStored)
+    tokens = store.token_ids
+    translator = BlockTranslator(64)
+    assert translator.translate(salted.events) == [RouterStored(sequence_hashes(tokens, 64, cache_salt="tenant-A"))]
+    assert translator.stats.rejected == {}
+    # The same tokens cached unsalted on one worker and salted on another: each prompt
+    # sees only its own.
+    indexer = KvIndexer(64)
+    indexer.apply_engine_batch("plain", seq_plain, plain)
+    indexer.apply_engine_batch("salted", seq_salted, salted)
+    by_salt = {
+        salt: {str(k): m.depth for k, m in indexer.find_matches(sequence_hashes(tokens, 64, cache_salt=salt)).items()}
+        for salt in (None, "tenant-A", "tenant-B")
+    }
+    assert by_salt == {None: {"plain": 5}, "tenant-A": {"salted": 5}, "tenant-B": {}}
 
 
 def test_replay_replies_in_the_real_framing() -> None:

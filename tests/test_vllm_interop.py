@@ -263,6 +263,34 @@ def test_reset_prefix_cache_on_the_engine_clears_the_index(gateway: Gateway, eng
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # type: ignore[index]
 
 
+def test_a_cache_salt_predicts_and_reuses_only_its_own_tenants_blocks(gateway: Gateway, engines: list[Engine]) -> None:
+    messages = [{"role": "user", "content": text(500, 300)}]
+
+    def body(**salt: str) -> dict[str, Any]:
+        return {"model": MODEL_NAME, "messages": messages, "max_tokens": 2, **salt}
+
+    first, headers = gateway.post("/v1/chat/completions", body(cache_salt="tenant-A"))
+    home = headers["x-kvgate-worker"]
+    engine = next(e for e in engines if e.name == home)
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    blocks = prompt_tokens // BLOCK_SIZE
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert settled_overlap(gateway, body(cache_salt="tenant-A"), home, at_least=blocks) == blocks
+    # Another tenant, or none, holds nothing of it anywhere, although the tokens are the
+    # same; asked on the very engine holding tenant A's blocks, the engine agrees.
+    for other in ({"cache_salt": "tenant-B"}, {}):
+        assert all(c["overlap"]["blocks"] == 0 for c in gateway.route(body(**other))["candidates"]), other
+        answer = engine.post("/v1/chat/completions", body(**other))
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, other  # type: ignore[index]
+    # Tenant A's next request: predicted on its worker, reported cached by the engine.
+    decision = gateway.route(body(cache_salt="tenant-A"))
+    assert decision["chosen"] == home
+    again, headers = gateway.post("/v1/chat/completions", body(cache_salt="tenant-A"))
+    assert headers["x-kvgate-worker"] == home
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == engine_cached_blocks(prompt_tokens, blocks) * BLOCK_SIZE > 0
+
+
 # --- clients ------------------------------------------------------------------------------------
 
 

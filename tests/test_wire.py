@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -168,15 +169,14 @@ VLLM_032 = Path(__file__).parent / "fixtures" / "vllm-0.32"
 
 
 def vllm_032_payloads() -> list[tuple[str, bytes]]:
-    """Every batch payload recorded from the real vLLM 0.32 engine, live and replayed, but
-    the salted store (04): ``BlockStored`` has no field for its ``extra_keys`` yet."""
+    """Every batch payload recorded from the real vLLM 0.32 engine, live and replayed,
+    salted stores (04) included."""
     out = []
     for path in sorted(VLLM_032.glob("*.json")):
         data = json.loads(path.read_text())
         for message in data.get("messages", []) + data.get("replies", []):
             payload = base64.b64decode(message["frames_b64"][-1])
-            salted = any(any(e.get("extra_keys") or []) for e in (message["decoded"] or [0, []])[1])
-            if payload and not salted:
+            if payload:
                 out.append((f"{path.stem}/{message['seq']}", payload))
     return out
 
@@ -190,7 +190,8 @@ def test_map_encoding_writes_vllm_field_names():
     batch = EventBatch(
         1.5,
         [
-            BlockStored([1], 9, list(range(4)), 4, 3, Tier.DISK, "ad"),
+            # vLLM 0.32 (and the simulator) give every store its per-block extra_keys.
+            BlockStored([1], 9, list(range(4)), 4, 3, Tier.DISK, "ad", [None]),
             BlockRemoved([b"\x01"], Tier.CPU),
             AllBlocksCleared(),
         ],
@@ -217,6 +218,8 @@ def test_map_encoding_writes_vllm_field_names():
         ],
         2,
     ]
+    # The legacy arrays, as older engines wrote them, carry no extra_keys.
+    batch.events[0] = dataclasses.replace(batch.events[0], extra_keys=None)
     assert raw_msgpack(encode_batch(batch, "array")) == [
         1.5,
         [
@@ -322,7 +325,8 @@ def test_short_positional_forms_and_missing_rank():
 
 def test_sglang_array_with_trailing_fields_and_newer_map_fields_are_read():
     sglang = [3, [["BlockStored", [5], 4, [1, 2], 2, None, "GPU", "lora-a", [["mm"]], 0, "full"]], 0]
-    assert decode_batch(pack(sglang)).events == [BlockStored([5], 4, [1, 2], 2, None, Tier.GPU, "lora-a")]
+    # extra_keys (the ninth element) is read, every entry as a tuple; the rest is ignored.
+    assert decode_batch(pack(sglang)).events == [BlockStored([5], 4, [1, 2], 2, None, Tier.GPU, "lora-a", [("mm",)])]
     newer = [
         3.0,
         [
@@ -345,7 +349,24 @@ def test_sglang_array_with_trailing_fields_and_newer_map_fields_are_read():
         ],
         None,
     ]
-    assert decode_batch(pack(newer)).events == [BlockStored([5], None, [1, 2], 2, 7, Tier.CPU)]
+    assert decode_batch(pack(newer)).events == [BlockStored([5], None, [1, 2], 2, 7, Tier.CPU, None, [("x", 1)])]
+
+
+@pytest.mark.parametrize("encoding", ["map", "array"])
+def test_extra_keys_round_trip_and_are_written_only_when_present(encoding):
+    keys: list[tuple[object, ...] | None] = [("tenant-A",), None]
+    batch = EventBatch(2.0, [BlockStored([1, 2], None, [0, 1, 2, 3], 2, extra_keys=keys)], 0)
+    assert decode_batch(encode_batch(batch, encoding)) == batch
+    (event,) = raw_msgpack(encode_batch(batch, encoding))[1]
+    if encoding == "map":
+        assert event["extra_keys"] == [["tenant-A"], None]
+    else:
+        # lora_name (None) is written to put extra_keys in its place, the ninth.
+        assert event[7:] == [None, [["tenant-A"], None]]
+    # Like vLLM's omit_defaults, no extra keys means no field.
+    plain = EventBatch(2.0, [BlockStored([1], None, [0, 1], 2)], 0)
+    (event,) = raw_msgpack(encode_batch(plain, encoding))[1]
+    assert "extra_keys" not in event if encoding == "map" else len(event) == 7
 
 
 def test_map_batch_and_mixed_encodings_use_the_generic_path():
@@ -393,6 +414,14 @@ def test_map_batch_and_mixed_encodings_use_the_generic_path():
         ([1.0, [["BlockStored", [1], None, [0, 1], "2"]]], "bad_field"),
         ([1.0, [["BlockStored", [1], None, [0, 1], 2, "lora"]]], "bad_field"),
         ([1.0, [["BlockStored", [1], None, [0, 1], 2, None, None, 5]]], "bad_field"),
+        ([1.0, [["BlockStored", [1], None, [0, 1], 2, None, None, None, "salt"]]], "bad_field"),
+        (
+            [
+                1.0,
+                [{"type": "BlockStored", "block_hashes": [1], "token_ids": [0, 1], "block_size": 2, "extra_keys": [5]}],
+            ],
+            "bad_field",
+        ),
         ([1.0, [["BlockStored", [1], None, [0, 1], 0]]], "bad_block_size"),
         ([1.0, [["BlockStored", [], None, [], -2]]], "bad_block_size"),
         ([1.0, [["BlockStored", [1, 2], None, [0, 1, 2], 2]]], "token_count_mismatch"),

@@ -3,8 +3,9 @@
 Mirrors vLLM v1's ``BlockPool``. Free blocks wait in one LRU queue; a freed block that
 holds a cached (full, hashed) block stays findable by its hash until allocation pops it
 from the head of the queue, which evicts it (``BlockRemoved``). Caching a block emits
-``BlockStored``. As in vLLM, two requests computing the same block at once may each
-cache a copy under the same hash; evicting either copy reports the hash removed.
+``BlockStored``, with vLLM's per-block ``extra_keys`` (``[salt]`` on a salted prompt's
+first block, None elsewhere). As in vLLM, two requests computing the same block at once
+may each cache a copy under the same hash; evicting either copy reports the hash removed.
 
 With ``lower`` tiers (``tiers.LowerTiers``), an evicted cached block is offloaded there
 first: its lower-tier events precede its ``BlockRemoved``. A cache reset clears every tier.
@@ -35,16 +36,20 @@ class BlockHasher:
 
     Seeded per process unless ``seed`` is given, like vLLM's hashes without
     ``PYTHONHASHSEED``: consumers must map them (by the tokens in ``BlockStored``) and
-    can never compare them across workers or restarts.
+    can never compare them across workers or restarts. A ``cache_salt`` enters the first
+    block's hash only, as vLLM's extra key of block 0, and so changes the whole chain.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed
         self._root = xxhash.xxh3_64_intdigest(b"kvgate-sim-root", self.seed)
 
-    def hash_block(self, parent: int | None, token_ids: Sequence[int]) -> int:
+    def hash_block(self, parent: int | None, token_ids: Sequence[int], cache_salt: str | None = None) -> int:
         h = xxhash.xxh3_64(_u64(self._root if parent is None else parent), self.seed)
         h.update(pack_tokens(token_ids))
+        if cache_salt:
+            # After the fixed-size token bytes, so no salt can pass for tokens.
+            h.update(b"cache_salt\0" + cache_salt.encode("utf-8"))
         return h.intdigest()
 
 
@@ -134,6 +139,7 @@ class BlockPool:
         num_cached: int,
         num_full: int,
         token_ids: Sequence[int],
+        cache_salt: str | None = None,
     ) -> None:
         """Enter ``blocks[num_cached:num_full]`` (now full) into the prefix cache."""
         if num_full <= num_cached:
@@ -150,7 +156,12 @@ class BlockPool:
             self._cached.setdefault(block_hash, {})[block.block_id] = block
             new_hashes.append(block_hash)
         parent = block_hashes[num_cached - 1] if num_cached > 0 else None
-        self._events.append(BlockStored(new_hashes, parent, list(token_ids[num_cached * bs : num_full * bs]), bs))
+        # vLLM names every block's extra keys, None for a block without any.
+        extra_keys: list[tuple[object, ...] | None] = [None] * len(new_hashes)
+        if cache_salt and num_cached == 0:
+            extra_keys[0] = (cache_salt,)
+        tokens = list(token_ids[num_cached * bs : num_full * bs])
+        self._events.append(BlockStored(new_hashes, parent, tokens, bs, extra_keys=extra_keys))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block, lower tiers included; refused (False) while any block is

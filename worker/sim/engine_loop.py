@@ -135,6 +135,7 @@ class EngineLoop:
         max_tokens: int,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        cache_salt: str | None = None,
     ) -> RequestHandle:
         request = Request(
             request_id=request_id,
@@ -142,6 +143,7 @@ class EngineLoop:
             max_tokens=max_tokens,
             sampler=answer_tokens(prompt_token_ids, self.vocab, self.answer, ignore_eos),
             eos_token_id=None if ignore_eos else self.vocab.eos_token_id,
+            cache_salt=cache_salt,
         )
         self.scheduler.add_request(request)
         handle = RequestHandle(request, TextStream(self.vocab.pieces, stop))

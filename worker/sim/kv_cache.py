@@ -66,7 +66,10 @@ class KvCache:
         bs = self.block_size
         tokens = request.all_token_ids
         for i in range(len(hashes), len(tokens) // bs):
-            hashes.append(self.hasher.hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+            if hashes:
+                hashes.append(self.hasher.hash_block(hashes[-1], tokens[i * bs : (i + 1) * bs]))
+            else:
+                hashes.append(self.hasher.hash_block(None, tokens[:bs], request.cache_salt))
         return hashes
 
     def find_prefix(self, request: Request) -> PrefixHit:
@@ -132,7 +135,7 @@ class KvCache:
         num_cached = self._num_cached[rid]
         if num_full > num_cached:
             self.pool.cache_full_blocks(
-                req_blocks, self.block_hashes(request), num_cached, num_full, request.all_token_ids
+                req_blocks, self.block_hashes(request), num_cached, num_full, request.all_token_ids, request.cache_salt
             )
             self._num_cached[rid] = num_full
         return True

@@ -55,6 +55,11 @@ class GenerateParams:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    cache_salt: str | None
+
+
+_MAX_CACHE_SALT_LENGTH = 128
+_CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -118,6 +123,7 @@ def _common(body: Any) -> dict[str, Any]:
         include_usage = _optional(options, "include_usage", lambda v: isinstance(v, bool), "a boolean") or False
     ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean") or False
     return {
+        "cache_salt": _cache_salt(body.get("cache_salt")),
         "model": model,
         "max_tokens": max_completion if max_completion is not None else max_tokens,
         "stop": stop,
@@ -125,6 +131,20 @@ def _common(body: Any) -> dict[str, Any]:
         "include_usage": include_usage,
         "ignore_eos": ignore_eos,
     }
+
+
+def _cache_salt(salt: Any) -> str | None:
+    """vLLM's ``validate_cache_salt``: a non-empty string of at most 128 characters, none of ``@ / \\ NUL``."""
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        raise _bad("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
+    if len(salt) > _MAX_CACHE_SALT_LENGTH or not _CACHE_SALT_FORBIDDEN.isdisjoint(salt):
+        raise _bad(
+            "Parameter 'cache_salt' must be at most 128 characters and must not contain '@', '/', '\\\\', or NUL.",
+            "cache_salt",
+        )
+    return salt
 
 
 def parse_chat(body: Any) -> GenerateParams:

@@ -27,6 +27,7 @@ class Request:
     max_tokens: int
     sampler: Iterator[int]  # the simulated model: yields the next output token id
     eos_token_id: int | None = None  # None: generation never stops on EOS (ignore_eos)
+    cache_salt: str | None = None  # keys the first block's hash (so the whole chain), as vLLM's
     all_token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)

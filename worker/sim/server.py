@@ -116,7 +116,9 @@ class SimServer:
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
         response_id = f"{prefix}-{uuid.uuid4().hex}"
-        handle = self.engine.submit(response_id, prompt_ids, max_tokens, params.stop, params.ignore_eos)
+        handle = self.engine.submit(
+            response_id, prompt_ids, max_tokens, params.stop, params.ignore_eos, params.cache_salt
+        )
         try:
             if params.stream:
                 return await self._stream(request, params, handle)
