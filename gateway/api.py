@@ -31,6 +31,7 @@ class ChatRequest:
     stream: bool
     max_tokens: int | None
     template_args: dict[str, Any] = field(default_factory=dict)
+    n: int = 1
 
 
 @dataclass(slots=True)
@@ -40,6 +41,7 @@ class CompletionRequest:
     prompts: list[str | list[int]]
     stream: bool
     max_tokens: int | None
+    n: int = 1
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def parse_chat(body: bytes) -> ChatRequest:
         _optional(data, name, bool, "a boolean")
     _optional(data, "chat_template_kwargs", dict, "an object")
     _optional(data, "tools", list, "a list")
-    return ChatRequest(common.model, messages, common.stream, common.max_tokens, template_args)
+    return ChatRequest(common.model, messages, common.stream, common.max_tokens, template_args, common.n)
 
 
 def parse_completion(body: bytes) -> CompletionRequest:
@@ -94,7 +96,7 @@ def parse_completion(body: bytes) -> CompletionRequest:
         raise bad_request("Missing required field `prompt`.", "prompt")
     prompts = _prompts(data["prompt"])
     common = _common(data, token_budget=("max_tokens",))
-    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens)
+    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens, common.n)
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class _Common:
     model: str | None
     stream: bool
     max_tokens: int | None
+    n: int
 
 
 def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
@@ -113,7 +116,7 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
         value = _positive_int(data, name)
         if value is not None and max_tokens is None:
             max_tokens = value
-    _positive_int(data, "n")
+    n = _positive_int(data, "n")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _number(data, name)
     temperature = data.get("temperature")
@@ -128,7 +131,7 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
     ):
         raise bad_request("`stop` must be a string or a list of strings.", "stop")
     _optional(data, "stream_options", dict, "an object")
-    return _Common(model, bool(stream), max_tokens)
+    return _Common(model, bool(stream), max_tokens, 1 if n is None else n)
 
 
 def _check_message(i: int, message: Any) -> None:
