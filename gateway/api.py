@@ -38,6 +38,7 @@ class ChatRequest:
     max_tokens: int | None
     template_args: dict[str, Any] = field(default_factory=dict)
     cache_salt: str | None = None
+    n: int = 1
 
 
 @dataclass(slots=True)
@@ -48,6 +49,7 @@ class CompletionRequest:
     stream: bool
     max_tokens: int | None
     cache_salt: str | None = None
+    n: int = 1
 
 
 def parse_json_object(body: bytes, max_messages: int | None = None) -> dict[str, Any]:
@@ -97,7 +99,9 @@ def parse_chat(body: bytes, max_messages: int | None = None) -> ChatRequest:
         _optional(data, name, bool, "a boolean")
     _optional(data, "chat_template_kwargs", dict, "an object")
     _optional(data, "tools", list, "a list")
-    return ChatRequest(common.model, messages, common.stream, common.max_tokens, template_args, common.cache_salt)
+    return ChatRequest(
+        common.model, messages, common.stream, common.max_tokens, template_args, common.cache_salt, common.n
+    )
 
 
 def parse_completion(body: bytes) -> CompletionRequest:
@@ -106,7 +110,7 @@ def parse_completion(body: bytes) -> CompletionRequest:
         raise bad_request("Missing required field `prompt`.", "prompt")
     prompts = _prompts(data["prompt"])
     common = _common(data, token_budget=("max_tokens",))
-    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens, common.cache_salt)
+    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens, common.cache_salt, common.n)
 
 
 @dataclass(slots=True)
@@ -115,6 +119,7 @@ class _Common:
     stream: bool
     max_tokens: int | None
     cache_salt: str | None
+    n: int
 
 
 def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
@@ -126,7 +131,7 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
         value = _positive_int(data, name)
         if value is not None and max_tokens is None:
             max_tokens = value
-    _positive_int(data, "n")
+    n = _positive_int(data, "n")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _number(data, name)
     temperature = data.get("temperature")
@@ -141,7 +146,7 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
     ):
         raise bad_request("`stop` must be a string or a list of strings.", "stop")
     _optional(data, "stream_options", dict, "an object")
-    return _Common(model, bool(stream), max_tokens, _cache_salt(data))
+    return _Common(model, bool(stream), max_tokens, _cache_salt(data), 1 if n is None else n)
 
 
 def _cache_salt(data: dict[str, Any]) -> str | None:

@@ -8,7 +8,8 @@ worker on a connect failure or a 5xx before the first byte -> ``relay`` copies t
 answer back as it arrives. The request's lifecycle goes through the one ``InFlight``
 handle ``Router.begin`` returns (retry, first token, end or cancel): load-aware scores
 see it, and so do the listeners subscribed on the router, the request metrics
-(``metrics.GatewayMetrics``) and, when there is a NATS bus, the other gateway replicas
+(``metrics.GatewayMetrics``), the check of predicted against reported cached tokens
+(``hit_check.HitCheck``) and, when there is a NATS bus, the other gateway replicas
 (``replicas.GatewayBus``). Handlers hold no policy; errors leave as OpenAI-style JSON
 (``errors``), never as a stack trace.
 
@@ -51,6 +52,7 @@ from kvgate.gateway.errors import (
     upstream_timeout,
 )
 from kvgate.gateway.fleet import Fleet
+from kvgate.gateway.hit_check import HitCheck
 from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, Outcome, StateSources
 from kvgate.gateway.relay import ClientGone, Exchange, relay
 from kvgate.gateway.replicas import GatewayBus, GatewaySecurity
@@ -58,6 +60,7 @@ from kvgate.gateway.tokenization import Preprocessor, TokenizerError
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher
+from kvgate.router.accounting import HitAccounting
 from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.lifecycle import InFlight
 from kvgate.router.load import LoadTracker
@@ -91,6 +94,8 @@ class Routed:
     prompt_tokens: int
     decision: Decision
     tokenize_seconds: float
+    sequences: int = 1
+    """Prompts x choices the worker will run (see ``metrics.Outcome.sequences``)."""
 
 
 class Gateway:
@@ -141,11 +146,19 @@ class Gateway:
                 indexer_stats=lambda: self.indexer.stats,
                 load=lambda: self.load.snapshots(self.registry.keys()),
                 workers_up=lambda: dict(self.fleet.up),
+                prediction_trusted=lambda: self.hit_check.trusted(),
                 extra=self._distributed_metrics,
             )
         )
         self.router.subscribe(self.metrics)
         self.router.subscribe(self.fleet)
+        self.hit_check = HitCheck(
+            HitAccounting(config.block_size, config.prediction_window, config.prediction_mismatches),
+            self.indexer,
+            self.metrics,
+            self.registry,
+        )
+        self.router.subscribe(self.hit_check)
         if self.bus is not None:
             self.router.subscribe(self.bus)
         self._request_ids = itertools.count()
@@ -177,6 +190,7 @@ class Gateway:
             await self.bus.stop()
         await self.fleet.stop()
         await self.upstream.close()
+        self.hit_check.close()
         self.router.close()
         self.preprocessor.close()
 
@@ -221,6 +235,9 @@ class Gateway:
         workers = {info.worker_id: bool(self.fleet.up.get(info.worker_id)) for info in self.registry.all()}
         ready = any(workers.values())
         body: dict[str, object] = {"status": "ok" if ready else "unavailable", "workers": workers}
+        distrusted = self.hit_check.distrusted(workers)
+        if distrusted:
+            body["predictions"] = distrusted
         if self.discovery is not None:
             body["discovery"] = {
                 "mode": "etcd",
@@ -313,7 +330,7 @@ class Gateway:
             tokenize_seconds,
             {"hash": decision.timings.hash, "match": decision.timings.match, "score": decision.timings.score},
         )
-        return Routed(route, started, sum(len(p) for p in prompts), decision, tokenize_seconds)
+        return Routed(route, started, sum(len(p) for p in prompts), decision, tokenize_seconds, len(prompts) * parsed.n)
 
     def _lora_for(self, model: str | None) -> str | None:
         if model is None or model == self.model_name:
@@ -428,7 +445,7 @@ class Gateway:
             else:
                 # Closing the connection is what tells the worker to abort the generation.
                 upstream.close()
-            flight.finish(Outcome(routed.route, status, exchange))
+            flight.finish(Outcome(routed.route, status, exchange, routed.sequences))
             if exchange.upstream_error is not None:
                 log.warning("request %s: %s", flight.request_id, exchange.upstream_error)
 

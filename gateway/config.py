@@ -157,6 +157,16 @@ class GatewayConfig:
         "seconds without a message from another replica (each heartbeats every "
         "replica_timeout/4) before its in-flight requests are forgotten",
     )
+    prediction_window: int = _opt(
+        20,
+        "answers per worker (with cached tokens predicted or reported) over which the index's "
+        "predictions are judged against the engine's reported cached tokens; 0: count, never judge",
+    )
+    prediction_mismatches: int = _opt(
+        10,
+        "answers of that window off by a block or more that stop trusting the worker's index "
+        "(routed by load alone until a full window agrees again)",
+    )
     connect_timeout: float = _opt(3.0, "seconds to open a connection to a worker before trying the next one")
     read_timeout: float = _opt(
         600.0,
@@ -222,6 +232,13 @@ class GatewayConfig:
         for name in ("max_messages", "max_connections", "max_header_size", "max_headers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prediction_window < 0:
+            raise ValueError(f"prediction_window must be >= 0 (0: never judge), got {self.prediction_window}")
+        if self.prediction_window and not 1 <= self.prediction_mismatches <= self.prediction_window:
+            raise ValueError(
+                f"prediction_mismatches must be in 1..prediction_window ({self.prediction_window}), "
+                f"got {self.prediction_mismatches}"
+            )
         for name in ("context_length", "tokenizer_offload_chars", "tokenizer_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

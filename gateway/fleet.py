@@ -160,7 +160,7 @@ class Fleet:
 
     def is_stale(self, worker_id: str) -> bool:
         """True while a NATS-fed worker's event stream cannot be trusted (ZMQ sources recover by replay)."""
-        return worker_id in self.nats_fed and not self.indexer.trusted(worker_id)
+        return worker_id in self.nats_fed and not self.indexer.trusted(worker_id, reason="events")
 
     def events_missing(self, worker_id: str) -> bool:
         """True while a ZMQ-fed worker serves requests whose KV events never arrive."""

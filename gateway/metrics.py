@@ -7,8 +7,10 @@ Request-path metrics (counters, histograms) are counted by ``GatewayMetrics`` as
 answer and is not counted. Requests refused before any worker was tried are counted
 by ``refused``; routing stages, retries and inter-chunk gaps by the request path as
 they happen. State that already lives elsewhere (index size per worker and tier, the
-indexer's event statistics, active load, worker health) is read only when ``/metrics``
-is scraped, by ``_StateCollector``, so the request path never pays for it.
+indexer's event statistics, active load, worker health, whose predictions are trusted)
+is read only when ``/metrics`` is scraped, by ``_StateCollector``, so the request path
+never pays for it. Predicted against reported cached tokens are counted by
+``observe_prediction``, called by ``hit_check.HitCheck`` (which compares them).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Outcome:
     status: str
     exchange: Exchange | None = None
     """The relayed answer; None when no worker answered (every attempt failed)."""
+    sequences: int = 1
+    """Prompts x choices the worker ran (a completion batch, ``n``): its usage's
+    ``cached_tokens`` describes the routed prompt exactly only when 1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,8 @@ class StateSources:
     indexer_stats: Callable[[], Any]
     load: Callable[[], Mapping[WorkerKey, Any]]
     workers_up: Callable[[], Mapping[str, bool]]
+    prediction_trusted: Callable[[], Mapping[str, bool]] | None = None
+    """Per worker: whether its index's predictions agree with what its engine reports."""
     extra: Callable[[], Iterable[Metric]] | None = None
     """More families (distributed mode: bus and discovery state)."""
 
@@ -98,6 +105,33 @@ class GatewayMetrics:
             "kvgate_cached_tokens",
             "Prompt tokens the worker reported served from its prefix cache "
             "(usage.prompt_tokens_details.cached_tokens)",
+            ("worker",),
+            registry=r,
+        )
+        self.predicted_cached_tokens = Counter(
+            "kvgate_predicted_cached_tokens",
+            "Cached prompt tokens the index predicted for the worker that served the answer "
+            "(its prefix in any tier, the engine's last-token rule applied), over the answers "
+            "compared with the engine's report",
+            ("worker",),
+            registry=r,
+        )
+        self.engine_cached_tokens = Counter(
+            "kvgate_engine_cached_tokens",
+            "Cached prompt tokens the engine reported, over the same answers as kvgate_predicted_cached_tokens "
+            "(one prompt, one choice, usage reported)",
+            ("worker",),
+            registry=r,
+        )
+        self.prediction_checks = Counter(
+            "kvgate_prediction_checks",
+            "Answers whose reported cached tokens were compared with the index's prediction",
+            ("worker",),
+            registry=r,
+        )
+        self.prediction_mismatches = Counter(
+            "kvgate_prediction_mismatches",
+            "Compared answers whose reported cached tokens differ from the prediction by a block or more",
             ("worker",),
             registry=r,
         )
@@ -190,6 +224,14 @@ class GatewayMetrics:
         if status == "200":
             self._observe_prompt(flight, worker, exchange)
 
+    def observe_prediction(self, worker: str, predicted_tokens: int, actual_tokens: int, mismatch: bool) -> None:
+        """One answer's predicted and reported cached tokens (``hit_check.HitCheck`` compares them)."""
+        self.child(self.prediction_checks, worker).inc()
+        self.child(self.predicted_cached_tokens, worker).inc(predicted_tokens)
+        self.child(self.engine_cached_tokens, worker).inc(actual_tokens)
+        if mismatch:
+            self.child(self.prediction_mismatches, worker).inc()
+
     def refused(self, route: str, status: int) -> None:
         """A request answered with an error before any worker was tried."""
         self.child(self.requests, route, str(status), NO_WORKER).inc()
@@ -243,6 +285,16 @@ class _StateCollector(Collector):
         for worker, ok in sorted(self.state.workers_up().items()):
             up.add_metric((worker,), 1.0 if ok else 0.0)
         yield up
+        if self.state.prediction_trusted is not None:
+            trusted = GaugeMetricFamily(
+                "kvgate_worker_prediction_trusted",
+                "1 while the worker's cached tokens agree with the index's predictions (its matches are used), "
+                "0 once they disagree persistently",
+                labels=("worker",),
+            )
+            for worker, ok in sorted(self.state.prediction_trusted().items()):
+                trusted.add_metric((worker,), 1.0 if ok else 0.0)
+            yield trusted
         if self.state.extra is not None:
             yield from self.state.extra()
 

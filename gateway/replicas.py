@@ -483,7 +483,7 @@ class GatewayBus:
             labels=("worker",),
         )
         for worker_id in sorted(nats_fed):
-            stale.add_metric((worker_id,), float(not self.indexer.trusted(worker_id)))
+            stale.add_metric((worker_id,), float(not self.indexer.trusted(worker_id, reason="events")))
         yield stale
         if self.source is not None:
             for f in fields(self.source.stats):

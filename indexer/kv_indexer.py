@@ -8,12 +8,13 @@ ran one) and calls ``apply_router_events``. The router asks ``find_matches``.
 
 ``engine_lost`` forgets a worker's blocks and seq order when the gateway saw its engine
 go away (a restarted engine starts its seqs over at 0). Also owns whether each worker's
-blocks are trusted (``set_trusted``): its event source says so (the NATS source while a
-stream is out of sync or silent, the gateway's fleet while a ZMQ-fed engine serves
-requests whose events never arrive). An untrusted
-worker's blocks stay indexed but ``find_matches`` leaves it out, so the router places
-it on load alone. Synchronous; the asyncio sources call in from the event loop. Never
-decodes bytes, never routes.
+blocks are trusted (``set_trusted``), each under its own ``reason``: its event source
+says so (the NATS source while a stream is out of sync or silent, the gateway's fleet
+while a ZMQ-fed engine serves requests whose events never arrive), and so does the
+gateway's check of predicted against reported cached tokens. An untrusted worker's
+blocks stay indexed but ``find_matches`` leaves it out, so the router places it on load
+alone, until every reason trusts it again. Synchronous; the asyncio sources call in
+from the event loop. Never decodes bytes, never routes.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class KvIndexer:
         self._index = PrefixIndex()
         self._ranks: dict[tuple[str, int], RankPipeline] = {}
         self._owed: dict[tuple[str, int], int] = {}  # replay finishes due to removed ranks
-        self._untrusted: set[str] = set()
+        self._untrusted: dict[str, set[str]] = {}  # worker -> the reasons distrusting it
 
     # --- EngineBatchSink (called by ZmqEventSource) ---------------------------------------
 
@@ -122,7 +123,7 @@ class KvIndexer:
             if unanswered:
                 self._owed[ident] = self._owed.get(ident, 0) + unanswered
         self._index.remove_worker(worker_id)
-        self._untrusted.discard(worker_id)
+        self._untrusted.pop(worker_id, None)
 
     def engine_lost(self, worker_id: str) -> None:
         """``worker_id``'s engine stopped answering: what it cached is unknown now.
@@ -141,23 +142,32 @@ class KvIndexer:
 
     # --- trust ---------------------------------------------------------------------------
 
-    def set_trusted(self, worker_id: str, trusted: bool) -> None:
-        """Whether ``worker_id``'s blocks may be matched (every worker is, until told not)."""
+    def set_trusted(self, worker_id: str, trusted: bool, *, reason: str = "events") -> None:
+        """Whether ``reason`` lets ``worker_id``'s blocks be matched (every worker is
+        trusted until told not). Reasons are kept apart, so one source trusting a worker
+        again does not override another that still distrusts it."""
         if trusted:
-            self._untrusted.discard(worker_id)
+            reasons = self._untrusted.get(worker_id)
+            if reasons is not None:
+                reasons.discard(reason)
+                if not reasons:
+                    del self._untrusted[worker_id]
         else:
-            self._untrusted.add(worker_id)
+            self._untrusted.setdefault(worker_id, set()).add(reason)
 
-    def trusted(self, worker_id: str) -> bool:
-        return worker_id not in self._untrusted
+    def trusted(self, worker_id: str, *, reason: str | None = None) -> bool:
+        """Whether ``worker_id`` is matched at all, or, given a ``reason``, whether that one trusts it."""
+        reasons = self._untrusted.get(worker_id)
+        return not reasons if reason is None else reasons is None or reason not in reasons
 
     # --- what the router asks ------------------------------------------------------------
 
-    def find_matches(self, seq_hashes: Sequence[int]) -> dict[WorkerKey, Match]:
-        """Per worker rank holding a prefix of ``seq_hashes``: its match; untrusted workers left out."""
+    def find_matches(self, seq_hashes: Sequence[int], *, include_untrusted: bool = False) -> dict[WorkerKey, Match]:
+        """Per worker rank holding a prefix of ``seq_hashes``: its match; untrusted workers
+        left out unless ``include_untrusted`` (what their index would predict, to judge it)."""
         matches = self._index.find_matches(seq_hashes)
         untrusted = self._untrusted
-        if untrusted and matches:
+        if untrusted and matches and not include_untrusted:
             return {key: m for key, m in matches.items() if key.worker_id not in untrusted}
         return matches
 

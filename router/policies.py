@@ -132,6 +132,9 @@ class Decision:
     block_size: int = 0
     timings: RouteTimings = field(default_factory=RouteTimings)
     config: RouterConfig | None = None
+    seq_hashes: Sequence[int] = ()
+    """The prompt's block hashes (set by the router): what a later look-up of one
+    worker's prefix needs, such as the index's prediction for an untrusted worker."""
 
     def score_of(self, key: WorkerKey) -> CandidateScore | None:
         for score in self.scores:

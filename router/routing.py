@@ -97,6 +97,7 @@ class Router:
         loads = self.load.snapshots(candidates, now)
         decision = self.policy.select(candidates, matches, len(seq_hashes), loads, exclude)
         decision.timings = RouteTimings(0.0, t1 - t0, time.perf_counter() - t1)
+        decision.seq_hashes = seq_hashes
         return decision
 
     # -- request lifecycle (the gateway reports it; load terms and listeners see it) --------

@@ -401,3 +401,112 @@ def test_an_engine_restarted_on_its_ports_is_not_routed_on_its_old_blocks(
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == predicted * BLOCK_SIZE  # type: ignore[index]
     finally:
         gw.service.stop()
+
+
+# --- hit accounting: the index's predictions against the engine's own cached tokens ------------
+
+
+def scrape(gw: Gateway) -> str:
+    with urllib.request.urlopen(gw.url + "/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(metrics_text: str, name: str, worker: str) -> float:
+    prefix = f'{name}{{worker="{worker}"}} '
+    return next((float(line[len(prefix) :]) for line in metrics_text.splitlines() if line.startswith(prefix)), 0.0)
+
+
+def stream_chat(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
+    """A streamed chat with usage: (usage, content, worker)."""
+    request = urllib.request.Request(
+        gw.url + "/v1/chat/completions",
+        data=json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    usage: dict[str, Any] = {}
+    content = ""
+    with urllib.request.urlopen(request, timeout=60) as response:
+        worker = response.headers["x-kvgate-worker"]
+        for line in response.read().decode().splitlines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                content += choice["delta"].get("content") or ""
+    return usage, content, worker
+
+
+def stable_overlap(gw: Gateway, body: dict[str, Any], worker: str) -> int:
+    """The predicted overlap once it stops moving (the engine's last events for the previous
+    turn, output blocks included, have arrived)."""
+    last = gw.overlap(body, worker)
+    while True:
+        time.sleep(0.3)
+        now = gw.overlap(body, worker)
+        if now == last:
+            return now
+        last = now
+
+
+def test_predicted_cached_tokens_equal_the_engines_for_every_answer_of_multi_turn_conversations(
+    engines: list[Engine], tmp_path: Path
+) -> None:
+    gw = start_gateway(engines, tmp_path, "--prediction-window", "4", "--prediction-mismatches", "1")
+    try:
+        conversations: list[list[dict[str, Any]]] = [
+            [{"role": "system", "content": text(500 + c, 130)}] for c in range(3)
+        ]
+        homes: dict[int, str] = {}
+        previous: dict[int, int] = {}
+        answers = predicted_total = actual_total = 0
+        for turn in range(4):
+            for c, messages in enumerate(conversations):  # interleaved, as concurrent users would be
+                messages.append({"role": "user", "content": text(600 + 10 * c + turn, 90)})
+                body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 8, "temperature": 0}
+                if c in homes:
+                    settled_overlap(gw, body, homes[c], at_least=previous[c] // BLOCK_SIZE)
+                    stable_overlap(gw, body, homes[c])
+                before = scrape(gw)
+                if (turn + c) % 2:
+                    usage, content, worker = stream_chat(gw, body)
+                else:
+                    answer, headers = gw.post("/v1/chat/completions", body)
+                    usage, content, worker = (
+                        answer["usage"],
+                        answer["choices"][0]["message"]["content"],
+                        headers["x-kvgate-worker"],
+                    )
+                after = scrape(gw)
+                cached = usage["prompt_tokens_details"]["cached_tokens"]
+                predicted = sample(after, "kvgate_predicted_cached_tokens_total", worker) - sample(
+                    before, "kvgate_predicted_cached_tokens_total", worker
+                )
+                actual = sample(after, "kvgate_engine_cached_tokens_total", worker) - sample(
+                    before, "kvgate_engine_cached_tokens_total", worker
+                )
+                assert actual == cached, (c, turn, usage)
+                assert predicted == actual, (c, turn, worker, usage, predicted)
+                if turn:
+                    assert cached > 0, (c, turn, usage)
+                answers += 1
+                predicted_total += int(predicted)
+                actual_total += cached
+                homes.setdefault(c, worker)
+                previous[c] = usage["prompt_tokens"]
+                messages.append({"role": "assistant", "content": content})
+        final = scrape(gw)
+        for engine in engines:
+            assert sample(final, "kvgate_prediction_mismatches_total", engine.name) == 0
+            assert sample(final, "kvgate_worker_prediction_trusted", engine.name) == 1
+        with urllib.request.urlopen(gw.url + "/health", timeout=10) as response:
+            health = json.loads(response.read())
+        assert "predictions" not in health  # present only while some worker's predictions are distrusted
+        print(
+            f"\npredicted {predicted_total:,} / actual {actual_total:,} cached tokens over {answers} responses "
+            f"({len(conversations)} conversations x 4 turns, half streamed; 0 mismatches)"
+        )
+        assert predicted_total == actual_total > 0
+    finally:
+        gw.service.stop()
