@@ -109,49 +109,34 @@ def test_the_protocol_layer_does_no_io(path: Path) -> None:
         assert module.split(".")[0] not in NO_IO_IN_PROTOCOL, f"{path}:{line} imports {module}"
 
 
+def repository_lines(suffixes: set[str]) -> list[tuple[str, int, str]]:
+    """Every line of the repository's own text files with these suffixes: tracked files and
+    new ones git does not ignore (never .venv/), symlinks left out."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    out = []
+    for name in filter(None, listed.split("\0")):
+        path = REPO / name
+        if path.is_symlink() or not path.is_file() or path.suffix not in suffixes:
+            continue
+        out += [(name, n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1)]
+    return out
+
+
 def test_nothing_points_outside_the_repository() -> None:
     outside = re.compile(r"/wor[k]/|\.\./share[d]\b")  # the classes keep this line from matching itself
-    # What the repository holds: tracked files and new ones git does not ignore (not .venv/).
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    offenders = []
-    for name in filter(None, listed):
-        path = REPO / name
-        if path.is_symlink() or not path.is_file():
-            continue
-        if path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".json", ".cfg", ".jinja", ""}:
-            continue
-        text = path.read_text(errors="replace")
-        offenders += [f"{name}:{n}" for n, line in enumerate(text.splitlines(), 1) if outside.search(line)]
+    lines = repository_lines({".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".json", ".cfg", ".jinja", ""})
+    offenders = [f"{name}:{n}" for name, n, line in lines if outside.search(line)]
     assert not offenders, f"paths outside the repository: {offenders}"
 
 
 def test_commands_start_modules_by_their_installed_name() -> None:
     # A rootless name (worker.sim) run from a checkout imports the folder as a second package.
     old = re.compile(r"""-m["',\s]+(?:gateway|router|indexer|worker|loadtest|protocol|dev)\b(?!/)""")
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    offenders = []
-    for name in filter(None, listed):
-        path = REPO / name
-        if path.is_symlink() or not path.is_file() or path.suffix not in {".py", ".md", ".yaml", ".yml", ".sh", ""}:
-            continue
-        lines = path.read_text(errors="replace").splitlines()
-        offenders += [f"{name}:{n}" for n, line in enumerate(lines, 1) if old.search(line)]
+    lines = repository_lines({".py", ".md", ".yaml", ".yml", ".sh", ""})
+    offenders = [f"{name}:{n}" for name, n, line in lines if old.search(line)]
     assert not offenders, f"commands naming a module without the kvgate root: {offenders}"
