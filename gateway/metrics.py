@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvgate.gateway.errors import NO_WORKER
 from kvgate.gateway.relay import Exchange
 from kvgate.protocol.events import Tier, WorkerKey
 from kvgate.router.lifecycle import InFlight
+from kvgate.stats import Field, counters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -36,6 +37,22 @@ _ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 
 _BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _RATE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 ROUTING_STAGES = ("tokenize", "hash", "match", "score")
+
+
+# The indexer's counters (IndexerStats), as /metrics exports them.
+INDEX_STATS = (
+    Field("events_applied", "KV events applied to the index"),
+    Field("blocks_stored", "Block stores applied"),
+    Field("blocks_removed", "Block removals applied"),
+    Field("gaps", "Sequence gaps detected in a worker's event stream"),
+    Field("replays_requested", "Replays asked of a worker's replay socket"),
+    Field("replays_failed", "Replays that failed (the stream continued without a reset)"),
+    Field("restarts", "Engine restarts detected (sequence fell back)"),
+    Field("duplicates", "Batches dropped as already applied"),
+    Field("unknown_parent", "Stores whose parent block was unknown"),
+    Field("unknown_block", "Removals or tier updates naming an unknown block"),
+    Field("rejected", "Event batches rejected, by reason", name="events_rejected"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,31 +330,7 @@ class _StateCollector(Collector):
         stats = self.state.indexer_stats()
         if stats is None:
             return
-        simple = (
-            ("events_applied", "KV events applied to the index"),
-            ("blocks_stored", "Block stores applied"),
-            ("blocks_removed", "Block removals applied"),
-            ("gaps", "Sequence gaps detected in a worker's event stream"),
-            ("replays_requested", "Replays asked of a worker's replay socket"),
-            ("replays_failed", "Replays that failed (the stream continued without a reset)"),
-            ("restarts", "Engine restarts detected (sequence fell back)"),
-            ("duplicates", "Batches dropped as already applied"),
-            ("unknown_parent", "Stores whose parent block was unknown"),
-            ("unknown_block", "Removals or tier updates naming an unknown block"),
-        )
-        for name, doc in simple:
-            value = getattr(stats, name, None)
-            if value is None:
-                continue
-            family = CounterMetricFamily(f"kvgate_index_{name}", doc)
-            family.add_metric((), float(value))
-            yield family
-        rejected = CounterMetricFamily(
-            "kvgate_index_events_rejected", "Event batches rejected, by reason", labels=("kind",)
-        )
-        for kind, count in sorted(getattr(stats, "rejected", {}).items()):
-            rejected.add_metric((kind,), float(count))
-        yield rejected
+        yield from counters("kvgate_index_", stats, INDEX_STATS)
 
     def _load(self) -> Iterable[Metric]:
         gauges = {

@@ -41,9 +41,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from kvgate.bus import Bus, NatsCredentials, connect_nats
 from kvgate.etcd import EtcdCredentials
@@ -56,6 +56,7 @@ from kvgate.router.lifecycle import InFlight
 from kvgate.router.load import LoadTracker, RemoteRequest
 from kvgate.router.registry import WorkerRegistry
 from kvgate.secret import Secret, read_secret
+from kvgate.stats import counter, counters, every_field
 
 log = logging.getLogger(__name__)
 
@@ -486,12 +487,10 @@ class GatewayBus:
             stale.add_metric((worker_id,), float(not self.indexer.trusted(worker_id, reason="events")))
         yield stale
         if self.source is not None:
-            for f in fields(self.source.stats):
-                family = CounterMetricFamily(
-                    f"kvgate_bus_event_stream_{f.name}", f"Event messages over NATS: {f.name.replace('_', ' ')}"
-                )
-                family.add_metric((), float(getattr(self.source.stats, f.name)))
-                yield family
+            stats = self.source.stats
+            yield from counters(
+                "kvgate_bus_event_stream_", stats, every_field(stats, "Event messages over NATS: {name}")
+            )
         for name, value, doc in (
             ("load_messages", self.engine_load.received, "Load messages received"),
             (
@@ -514,15 +513,9 @@ class GatewayBus:
             ),
             ("reconnects", self.reconnects, "NATS reconnections"),
         ):
-            family = CounterMetricFamily(f"kvgate_bus_{name}", doc)
-            family.add_metric((), float(value))
-            yield family
-        rejected = CounterMetricFamily(
+            yield counter(f"kvgate_bus_{name}", doc, value)
+        yield counter(
             "kvgate_bus_rejected",
             "Bus messages dropped, by reason (malformed, subject_mismatch, unsigned, bad_signature, stale_signature)",
-            labels=("kind",),
+            dict(sorted(self.bus.rejected.items())) if self.bus is not None else {},
         )
-        if self.bus is not None:
-            for kind, count in sorted(self.bus.rejected.items()):
-                rejected.add_metric((kind,), float(count))
-        yield rejected
