@@ -391,6 +391,7 @@ class GatewayBus:
             stale_after=self.events_stale_after,
             resync_interval=self.resync_interval,
             accept=self.registry.__contains__,
+            ranks=self._dp_size,
             consumer_id=self.router_id,
         )
         await self.source.start()
@@ -406,6 +407,10 @@ class GatewayBus:
         await self._catch_up()
         self._ready.set()
         await self._publish_loop()
+
+    def _dp_size(self, worker_id: str) -> int:
+        info = self.registry.get(worker_id)
+        return 0 if info is None else info.dp_size
 
     async def _on_reconnected(self) -> None:
         self.reconnects += 1

@@ -55,6 +55,7 @@ class StreamStats:
     epochs_changed: int = 0
     not_accepted: int = 0
     resync_requests: int = 0
+    bad_ranks: int = 0
 
 
 class StreamTracker:
@@ -158,7 +159,10 @@ class NatsEventSource:
 
     ``accept(worker_id)`` says whether a worker is currently known (pass the registry's
     ``__contains__``); call ``forget(worker_id)`` when discovery drops a worker and
-    ``resync_all()`` from the connection's reconnected callback.
+    ``resync_all()`` from the connection's reconnected callback. ``ranks(worker_id)``
+    (the worker's data-parallel size) bounds the ranks applied: events naming a rank the
+    worker does not have are counted (``bad_ranks``) and dropped, since index state for
+    them would outlive anything that could remove it.
 
     Trust: after every message of an accepted worker, the sink trusts it exactly while
     its stream is in sync (from a ``reset`` on, until a gap or a new epoch); a sweep
@@ -176,11 +180,13 @@ class NatsEventSource:
         stale_after: float = 6.0,
         resync_interval: float = 1.0,
         accept: Callable[[str], bool] | None = None,
+        ranks: Callable[[str], int] | None = None,
         consumer_id: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bus = bus
         self.sink = sink
+        self.ranks = ranks
         self.tracker = StreamTracker(stale_after=stale_after, resync_interval=resync_interval, accept=accept)
         self.consumer_id = consumer_id
         self.clock = clock
@@ -212,7 +218,10 @@ class NatsEventSource:
         if verdict.reset:
             self.sink.remove_worker(worker_id)
         if verdict.apply and msg.events:
-            self.sink.apply_router_events(msg.key, msg.events)
+            if self.ranks is not None and msg.dp_rank >= self.ranks(worker_id):
+                self.tracker.stats.bad_ranks += 1
+            else:
+                self.sink.apply_router_events(msg.key, msg.events)
         in_sync = self.tracker.in_sync(worker_id)
         # Not applied and out of sync: a worker not accepted (the sink holds nothing of it)
         # or a duplicate from one already distrusted.

@@ -51,6 +51,7 @@ import zmq.asyncio
 from kvgate.indexer.pipeline import EngineBatchSink, StreamPosition
 from kvgate.protocol.events import EventBatch
 from kvgate.protocol.wire import (
+    MAX_SEQ,
     REPLAY_END_SEQ,
     DecodeError,
     decode_batch,
@@ -97,6 +98,8 @@ class SourceStats:
     """Batches the SUB socket missed that a catch-up applied."""
     late_duplicates: int = 0
     """Live batches skipped because a catch-up had applied them while they were in flight."""
+    catch_up_errors: int = 0
+    """Catch-up rounds that failed (logged); the next one asks again."""
     indexer_errors: int = 0
 
 
@@ -232,10 +235,15 @@ class ZmqEventSource:
                 self.stats.batches_applied += 1
 
     def _apply(self, rank: int, seq: int, batch: EventBatch, *, replayed: bool) -> bool:
-        self.last_batch = time.perf_counter()
-        if batch.data_parallel_rank is None:
+        named = batch.data_parallel_rank
+        if named is None:
             # SGLang and older vLLM may omit the rank; the socket it came on tells it.
             batch.data_parallel_rank = rank
+        elif not 0 <= named < self.dp_size:
+            # A rank the worker does not have would grow index state nothing ever removes.
+            self._reject(DecodeError("bad_rank", f"rank {named} of a worker with {self.dp_size}"))
+            return False
+        self.last_batch = time.perf_counter()
         try:
             self._sink.apply_engine_batch(self.worker_id, seq, batch, replayed=replayed)
         except Exception:
@@ -341,14 +349,19 @@ class ZmqEventSource:
                 # last one can hide, and it is asked for once the rank goes quiet.
                 feed.heard = False
             elif not self._position(rank).replays:
-                await self._catch_up(rank)
+                try:
+                    await self._catch_up(rank)
+                except Exception:
+                    # Whatever went wrong, the next tick asks again: this loop must outlive it.
+                    self.stats.catch_up_errors += 1
+                    log.exception("catch-up of %s rank %d failed", self.worker_id, rank)
 
     async def _catch_up(self, rank: int) -> None:
         feed = self._feeds[rank]
         async with self._replay_locks.setdefault(rank, asyncio.Lock()):
             asked = self._position(rank)
-            if asked.replays:
-                return
+            if asked.replays or asked.last_seq >= MAX_SEQ:
+                return  # a gap replay covers it, or no seq can follow the last one
             self.stats.catch_ups += 1
             payloads = await self._fetch(rank, asked.last_seq + 1, None)
         now = self._position(rank)

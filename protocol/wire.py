@@ -55,7 +55,8 @@ REPLAY_END_SEQ = -1
 
 _MEDIUM_NAMES = {Tier.GPU: "GPU", Tier.CPU: "CPU", Tier.DISK: "DISK"}
 _LEGACY_MEDIUM_NAMES = {**_MEDIUM_NAMES, Tier.GPU: None}
-_MAX_SEQ = (1 << 64) - 1
+MAX_SEQ = (1 << 64) - 1
+"""The last seq a u64 frame can carry: nothing follows it but an engine restart."""
 
 
 class DecodeError(ValueError):
@@ -410,7 +411,7 @@ def _event_array(event: EngineEvent) -> list[Any]:
 
 
 def _u64(seq: int) -> bytes:
-    if not 0 <= seq <= _MAX_SEQ:
+    if not 0 <= seq <= MAX_SEQ:
         raise ValueError(f"seq {seq} outside u64")
     return seq.to_bytes(8, "big")
 

@@ -379,3 +379,15 @@ async def test_nats_round_trip_feeds_an_indexer_and_survives_bad_payloads(nats_s
     finally:
         await publisher.close()
         await consumer.close()
+
+
+async def test_nats_source_drops_events_naming_a_rank_the_worker_does_not_have():
+    indexer, bus = KvIndexer(block_size=4), StubBus()
+    source = NatsEventSource(bus, indexer, accept={"w1"}.__contains__, ranks=lambda worker_id: 1)  # type: ignore[arg-type]
+    h = sequence_hashes(list(range(8)), 4)
+    source.handle(msg(0, reset=True, events=[RouterCleared(), RouterStored(h)]))
+    forged = EventsMessage("w1", 3, 1, 1, [RouterStored(h)])
+    source.handle(forged)
+    assert source.stats.bad_ranks == 1
+    # No index state (nor metric series) for a rank nothing would ever remove.
+    assert indexer.keys() == [WorkerKey("w1")] and WorkerKey("w1", 3) not in indexer.find_matches(h)

@@ -614,3 +614,49 @@ def test_catch_up_interval_is_checked():
         ZmqSourceConfig(catch_up_interval=-1)
     with pytest.raises(ValueError, match="replay_timeout"):
         ZmqSourceConfig(replay_timeout=0)
+
+
+# --- events at the edges ----------------------------------------------------------------
+
+
+async def test_a_batch_naming_a_rank_the_worker_does_not_have_is_rejected(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    pub = publisher(port)
+    src = source("w1", port)
+    await pub.subscribed()
+    bad = store([1], 0)
+    bad.data_parallel_rank = 5  # the worker has one rank
+    await pub.publish(bad)
+    await pub.publish(store([2], 0))
+    await until(lambda: src.stats.batches_applied == 1, "the good batch applied")
+    assert src.stats.rejected["bad_rank"] == 1 and indexer.stats.rejected["bad_rank"] == 1
+    assert indexer.keys() == [WorkerKey("w1")]  # no state for rank 5, nothing left to clean up
+
+
+async def test_the_last_possible_seq_does_not_stop_the_catch_up(rig):
+    """seq 2**64 - 1 leaves nothing to ask for after it: the catch-up skips the rank instead of
+    dying on an unencodable request, and keeps serving the engine that restarts after it."""
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    pub = publisher(port, replay_port)
+    src = source("w1", port, replay_port, config=CATCH_UP)
+    await pub.subscribed()
+    pub.next_seq = 2**64 - 1
+    await pub.publish(store([1], 0))
+    key = WorkerKey("w1")
+    await until(lambda: depth(indexer, key, tokens(0, 1)) == 1, "the last seq applied")
+    asked = len(pub.replay_requests)
+    await asyncio.sleep(0.3)  # several catch-up ticks
+    assert len(pub.replay_requests) == asked and src.stats.catch_up_errors == 0
+    # The engine restarts: its seq 0 goes to nobody, seq 1 arrives live and reads as a restart,
+    # whose replay from 0 fetches the rest.
+    pub.next_seq = 0
+    await pub.publish(store([7], 4 * BS), live=False)
+    await pub.publish(store([8], 8 * BS))
+    await until(lambda: depth(indexer, key, tokens(8 * BS, 1)) == 1, "the restarted engine's batch")
+    await until(lambda: depth(indexer, key, tokens(4 * BS, 1)) == 1, "its first batch, by replay")
+    assert indexer.stats.restarts == 1 and depth(indexer, key, tokens(0, 1)) == 0
+    # ...and the catch-up keeps asking from there.
+    asked = len(pub.replay_requests)
+    await until(lambda: len(pub.replay_requests) > asked, "another catch-up round")
