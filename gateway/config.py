@@ -139,6 +139,11 @@ class GatewayConfig:
         "sync before its index state is ignored and it is routed by load only "
         "(sidecars heartbeat every 2 s)",
     )
+    events_max_batch_blocks: int = _opt(
+        16_384,
+        "a ZMQ event batch naming more blocks than this is rejected (kind batch_too_large) "
+        "instead of holding the event loop while it applies",
+    )
     events_catch_up_interval: float = _opt(
         2.0,
         "seconds between asks of a quiet ZMQ-fed worker's replay socket "
@@ -229,7 +234,7 @@ class GatewayConfig:
         for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_messages", "max_connections", "max_header_size", "max_headers"):
+        for name in ("max_messages", "max_connections", "max_header_size", "max_headers", "events_max_batch_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prediction_window < 0:

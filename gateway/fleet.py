@@ -215,7 +215,10 @@ class Fleet:
             self.indexer,
             topic.encode(),
             dp_size=dp_size,
-            config=ZmqSourceConfig(catch_up_interval=self.config.events_catch_up_interval),
+            config=ZmqSourceConfig(
+                catch_up_interval=self.config.events_catch_up_interval,
+                max_batch_blocks=self.config.events_max_batch_blocks,
+            ),
         )
         self.sources[worker_id] = source
         self._watches[worker_id] = _EventWatch()

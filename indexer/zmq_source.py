@@ -65,6 +65,11 @@ __all__ = ["ReplayDispatcher", "SourceStats", "ZmqEventSource", "ZmqSourceConfig
 log = logging.getLogger(__name__)
 
 
+BYTES_PER_BLOCK = 256
+"""Payload bytes allowed per block of ``max_batch_blocks``: a store of 64 tokens takes about
+230 (u32 token ids as msgpack, hashes, keys), a removal about 60."""
+
+
 @dataclass(slots=True)
 class ZmqSourceConfig:
     replay_timeout: float = 2.0
@@ -72,12 +77,20 @@ class ZmqSourceConfig:
     catch_up_interval: float = 2.0
     """Seconds between catch-up asks of a quiet rank's replay socket; 0: never (also
     never without a replay endpoint). See the module docstring."""
+    max_batch_blocks: int = 16_384
+    """A batch naming more blocks than this (or, before it is even decoded, a payload over
+    ``BYTES_PER_BLOCK`` times this) is rejected (``batch_too_large``): applying it
+    would hold the event loop (100k blocks: about a second). A real engine stays far below
+    it: vLLM publishes once per scheduler step, which stores at most its batched tokens /
+    block size (8,192 / 64 = 128 blocks) and evicts about as many."""
     receive_hwm: int = 100_000
     """SUB queue length; vLLM's PUB uses the same, so a burst is not dropped on our side."""
     reconnect_interval_ms: int = 100
     reconnect_interval_max_ms: int = 2_000
 
     def __post_init__(self) -> None:
+        if self.max_batch_blocks < 1:
+            raise ValueError(f"max_batch_blocks must be >= 1, got {self.max_batch_blocks}")
         if self.replay_timeout <= 0:
             raise ValueError(f"replay_timeout must be > 0, got {self.replay_timeout}")
         if self.catch_up_interval < 0:
@@ -220,6 +233,8 @@ class ZmqEventSource:
             self.stats.frames_received += 1
             try:
                 _topic, seq, payload = decode_frames(frames)
+                if len(payload) > self.config.max_batch_blocks * BYTES_PER_BLOCK:
+                    raise DecodeError("batch_too_large", f"{len(payload)} bytes")
                 if feed.caught:
                     if feed.caught.get(seq) == hash(payload):
                         self.stats.late_duplicates += 1
@@ -242,6 +257,10 @@ class ZmqEventSource:
         elif not 0 <= named < self.dp_size:
             # A rank the worker does not have would grow index state nothing ever removes.
             self._reject(DecodeError("bad_rank", f"rank {named} of a worker with {self.dp_size}"))
+            return False
+        limit = self.config.max_batch_blocks
+        if len(batch.events) > limit or sum(len(getattr(e, "block_hashes", ())) for e in batch.events) > limit:
+            self._reject(DecodeError("batch_too_large", f"more than {limit} blocks in one batch"))
             return False
         self.last_batch = time.perf_counter()
         try:

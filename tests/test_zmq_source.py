@@ -235,7 +235,7 @@ async def test_published_events_reach_the_index(rig):
 async def test_golden_fixture_payloads_are_indexed(rig):
     indexer, source, publisher = rig
     port = free_port()
-    src = source("w1", port)
+    src = source("w1", port, dp_size=2)  # vllm_tagged_map names rank 1: the worker has two
     pub = publisher(port)
     await pub.subscribed()
     for seq, name in enumerate(["vllm_tagged_map.msgpack", "vllm_legacy_array.msgpack"]):
@@ -660,3 +660,35 @@ async def test_the_last_possible_seq_does_not_stop_the_catch_up(rig):
     # ...and the catch-up keeps asking from there.
     asked = len(pub.replay_requests)
     await until(lambda: len(pub.replay_requests) > asked, "another catch-up round")
+
+
+async def test_a_batch_too_large_to_apply_without_stalling_the_loop_is_rejected(rig):
+    indexer, source, publisher = rig
+    port = free_port()
+    pub = publisher(port)
+    src = source("w1", port, config=ZmqSourceConfig(catch_up_interval=0, max_batch_blocks=1000))
+    await pub.subscribed()
+    # Encoded before the clock starts: what is timed is the gateway's side only.
+    flood = encode_batch(EventBatch(1.0, [BlockRemoved([h]) for h in range(100_000)], None))
+    many = encode_batch(EventBatch(1.0, [BlockRemoved([h]) for h in range(1001)], None))
+    loop = asyncio.get_running_loop()
+    longest, last = 0.0, loop.time()
+
+    async def ticker() -> None:
+        nonlocal longest, last
+        while True:
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            longest, last = max(longest, now - last), now
+
+    tick = loop.create_task(ticker())
+    try:
+        await pub.send(encode_frames(b"", 0, flood))  # too many bytes: refused before decoding
+        await pub.send(encode_frames(b"", 1, many))  # small enough to decode, too many blocks
+        pub.next_seq = 2
+        await pub.publish(store([1], 0))
+        await until(lambda: src.stats.batches_applied == 1, "the next batch applied")
+    finally:
+        tick.cancel()
+    assert src.stats.rejected["batch_too_large"] == 2 and indexer.stats.events_applied == 1
+    assert longest < 0.25, f"the event loop stalled {longest * 1000:.0f} ms"
