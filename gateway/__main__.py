@@ -32,7 +32,8 @@ def configure_logging(level: str) -> None:
 
 
 def serve(config: GatewayConfig) -> None:
-    """Build the app and serve it on ``config.host:config.port`` until a signal stops it."""
+    """Build the app and serve it on ``config.host:config.port`` (the admin endpoints on
+    ``admin_host:admin_listen_port`` unless ``admin_on_public_port``) until a signal stops it."""
     app = build_app(config)
     log.info(
         "kvgate on http://%s:%d  model=%s  router=%s  workers=%s",
