@@ -369,6 +369,8 @@ class Cluster:
                 o.namespace,
                 "--router-id",
                 f"g{i}",
+                # Replicas take consecutive ports: port + 1 is the next one's, not an admin listener's.
+                "--admin-on-public-port",
                 *(self.credentials.client_args() if self.credentials is not None else []),
                 *o.gateway_args,
             ],

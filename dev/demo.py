@@ -3,7 +3,9 @@
 Spawns ``--workers`` ``python -m kvgate.worker.sim`` processes on free loopback ports, each
 publishing KV events (and serving replays) on its own ZMQ ports, waits for their
 ``/health``, then serves the gateway (embedded default: static workers, ZMQ events) in
-this process. Its children are stopped when it exits, on SIGINT or SIGTERM.
+this process, with the production layout (``/debug/route`` and ``/metrics`` on the admin
+listener, port + 1, unless ``--admin-on-public-port``). Its children are stopped when it
+exits, on SIGINT or SIGTERM.
 Flags it does not know are gateway flags (``python -m kvgate.gateway --help``).
 """
 
@@ -151,9 +153,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         config = replace(config, workers=[w.entry() for w in workers])
         use_uvloop()
+        admin = (
+            "admin endpoints on the same port"
+            if config.admin_on_public_port
+            else f"/debug/route and /metrics on http://{config.admin_host}:{config.admin_listen_port}"
+        )
         print(
             f"kvgate demo: http://{config.host}:{config.port}/v1  "
-            f"({len(workers)} simulated workers, router {config.router_mode}, model {config.model_name})",
+            f"({len(workers)} simulated workers, router {config.router_mode}, model {config.model_name}; {admin})",
             flush=True,
         )
         serve(config)

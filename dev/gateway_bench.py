@@ -188,6 +188,8 @@ async def bench(args: argparse.Namespace) -> None:
                 port,
                 "--log-level",
                 "warning",
+                # Dev tooling: no second listener whose port + 1 could be taken.
+                "--admin-on-public-port",
                 f"--worker=url={worker.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{worker.events_port},"
                 f"kv_events_replay_endpoint=tcp://127.0.0.1:{worker.replay_port}",
             ],

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from kvgate.gateway import server
-from kvgate.gateway.app import build_app
+from kvgate.gateway.app import ADMIN_APP_KEY, GATEWAY_KEY, build_app
+from kvgate.gateway.auth import warn_exposure
 from kvgate.gateway.config import GatewayConfig, load_config
 from kvgate.gateway.tokenization import TokenizerError
 
@@ -31,7 +32,8 @@ def configure_logging(level: str) -> None:
 
 
 def serve(config: GatewayConfig) -> None:
-    """Build the app and serve it on ``config.host:config.port`` until a signal stops it."""
+    """Build the app and serve it on ``config.host:config.port`` (the admin endpoints on
+    ``admin_host:admin_listen_port`` unless ``admin_on_public_port``) until a signal stops it."""
     app = build_app(config)
     log.info(
         "kvgate on http://%s:%d  model=%s  router=%s  workers=%s",
@@ -41,6 +43,8 @@ def serve(config: GatewayConfig) -> None:
         config.router_mode,
         ", ".join(w["id"] for w in config.workers) or "none",
     )
+    warn_exposure(config, app[GATEWAY_KEY].access)
+    admin_app = app[ADMIN_APP_KEY]
     raise_open_files_limit(config.max_connections)
     asyncio.run(
         server.serve(
@@ -48,6 +52,9 @@ def serve(config: GatewayConfig) -> None:
             config.host,
             config.port,
             server.ServerLimits.from_config(config),
+            admin=None
+            if admin_app is None
+            else server.Listener(admin_app, config.admin_host, config.admin_listen_port),
             access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
         )
     )
@@ -79,8 +86,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TokenizerError as err:
         log.error("cannot load the tokenizer of %s: %s", config.model, err)
         sys.exit(2)
+    except ValueError as err:
+        # A key or secret file that cannot be read (the message names the file, never a key).
+        log.error("%s", err)
+        sys.exit(2)
     except OSError as err:
-        log.error("cannot serve on %s:%d: %s", config.host, config.port, err)
+        admin = "" if config.admin_on_public_port else f" (admin {config.admin_host}:{config.admin_listen_port})"
+        log.error("cannot serve on %s:%d%s: %s", config.host, config.port, admin, err)
         sys.exit(1)
 
 

@@ -13,6 +13,12 @@ see it, and so do the listeners subscribed on the router, the request metrics
 (``replicas.GatewayBus``). Handlers hold no policy; errors leave as OpenAI-style JSON
 (``errors``), never as a stack trace.
 
+Who may call which route is ``auth.Access``'s: the OpenAI routes need an API key when
+keys are configured and count against the caller's rate limits; ``/debug/route`` and
+``/metrics`` (the cache and fleet state) need the admin key when one is configured and are
+served by a second application, ``ADMIN_APP_KEY``, on its own listener, unless
+``admin_on_public_port``; ``/health`` is public and says only up/down per worker there.
+
 Workers come from the static list or from etcd (``router.discovery.EtcdDiscovery``);
 their events from their ZMQ sockets or from NATS; ``Gateway.start`` wires whichever
 the configuration names.
@@ -34,6 +40,7 @@ from aiohttp.http_exceptions import ContentEncodingError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvgate.gateway.api import ChatRequest, CompletionRequest, parse_chat, parse_completion, parse_json_object
+from kvgate.gateway.auth import Access, Budget
 from kvgate.gateway.config import GatewayConfig
 from kvgate.gateway.errors import (
     NO_WORKER,
@@ -77,6 +84,8 @@ DISCOVERY_WAIT_SECONDS = 10.0
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+# The admin endpoints' own application (None with admin_on_public_port), served by server.serve.
+ADMIN_APP_KEY: web.AppKey[web.Application | None] = web.AppKey("admin_app")
 
 
 class CountedFailure(Exception):
@@ -111,6 +120,7 @@ class Gateway:
         self.context_length = self.preprocessor.context_length
         self.model_name = config.model_name
         self.lora_adapters = frozenset(config.lora_adapters)
+        self.access = Access.from_config(config)
         self.registry = WorkerRegistry()
         self.replay = ReplayDispatcher()
         self.indexer = KvIndexer(config.block_size, self.replay)
@@ -203,6 +213,7 @@ class Gateway:
         return await self._complete(request, COMPLETIONS)
 
     async def models(self, request: web.Request) -> web.Response:
+        self._admit(request)
         created = int(time.time())
         cards = [
             {
@@ -232,9 +243,20 @@ class Gateway:
     # -- operations -----------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
+        """Public: up/down per worker; the rest as well where the admin endpoints are served
+        and the request may see them."""
+        detailed = self.config.admin_on_public_port and self._admin_allowed(request)
+        return self._health(detailed)
+
+    async def admin_health(self, request: web.Request) -> web.Response:
+        return self._health(self._admin_allowed(request))
+
+    def _health(self, detailed: bool) -> web.Response:
         workers = {info.worker_id: bool(self.fleet.up.get(info.worker_id)) for info in self.registry.all()}
         ready = any(workers.values())
         body: dict[str, object] = {"status": "ok" if ready else "unavailable", "workers": workers}
+        if not detailed:
+            return _json(body, status=200 if ready else 503)
         distrusted = self.hit_check.distrusted(workers)
         if distrusted:
             body["predictions"] = distrusted
@@ -257,11 +279,13 @@ class Gateway:
         return _json(body, status=200 if ready else 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        self.access.check_admin(request.headers.get("Authorization"))
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def debug_route(self, request: web.Request) -> web.Response:
         """Explain where a chat or completion body would go, without forwarding it."""
         try:
+            self.access.check_admin(request.headers.get("Authorization"))
             body = await self._read_body(request)
             data = parse_json_object(body)
             route = CHAT if "messages" in data else COMPLETIONS
@@ -284,13 +308,31 @@ class Gateway:
     async def _complete(self, request: web.Request, route: str) -> web.StreamResponse:
         started = time.perf_counter()
         try:
+            client = self._admit(request)
             body = await self._read_body(request)
             parsed = parse_chat(body, self.config.max_messages) if route == CHAT else parse_completion(body)
             routed = await self._route(route, parsed, started)
+            self._limit("tokens", client, routed.prompt_tokens)
         except ApiError as err:
             self.metrics.refused(route, err.status)
             return err.response(NO_WORKER)
         return await self._forward(request, body, routed)
+
+    def _admit(self, request: web.Request) -> str:
+        """The caller's identity for the rate limits, once its key is checked and its request counted."""
+        client = self.access.client(request.headers.get("Authorization"), request.remote)
+        self._limit("requests", client, 1)
+        return client
+
+    def _limit(self, budget: Budget, client: str, cost: int) -> None:
+        try:
+            self.access.take(budget, client, cost)
+        except ApiError:
+            self.metrics.child(self.metrics.rate_limited, budget).inc()
+            raise
+
+    def _admin_allowed(self, request: web.Request) -> bool:
+        return self.access.admin_allowed(request.headers.get("Authorization"))
 
     async def _read_body(self, request: web.Request) -> bytes:
         try:
@@ -497,6 +539,7 @@ async def server_header(request: web.Request, response: web.StreamResponse) -> N
 
 
 def build_app(config: GatewayConfig, preprocessor: Preprocessor | None = None) -> web.Application:
+    """The public application; the admin endpoints' one, unless on the public port, is its ``ADMIN_APP_KEY``."""
     gateway = Gateway(config, preprocessor)
     app = web.Application(client_max_size=config.client_max_size, middlewares=[openai_errors])
     app[GATEWAY_KEY] = gateway
@@ -517,6 +560,19 @@ def build_app(config: GatewayConfig, preprocessor: Preprocessor | None = None) -
     app.router.add_post(COMPLETIONS, gateway.completions)
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/health", gateway.health)
+    if config.admin_on_public_port:
+        app[ADMIN_APP_KEY] = None
+        _add_admin_routes(app, gateway)
+        return app
+    admin = web.Application(client_max_size=config.client_max_size, middlewares=[openai_errors])
+    admin[GATEWAY_KEY] = gateway
+    admin.on_response_prepare.append(server_header)
+    admin.router.add_get("/health", gateway.admin_health)
+    _add_admin_routes(admin, gateway)
+    app[ADMIN_APP_KEY] = admin
+    return app
+
+
+def _add_admin_routes(app: web.Application, gateway: Gateway) -> None:
     app.router.add_get("/metrics", gateway.metrics_endpoint)
     app.router.add_post("/debug/route", gateway.debug_route)
-    return app

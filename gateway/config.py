@@ -46,6 +46,39 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class GatewayConfig:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")
+    api_keys: list[str] = field(
+        default_factory=list,
+        repr=False,
+        metadata={
+            "help": "keys a client must send as 'Authorization: Bearer <key>' on the OpenAI routes; none: "
+            "those routes are open. Prefer api_key_file or KVGATE_API_KEYS (comma-separated): flags show in ps"
+        },
+    )
+    api_key_file: str | None = _opt(None, "file of API keys, one per line ('#' comments); added to api_keys")
+    admin_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "key /debug/route and /metrics require ('Authorization: Bearer <key>'), wherever they are "
+            "served; set it as KVGATE_ADMIN_KEY or use admin_key_file (flags show in ps)"
+        },
+    )
+    admin_key_file: str | None = _opt(None, "file holding the admin key")
+    admin_host: str = _opt("127.0.0.1", "address of the admin listener (/debug/route, /metrics, detailed /health)")
+    admin_port: int | None = _opt(
+        None, "port of the admin listener; 0: any free port (default: port + 1, or any free port when port is 0)"
+    )
+    admin_on_public_port: bool = _opt(
+        False,
+        "serve /debug/route and /metrics on the public port instead of an admin listener "
+        "(single-box setups and the dev tooling; an admin key, if set, is still required)",
+    )
+    rate_limit_requests: int = _opt(
+        0, "requests per minute per API key (per client address without keys); past it: 429; 0: no limit"
+    )
+    rate_limit_tokens: int = _opt(
+        0, "prompt tokens per minute per API key (per client address without keys); past it: 429; 0: no limit"
+    )
     model: str = _opt(str(DEFAULT_MODEL), "tokenizer + chat template: a local directory or a hub id")
     served_model_name: str | None = _opt(None, "model name clients send (default: basename of --model)")
     revision: str | None = _opt(None, "hub revision of --model (branch, tag or commit)")
@@ -231,6 +264,17 @@ class GatewayConfig:
         for name in ("events_catch_up_interval", "events_missing_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.admin_port is not None and not 0 <= self.admin_port < 65536:
+            raise ValueError(f"admin_port must be in 1..65535 (or 0 for any free port), got {self.admin_port}")
+        if self.admin_port is None and self.port == 65535 and not self.admin_on_public_port:
+            raise ValueError("port 65535 leaves no port + 1 for the admin listener: set admin_port")
+        if not self.admin_on_public_port and self.admin_port is not None and self.admin_port == self.port != 0:
+            raise ValueError(f"admin_port {self.admin_port} is the public port: use admin_on_public_port")
+        for name in ("rate_limit_requests", "rate_limit_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if not all(isinstance(k, str) and k.strip() == k and k for k in self.api_keys):
+            raise ValueError("api_keys must be non-empty strings without surrounding whitespace")
         for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -256,6 +300,13 @@ class GatewayConfig:
         self._check_distributed()
         # One source of truth for the two settings the router shares with the gateway.
         self.kv = replace(self.kv, mode=self.router_mode, block_size=self.block_size)
+
+    @property
+    def admin_listen_port(self) -> int:
+        """The admin listener's port: ``admin_port``, else the public port + 1 (0 stays 0: any free port)."""
+        if self.admin_port is not None:
+            return self.admin_port
+        return self.port + 1 if self.port else 0
 
     @property
     def model_name(self) -> str:
@@ -329,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "workers":
             parser.add_argument(
                 "--worker", dest="workers", action="append", type=_parse_worker_flag, metavar="SPEC", help=meta["help"]
+            )
+            continue
+        if f.name == "api_keys":
+            parser.add_argument(
+                "--api-key", dest="api_keys", action="append", metavar="KEY", help=meta["help"] + " (repeatable)"
             )
             continue
         if f.name == "lora_adapters":
@@ -453,6 +509,11 @@ def config_from_dict(data: Mapping[str, Any]) -> GatewayConfig:
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"lora_adapters must be a list of names, got {value!r}")
             kwargs[name] = list(value)
+        elif name == "api_keys":
+            # The message never quotes a value: it may be a key.
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ValueError("api_keys must be a list of non-empty strings")
+            kwargs[name] = [v.strip() for v in value]
         else:
             kwargs[name] = _check_scalar(f, value)
     if "router_mode" in kwargs and kwargs["router_mode"] not in ROUTER_MODES:
@@ -467,7 +528,9 @@ def _check_scalar(f: Any, value: Any) -> Any:
     if kind is float and type(value) is int:
         value = float(value)
     if type(value) is not kind:
-        raise ValueError(f"{f.name} must be {kind.__name__}, got {value!r}")
+        # A secret's value is never quoted back.
+        shown = repr(value) if f.repr else type(value).__name__
+        raise ValueError(f"{f.name} must be {kind.__name__}, got {shown}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
@@ -479,6 +542,9 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     for f in fields(GatewayConfig):
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is None or f.name in ("kv", "workers", "lora_adapters"):
+            continue
+        if f.name == "api_keys":
+            out[f.name] = [k.strip() for k in raw.split(",") if k.strip()]
             continue
         kind, _ = _field_kind(f)
         try:

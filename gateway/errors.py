@@ -39,6 +39,8 @@ class ApiError(Exception):
         self.type = type
         self.code = code
         self.param = param
+        self.headers: dict[str, str] = {}
+        """Extra answer headers (``Retry-After`` on a 429)."""
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -46,7 +48,9 @@ class ApiError(Exception):
         )
 
     def response(self, worker: str | None = None) -> web.Response:
-        headers = {WORKER_HEADER: worker} if worker is not None else None
+        headers = dict(self.headers)
+        if worker is not None:
+            headers[WORKER_HEADER] = worker
         return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
 
     def raw_response(self) -> bytes:

@@ -200,6 +200,12 @@ class GatewayMetrics:
             ("worker",),
             registry=r,
         )
+        self.rate_limited = Counter(
+            "kvgate_rate_limited",
+            "Requests refused with a 429 by the per-client rate limits, by the budget spent (requests, tokens)",
+            ("reason",),
+            registry=r,
+        )
         self._routing_children = {stage: self.routing.labels(stage) for stage in ROUTING_STAGES}
         # labels() takes a lock and a dict lookup; the request path caches the children it uses.
         self._children: dict[tuple[Any, ...], Any] = {}

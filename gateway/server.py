@@ -8,7 +8,8 @@ closed), the keep-alive idle timeout and the header size and count limits (aioht
 parser enforces those), and the answer to every request aiohttp's parser refuses (bad
 request line, header too long, too many headers, Content-Length with Transfer-Encoding,
 ...): OpenAI-style JSON with its 4xx, logged at INFO in one line, never a traceback.
-``serve`` runs an application with all of it until SIGINT / SIGTERM.
+``serve`` runs an application with all of it until SIGINT / SIGTERM, and beside it,
+when given one, the admin application on its own address with the same limits.
 
 It never reads bodies (the body timeout is ``app.py``'s, around its one read) and never
 looks inside a request. aiohttp offers no public hook for its protocol class, so
@@ -230,16 +231,26 @@ class GatewayRunner(web.AppRunner):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A second application and where it listens (the admin endpoints)."""
+
+    app: web.Application
+    host: str
+    port: int
+
+
 async def serve(
     app: web.Application,
     host: str,
     port: int,
     limits: ServerLimits,
     *,
+    admin: Listener | None = None,
     access_log: logging.Logger | None = None,
     backlog: int = 1024,
 ) -> None:
-    """Serve ``app`` on ``host:port`` until SIGINT / SIGTERM, then shut it down gracefully."""
+    """Serve ``app`` on ``host:port`` (and ``admin``, if any) until SIGINT / SIGTERM, then shut down gracefully."""
     runner = GatewayRunner(
         app,
         limits,
@@ -247,8 +258,18 @@ async def serve(
         # A client that goes away cancels its handler, which closes the upstream request.
         handler_cancellation=True,
     )
+    admin_runner = (
+        GatewayRunner(admin.app, limits, access_log=access_log, handler_cancellation=True)
+        if admin is not None
+        else None
+    )
+    # The public application's start-up starts the gateway the admin one shares, so it goes first.
     await runner.setup()
     try:
+        if admin_runner is not None and admin is not None:
+            await admin_runner.setup()
+            await web.TCPSite(admin_runner, admin.host, admin.port).start()
+            log.info("admin endpoints (/debug/route, /metrics) on %s", _address(admin_runner))
         await web.TCPSite(runner, host, port, backlog=backlog).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -260,4 +281,12 @@ async def serve(
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
     finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()
+
+
+def _address(runner: web.AppRunner) -> str:
+    """Where a started runner listens (its real port when asked for port 0)."""
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"

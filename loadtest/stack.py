@@ -163,6 +163,8 @@ class Stack:
                 {
                     "host": "127.0.0.1",
                     "port": port,
+                    # scrape.py reads the gateway's /metrics on the port the load goes to.
+                    "admin_on_public_port": True,
                     "model": c.model,
                     "router_mode": self.mode,
                     "block_size": c.block_size,

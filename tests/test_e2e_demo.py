@@ -36,6 +36,9 @@ def test_demo_serves_and_stops_its_workers(tmp_path: Path) -> None:
         port,
         "--log-dir",
         tmp_path / "workers",
+        # The demo's admin listener on a free port, not port + 1 (which another test may hold).
+        "--admin-port",
+        0,
         log_path=tmp_path / "demo.log",
     )
     try:

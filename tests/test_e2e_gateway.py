@@ -101,6 +101,8 @@ def start_gateway(name: str, log_dir: Path, *flags: str) -> Gateway:
         "0.5",
         "--load-interval",
         "0.5",
+        # The tests read /metrics and /debug/route where they send requests.
+        "--admin-on-public-port",
         *flags,
         log_path=log_dir / f"gateway-{name}.log",
     )

@@ -59,6 +59,7 @@ async def serving(fleet: list[Worker]):
             "model": str(TINY_MODEL),
             "port": free_port(),
             "router_mode": "round-robin",
+            "admin_on_public_port": True,
             "context_length": CONTEXT,
             "health_interval": 0.2,
             "prediction_window": WINDOW,

@@ -47,10 +47,10 @@ def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
 def test_every_option_is_a_documented_flag() -> None:
     help_text = build_parser().format_help()
     for f in fields(GatewayConfig):
-        if f.name in ("kv", "workers", "lora_adapters"):
+        if f.name in ("kv", "workers", "lora_adapters", "api_keys"):
             continue
         assert "--" + f.name.replace("_", "-") in help_text, f.name
-    assert "--worker " in help_text and "--lora-adapter" in help_text
+    assert "--worker " in help_text and "--lora-adapter" in help_text and "--api-key KEY" in help_text
     leaves = [f.name for f in fields(RouterConfig()) if f.name not in ("mode", "block_size", "weights", "busy")]
     leaves += [f.name for f in fields(RouterConfig().weights)] + [f.name for f in fields(RouterConfig().busy)]
     for leaf in leaves:

@@ -163,7 +163,8 @@ def vllm_sources(events_port: int, replay_port: int, topic: str = "kv-events") -
 
 
 async def health_body(gateway: Gateway) -> dict[str, object]:
-    response = await gateway.health(make_mocked_request("GET", "/health"))
+    # The detailed /health: the admin listener's (the public one says up/down per worker only).
+    response = await gateway.admin_health(make_mocked_request("GET", "/health"))
     assert isinstance(response.body, bytes)
     return dict(orjson.loads(response.body))
 

@@ -76,6 +76,8 @@ def start_gateway(engines: list[Engine], log_dir: Path, *extra: str) -> Gateway:
         MODEL_NAME,
         "--log-level",
         "info",
+        # /debug/route and /metrics are read where the requests go.
+        "--admin-on-public-port",
         *(a for engine in engines for a in ("--worker", engine.worker_flag())),
         *extra,
     ]
