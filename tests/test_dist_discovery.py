@@ -108,6 +108,8 @@ async def test_unwanted_registration_deregisters_and_comes_back(etcd_server: Etc
         await until(lambda: "w1" not in registry, timeout=2, what="deregistered when unwanted")
         reg.set_wanted(True)
         await until(lambda: "w1" in registry, timeout=5, what="registered again")
+        # The watch can show the key before the registration task counts its put.
+        await until(lambda: reg.stats.registrations >= 2, timeout=5, what="the second registration counted")
         assert reg.stats.registrations == 2 and reg.stats.deregistrations == 1
 
         # The lease vanishes behind its back (as after etcd lost its data): granted and put again.
@@ -115,6 +117,7 @@ async def test_unwanted_registration_deregisters_and_comes_back(etcd_server: Etc
             await client.revoke_lease(reg.lease_id)
         await until(lambda: "w1" not in registry, what="key gone with the lease")
         await until(lambda: "w1" in registry, what="registered under a new lease")
+        await until(lambda: reg.stats.registrations >= 3, timeout=5, what="the third registration counted")
         assert reg.stats.lease_losses == 1 and reg.stats.registrations == 3
     finally:
         await reg.stop()
