@@ -24,11 +24,23 @@ from pathlib import Path
 log = logging.getLogger("kvgate.dev.launch")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the kernel's pick), for a child to bind."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "0.0.0.0") -> int:
+    """A port nothing listens on right now (the kernel's pick), for a child to bind.
+
+    Probed on every interface by default, since engines bind ``tcp://*:PORT``. Never the
+    same port twice in one process: the kernel may pick a port it just released again,
+    and a launcher starting a fleet asks for a dozen before any child binds one.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
