@@ -105,6 +105,7 @@ class Routed:
     tokenize_seconds: float
     sequences: int = 1
     """Prompts x choices the worker will run (see ``metrics.Outcome.sequences``)."""
+    stream: bool = False
 
 
 class Gateway:
@@ -123,7 +124,9 @@ class Gateway:
         self.access = Access.from_config(config)
         self.registry = WorkerRegistry()
         self.replay = ReplayDispatcher()
-        self.indexer = KvIndexer(config.block_size, self.replay)
+        self.indexer = KvIndexer(
+            config.block_size, self.replay, prediction_capacity=config.kv.prediction_capacity_blocks
+        )
         self.load = LoadTracker.from_config(config.kv)
         self.bus: GatewayBus | None = None
         security = GatewaySecurity.from_config(config)
@@ -139,6 +142,7 @@ class Gateway:
                 replica_timeout=config.replica_timeout,
                 credentials=security.nats,
                 secret=security.bus_secret,
+                events=config.kv_events == "on",
             )
         self.fleet = Fleet(config, self.registry, self.indexer, self.load, self.replay, self.bus)
         # A stale NATS stream's blocks are left out by the index itself (its trust state).
@@ -372,7 +376,15 @@ class Gateway:
             tokenize_seconds,
             {"hash": decision.timings.hash, "match": decision.timings.match, "score": decision.timings.score},
         )
-        return Routed(route, started, sum(len(p) for p in prompts), decision, tokenize_seconds, len(prompts) * parsed.n)
+        return Routed(
+            route,
+            started,
+            sum(len(p) for p in prompts),
+            decision,
+            tokenize_seconds,
+            len(prompts) * parsed.n,
+            parsed.stream,
+        )
 
     def _lora_for(self, model: str | None) -> str | None:
         if model is None or model == self.model_name:
@@ -451,6 +463,49 @@ class Gateway:
         flight.finish(Outcome(routed.route, str(error.status)))
         return error.response(flight.key.worker_id)
 
+    def _router_metrics(self):
+        """The cost model's learned rates and the predictions of sent blocks."""
+        speed = self.router.speed
+        rate = GaugeMetricFamily(
+            "kvgate_worker_prefill_tokens_per_second",
+            "Learned prefill speed per worker (kv cost model)",
+            labels=["worker"],
+        )
+        overhead = GaugeMetricFamily(
+            "kvgate_worker_ttft_overhead_seconds", "Learned fixed part of a first token per worker", labels=["worker"]
+        )
+        for worker in sorted(info.worker_id for info in self.registry.all()):
+            learned = speed.speed(worker)
+            rate.add_metric((worker,), learned.tokens_per_second)
+            overhead.add_metric((worker,), learned.overhead)
+        yield rate
+        yield overhead
+        yield GaugeMetricFamily(
+            "kvgate_router_decode_slowdown",
+            "Learned growth of per-token prefill time per unit of KV usage (decode load)",
+            value=speed.decode_slowdown,
+        )
+        tier = GaugeMetricFamily(
+            "kvgate_router_tier_block_seconds", "Learned cost of loading one block back from a tier", labels=["tier"]
+        )
+        tier.add_metric(("cpu",), speed.tier_block_seconds[1])
+        tier.add_metric(("disk",), speed.tier_block_seconds[2])
+        yield tier
+        samples = CounterMetricFamily(
+            "kvgate_router_speed_samples", "Answers the cost model learned from (or rejected)", labels=["result"]
+        )
+        samples.add_metric(("learned",), float(speed.samples))
+        samples.add_metric(("rejected",), float(speed.rejected))
+        yield samples
+        p = self.indexer.predictions
+        yield GaugeMetricFamily("kvgate_predicted_blocks", "Sent blocks counted held, not yet confirmed", value=len(p))
+        outcomes = CounterMetricFamily(
+            "kvgate_prediction_blocks", "Predicted blocks by what became of them", labels=["outcome"]
+        )
+        for name in ("predicted", "confirmed", "expired", "evicted"):
+            outcomes.add_metric((name,), float(getattr(p, name)))
+        yield outcomes
+
     async def _answer(
         self, request: web.Request, routed: Routed, flight: InFlight, upstream: UpstreamResponse
     ) -> web.StreamResponse:
@@ -487,11 +542,14 @@ class Gateway:
             else:
                 # Closing the connection is what tells the worker to abort the generation.
                 upstream.close()
+            # A streamed answer's first byte timed its first token: the router learns from it.
+            flight.report_usage(exchange.cached_tokens, streamed=routed.stream and status == "200")
             flight.finish(Outcome(routed.route, status, exchange, routed.sequences))
             if exchange.upstream_error is not None:
                 log.warning("request %s: %s", flight.request_id, exchange.upstream_error)
 
     def _distributed_metrics(self):
+        yield from self._router_metrics()
         yield from self.fleet.collect()
         if self.bus is not None:
             yield from self.bus.collect(self.fleet.nats_fed)

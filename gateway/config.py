@@ -101,6 +101,12 @@ class GatewayConfig:
     )
     context_length: int | None = _opt(None, "max prompt + completion tokens (default: the model's)")
     router_mode: str = _opt("kv", "routing policy", choices=ROUTER_MODES)
+    kv_events: str = _opt(
+        "on",
+        "off: ignore the workers' KV events and route on what this gateway sent (approximate mode; "
+        "set --kv-prediction-capacity-blocks to the engines' GPU block count)",
+        choices=("on", "off"),
+    )
     block_size: int = _opt(64, "KV block size in tokens; must match the workers' --block-size")
     workers: list[dict[str, Any]] = _opt(
         [],
@@ -300,6 +306,8 @@ class GatewayConfig:
         self._check_distributed()
         # One source of truth for the two settings the router shares with the gateway.
         self.kv = replace(self.kv, mode=self.router_mode, block_size=self.block_size)
+        if self.kv_events == "off":
+            self.kv = replace(self.kv, approximate=True)
 
     @property
     def admin_listen_port(self) -> int:

@@ -193,7 +193,9 @@ class Fleet:
     def _added(self, info: WorkerInfo) -> None:
         self.up.setdefault(info.worker_id, False)
         self._rebuild_down()
-        if self.bus is not None and info.metadata.get("events") == "nats":
+        if self.config.kv_events == "off":
+            pass  # approximate mode: the router's predictions are the only model of caches
+        elif self.bus is not None and info.metadata.get("events") == "nats":
             self.nats_fed.add(info.worker_id)
             # Nothing of its cache is known yet: untrusted until its sidecar restates it.
             self.indexer.set_trusted(info.worker_id, False)

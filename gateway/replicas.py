@@ -295,8 +295,10 @@ class GatewayBus:
         resync_interval: float = 1.0,
         credentials: NatsCredentials | None = None,
         secret: Secret | None = None,
+        events: bool = True,
     ) -> None:
         self.nats_url = nats_url
+        self.events = events
         self.credentials = credentials
         self.secret = secret
         self.namespace = namespace
@@ -385,16 +387,17 @@ class GatewayBus:
             on_reconnected=self._on_reconnected,
         )
         self.bus = Bus(self.nc, self.namespace, secret=self.secret)
-        self.source = NatsEventSource(
-            self.bus,
-            self.indexer,
-            stale_after=self.events_stale_after,
-            resync_interval=self.resync_interval,
-            accept=self.registry.__contains__,
-            ranks=self._dp_size,
-            consumer_id=self.router_id,
-        )
-        await self.source.start()
+        if self.events:
+            self.source = NatsEventSource(
+                self.bus,
+                self.indexer,
+                stale_after=self.events_stale_after,
+                resync_interval=self.resync_interval,
+                accept=self.registry.__contains__,
+                ranks=self._dp_size,
+                consumer_id=self.router_id,
+            )
+            await self.source.start()
         await self.bus.on_load(self._on_load)
         await self.bus.on_active(self._on_active)
         log.info(

@@ -19,15 +19,21 @@ from the event loop. Never decodes bytes, never routes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from kvgate.indexer.index import Match, PrefixIndex, is_tier
 from kvgate.indexer.pipeline import START, PipelineStats, RankPipeline, ReplaySource, StreamPosition
+from kvgate.indexer.predictions import PredictedBlocks
 from kvgate.indexer.recovery import DEFAULT_MAX_BUFFERED
 from kvgate.indexer.translation import DEFAULT_MAX_PENDING
 from kvgate.protocol.events import EventBatch, RouterCleared, RouterEvent, RouterRemoved, RouterStored, WorkerKey
 from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
+
+DEFAULT_PREDICTION_CAPACITY = 16_384
+"""Predicted blocks kept per worker rank: a typical GPU engine's block pool (Dynamo's
+mocker default). Only approximate mode (no events) ever fills it."""
 
 
 @dataclass
@@ -52,6 +58,8 @@ class KvIndexer:
         *,
         max_pending_blocks: int = DEFAULT_MAX_PENDING,
         max_buffered_batches: int = DEFAULT_MAX_BUFFERED,
+        prediction_capacity: int = DEFAULT_PREDICTION_CAPACITY,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -64,6 +72,7 @@ class KvIndexer:
         self._ranks: dict[tuple[str, int], RankPipeline] = {}
         self._owed: dict[tuple[str, int], int] = {}  # replay finishes due to removed ranks
         self._untrusted: dict[str, set[str]] = {}  # worker -> the reasons distrusting it
+        self.predictions = PredictedBlocks(prediction_capacity, clock)
 
     # --- EngineBatchSink (called by ZmqEventSource) ---------------------------------------
 
@@ -123,6 +132,7 @@ class KvIndexer:
             if unanswered:
                 self._owed[ident] = self._owed.get(ident, 0) + unanswered
         self._index.remove_worker(worker_id)
+        self.predictions.remove_worker(worker_id)
         self._untrusted.pop(worker_id, None)
 
     def engine_lost(self, worker_id: str) -> None:
@@ -139,6 +149,7 @@ class KvIndexer:
             if wid == worker_id:
                 pipeline.forget()
         self._index.remove_worker(worker_id)
+        self.predictions.remove_worker(worker_id)
 
     # --- trust ---------------------------------------------------------------------------
 
@@ -168,8 +179,19 @@ class KvIndexer:
         matches = self._index.find_matches(seq_hashes)
         untrusted = self._untrusted
         if untrusted and matches and not include_untrusted:
-            return {key: m for key, m in matches.items() if key.worker_id not in untrusted}
+            matches = {key: m for key, m in matches.items() if key.worker_id not in untrusted}
+        predicted = self.predictions.find_matches(seq_hashes)
+        for key, p in predicted.items():
+            # Our own record of what was just sent stands for an untrusted worker too.
+            m = matches.get(key)
+            if m is None or p.depth > m.depth:
+                matches[key] = p
         return matches
+
+    def predict(self, key: WorkerKey, seq_hashes: Sequence[int], ttl: float) -> None:
+        """``seq_hashes`` were just sent to ``key``: count them held (GPU) for ``ttl`` seconds
+        or until the engine's events say otherwise (``PredictedBlocks``)."""
+        self.predictions.predict(key, seq_hashes, ttl)
 
     def block_counts(self) -> dict[WorkerKey, tuple[int, int, int]]:
         return self._index.block_counts()
@@ -206,12 +228,19 @@ class KvIndexer:
     def _apply_router(self, key: WorkerKey, events: Sequence[RouterEvent]) -> None:
         index = self._index
         stats = self.stats
+        predictions = self.predictions if self.predictions.held(key) else None
         for ev in events:
             if type(ev) is RouterStored:
                 index.store(key, ev.hashes, ev.tier)
                 stats.blocks_stored += len(ev.hashes)
+                if predictions is not None:
+                    predictions.confirm(key, ev.hashes)
             elif type(ev) is RouterRemoved:
                 index.remove(key, ev.hashes, ev.tier)
                 stats.blocks_removed += len(ev.hashes)
+                if predictions is not None:
+                    predictions.drop(key, ev.hashes)
             else:
                 index.apply(key, ev)
+                if predictions is not None:
+                    predictions.clear(key)

@@ -45,7 +45,7 @@ _EXPORTS = {
     "NoWorkerAvailable": "kvgate.router.policies",
     "Router": "kvgate.router.routing",
     "RouterConfig": "kvgate.router.config",
-    "CostWeights": "kvgate.router.config",
+    "SpeedConfig": "kvgate.router.config",
     "WorkerRegistry": "kvgate.router.registry",
 }
 
@@ -83,8 +83,8 @@ if TYPE_CHECKING:
     )
     from kvgate.protocol.hashing import sequence_hashes as sequence_hashes
     from kvgate.protocol.worker_record import WorkerInfo as WorkerInfo
-    from kvgate.router.config import CostWeights as CostWeights
     from kvgate.router.config import RouterConfig as RouterConfig
+    from kvgate.router.config import SpeedConfig as SpeedConfig
     from kvgate.router.policies import Decision as Decision
     from kvgate.router.policies import NoWorkerAvailable as NoWorkerAvailable
     from kvgate.router.registry import WorkerRegistry as WorkerRegistry

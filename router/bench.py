@@ -93,19 +93,28 @@ class NaiveFleet:
         n: int,
         loads: dict[WorkerKey, LoadSnapshot],
     ) -> WorkerKey:
-        w = config.weights
+        c = config.speed
+        per_token = 1.0 / c.prefill_tokens_per_s
+        bs = config.block_size
         best = None
         for key in keys:
             gpu, cpu, disk = matches.get(key, [0, 0, 0])
             load = loads[key]
-            prefill = (
-                cpu * w.tier_load_cost(Tier.CPU)
-                + disk * w.tier_load_cost(Tier.DISK)
-                + (n - gpu - cpu - disk) * w.compute_cost
-                + load.prefill_tokens / config.block_size * w.compute_cost
+            usage = (
+                load.kv_usage
+                if load.kv_usage is not None
+                else min(1.0, load.blocks / config.prediction_capacity_blocks)
             )
-            total = w.prefill_weight * prefill + w.decode_weight * (load.blocks + n)
-            rank = (round(total, 9), load.blocks + load.prefill_tokens / config.block_size, key)
+            rate = per_token * (1.0 + c.decode_slowdown * usage)
+            uncached = max(1, n * bs - (gpu + cpu + disk) * bs)
+            total = (
+                c.overhead_ms / 1e3
+                + cpu * c.cpu_block_ms / 1e3
+                + disk * c.disk_block_ms / 1e3
+                + (load.prefill_tokens + uncached) * rate
+                + config.added_work_weight * uncached * rate
+            )
+            rank = (round(total, 12), load.blocks + load.prefill_tokens / bs, key)
             if best is None or rank < best:
                 best = rank
         assert best is not None

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, get_args
 
-from kvgate.protocol.events import Tier
 from kvgate.protocol.hashing import DEFAULT_BLOCK_SIZE
 
 RouterMode = Literal["kv", "round-robin", "random"]
@@ -20,54 +19,59 @@ ROUTER_MODES: tuple[str, ...] = get_args(RouterMode)
 
 
 @dataclass(frozen=True, slots=True)
-class CostWeights:
-    """Weights of the ``kv`` cost model (see router/README.md for the formula).
+class SpeedConfig:
+    """Seeds and learning settings of the ``kv`` cost model, which predicts each
+    candidate's time to first token (router/README.md has the formula; ``speed.py``
+    learns the rates online).
 
-    Costs are in units of "recomputing one block" (``compute_cost``). A prefix block
-    found in a lower tier costs a fraction of that: loading it back is cheaper than
-    recomputing it, but not free.
+    Seeds are what a worker is assumed to deliver before it has answered anything:
 
-    The tier defaults are load time / recompute time of one 64-token block under the
-    simulated worker's defaults (worker/sim/config.py, worker/sim/timing.py;
-    tests/test_tier_cost.py recomputes them):
+    * ``prefill_tokens_per_s``: 20,000, a mid-sized model on one GPU (Llama-3-8B on an
+      H100 prefills 15-40k tokens/s; the simulated worker's mocker timing gives ~42k at
+      2,048-token steps and ~48k at 8,192); learned per worker within ``bound``x;
+    * ``overhead_ms``: the fixed part of a first token (the engine's step, the network);
+    * ``cpu_block_ms`` / ``disk_block_ms``: loading one 64-token block back from the CPU
+      / disk tier: 8 MiB for Llama-3-8B (2 x 32 layers x 8 KV heads x 128 dims x 2 bytes x
+      64 tokens) at 25 GB/s (PCIe 4.0 x16) = 0.34 ms, and at 10 GB/s (two NVMe 4.0 drives
+      striped) = 0.84 ms (tests/test_tier_cost.py recomputes them from ``worker.sim``);
+    * ``decode_slowdown``: per-token prefill time grows by this factor times the
+      worker's KV usage, because decode work shares each engine step (the mocker's decode
+      term adds 6-34 ms to a ~50-170 ms prefill step as usage goes 0 -> 1: ~0.3).
 
-    * recompute: the marginal prefill cost of 64 more tokens, from Dynamo's mocker
-      polynomial 4.209989e-7·t² + 0.01518344·t + 16.50142 ms, at a step already computing
-      t = 1024 tokens (half the default 2,048-token budget): 1.0286 ms (0.973 ms at
-      t = 0, 1.080 ms at t = 1,984; the 16.5 ms per-step constant is paid whoever serves);
-    * block size: Llama-3-8B, 2 (K, V) × 32 layers × 8 KV heads × 128 dims × 2 bytes
-      × 64 tokens = 8 MiB = 8,388,608 bytes;
-    * CPU load at 25 GB/s (PCIe 4.0 x16): 0.3355 ms → 0.3355 / 1.0286 = 0.326 ≈ 0.33
-      (0.31–0.34 over t = 0…1,984);
-    * disk load at 10 GB/s (two PCIe 4.0 NVMe drives striped): 0.8389 ms → 0.816 ≈ 0.82
-      (0.78–0.86). A single ~5 GB/s drive would take 1.68 ms, 1.63× the recompute: such a
-      disk tier is not worth loading from, and no fraction <= 1 describes it.
+    ``smoothing`` is the weight of one answer in each moving average; ``bound`` keeps
+    every learned rate within [seed / bound, seed x bound]; ``min_sample_tokens`` is the
+    prefill work below which an answer teaches the overhead instead of the rate.
     """
 
-    prefill_weight: float = 1.0
-    decode_weight: float = 1.0
-    compute_cost: float = 1.0
-    cpu_load_fraction: float = 0.33
-    disk_load_fraction: float = 0.82
+    prefill_tokens_per_s: float = 20_000.0
+    overhead_ms: float = 20.0
+    cpu_block_ms: float = 0.34
+    disk_block_ms: float = 0.84
+    decode_slowdown: float = 0.3
+    learn: bool = True
+    learn_decode_slowdown: bool = True
+    max_decode_slowdown: float = 4.0
+    smoothing: float = 0.1
+    bound: float = 50.0
+    min_sample_tokens: int = 256
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            _check_number(f.name, getattr(self, f.name), minimum=0.0)
-        for name in ("cpu_load_fraction", "disk_load_fraction"):
-            if getattr(self, name) > 1.0:
-                # Loading a block back slower than recomputing it would make the tier useless;
-                # almost certainly a unit mix-up (an absolute cost where a fraction belongs).
-                raise ValueError(f"{name} must be <= 1 (a fraction of compute_cost), got {getattr(self, name)}")
-
-    def tier_load_cost(self, tier: Tier) -> float:
-        """Cost of reusing one block held in ``tier`` (GPU: free)."""
-        if tier == Tier.GPU:
-            return 0.0
-        fraction = self.cpu_load_fraction if tier == Tier.CPU else self.disk_load_fraction
-        return fraction * self.compute_cost
+        for name in ("prefill_tokens_per_s", "bound"):
+            _check_number(name, getattr(self, name), minimum=0.0, strict=True)
+        for name in ("overhead_ms", "cpu_block_ms", "disk_block_ms", "decode_slowdown", "max_decode_slowdown"):
+            _check_number(name, getattr(self, name), minimum=0.0)
+        _check_number("smoothing", self.smoothing, minimum=0.0, strict=True)
+        if self.smoothing > 1.0:
+            raise ValueError(f"smoothing is the weight of one sample, in (0, 1]; got {self.smoothing}")
+        if self.bound < 1.0:
+            raise ValueError(f"bound must be >= 1 (rates stay within seed / bound .. seed x bound), got {self.bound}")
+        for name in ("learn", "learn_decode_slowdown"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_int("min_sample_tokens", self.min_sample_tokens, minimum=0)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "weights") -> CostWeights:
+    def from_dict(cls, data: Mapping[str, Any], where: str = "speed") -> SpeedConfig:
         return _from_dict(cls, data, where)
 
 
@@ -107,18 +111,37 @@ class BusyThresholds:
 class RouterConfig:
     """Everything the router needs to decide.
 
-    ``temperature`` is in cost units (blocks): with T > 0 a worker costing T more than
-    the best one is e times less likely to be picked; 0 always picks the cheapest.
-    ``gpu_only`` ignores the CPU / disk tiers (blocks held only there count as absent),
-    the baseline the tier benchmark compares against.
+    ``temperature`` is in seconds of predicted TTFT: with T > 0 a worker predicted T
+    slower than the best one is e times less likely to be picked; 0 always picks the
+    cheapest. ``gpu_only`` ignores the CPU / disk tiers (blocks held only there count as
+    absent), the baseline the tier benchmark compares against.
+
+    ``added_work_weight``: the cost is the predicted TTFT plus this times the request's
+    own prefill time there: compute it adds to that worker delays every later request, so
+    of two workers giving the same TTFT the one that reuses more cache wins (a request
+    behind the first of a burst sharing a new prefix waits as long as it would take to
+    compute the prefix elsewhere, and should follow it).
+
+    ``predict_sent``: a routed prompt's blocks count as held by its worker at once, for
+    ``prediction_ttl`` seconds unless the engine's events confirm or remove them first
+    (``indexer/predictions.py``). ``approximate`` routes without KV events (the gateway's
+    ``--kv-events off``): predictions are then the whole model of each worker's cache,
+    living ``approximate_prediction_ttl`` seconds, at most ``prediction_capacity_blocks``
+    per worker rank (set it to the engines' GPU block count).
     """
 
     mode: RouterMode = "kv"
     block_size: int = DEFAULT_BLOCK_SIZE
-    weights: CostWeights = field(default_factory=CostWeights)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    added_work_weight: float = 0.5
     temperature: float = 0.0
     gpu_only: bool = False
     busy: BusyThresholds = field(default_factory=BusyThresholds)
+    predict_sent: bool = True
+    prediction_ttl: float = 20.0
+    approximate: bool = False
+    approximate_prediction_ttl: float = 600.0
+    prediction_capacity_blocks: int = 16_384
     # Leak protection only: the gateway frees every request it begins; a TTL this long
     # outlives any sane generation, so it never frees a request that is still running.
     active_request_ttl: float = 600.0
@@ -129,13 +152,20 @@ class RouterConfig:
         if self.mode not in ROUTER_MODES:
             raise ValueError(f"mode must be one of {', '.join(ROUTER_MODES)}; got {self.mode!r}")
         _check_int("block_size", self.block_size, minimum=1)
-        if not isinstance(self.weights, CostWeights):
-            raise ValueError(f"weights must be a CostWeights, got {type(self.weights).__name__}")
+        if not isinstance(self.speed, SpeedConfig):
+            raise ValueError(f"speed must be a SpeedConfig, got {type(self.speed).__name__}")
         if not isinstance(self.busy, BusyThresholds):
             raise ValueError(f"busy must be a BusyThresholds, got {type(self.busy).__name__}")
         _check_number("temperature", self.temperature, minimum=0.0)
+        _check_number("added_work_weight", self.added_work_weight, minimum=0.0)
         if not isinstance(self.gpu_only, bool):
             raise ValueError(f"gpu_only must be true or false, got {self.gpu_only!r}")
+        for name in ("predict_sent", "approximate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _check_number("prediction_ttl", self.prediction_ttl, minimum=0.0, strict=True)
+        _check_number("approximate_prediction_ttl", self.approximate_prediction_ttl, minimum=0.0, strict=True)
+        _check_int("prediction_capacity_blocks", self.prediction_capacity_blocks, minimum=1)
         _check_number("active_request_ttl", self.active_request_ttl, minimum=0.0, strict=True)
         _check_number("engine_load_stale_after", self.engine_load_stale_after, minimum=0.0, strict=True)
         if self.seed is not None:
@@ -143,12 +173,12 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "router") -> RouterConfig:
-        """Build from a YAML mapping; ``weights`` and ``busy`` are nested mappings."""
+        """Build from a YAML mapping; ``speed`` and ``busy`` are nested mappings."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
         data = dict(data)
-        if "weights" in data:
-            data["weights"] = CostWeights.from_dict(data["weights"], f"{where}.weights")
+        if "speed" in data:
+            data["speed"] = SpeedConfig.from_dict(data["speed"], f"{where}.speed")
         if "busy" in data:
             data["busy"] = BusyThresholds.from_dict(data["busy"], f"{where}.busy")
         return _from_dict(cls, data, where)
@@ -158,13 +188,13 @@ class RouterConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (CostWeights, BusyThresholds)):
+            if isinstance(value, (SpeedConfig, BusyThresholds)):
                 value = {g.name: getattr(value, g.name) for g in fields(value)}
             out[f.name] = value
         return out
 
 
-_Config = TypeVar("_Config", CostWeights, BusyThresholds, RouterConfig)
+_Config = TypeVar("_Config", SpeedConfig, BusyThresholds, RouterConfig)
 
 
 def _from_dict(cls: type[_Config], data: Mapping[str, Any], where: str) -> _Config:

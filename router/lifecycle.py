@@ -56,6 +56,10 @@ class InFlight:
         "_block_size",
         "_clock",
         "_listeners",
+        "sent_at",
+        "first_token_at",
+        "engine_cached_tokens",
+        "streamed",
         "_first_token",
         "_finished",
     )
@@ -86,6 +90,14 @@ class InFlight:
         self._listeners = listeners
         self._first_token = False
         self._finished = False
+        self.sent_at = 0.0
+        """Router clock when it was sent to ``key`` (again on a retry)."""
+        self.first_token_at: float | None = None
+        """Router clock at its first token from ``key``, if one came."""
+        self.engine_cached_tokens: int | None = None
+        """Prompt tokens the engine reported it found cached (``report_usage``)."""
+        self.streamed = False
+        """Whether the first byte was the first token (a stream), not the whole answer."""
         self._begin()
 
     @property
@@ -104,6 +116,7 @@ class InFlight:
             raise ValueError(f"request {self.request_id} already finished")
         self.key = key
         self._first_token = False
+        self.first_token_at = None
         self._begin()
 
     def first_token(self) -> bool:
@@ -114,9 +127,19 @@ class InFlight:
         if self._first_token or self._finished:
             return False
         self._first_token = True
-        self._load.prefill_done(self.request_id, self._clock())
+        now = self.first_token_at = self._clock()
+        self._load.prefill_done(self.request_id, now)
         self._notify(lambda listener: listener.on_first_token)
         return True
+
+    def report_usage(self, cached_tokens: int | None, *, streamed: bool) -> None:
+        """What the answer said, for the router to learn from at ``finish``: the engine's
+        cached prompt tokens (``usage.prompt_tokens_details.cached_tokens``, None when not
+        reported) and whether the answer streamed (so its first byte timed the first token)."""
+        if cached_tokens is not None and not (isinstance(cached_tokens, int) and 0 <= cached_tokens):
+            cached_tokens = None
+        self.engine_cached_tokens = cached_tokens
+        self.streamed = streamed
 
     def finish(self, outcome: object = None) -> bool:
         """Completed, failed or cancelled: free its load. False when it had already finished."""
@@ -129,6 +152,7 @@ class InFlight:
         return True
 
     def _begin(self) -> None:
+        self.sent_at = self._clock()
         # Its queued prefill is what the worker does not hold; it holds a KV block per
         # started block of its prompt. Beginning the same id again moves it.
         self._load.begin(
@@ -137,7 +161,7 @@ class InFlight:
             self.prompt_tokens,
             max(0, self.prompt_tokens - self.cached_tokens),
             math.ceil(self.prompt_tokens / self._block_size),
-            self._clock(),
+            self.sent_at,
         )
         self._notify(lambda listener: listener.on_begin)
 

@@ -31,9 +31,10 @@ from operator import attrgetter
 from typing import Any
 
 from kvgate.indexer.index import Match
-from kvgate.protocol.events import WorkerKey
+from kvgate.protocol.events import Tier, WorkerKey
 from kvgate.router.config import BusyThresholds, RouterConfig
 from kvgate.router.load import IDLE, LoadSnapshot
+from kvgate.router.speed import SpeedModel
 
 _NO_MATCH = Match()
 # Totals are sums of float products; two workers whose costs differ only by rounding
@@ -55,10 +56,11 @@ class NoWorkerAvailable(Exception):
 
 @dataclass(slots=True)
 class CandidateScore:
-    """One candidate's cost terms. Costs are in compute_cost units (blocks to recompute).
+    """One candidate's cost terms, in seconds of predicted time to first token.
 
     ``cached_blocks`` is the prefix the cost model counts as reusable: the whole matched
-    depth, or only its GPU blocks with ``gpu_only``.
+    depth, or only its GPU blocks with ``gpu_only``. ``seconds_per_token`` is the
+    worker's learned prefill rate at its current KV usage (decode slowdown included).
     """
 
     key: WorkerKey
@@ -67,18 +69,24 @@ class CandidateScore:
     cpu_blocks: int
     disk_blocks: int
     cached_blocks: int
-    uncached_blocks: int
-    tier_load_cost: float
-    compute_cost: float
+    uncached_tokens: int
     queued_prefill_tokens: int
-    queued_prefill_cost: float
-    prefill_cost: float
-    decode_blocks: int
-    decode_cost: float
+    kv_usage: float
+    seconds_per_token: float
+    overhead: float
+    tier_load: float
+    queued_prefill: float
+    prefill: float
+    added_work: float
     total: float
     load: LoadSnapshot
     skipped: str | None = None
     probability: float | None = None
+
+    @property
+    def ttft(self) -> float:
+        """Predicted seconds to its first token there."""
+        return self.overhead + self.tier_load + self.queued_prefill + self.prefill
 
     def explain(self) -> dict[str, Any]:
         return {
@@ -87,16 +95,18 @@ class CandidateScore:
             "dp_rank": self.key.dp_rank,
             "overlap": {"blocks": self.depth, "gpu": self.gpu_blocks, "cpu": self.cpu_blocks, "disk": self.disk_blocks},
             "cached_blocks": self.cached_blocks,
-            "uncached_blocks": self.uncached_blocks,
+            "uncached_tokens": self.uncached_tokens,
             "queued_prefill_tokens": self.queued_prefill_tokens,
-            "decode_blocks": self.decode_blocks,
-            "costs": {
-                "tier_load": self.tier_load_cost,
-                "compute": self.compute_cost,
-                "queued_prefill": self.queued_prefill_cost,
-                "prefill": self.prefill_cost,
-                "decode": self.decode_cost,
-                "total": self.total,
+            "kv_usage": self.kv_usage,
+            "prefill_tokens_per_s": 1.0 / self.seconds_per_token if self.seconds_per_token > 0 else None,
+            "costs_ms": {
+                "overhead": self.overhead * 1e3,
+                "tier_load": self.tier_load * 1e3,
+                "queued_prefill": self.queued_prefill * 1e3,
+                "prefill": self.prefill * 1e3,
+                "ttft": self.ttft * 1e3,
+                "added_work": self.added_work * 1e3,
+                "total": self.total * 1e3,
             },
             "load": self.load.to_dict(),
             "skipped": self.skipped,
@@ -132,6 +142,8 @@ class Decision:
     block_size: int = 0
     timings: RouteTimings = field(default_factory=RouteTimings)
     config: RouterConfig | None = None
+    speed: SpeedModel | None = None
+    """The learned rates the scores used (shown by ``explain``)."""
     seq_hashes: Sequence[int] = ()
     """The prompt's block hashes (set by the router): what a later look-up of one
     worker's prefix needs, such as the index's prediction for an untrusted worker."""
@@ -164,6 +176,7 @@ class Decision:
                 "total": t.total * 1e6,
             },
             "config": self.config.to_dict() if self.config is not None else None,
+            "speed": self.speed.to_dict() if self.speed is not None else None,
             "candidates": [s.explain() for s in self.scores],
         }
 
@@ -173,8 +186,9 @@ class Policy:
 
     mode = ""
 
-    def __init__(self, config: RouterConfig | None = None) -> None:
+    def __init__(self, config: RouterConfig | None = None, speed: SpeedModel | None = None) -> None:
         self.config = config or RouterConfig(mode=self.mode)  # type: ignore[arg-type]
+        self.speed = speed if speed is not None else SpeedModel(self.config.speed)
 
     def select(
         self,
@@ -183,18 +197,25 @@ class Policy:
         num_blocks: int,
         loads: Mapping[WorkerKey, LoadSnapshot],
         exclude: Collection[WorkerKey | str] = (),
+        prompt_tokens: int | None = None,
     ) -> Decision:
-        """Choose among ``candidates``; ``exclude`` takes keys or whole worker ids."""
+        """Choose among ``candidates``; ``exclude`` takes keys or whole worker ids.
+        ``prompt_tokens`` defaults to ``num_blocks`` full blocks."""
         if not candidates:
             raise NoWorkerAvailable("no workers registered")
-        scores = score_candidates(self.config, candidates, matches, num_blocks, loads, exclude)
+        scores = score_candidates(
+            self.config, self.speed, candidates, matches, num_blocks, loads, exclude, prompt_tokens
+        )
         eligible = [s for s in scores if s.skipped is None]
         if not eligible:
             raise NoWorkerAvailable(_why_none(scores), scores)
         ordered = self._choose(eligible)
         ranked = [s.key for s in ordered]
         ordered.extend(s for s in scores if s.skipped is not None)
-        return Decision(ranked[0], ranked, ordered, self.mode, num_blocks, self.config.block_size, config=self.config)
+        config = self.config
+        return Decision(
+            ranked[0], ranked, ordered, self.mode, num_blocks, config.block_size, config=config, speed=self.speed
+        )
 
     def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
         """Eligible scores in fallback order, the chosen one first."""
@@ -207,8 +228,8 @@ class Policy:
 class KvPolicy(Policy):
     mode = "kv"
 
-    def __init__(self, config: RouterConfig | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: RouterConfig | None = None, speed: SpeedModel | None = None) -> None:
+        super().__init__(config, speed)
         self._rng = random.Random(self.config.seed)
         # Send number at which each key last got a request: the final tie-break.
         self._chosen_at: dict[WorkerKey, int] = {}
@@ -247,8 +268,8 @@ class KvPolicy(Policy):
 class RoundRobinPolicy(Policy):
     mode = "round-robin"
 
-    def __init__(self, config: RouterConfig | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: RouterConfig | None = None, speed: SpeedModel | None = None) -> None:
+        super().__init__(config, speed)
         self._last: WorkerKey | None = None
 
     def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
@@ -266,8 +287,8 @@ class RoundRobinPolicy(Policy):
 class RandomPolicy(Policy):
     mode = "random"
 
-    def __init__(self, config: RouterConfig | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: RouterConfig | None = None, speed: SpeedModel | None = None) -> None:
+        super().__init__(config, speed)
         self._rng = random.Random(self.config.seed)
 
     def _choose(self, eligible: list[CandidateScore]) -> list[CandidateScore]:
@@ -285,20 +306,29 @@ def make_policy(config: RouterConfig) -> Policy:
 
 def score_candidates(
     config: RouterConfig,
+    speed: SpeedModel,
     candidates: Sequence[WorkerKey],
     matches: Mapping[WorkerKey, Match],
     num_blocks: int,
     loads: Mapping[WorkerKey, LoadSnapshot],
     exclude: Collection[WorkerKey | str] = (),
+    prompt_tokens: int | None = None,
 ) -> list[CandidateScore]:
-    """Every cost term for every candidate, in candidate order; skipped ones marked."""
-    w = config.weights
-    compute = w.compute_cost
-    cpu_cost = 0.0 if config.gpu_only else w.cpu_load_fraction * compute
-    disk_cost = 0.0 if config.gpu_only else w.disk_load_fraction * compute
-    per_token = compute / config.block_size
-    prefill_weight, decode_weight = w.prefill_weight, w.decode_weight
+    """Every cost term for every candidate, in candidate order; skipped ones marked.
+
+    A candidate's total is its predicted time to first token (seconds): its overhead, the
+    lower-tier blocks it would load, and the prefill tokens queued ahead of this request
+    plus this request's own uncached ones at the worker's learned speed at its KV usage.
+    """
+    block_size = config.block_size
+    if prompt_tokens is None:
+        prompt_tokens = num_blocks * block_size
     gpu_only = config.gpu_only
+    cpu_s = 0.0 if gpu_only else speed.block_seconds(Tier.CPU)
+    disk_s = 0.0 if gpu_only else speed.block_seconds(Tier.DISK)
+    capacity = config.prediction_capacity_blocks
+    slowdown = speed.decode_slowdown
+    added_weight = config.added_work_weight
     busy = config.busy if config.busy.enabled else None
     scores: list[CandidateScore] = []
     for key in candidates:
@@ -306,12 +336,17 @@ def score_candidates(
         gpu, cpu, disk = m.per_tier
         load = loads.get(key, IDLE)
         cached = gpu if gpu_only else m.depth
-        uncached = num_blocks - cached if num_blocks > cached else 0
-        tier = 0.0 if gpu_only else cpu * cpu_cost + disk * disk_cost
-        compute_term = uncached * compute
+        uncached = prompt_tokens - cached * block_size
+        if uncached < 1:
+            uncached = 1  # the engine always computes the last prompt token
+        usage = load.kv_usage
+        if usage is None:
+            usage = load.blocks / capacity if load.blocks < capacity else 1.0
+        rate = speed.speed(key.worker_id)
+        per_token = rate.seconds_per_token * (1.0 + slowdown * usage)
+        tier = 0.0 if gpu_only else cpu * cpu_s + disk * disk_s
         queued = load.prefill_tokens * per_token
-        prefill = tier + compute_term + queued
-        decode_blocks = load.blocks + num_blocks
+        own = uncached * per_token
         skipped = None
         if exclude and (key in exclude or key.worker_id in exclude):
             skipped = "excluded"
@@ -326,14 +361,15 @@ def score_candidates(
                 disk,
                 cached,
                 uncached,
-                tier,
-                compute_term,
                 load.prefill_tokens,
+                usage,
+                per_token,
+                rate.overhead,
+                tier,
                 queued,
-                prefill,
-                decode_blocks,
-                float(decode_blocks),
-                prefill_weight * prefill + decode_weight * decode_blocks,
+                own,
+                added_weight * own,
+                rate.overhead + tier + queued + own + added_weight * own,
                 load,
                 skipped,
             )

@@ -26,6 +26,7 @@ from kvgate.router.lifecycle import InFlight, RequestListener
 from kvgate.router.load import LoadTracker
 from kvgate.router.policies import Decision, NoWorkerAvailable, Policy, RouteTimings, make_policy
 from kvgate.router.registry import RegistryChange, WorkerRegistry
+from kvgate.router.speed import Sample
 
 if TYPE_CHECKING:
     from kvgate.indexer.kv_indexer import KvIndexer
@@ -63,7 +64,11 @@ class Router:
         self.clock = clock
         self.load = load if load is not None else LoadTracker.from_config(config, clock)
         self.policy = policy if policy is not None else make_policy(config)
-        self._listeners: list[RequestListener] = []
+        self.speed = self.policy.speed
+        self._predict = getattr(indexer, "predict", None) if config.predict_sent else None
+        self._prediction_ttl = config.approximate_prediction_ttl if config.approximate else config.prediction_ttl
+        # The router hears its requests first: it indexes what it sent and learns speeds.
+        self._listeners: list[RequestListener] = [_Observer(self)]
         self._unsubscribe = registry.subscribe(self._on_registry_change)
 
     def route(
@@ -82,12 +87,19 @@ class Router:
         t0 = time.perf_counter()
         seq_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
         hashed = time.perf_counter() - t0
-        decision = self.route_hashes(seq_hashes, exclude=exclude)
+        decision = self.route_hashes(seq_hashes, exclude=exclude, prompt_tokens=len(token_ids))
         decision.timings.hash = hashed
         return decision
 
-    def route_hashes(self, seq_hashes: Sequence[int], *, exclude: Collection[WorkerKey | str] = ()) -> Decision:
-        """Choose a worker for a prompt already hashed with ``sequence_hashes``."""
+    def route_hashes(
+        self,
+        seq_hashes: Sequence[int],
+        *,
+        exclude: Collection[WorkerKey | str] = (),
+        prompt_tokens: int | None = None,
+    ) -> Decision:
+        """Choose a worker for a prompt already hashed with ``sequence_hashes``
+        (``prompt_tokens`` defaults to its full blocks' tokens)."""
         t0 = time.perf_counter()
         matches = self.indexer.find_matches(seq_hashes) if seq_hashes else {}
         t1 = time.perf_counter()
@@ -95,7 +107,7 @@ class Router:
         now = self.clock()
         self.load.expire(now)
         loads = self.load.snapshots(candidates, now)
-        decision = self.policy.select(candidates, matches, len(seq_hashes), loads, exclude)
+        decision = self.policy.select(candidates, matches, len(seq_hashes), loads, exclude, prompt_tokens)
         decision.timings = RouteTimings(0.0, t1 - t0, time.perf_counter() - t1)
         decision.seq_hashes = seq_hashes
         return decision
@@ -138,3 +150,57 @@ class Router:
         if change.kind == "removed":
             self.indexer.remove_worker(change.worker.worker_id)
             self.load.remove_worker(change.worker.worker_id)
+            self.speed.forget(change.worker.worker_id)
+
+    # -- what the router itself does with its requests ---------------------------------------
+
+    def _sent(self, flight: InFlight) -> None:
+        if self._predict is not None and flight.decision.seq_hashes:
+            self._predict(flight.key, flight.decision.seq_hashes, self._prediction_ttl)
+
+    def _answered(self, flight: InFlight) -> None:
+        """Teach the speed model one time to first token (streamed answers only: a whole
+        answer's first byte comes after the last token)."""
+        first = flight.first_token_at
+        if first is None or not flight.streamed:
+            return
+        score = flight.decision.score_of(flight.key)
+        if score is None:
+            return
+        block_size = self.config.block_size
+        cached = flight.engine_cached_tokens
+        counted = score.cached_blocks * block_size
+        uncached = flight.prompt_tokens - (counted if cached is None else cached)
+        # Lower-tier blocks loaded back: the decision's, when the engine found (about) the
+        # prefix the index promised; otherwise what it found is unknown by tier.
+        found = cached is None or cached + block_size >= min(counted, flight.prompt_tokens - 1)
+        cpu = score.cpu_blocks if found and not self.config.gpu_only else 0
+        disk = score.disk_blocks if found and not self.config.gpu_only else 0
+        self.speed.observe(
+            Sample(
+                flight.key,
+                first - flight.sent_at,
+                score.queued_prefill_tokens + max(1, uncached),
+                score.kv_usage,
+                cpu,
+                disk,
+            )
+        )
+
+
+class _Observer:
+    """The router's own ``RequestListener`` (``Router._sent`` / ``Router._answered``)."""
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def on_begin(self, flight: InFlight) -> None:
+        self._router._sent(flight)
+
+    def on_first_token(self, flight: InFlight) -> None:
+        pass
+
+    def on_finish(self, flight: InFlight) -> None:
+        self._router._answered(flight)

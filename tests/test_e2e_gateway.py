@@ -345,7 +345,13 @@ def test_debug_route_explains_without_forwarding(stack: Stack) -> None:
     assert {c["worker_id"] for c in explained["candidates"]} == set(stack.workers)
     for candidate in explained["candidates"]:
         assert set(candidate["overlap"]) == {"blocks", "gpu", "cpu", "disk"}
-        assert {"prefill", "decode", "total", "compute", "tier_load", "queued_prefill"} <= set(candidate["costs"])
+        costs = candidate["costs_ms"]
+        assert set(costs) == {"overhead", "tier_load", "queued_prefill", "prefill", "ttft", "added_work", "total"}
+        parts = ("overhead", "tier_load", "queued_prefill", "prefill")
+        assert costs["ttft"] == pytest.approx(sum(costs[k] for k in parts))
+        assert costs["total"] == pytest.approx(costs["ttft"] + costs["added_work"])
+        assert candidate["prefill_tokens_per_s"] > 0
+    assert set(explained["speed"]["workers"]) <= set(stack.workers)
     as_completion = explain(stack.kv, {"model": MODEL, "prompt": "x " * 300})
     assert as_completion["route"] == "/v1/completions" and as_completion["num_blocks"] >= 1
 

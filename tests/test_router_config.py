@@ -2,26 +2,24 @@
 
 import pytest
 
-from kvgate.protocol.events import Tier
-from kvgate.router.config import BusyThresholds, CostWeights, RouterConfig
+from kvgate.router.config import BusyThresholds, RouterConfig, SpeedConfig
 
 
 def test_defaults():
     config = RouterConfig()
     assert config.mode == "kv" and config.block_size == 64 and config.temperature == 0.0
     assert not config.gpu_only and not config.busy.enabled
-    w = config.weights
-    assert (w.prefill_weight, w.decode_weight, w.compute_cost) == (1.0, 1.0, 1.0)
-    assert w.tier_load_cost(Tier.GPU) == 0.0
-    # The exact fractions are derived from the simulator's costs (tests/test_tier_cost.py);
-    # the model needs their order: GPU free < CPU load < disk load < recompute.
-    assert 0.0 < w.tier_load_cost(Tier.CPU) < w.tier_load_cost(Tier.DISK) < w.compute_cost
-
-
-def test_tier_load_cost_is_a_fraction_of_compute_cost():
-    w = CostWeights(compute_cost=4.0, cpu_load_fraction=0.1, disk_load_fraction=0.3)
-    assert w.tier_load_cost(Tier.CPU) == pytest.approx(0.4)
-    assert w.tier_load_cost(Tier.DISK) == pytest.approx(1.2)
+    assert config.predict_sent and not config.approximate
+    assert config.prediction_ttl < config.approximate_prediction_ttl
+    s = config.speed
+    assert s == SpeedConfig() and s.learn and s.learn_decode_slowdown
+    # The exact seeds are derived in SpeedConfig's docstring (tests/test_tier_cost.py
+    # recomputes the tier ones); the model needs their order: a GPU hit is free < loading a
+    # block from the CPU < from disk < computing it at the seed rate.
+    block_compute_ms = config.block_size / s.prefill_tokens_per_s * 1e3
+    assert 0.0 < s.cpu_block_ms < s.disk_block_ms < block_compute_ms
+    assert 0.0 <= s.decode_slowdown <= s.max_decode_slowdown
+    assert 0.0 < s.smoothing <= 1.0 and s.bound >= 1.0
 
 
 def test_from_dict_nested():
@@ -29,17 +27,26 @@ def test_from_dict_nested():
         {
             "mode": "round-robin",
             "block_size": 16,
-            "temperature": 0.5,
+            "temperature": 0.005,
             "gpu_only": True,
+            "added_work_weight": 0.25,
             "seed": 7,
-            "weights": {"prefill_weight": 2, "cpu_load_fraction": 0.2},
+            "speed": {"prefill_tokens_per_s": 40_000, "cpu_block_ms": 0.2, "learn": False},
             "busy": {"max_kv_usage": 0.9, "max_waiting": 4},
+            "predict_sent": False,
+            "prediction_ttl": 5,
+            "approximate": True,
+            "approximate_prediction_ttl": 120.0,
+            "prediction_capacity_blocks": 1000,
         }
     )
     assert config.mode == "round-robin" and config.block_size == 16 and config.seed == 7 and config.gpu_only
-    assert config.weights == CostWeights(prefill_weight=2, cpu_load_fraction=0.2)
+    assert config.added_work_weight == 0.25
+    assert config.speed == SpeedConfig(prefill_tokens_per_s=40_000, cpu_block_ms=0.2, learn=False)
     assert config.busy == BusyThresholds(max_kv_usage=0.9, max_waiting=4)
     assert config.busy.enabled
+    assert (config.predict_sent, config.prediction_ttl, config.approximate) == (False, 5, True)
+    assert (config.approximate_prediction_ttl, config.prediction_capacity_blocks) == (120.0, 1000)
     assert RouterConfig.from_dict(config.to_dict()) == config
 
 
@@ -47,7 +54,8 @@ def test_from_dict_nested():
     "data, message",
     [
         ({"modee": "kv"}, "router: unknown key(s) modee; allowed: "),
-        ({"weights": {"prefil_weight": 1}}, "router.weights: unknown key(s) prefil_weight"),
+        ({"weights": {"prefill_weight": 1}}, "router: unknown key(s) weights"),
+        ({"speed": {"prefill_tokens_per_sec": 1}}, "router.speed: unknown key(s) prefill_tokens_per_sec"),
         ({"busy": {"max_kv": 0.9}}, "router.busy: unknown key(s) max_kv"),
         ({"mode": "fastest"}, "mode must be one of kv, round-robin, random"),
         ({"block_size": 0}, "block_size must be >= 1"),
@@ -55,12 +63,30 @@ def test_from_dict_nested():
         ({"temperature": -1}, "temperature must be >= 0.0"),
         ({"temperature": "hot"}, "temperature must be a finite number"),
         ({"gpu_only": "yes"}, "gpu_only must be true or false"),
-        ({"weights": {"prefill_weight": True}}, "prefill_weight must be a finite number"),
-        ({"weights": {"decode_weight": float("nan")}}, "decode_weight must be a finite number"),
-        ({"weights": {"cpu_load_fraction": 2.0}}, "cpu_load_fraction must be <= 1"),
-        ({"weights": []}, "router.weights must be a mapping"),
+        ({"speed": {"prefill_tokens_per_s": True}}, "router.speed: prefill_tokens_per_s must be a finite number"),
+        ({"speed": {"prefill_tokens_per_s": 0}}, "prefill_tokens_per_s must be > 0.0"),
+        ({"speed": {"overhead_ms": -1}}, "overhead_ms must be >= 0.0"),
+        ({"speed": {"cpu_block_ms": float("nan")}}, "cpu_block_ms must be a finite number"),
+        ({"speed": {"disk_block_ms": "slow"}}, "disk_block_ms must be a finite number"),
+        ({"speed": {"decode_slowdown": -0.1}}, "decode_slowdown must be >= 0.0"),
+        ({"speed": {"max_decode_slowdown": float("inf")}}, "max_decode_slowdown must be a finite number"),
+        ({"speed": {"smoothing": 0}}, "smoothing must be > 0.0"),
+        ({"speed": {"smoothing": 1.5}}, "smoothing is the weight of one sample, in (0, 1]"),
+        ({"speed": {"bound": 0.5}}, "bound must be >= 1"),
+        ({"speed": {"learn": "yes"}}, "learn must be true or false"),
+        ({"speed": {"learn_decode_slowdown": 1}}, "learn_decode_slowdown must be true or false"),
+        ({"speed": {"min_sample_tokens": 1.5}}, "min_sample_tokens must be an integer"),
+        ({"speed": {"min_sample_tokens": -1}}, "min_sample_tokens must be >= 0"),
+        ({"speed": []}, "router.speed must be a mapping"),
         ({"busy": {"max_kv_usage": 1.5}}, "max_kv_usage is a fraction in [0, 1]"),
         ({"busy": {"max_waiting": -1}}, "max_waiting must be >= 0"),
+        ({"added_work_weight": -1}, "added_work_weight must be >= 0.0"),
+        ({"predict_sent": "on"}, "predict_sent must be true or false"),
+        ({"approximate": 1}, "approximate must be true or false"),
+        ({"prediction_ttl": 0}, "prediction_ttl must be > 0.0"),
+        ({"approximate_prediction_ttl": -5}, "approximate_prediction_ttl must be > 0.0"),
+        ({"prediction_capacity_blocks": 0}, "prediction_capacity_blocks must be >= 1"),
+        ({"prediction_capacity_blocks": 10.5}, "prediction_capacity_blocks must be an integer"),
         ({"active_request_ttl": 0}, "active_request_ttl must be > 0.0"),
         ({"seed": "x"}, "seed must be an integer"),
     ],

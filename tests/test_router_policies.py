@@ -1,4 +1,5 @@
-"""router.policies: the kv cost model term by term, tie-breaks, temperature, busy, round-robin, random."""
+"""router.policies: the kv cost model (predicted time to first token) term by term, tie-breaks,
+temperature, busy, round-robin, random."""
 
 import json
 import math
@@ -8,9 +9,10 @@ import pytest
 
 from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
-from kvgate.router.config import BusyThresholds, CostWeights, RouterConfig
+from kvgate.router.config import BusyThresholds, RouterConfig, SpeedConfig
 from kvgate.router.load import LoadSnapshot
 from kvgate.router.policies import KvPolicy, NoWorkerAvailable, RandomPolicy, RoundRobinPolicy, make_policy
+from kvgate.router.speed import SpeedModel
 
 A, B, C, D = (WorkerKey(x) for x in "abcd")
 KEYS = [A, B, C]
@@ -20,81 +22,130 @@ def match(gpu=0, cpu=0, disk=0):
     return Match(depth=gpu + cpu + disk, per_tier=[gpu, cpu, disk])
 
 
-# Hand-built case (block_size 64, n = 10 prompt blocks, EXAMPLE weights: compute 1, CPU 0.25, DISK 0.5;
-# pinned here so the worked example stays exact when the derived defaults change):
+# Hand-built case, in milliseconds (block_size 64, a 10-block = 640-token prompt). EXAMPLE
+# seeds, pinned so the worked example stays exact when the defaults change: 32,000 prefill
+# tokens/s (1/32 ms a token, 2 ms a block), 10 ms overhead, CPU 0.5 ms and disk 1 ms a
+# block, decode slowdown 0.5 (a worker at KV usage u prefills 1 + 0.5 u times slower),
+# added_work_weight 0.5 (total = ttft + 0.5 x the request's own prefill time).
 #   a: prefix of 6 = 2 GPU + 3 CPU + 1 DISK, idle
-#      prefill = 2*0 + 3*0.25 + 1*0.5 + (10-6)*1 = 5.25 ; decode = 0 + 10 ; total 15.25
-#   b: nothing cached, idle          -> prefill 10, decode 10, total 20
-#   c: all 10 on GPU, 128 queued prefill tokens (2 blocks), 5 active blocks
-#      prefill = 0 + 0 + 2 = 2 ; decode = 5 + 10 = 15 ; total 17
+#      ttft = overhead 10 + tier (3 * 0.5 + 1 * 1) + queued 0 + own 256 tokens / 32 = 10 + 2.5 + 8 = 20.5
+#      total = 20.5 + 0.5 * 8 = 24.5
+#   b: nothing cached, idle: ttft = 10 + 640 / 32 = 30, total = 30 + 0.5 * 20 = 40
+#   c: all 10 on GPU, 384 queued prefill tokens, KV usage 0.5: 1.25 / 32 ms a token
+#      ttft = 10 + 0 + 384 * 1.25 / 32 + 1 * 1.25 / 32 (the engine always computes the last token)
+#           = 10 + 15 + 0.0390625 = 25.0390625 ; total = 25.0390625 + 0.01953125 = 25.05859375
+EXAMPLE = SpeedConfig(
+    prefill_tokens_per_s=32_000, overhead_ms=10.0, cpu_block_ms=0.5, disk_block_ms=1.0, decode_slowdown=0.5
+)
 MATCHES = {A: match(gpu=2, cpu=3, disk=1), C: match(gpu=10)}
-LOADS = {C: LoadSnapshot(requests=2, prefill_tokens=128, blocks=5)}
-EXAMPLE = CostWeights(cpu_load_fraction=0.25, disk_load_fraction=0.5)
+LOADS = {C: LoadSnapshot(requests=2, prefill_tokens=384, blocks=5, kv_usage=0.5)}
 
 
 def example(**kwargs) -> RouterConfig:
-    return RouterConfig(weights=EXAMPLE, **kwargs)
+    kwargs.setdefault("added_work_weight", 0.5)
+    return RouterConfig(speed=EXAMPLE, **kwargs)
 
 
-def test_cost_terms_gpu_cpu_disk_absent_queued_and_decode():
+def terms_ms(score) -> tuple[float, ...]:
+    """overhead, tier load, queued prefill, own prefill, ttft, added work, total: in milliseconds."""
+    terms = (score.overhead, score.tier_load, score.queued_prefill, score.prefill, score.ttft, score.added_work)
+    return tuple(x * 1e3 for x in (*terms, score.total))
+
+
+def test_cost_terms_gpu_cpu_disk_absent_queued_and_kv_usage():
     decision = KvPolicy(example()).select(KEYS, MATCHES, 10, LOADS)
     assert decision.chosen == A and decision.ranked == [A, C, B] and decision.mode == "kv"
     a, c, b = decision.scores
     assert (a.depth, a.gpu_blocks, a.cpu_blocks, a.disk_blocks) == (6, 2, 3, 1)
-    assert (a.cached_blocks, a.uncached_blocks) == (6, 4)
-    assert (a.tier_load_cost, a.compute_cost, a.queued_prefill_cost, a.prefill_cost) == (1.25, 4.0, 0.0, 5.25)
-    assert (a.decode_blocks, a.decode_cost, a.total) == (10, 10.0, 15.25)
-    assert (b.depth, b.uncached_blocks, b.prefill_cost, b.decode_cost, b.total) == (0, 10, 10.0, 10.0, 20.0)
-    assert (c.tier_load_cost, c.compute_cost, c.queued_prefill_tokens, c.queued_prefill_cost) == (0.0, 0.0, 128, 2.0)
-    assert (c.prefill_cost, c.decode_blocks, c.total) == (2.0, 15, 17.0)
+    assert (a.cached_blocks, a.uncached_tokens, a.queued_prefill_tokens, a.kv_usage) == (6, 256, 0, 0.0)
+    assert terms_ms(a) == pytest.approx((10.0, 2.5, 0.0, 8.0, 20.5, 4.0, 24.5))
+    assert a.seconds_per_token == pytest.approx(1 / 32_000)
+    assert (b.depth, b.uncached_tokens) == (0, 640)
+    assert terms_ms(b) == pytest.approx((10.0, 0.0, 0.0, 20.0, 30.0, 10.0, 40.0))
+    assert (c.cached_blocks, c.uncached_tokens, c.queued_prefill_tokens, c.kv_usage) == (10, 1, 384, 0.5)
+    assert c.seconds_per_token == pytest.approx(1.25 / 32_000)
+    assert terms_ms(c) == pytest.approx((10.0, 0.0, 15.0, 0.0390625, 25.0390625, 0.01953125, 25.05859375))
 
 
-def test_weights_scale_the_terms():
+def test_partial_last_block_and_kv_usage_from_tracked_blocks():
+    # 650 prompt tokens: 10 full blocks + 10 tokens; a holds all 10 blocks -> 10 tokens to compute.
+    # Without an engine-reported KV usage, the router's own block count over
+    # prediction_capacity_blocks stands in for it: 50 of 200 blocks = 0.25.
+    config = example(prediction_capacity_blocks=200)
+    loads = {A: LoadSnapshot(requests=1, blocks=50), B: LoadSnapshot(requests=9, blocks=500)}
+    decision = KvPolicy(config).select([A, B], {A: match(gpu=10)}, 10, loads, prompt_tokens=650)
+    a, b = decision.score_of(A), decision.score_of(B)
+    assert (a.uncached_tokens, a.kv_usage, b.uncached_tokens, b.kv_usage) == (10, 0.25, 650, 1.0)
+    assert a.prefill * 1e3 == pytest.approx(10 * (1 + 0.5 * 0.25) / 32)
+    assert b.prefill * 1e3 == pytest.approx(650 * 1.5 / 32)
+
+
+def test_seeds_scale_the_terms():
     config = RouterConfig(
-        weights=CostWeights(
-            prefill_weight=2.0, decode_weight=0.5, compute_cost=2.0, cpu_load_fraction=0.5, disk_load_fraction=1.0
-        )
+        speed=SpeedConfig(
+            prefill_tokens_per_s=64_000, overhead_ms=5.0, cpu_block_ms=2.0, disk_block_ms=4.0, decode_slowdown=1.0
+        ),
+        added_work_weight=1.0,
     )
     decision = KvPolicy(config).select(KEYS, MATCHES, 10, LOADS)
-    a = decision.score_of(A)
-    # tier = 3*0.5*2 + 1*1.0*2 = 5 ; compute = 4*2 = 8 ; total = 2*13 + 0.5*10 = 31
-    assert (a.tier_load_cost, a.compute_cost, a.prefill_cost, a.total) == (5.0, 8.0, 13.0, 31.0)
-    c = decision.score_of(C)
-    # queued 128 tokens = 2 blocks * compute 2 = 4 ; total = 2*4 + 0.5*15 = 15.5
-    assert (c.queued_prefill_cost, c.total) == (4.0, 15.5)
+    # a: 5 + (3 * 2 + 1 * 4) + 256 / 64 = 5 + 10 + 4 = 19 ; + 1.0 * 4 = 23
+    assert terms_ms(decision.score_of(A)) == pytest.approx((5.0, 10.0, 0.0, 4.0, 19.0, 4.0, 23.0))
+    # c: per token 1/64 ms * (1 + 1.0 * 0.5) = 1.5/64: 5 + 384 * 1.5 / 64 + 1.5 / 64 = 5 + 9 + 0.0234375
+    c = (5.0, 0.0, 9.0, 0.0234375, 14.0234375, 0.0234375, 14.046875)
+    assert terms_ms(decision.score_of(C)) == pytest.approx(c)
     assert decision.chosen == C
 
 
 def test_gpu_only_counts_lower_tier_blocks_as_absent():
-    decision = KvPolicy(RouterConfig(gpu_only=True)).select(KEYS, MATCHES, 10, LOADS)
+    decision = KvPolicy(example(gpu_only=True)).select(KEYS, MATCHES, 10, LOADS)
     a = decision.score_of(A)
-    assert (a.depth, a.cached_blocks, a.uncached_blocks) == (6, 2, 8)
-    assert (a.tier_load_cost, a.prefill_cost, a.total) == (0.0, 8.0, 18.0)
-    assert decision.chosen == C  # 17 < 18: without the tiers a no longer looks best
+    assert (a.depth, a.cached_blocks, a.uncached_tokens) == (6, 2, 512)
+    # 10 + 0 + 512 / 32 = 26, + 0.5 * 16 = 34 > c's 25.06: without the tiers a no longer looks best.
+    assert terms_ms(a) == pytest.approx((10.0, 0.0, 0.0, 16.0, 26.0, 8.0, 34.0))
+    assert decision.chosen == C
 
 
 def test_tier_aware_prefers_cpu_hit_over_recompute_but_gpu_over_cpu():
-    keys = [A, B, C]
     matches = {A: match(cpu=8), B: match(gpu=8), C: match(disk=8)}
-    decision = KvPolicy(example()).select(keys, matches, 8, {})
-    assert decision.ranked == [B, A, C]
-    assert [s.prefill_cost for s in decision.scores] == [0.0, 2.0, 4.0]
+    decision = KvPolicy(example()).select([A, B, C, D], matches, 8, {})
+    assert decision.ranked == [B, A, C, D]
+    # Each pays the overhead and the last token (1/32 ms); a loads 8 CPU blocks, c 8 disk
+    # blocks, d computes all 512 tokens.
+    assert [s.ttft * 1e3 for s in decision.scores] == pytest.approx([10 + 1 / 32, 14 + 1 / 32, 18 + 1 / 32, 26.0])
 
 
 def test_short_prompt_with_no_full_block_routes_on_load_alone():
-    loads = {A: LoadSnapshot(requests=1, blocks=3), B: LoadSnapshot(requests=1, prefill_tokens=64, blocks=1)}
-    decision = KvPolicy().select(KEYS, {}, 0, loads)
-    assert decision.ranked == [C, B, A]  # c idle (0) < b (1 queued block + 1 block = 2) < a (3)
+    loads = {
+        A: LoadSnapshot(requests=1, blocks=3, kv_usage=0.5),
+        B: LoadSnapshot(requests=1, prefill_tokens=64, blocks=1, kv_usage=0.0),
+    }
+    decision = KvPolicy(example()).select(KEYS, {}, 0, loads)
+    # c idle (1 token) < a (1 token, 1.25x slower) < b (64 queued tokens + 1)
+    assert decision.ranked == [C, A, B]
+    assert [s.uncached_tokens for s in decision.scores] == [1, 1, 1]
 
 
 def test_ties_go_to_least_loaded_then_to_the_smallest_key():
-    # a holds 2 GPU blocks but has 2 active blocks: total 8 + 12 = 20 = b's 10 + 10, with b idle.
-    decision = KvPolicy().select([A, B], {A: match(gpu=2)}, 10, {A: LoadSnapshot(requests=1, blocks=2)})
-    assert decision.score_of(A).total == decision.score_of(B).total == 20.0
+    # a holds 2 GPU blocks but has 192 tokens queued: 10 + (192 + 512) / 32 + 0.5 * 512 / 32 = 40,
+    # as b idle: 10 + 640 / 32 + 0.5 * 640 / 32.
+    loads = {A: LoadSnapshot(requests=1, prefill_tokens=192, blocks=2, kv_usage=0.0)}
+    decision = KvPolicy(example()).select([A, B], {A: match(gpu=2)}, 10, loads)
+    assert decision.score_of(A).total == pytest.approx(decision.score_of(B).total) == pytest.approx(0.040)
     assert decision.ranked == [B, A]
     # Identical candidates never chosen before: the key decides, whatever order they arrive in.
     for order in ([D, C, B, A], [B, D, A, C]):
         assert KvPolicy().select(order, {}, 4, {}).ranked == [A, B, C, D]
+
+
+def test_added_work_breaks_equal_ttft_towards_cache_reuse():
+    # a holds 2 GPU blocks and has 128 tokens queued: both predict a 30 ms first token.
+    loads = {A: LoadSnapshot(requests=1, prefill_tokens=128, blocks=2, kv_usage=0.0)}
+    ttft_only = KvPolicy(example(added_work_weight=0.0)).select([A, B], {A: match(gpu=2)}, 10, loads)
+    assert ttft_only.score_of(A).ttft == pytest.approx(ttft_only.score_of(B).ttft) == pytest.approx(0.030)
+    assert ttft_only.score_of(A).added_work == 0.0 and ttft_only.ranked == [B, A]  # a tie: least loaded
+    # Counting the compute each would add (a: 512 tokens, b: 640), a wins: 30 + 8 < 30 + 10.
+    d = KvPolicy(example()).select([A, B], {A: match(gpu=2)}, 10, loads)
+    assert [s.total * 1e3 for s in d.scores] == pytest.approx([38.0, 40.0]) and d.ranked == [A, B]
 
 
 def test_quiet_traffic_with_no_prefix_anywhere_spreads_over_every_worker():
@@ -120,24 +171,28 @@ def test_quiet_traffic_with_no_prefix_anywhere_spreads_over_every_worker():
 
 
 def test_totals_equal_up_to_rounding_are_a_tie():
-    config = RouterConfig(weights=CostWeights(cpu_load_fraction=0.1, disk_load_fraction=0.7))
-    # b: 1 CPU + 6 DISK, c: 3 CPU -- exactly equal costs, but float sums differ in the last bit.
-    decision = KvPolicy(config).select([B, C], {B: match(cpu=1, disk=6), C: match(cpu=3)}, 10, {})
+    # 1 ms a block; b: 1 CPU (0.1) + 3 disk (0.7 each) + 6 computed = 8.2 ms, c: 2 CPU + 8 computed
+    # = 8.2 ms -- exactly equal costs, but the float sums differ in the last bit.
+    speed = SpeedConfig(prefill_tokens_per_s=64_000, cpu_block_ms=0.1, disk_block_ms=0.7)
+    config = RouterConfig(speed=speed, added_work_weight=0.0)
+    decision = KvPolicy(config).select([B, C], {B: match(cpu=1, disk=3), C: match(cpu=2)}, 10, {})
     tb, tc = decision.score_of(B).total, decision.score_of(C).total
     assert tb != tc and tb == pytest.approx(tc)
     assert decision.chosen == B
-    decision = KvPolicy(config).select([C, B], {C: match(cpu=1, disk=6), B: match(cpu=3)}, 10, {})
+    decision = KvPolicy(config).select([C, B], {C: match(cpu=1, disk=3), B: match(cpu=2)}, 10, {})
+    assert decision.score_of(B).total != decision.score_of(C).total
     assert decision.chosen == B
 
 
-def test_temperature_samples_the_softmax_of_cost_differences():
-    config = RouterConfig(temperature=1.0, seed=1234)
+def test_temperature_samples_the_softmax_of_ttft_differences_in_seconds():
+    # T = 3 ms: a holds one block (2 ms sooner than b and 1 ms less added work: 1 T cheaper),
+    # c has 128 tokens queued (4 ms later than b: 7/3 T dearer than a).
+    config = example(temperature=0.003, seed=1234)
     policy = KvPolicy(config)
-    # a is 1 block cheaper than b: P(a) = 1 / (1 + e^-1) = 0.7311, and c 3 blocks dearer.
     matches = {A: match(gpu=1)}
-    loads = {C: LoadSnapshot(requests=1, blocks=2)}
+    loads = {C: LoadSnapshot(requests=1, prefill_tokens=128, kv_usage=0.0)}
     first = policy.select([A, B, C], matches, 4, loads)
-    expected = {A: 1.0, B: math.exp(-1.0), C: math.exp(-3.0)}
+    expected = {A: 1.0, B: math.exp(-1.0), C: math.exp(-7 / 3)}
     norm = sum(expected.values())
     for s in first.scores:
         assert s.probability == pytest.approx(expected[s.key] / norm)
@@ -164,8 +219,19 @@ def test_temperature_ranks_the_rest_after_the_draw():
 
 
 def test_zero_temperature_is_argmin_and_sets_no_probability():
-    d = KvPolicy(RouterConfig(temperature=0.0)).select(KEYS, MATCHES, 10, LOADS)
+    d = KvPolicy(example(temperature=0.0)).select(KEYS, MATCHES, 10, LOADS)
     assert d.chosen == A and all(s.probability is None for s in d.scores)
+
+
+def test_learned_speeds_are_what_the_policy_scores_with():
+    speed = SpeedModel(EXAMPLE)
+    speed.speed("b").seconds_per_token = 1 / 128_000  # b learned it is 4x faster
+    speed.speed("b").overhead = 0.002
+    d = KvPolicy(example(), speed).select(KEYS, MATCHES, 10, LOADS)
+    # b: 2 + 640 / 128 = 7 ms, + 0.5 * 5: 9.5, now cheaper than a's 24.5 without holding anything.
+    assert terms_ms(d.score_of(B)) == pytest.approx((2.0, 0.0, 0.0, 5.0, 7.0, 2.5, 9.5))
+    assert d.ranked == [B, A, C]
+    assert d.speed is speed
 
 
 def test_busy_workers_are_skipped_even_when_cheapest():
@@ -201,11 +267,12 @@ def test_all_busy_raises_with_a_reason():
     assert "all 2 workers busy or excluded" in err.value.reason
     assert "a: busy: kv_usage 0.600 > max_kv_usage 0.5" in err.value.reason
     assert len(err.value.scores) == 2
-    assert json.loads(json.dumps(err.value.explain()))["chosen"] is None
+    out = json.loads(json.dumps(err.value.explain()))
+    assert out["chosen"] is None and out["candidates"][0]["costs_ms"]["ttft"] > 0
 
 
 def test_exclusion_by_key_or_worker_id_and_nothing_left():
-    d = KvPolicy().select(KEYS, MATCHES, 10, LOADS, exclude=[A])
+    d = KvPolicy(example()).select(KEYS, MATCHES, 10, LOADS, exclude=[A])
     assert d.chosen == C and d.ranked == [C, B] and d.score_of(A).skipped == "excluded"
     a1 = WorkerKey("a", 1)
     d = KvPolicy().select([A, a1, B], {}, 1, {}, exclude={"a"})
@@ -235,7 +302,7 @@ def test_round_robin_alternates_and_skips_excluded_and_busy():
 
 def test_round_robin_still_reports_overlap_and_costs():
     d = RoundRobinPolicy(example(mode="round-robin")).select(KEYS, MATCHES, 10, LOADS)
-    assert d.chosen == A and d.chosen_score.total == 15.25 and d.score_of(C).cached_blocks == 10
+    assert d.chosen == A and d.chosen_score.total == pytest.approx(0.0245) and d.score_of(C).cached_blocks == 10
 
 
 def test_random_is_seeded_uniform_and_respects_exclusion():
@@ -257,27 +324,41 @@ def test_make_policy_follows_the_mode():
 
 
 def test_explain_is_json_and_carries_every_term():
-    config = example(temperature=0.5, seed=1)
+    config = example(temperature=0.005, seed=1)
     d = KvPolicy(config).select(KEYS, MATCHES, 10, LOADS, exclude=[B])
     out = json.loads(json.dumps(d.explain()))
     assert out["mode"] == "kv" and out["num_blocks"] == 10 and out["block_size"] == 64
     assert out["chosen"] == str(d.chosen) and out["ranked"] == [str(k) for k in d.ranked]
-    assert out["config"]["weights"]["cpu_load_fraction"] == 0.25 and out["config"]["temperature"] == 0.5
+    assert out["config"]["speed"]["cpu_block_ms"] == 0.5 and out["config"]["temperature"] == 0.005
+    assert out["config"]["speed"]["prefill_tokens_per_s"] == 32_000 and out["config"]["predict_sent"] is True
     assert set(out["timings_us"]) == {"hash", "match", "score", "total"}
+    speed = out["speed"]
+    assert (speed["decode_slowdown"], speed["cpu_block_ms"], speed["disk_block_ms"]) == (0.5, 0.5, 1.0)
+    assert (speed["samples"], speed["rejected"]) == (0, 0)
+    assert speed["workers"]["a"] == {"prefill_tokens_per_s": pytest.approx(32_000), "overhead_ms": 10.0, "samples": 0}
     by_worker = {c["worker"]: c for c in out["candidates"]}
     a = by_worker["a"]
     assert a["overlap"] == {"blocks": 6, "gpu": 2, "cpu": 3, "disk": 1}
-    assert a["costs"] == {
-        "tier_load": 1.25,
-        "compute": 4.0,
-        "queued_prefill": 0.0,
-        "prefill": 5.25,
-        "decode": 10.0,
-        "total": 15.25,
-    }
-    assert (a["cached_blocks"], a["uncached_blocks"], a["decode_blocks"]) == (6, 4, 10)
+    assert a["costs_ms"] == pytest.approx(
+        {
+            "overhead": 10.0,
+            "tier_load": 2.5,
+            "queued_prefill": 0.0,
+            "prefill": 8.0,
+            "ttft": 20.5,
+            "added_work": 4.0,
+            "total": 24.5,
+        }
+    )
+    assert (a["cached_blocks"], a["uncached_tokens"], a["queued_prefill_tokens"], a["kv_usage"]) == (6, 256, 0, 0.0)
+    assert a["prefill_tokens_per_s"] == pytest.approx(32_000)
+    assert (a["worker_id"], a["dp_rank"]) == ("a", 0)
     assert 0 < a["probability"] < 1 and a["skipped"] is None
     c = by_worker["c"]
-    assert c["load"]["prefill_tokens"] == 128 and c["queued_prefill_tokens"] == 128
+    assert c["load"]["prefill_tokens"] == 384 and c["queued_prefill_tokens"] == 384 and c["kv_usage"] == 0.5
+    assert c["prefill_tokens_per_s"] == pytest.approx(32_000 / 1.25)
+    assert c["costs_ms"]["queued_prefill"] == pytest.approx(15.0)
     assert by_worker["b"]["skipped"] == "excluded" and by_worker["b"]["probability"] is None
     assert a["probability"] + c["probability"] == pytest.approx(1.0)
+    # 0.56 ms apart at T = 5 ms: P(a) = 1 / (1 + e^(-0.55859375 / 5)).
+    assert a["probability"] == pytest.approx(1 / (1 + math.exp(-0.55859375 / 5)))

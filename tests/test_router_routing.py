@@ -1,4 +1,7 @@
-"""router.routing: the Router facade against the real KvIndexer fed with real events (no mocks)."""
+"""router.routing: the Router facade against the real KvIndexer fed with real events (no mocks).
+
+Predictions of sent blocks and speed learning have their own files (test_predictions.py,
+test_speed.py)."""
 
 import json
 import random
@@ -8,7 +11,7 @@ import pytest
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.protocol.events import BlockRemoved, BlockStored, EventBatch, RouterStored, Tier, WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
-from kvgate.router.config import BusyThresholds, CostWeights, RouterConfig
+from kvgate.router.config import BusyThresholds, RouterConfig, SpeedConfig
 from kvgate.router.load import IDLE, LoadSnapshot, LoadTracker
 from kvgate.router.policies import NoWorkerAvailable
 from kvgate.router.registry import StaticDiscovery
@@ -43,11 +46,12 @@ class Engine:
         self.publish(BlockStored(hashes, None, [], BS, medium=to), BlockRemoved(hashes, Tier.GPU))
 
 
-def fleet(*ids, config=None, **kw):
+def fleet(*ids, config=None, clock=lambda: 0.0, **kw):
+    """A router over static workers ``ids``; router, load tracker and index share ``clock``."""
     config = config or RouterConfig(**kw)
-    indexer = KvIndexer(block_size=config.block_size)
+    indexer = KvIndexer(block_size=config.block_size, clock=clock)
     registry = StaticDiscovery([{"id": i, "url": f"http://127.0.0.1:{9000 + n}"} for n, i in enumerate(ids)]).registry()
-    router = Router(config, indexer, registry, LoadTracker.from_config(config, clock=lambda: 0.0), clock=lambda: 0.0)
+    router = Router(config, indexer, registry, LoadTracker.from_config(config, clock=clock), clock=clock)
     return router, indexer
 
 
@@ -65,7 +69,7 @@ def test_routes_to_the_worker_holding_the_longest_prefix():
     assert decision.chosen == B and decision.num_blocks == 13
     assert decision.ranked == [B, A, C]
     assert [decision.score_of(k).depth for k in (A, B, C)] == [4, 10, 0]
-    assert decision.chosen_score.uncached_blocks == 3
+    assert decision.chosen_score.uncached_tokens == 840 - 640
     t = decision.timings
     assert t.hash > 0 and t.match > 0 and t.score > 0 and t.total == t.hash + t.match + t.score
     assert json.loads(json.dumps(decision.explain()))["candidates"][0]["overlap"]["gpu"] == 10
@@ -99,11 +103,14 @@ def test_tier_aware_follows_the_cpu_copy_gpu_only_does_not():
         decision = router.route(prompt)
         sa = decision.score_of(A)
         assert (sa.depth, sa.gpu_blocks, sa.cpu_blocks) == (10, 0, 10)
-        results[gpu_only] = (decision.chosen, sa.prefill_cost, decision.score_of(B).prefill_cost)
-    cpu_cost = CostWeights().tier_load_cost(Tier.CPU)
-    assert cpu_cost * 10 < 7.0, "the scenario needs 10 CPU loads to beat 7 recomputes"
-    assert results[False] == (A, pytest.approx(cpu_cost * 10), 7.0)
-    assert results[True] == (B, 10.0, 7.0)  # without tiers a looks empty
+        results[gpu_only] = (decision.chosen, sa.tier_load + sa.prefill, decision.score_of(B).prefill)
+    seeds = SpeedConfig()
+    block_s = BS / seeds.prefill_tokens_per_s  # computing one block at the seed rate
+    cpu_s = seeds.cpu_block_ms / 1e3
+    assert cpu_s * 10 < 7 * block_s, "the scenario needs 10 CPU loads to beat 7 recomputes"
+    # a loads 10 blocks and computes the last token; b computes 7 blocks.
+    assert results[False] == (A, pytest.approx(10 * cpu_s + block_s / BS), pytest.approx(7 * block_s))
+    assert results[True] == (B, pytest.approx(10 * block_s), pytest.approx(7 * block_s))  # without tiers a looks empty
 
 
 def test_router_native_events_and_dp_ranks():
@@ -119,7 +126,7 @@ def test_router_native_events_and_dp_ranks():
 
 
 def test_lifecycle_load_moves_the_next_decision():
-    router, indexer = fleet("a", "b")
+    router, indexer = fleet("a", "b", predict_sent=False)  # load alone (predictions: test_predictions.py)
     prompt = tokens(640)
     d1 = router.route(prompt)
     assert d1.chosen == A  # idle and empty: the key decides
@@ -128,7 +135,10 @@ def test_lifecycle_load_moves_the_next_decision():
     assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=650, blocks=11)
     d2 = router.route(prompt)
     assert d2.chosen == B
-    assert d2.score_of(A).queued_prefill_tokens == 650 and d2.score_of(A).decode_blocks == 11 + 10
+    a2 = d2.score_of(A)
+    # Its 11 KV blocks stand for the engine's KV usage until the engine reports one.
+    assert a2.queued_prefill_tokens == 650 and a2.kv_usage == 11 / router.config.prediction_capacity_blocks
+    assert a2.queued_prefill == pytest.approx(650 * a2.seconds_per_token)
 
     assert flight.first_token() and not flight.first_token()
     assert router.load.snapshot(A) == LoadSnapshot(requests=1, prefill_tokens=0, blocks=11)
@@ -248,16 +258,17 @@ def test_exclude_and_busy_pass_through():
 
 def test_expired_requests_stop_counting():
     now = [0.0]
-    config = RouterConfig(active_request_ttl=30.0)
-    indexer = KvIndexer(block_size=BS)
-    registry = StaticDiscovery([{"id": "a", "url": "http://h:1"}, {"id": "b", "url": "http://h:2"}]).registry()
-    router = Router(config, indexer, registry, clock=lambda: now[0])
+    # The prompt's prediction on a (20 s) expires before the lost request (30 s).
+    router, _ = fleet("a", "b", clock=lambda: now[0], active_request_ttl=30.0, prediction_ttl=20.0)
     router.begin("lost", router.route(tokens(128)), 128)  # its finish never comes
     before = router.route(tokens(128))
-    assert before.chosen == B and before.score_of(A).total > before.score_of(B).total
+    a = before.score_of(A)
+    assert (a.queued_prefill_tokens, a.depth) == (128, 2)  # its load counts, and its prompt is predicted held
+    assert a.total != before.score_of(B).total
     now[0] = 31.0
     after = router.route(tokens(128))
     assert after.score_of(A).total == after.score_of(B).total and len(router.load) == 0
+    assert after.score_of(A).depth == 0
 
 
 def test_round_robin_router_and_block_size_mismatch():

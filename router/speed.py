@@ -1,0 +1,193 @@
+"""How fast each worker delivers a first token, learned online from what the gateway sees.
+
+The ``kv`` cost of a candidate is its predicted time to first token (router/README.md):
+
+    ttft = overhead + tier_load
+           + (queued_tokens + uncached_tokens) * seconds_per_token * (1 + decode_slowdown * kv_usage)
+
+Each term's rate is a ``WorkerSpeed``: seeded from ``SpeedConfig``, then moved by every
+answer (``observe``):
+
+* ``seconds_per_token`` and ``overhead`` (per worker): a least-squares line through the
+  worker's answers, TTFT (less tier loads) against its prefill work (the tokens queued
+  ahead of it at send time plus its own uncached tokens as the engine reported them,
+  times the decode slowdown factor), over exponentially weighted sums (each answer's
+  weight decays by ``1 - smoothing`` per later answer); the overhead is the engine's
+  first step, the network and the gateway. With too little spread in work to separate
+  the two, only the rate moves;
+* ``decode_slowdown`` (the fleet's, one figure): decode load makes every engine step
+  longer, so prefill runs slower on a worker busy generating; each sample's ratio of
+  observed to predicted per-token time nudges it (the sign of the error times the
+  worker's KV usage), so decode counts only through its measured effect on speed;
+* ``tier block seconds`` (per tier, the fleet's): samples whose prefix came from one lower
+  tier give ``residual / blocks``.
+
+Every learned figure stays within ``[seed / bound, seed * bound]`` (overheads and tier
+costs within ``[0, seed * bound]``), and a worker that slows down is seen within about
+``1 / smoothing`` answers. Pure and synchronous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvgate.protocol.events import Tier, WorkerKey
+from kvgate.router.config import SpeedConfig
+
+__all__ = ["WorkerSpeed", "SpeedModel", "Sample"]
+
+
+@dataclass(slots=True)
+class WorkerSpeed:
+    """One worker's learned rates (seconds) and the weighted sums they are fitted from."""
+
+    seconds_per_token: float
+    overhead: float
+    samples: int = 0
+    # Exponentially weighted sums over samples of x = effective work tokens, y = TTFT
+    # (less tier loads): weight, x, y, x*x, x*y.
+    w: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1.0 / self.seconds_per_token
+
+    def add(self, x: float, y: float, keep: float) -> None:
+        self.w = self.w * keep + 1.0
+        self.sx = self.sx * keep + x
+        self.sy = self.sy * keep + y
+        self.sxx = self.sxx * keep + x * x
+        self.sxy = self.sxy * keep + x * y
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One answered request, as the router saw it."""
+
+    key: WorkerKey
+    ttft: float
+    """Seconds from sending to the first byte of the answer."""
+    work_tokens: int
+    """Prefill tokens ahead of and including this request's own uncached tokens."""
+    kv_usage: float
+    cpu_blocks: int = 0
+    disk_blocks: int = 0
+
+
+@dataclass(slots=True)
+class SpeedModel:
+    config: SpeedConfig
+    workers: dict[str, WorkerSpeed] = field(default_factory=dict)
+    decode_slowdown: float = 0.0
+    tier_block_seconds: list[float] = field(default_factory=list)
+    samples: int = 0
+    rejected: int = 0
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.decode_slowdown = c.decode_slowdown
+        self.tier_block_seconds = [0.0, c.cpu_block_ms / 1e3, c.disk_block_ms / 1e3]
+
+    # -- prediction ------------------------------------------------------------------------
+
+    def speed(self, worker_id: str) -> WorkerSpeed:
+        """The worker's rates (its seed until it has answered)."""
+        s = self.workers.get(worker_id)
+        if s is None:
+            c = self.config
+            s = self.workers[worker_id] = WorkerSpeed(1.0 / c.prefill_tokens_per_s, c.overhead_ms / 1e3)
+        return s
+
+    def block_seconds(self, tier: Tier) -> float:
+        return self.tier_block_seconds[tier]
+
+    def seconds_per_token(self, worker_id: str, kv_usage: float) -> float:
+        """Effective prefill seconds per token on ``worker_id`` at this KV usage."""
+        return self.speed(worker_id).seconds_per_token * (1.0 + self.decode_slowdown * kv_usage)
+
+    # -- learning --------------------------------------------------------------------------
+
+    def observe(self, sample: Sample) -> bool:
+        """Learn from one answer; False when it taught nothing (learning off, bad figures)."""
+        c = self.config
+        if not c.learn:
+            return False
+        ttft = sample.ttft
+        if not (0.0 < ttft < 3600.0) or sample.work_tokens < 0 or not 0.0 <= sample.kv_usage <= 1.0:
+            self.rejected += 1
+            return False
+        speed = self.speed(sample.key.worker_id)
+        per_block = self.tier_block_seconds
+        tier = sample.cpu_blocks * per_block[Tier.CPU] + sample.disk_blocks * per_block[Tier.DISK]
+        slow = 1.0 + self.decode_slowdown * sample.kv_usage
+        x = sample.work_tokens * slow
+        y = ttft - tier
+        predicted = speed.overhead + x * speed.seconds_per_token
+        self.samples += 1
+        speed.samples += 1
+        speed.add(x, y, 1.0 - c.smoothing)
+        self._fit(speed)
+        # Decode slowdown: where KV usage is high, an answer slower than predicted says
+        # decode slows prefill more than assumed, and a faster one says less.
+        if c.learn_decode_slowdown and sample.kv_usage > 0.05 and x >= c.min_sample_tokens and predicted > 0:
+            error = max(-1.0, min(1.0, (ttft - tier) / predicted - 1.0))
+            step = c.smoothing * 0.5 * error * sample.kv_usage
+            self.decode_slowdown = min(c.max_decode_slowdown, max(0.0, self.decode_slowdown + step))
+        # A lower tier's load cost: from answers whose prefix came from that tier only.
+        cpu, disk = sample.cpu_blocks, sample.disk_blocks
+        if (cpu >= 4 or disk >= 4) and not (cpu and disk):
+            kind, blocks, seed_ms = (Tier.CPU, cpu, c.cpu_block_ms) if cpu else (Tier.DISK, disk, c.disk_block_ms)
+            observed = (ttft - speed.overhead - x * speed.seconds_per_token) / blocks
+            current = per_block[kind]
+            per_block[kind] = current + c.smoothing * (_clamp(observed, seed_ms / 1e3, c.bound, floor=0.0) - current)
+        return True
+
+    def _fit(self, speed: WorkerSpeed) -> None:
+        """Least squares of TTFT = overhead + x * seconds_per_token over the weighted sums,
+        clamped to the bounds; with too little spread in x to separate the two, only the
+        rate moves (the overhead kept)."""
+        c = self.config
+        seed_rate = 1.0 / c.prefill_tokens_per_s
+        seed_overhead = c.overhead_ms / 1e3
+        w, sx, sy, sxx, sxy = speed.w, speed.sx, speed.sy, speed.sxx, speed.sxy
+        mean_x = sx / w
+        variance = sxx / w - mean_x * mean_x
+        overhead = speed.overhead
+        if speed.samples >= 3 and variance > (0.25 * mean_x) ** 2 and variance > 0:
+            rate = (sxy / w - mean_x * sy / w) / variance
+            overhead = sy / w - rate * mean_x
+            overhead = min(seed_overhead * c.bound, max(0.0, overhead))
+        if mean_x >= c.min_sample_tokens:
+            rate = (sy / w - overhead) / mean_x
+            speed.seconds_per_token = _clamp(rate, seed_rate, c.bound)
+            speed.overhead = overhead
+        elif speed.samples >= 3:
+            # Mostly cached prompts: the TTFT is almost all overhead.
+            speed.overhead = min(seed_overhead * c.bound, max(0.0, sy / w - mean_x * speed.seconds_per_token))
+
+    def forget(self, worker_id: str) -> None:
+        """The worker left: one of that name coming back starts from the seed."""
+        self.workers.pop(worker_id, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decode_slowdown": self.decode_slowdown,
+            "cpu_block_ms": self.tier_block_seconds[Tier.CPU] * 1e3,
+            "disk_block_ms": self.tier_block_seconds[Tier.DISK] * 1e3,
+            "samples": self.samples,
+            "rejected": self.rejected,
+            "workers": {
+                w: {"prefill_tokens_per_s": s.tokens_per_second, "overhead_ms": s.overhead * 1e3, "samples": s.samples}
+                for w, s in sorted(self.workers.items())
+            },
+        }
+
+
+def _clamp(value: float, seed: float, bound: float, *, floor: float | None = None) -> float:
+    low = seed / bound if floor is None else floor
+    return min(seed * bound, max(low, value))
