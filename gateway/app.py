@@ -460,6 +460,7 @@ class Gateway:
             self.metrics.refused(routed.route, error.status)
             return error.response(NO_WORKER)
         # The last worker tried answers for the failure.
+        flight.report_usage(None, streamed=False, served=False)
         flight.finish(Outcome(routed.route, str(error.status)))
         return error.response(flight.key.worker_id)
 
@@ -543,7 +544,9 @@ class Gateway:
                 # Closing the connection is what tells the worker to abort the generation.
                 upstream.close()
             # A streamed answer's first byte timed its first token: the router learns from it.
-            flight.report_usage(exchange.cached_tokens, streamed=routed.stream and status == "200")
+            flight.report_usage(
+                exchange.cached_tokens, streamed=routed.stream and status == "200", served=status == "200"
+            )
             flight.finish(Outcome(routed.route, status, exchange, routed.sequences))
             if exchange.upstream_error is not None:
                 log.warning("request %s: %s", flight.request_id, exchange.upstream_error)

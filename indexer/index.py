@@ -27,6 +27,9 @@ class Match:
 
     depth: int = 0
     per_tier: list[int] = field(default_factory=lambda: [0, 0, 0])
+    predicted: bool = False
+    """The depth is the router's prediction of blocks it just sent (``predictions.py``),
+    not yet confirmed by the engine's events."""
 
     @property
     def gpu(self) -> int:

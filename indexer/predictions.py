@@ -120,7 +120,10 @@ class PredictedBlocks:
         if not self._lru:
             return {}
         self._expire(self._clock())
-        return self._index.find_matches(seq_hashes)
+        matches = self._index.find_matches(seq_hashes)
+        for m in matches.values():
+            m.predicted = True
+        return matches
 
     def _drop(self, key: WorkerKey, hashes: Sequence[int]) -> int:
         lru = self._lru.get(key)

@@ -60,17 +60,23 @@ class TrustIgnoringMatcher(Protocol):
     def find_matches(self, seq_hashes: Sequence[int], *, include_untrusted: bool = False) -> dict[WorkerKey, Match]: ...
 
 
-def predicted_blocks(decision: Decision, key: WorkerKey, index: TrustIgnoringMatcher) -> int:
+def predicted_blocks(decision: Decision, key: WorkerKey, index: TrustIgnoringMatcher) -> int | None:
     """Prefix blocks the index holds for ``key``, in any tier: the decision's own figure
     for a trusted worker, the trust-ignoring match for an untrusted one (which the
-    decision scored as holding nothing)."""
+    decision scored as holding nothing). None when that figure is the router's own
+    prediction of blocks it just sent: whether the engine finds them depends on when it
+    computes them, so such an answer says nothing about the events' accuracy."""
     if index.trusted(key.worker_id):
         score = decision.score_of(key)
-        return score.depth if score is not None else 0
+        if score is None:
+            return 0
+        return None if score.predicted else score.depth
     if not decision.seq_hashes:
         return 0
     match = index.find_matches(decision.seq_hashes, include_untrusted=True).get(key)
-    return match.depth if match is not None else 0
+    if match is None:
+        return 0
+    return None if match.predicted else match.depth
 
 
 def engine_cached_tokens(prompt_tokens: int, blocks: int, block_size: int) -> int:

@@ -57,9 +57,11 @@ class InFlight:
         "_clock",
         "_listeners",
         "sent_at",
+        "previous_key",
         "first_token_at",
         "engine_cached_tokens",
         "streamed",
+        "served",
         "_first_token",
         "_finished",
     )
@@ -91,6 +93,8 @@ class InFlight:
         self._first_token = False
         self._finished = False
         self.sent_at = 0.0
+        self.previous_key: WorkerKey | None = None
+        """The worker it was sent to before the last ``move_to`` (None before any retry)."""
         """Router clock when it was sent to ``key`` (again on a retry)."""
         self.first_token_at: float | None = None
         """Router clock at its first token from ``key``, if one came."""
@@ -98,6 +102,9 @@ class InFlight:
         """Prompt tokens the engine reported it found cached (``report_usage``)."""
         self.streamed = False
         """Whether the first byte was the first token (a stream), not the whole answer."""
+        self.served: bool | None = None
+        """Whether the worker answered it (None: not reported). One that did not will not
+        hold its blocks: the router drops its prediction of them."""
         self._begin()
 
     @property
@@ -114,6 +121,7 @@ class InFlight:
         """Retry on ``key``: the request's load moves there, with that worker's cached prefix."""
         if self._finished:
             raise ValueError(f"request {self.request_id} already finished")
+        self.previous_key = self.key
         self.key = key
         self._first_token = False
         self.first_token_at = None
@@ -132,14 +140,16 @@ class InFlight:
         self._notify(lambda listener: listener.on_first_token)
         return True
 
-    def report_usage(self, cached_tokens: int | None, *, streamed: bool) -> None:
+    def report_usage(self, cached_tokens: int | None, *, streamed: bool, served: bool = True) -> None:
         """What the answer said, for the router to learn from at ``finish``: the engine's
         cached prompt tokens (``usage.prompt_tokens_details.cached_tokens``, None when not
-        reported) and whether the answer streamed (so its first byte timed the first token)."""
+        reported), whether the answer streamed (so its first byte timed the first token)
+        and whether the worker served it at all."""
         if cached_tokens is not None and not (isinstance(cached_tokens, int) and 0 <= cached_tokens):
             cached_tokens = None
         self.engine_cached_tokens = cached_tokens
         self.streamed = streamed
+        self.served = served
 
     def finish(self, outcome: object = None) -> bool:
         """Completed, failed or cancelled: free its load. False when it had already finished."""

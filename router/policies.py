@@ -82,6 +82,8 @@ class CandidateScore:
     load: LoadSnapshot
     skipped: str | None = None
     probability: float | None = None
+    predicted: bool = False
+    """Its prefix depth comes from blocks just sent to it, not yet confirmed by events."""
 
     @property
     def ttft(self) -> float:
@@ -93,7 +95,13 @@ class CandidateScore:
             "worker": str(self.key),
             "worker_id": self.key.worker_id,
             "dp_rank": self.key.dp_rank,
-            "overlap": {"blocks": self.depth, "gpu": self.gpu_blocks, "cpu": self.cpu_blocks, "disk": self.disk_blocks},
+            "overlap": {
+                "blocks": self.depth,
+                "gpu": self.gpu_blocks,
+                "cpu": self.cpu_blocks,
+                "disk": self.disk_blocks,
+                "predicted": self.predicted,
+            },
             "cached_blocks": self.cached_blocks,
             "uncached_tokens": self.uncached_tokens,
             "queued_prefill_tokens": self.queued_prefill_tokens,
@@ -372,6 +380,8 @@ def score_candidates(
                 rate.overhead + tier + queued + own + added_weight * own,
                 load,
                 skipped,
+                None,
+                m.predicted,
             )
         )
     return scores

@@ -155,12 +155,23 @@ class Router:
     # -- what the router itself does with its requests ---------------------------------------
 
     def _sent(self, flight: InFlight) -> None:
-        if self._predict is not None and flight.decision.seq_hashes:
-            self._predict(flight.key, flight.decision.seq_hashes, self._prediction_ttl)
+        hashes = flight.decision.seq_hashes
+        if self._predict is None or not hashes:
+            return
+        if flight.previous_key is not None:
+            self._unpredict(flight.previous_key, hashes)  # a retry: the worker that failed it
+        self._predict(flight.key, hashes, self._prediction_ttl)
+
+    def _unpredict(self, key: WorkerKey, hashes: Sequence[int]) -> None:
+        predictions = getattr(self.indexer, "predictions", None)
+        if predictions is not None:
+            predictions.drop(key, hashes)
 
     def _answered(self, flight: InFlight) -> None:
         """Teach the speed model one time to first token (streamed answers only: a whole
         answer's first byte comes after the last token)."""
+        if flight.served is False and self._predict is not None and flight.decision.seq_hashes:
+            self._unpredict(flight.key, flight.decision.seq_hashes)
         first = flight.first_token_at
         if first is None or not flight.streamed:
             return

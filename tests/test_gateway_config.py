@@ -29,10 +29,14 @@ def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "port: 9001\nhost: 0.0.0.0\nread_timeout: 5\nrouter_mode: random\n"
-        "kv: {temperature: 0.5, weights: {decode_weight: 2.0}}\n",
+        "kv: {temperature: 0.5, speed: {decode_slowdown: 0.2, overhead_ms: 7}}\n",
     )
     config = load_config(
-        ["--config", path, "--port", "9003", "--kv-decode-weight", "3"],
+        [
+            *("--config", path, "--port", "9003"),
+            *("--kv-decode-slowdown", "0.6", "--kv-prefill-tokens-per-s", "30000", "--no-kv-learn"),
+            *("--kv-min-sample-tokens", "128", "--kv-prediction-capacity-blocks", "4096", "--no-kv-predict-sent"),
+        ],
         environ={"KVGATE_PORT": "9002", "KVGATE_HOST": "127.0.0.2", "KVGATE_ACCESS_LOG": "true"},
     )
     assert config.port == 9003  # flag beats env beats YAML
@@ -41,7 +45,11 @@ def test_precedence_yaml_then_env_then_flags(tmp_path: Path) -> None:
     assert config.access_log is True
     assert config.router_mode == "random" and config.kv.mode == "random"
     assert config.kv.temperature == 0.5  # YAML kept where no flag overrides it
-    assert config.kv.weights.decode_weight == 3.0
+    speed = config.kv.speed
+    assert speed.decode_slowdown == 0.6 and speed.overhead_ms == 7  # the flag beats YAML; YAML kept otherwise
+    assert speed.prefill_tokens_per_s == 30000.0 and isinstance(speed.prefill_tokens_per_s, float)
+    assert speed.learn is False and speed.min_sample_tokens == 128 and speed.learn_decode_slowdown is True
+    assert config.kv.prediction_capacity_blocks == 4096 and config.kv.predict_sent is False
 
 
 def test_every_option_is_a_documented_flag() -> None:
@@ -51,8 +59,9 @@ def test_every_option_is_a_documented_flag() -> None:
             continue
         assert "--" + f.name.replace("_", "-") in help_text, f.name
     assert "--worker " in help_text and "--lora-adapter" in help_text and "--api-key KEY" in help_text
-    leaves = [f.name for f in fields(RouterConfig()) if f.name not in ("mode", "block_size", "weights", "busy")]
-    leaves += [f.name for f in fields(RouterConfig().weights)] + [f.name for f in fields(RouterConfig().busy)]
+    leaves = [f.name for f in fields(RouterConfig()) if f.name not in ("mode", "block_size", "speed", "busy")]
+    leaves += [f.name for f in fields(RouterConfig().speed)] + [f.name for f in fields(RouterConfig().busy)]
+    assert "prefill_tokens_per_s" in leaves and "max_waiting" in leaves and "prediction_ttl" in leaves
     for leaf in leaves:
         assert "--kv-" + leaf.replace("_", "-") in help_text, leaf
 
@@ -87,7 +96,10 @@ def test_shipped_demo_config_loads() -> None:
         ("router_mode: fastest\n", "router_mode must be one of"),
         ("read_timeout: 0\n", "read_timeout must be > 0"),
         ("kv: {mode: kv}\n", "top-level router_mode"),
-        ("kv: {weights: {cpu_load_fraction: 3}}\n", "cpu_load_fraction must be <= 1"),
+        ("kv: {weights: {cpu_load_fraction: 0.3}}\n", "unknown key(s) weights"),
+        ("kv: {speed: {smoothing: 3}}\n", "smoothing is the weight of one sample"),
+        ("kv: {speed: {prefill_tokens_per_s: 0}}\n", "prefill_tokens_per_s must be > 0.0"),
+        ("kv: {prediction_ttl: 0}\n", "prediction_ttl must be > 0.0"),
         ("workers: [{id: a, url: http://h:1}, {id: a, url: http://h:2}]\n", "duplicate worker id"),
         ("workers: [{id: a, url: ftp://h:1}]\n", "base_url must look like http"),
         ("workers: [{id: a, url: 'http://h:1', colour: red}]\n", "unknown key(s) colour"),

@@ -57,6 +57,7 @@ def test_failures_cancellations_and_refusals() -> None:
     # Every attempt failed: counted on the last worker tried, nothing relayed.
     flight = router.begin("r1", router.route(PROMPT), len(PROMPT))
     flight.move_to(WorkerKey("w1"))
+    flight.report_usage(None, streamed=False, served=False)  # as the gateway reports a failure
     flight.finish(Outcome(CHAT, "502"))
     assert value(metrics, "kvgate_requests_total", route=CHAT, status="502", worker="w1") == 1
     assert value(metrics, "kvgate_requests_total", route=CHAT, status="502", worker="w0") == 0

@@ -206,7 +206,8 @@ def setup(window: int = 4, mismatches: int = 3) -> tuple[Router, KvIndexer, Gate
     registry = StaticDiscovery(
         [{"id": "w0", "url": "http://127.0.0.1:1"}, {"id": "w1", "url": "http://127.0.0.1:2"}]
     ).registry()
-    router = Router(RouterConfig(), ix, registry)
+    # Without predictions of sent blocks: these tests judge the events' index alone.
+    router = Router(RouterConfig(predict_sent=False), ix, registry)
     check: HitCheck | None = None
     metrics = GatewayMetrics(
         StateSources(
@@ -371,3 +372,21 @@ def test_the_gateway_reads_n_to_tell_how_many_sequences_an_answer_covers() -> No
     assert parse_chat(b'{"messages": [{"role": "user", "content": "x"}]}').n == 1
     assert parse_chat(b'{"messages": [{"role": "user", "content": "x"}], "n": 3}').n == 3
     assert parse_completion(b'{"prompt": ["a", "b"], "n": 2}').n == 2
+
+
+def test_an_answer_whose_prefix_was_only_predicted_is_not_judged() -> None:
+    """Blocks the router just sent count as held before the engine has computed them; an
+    engine that served the follower first reports fewer, which says nothing about events."""
+    ix = KvIndexer(BS)
+    registry = StaticDiscovery([{"id": "w0", "url": "http://127.0.0.1:1"}])
+    router = Router(RouterConfig(), ix, registry.registry())
+    first = router.route(TOKENS)
+    router.begin("r1", first, len(TOKENS))
+    follower = router.route(TOKENS)
+    score = follower.score_of(WorkerKey("w0"))
+    assert score is not None and score.predicted and score.depth == len(SEQ)
+    assert predicted_blocks(follower, WorkerKey("w0"), ix) is None
+    ix.apply_router_events(WorkerKey("w0"), [RouterStored(SEQ)])  # the engine's events confirm them
+    confirmed = router.route(TOKENS)
+    assert not confirmed.chosen_score.predicted
+    assert predicted_blocks(confirmed, WorkerKey("w0"), ix) == len(SEQ)
