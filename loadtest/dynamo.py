@@ -322,7 +322,9 @@ def build_phases(vocabulary: Vocabulary, config: BenchConfig, workload: str, mod
     s = config.seed
     return Phases(
         c1=make(vocabulary, config, model, 1, config.c1_requests, s + 1000),
-        load=make(vocabulary, config, model, config.load_concurrency(workload), config.requests, s),
+        load=make(
+            vocabulary, config, model, min(config.load_concurrency(workload), config.requests), config.requests, s
+        ),
         direct=make(vocabulary, config, model, 1, config.c1_requests, s + 2000),
     )
 
