@@ -799,10 +799,18 @@ def notes(config: BenchConfig) -> list[str]:
     ]
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it (results get committed), else as given."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def write_results(config: BenchConfig, runs: Sequence[RunResult]) -> None:
     config.out.mkdir(parents=True, exist_ok=True)
     payload = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "config": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "runs": [r.to_json() for r in runs],
         "comparisons": comparisons(runs),
     }
