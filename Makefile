@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast lint vllm clean
+.PHONY: install demo test test-fast lint vllm dynamo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ lint: install
 # The fast inner loop: everything that starts no process or server.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# NVIDIA Dynamo 1.6.1 in .venv/dynamo and the DeepSeek tokenizer in .venv/dynamo-model, for
+# `python -m kvgate.loadtest.dynamo` (kvgate beside Dynamo). Not part of `make test`.
+dynamo: install
+	PYTHON=$(PYTHON) sh dev/dynamo_install.sh $(VENV)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
