@@ -180,6 +180,7 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.metrics.loop_lag.start()
         await self.upstream.start()
         if self.bus is not None:
             await self.bus.start()
@@ -207,6 +208,7 @@ class Gateway:
         self.hit_check.close()
         self.router.close()
         self.preprocessor.close()
+        self.metrics.loop_lag.stop()
 
     # -- OpenAI routes --------------------------------------------------------------------
 

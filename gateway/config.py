@@ -240,6 +240,15 @@ class GatewayConfig:
     probe_timeout: float = _opt(2.0, "timeout of one health poll or load scrape, in seconds")
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
     access_log: bool = _opt(False, "log every HTTP request (costs throughput)")
+    # -- the serving processes (gateway CPU cost) --
+    processes: int = _opt(
+        1,
+        "gateway processes serving the public port together (SO_REUSEPORT; the kernel spreads the "
+        "connections): each tokenizes, routes and relays on its own core and consumes every KV event "
+        "itself; in-flight load is per process unless nats_url shares it; process i serves the admin "
+        "endpoints on admin port + i",
+    )
+    uvloop: bool = _opt(True, "run the event loop on uvloop when it is installed (--no-uvloop: asyncio's own)")
     kv: RouterConfig = field(
         default_factory=RouterConfig,
         metadata={"help": "router settings (router/config.py); mode and block_size come from router_mode / block_size"},
@@ -284,6 +293,10 @@ class GatewayConfig:
         for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.processes < 1:
+            raise ValueError(f"processes must be >= 1, got {self.processes}")
+        if self.processes > 1 and self.port == 0:
+            raise ValueError("processes > 1 share one port: set port (0 would give each process its own)")
         for name in ("max_messages", "max_connections", "max_header_size", "max_headers", "events_max_batch_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -15,12 +15,14 @@ never pays for it. Predicted against reported cached tokens are counted by
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvgate.gateway.errors import NO_WORKER
@@ -80,6 +82,78 @@ class StateSources:
     """Per worker: whether its index's predictions agree with what its engine reports."""
     extra: Callable[[], Iterable[Metric]] | None = None
     """More families (distributed mode: bus and discovery state)."""
+
+
+# The event-loop lag monitor's tick; a stall longer than STALL_SECONDS is counted.
+LOOP_TICK_SECONDS = 0.01
+STALL_SECONDS = 0.005
+
+
+class LoopLag(Collector):
+    """How long the event loop was unable to run a callback that was due: a timer re-armed every
+    ``tick`` seconds notes how late it fires. Costs one callback per tick (~100/s, a few
+    microseconds each). Exported as ``kvgate_event_loop_max_gap_seconds`` (the largest
+    lateness since the previous scrape, reset by each scrape) and
+    ``kvgate_event_loop_stalls_total`` (ticks later than ``stall`` seconds), plus
+    ``kvgate_event_loop_max_gap_ever_seconds`` (since start-up)."""
+
+    def __init__(self, tick: float = LOOP_TICK_SECONDS, stall: float = STALL_SECONDS) -> None:
+        self.tick = tick
+        self.stall = stall
+        self.max_gap = 0.0
+        self.max_gap_ever = 0.0
+        self.stalls = 0
+        self._due = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._due = time.perf_counter() + self.tick
+        self._timer = self._loop.call_later(self.tick, self._fire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        now = time.perf_counter()
+        late = now - self._due
+        if late > self.max_gap:
+            self.max_gap = late
+            if late > self.max_gap_ever:
+                self.max_gap_ever = late
+        if late > self.stall:
+            self.stalls += 1
+        self._due = now + self.tick
+        assert self._loop is not None
+        self._timer = self._loop.call_later(self.tick, self._fire)
+
+    def take_max_gap(self) -> float:
+        gap, self.max_gap = self.max_gap, 0.0
+        return gap
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "kvgate_event_loop_max_gap_seconds",
+            "Longest the event loop was late running a due callback since the previous scrape (reset by each scrape)",
+            value=self.take_max_gap(),
+        )
+        yield GaugeMetricFamily(
+            "kvgate_event_loop_max_gap_ever_seconds",
+            "Longest the event loop was late running a due callback since start-up",
+            value=self.max_gap_ever,
+        )
+        stalls = CounterMetricFamily(
+            "kvgate_event_loop_stalls",
+            f"Times the event loop was more than {self.stall * 1e3:g} ms late running a due callback",
+        )
+        stalls.add_metric((), float(self.stalls))
+        yield stalls
 
 
 class GatewayMetrics:
@@ -209,6 +283,8 @@ class GatewayMetrics:
         self._routing_children = {stage: self.routing.labels(stage) for stage in ROUTING_STAGES}
         # labels() takes a lock and a dict lookup; the request path caches the children it uses.
         self._children: dict[tuple[Any, ...], Any] = {}
+        self.loop_lag = LoopLag()
+        self.registry.register(self.loop_lag)
         if state is not None:
             self.registry.register(_StateCollector(state))
 

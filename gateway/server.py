@@ -249,8 +249,12 @@ async def serve(
     admin: Listener | None = None,
     access_log: logging.Logger | None = None,
     backlog: int = 1024,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve ``app`` on ``host:port`` (and ``admin``, if any) until SIGINT / SIGTERM, then shut down gracefully."""
+    """Serve ``app`` on ``host:port`` (and ``admin``, if any) until SIGINT / SIGTERM, then shut down gracefully.
+
+    ``reuse_port``: bind the public port with SO_REUSEPORT, beside the other gateway
+    processes of the same ``--processes`` group (the kernel spreads new connections)."""
     runner = GatewayRunner(
         app,
         limits,
@@ -270,7 +274,7 @@ async def serve(
             await admin_runner.setup()
             await web.TCPSite(admin_runner, admin.host, admin.port).start()
             log.info("admin endpoints (/debug/route, /metrics) on %s", _address(admin_runner))
-        await web.TCPSite(runner, host, port, backlog=backlog).start()
+        await web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port or None).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -127,6 +127,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -154,6 +157,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.stop_timer()
         if not self.done and self.error is None:
             # httptools has no way to pass EOF to llhttp: a body framed by the close ends here.
             if self.head_done and self._until_close:
@@ -252,21 +256,40 @@ class _Connection(asyncio.Protocol):
     # -- the consumer side ----------------------------------------------------------------
 
     async def wait(self, timeout: float) -> None:
-        """Until something new happened (head, data, end, error), or ``timeout`` passes."""
+        """Until something new happened (head, data, end, error), or ``timeout`` passes.
+
+        One timer per connection, not one per wait: each wait moves the deadline, and the
+        timer, when it fires early (the deadline moved since it was armed), re-arms for the
+        rest. A streamed answer's chunks so cost no timer each."""
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, self._timed_out, waiter)
+        deadline = self._deadline = loop.time() + timeout
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._check_deadline)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_exception(
-                UpstreamFailure("timeout", f"{self.pool.name} sent nothing for {self.pool.read_timeout}s")
-            )
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waiting: the next wait arms a timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
+            return
+        waiter.set_exception(UpstreamFailure("timeout", f"{self.pool.name} sent nothing for {self.pool.read_timeout}s"))
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def take(self) -> bytes:
         chunks = self._chunks
@@ -350,6 +373,7 @@ class _Pool:
         self.idle: list[_Connection] = []
 
     def put(self, conn: _Connection) -> None:
+        conn.stop_timer()
         if len(self.idle) >= self.max_idle:
             conn.transport.close()  # type: ignore[union-attr]
             return

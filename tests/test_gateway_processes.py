@@ -1,0 +1,130 @@
+"""The gateway's CPU-cost machinery: the event-loop lag monitor, and ``--processes N`` serving one port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from kvgate.dev.demo import spawn_workers, stop_workers, wait_healthy
+from kvgate.dev.launch import free_port
+from kvgate.gateway.__main__ import process_config
+from kvgate.gateway.config import GatewayConfig
+from kvgate.gateway.metrics import GatewayMetrics
+from tests.helpers import TINY_MODEL, python_module, wait_http, wait_until
+from tests.test_e2e_gateway import get, metric, post
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_loop_lag_monitor_sees_a_blocked_loop_and_resets_at_each_scrape() -> None:
+    metrics = GatewayMetrics()
+
+    async def scenario() -> tuple[str, str]:
+        metrics.loop_lag.start()
+        try:
+            await asyncio.sleep(0.05)
+            time.sleep(0.03)  # the loop blocked for 30 ms
+            await asyncio.sleep(0.03)
+            first = metrics.render().decode()
+            await asyncio.sleep(0.05)
+            return first, metrics.render().decode()
+        finally:
+            metrics.loop_lag.stop()
+
+    first, second = asyncio.run(scenario())
+    assert 0.025 <= _sample(first, "kvgate_event_loop_max_gap_seconds") < 1.0
+    assert _sample(first, "kvgate_event_loop_stalls_total") >= 1
+    # The max is since the previous scrape: the quiet 50 ms that followed saw no 30 ms stall.
+    assert _sample(second, "kvgate_event_loop_max_gap_seconds") < 0.025
+    assert _sample(second, "kvgate_event_loop_max_gap_ever_seconds") >= 0.025
+
+
+def test_each_process_of_a_group_gets_its_own_admin_port_and_bus_id() -> None:
+    config = GatewayConfig(port=9000, processes=2, router_id="gw-a")
+    one, two = process_config(config, 0), process_config(config, 1)
+    assert (one.admin_listen_port, two.admin_listen_port) == (9001, 9002)
+    assert (one.router_id, two.router_id) == ("gw-a-0", "gw-a-1")
+    assert one.processes == two.processes == 1 and one.port == two.port == 9000
+    assert process_config(GatewayConfig(port=9000, processes=2, admin_on_public_port=True), 1).admin_port is None
+    with pytest.raises(ValueError, match="processes"):
+        GatewayConfig(port=0, processes=2)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    workers = spawn_workers(1, str(TINY_MODEL), 64, 4096, tmp_path, ["--speedup-ratio", "1000"])
+    gateway = None
+    try:
+        wait_healthy(workers)
+        w = workers[0]
+        port, admin = free_port(), free_port()
+        while admin + 1 == port or not _free(admin + 1):
+            admin = free_port()
+        gateway = python_module(
+            "kvgate.gateway",
+            "--port",
+            port,
+            "--admin-port",
+            admin,
+            "--processes",
+            2,
+            f"--worker=url={w.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{w.events_port},"
+            f"kv_events_replay_endpoint=tcp://127.0.0.1:{w.replay_port}",
+            log_path=tmp_path / "gateway.log",
+        )
+        for p in (port, admin, admin + 1):
+            wait_http(f"http://127.0.0.1:{p}/health", timeout=90, proc=gateway)
+        children = _children(gateway.popen.pid)
+        assert len(children) == 2
+        body = {"model": "kvgate-tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4}
+        for _ in range(20):
+            status, headers, _ = post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
+            assert status == 200 and headers["x-kvgate-worker"] == "w0"
+        # Each process counts its own requests, on its own admin port: together, all of them.
+        served = [
+            metric(get(f"http://127.0.0.1:{p}/metrics")[2].decode(), "kvgate_requests_total", status="200")
+            for p in (admin, admin + 1)
+        ]
+        assert sum(served) == 20 and all(served), served  # the kernel spread the connections over both
+        gateway.popen.send_signal(signal.SIGTERM)
+        gateway.popen.wait(timeout=30)
+        assert gateway.popen.returncode == 0, gateway.log()
+        wait_until(lambda: not any(_alive(c) for c in children), what="processes stopped", timeout=10)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        stop_workers(workers)
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
