@@ -138,6 +138,13 @@ class PrefixIndex:
         self._counts[slot][tier] -= removed
         return removed
 
+    def holds(self, key: WorkerKey, block: int) -> bool:
+        """Whether ``key`` holds ``block`` in any tier."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            return False
+        return bool(self._blocks.get(block, 0) >> (slot * _SLOT_BITS) & _TIERS)
+
     def clear(self, key: WorkerKey) -> int:
         """Drop everything ``key`` holds (the slot stays allocated to it)."""
         slot = self._slot_of.get(key)

@@ -180,18 +180,28 @@ class KvIndexer:
         untrusted = self._untrusted
         if untrusted and matches and not include_untrusted:
             matches = {key: m for key, m in matches.items() if key.worker_id not in untrusted}
-        predicted = self.predictions.find_matches(seq_hashes)
-        for key, p in predicted.items():
-            # Our own record of what was just sent stands for an untrusted worker too.
-            m = matches.get(key)
-            if m is None or p.depth > m.depth:
-                matches[key] = p
+        if self.predictions.held_any:
+            # Our own record of what was just sent stands for an untrusted worker too (its
+            # events are not consulted past the predicted run).
+            holds = self._index.holds
+            self.predictions.extend(
+                seq_hashes,
+                matches,
+                (lambda key, h: key.worker_id not in untrusted and holds(key, h))
+                if untrusted and not include_untrusted
+                else holds,
+            )
         return matches
 
-    def predict(self, key: WorkerKey, seq_hashes: Sequence[int], ttl: float) -> None:
+    def predict(self, key: WorkerKey, seq_hashes: Sequence[int], ttl: float) -> list[int]:
         """``seq_hashes`` were just sent to ``key``: count them held (GPU) for ``ttl`` seconds
-        or until the engine's events say otherwise (``PredictedBlocks``)."""
-        self.predictions.predict(key, seq_hashes, ttl)
+        or until the engine's events say otherwise (``PredictedBlocks``). Returns those not
+        predicted there before (what to ``unpredict`` if the request fails)."""
+        return self.predictions.predict(key, seq_hashes, ttl)
+
+    def unpredict(self, key: WorkerKey, hashes: Sequence[int]) -> None:
+        """``key`` will not hold ``hashes`` after all (the request sending them failed)."""
+        self.predictions.drop(key, hashes)
 
     def block_counts(self) -> dict[WorkerKey, tuple[int, int, int]]:
         return self._index.block_counts()

@@ -14,18 +14,20 @@ index counts them as held (GPU) until the engine's own events take over:
   evicted first: with events turned off (approximate mode) this LRU of what was sent is
   the whole model of the worker's cache, sized like the engine's block pool.
 
-Layout: a ``PrefixIndex`` (so matching costs what the event index costs) plus, per
-worker rank, an ordered dict block → expiry in least-recently-sent order, and one queue
-of (expiry, rank, blocks) in sending order for lazy expiry. Pure and synchronous; the
-clock is passed in.
+Layout: per worker rank, an ordered dict block → expiry in least-recently-sent order, and
+one heap of (expiry, rank, blocks) for lazy expiry. Matching extends each rank's event
+match: from the depth its events give, it counts the consecutive prompt blocks predicted
+(or, past them, held by events again), so a prompt whose first chunk the engine has
+confirmed still counts its predicted rest. Pure and synchronous; the clock is passed in.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from kvgate.indexer.index import Match, PrefixIndex
+from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
 
 __all__ = ["PredictedBlocks"]
@@ -36,9 +38,9 @@ class PredictedBlocks:
 
     __slots__ = (
         "capacity_blocks",
-        "_index",
         "_lru",
         "_expiries",
+        "_order",
         "_clock",
         "predicted",
         "confirmed",
@@ -50,9 +52,9 @@ class PredictedBlocks:
         if isinstance(capacity_blocks, bool) or not isinstance(capacity_blocks, int) or capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be a positive integer, got {capacity_blocks!r}")
         self.capacity_blocks = capacity_blocks
-        self._index = PrefixIndex()
         self._lru: dict[WorkerKey, OrderedDict[int, float]] = {}
-        self._expiries: deque[tuple[float, WorkerKey, Sequence[int]]] = deque()
+        self._expiries: list[tuple[float, int, WorkerKey, Sequence[int]]] = []
+        self._order = 0  # heap tie-break: keys and hash lists are not ordered
         self._clock = clock
         self.predicted = 0
         """Blocks recorded as predictions (new or refreshed)."""
@@ -66,14 +68,19 @@ class PredictedBlocks:
     def __len__(self) -> int:
         return sum(len(lru) for lru in self._lru.values())
 
+    @property
+    def held_any(self) -> bool:
+        return bool(self._lru)
+
     def held(self, key: WorkerKey) -> int:
         lru = self._lru.get(key)
         return len(lru) if lru is not None else 0
 
-    def predict(self, key: WorkerKey, hashes: Sequence[int], ttl: float) -> None:
-        """``hashes`` (a prompt's blocks) were just sent to ``key``; count them held for ``ttl`` s."""
+    def predict(self, key: WorkerKey, hashes: Sequence[int], ttl: float) -> list[int]:
+        """``hashes`` (a prompt's blocks) were just sent to ``key``: count them held for
+        ``ttl`` seconds. Returns the ones that were not predicted there already."""
         if not hashes:
-            return
+            return []
         now = self._clock()
         self._expire(now)
         expiry = now + ttl
@@ -89,55 +96,85 @@ class PredictedBlocks:
                 new.append(h)
             lru[h] = expiry
         self.predicted += len(hashes)
-        if new:
-            self._index.store(key, new)
-        if len(lru) > self.capacity_blocks:
-            over = len(lru) - self.capacity_blocks
-            gone = [lru.popitem(last=False)[0] for _ in range(over)]
-            self._index.remove(key, gone)
+        over = len(lru) - self.capacity_blocks
+        if over > 0:
+            for _ in range(over):
+                lru.popitem(last=False)
             self.evicted += over
-        self._expiries.append((expiry, key, hashes))
+        self._order += 1
+        heapq.heappush(self._expiries, (expiry, self._order, key, hashes))
+        return new
 
     def confirm(self, key: WorkerKey, hashes: Sequence[int]) -> None:
         """The engine stored ``hashes``: its events hold them now, not the prediction."""
         self.confirmed += self._drop(key, hashes)
 
     def drop(self, key: WorkerKey, hashes: Sequence[int]) -> None:
-        """The engine removed ``hashes`` (in some tier): no prediction of them survives."""
+        """The engine removed ``hashes`` (in some tier), or the request that sent them there
+        failed: no prediction of them survives."""
         self._drop(key, hashes)
 
     def clear(self, key: WorkerKey) -> None:
-        if self._lru.pop(key, None):
-            self._index.clear(key)
+        self._lru.pop(key, None)
 
     def remove_worker(self, worker_id: str) -> None:
         for key in [k for k in self._lru if k.worker_id == worker_id]:
             del self._lru[key]
-        self._index.remove_worker(worker_id)
+
+    def extend(
+        self,
+        seq_hashes: Sequence[int],
+        matches: dict[WorkerKey, Match],
+        events_hold: Callable[[WorkerKey, int], bool] | None = None,
+    ) -> None:
+        """Extend ``matches`` (the events' matches, per rank) in place by the predicted blocks:
+        for every rank with predictions, from its event depth on, count the consecutive
+        blocks predicted there (GPU) or, between predicted runs, held by its events
+        (``events_hold(key, hash)``; None: the events are not consulted)."""
+        if not self._lru:
+            return
+        self._expire(self._clock())
+        n = len(seq_hashes)
+        for key, lru in self._lru.items():
+            if not lru:
+                continue
+            m = matches.get(key)
+            start = m.depth if m is not None else 0
+            i = start
+            extra = 0
+            while i < n:
+                h = seq_hashes[i]
+                if h in lru:
+                    extra += 1
+                elif events_hold is None or not events_hold(key, h):
+                    break
+                i += 1
+            if not extra:
+                continue
+            if m is None:
+                matches[key] = Match(i, [extra, 0, 0], True)
+            else:
+                # Blocks past the event depth that the events hold were found in some tier;
+                # counting them as GPU is what the first request's load will have made them.
+                matches[key] = Match(i, [m.per_tier[0] + (i - start), m.per_tier[1], m.per_tier[2]], True)
 
     def find_matches(self, seq_hashes: Sequence[int]) -> dict[WorkerKey, Match]:
         """Per rank: the contiguous prefix of ``seq_hashes`` predicted held (all GPU)."""
-        if not self._lru:
-            return {}
-        self._expire(self._clock())
-        matches = self._index.find_matches(seq_hashes)
-        for m in matches.values():
-            m.predicted = True
+        matches: dict[WorkerKey, Match] = {}
+        self.extend(seq_hashes, matches)
         return matches
 
     def _drop(self, key: WorkerKey, hashes: Sequence[int]) -> int:
         lru = self._lru.get(key)
         if not lru:
             return 0
-        gone = [h for h in hashes if lru.pop(h, None) is not None]
-        if gone:
-            self._index.remove(key, gone)
-        return len(gone)
+        pop = lru.pop
+        return sum(1 for h in hashes if pop(h, None) is not None)
 
     def _expire(self, now: float) -> None:
-        queue = self._expiries
-        while queue and queue[0][0] <= now:
-            _, key, hashes = queue.popleft()
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _, _, key, hashes = heapq.heappop(heap)
             lru = self._lru.get(key)
             if not lru:
                 continue
@@ -145,6 +182,4 @@ class PredictedBlocks:
             gone = [h for h in hashes if (e := lru.get(h)) is not None and e <= now]
             for h in gone:
                 del lru[h]
-            if gone:
-                self._index.remove(key, gone)
-                self.expired += len(gone)
+            self.expired += len(gone)

@@ -58,6 +58,7 @@ class InFlight:
         "_listeners",
         "sent_at",
         "previous_key",
+        "predicted_hashes",
         "first_token_at",
         "engine_cached_tokens",
         "streamed",
@@ -93,6 +94,9 @@ class InFlight:
         self._first_token = False
         self._finished = False
         self.sent_at = 0.0
+        self.predicted_hashes: Sequence[int] = ()
+        """Blocks the router newly predicted ``key`` holds because of this request (dropped
+        again if the worker does not serve it)."""
         self.previous_key: WorkerKey | None = None
         """The worker it was sent to before the last ``move_to`` (None before any retry)."""
         """Router clock when it was sent to ``key`` (again on a retry)."""

@@ -159,19 +159,20 @@ class Router:
         if self._predict is None or not hashes:
             return
         if flight.previous_key is not None:
-            self._unpredict(flight.previous_key, hashes)  # a retry: the worker that failed it
-        self._predict(flight.key, hashes, self._prediction_ttl)
+            self._unpredict(flight.previous_key, flight.predicted_hashes)  # a retry: that worker failed it
+        flight.predicted_hashes = self._predict(flight.key, hashes, self._prediction_ttl) or ()
 
     def _unpredict(self, key: WorkerKey, hashes: Sequence[int]) -> None:
-        predictions = getattr(self.indexer, "predictions", None)
-        if predictions is not None:
-            predictions.drop(key, hashes)
+        """Only the blocks this request added: a prefix predicted by others stays."""
+        unpredict = getattr(self.indexer, "unpredict", None)
+        if unpredict is not None and hashes:
+            unpredict(key, hashes)
 
     def _answered(self, flight: InFlight) -> None:
         """Teach the speed model one time to first token (streamed answers only: a whole
         answer's first byte comes after the last token)."""
-        if flight.served is False and self._predict is not None and flight.decision.seq_hashes:
-            self._unpredict(flight.key, flight.decision.seq_hashes)
+        if flight.served is False:
+            self._unpredict(flight.key, flight.predicted_hashes)
         first = flight.first_token_at
         if first is None or not flight.streamed:
             return

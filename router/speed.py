@@ -22,7 +22,9 @@ answer (``observe``):
 * ``tier block seconds`` (per tier, the fleet's): samples whose prefix came from one lower
   tier give ``residual / blocks``.
 
-Every learned figure stays within ``[seed / bound, seed * bound]`` (overheads and tier
+Once a worker has answered ``_WARM_SAMPLES`` times, an answer further than 3x from its
+prediction counts as 3x off: one stalled answer cannot swing the fit. Every learned
+figure stays within ``[seed / bound, seed * bound]`` (overheads and tier
 costs within ``[0, seed * bound]``), and a worker that slows down is seen within about
 ``1 / smoothing`` answers. Pure and synchronous.
 """
@@ -36,6 +38,11 @@ from kvgate.protocol.events import Tier, WorkerKey
 from kvgate.router.config import SpeedConfig
 
 __all__ = ["WorkerSpeed", "SpeedModel", "Sample"]
+
+_WARM_SAMPLES = 10
+"""Answers after which a worker's fit is established and single answers are limited."""
+_OUTLIER = 3.0
+"""How far from the prediction (either way) one answer may pull an established fit."""
 
 
 @dataclass(slots=True)
@@ -128,10 +135,14 @@ class SpeedModel:
         x = sample.work_tokens * slow
         y = ttft - tier
         predicted = speed.overhead + x * speed.seconds_per_token
+        if speed.samples >= _WARM_SAMPLES and predicted > 0:
+            # Once the line is established, one answer can pull it at most _OUTLIER-fold:
+            # a stalled answer (a GC pause, a preemption) must not swing the fit anywhere.
+            y = min(predicted * _OUTLIER, max(predicted / _OUTLIER, y))
         self.samples += 1
         speed.samples += 1
         speed.add(x, y, 1.0 - c.smoothing)
-        self._fit(speed)
+        self._fit(speed, y - predicted)
         # Decode slowdown: where KV usage is high, an answer slower than predicted says
         # decode slows prefill more than assumed, and a faster one says less.
         if c.learn_decode_slowdown and sample.kv_usage > 0.05 and x >= c.min_sample_tokens and predicted > 0:
@@ -147,28 +158,37 @@ class SpeedModel:
             per_block[kind] = current + c.smoothing * (_clamp(observed, seed_ms / 1e3, c.bound, floor=0.0) - current)
         return True
 
-    def _fit(self, speed: WorkerSpeed) -> None:
+    def _fit(self, speed: WorkerSpeed, residual: float) -> None:
         """Least squares of TTFT = overhead + x * seconds_per_token over the weighted sums,
         clamped to the bounds; with too little spread in x to separate the two, only the
-        rate moves (the overhead kept)."""
+        rate moves (the overhead kept). An answer slower than predicted (``residual`` > 0)
+        never makes the worker look faster, nor a faster one slower: the line may tilt
+        within the sums, but what it predicts moves the answer's way."""
         c = self.config
         seed_rate = 1.0 / c.prefill_tokens_per_s
         seed_overhead = c.overhead_ms / 1e3
         w, sx, sy, sxx, sxy = speed.w, speed.sx, speed.sy, speed.sxx, speed.sxy
         mean_x = sx / w
         variance = sxx / w - mean_x * mean_x
-        overhead = speed.overhead
+        old_rate, old_overhead = speed.seconds_per_token, speed.overhead
+        overhead = old_overhead
         if speed.samples >= 3 and variance > (0.25 * mean_x) ** 2 and variance > 0:
             rate = (sxy / w - mean_x * sy / w) / variance
             overhead = sy / w - rate * mean_x
             overhead = min(seed_overhead * c.bound, max(0.0, overhead))
         if mean_x >= c.min_sample_tokens:
-            rate = (sy / w - overhead) / mean_x
-            speed.seconds_per_token = _clamp(rate, seed_rate, c.bound)
-            speed.overhead = overhead
+            rate = _clamp((sy / w - overhead) / mean_x, seed_rate, c.bound)
         elif speed.samples >= 3:
             # Mostly cached prompts: the TTFT is almost all overhead.
-            speed.overhead = min(seed_overhead * c.bound, max(0.0, sy / w - mean_x * speed.seconds_per_token))
+            rate = old_rate
+            overhead = min(seed_overhead * c.bound, max(0.0, sy / w - mean_x * old_rate))
+        else:
+            return
+        if residual > 0:
+            rate, overhead = max(rate, old_rate), max(overhead, old_overhead)
+        elif residual < 0:
+            rate, overhead = min(rate, old_rate), min(overhead, old_overhead)
+        speed.seconds_per_token, speed.overhead = rate, overhead
 
     def forget(self, worker_id: str) -> None:
         """The worker left: one of that name coming back starts from the seed."""

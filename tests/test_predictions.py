@@ -63,7 +63,7 @@ def test_a_burst_sharing_a_new_prefix_follows_the_first_until_another_worker_is_
     assert first.chosen == A and first.chosen_score.depth == 0
     # No event has come, yet a is predicted to hold the prefix, as GPU blocks.
     m = indexer.find_matches(sequence_hashes(prompt(32, 40, suffix=1), BS))
-    assert set(m) == {A} and (m[A].depth, m[A].per_tier) == (32, [32, 0, 0])
+    assert set(m) == {A} and (m[A].depth, m[A].per_tier, m[A].predicted) == (32, [32, 0, 0], True)
     chosen = [A]
     decisions = []
     for i in range(1, 60):
@@ -82,6 +82,7 @@ def test_a_burst_sharing_a_new_prefix_follows_the_first_until_another_worker_is_
     # predicted to hold it, until b's queue is as long as a's; then c (none finishes here).
     assert depth(indexer, B, prompt(32, 0)) == 32
     assert decisions[switch].chosen == B and decisions[switch].score_of(B).depth == 32
+    assert decisions[switch].explain()["candidates"][0]["overlap"]["predicted"] is True
     n_b = Counter(chosen)[B]
     assert n_b >= switch - 2 and chosen == [A] * switch + [B] * n_b + [C] * (60 - switch - n_b)
     assert C in chosen and depth(indexer, C, prompt(32, 0)) == 32
@@ -104,17 +105,12 @@ def test_stored_events_confirm_predictions_and_the_match_stays():
     indexer.apply_router_events(A, [RouterStored(hashes[:8], Tier.GPU), RouterStored(hashes[8:], Tier.CPU)])
     assert indexer.predictions.held(A) == 0 and indexer.predictions.confirmed == 12
     m = indexer.find_matches(hashes)[A]
-    assert (m.depth, m.per_tier) == (12, [8, 4, 0])
+    assert (m.depth, m.per_tier, m.predicted) == (12, [8, 4, 0], False)
     # Events for another worker confirm nothing of a's.
     indexer.apply_router_events(B, [RouterStored(hashes, Tier.GPU)])
     assert indexer.predictions.confirmed == 12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="indexer/kv_indexer.py find_matches: the prediction index is matched from the prompt's first block, "
-    "so once events confirm a prompt's first chunk, its still-predicted rest no longer extends the match",
-)
 def test_a_partly_confirmed_prediction_still_extends_the_engines_prefix():
     # The engine stores a long prompt chunk by chunk: its first 8 blocks are confirmed, the
     # last 4 still only predicted.
@@ -224,3 +220,20 @@ def test_approximate_mode_keeps_predictions_for_its_own_ttl():
         assert depth(indexer, A, tokens) == 8, approximate
         clock.now = alive_until
         assert depth(indexer, A, tokens) == 0, approximate
+
+
+def test_a_retry_or_a_failed_answer_drops_the_prediction_of_the_worker_that_failed():
+    router, indexer, _ = fleet("a", "b", "c")
+    tokens = prompt(8, 0)
+    flight = router.begin("r0", router.route(tokens), len(tokens))
+    assert flight.key == A and depth(indexer, A, tokens) == 8
+    flight.move_to(B)  # a failed it: b holds the prompt now, a does not
+    assert depth(indexer, A, tokens) == 0 and depth(indexer, B, tokens) == 8
+    flight.report_usage(None, streamed=False, served=False)  # b failed too
+    flight.finish("failed")
+    assert indexer.find_matches(sequence_hashes(tokens, BS)) == {} and len(indexer.predictions) == 0
+    # A served answer keeps it.
+    served = router.begin("r1", router.route(tokens), len(tokens))
+    served.report_usage(0, streamed=True)
+    served.finish("done")
+    assert depth(indexer, served.key, tokens) == 8

@@ -338,7 +338,7 @@ def test_explain_is_json_and_carries_every_term():
     assert speed["workers"]["a"] == {"prefill_tokens_per_s": pytest.approx(32_000), "overhead_ms": 10.0, "samples": 0}
     by_worker = {c["worker"]: c for c in out["candidates"]}
     a = by_worker["a"]
-    assert a["overlap"] == {"blocks": 6, "gpu": 2, "cpu": 3, "disk": 1}
+    assert a["overlap"] == {"blocks": 6, "gpu": 2, "cpu": 3, "disk": 1, "predicted": False}
     assert a["costs_ms"] == pytest.approx(
         {
             "overhead": 10.0,

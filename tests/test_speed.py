@@ -111,11 +111,6 @@ def test_bounds_clamp_what_outliers_can_teach():
         assert 0.0 <= s.overhead <= 0.2 + 1e-12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router/speed.py SpeedModel._fit: one slow answer swings the least-squares line anywhere within the "
-    "bounds (a 100x slow answer at 2,048 tokens makes the worker look 33x faster with a 1 s overhead)",
-)
 def test_smoothing_bounds_a_single_outliers_effect():
     model = SpeedModel(SEEDS)
     answers(model, A, 100, tokens_per_s=30_000)
