@@ -350,7 +350,7 @@ def score_candidates(
         usage = load.kv_usage
         if usage is None:
             usage = load.blocks / capacity if load.blocks < capacity else 1.0
-        rate = speed.speed(key.worker_id)
+        rate = speed.predicting(key.worker_id)
         per_token = rate.seconds_per_token * (1.0 + slowdown * usage)
         tier = 0.0 if gpu_only else cpu * cpu_s + disk * disk_s
         queued = load.prefill_tokens * per_token

@@ -43,6 +43,8 @@ _WARM_SAMPLES = 10
 """Answers after which a worker's fit is established and single answers are limited."""
 _OUTLIER = 3.0
 """How far from the prediction (either way) one answer may pull an established fit."""
+_OWN_SAMPLES = 3
+"""Answers after which a worker is predicted with its own rates rather than the fleet's."""
 
 
 @dataclass(slots=True)
@@ -94,6 +96,7 @@ class SpeedModel:
     tier_block_seconds: list[float] = field(default_factory=list)
     samples: int = 0
     rejected: int = 0
+    _fleet: tuple[WorkerSpeed, bool, int] | None = None  # (rates, valid, at samples)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -113,9 +116,32 @@ class SpeedModel:
     def block_seconds(self, tier: Tier) -> float:
         return self.tier_block_seconds[tier]
 
+    def predicting(self, worker_id: str) -> WorkerSpeed:
+        """The rates to predict ``worker_id`` with: its own once it has answered
+        ``_OWN_SAMPLES`` times; before that the fleet's (the mean over workers that have,
+        else the seeds), so a new worker is neither favoured nor shunned for a guess."""
+        own = self.speed(worker_id)
+        if own.samples >= _OWN_SAMPLES:
+            return own
+        fleet = self._fleet
+        if fleet is None or fleet[2] != self.samples:
+            known = [s for s in self.workers.values() if s.samples >= _OWN_SAMPLES]
+            if known:
+                rate = sum(s.seconds_per_token for s in known) / len(known)
+                overhead = sum(s.overhead for s in known) / len(known)
+                fleet = self._fleet = (WorkerSpeed(rate, overhead), True, self.samples)
+            else:
+                c = self.config
+                fleet = self._fleet = (
+                    WorkerSpeed(1.0 / c.prefill_tokens_per_s, c.overhead_ms / 1e3),
+                    True,
+                    self.samples,
+                )
+        return fleet[0]
+
     def seconds_per_token(self, worker_id: str, kv_usage: float) -> float:
         """Effective prefill seconds per token on ``worker_id`` at this KV usage."""
-        return self.speed(worker_id).seconds_per_token * (1.0 + self.decode_slowdown * kv_usage)
+        return self.predicting(worker_id).seconds_per_token * (1.0 + self.decode_slowdown * kv_usage)
 
     # -- learning --------------------------------------------------------------------------
 

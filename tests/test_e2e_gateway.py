@@ -344,7 +344,7 @@ def test_debug_route_explains_without_forwarding(stack: Stack) -> None:
     assert explained["chosen"] in stack.workers
     assert {c["worker_id"] for c in explained["candidates"]} == set(stack.workers)
     for candidate in explained["candidates"]:
-        assert set(candidate["overlap"]) == {"blocks", "gpu", "cpu", "disk"}
+        assert set(candidate["overlap"]) == {"blocks", "gpu", "cpu", "disk", "predicted"}
         costs = candidate["costs_ms"]
         assert set(costs) == {"overhead", "tier_load", "queued_prefill", "prefill", "ttft", "added_work", "total"}
         parts = ("overhead", "tier_load", "queued_prefill", "prefill")

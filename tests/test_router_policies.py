@@ -227,6 +227,8 @@ def test_learned_speeds_are_what_the_policy_scores_with():
     speed = SpeedModel(EXAMPLE)
     speed.speed("b").seconds_per_token = 1 / 128_000  # b learned it is 4x faster
     speed.speed("b").overhead = 0.002
+    for worker in "abc":
+        speed.speed(worker).samples = 3  # enough answers to be predicted by their own rates
     d = KvPolicy(example(), speed).select(KEYS, MATCHES, 10, LOADS)
     # b: 2 + 640 / 128 = 7 ms, + 0.5 * 5: 9.5, now cheaper than a's 24.5 without holding anything.
     assert terms_ms(d.score_of(B)) == pytest.approx((2.0, 0.0, 0.0, 5.0, 7.0, 2.5, 9.5))
@@ -362,3 +364,17 @@ def test_explain_is_json_and_carries_every_term():
     assert a["probability"] + c["probability"] == pytest.approx(1.0)
     # 0.56 ms apart at T = 5 ms: P(a) = 1 / (1 + e^(-0.55859375 / 5)).
     assert a["probability"] == pytest.approx(1 / (1 + math.exp(-0.55859375 / 5)))
+
+
+def test_a_worker_without_answers_is_predicted_with_the_fleets_rates_not_its_guess():
+    speed = SpeedModel(EXAMPLE)
+    for worker in ("a", "c"):
+        speed.speed(worker).seconds_per_token = 1 / 64_000
+        speed.speed(worker).overhead = 0.004
+        speed.speed(worker).samples = 5
+    speed.speed("b").seconds_per_token = 1 / 1_000  # one odd early answer: not trusted yet
+    speed.speed("b").samples = 1
+    scores = {s.key: s for s in KvPolicy(example(), speed).select(KEYS, {}, 10, {}).scores}
+    # Nothing cached anywhere, nothing queued: every worker is predicted alike.
+    assert scores[A].total == pytest.approx(scores[B].total) == pytest.approx(scores[C].total)
+    assert scores[B].overhead == pytest.approx(0.004)
