@@ -51,6 +51,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from tokenizers import Encoding, Tokenizer
 
 # Chars per chunk of the prefix index: a prompt is found again by any cached one sharing its first chunk.
@@ -443,3 +445,41 @@ def self_test_pairs(samples: Sequence[str]) -> Iterator[tuple[str, str]]:
             yield sample[: end + 1], sample
             yield sample, sample[:end] + "x" + sample[end:]
             yield sample, sample[:end] + " \n" + sample[end:]
+
+
+class TokenizationCollector(Collector):
+    """/metrics families for a `Preprocessor`'s tokenizer caches, read at scrape time (never on the
+    request path). Register it on the gateway's registry: ``registry.register(TokenizationCollector(p))``."""
+
+    def __init__(self, preprocessor: Any) -> None:
+        self._preprocessor = preprocessor
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        info: IncrementalInfo = self._preprocessor.incremental_info()
+        enabled = GaugeMetricFamily(
+            "kvgate_tokenizer_incremental_enabled", "1 when prompts extending a cached one encode only the new text"
+        )
+        enabled.add_metric([], 1.0 if info.enabled else 0.0)
+        encodes = CounterMetricFamily(
+            "kvgate_tokenizer_encodes", "Prompt encodes by the prefix cache, by kind", labels=("kind",)
+        )
+        encodes.add_metric(["incremental"], info.incremental)
+        encodes.add_metric(["whole"], info.whole)
+        reused = CounterMetricFamily("kvgate_tokenizer_reused_tokens", "Token ids taken from a cached prefix")
+        reused.add_metric([], info.reused_tokens)
+        encoded = CounterMetricFamily("kvgate_tokenizer_encoded_chars", "Characters run through the tokenizer")
+        encoded.add_metric([], info.encoded_chars)
+        size = GaugeMetricFamily("kvgate_tokenizer_cache_bytes", "Approximate size of the prefix cache")
+        size.add_metric([], info.bytes)
+        entries = GaugeMetricFamily("kvgate_tokenizer_cache_entries", "Prompts held by the prefix cache")
+        entries.add_metric([], info.entries)
+        segments = self._preprocessor.segment_cache_info()
+        segment_lookups = CounterMetricFamily(
+            "kvgate_tokenizer_segment_lookups", "Segment-cache lookups, by result", labels=("result",)
+        )
+        segment_lookups.add_metric(["hit"], segments.hits)
+        segment_lookups.add_metric(["miss"], segments.misses)
+        return [enabled, encodes, reused, encoded, size, entries, segment_lookups]
