@@ -41,6 +41,14 @@ exact: no added token strips whitespace or is single_word, normalized added toke
 normalizer, special tokens are split, no Metaspace prepend_scheme="first" (it prepends to the first segment
 only), and a load-time self-test on sample renders matches the whole-string encode; otherwise every prompt
 is encoded whole (logged once at load). Its speed-up is measured in BENCHMARKS.md.
+
+Prefix cache (gateway/incremental.py), used instead of the segment cache where it is exact: a prompt
+sharing a long prefix with a recently encoded one (turn N of a conversation, a shared system prompt or
+document, an agent's growing scratchpad) reuses that one's ids up to a cut proven safe for the tokenizer
+and encodes only the rest, for chat and completions (special tokens framed around). It is on for the
+byte-level BPE tokenizers (Llama 3, Qwen 2.5 / 3, DeepSeek V3 / V4, Mistral Nemo, kvgate-tiny) and off,
+falling back to the segment cache or whole encodes, for the others (Gemma, Llama 2: BPE over whole
+segments); the offload threshold applies to the characters left to encode.
 """
 
 from __future__ import annotations

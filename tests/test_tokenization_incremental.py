@@ -186,8 +186,15 @@ def test_concurrent_encodes_stay_exact() -> None:
 
 @pytest.mark.slow
 def test_self_test_disables_a_tokenizer_whose_cuts_would_be_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Pretend a cut at any piece start is fine: the self-test must then catch a whitespace-run cut.
-    monkeypatch.setattr(incremental, "_cut_start_ok", lambda text, c, metaspace: True)
+    # A cut that maps its character position to the wrong token (one past the piece start): the
+    # load-time self-test must exercise real cuts and notice.
+    find_cuts = incremental.find_cuts
+
+    def off_by_one(*args, **kwargs):  # type: ignore[no-untyped-def]
+        chars, tokens, limits = find_cuts(*args, **kwargs)
+        return chars, [token + 1 for token in tokens], limits
+
+    monkeypatch.setattr(incremental, "find_cuts", off_by_one)
     pre = Preprocessor.load(str(model_dir("llama3")), context_length=1 << 20)
     info = pre.incremental_info()
     assert not info.enabled and info.reason.startswith("self-test"), info
