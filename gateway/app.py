@@ -60,6 +60,7 @@ from kvgate.gateway.errors import (
 )
 from kvgate.gateway.fleet import Fleet
 from kvgate.gateway.hit_check import HitCheck
+from kvgate.gateway.incremental import TokenizationCollector
 from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, Outcome, StateSources
 from kvgate.gateway.relay import ClientGone, Exchange, relay
 from kvgate.gateway.replicas import GatewayBus, GatewaySecurity
@@ -165,6 +166,7 @@ class Gateway:
             )
         )
         self.router.subscribe(self.metrics)
+        self.metrics.registry.register(TokenizationCollector(self.preprocessor))
         self.router.subscribe(self.fleet)
         self.hit_check = HitCheck(
             HitAccounting(config.block_size, config.prediction_window, config.prediction_mismatches),

@@ -41,6 +41,14 @@ exact: no added token strips whitespace or is single_word, normalized added toke
 normalizer, special tokens are split, no Metaspace prepend_scheme="first" (it prepends to the first segment
 only), and a load-time self-test on sample renders matches the whole-string encode; otherwise every prompt
 is encoded whole (logged once at load). Its speed-up is measured in BENCHMARKS.md.
+
+Prefix cache (gateway/incremental.py), used instead of the segment cache where it is exact: a prompt
+sharing a long prefix with a recently encoded one (turn N of a conversation, a shared system prompt or
+document, an agent's growing scratchpad) reuses that one's ids up to a cut proven safe for the tokenizer
+and encodes only the rest, for chat and completions (special tokens framed around). It is on for the
+byte-level BPE tokenizers (Llama 3, Qwen 2.5 / 3, DeepSeek V3 / V4, Mistral Nemo, kvgate-tiny) and off,
+falling back to the segment cache or whole encodes, for the others (Gemma, Llama 2: BPE over whole
+segments); the offload threshold applies to the characters left to encode.
 """
 
 from __future__ import annotations
@@ -67,6 +75,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import _compile_jinja_template
+
+from kvgate.gateway import incremental
+from kvgate.gateway.incremental import IncrementalInfo, Plan, PrefixCache
 
 ContentFormat = Literal["string", "openai"]
 
@@ -106,6 +117,19 @@ _SELF_TEST_TEXTS = (
     "\u0645\u0631\u062d\u0628\u0627  \n\t",
 )
 
+# Text the incremental self-test cuts everywhere: words, digit runs, whitespace runs before words and
+# newlines, contractions, punctuation runs, CJK, emoji with modifiers, combining marks, RTL, tabs, CRLF.
+_SELF_TEST_PROSE = (
+    "It's 3.14159, isn't it? We'll see: 1234567 items cost $89.99 (approx.)\n\n"
+    "  Indented   words\tand\ttabs;   trailing spaces   \n"
+    "def f(x):\r\n    return x**2  # comment\n\n\n"
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8\u3068English\u6df7\u5728\u3002 "
+    "\U0001f44d\U0001f3fd\U0001f468\u200d\U0001f469 e\u0301t\u00e9 cafe\u0301 na\u00efve "
+    "\u0645\u0631\u062d\u0628\u0627 \u0431\u0443\u043a\u0432\u044b ALLCAPS CamelCase snake_case "
+    "x=y+z; <tag attr='v'>\u00a0nbsp\u2028sep</tag> ...!!! ??? ---\n\n"
+    "Final paragraph with a URL https://example.com/a/b?c=d&e=f and an e-mail a.b@c.de."
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -126,8 +150,11 @@ class PreprocessorConfig:
     # Conversations with at least this many messages are rendered in the thread pool.
     offload_render_messages: int = 256
     executor_threads: int = 2
-    # Byte budget (approximate: text + id lists) of the segment cache; 0 turns it off.
+    # Byte budget (approximate: text + id lists) of the tokenizer cache (prefix cache, else segment
+    # cache); 0 turns both off.
     segment_cache_bytes: int = 128 * 1024 * 1024
+    # Incremental (prefix) encoding where it is exact for the tokenizer; False: segment cache only.
+    prefix_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -177,9 +204,16 @@ class Preprocessor:
             raise TokenizerError(f"context_length must be positive, got {self.context_length}")
         if config.segment_cache_bytes < 0:
             raise TokenizerError(f"segment_cache_bytes must be >= 0, got {config.segment_cache_bytes}")
-        self._segments, self._segments_off_reason = self._segment_cache()
-        if self._segments is None and config.segment_cache_bytes:
-            log.warning("tokenizer segment cache off for %s: %s", config.model, self._segments_off_reason)
+        self._prefix, self._prefix_off_reason, self._frame = self._prefix_cache()
+        if self._prefix is not None:
+            # The prefix cache covers what the segment cache would (a new turn extends the last prompt).
+            self._segments, self._segments_off_reason = None, "the prefix cache is on"
+        else:
+            self._segments, self._segments_off_reason = self._segment_cache()
+            if config.segment_cache_bytes and config.prefix_cache:
+                log.warning("incremental tokenization off for %s: %s", config.model, self._prefix_off_reason)
+            if self._segments is None and config.segment_cache_bytes:
+                log.warning("tokenizer segment cache off for %s: %s", config.model, self._segments_off_reason)
         self._executor = ThreadPoolExecutor(max_workers=config.executor_threads, thread_name_prefix="kvgate-tokenize")
 
     @classmethod
@@ -275,7 +309,9 @@ class Preprocessor:
         started = time.perf_counter()
         prompt = self.render_chat(messages, **render_options)
         rendered = time.perf_counter()
-        if self._segments is None or add_special_tokens:
+        if self._uses_prefix(add_special_tokens):
+            token_ids = self._finish_prefix(self._prefix_plan(prompt), add_special_tokens, released=True)
+        elif self._segments is None or add_special_tokens:
             token_ids = self._encode_released([prompt], add_special_tokens)[0]
         else:
             parts, known, missing = self._segments.lookup(prompt)
@@ -315,6 +351,12 @@ class Preprocessor:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._backend.decode(list(token_ids), skip_special_tokens=False)
 
+    def incremental_info(self) -> IncrementalInfo:
+        """The prefix cache's state and counters (see gateway/incremental.py)."""
+        if self._prefix is None:
+            return IncrementalInfo(False, self._prefix_off_reason, 0, 0, 0, 0, 0, 0)
+        return IncrementalInfo(True, "", *self._prefix.counters())
+
     def segment_cache_info(self) -> SegmentCacheInfo:
         if self._segments is None:
             return SegmentCacheInfo(False, self._segments_off_reason, 0, 0, 0, 0, 0)
@@ -324,6 +366,8 @@ class Preprocessor:
 
     def _encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
         text = _require_str(text)
+        if self._uses_prefix(add_special_tokens):
+            return _non_empty(self._finish_prefix(self._prefix_plan(text), add_special_tokens, released=False))
         if self._segments is None or add_special_tokens:
             return _non_empty(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
         parts, known, missing = self._segments.lookup(text)
@@ -332,6 +376,14 @@ class Preprocessor:
 
     async def _encode_text_async(self, text: str, add_special_tokens: bool) -> tuple[list[int], bool]:
         text = _require_str(text)
+        if self._uses_prefix(add_special_tokens):
+            # The lookup runs on the loop (a hash per 128 chars); what is left to encode goes by the
+            # offload threshold, like a whole prompt.
+            plan = self._prefix_plan(text)
+            if plan.done or len(plan.text) - plan.cut < self.config.offload_threshold_chars:
+                return _non_empty(self._finish_prefix(plan, add_special_tokens, released=False)), False
+            work = functools.partial(self._finish_prefix, plan, add_special_tokens, released=True)
+            return _non_empty(await asyncio.get_running_loop().run_in_executor(self._executor, work)), True
         if self._segments is None or add_special_tokens:
             if len(text) < self.config.offload_threshold_chars:
                 return self._encode_text(text, add_special_tokens), False
@@ -347,6 +399,64 @@ class Preprocessor:
             fresh = await loop.run_in_executor(self._executor, self._encode_released, missing, False)
             offloaded = True
         return _non_empty(self._segments.assemble(parts, known, missing, fresh)), offloaded
+
+    def _uses_prefix(self, add_special_tokens: bool) -> bool:
+        return self._prefix is not None and (not add_special_tokens or self._frame is not None)
+
+    def _prefix_plan(self, text: str) -> Plan:
+        assert self._prefix is not None
+        return self._prefix.plan(text)
+
+    def _finish_prefix(self, plan: Plan, add_special_tokens: bool, *, released: bool) -> list[int]:
+        """plan's ids: its cached prefix + the encoding of the rest (with the GIL released when
+        `released`, see the module docstring), framed by the special tokens when asked."""
+        assert self._prefix is not None
+        tail = None
+        if not plan.done:
+            if released:
+                tail = self._backend.encode_batch([plan.tail], add_special_tokens=False)[0]
+            else:
+                tail = self._backend.encode(plan.tail, add_special_tokens=False)
+        ids = self._prefix.finish(plan, tail)
+        if add_special_tokens:
+            assert self._frame is not None
+            return self._frame[0] + ids + self._frame[1]
+        return ids
+
+    def _prefix_cache(self) -> tuple[PrefixCache | None, str, tuple[list[int], list[int]] | None]:
+        """The prefix cache when cutting is exact for this tokenizer (and the special-token frame when
+        completions can use it too), else None and why."""
+        if self.config.segment_cache_bytes == 0:
+            return None, "segment_cache_bytes is 0", None
+        if not self.config.prefix_cache:
+            return None, "prefix_cache is off", None
+        reason = incremental.unsupported_reason(self._backend)
+        if reason:
+            return None, reason, None
+        metaspace = incremental.uses_metaspace(self._backend)
+        samples = list(self._prefix_samples())
+        for cached, new in incremental.self_test_pairs(samples):
+            probe = PrefixCache(self._backend, 1 << 30, metaspace)
+            probe.finish(probe.plan(cached), self._backend.encode(cached, add_special_tokens=False))
+            plan = probe.plan(new)
+            tail = None if plan.done else self._backend.encode(plan.tail, add_special_tokens=False)
+            if probe.finish(plan, tail) != self._backend.encode(new, add_special_tokens=False).ids:
+                return None, f"self-test: incremental ids differ from whole-string ids for {new!r}", None
+        frame = incremental.special_token_frame(self._backend, samples)
+        return PrefixCache(self._backend, self.config.segment_cache_bytes, metaspace), "", frame
+
+    def _prefix_samples(self) -> Iterator[str]:
+        added = sorted(token.content for token in self._backend.get_added_tokens_decoder().values())
+        yield _SELF_TEST_PROSE
+        yield "".join(f"{text}{token}" for text, token in zip(_SELF_TEST_TEXTS * 4, added[:48]))
+        messages = [
+            {"role": role, "content": text}
+            for role, text in zip(("system", "user", "assistant", "user"), _SELF_TEST_PROSE.split("\n\n"))
+        ]
+        try:
+            yield self.render_chat(messages, add_generation_prompt=True)
+        except TokenizerError:
+            pass
 
     def _encode_segments(self, texts: list[str]) -> list[list[int]]:
         return [self._backend.encode(text, add_special_tokens=False).ids for text in texts]

@@ -407,6 +407,18 @@ EDGES = st.sampled_from(["", " ", "\n", "\n\n", " \n", "\r\n", "\t", "\u2028", "
 CONTENT = st.builds(lambda lead, body, tail: lead + body + tail, EDGES, st.text(max_size=80), EDGES)
 
 
+@pytest.fixture(scope="module")
+def segments_pre() -> Preprocessor:
+    preprocessor = Preprocessor.load(str(TINY), prefix_cache=False)
+    yield preprocessor
+    preprocessor.close()
+
+
+def test_the_prefix_cache_replaces_the_segment_cache_where_it_is_exact(pre: Preprocessor) -> None:
+    assert pre.incremental_info().enabled
+    assert not pre.segment_cache_info().enabled and "prefix" in pre.segment_cache_info().reason
+
+
 def reference_ids(pre: Preprocessor, prompt: str) -> list[int]:
     """transformers' own encode of the whole prompt: never touches the segment cache."""
     return pre.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -415,7 +427,8 @@ def reference_ids(pre: Preprocessor, prompt: str) -> list[int]:
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(turns=st.lists(st.tuples(st.sampled_from(ROLES), CONTENT), min_size=1, max_size=6))
-def test_segment_cached_ids_equal_whole_string_ids(pre: Preprocessor, turns: list[tuple[str, str]]) -> None:
+def test_segment_cached_ids_equal_whole_string_ids(segments_pre: Preprocessor, turns: list[tuple[str, str]]) -> None:
+    pre = segments_pre
     assert pre.segment_cache_info().enabled
     messages: list[dict[str, str]] = []
     for role, content in turns:
@@ -429,7 +442,7 @@ def test_segment_cached_ids_equal_whole_string_ids(pre: Preprocessor, turns: lis
 
 
 def test_second_turn_encodes_only_its_new_segments() -> None:
-    with Preprocessor.load(str(TINY)) as fresh:
+    with Preprocessor.load(str(TINY), prefix_cache=False) as fresh:
         first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
         fresh.encode_chat(first)
         after_first = fresh.segment_cache_info()
@@ -494,7 +507,7 @@ def test_segment_cache_can_be_turned_off() -> None:
 
 def test_segment_cache_is_bounded_and_evicts_least_recently_used() -> None:
     budget = 20_000
-    with Preprocessor.load(str(TINY), segment_cache_bytes=budget) as small:
+    with Preprocessor.load(str(TINY), segment_cache_bytes=budget, prefix_cache=False) as small:
         early = [{"role": "user", "content": "the first question, evicted later"}]
         small.encode_chat(early)
         for index in range(200):
@@ -517,7 +530,10 @@ def test_segment_cache_speed() -> None:
     first = " ".join(REPLIES * 20)
     turns = conversation_turns([f"{reply} ({index})" for index, reply in enumerate(REPLIES * 2)][:7])
     turns = [[{"role": "system", "content": first}, *turn[1:]] for turn in turns]
-    with Preprocessor.load(str(TINY), segment_cache_bytes=0) as whole, Preprocessor.load(str(TINY)) as cached:
+    with (
+        Preprocessor.load(str(TINY), segment_cache_bytes=0) as whole,
+        Preprocessor.load(str(TINY), prefix_cache=False) as cached,
+    ):
         assert 1800 <= len(whole.encode_chat(turns[0])) <= 2600
         figures = {}
         for name, pre_ in (("whole", whole), ("segments", cached)):

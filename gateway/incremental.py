@@ -1,0 +1,485 @@
+"""Incremental tokenization: a prompt that extends a recently encoded one encodes only its new text.
+
+Owns the prefix cache `tokenization.Preprocessor` consults before encoding a string: recently encoded
+strings with their ids and the places where they may be cut, found again by a chained hash of their
+leading chunks. Never renders templates or talks HTTP.
+
+Why a cut is exact. `tokenizers` encodes a string in stages: split at the added tokens (leftmost-longest
+match on the raw text), normalize each text segment, pre-tokenize it into pieces, run BPE on each piece on
+its own. BPE never merges across pieces, so the ids of a string are the ids of its pieces in order. Let P be
+a cached string, T the new one, L the length of their common prefix, and c a position where a piece of P
+starts. Then ids(T) = ids(P)[:k] + encode(T[c:]) (k: P's first token at c) when T's stages agree with P's
+before c and the stages run on T[c:] alone give what they give inside T. Each stage is local under the
+conditions checked here:
+
+* added tokens: the matches before c depend only on the text up to c + the longest added token, so the cut
+  requires L >= c + that length; no match crosses c in P (c starts a piece), hence none in T.
+* normalizers: only none, NFC/NFD/NFKC/NFKD and Lowercase are accepted, and T[c] must be ASCII, a starter
+  that never composes with or reorders against what precedes it, so normalize(a + b) = normalize(a) +
+  normalize(b) at c.
+* pre-tokenizers: regex splits (`Split` with behaviour Isolated, `ByteLevel`) whose patterns have no anchor,
+  lookbehind or backreference and no lookahead but `(?!\\S)`, so matching restarts at each match end and
+  reads ahead only to the end of the run of similar characters it is in, plus one; `Metaspace` with
+  split; `Digits`. The cut is taken only where the piece before c ends in a non-space character and the
+  piece at c starts with a printable ASCII character, or with one space followed by a non-space (for
+  Metaspace: with a space, so that encoding T[c:] alone prepends nothing), and only where the two pieces
+  after c lie wholly inside the common prefix with a character to spare: the text every regex decision
+  before c can read is then the same in T as in P. Whitespace runs are never cut (that is where
+  `\\s+(?!\\S)` looks ahead).
+* model: BPE without dropout; `ignore_merges` and byte fallback act per piece.
+
+Tokenizers these conditions exclude (no pre-tokenizer, like Llama 2's converted tokenizer, or Gemma's,
+whose split pattern never matches once its normalizer has replaced the spaces, so BPE runs over a whole
+segment) keep the segment cache or whole encodes. The argument above leans on how the accepted regexes
+read ahead, so every tokenizer also passes a load-time self-test (prompts cut at every kind of place,
+compared with whole encodes) before the cache is used, and the property tests in
+tests/test_tokenization_incremental.py run it against real tokenizers.
+
+With special tokens (completions), ids = head + ids(text without special tokens) + tail, with head and tail
+read from the post-processor at load and checked by the self-test.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from tokenizers import Encoding, Tokenizer
+
+# Chars per chunk of the prefix index: a prompt is found again by any cached one sharing its first chunk.
+CHUNK_CHARS = 128
+# A cached prefix shorter than this is not worth the bookkeeping: the prompt is encoded whole.
+MIN_REUSE_CHARS = 128
+# Candidate cuts are recorded every this many tokens (a cut lands at most this far before the common end).
+CUT_STRIDE_TOKENS = 8
+
+_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase"})
+_ALLOWED_LOOKAHEAD = "(?!\\S)"
+
+
+@dataclass(frozen=True)
+class IncrementalInfo:
+    """`enabled` False with the `reason` when every prompt is encoded whole; counters since load."""
+
+    enabled: bool
+    reason: str
+    entries: int
+    bytes: int
+    incremental: int  # encodes that reused a cached prefix
+    whole: int  # encodes of a whole string (no usable cached prefix)
+    reused_tokens: int
+    encoded_chars: int  # characters actually run through the tokenizer
+
+
+# -- which tokenizers qualify -------------------------------------------------------------------------------
+
+
+def unsupported_reason(backend: Tokenizer) -> str:
+    """Why a cut could differ from the whole-string encode for this tokenizer, or "" when it cannot."""
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return f"the model is {model.get('type')}, not BPE"
+    if model.get("dropout"):
+        return "BPE dropout is set"
+    normalizer_reason = _normalizer_reason(spec.get("normalizer"))
+    if normalizer_reason:
+        return normalizer_reason
+    pre_reason = _pre_tokenizer_reason(spec.get("pre_tokenizer"))
+    if pre_reason:
+        return pre_reason
+    identity = _is_identity_normalizer(spec.get("normalizer"))
+    for token in spec.get("added_tokens") or []:
+        if token.get("lstrip") or token.get("rstrip") or token.get("single_word"):
+            return f"added token {token.get('content')!r} has lstrip/rstrip/single_word"
+        if token.get("normalized") and not identity:
+            return f"added token {token.get('content')!r} is matched after normalization"
+    return ""
+
+
+def uses_metaspace(backend: Tokenizer) -> bool:
+    return '"Metaspace"' in json.dumps(json.loads(backend.to_str()).get("pre_tokenizer"))
+
+
+def _is_identity_normalizer(normalizer: Any) -> bool:
+    if normalizer is None:
+        return True
+    return normalizer.get("type") == "Sequence" and all(map(_is_identity_normalizer, normalizer["normalizers"]))
+
+
+def _normalizer_reason(normalizer: Any) -> str:
+    if normalizer is None:
+        return ""
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        return next(filter(None, map(_normalizer_reason, normalizer.get("normalizers", []))), "")
+    if kind in _NORMALIZERS:
+        return ""
+    return f"normalizer {kind} may act across a cut"
+
+
+def _pre_tokenizer_reason(pre: Any) -> str:
+    if pre is None:
+        return "no pre-tokenizer: BPE runs over whole segments"
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return next(filter(None, map(_pre_tokenizer_reason, pre.get("pretokenizers", []))), "")
+    if kind == "ByteLevel":
+        return "ByteLevel adds a prefix space" if pre.get("add_prefix_space") else ""
+    if kind == "Metaspace":
+        return "" if pre.get("split", True) else "Metaspace without split: BPE runs over whole segments"
+    if kind == "Digits":
+        return ""
+    if kind == "Split":
+        pattern = pre.get("pattern") or {}
+        if "Regex" not in pattern:
+            return f"Split on the literal {pattern.get('String')!r} (only regex splits are analysed)"
+        if pre.get("behavior") != "Isolated" or pre.get("invert"):
+            return f"Split behaviour {pre.get('behavior')} (invert={pre.get('invert')}) is not Isolated"
+        return regex_reason(pattern["Regex"])
+    return f"pre-tokenizer {kind} is not analysed"
+
+
+def regex_reason(pattern: str) -> str:
+    """Why a split regex's decisions might depend on text far from where it matches, or ""."""
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            escaped = pattern[i + 1 : i + 2]
+            if not in_class and escaped in ("b", "B", "A", "z", "Z", "G", "K"):
+                return f"the split regex uses the anchor \\{escaped}"
+            if not in_class and (escaped.isdigit() and escaped != "0" or escaped in ("k", "g")):
+                return "the split regex uses a backreference"
+            i += 2
+            continue
+        if in_class:
+            if char == "[":
+                # POSIX classes / nested sets: skip the bracketed name conservatively.
+                end = pattern.find("]", i + 1)
+                i = end + 1 if end > 0 and pattern[i + 1 : i + 2] == ":" else i + 1
+                continue
+            if char == "]":
+                in_class = False
+            i += 1
+            continue
+        if char == "[":
+            in_class = True
+            i += 1
+            # A leading ^ or ] belongs to the class.
+            if pattern[i : i + 1] == "^":
+                i += 1
+            if pattern[i : i + 1] == "]":
+                i += 1
+            continue
+        if char in "^$":
+            return f"the split regex uses the anchor {char}"
+        if pattern.startswith(("(?<=", "(?<!"), i):
+            return "the split regex uses a lookbehind"
+        if pattern.startswith(("(?=", "(?!"), i):
+            if not pattern.startswith(_ALLOWED_LOOKAHEAD, i):
+                return "the split regex uses a lookahead other than (?!\\S)"
+            i += len(_ALLOWED_LOOKAHEAD)
+            continue
+        i += 1
+    return ""
+
+
+# -- where a cached string may be cut --------------------------------------------------------------------
+
+
+def _cut_start_ok(text: str, c: int, metaspace: bool) -> bool:
+    """The local character conditions for cutting before text[c] (see the module docstring)."""
+    before = text[c - 1]
+    if before.isspace() or not before.isprintable():
+        return False
+    first = text[c]
+    if first == " ":
+        following = text[c + 1 : c + 2]
+        return following != "" and not following.isspace() and following.isprintable()
+    return not metaspace and "!" <= first <= "~"
+
+
+def find_cuts(
+    text: str, encoding: Encoding, base_char: int, base_token: int, metaspace: bool, skip_chars: int = 0
+) -> tuple[list[int], list[int], list[int]]:
+    """Candidate cuts of `encoding` (the encoding of text[base_char:]): char positions, token indices and
+    the char position the common prefix must exceed for each (all in whole-text coordinates).
+
+    Cuts start at every CUT_STRIDE_TOKENS-th token (from the next piece start), past `skip_chars`."""
+    words = encoding.word_ids
+    count = len(words)
+    chars: list[int] = []
+    tokens: list[int] = []
+    limits: list[int] = []
+    i = 1
+    while i < count:
+        # The next piece start at or after token i.
+        while i < count and (words[i] == words[i - 1] or words[i] is None):
+            i += 1
+        if i >= count:
+            break
+        start = encoding.token_to_chars(i)
+        c = base_char + start[0] if start is not None else -1
+        if c <= base_char + skip_chars or not _cut_start_ok(text, c, metaspace):
+            i += 1
+            continue
+        # The start of the second piece after the one at c: the common prefix must go past it.
+        j, seen = i + 1, 0
+        while j < count:
+            if words[j] != words[j - 1]:
+                seen += 1
+                if seen == 2:
+                    break
+            j += 1
+        after = encoding.token_to_chars(j) if j < count else None
+        limit = base_char + after[0] if after is not None else len(text) + 1
+        chars.append(c)
+        tokens.append(base_token + i)
+        limits.append(limit)
+        i += CUT_STRIDE_TOKENS
+    return chars, tokens, limits
+
+
+# -- the cache -------------------------------------------------------------------------------------------
+
+
+class _Entry:
+    __slots__ = ("bytes", "chars", "ids", "keys", "limits", "text", "tokens")
+
+    def __init__(
+        self, text: str, ids: list[int], cuts: tuple[list[int], list[int], list[int]], keys: list[int]
+    ) -> None:
+        self.text = text
+        self.ids = ids
+        self.chars, self.tokens, self.limits = cuts
+        self.keys = keys
+        # The string, the id list (pointer + int object each), three cut lists, index keys and dict entries.
+        self.bytes = sys.getsizeof(text) + 36 * len(ids) + 3 * 36 * len(self.chars) + 100 * len(keys) + 400
+
+
+def chunk_keys(text: str, known: Sequence[int] = ()) -> list[int]:
+    """Chained hashes of text's whole CHUNK_CHARS chunks; `known` are those of a prefix already hashed."""
+    keys = list(known)
+    previous = keys[-1] if keys else 0
+    for start in range(len(keys) * CHUNK_CHARS, len(text) - CHUNK_CHARS + 1, CHUNK_CHARS):
+        previous = hash((previous, text[start : start + CHUNK_CHARS]))
+        keys.append(previous)
+    return keys
+
+
+def common_prefix_length(a: str, b: str, start: int = 0) -> int:
+    """len of the common prefix of a and b, knowing a[:start] == b[:start]."""
+    low, high = start, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@dataclass
+class Plan:
+    """What encoding `text` takes: its ids up to char `cut` are `prefix_ids`; the rest is encoded."""
+
+    text: str
+    cut: int
+    prefix_ids: list[int]
+    keys: list[int]
+    entry_cuts: tuple[list[int], list[int], list[int]]
+    done: bool = False  # the text was cached whole: prefix_ids are all its ids
+
+    @property
+    def tail(self) -> str:
+        return self.text[self.cut :]
+
+
+class PrefixCache:
+    """Recently encoded strings (ids without special tokens) found again by their leading chunks.
+
+    Thread-safe. `plan` finds the longest usable cached prefix; `finish` adds the encoding of the rest and
+    stores the result. Sizes are approximate (Python object sizes)."""
+
+    def __init__(self, backend: Tokenizer, budget_bytes: int, metaspace: bool) -> None:
+        self._backend = backend
+        self._budget = budget_bytes
+        self._metaspace = metaspace
+        added = backend.get_added_tokens_decoder().values()
+        self._added_margin = max((len(token.content) for token in added), default=0)
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # id(entry) -> entry, LRU order
+        self._index: dict[int, _Entry] = {}  # chunk chain hash -> most recent entry holding that chain
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._incremental = self._whole = self._reused_tokens = self._encoded_chars = 0
+
+    def plan(self, text: str) -> Plan:
+        keys = chunk_keys(text)
+        with self._lock:
+            entry, depth = self._deepest(keys)
+            if entry is not None:
+                self._entries.move_to_end(id(entry))
+        if entry is None:
+            return Plan(text, 0, [], keys, ([], [], []))
+        shared = depth * CHUNK_CHARS
+        if text[:shared] != entry.text[:shared]:  # a hash collision
+            return Plan(text, 0, [], keys, ([], [], []))
+        common = common_prefix_length(text, entry.text, shared)
+        if common == len(text) == len(entry.text):
+            return Plan(text, common, entry.ids, keys, (entry.chars, entry.tokens, entry.limits), done=True)
+        # The last cut whose next two pieces end inside the common prefix, with room for an added token.
+        usable = bisect.bisect_left(entry.limits, common)
+        while usable > 0 and entry.chars[usable - 1] + self._added_margin > common:
+            usable -= 1
+        if usable == 0 or entry.chars[usable - 1] < MIN_REUSE_CHARS:
+            return Plan(text, 0, [], keys, ([], [], []))
+        cut, token = entry.chars[usable - 1], entry.tokens[usable - 1]
+        cuts = (entry.chars[:usable], entry.tokens[:usable], entry.limits[:usable])
+        return Plan(text, cut, entry.ids[:token], keys, cuts)
+
+    def finish(self, plan: Plan, tail: Encoding | None) -> list[int]:
+        """The ids of plan.text: its cached prefix + `tail` (the encoding of plan.tail); stores them."""
+        if plan.done or tail is None:
+            ids = plan.prefix_ids
+            with self._lock:
+                self._incremental += 1
+                self._reused_tokens += len(ids)
+            return list(ids)
+        ids = plan.prefix_ids + tail.ids
+        chars, tokens, limits = find_cuts(plan.text, tail, plan.cut, len(plan.prefix_ids), self._metaspace)
+        cuts = (plan.entry_cuts[0] + chars, plan.entry_cuts[1] + tokens, plan.entry_cuts[2] + limits)
+        entry = _Entry(plan.text, ids, cuts, plan.keys)
+        with self._lock:
+            if plan.cut:
+                self._incremental += 1
+                self._reused_tokens += len(plan.prefix_ids)
+            else:
+                self._whole += 1
+            self._encoded_chars += len(plan.text) - plan.cut
+            self._store(entry)
+        return list(ids)
+
+    def _deepest(self, keys: list[int]) -> tuple[_Entry | None, int]:
+        # Chain hashes: a hit at depth d means (barring collisions, checked by the caller) that the first
+        # d chunks are shared. Walk down the chain while it is indexed.
+        found, depth = None, 0
+        for key in keys:
+            entry = self._index.get(key)
+            if entry is None:
+                break
+            found, depth = entry, depth + 1
+        return found, depth
+
+    def _store(self, entry: _Entry) -> None:
+        if entry.bytes > self._budget or len(entry.text) < MIN_REUSE_CHARS:
+            return
+        self._entries[id(entry)] = entry
+        self._bytes += entry.bytes
+        for key in entry.keys:
+            self._index[key] = entry
+        while self._bytes > self._budget:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.bytes
+            for key in old.keys:
+                if self._index.get(key) is old:
+                    del self._index[key]
+
+    def counters(self) -> tuple[int, int, int, int, int, int]:
+        with self._lock:
+            return (
+                len(self._entries),
+                self._bytes,
+                self._incremental,
+                self._whole,
+                self._reused_tokens,
+                self._encoded_chars,
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._index.clear()
+            self._bytes = 0
+
+
+def special_token_frame(backend: Tokenizer, probes: Iterable[str]) -> tuple[list[int], list[int]] | None:
+    """(head, tail) such that encode(x, add_special_tokens=True) = head + encode(x, False) + tail for every
+    probe, or None when the post-processor does something else."""
+    frame: tuple[list[int], list[int]] | None = None
+    for probe in probes:
+        plain = backend.encode(probe, add_special_tokens=False).ids
+        framed = backend.encode(probe, add_special_tokens=True).ids
+        found = None
+        for start in range(len(framed) - len(plain) + 1):
+            if framed[start : start + len(plain)] == plain:
+                found = (framed[:start], framed[start + len(plain) :])
+                break
+        if found is None or (frame is not None and found != frame):
+            return None
+        frame = found
+    return frame
+
+
+def self_test_pairs(samples: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(cached, new) string pairs where new extends or diverges from cached at every kind of place."""
+    pattern = re.compile(r"\s+|\w+|[^\w\s]+")
+    for sample in samples:
+        if len(sample) < 2 * MIN_REUSE_CHARS:
+            sample = (sample + " ") * (2 * MIN_REUSE_CHARS // max(1, len(sample)) + 1)
+        yield sample, sample
+        ends = [match.end() for match in pattern.finditer(sample)]
+        for end in ends[len(ends) // 3 :: max(1, len(ends) // 8)]:
+            # Extend at a piece end, inside a piece, and diverge just after it.
+            yield sample[:end], sample
+            yield sample[: end + 1], sample
+            yield sample, sample[:end] + "x" + sample[end:]
+            yield sample, sample[:end] + " \n" + sample[end:]
+
+
+class TokenizationCollector(Collector):
+    """/metrics families for a `Preprocessor`'s tokenizer caches, read at scrape time (never on the
+    request path). Register it on the gateway's registry: ``registry.register(TokenizationCollector(p))``."""
+
+    def __init__(self, preprocessor: Any) -> None:
+        self._preprocessor = preprocessor
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        info: IncrementalInfo = self._preprocessor.incremental_info()
+        enabled = GaugeMetricFamily(
+            "kvgate_tokenizer_incremental_enabled", "1 when prompts extending a cached one encode only the new text"
+        )
+        enabled.add_metric([], 1.0 if info.enabled else 0.0)
+        encodes = CounterMetricFamily(
+            "kvgate_tokenizer_encodes", "Prompt encodes by the prefix cache, by kind", labels=("kind",)
+        )
+        encodes.add_metric(["incremental"], info.incremental)
+        encodes.add_metric(["whole"], info.whole)
+        reused = CounterMetricFamily("kvgate_tokenizer_reused_tokens", "Token ids taken from a cached prefix")
+        reused.add_metric([], info.reused_tokens)
+        encoded = CounterMetricFamily("kvgate_tokenizer_encoded_chars", "Characters run through the tokenizer")
+        encoded.add_metric([], info.encoded_chars)
+        size = GaugeMetricFamily("kvgate_tokenizer_cache_bytes", "Approximate size of the prefix cache")
+        size.add_metric([], info.bytes)
+        entries = GaugeMetricFamily("kvgate_tokenizer_cache_entries", "Prompts held by the prefix cache")
+        entries.add_metric([], info.entries)
+        segments = self._preprocessor.segment_cache_info()
+        segment_lookups = CounterMetricFamily(
+            "kvgate_tokenizer_segment_lookups", "Segment-cache lookups, by result", labels=("result",)
+        )
+        segment_lookups.add_metric(["hit"], segments.hits)
+        segment_lookups.add_metric(["miss"], segments.misses)
+        return [enabled, encodes, reused, encoded, size, entries, segment_lookups]
