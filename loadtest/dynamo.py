@@ -502,8 +502,13 @@ def markdown(runs: Sequence[RunResult], notes: Sequence[str] = ()) -> str:
                 lines += ["", f"kvgate / Dynamo ({mode}): " + ", ".join(parts)]
         for run in cell:
             if run.loop_metrics:
-                worst = max(run.loop_metrics.items(), key=lambda kv: kv[1])
-                lines += ["", f"{run.front_end} {run.mode}: event-loop metric {worst[0]} = {worst[1]:g}"]
+                shown = [
+                    f"{name.removeprefix('kvgate_event_loop_')} {value * 1e3:.1f} ms"
+                    if name.endswith("_seconds")
+                    else f"{name.removeprefix('kvgate_event_loop_')} {value:g}"
+                    for name, value in sorted(run.loop_metrics.items())
+                ]
+                lines += ["", f"{run.front_end} {run.mode} event loop: " + ", ".join(shown)]
     return "\n".join(lines) + "\n"
 
 

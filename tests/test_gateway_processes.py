@@ -26,6 +26,26 @@ def _sample(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def test_loop_lag_monitor_counts_busy_lateness_only_while_the_loop_thread_works() -> None:
+    metrics = GatewayMetrics()
+
+    async def scenario() -> str:
+        metrics.loop_lag.start()
+        try:
+            await asyncio.sleep(0.05)
+            end = time.thread_time() + 0.06
+            while time.thread_time() < end:  # a callback computing for 60 ms of CPU
+                pass
+            await asyncio.sleep(0.03)
+            return metrics.render().decode()
+        finally:
+            metrics.loop_lag.stop()
+
+    text = asyncio.run(scenario())
+    assert 0.045 <= _sample(text, "kvgate_event_loop_max_busy_gap_seconds") < 1.0
+    assert _sample(text, "kvgate_event_loop_max_busy_gap_ever_seconds") >= 0.045
+
+
 def test_loop_lag_monitor_sees_a_blocked_loop_and_resets_at_each_scrape() -> None:
     metrics = GatewayMetrics()
 
@@ -43,6 +63,8 @@ def test_loop_lag_monitor_sees_a_blocked_loop_and_resets_at_each_scrape() -> Non
 
     first, second = asyncio.run(scenario())
     assert 0.045 <= _sample(first, "kvgate_event_loop_max_gap_seconds") < 1.0
+    # time.sleep blocks without using CPU: the thread was not running, so no busy lateness.
+    assert _sample(first, "kvgate_event_loop_max_busy_gap_seconds") < 0.045
     assert _sample(first, "kvgate_event_loop_stalls_total") >= 1
     # The max is since the previous scrape: the quiet 50 ms that followed saw no such stall.
     assert _sample(second, "kvgate_event_loop_max_gap_seconds") < 0.045
