@@ -107,9 +107,12 @@ def bottleneck(cpu: Mapping[str, object] | None) -> list[str]:
         return []
     reasons = []
     busy = cpu.get("machine_busy")
-    if isinstance(busy, float) and busy > MACHINE_BUSY_LIMIT:
-        reasons.append(f"machine {100 * busy:.0f}% busy")
     cores = cpu.get("process_cores")
+    if isinstance(busy, float) and busy > MACHINE_BUSY_LIMIT:
+        ours = sum(c for c in cores.values() if isinstance(c, float)) if isinstance(cores, dict) else None
+        cpus = cpu.get("cpus")
+        share = f" ({ours:.2f} of its {cpus} cores in this run's processes)" if ours is not None and cpus else ""
+        reasons.append(f"machine {100 * busy:.0f}% busy{share}")
     if isinstance(cores, dict):
         for name, c in cores.items():
             if isinstance(c, float) and c > PROCESS_CORE_LIMIT:

@@ -24,7 +24,6 @@ import json
 import random
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -225,15 +224,17 @@ async def run_open_loop_sessions(
 ) -> RunOutcome:
     """Open-loop arrivals (seconds after the start) served by chat sessions.
 
-    Each arrival is sent at its time by the session that has been idle longest (its reply
-    is in, so the request extends that conversation); when every session is waiting for
-    a reply, a new one (a new user) is started, so an arrival never waits. ``users``
-    sessions exist from the start."""
+    Each arrival is sent at its time by an idle session (its reply is in, so the request
+    extends that conversation), picked at random (seeded): taking them in a fixed order
+    would give each session a period that pins it to one worker under round-robin. When
+    every session is waiting for a reply, a new one (a new user) is started, so an arrival
+    never waits. ``users`` sessions exist from the start."""
     records: list[RequestRecord] = []
     sent: list[tuple[RequestRecord, RequestSpec]] = []
     progress = Progress(config.label, max(arrivals, default=0.0))
     sessions = [new_session(u) for u in range(users)]
-    idle = deque(range(users))
+    idle = list(range(users))
+    pick = random.Random(f"pick:{config.seed}")
 
     async def one(index: int, http: aiohttp.ClientSession, t0: float) -> None:
         spec = sessions[index].next_request()
@@ -254,7 +255,8 @@ async def run_open_loop_sessions(
                     sessions.append(new_session(len(sessions)))
                     idle.append(len(sessions) - 1)
                 progress.sent += 1
-                tasks.append(asyncio.create_task(one(idle.popleft(), http, t0)))
+                chosen = idle.pop(pick.randrange(len(idle)))
+                tasks.append(asyncio.create_task(one(chosen, http, t0)))
             await _drain(tasks, config.drain_timeout_s)
         finally:
             ticker.cancel()
