@@ -97,8 +97,12 @@ def test_bench_compares_modes_and_writes_the_report(tmp_path):
     assert modes["kv"]["summary"]["prefix_hit_rate"] > 0
 
     md = (out / "report.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| kv ") or line.startswith("| round-robin ")]
+    rows = [line for line in md.splitlines() if line.startswith(("| kv ", "| round-robin ")) and "w0:" in line]
     assert len(rows) == 2
+    for m in modes.values():  # no cache beats an infinite one on the same requests
+        o = m["oracle"]
+        assert o["requests"] == m["summary"]["ok"]
+        assert 0 < o["measured_fraction"] <= o["infinite_fraction"] and o["pooled_lru_fraction"] <= 1
     assert all(refused(p) for p in stack_ports(out))  # every process it started is gone
 
 
