@@ -71,8 +71,9 @@ SUITE: tuple[SuiteEntry, ...] = (
         "tier-overflow",
         "returning",
         ("kv", "kv-gpu-only", "kv-approx", "round-robin"),
-        (2.0, 5.0),
-        # 12 conversations of ~2k tokens (~400 blocks) overflow the fleet's 256 GPU blocks, fit its CPU tiers.
+        (1.0, 3.0),
+        # 12 conversations of ~1k tokens (~250 blocks with their turns) overflow the fleet's 128 GPU
+        # blocks and fit its CPU tiers; 1k-token openings keep the 64-block pools admitting requests.
         (
             "--users",
             "4",
@@ -81,13 +82,13 @@ SUITE: tuple[SuiteEntry, ...] = (
             "--turns",
             "8",
             "--first-turn-tokens",
-            "2000",
+            "1000",
             "--turn-tokens",
             "100",
             "--max-tokens",
-            "16",
+            "8",
             "--num-gpu-blocks",
-            "128",
+            "64",
             "--cpu-blocks",
             "768",
             "--max-model-len",
