@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
@@ -51,6 +51,7 @@ class DriverConfig:
 class RunOutcome:
     records: list[RequestRecord]
     duration_s: float  # first send to last answer
+    sent: list[tuple[RequestRecord, RequestSpec]] = field(default_factory=list)  # what each record sent, in order
 
 
 class Progress:
@@ -128,12 +129,14 @@ async def _drain(tasks: Sequence[asyncio.Task], timeout_s: float) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
-def _outcome(records: list[RequestRecord]) -> RunOutcome:
+def _outcome(records: list[RequestRecord], sent: list[tuple[RequestRecord, RequestSpec]]) -> RunOutcome:
     if not records:
         return RunOutcome([], 0.0)
     first = min(r.start_s for r in records)
     last = max(r.start_s + (r.e2e_s or 0.0) for r in records)
-    return RunOutcome(sorted(records, key=lambda r: r.start_s), last - first)
+    return RunOutcome(
+        sorted(records, key=lambda r: r.start_s), last - first, sorted(sent, key=lambda pair: pair[0].start_s)
+    )
 
 
 async def _send_recorded(
@@ -143,9 +146,11 @@ async def _send_recorded(
     t0: float,
     records: list[RequestRecord],
     progress: Progress,
+    sent: list[tuple[RequestRecord, RequestSpec]],
 ) -> StreamObserver:
     """Send one request and keep its record, even when the drain timeout cancels it."""
     obs = observer(spec)
+    sent.append((obs.record, spec))
     try:
         rec = await send(http, config.base_url, spec, obs, t0, config.request_timeout_s)
     except asyncio.CancelledError:
@@ -158,6 +163,7 @@ async def _send_recorded(
 
 async def run_closed_loop(config: DriverConfig, sessions: Sequence[Session]) -> RunOutcome:
     records: list[RequestRecord] = []
+    sent: list[tuple[RequestRecord, RequestSpec]] = []
     progress = Progress(config.label, config.duration_s)
     t0 = time.perf_counter()
     deadline = t0 + config.duration_s
@@ -173,7 +179,7 @@ async def run_closed_loop(config: DriverConfig, sessions: Sequence[Session]) -> 
         while time.perf_counter() < deadline:
             spec = session_.next_request()
             progress.sent += 1
-            obs = await _send_recorded(http, config, spec, t0, records, progress)
+            obs = await _send_recorded(http, config, spec, t0, records, progress, sent)
             session_.observe(obs.text)
             if config.think_time_s:
                 await asyncio.sleep(jitter.uniform(0.0, 2.0 * config.think_time_s))
@@ -185,15 +191,16 @@ async def run_closed_loop(config: DriverConfig, sessions: Sequence[Session]) -> 
             await _drain(tasks, config.duration_s + config.drain_timeout_s)
         finally:
             ticker.cancel()
-    return _outcome(records)
+    return _outcome(records, sent)
 
 
 async def run_open_loop(config: DriverConfig, requests: Sequence[TimedRequest]) -> RunOutcome:
     records: list[RequestRecord] = []
+    sent: list[tuple[RequestRecord, RequestSpec]] = []
     progress = Progress(config.label, max((r.offset_s for r in requests), default=0.0))
 
     async def one(spec: RequestSpec, http: aiohttp.ClientSession, t0: float) -> None:
-        await _send_recorded(http, config, spec, t0, records, progress)
+        await _send_recorded(http, config, spec, t0, records, progress, sent)
 
     async with _session(0) as http:
         t0 = time.perf_counter()
@@ -209,4 +216,48 @@ async def run_open_loop(config: DriverConfig, requests: Sequence[TimedRequest]) 
             await _drain(tasks, config.drain_timeout_s)
         finally:
             ticker.cancel()
-    return _outcome(records)
+    return _outcome(records, sent)
+
+
+async def run_open_loop_sessions(
+    config: DriverConfig, arrivals: Sequence[float], new_session: Callable[[int], Session], users: int
+) -> RunOutcome:
+    """Open-loop arrivals (seconds after the start) served by chat sessions.
+
+    Each arrival is sent at its time by an idle session (its reply is in, so the request
+    extends that conversation), picked at random (seeded): taking them in a fixed order
+    would give each session a period that pins it to one worker under round-robin. When
+    every session is waiting for a reply, a new one (a new user) is started, so an arrival
+    never waits. ``users`` sessions exist from the start."""
+    records: list[RequestRecord] = []
+    sent: list[tuple[RequestRecord, RequestSpec]] = []
+    progress = Progress(config.label, max(arrivals, default=0.0))
+    sessions = [new_session(u) for u in range(users)]
+    idle = list(range(users))
+    pick = random.Random(f"pick:{config.seed}")
+
+    async def one(index: int, http: aiohttp.ClientSession, t0: float) -> None:
+        spec = sessions[index].next_request()
+        obs = await _send_recorded(http, config, spec, t0, records, progress, sent)
+        sessions[index].observe(obs.text)
+        idle.append(index)
+
+    async with _session(0) as http:
+        t0 = time.perf_counter()
+        ticker = asyncio.create_task(progress.run(t0, config.progress_every_s))
+        tasks: list[asyncio.Task] = []
+        try:
+            for offset in arrivals:
+                delay = t0 + offset - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if not idle:
+                    sessions.append(new_session(len(sessions)))
+                    idle.append(len(sessions) - 1)
+                progress.sent += 1
+                chosen = idle.pop(pick.randrange(len(idle)))
+                tasks.append(asyncio.create_task(one(chosen, http, t0)))
+            await _drain(tasks, config.drain_timeout_s)
+        finally:
+            ticker.cancel()
+    return _outcome(records, sent)

@@ -17,13 +17,25 @@ from typing import Any
 
 import numpy as np
 
+from kvgate.loadtest.cpu import bottleneck
 from kvgate.loadtest.scrape import Snapshot, prefix_hit_rate, sample_name, tier_hit_rates
 from kvgate.loadtest.stream import RequestRecord
+from kvgate.loadtest.sweep import (
+    Cell,
+    RunFigures,
+    aggregate,
+    ratios_to_baseline,
+    run_figures,
+    slo_verdicts,
+)
 
 REPORT_MD = "report.md"
 RESULTS_JSON = "results.json"
 TTFT_PNG = "ttft_cdf.png"
 THROUGHPUT_PNG = "throughput_hit_rate.png"
+SWEEP_PNG = "sweep.png"
+DEFAULT_SLO_TTFT_S = 1.0
+BASELINE = "round-robin"
 
 
 @dataclass
@@ -34,10 +46,25 @@ class ModeResult:
     gateway_metrics: Snapshot = field(default_factory=dict)  # after - before
     worker_metrics: dict[str, Snapshot] = field(default_factory=dict)  # per worker, after - before
     notes: list[str] = field(default_factory=list)
+    rate: float | None = None  # offered requests/s (open-loop sweep); None: the workload's own pace
+    repeat: int = 0
+    oracle: dict[str, Any] | None = None  # oracle.oracle_summary
+    cpu: dict[str, Any] | None = None  # cpu.CpuUsage.to_json
+
+    @property
+    def label(self) -> str:
+        if self.rate is None and self.repeat == 0:
+            return self.mode
+        at = "" if self.rate is None else f" @{self.rate:g}/s"
+        return f"{self.mode}{at} #{self.repeat + 1}"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
+            "rate": self.rate,
+            "repeat": self.repeat,
+            "oracle": self.oracle,
+            "cpu": self.cpu,
             "duration_s": self.duration_s,
             "summary": summarize(self),
             "notes": self.notes,
@@ -55,6 +82,10 @@ class ModeResult:
             d.get("gateway_metrics", {}),
             d.get("worker_metrics", {}),
             d.get("notes", []),
+            d.get("rate"),
+            d.get("repeat", 0),
+            d.get("oracle"),
+            d.get("cpu"),
         )
 
 
@@ -103,7 +134,26 @@ def summarize(result: ModeResult) -> dict[str, Any]:
         "gateway_overhead_ms": gateway_overhead_ms(result.gateway_metrics),
         "requests_per_worker": dict(sorted(Counter(r.worker for r in result.records if r.worker).items())),
         "error_kinds": dict(Counter((r.error or "")[:80] for r in result.records if not r.ok).most_common(5)),
+        "oracle": result.oracle,
+        "cpu": result.cpu,
+        "cpu_bottleneck": bottleneck(result.cpu),
     }
+
+
+def figures(result: ModeResult, slo_ttft_s: float) -> RunFigures:
+    s = summarize(result)
+    return run_figures(
+        result.mode,
+        result.rate,
+        result.repeat,
+        result.records,
+        result.duration_s,
+        slo_ttft_s,
+        s["cached_token_rate"],
+        result.oracle,
+        s["cpu_bottleneck"],
+        (result.cpu or {}).get("machine_busy"),
+    )
 
 
 ROUTING_OVERHEAD = "kvgate_routing_overhead_seconds"
@@ -214,12 +264,139 @@ def headline(summaries: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _cores(cpu: Mapping[str, Any] | None, name: str) -> str:
+    c = ((cpu or {}).get("process_cores") or {}).get(name)
+    return "–" if c is None else f"{c:.2f}"
+
+
+def _worker_cores(cpu: Mapping[str, Any] | None) -> str:
+    cores = (cpu or {}).get("process_cores") or {}
+    ws = [v for k, v in cores.items() if k not in ("gateway", "client")]
+    return "–" if not ws else f"{max(ws):.2f}"
+
+
+def oracle_cpu_table(results: BenchResults) -> str:
+    """Per run: the measured cached fraction against the oracles, and CPU use with the flag."""
+    rows = [
+        "| run | cached (measured) | pooled-LRU oracle | infinite cache | measured / pooled LRU | "
+        "machine CPU busy | gateway cores | client cores | busiest worker cores | CPU-bound? |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in results.modes:
+        s = summarize(m)
+        o = m.oracle or {}
+        cpu = m.cpu or {}
+        flag = "; ".join(s["cpu_bottleneck"])
+        busy = cpu.get("machine_busy")
+        rows.append(
+            f"| {m.label} | {_rate(s['cached_token_rate'])} | {_rate(o.get('pooled_lru_fraction'))} | "
+            f"{_rate(o.get('infinite_fraction'))} | {_rate(o.get('measured_of_pooled'))} | "
+            f"{_rate(busy)} | {_cores(cpu, 'gateway')} | {_cores(cpu, 'client')} | {_worker_cores(cpu)} | "
+            f"{'**YES**: ' + flag if flag else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
+def _fmt_spread(sp: Any, fmt: str) -> str:
+    if sp.median is None:
+        return "–"
+
+    def one(v: float) -> str:
+        return "∞" if v == float("inf") else format(v, fmt)
+
+    if len(sp.values) < 2 or sp.low == sp.high:
+        return one(sp.median)
+    return f"{one(sp.median)} ({one(sp.low)}–{one(sp.high)})"
+
+
+def _pct_spread(sp: Any) -> str:
+    if sp.median is None:
+        return "–"
+    scaled = type(sp)(
+        *(None if v is None else 100 * v for v in (sp.median, sp.low, sp.high)),
+        [None if v is None else 100 * v for v in sp.values],
+    )
+    return _fmt_spread(scaled, ".1f") + "%"
+
+
+def sweep_tables(cells: Sequence[Cell], slo_ttft_s: float, baseline: str = BASELINE) -> list[str]:
+    """Markdown: one row per (mode, rate) with medians and spread, the SLO verdict per mode,
+    and the ratio table against ``baseline``."""
+    slo_ms = 1000.0 * slo_ttft_s
+    out = [
+        "| mode | rate req/s | runs | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | goodput req/s | req/s | "
+        "cached (measured) | pooled-LRU oracle | measured / oracle | CPU-flagged runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        mt = c.metrics
+        rate = "closed loop" if c.rate is None else f"{c.rate:g}"
+        out.append(
+            f"| {c.mode} | {rate} | {len(c.runs)} | {_fmt_spread(mt['ttft_p50_ms'], '.1f')} | "
+            f"{_fmt_spread(mt['ttft_p90_ms'], '.1f')} | {_fmt_spread(mt['ttft_p99_ms'], '.1f')} | "
+            f"{_fmt_spread(mt['goodput'], '.2f')} | {_fmt_spread(mt['requests_per_s'], '.2f')} | "
+            f"{_pct_spread(mt['cached_fraction'])} | {_pct_spread(mt['pooled_lru_fraction'])} | "
+            f"{_pct_spread(mt['measured_of_pooled'])} | {c.cpu_flagged}/{len(c.runs)} |"
+        )
+    out += [
+        "",
+        f"Medians over repeats, (min–max) when they differ. TTFT percentiles count a failed request as "
+        f"an infinite TTFT (∞); goodput = requests per second completed with TTFT ≤ {slo_ms:.0f} ms.",
+        "",
+    ]
+    verdicts = slo_verdicts(cells, slo_ms)
+    if verdicts:
+        out.append(
+            f"Highest offered rate meeting the SLO (median p90 TTFT ≤ {slo_ms:.0f} ms at it and every lower rate):"
+        )
+        out.append("")
+        for mode, best in verdicts.items():
+            out.append(f"- {mode}: " + ("none of the rates tested" if best is None else f"{best:g} req/s"))
+        out.append("")
+    ratios = ratios_to_baseline(cells, baseline)
+    if ratios:
+        out += [
+            f"Each mode against {baseline} (ratio of medians; TTFT below 1 is better, goodput and cached above 1):",
+            "",
+            "| mode | rate req/s | TTFT p50 | TTFT p90 | TTFT p99 | goodput | cached fraction |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for mode, rate, r in ratios:
+            cells_ = [
+                "–" if r[k] is None else f"{r[k]:.2f}"
+                for k in ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "goodput", "cached_fraction")
+            ]
+            out.append(f"| {mode} | {'closed loop' if rate is None else f'{rate:g}'} | " + " | ".join(cells_) + " |")
+        out.append("")
+    return out
+
+
+def is_sweep(results: BenchResults) -> bool:
+    return any(m.rate is not None or m.repeat > 0 for m in results.modes)
+
+
+def cells_of(results: BenchResults) -> list[Cell]:
+    slo = float(results.meta.get("slo_ttft_s") or DEFAULT_SLO_TTFT_S)
+    return aggregate([figures(m, slo) for m in results.modes])
+
+
 def render_markdown(results: BenchResults) -> str:
-    summaries = [(m.mode, summarize(m)) for m in results.modes]
+    summaries = [(m.label, summarize(m)) for m in results.modes]
     meta = results.meta
+    slo = float(meta.get("slo_ttft_s") or DEFAULT_SLO_TTFT_S)
     out = [f"# kvgate benchmark: {meta.get('workload', '?')}", ""]
     if meta.get("command"):
         out += ["```", meta["command"], "```", ""]
+    flagged = [m.label for m in results.modes if summarize(m)["cpu_bottleneck"]]
+    if flagged:
+        out += [
+            f"**CPU-bound runs** ({len(flagged)} of {len(results.modes)}: {', '.join(flagged)}): the machine's "
+            "cores, not the simulated engines, limited them; their latencies measure the machine.",
+            "",
+        ]
+    if is_sweep(results):
+        out += ["## Sweep", "", *sweep_tables(cells_of(results), slo), f"![sweep]({SWEEP_PNG})", ""]
+        out += ["## Every run", ""]
     out += [markdown_table(summaries), ""]
     tiers = tier_table(summaries)
     if tiers:
@@ -230,7 +407,8 @@ def render_markdown(results: BenchResults) -> str:
             tiers,
             "",
         ]
-    out += headline(summaries)
+    if not is_sweep(results):
+        out += headline(summaries)
     out += [
         "",
         "Latencies are client-side (time to the first content token, gaps between content chunks, "
@@ -238,19 +416,29 @@ def render_markdown(results: BenchResults) -> str:
         "summed over the workers (tokens); on workers with CPU / disk tiers it counts prompt tokens found in "
         "any tier (the tier table splits them). Requests per worker come from the `x-kvgate-worker` header.",
         "",
+        "### Cached tokens against the oracle, and CPU use",
+        "",
+        oracle_cpu_table(results),
+        "",
+        "Cached (measured) = Σ`usage.prompt_tokens_details.cached_tokens` / Σ`usage.prompt_tokens` over the "
+        "successful requests. The oracles replay the same requests, in send order, through one LRU cache of the "
+        "fleet's total GPU blocks (pooled LRU) and through an infinite cache (see `oracle.py`). CPU: the machine's "
+        "busy share over the run (`/proc/stat`) and each process's use in cores (`/proc/<pid>/stat`); a run is "
+        "CPU-bound when the machine is > 90 % busy or one process is above 0.9 of a core.",
+        "",
     ]
     for m in results.modes:
         for note in m.notes:
-            out.append(f"- {m.mode}: {note}")
+            out.append(f"- {m.label}: {note}")
         overhead = summarize(m)["gateway_overhead_ms"]
         if overhead:
             out.append(
-                f"- {m.mode}: gateway time per request before forwarding (mean ms): "
+                f"- {m.label}: gateway time per request before forwarding (mean ms): "
                 + ", ".join(f"{stage} {ms:.2f}" for stage, ms in overhead.items())
             )
         kinds = summarize(m)["error_kinds"]
         if kinds:
-            out.append(f"- {m.mode} errors: " + "; ".join(f"{k} (x{n})" for k, n in kinds.items()))
+            out.append(f"- {m.label} errors: " + "; ".join(f"{k} (x{n})" for k, n in kinds.items()))
     out += ["", f"![TTFT CDF]({TTFT_PNG})", "", f"![throughput and hit rate]({THROUGHPUT_PNG})", ""]
     out += [
         "## Settings",
@@ -263,20 +451,63 @@ def render_markdown(results: BenchResults) -> str:
     return "\n".join(out)
 
 
+def plot_sweep(cells: Sequence[Cell], out_dir: Path, title: str, slo_ttft_s: float) -> Path | None:
+    """TTFT p90 against offered rate per mode (log scale, min–max bars over repeats), and goodput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = [c for c in cells if c.rate is not None]
+    if not swept:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    modes = list(dict.fromkeys(c.mode for c in swept))
+    for i, mode in enumerate(modes):
+        mc = sorted((c for c in swept if c.mode == mode), key=lambda c: c.rate or 0.0)
+        rates = [c.rate for c in mc]
+        for ax, key in ((ax1, "ttft_p90_ms"), (ax2, "goodput")):
+            sps = [c.metrics[key] for c in mc]
+            cap = 1e6  # an infinite p90 (failures) is drawn at 1e6 ms
+            med = [min(sp.median, cap) if sp.median is not None else np.nan for sp in sps]
+            lo = [m - min(sp.low, cap) if sp.low is not None else 0.0 for m, sp in zip(med, sps, strict=True)]
+            hi = [min(sp.high, cap) - m if sp.high is not None else 0.0 for m, sp in zip(med, sps, strict=True)]
+            ax.errorbar(rates, med, yerr=[lo, hi], marker="o", capsize=3, color=f"C{i}", label=mode)
+    ax1.axhline(1000.0 * slo_ttft_s, color="grey", linestyle="--", label=f"SLO {1000 * slo_ttft_s:.0f} ms")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("offered rate (requests/s)")
+    ax1.set_ylabel("TTFT p90 (ms, log scale)")
+    ax1.set_title("TTFT p90 vs rate")
+    all_rates = [c.rate for c in swept if c.rate is not None]
+    ax2.plot([0, max(all_rates)], [0, max(all_rates)], color="grey", linestyle=":", label="offered")
+    ax2.set_xlabel("offered rate (requests/s)")
+    ax2.set_ylabel(f"goodput (req/s with TTFT ≤ {1000 * slo_ttft_s:.0f} ms)")
+    ax2.set_title("goodput vs rate")
+    for a in (ax1, ax2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out_dir / SWEEP_PNG
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(results: BenchResults, out_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summaries = [(m.mode, summarize(m)) for m in results.modes]
+    summaries = [(m.label, summarize(m)) for m in results.modes]
     title = results.meta.get("workload", "")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in results.modes:
         ttft = np.sort([r.ttft_s * 1000.0 for r in m.records if r.ok and r.ttft_s is not None])
         if len(ttft):
-            ax.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), where="post", label=f"{m.mode} (n={len(ttft)})")
+            ax.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), where="post", label=f"{m.label} (n={len(ttft)})")
     ax.set_xscale("log")  # the body and the tail of the distribution both stay readable
     ax.set_xlabel("time to first token (ms, log scale)")
     ax.set_ylabel("fraction of requests")
@@ -330,4 +561,10 @@ def write_report(results: BenchResults, out_dir: str | Path) -> dict[str, Path]:
     md_path = out / REPORT_MD
     md_path.write_text(render_markdown(results))
     ttft_png, tp_png = plot(results, out)
-    return {"results": results_path, "report": md_path, "ttft_cdf": ttft_png, "throughput": tp_png}
+    paths = {"results": results_path, "report": md_path, "ttft_cdf": ttft_png, "throughput": tp_png}
+    if is_sweep(results):
+        slo = float(results.meta.get("slo_ttft_s") or DEFAULT_SLO_TTFT_S)
+        sweep_png = plot_sweep(cells_of(results), out, str(results.meta.get("workload", "")), slo)
+        if sweep_png is not None:
+            paths["sweep"] = sweep_png
+    return paths

@@ -38,9 +38,11 @@ class StackConfig:
     workers: int = 2
     model: str = str(DEFAULT_MODEL)
     block_size: int = 64
-    num_gpu_blocks: int = 2048
+    # Sized like a real engine (and Dynamo's mocker): 16,384 GPU blocks (1M tokens) and
+    # 8,192 tokens per step; worker.sim's own defaults are smaller.
+    num_gpu_blocks: int = 16384
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 8192
     max_model_len: int = 32768
     speedup_ratio: float = 1.0
     cpu_blocks: int = 0  # worker CPU tier (0: none); see worker/README.md
@@ -198,3 +200,7 @@ class Stack:
 
     def pids(self) -> list[int]:
         return [pid for c in self.children if (pid := c.pid) is not None]
+
+    def named_pids(self) -> dict[str, int]:
+        """PID of each running child by name (``gateway``, ``w0``, ...)."""
+        return {c.name: pid for c in self.children if (pid := c.pid) is not None}

@@ -17,6 +17,13 @@ for the same seed. Every request streams with usage included.
 - ``no-sharing``: a fresh random prompt every time (the control: no router
   can find a prefix to reuse).
 - ``trace``: a Mooncake trace replayed open-loop (see ``trace.py``).
+- ``burst``: open loop; every ``burst_period_s`` a new long document arrives and
+  ``burst_size`` requests about it (the document, then a fresh short question) arrive
+  within ``burst_window_s``: the requests of a burst share a prefix no cache holds yet,
+  so a router must place them by what it has just sent, not by what it has been told.
+
+Open-loop schedules live here too: ``poisson_arrivals`` (the rate sweep's arrival
+times) and ``burst_schedule``.
 
 Pure and synchronous: nothing here opens a socket.
 """
@@ -30,7 +37,7 @@ from typing import Any, Protocol
 from kvgate.loadtest.corpus import Vocabulary
 from kvgate.loadtest.trace import ReplayConfig, TracePrompts, TraceRequest, arrival_schedule
 
-WORKLOADS = ("multi-turn", "returning", "shared-prefix", "no-sharing", "trace")
+WORKLOADS = ("multi-turn", "returning", "shared-prefix", "no-sharing", "trace", "burst")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -50,6 +57,10 @@ class WorkloadConfig:
     system_prompt_tokens: int = 1024
     question_tokens: int = 32
     prompt_tokens: int = 512  # no-sharing: tokens per random prompt
+    burst_doc_tokens: int = 4096  # burst: the new document every burst shares
+    burst_size: int = 8  # burst: requests per document
+    burst_window_s: float = 0.1  # burst: a burst's requests arrive within this many seconds
+    burst_period_s: float = 2.0  # burst: a new document every this many seconds (the sweep sets it from the rate)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self) -> None:
@@ -63,10 +74,14 @@ class WorkloadConfig:
             "system_prompt_tokens",
             "question_tokens",
             "prompt_tokens",
+            "burst_doc_tokens",
+            "burst_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.burst_window_s < 0 or self.burst_period_s <= 0:
+            raise ValueError("burst_window_s must be >= 0 and burst_period_s > 0")
 
 
 @dataclass
@@ -233,3 +248,73 @@ def trace_requests(
         )
         for a in arrival_schedule(trace, config.replay)
     ]
+
+
+def poisson_arrivals(rate: float, duration_s: float, seed: int) -> list[float]:
+    """Arrival times in [0, duration_s) of a Poisson process of ``rate`` per second
+    (exponential gaps, seeded by ``(seed, rate)``: every mode and repeat gets the same)."""
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    rng = random.Random(f"arrivals:{seed}:{rate}")
+    out: list[float] = []
+    t = rng.expovariate(rate)
+    while t < duration_s:
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+@dataclass(frozen=True)
+class BurstArrival:
+    offset_s: float
+    burst: int  # which document
+    index: int  # which request of the burst
+
+
+def burst_schedule(period_s: float, size: int, window_s: float, duration_s: float, seed: int) -> list[BurstArrival]:
+    """Bursts at 0, period, 2·period, ... (< duration_s); each burst's ``size`` requests at
+    seeded offsets in [start, start + window_s), the first exactly at the start; sorted by time."""
+    if period_s <= 0 or size < 1 or window_s < 0:
+        raise ValueError("period_s must be > 0, size >= 1, window_s >= 0")
+    out = []
+    burst = 0
+    while burst * period_s < duration_s:
+        start = burst * period_s
+        rng = random.Random(f"burst-times:{seed}:{burst}")
+        offsets = [0.0] + sorted(rng.uniform(0.0, window_s) for _ in range(size - 1))
+        out += [BurstArrival(start + o, burst, i) for i, o in enumerate(offsets)]
+        burst += 1
+    return sorted(out, key=lambda a: (a.offset_s, a.burst, a.index))
+
+
+def burst_requests(
+    vocabulary: Vocabulary, config: WorkloadConfig, model: str, duration_s: float, period_s: float | None = None
+) -> list[TimedRequest]:
+    """The burst workload's requests: document ``b`` (seeded by ``(seed, b)``) followed by a
+    fresh question, as one user message, at ``burst_schedule``'s times."""
+    period = config.burst_period_s if period_s is None else period_s
+    schedule = burst_schedule(period, config.burst_size, config.burst_window_s, duration_s, config.seed)
+    docs: dict[int, str] = {}
+    out = []
+    for a in schedule:
+        if a.burst not in docs:
+            doc_rng = random.Random(f"burst-doc:{config.seed}:{a.burst}")
+            docs[a.burst] = vocabulary.text(doc_rng, config.burst_doc_tokens)
+        question = vocabulary.text(random.Random(f"burst-q:{config.seed}:{a.burst}:{a.index}"), config.question_tokens)
+        messages = [{"role": "user", "content": docs[a.burst] + question}]
+        body = chat_body(model, messages, config.max_tokens)
+        out.append(TimedRequest(a.offset_s, RequestSpec("burst", CHAT_PATH, body, user=a.burst, turn=a.index)))
+    return out
+
+
+def trace_time_scale(trace: list[TraceRequest], replay_config: ReplayConfig, rate: float) -> float:
+    """The ``time_scale`` that replays the chosen part of ``trace`` (after ``skip``, up to
+    ``max_requests``) at a mean of ``rate`` requests per second."""
+    chosen = trace[replay_config.skip :]
+    if replay_config.max_requests is not None:
+        chosen = chosen[: replay_config.max_requests]
+    if len(chosen) < 2:
+        return 1.0
+    span_s = (chosen[-1].timestamp_ms - chosen[0].timestamp_ms) / 1000.0
+    native = (len(chosen) - 1) / span_s if span_s > 0 else rate
+    return native / rate

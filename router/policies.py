@@ -186,6 +186,7 @@ class Decision:
             "config": self.config.to_dict() if self.config is not None else None,
             "speed": self.speed.to_dict() if self.speed is not None else None,
             "candidates": [s.explain() for s in self.scores],
+            "block_hashes": list(self.seq_hashes),
         }
 
 

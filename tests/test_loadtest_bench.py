@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def stack_ports(out: Path) -> list[int]:
     """Every port of every stack the bench started, from the gateway configs it wrote."""
     ports = []
-    for cfg_path in out.glob("logs/*/gateway.yaml"):
+    for cfg_path in out.glob("logs/*/gateway.yaml"):  # one directory per mode, or per run in a sweep
         cfg = yaml.safe_load(cfg_path.read_text())
         ports.append(cfg["port"])
         ports += [int(w["url"].rsplit(":", 1)[1]) for w in cfg["workers"]]
@@ -97,8 +97,12 @@ def test_bench_compares_modes_and_writes_the_report(tmp_path):
     assert modes["kv"]["summary"]["prefix_hit_rate"] > 0
 
     md = (out / "report.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| kv ") or line.startswith("| round-robin ")]
+    rows = [line for line in md.splitlines() if line.startswith(("| kv ", "| round-robin ")) and "w0:" in line]
     assert len(rows) == 2
+    for m in modes.values():  # no cache beats an infinite one on the same requests
+        o = m["oracle"]
+        assert o["requests"] == m["summary"]["ok"]
+        assert 0 < o["measured_fraction"] <= o["infinite_fraction"] and o["pooled_lru_fraction"] <= 1
     assert all(refused(p) for p in stack_ports(out))  # every process it started is gone
 
 
@@ -218,3 +222,56 @@ def test_kv_gpu_only_is_the_kv_router_with_tiers_ignored():
 
     assert gateway_mode("kv-gpu-only") == ("kv", ("--kv-gpu-only",))
     assert gateway_mode("kv") == ("kv", ()) and gateway_mode("round-robin") == ("round-robin", ())
+
+
+@pytest.mark.slow
+def test_rate_sweep_reports_goodput_the_oracle_and_cpu(tmp_path):
+    code, log = run_bench(
+        tmp_path,
+        "--workload",
+        "burst",
+        "--modes",
+        "kv,round-robin",
+        "--rates",
+        "3,6",
+        "--duration",
+        2,
+        "--burst-doc-tokens",
+        512,
+        "--burst-size",
+        3,
+        "--question-tokens",
+        16,
+        "--max-tokens",
+        4,
+        "--slo-ttft",
+        5,
+        timeout=180,
+    )
+    assert code == 0, log
+    out = tmp_path / "report"
+    results = json.loads((out / "results.json").read_text())
+    runs = results["modes"]
+    assert [(m["mode"], m["rate"], m["repeat"]) for m in runs] == [
+        ("kv", 3.0, 0),
+        ("round-robin", 3.0, 0),
+        ("kv", 6.0, 0),
+        ("round-robin", 6.0, 0),
+    ]
+    for m in runs:
+        # bursts of 3 every second (rate 3) or half second (rate 6), for 2 s
+        assert len(m["records"]) == (6 if m["rate"] == 3.0 else 12)
+        o = m["oracle"]
+        assert o["requests"] == len(m["records"]) and o["pooled_blocks"] == 2 * 16384
+        # Within a burst the 2nd and 3rd requests find the 8-block document: 2 of 3 requests
+        # reuse 512 of 528 prompt tokens (plus the chat template's own tokens).
+        assert 0.5 < o["pooled_lru_fraction"] == o["infinite_fraction"] < 0.67
+        assert o["measured_fraction"] is not None and 0 < o["measured_fraction"] <= o["infinite_fraction"]
+        cpu = m["cpu"]
+        assert set(cpu["process_cores"]) == {"client", "gateway", "w0", "w1"} and cpu["cpus"] >= 1
+        assert 0 <= cpu["machine_busy"] <= 1
+    md = (out / "report.md").read_text()
+    assert "## Sweep" in md and "goodput" in md and "pooled-LRU oracle" in md
+    assert "- kv: 6 req/s" in md and "- round-robin: 6 req/s" in md  # both meet a 5 s SLO at both rates
+    assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+    assert all(refused(p) for p in stack_ports(out))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -121,7 +122,9 @@ def test_report_files_are_written_and_well_formed(tmp_path):
         assert img.shape[0] > 100 and img.shape[1] > 100
 
     md = paths["report"].read_text()
-    table = [line for line in md.splitlines() if line.startswith("|")]
+    lines = md.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))
     assert len(table) == 4  # header, separator, two modes
     widths = {line.count("|") for line in table}
     assert len(widths) == 1
@@ -179,3 +182,43 @@ def test_tiered_workers_count_lower_tier_hits_in_the_headline_hit_rate():
     assert summarize(mode)["prefix_hit_rate"] == pytest.approx(0.65)
     plain = {'vllm:prefix_cache_queries_total{engine="0"}': 1000.0, 'vllm:prefix_cache_hits_total{engine="0"}': 50.0}
     assert summarize(ModeResult("kv", records(10, 50, ["w0"], 3), 1.0, {}, {"w0": plain}))["prefix_hit_rate"] == 0.05
+
+
+def test_a_sweep_report_has_the_sweep_the_oracle_and_the_cpu_flag(tmp_path):
+    runs = []
+    for rate in (1.0, 2.0):
+        for repeat in (0, 1):
+            for mode, ttft_ms in (("kv", 100 * rate), ("round-robin", 300 * rate)):
+                recs = records(10, ttft_ms, ["w0", "w1"], 0)
+                for r in recs:  # exact TTFTs and cached tokens
+                    r.ttft_s, r.prompt_tokens, r.cached_tokens = ttft_ms / 1000, 100, 40 if mode == "kv" else 20
+                busy = 0.95 if (mode, rate, repeat) == ("kv", 2.0, 1) else 0.3
+                runs.append(
+                    ModeResult(
+                        mode,
+                        recs,
+                        5.0,
+                        rate=rate,
+                        repeat=repeat,
+                        oracle={"pooled_lru_fraction": 0.5, "infinite_fraction": 0.6, "measured_of_pooled": None},
+                        cpu={"wall_s": 5.0, "machine_busy": busy, "cpus": 2, "process_cores": {"gateway": 0.2}},
+                    )
+                )
+    results = BenchResults({"workload": "burst", "slo_ttft_s": 0.5}, runs)
+    paths = write_report(results, tmp_path / "rep")
+    assert paths["sweep"].read_bytes().startswith(PNG_MAGIC)
+    md = paths["report"].read_text()
+    assert "## Sweep" in md and "| kv | 1 | 2 | 100.0 |" in md
+    # kv's TTFT (100 ms x rate) meets a 500 ms SLO at both rates, round-robin's (300 ms x rate) at 1/s only.
+    assert "- kv: 2 req/s" in md and "- round-robin: 1 req/s" in md
+    # records() adds one failed request per run: p99 is infinite for both (no ratio), as is
+    # the ratio to round-robin's zero goodput at 2/s (its TTFT, 600 ms, misses the SLO).
+    assert "| kv | 1 | 2 | 100.0 | 100.0 | ∞ | 2.00 | 2.00 | 40.0% | 50.0% | 80.0% | 0/2 |" in md
+    assert "| round-robin | 2 | 2 | 600.0 | 600.0 | ∞ | 0.00 | 2.00 | 20.0% | 50.0% | 40.0% | 0/2 |" in md
+    assert "| kv | 1 | 0.33 | 0.33 | – | 1.00 | 2.00 |" in md  # ratios to round-robin
+    assert "| kv | 2 | 0.33 | 0.33 | – | – | 2.00 |" in md
+    assert "CPU-bound runs** (1 of 8: kv @2/s #2)" in md
+    assert "| kv @2/s #2 | 40.0% | 50.0% | 60.0% |" in md
+    again = BenchResults.from_json(json.loads(paths["results"].read_text()))
+    assert [(m.mode, m.rate, m.repeat) for m in again.modes] == [(m.mode, m.rate, m.repeat) for m in runs]
+    assert render_markdown(again) == md
