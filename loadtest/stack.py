@@ -171,6 +171,8 @@ class Stack:
                     "router_mode": self.mode,
                     "block_size": c.block_size,
                     "workers": entries,
+                    # The engines' pool size: approximate mode's model of each worker's cache.
+                    "kv": {"prediction_capacity_blocks": c.num_gpu_blocks},
                 },
                 sort_keys=False,
             )
