@@ -59,8 +59,9 @@ from tokenizers import Encoding, Tokenizer
 CHUNK_CHARS = 128
 # A cached prefix shorter than this is not worth the bookkeeping: the prompt is encoded whole.
 MIN_REUSE_CHARS = 128
-# Candidate cuts are recorded every this many tokens (a cut lands at most this far before the common end).
-CUT_STRIDE_TOKENS = 8
+# Candidate cuts are recorded every this many tokens (a cut lands at most this far before the common end):
+# finding them is a Python loop over the encoding, so a sparser stride costs less per new token.
+CUT_STRIDE_TOKENS = 32
 
 _NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase"})
 _ALLOWED_LOOKAHEAD = "(?!\\S)"
