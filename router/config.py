@@ -117,10 +117,12 @@ class RouterConfig:
     absent), the baseline the tier benchmark compares against.
 
     ``added_work_weight``: the cost is the predicted TTFT plus this times the request's
-    own prefill time there: compute it adds to that worker delays every later request, so
-    of two workers giving the same TTFT the one that reuses more cache wins (a request
-    behind the first of a burst sharing a new prefix waits as long as it would take to
-    compute the prefix elsewhere, and should follow it).
+    own prefill time there: compute it adds to that worker delays later requests, so with
+    a positive weight, of two workers giving the same TTFT the one reusing more cache wins
+    (a burst sharing a new prefix then follows its first request). The default 0 was
+    chosen by the benchmark suite (loadtest/README.md): with 0.5, bursts piled onto one
+    worker and lost to round-robin at TTFT p90 (1.54x at 8 bursts/s), with 0 they matched
+    it (1.01x); multi-turn and shared-prefix moved less either way.
 
     ``predict_sent``: a routed prompt's blocks count as held by its worker at once, for
     ``prediction_ttl`` seconds unless the engine's events confirm or remove them first
@@ -133,7 +135,7 @@ class RouterConfig:
     mode: RouterMode = "kv"
     block_size: int = DEFAULT_BLOCK_SIZE
     speed: SpeedConfig = field(default_factory=SpeedConfig)
-    added_work_weight: float = 0.5
+    added_work_weight: float = 0.0
     temperature: float = 0.0
     gpu_only: bool = False
     busy: BusyThresholds = field(default_factory=BusyThresholds)

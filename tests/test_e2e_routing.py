@@ -71,7 +71,10 @@ def _start(tmp: Path, speeds: dict[str, float], *flags: str) -> tuple[dict[str, 
 
 @pytest.mark.parametrize("predict", [True, False])
 def test_a_burst_sharing_a_new_prefix_follows_the_first_request(tmp_path: Path, predict: bool) -> None:
-    flags = () if predict else ("--no-kv-predict-sent",)
+    # Following needs a reason to prefer reuse when waiting for the first request's prefill
+    # costs as long as computing the prefix elsewhere: a positive added-work weight (the
+    # default 0 lets a burst spread over as many copies as its TTFT wants, router/README.md).
+    flags = ("--kv-added-work-weight", "0.5") if predict else ("--no-kv-predict-sent",)
     workers, gateway = _start(tmp_path, {"w0": 1.0, "w1": 1.0, "w2": 1.0}, *flags)
     try:
         doc = document(1, 700)  # ~4k tokens: ~0.1 s of prefill at the sim's real speed
