@@ -38,6 +38,9 @@ class SpeedConfig:
       worker's KV usage, because decode work shares each engine step (the mocker's decode
       term adds 6-34 ms to a ~50-170 ms prefill step as usage goes 0 -> 1: ~0.3).
 
+    ``max_decode_slowdown`` caps the learned slowdown (the mocker's decode term is at most
+    ~0.7 of a prefill step). A worker's own rates fade into the fleet's with half-life
+    ``forget_after_s`` when it stops answering, so one that looked slow is tried again.
     ``smoothing`` is the weight of one answer in each moving average; ``bound`` keeps
     every learned rate within [seed / bound, seed x bound]; ``min_sample_tokens`` is the
     prefill work below which an answer teaches the overhead instead of the rate.
@@ -50,13 +53,14 @@ class SpeedConfig:
     decode_slowdown: float = 0.3
     learn: bool = True
     learn_decode_slowdown: bool = True
-    max_decode_slowdown: float = 4.0
+    max_decode_slowdown: float = 1.0
+    forget_after_s: float = 60.0
     smoothing: float = 0.1
     bound: float = 50.0
     min_sample_tokens: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("prefill_tokens_per_s", "bound"):
+        for name in ("prefill_tokens_per_s", "bound", "forget_after_s"):
             _check_number(name, getattr(self, name), minimum=0.0, strict=True)
         for name in ("overhead_ms", "cpu_block_ms", "disk_block_ms", "decode_slowdown", "max_decode_slowdown"):
             _check_number(name, getattr(self, name), minimum=0.0)

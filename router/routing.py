@@ -65,6 +65,7 @@ class Router:
         self.load = load if load is not None else LoadTracker.from_config(config, clock)
         self.policy = policy if policy is not None else make_policy(config)
         self.speed = self.policy.speed
+        self.speed.clock = clock  # rates age by the router's clock
         self._predict = getattr(indexer, "predict", None) if config.predict_sent else None
         self._prediction_ttl = config.approximate_prediction_ttl if config.approximate else config.prediction_ttl
         # The router hears its requests first: it indexes what it sent and learns speeds.

@@ -31,6 +31,8 @@ costs within ``[0, seed * bound]``), and a worker that slows down is seen within
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,8 @@ class WorkerSpeed:
     seconds_per_token: float
     overhead: float
     samples: int = 0
+    updated: float = 0.0
+    """Clock time of its last answer."""
     # Exponentially weighted sums over samples of x = effective work tokens, y = TTFT
     # (less tier loads): weight, x, y, x*x, x*y.
     w: float = 0.0
@@ -96,6 +100,7 @@ class SpeedModel:
     tier_block_seconds: list[float] = field(default_factory=list)
     samples: int = 0
     rejected: int = 0
+    clock: Callable[[], float] = time.monotonic
     _fleet: tuple[WorkerSpeed, bool, int] | None = None  # (rates, valid, at samples)
 
     def __post_init__(self) -> None:
@@ -118,25 +123,38 @@ class SpeedModel:
 
     def predicting(self, worker_id: str) -> WorkerSpeed:
         """The rates to predict ``worker_id`` with: its own once it has answered
-        ``_OWN_SAMPLES`` times; before that the fleet's (the mean over workers that have,
-        else the seeds), so a new worker is neither favoured nor shunned for a guess."""
+        ``_OWN_SAMPLES`` times, else the fleet's (the mean over workers that have, else the
+        seeds), so a new worker is neither favoured nor shunned for a guess. Its own rates
+        fade into the fleet's as they age (half-life ``forget_after_s``): a worker that
+        looked slow once and so got no traffic is tried again instead of starved for good."""
         own = self.speed(worker_id)
-        if own.samples >= _OWN_SAMPLES:
+        fleet = self._fleet_rates()
+        if own.samples < _OWN_SAMPLES:
+            return fleet
+        age = self.clock() - own.updated
+        if age <= 0.0:
             return own
+        keep = 0.5 ** (age / self.config.forget_after_s)
+        if keep > 0.999:
+            return own
+        return WorkerSpeed(
+            keep * own.seconds_per_token + (1.0 - keep) * fleet.seconds_per_token,
+            keep * own.overhead + (1.0 - keep) * fleet.overhead,
+            own.samples,
+            own.updated,
+        )
+
+    def _fleet_rates(self) -> WorkerSpeed:
         fleet = self._fleet
         if fleet is None or fleet[2] != self.samples:
             known = [s for s in self.workers.values() if s.samples >= _OWN_SAMPLES]
             if known:
                 rate = sum(s.seconds_per_token for s in known) / len(known)
                 overhead = sum(s.overhead for s in known) / len(known)
-                fleet = self._fleet = (WorkerSpeed(rate, overhead), True, self.samples)
             else:
                 c = self.config
-                fleet = self._fleet = (
-                    WorkerSpeed(1.0 / c.prefill_tokens_per_s, c.overhead_ms / 1e3),
-                    True,
-                    self.samples,
-                )
+                rate, overhead = 1.0 / c.prefill_tokens_per_s, c.overhead_ms / 1e3
+            fleet = self._fleet = (WorkerSpeed(rate, overhead), True, self.samples)
         return fleet[0]
 
     def seconds_per_token(self, worker_id: str, kv_usage: float) -> float:
@@ -167,6 +185,7 @@ class SpeedModel:
             y = min(predicted * _OUTLIER, max(predicted / _OUTLIER, y))
         self.samples += 1
         speed.samples += 1
+        speed.updated = self.clock()
         speed.add(x, y, 1.0 - c.smoothing)
         self._fit(speed, y - predicted)
         # Decode slowdown: where KV usage is high, an answer slower than predicted says

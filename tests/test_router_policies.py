@@ -229,6 +229,7 @@ def test_learned_speeds_are_what_the_policy_scores_with():
     speed.speed("b").overhead = 0.002
     for worker in "abc":
         speed.speed(worker).samples = 3  # enough answers to be predicted by their own rates
+        speed.speed(worker).updated = speed.clock()  # just now: not faded into the fleet's
     d = KvPolicy(example(), speed).select(KEYS, MATCHES, 10, LOADS)
     # b: 2 + 640 / 128 = 7 ms, + 0.5 * 5: 9.5, now cheaper than a's 24.5 without holding anything.
     assert terms_ms(d.score_of(B)) == pytest.approx((2.0, 0.0, 0.0, 5.0, 7.0, 2.5, 9.5))
@@ -372,9 +373,24 @@ def test_a_worker_without_answers_is_predicted_with_the_fleets_rates_not_its_gue
         speed.speed(worker).seconds_per_token = 1 / 64_000
         speed.speed(worker).overhead = 0.004
         speed.speed(worker).samples = 5
+        speed.speed(worker).updated = speed.clock()
     speed.speed("b").seconds_per_token = 1 / 1_000  # one odd early answer: not trusted yet
     speed.speed("b").samples = 1
     scores = {s.key: s for s in KvPolicy(example(), speed).select(KEYS, {}, 10, {}).scores}
     # Nothing cached anywhere, nothing queued: every worker is predicted alike.
     assert scores[A].total == pytest.approx(scores[B].total) == pytest.approx(scores[C].total)
     assert scores[B].overhead == pytest.approx(0.004)
+
+
+def test_a_worker_that_stopped_answering_fades_into_the_fleets_rates():
+    now = [1000.0]
+    speed = SpeedModel(EXAMPLE, clock=lambda: now[0])
+    for worker, rate in (("a", 64_000), ("b", 8_000), ("c", 64_000)):
+        s = speed.speed(worker)
+        s.seconds_per_token, s.overhead, s.samples, s.updated = 1 / rate, 0.004, 5, now[0]
+    assert speed.predicting("b").tokens_per_second == pytest.approx(8_000)
+    now[0] += EXAMPLE.forget_after_s  # one half-life without an answer from b
+    fleet = (2 / 64_000 + 1 / 8_000) / 3
+    assert speed.predicting("b").seconds_per_token == pytest.approx((1 / 8_000 + fleet) / 2)
+    now[0] += 20 * EXAMPLE.forget_after_s  # long starved: tried again at the fleet's rate
+    assert speed.predicting("b").seconds_per_token == pytest.approx(fleet, rel=1e-3)
