@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -483,3 +484,26 @@ def test_cli_args_round_trip_the_config():
     from kvgate.worker.sim.__main__ import config_from_args
 
     assert config_from_args(parser().parse_args(config.cli_args())) == config
+
+
+def test_a_chat_streams_first_byte_comes_with_the_first_token_as_in_vllm(tmp_path):
+    """vLLM 0.32 yields a chat stream's role chunk inside its loop over engine outputs, so
+    the first byte of the stream times the first token (prefill included), as a gateway
+    measuring time to first byte relies on."""
+    slow = replace(CONFIG, engine=replace(CONFIG.engine, speedup_ratio=0.25))
+    proc, base = start_sim(slow, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prompt = " ".join(f"word{i}" for i in range(250))  # ~1k tokens: prefill ~ (16.5 + 15) ms / 0.25
+        started = time.perf_counter()
+        stream = client.chat.completions.create(
+            model="kvgate-tiny", messages=[{"role": "user", "content": prompt}], max_tokens=2, stream=True
+        )
+        first = next(iter(stream))
+        waited = time.perf_counter() - started
+        rest = list(stream)
+        assert first.choices[0].delta.role == "assistant"
+        assert waited >= 0.1, waited  # one prefill step at a quarter speed, not the request's arrival
+        assert any(c.choices and c.choices[0].delta.content for c in rest)
+    finally:
+        proc.stop()

@@ -165,10 +165,15 @@ class SimServer:
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
+        # vLLM sends a chat stream's role chunk with the engine's first output, not on
+        # arrival (chat_completion/serving.py: inside `async for res in result_generator`),
+        # so its first byte times the first token, prefill included.
+        role_due = kind == "chat"
         try:
-            if kind == "chat":
-                await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage))
             async for delta in handle.deltas():
+                if role_due:
+                    role_due = False
+                    await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage))
                 if delta.text or delta.finish_reason is not None:
                     await send(
                         protocol.chunk(
@@ -182,6 +187,8 @@ class SimServer:
                             include_usage=usage,
                         )
                     )
+            if role_due:
+                await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage))
             if usage:
                 await send(protocol.usage_chunk(kind, rid, created, model, self._usage(handle)))
             await resp.write(b"data: [DONE]\n\n")
