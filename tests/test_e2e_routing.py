@@ -72,8 +72,8 @@ def _start(tmp: Path, speeds: dict[str, float], *flags: str) -> tuple[dict[str, 
 @pytest.mark.parametrize("predict", [True, False])
 def test_a_burst_sharing_a_new_prefix_follows_the_first_request(tmp_path: Path, predict: bool) -> None:
     # Following needs a reason to prefer reuse when waiting for the first request's prefill
-    # costs as long as computing the prefix elsewhere: a positive added-work weight (the
-    # default 0 lets a burst spread over as many copies as its TTFT wants, router/README.md).
+    # costs as long as computing the prefix elsewhere: the added-work weight (default 0.5,
+    # set here so the test says what it relies on).
     flags = ("--kv-added-work-weight", "0.5") if predict else ("--no-kv-predict-sent",)
     workers, gateway = _start(tmp_path, {"w0": 1.0, "w1": 1.0, "w2": 1.0}, *flags)
     try:

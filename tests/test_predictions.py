@@ -32,8 +32,8 @@ class Clock:
 def fleet(*ids: str, clock: Clock | None = None, capacity: int = 16_384, **kw) -> tuple[Router, KvIndexer, Clock]:
     """A router over static workers ``ids`` and its index; no engine ever publishes an event."""
     clock = clock or Clock()
-    # Reuse preferred on equal TTFTs (the default 0 leaves a burst free to spread): these
-    # tests follow what the predictions make a worker hold.
+    # Reuse preferred on equal TTFTs (the default, pinned: these tests follow what the
+    # predictions make a worker hold).
     kw.setdefault("added_work_weight", 0.5)
     config = RouterConfig(**kw)
     indexer = KvIndexer(block_size=BS, prediction_capacity=capacity, clock=clock)
