@@ -52,7 +52,7 @@ class HitCheck:
         self.metrics = metrics
         self.registry = registry
         # Per request in flight: prefix blocks the index held for its worker when sent there.
-        self._predicted: dict[InFlight, int | None] = {}
+        self._predicted: dict[InFlight, int] = {}
         self._unsubscribe: Callable[[], None] = registry.subscribe(self._on_registry_change)
 
     # -- the request lifecycle (a RequestListener on the router) --------------------------

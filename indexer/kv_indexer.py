@@ -173,24 +173,20 @@ class KvIndexer:
 
     # --- what the router asks ------------------------------------------------------------
 
-    def find_matches(self, seq_hashes: Sequence[int], *, include_untrusted: bool = False) -> dict[WorkerKey, Match]:
+    def find_matches(
+        self, seq_hashes: Sequence[int], *, include_untrusted: bool = False, include_predictions: bool = True
+    ) -> dict[WorkerKey, Match]:
         """Per worker rank holding a prefix of ``seq_hashes``: its match; untrusted workers
         left out unless ``include_untrusted`` (what their index would predict, to judge it)."""
         matches = self._index.find_matches(seq_hashes)
         untrusted = self._untrusted
         if untrusted and matches and not include_untrusted:
             matches = {key: m for key, m in matches.items() if key.worker_id not in untrusted}
-        if self.predictions.held_any:
-            # Our own record of what was just sent stands for an untrusted worker too (its
-            # events are not consulted past the predicted run).
-            holds = self._index.holds
-            self.predictions.extend(
-                seq_hashes,
-                matches,
-                (lambda key, h: key.worker_id not in untrusted and holds(key, h))
-                if untrusted and not include_untrusted
-                else holds,
-            )
+        if include_predictions and self.predictions.held_any:
+            # An untrusted worker is routed on load alone: neither its events nor what was
+            # sent to it count (its engine may not be caching what it is sent).
+            skip = untrusted if untrusted and not include_untrusted else None
+            self.predictions.extend(seq_hashes, matches, self._index.holds, skip)
         return matches
 
     def predict(self, key: WorkerKey, seq_hashes: Sequence[int], ttl: float) -> list[int]:

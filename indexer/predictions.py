@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
@@ -126,17 +126,19 @@ class PredictedBlocks:
         seq_hashes: Sequence[int],
         matches: dict[WorkerKey, Match],
         events_hold: Callable[[WorkerKey, int], bool] | None = None,
+        skip: Container[str] | None = None,
     ) -> None:
         """Extend ``matches`` (the events' matches, per rank) in place by the predicted blocks:
         for every rank with predictions, from its event depth on, count the consecutive
         blocks predicted there (GPU) or, between predicted runs, held by its events
-        (``events_hold(key, hash)``; None: the events are not consulted)."""
+        (``events_hold(key, hash)``; None: the events are not consulted). Workers whose id
+        is in ``skip`` are left as they are."""
         if not self._lru:
             return
         self._expire(self._clock())
         n = len(seq_hashes)
         for key, lru in self._lru.items():
-            if not lru:
+            if not lru or (skip is not None and key.worker_id in skip):
                 continue
             m = matches.get(key)
             start = m.depth if m is not None else 0

@@ -57,26 +57,23 @@ class TrustIgnoringMatcher(Protocol):
 
     def trusted(self, worker_id: str) -> bool: ...
 
-    def find_matches(self, seq_hashes: Sequence[int], *, include_untrusted: bool = False) -> dict[WorkerKey, Match]: ...
+    def find_matches(
+        self, seq_hashes: Sequence[int], *, include_untrusted: bool = False, include_predictions: bool = True
+    ) -> dict[WorkerKey, Match]: ...
 
 
-def predicted_blocks(decision: Decision, key: WorkerKey, index: TrustIgnoringMatcher) -> int | None:
-    """Prefix blocks the index holds for ``key``, in any tier: the decision's own figure
-    for a trusted worker, the trust-ignoring match for an untrusted one (which the
-    decision scored as holding nothing). None when that figure is the router's own
-    prediction of blocks it just sent: whether the engine finds them depends on when it
-    computes them, so such an answer says nothing about the events' accuracy."""
-    if index.trusted(key.worker_id):
-        score = decision.score_of(key)
-        if score is None:
-            return 0
-        return None if score.predicted else score.depth
+def predicted_blocks(decision: Decision, key: WorkerKey, index: TrustIgnoringMatcher) -> int:
+    """Prefix blocks the events' index holds for ``key``, in any tier: the decision's own
+    figure for a trusted worker whose match the events gave, else the index asked again
+    ignoring trust and leaving out the router's predictions of blocks it just sent (they
+    say nothing about whether the worker's events are right)."""
+    score = decision.score_of(key) if index.trusted(key.worker_id) else None
+    if score is not None and not score.predicted:
+        return score.depth
     if not decision.seq_hashes:
         return 0
-    match = index.find_matches(decision.seq_hashes, include_untrusted=True).get(key)
-    if match is None:
-        return 0
-    return None if match.predicted else match.depth
+    match = index.find_matches(decision.seq_hashes, include_untrusted=True, include_predictions=False).get(key)
+    return match.depth if match is not None else 0
 
 
 def engine_cached_tokens(prompt_tokens: int, blocks: int, block_size: int) -> int:
