@@ -101,7 +101,7 @@ class SpeedModel:
     samples: int = 0
     rejected: int = 0
     clock: Callable[[], float] = time.monotonic
-    _fleet: tuple[WorkerSpeed, bool, int] | None = None  # (rates, valid, at samples)
+    _fleet: tuple[WorkerSpeed, int] | None = None  # (the fleet's rates, at self.samples)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -128,15 +128,15 @@ class SpeedModel:
         fade into the fleet's as they age (half-life ``forget_after_s``): a worker that
         looked slow once and so got no traffic is tried again instead of starved for good."""
         own = self.speed(worker_id)
-        fleet = self._fleet_rates()
         if own.samples < _OWN_SAMPLES:
-            return fleet
+            return self._fleet_rates()
         age = self.clock() - own.updated
         if age <= 0.0:
             return own
         keep = 0.5 ** (age / self.config.forget_after_s)
         if keep > 0.999:
             return own
+        fleet = self._fleet_rates()
         return WorkerSpeed(
             keep * own.seconds_per_token + (1.0 - keep) * fleet.seconds_per_token,
             keep * own.overhead + (1.0 - keep) * fleet.overhead,
@@ -146,7 +146,7 @@ class SpeedModel:
 
     def _fleet_rates(self) -> WorkerSpeed:
         fleet = self._fleet
-        if fleet is None or fleet[2] != self.samples:
+        if fleet is None or fleet[1] != self.samples:
             known = [s for s in self.workers.values() if s.samples >= _OWN_SAMPLES]
             if known:
                 rate = sum(s.seconds_per_token for s in known) / len(known)
@@ -154,7 +154,7 @@ class SpeedModel:
             else:
                 c = self.config
                 rate, overhead = 1.0 / c.prefill_tokens_per_s, c.overhead_ms / 1e3
-            fleet = self._fleet = (WorkerSpeed(rate, overhead), True, self.samples)
+            fleet = self._fleet = (WorkerSpeed(rate, overhead), self.samples)
         return fleet[0]
 
     def seconds_per_token(self, worker_id: str, kv_usage: float) -> float:
