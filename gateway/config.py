@@ -93,6 +93,11 @@ class GatewayConfig:
         "prompts at least this long are tokenized in a thread, off the event loop (default: tokenization.py's, 1536)",
     )
     tokenizer_threads: int | None = _opt(None, "threads that tokenize long prompts (default: tokenization.py's, 2)")
+    tokenizer_split_parts: int | None = _opt(
+        None,
+        "a long text to encode (8k+ chars) is encoded in up to this many parts at once, joined where the cut "
+        "is exact; 1: off (default: one per CPU the process may use)",
+    )
     tokenizer_cache_bytes: int | None = _opt(
         None, "byte budget of the tokenizer's per-segment LRU; 0: off (default: tokenization.py's, 128 MiB)"
     )
@@ -307,7 +312,7 @@ class GatewayConfig:
                 f"prediction_mismatches must be in 1..prediction_window ({self.prediction_window}), "
                 f"got {self.prediction_mismatches}"
             )
-        for name in ("context_length", "tokenizer_offload_chars", "tokenizer_threads"):
+        for name in ("context_length", "tokenizer_offload_chars", "tokenizer_threads", "tokenizer_split_parts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -347,6 +352,8 @@ class GatewayConfig:
             options["executor_threads"] = self.tokenizer_threads
         if self.tokenizer_cache_bytes is not None:
             options["segment_cache_bytes"] = self.tokenizer_cache_bytes
+        if self.tokenizer_split_parts is not None:
+            options["split_parts"] = self.tokenizer_split_parts
         return options
 
     def static_discovery(self) -> StaticDiscovery:

@@ -62,6 +62,16 @@ MIN_REUSE_CHARS = 128
 # Candidate cuts are recorded every this many tokens (a cut lands at most this far before the common end):
 # finding them is a Python loop over the encoding, so a sparser stride costs less per new token.
 CUT_STRIDE_TOKENS = 32
+# Split encoding: a text left to encode that is at least 2x this long is encoded in parts of at least this
+# many chars, all in one `encode_batch` call (which runs them on the tokenizer's own threads, one per core),
+# and the parts are joined where a cut is exact. Each part but the last runs this far past the next part's
+# start, so that the join can be checked as the prefix cache checks a cut; a part's start is looked for
+# this far from its ideal place (a space before a word).
+SPLIT_MIN_CHARS = 4096
+SPLIT_OVERLAP_CHARS = 512
+SPLIT_SEARCH_CHARS = 1024
+# A space that starts a word piece: after a printable non-space character, before a letter.
+_WORD_START = re.compile(r"(?<=[^\s]) (?=[^\W\d_])")
 
 _NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase"})
 _ALLOWED_LOOKAHEAD = "(?!\\S)"
@@ -79,6 +89,8 @@ class IncrementalInfo:
     whole: int  # encodes of a whole string (no usable cached prefix)
     reused_tokens: int
     encoded_chars: int  # characters actually run through the tokenizer
+    split_joined: int = 0  # texts encoded in parallel parts and joined
+    split_fallbacks: int = 0  # split encodes whose join could not be proven exact (re-encoded whole)
 
 
 # -- which tokenizers qualify -------------------------------------------------------------------------------
@@ -252,6 +264,49 @@ def find_cuts(
     return chars, tokens, limits
 
 
+def join_token(text: str, encoding: Encoding, c: int, metaspace: bool, margin: int) -> int | None:
+    """The index of the token of `encoding` (the encoding of `text`, a prefix of a longer string whose rest
+    is unknown) at which the longer string may be cut before text[c], or None when the cut is not provably
+    exact: the conditions of the module docstring, with `text` as the cached string and its length as the
+    common prefix (`margin`: the longest added token)."""
+    if c <= 0 or c + margin > len(text) or not _cut_start_ok(text, c, metaspace):
+        return None
+    token = encoding.char_to_token(c)
+    if token is None or token == 0 or encoding.token_to_chars(token)[0] != c:
+        return None
+    word = encoding.token_to_word(token)
+    if word is None or word == encoding.token_to_word(token - 1):
+        return None
+    # The second piece after c must start inside text, with a character to spare.
+    count, seen, j, previous = len(encoding), 0, token + 1, word
+    while j < count:
+        current = encoding.token_to_word(j)
+        if current != previous:
+            seen += 1
+            if seen == 2:
+                break
+        previous = current
+        j += 1
+    if j >= count:
+        return None
+    after = encoding.token_to_chars(j)
+    return token if after is not None and after[0] < len(text) else None
+
+
+def split_starts(text: str, parts: int, metaspace: bool, min_chars: int = SPLIT_MIN_CHARS) -> list[int]:
+    """Where the parts of a split encode of `text` start (0 first): near equal shares of at least
+    `min_chars`, at word starts."""
+    starts = [0]
+    for i in range(1, parts):
+        ideal = len(text) * i // parts
+        if ideal - starts[-1] < min_chars or len(text) - ideal < min_chars:
+            continue
+        match = _WORD_START.search(text, ideal, ideal + SPLIT_SEARCH_CHARS)
+        if match is not None and _cut_start_ok(text, match.start(), metaspace):
+            starts.append(match.start())
+    return starts
+
+
 # -- the cache -------------------------------------------------------------------------------------------
 
 
@@ -313,8 +368,17 @@ class PrefixCache:
     Thread-safe. `plan` finds the longest usable cached prefix; `finish` adds the encoding of the rest and
     stores the result. Sizes are approximate (Python object sizes)."""
 
-    def __init__(self, backend: Tokenizer, budget_bytes: int, metaspace: bool) -> None:
+    def __init__(
+        self,
+        backend: Tokenizer,
+        budget_bytes: int,
+        metaspace: bool,
+        split_min_chars: int = SPLIT_MIN_CHARS,
+        split_overlap_chars: int = SPLIT_OVERLAP_CHARS,
+    ) -> None:
         self._backend = backend
+        self.split_min_chars = split_min_chars
+        self.split_overlap_chars = split_overlap_chars
         self._budget = budget_bytes
         self._metaspace = metaspace
         added = backend.get_added_tokens_decoder().values()
@@ -324,6 +388,7 @@ class PrefixCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._incremental = self._whole = self._reused_tokens = self._encoded_chars = 0
+        self._split_joined = self._split_fallbacks = 0
 
     def plan(self, text: str) -> Plan:
         keys = chunk_keys(text)
@@ -357,10 +422,57 @@ class PrefixCache:
                 self._incremental += 1
                 self._reused_tokens += len(ids)
             return list(ids)
-        ids = plan.prefix_ids + tail.ids
-        chars, tokens, limits = find_cuts(plan.text, tail, plan.cut, len(plan.prefix_ids), self._metaspace)
-        cuts = (plan.entry_cuts[0] + chars, plan.entry_cuts[1] + tokens, plan.entry_cuts[2] + limits)
-        entry = _Entry(plan.text, ids, cuts, plan.keys)
+        cuts = find_cuts(plan.text, tail, plan.cut, len(plan.prefix_ids), self._metaspace)
+        return self._complete(plan, tail.ids, cuts)
+
+    def finish_split(self, plan: Plan, parts: int) -> list[int]:
+        """`finish` for a plan whose tail is encoded here, in up to `parts` parts at once (`encode_batch`,
+        the GIL released, the parts on the tokenizer's threads), joined where the cut is proven exact (see
+        `join_token`); when a join is not, the tail is encoded whole."""
+        tail = plan.tail
+        starts = split_starts(tail, parts, self._metaspace, self.split_min_chars)
+        if len(starts) < 2:
+            return self.finish(plan, self._backend.encode_batch([tail], add_special_tokens=False)[0])
+        ends = [start + self.split_overlap_chars for start in starts[1:]] + [len(tail)]
+        texts = [tail[start:end] for start, end in zip(starts, ends)]
+        encodings = self._backend.encode_batch(texts, add_special_tokens=False)
+        ids: list[int] = []
+        chars: list[int] = []
+        tokens: list[int] = []
+        limits: list[int] = []
+        for i, (start, text, encoding) in enumerate(zip(starts, texts, encodings)):
+            base_char, base_token = plan.cut + start, len(plan.prefix_ids) + len(ids)
+            part_cuts = find_cuts(plan.text, encoding, base_char, base_token, self._metaspace)
+            if i + 1 == len(starts):
+                ids += encoding.ids
+                part = zip(*part_cuts)
+            else:
+                join = join_token(text, encoding, starts[i + 1] - start, self._metaspace, self._added_margin)
+                if join is None:
+                    with self._lock:
+                        self._split_fallbacks += 1
+                    return self.finish(plan, self._backend.encode_batch([tail], add_special_tokens=False)[0])
+                ids += encoding.ids[:join]
+                # A cut whose next two pieces end before the join: those pieces are the whole text's.
+                end = plan.cut + starts[i + 1]
+                part = ((c, t, limit) for c, t, limit in zip(*part_cuts) if limit <= end)
+            for c, t, limit in part:
+                chars.append(c)
+                tokens.append(t)
+                limits.append(limit)
+        with self._lock:
+            self._split_joined += 1
+        return self._complete(plan, ids, (chars, tokens, limits))
+
+    def _complete(self, plan: Plan, tail_ids: list[int], cuts: tuple[list[int], list[int], list[int]]) -> list[int]:
+        ids = plan.prefix_ids + tail_ids
+        chars, tokens, limits = cuts
+        entry = _Entry(
+            plan.text,
+            ids,
+            (plan.entry_cuts[0] + chars, plan.entry_cuts[1] + tokens, plan.entry_cuts[2] + limits),
+            plan.keys,
+        )
         with self._lock:
             if plan.cut:
                 self._incremental += 1
@@ -396,7 +508,7 @@ class PrefixCache:
                 if self._index.get(key) is old:
                     del self._index[key]
 
-    def counters(self) -> tuple[int, int, int, int, int, int]:
+    def counters(self) -> tuple[int, int, int, int, int, int, int, int]:
         with self._lock:
             return (
                 len(self._entries),
@@ -405,6 +517,8 @@ class PrefixCache:
                 self._whole,
                 self._reused_tokens,
                 self._encoded_chars,
+                self._split_joined,
+                self._split_fallbacks,
             )
 
     def clear(self) -> None:
@@ -473,6 +587,13 @@ class TokenizationCollector(Collector):
         reused.add_metric([], info.reused_tokens)
         encoded = CounterMetricFamily("kvgate_tokenizer_encoded_chars", "Characters run through the tokenizer")
         encoded.add_metric([], info.encoded_chars)
+        split = CounterMetricFamily(
+            "kvgate_tokenizer_split_encodes",
+            "Long texts encoded in parallel parts, by result (joined; fallback: re-encoded whole)",
+            labels=("result",),
+        )
+        split.add_metric(["joined"], info.split_joined)
+        split.add_metric(["fallback"], info.split_fallbacks)
         size = GaugeMetricFamily("kvgate_tokenizer_cache_bytes", "Approximate size of the prefix cache")
         size.add_metric([], info.bytes)
         entries = GaugeMetricFamily("kvgate_tokenizer_cache_entries", "Prompts held by the prefix cache")
@@ -483,4 +604,4 @@ class TokenizationCollector(Collector):
         )
         segment_lookups.add_metric(["hit"], segments.hits)
         segment_lookups.add_metric(["miss"], segments.misses)
-        return [enabled, encodes, reused, encoded, size, entries, segment_lookups]
+        return [enabled, encodes, reused, encoded, split, size, entries, segment_lookups]

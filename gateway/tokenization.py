@@ -57,6 +57,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import pathlib
 import re
 import sys
@@ -155,6 +156,9 @@ class PreprocessorConfig:
     segment_cache_bytes: int = 128 * 1024 * 1024
     # Incremental (prefix) encoding where it is exact for the tokenizer; False: segment cache only.
     prefix_cache: bool = True
+    # With the prefix cache on, a long text is encoded in up to this many parts at once, on the tokenizer's
+    # own threads (see incremental.SPLIT_MIN_CHARS); None: one part per CPU this process may use; 1: off.
+    split_parts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class Preprocessor:
         if config.segment_cache_bytes < 0:
             raise TokenizerError(f"segment_cache_bytes must be >= 0, got {config.segment_cache_bytes}")
         self._prefix, self._prefix_off_reason, self._frame = self._prefix_cache()
+        self._split_parts, self.split_off_reason = self._split_setting()
         if self._prefix is not None:
             # The prefix cache covers what the segment cache would (a new turn extends the last prompt).
             self._segments, self._segments_off_reason = None, "the prefix cache is on"
@@ -411,13 +416,16 @@ class Preprocessor:
         """plan's ids: its cached prefix + the encoding of the rest (with the GIL released when
         `released`, see the module docstring), framed by the special tokens when asked."""
         assert self._prefix is not None
-        tail = None
-        if not plan.done:
-            if released:
-                tail = self._backend.encode_batch([plan.tail], add_special_tokens=False)[0]
-            else:
-                tail = self._backend.encode(plan.tail, add_special_tokens=False)
-        ids = self._prefix.finish(plan, tail)
+        if released and not plan.done and len(plan.tail) >= 2 * self._prefix.split_min_chars and self._split_parts > 1:
+            ids = self._prefix.finish_split(plan, self._split_parts)
+        else:
+            tail = None
+            if not plan.done:
+                if released:
+                    tail = self._backend.encode_batch([plan.tail], add_special_tokens=False)[0]
+                else:
+                    tail = self._backend.encode(plan.tail, add_special_tokens=False)
+            ids = self._prefix.finish(plan, tail)
         if add_special_tokens:
             assert self._frame is not None
             return self._frame[0] + ids + self._frame[1]
@@ -457,6 +465,24 @@ class Preprocessor:
             yield self.render_chat(messages, add_generation_prompt=True)
         except TokenizerError:
             pass
+
+    def _split_setting(self) -> tuple[int, str]:
+        """How many parts a long text is encoded in (1: whole) and, when 1, why: the parts are joined only
+        where a cut is exact, and a load-time self-test compares split with whole encodes first."""
+        parts = self.config.split_parts if self.config.split_parts is not None else _usable_cpus()
+        if parts < 1:
+            raise TokenizerError(f"split_parts must be >= 1, got {parts}")
+        if self._prefix is None:
+            return 1, "the prefix cache is off"
+        if parts == 1:
+            return 1, "split_parts is 1" if self.config.split_parts is not None else "one CPU"
+        metaspace = incremental.uses_metaspace(self._backend)
+        for sample in self._prefix_samples():
+            text = (sample + " ") * (8 * 128 // max(1, len(sample)) + 1)
+            probe = PrefixCache(self._backend, 1 << 30, metaspace, split_min_chars=128, split_overlap_chars=64)
+            if probe.finish_split(probe.plan(text), 4) != self._backend.encode(text, add_special_tokens=False).ids:
+                return 1, "self-test: split ids differ from whole-string ids"
+        return parts, ""
 
     def _encode_segments(self, texts: list[str]) -> list[list[int]]:
         return [self._backend.encode(text, add_special_tokens=False).ids for text in texts]
@@ -501,6 +527,13 @@ class Preprocessor:
 
 
 # -- segment cache -------------------------------------------------------------------------------------
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _unsplittable_reason(backend: Tokenizer) -> str:

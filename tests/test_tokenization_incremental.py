@@ -226,3 +226,75 @@ def test_cache_is_bounded() -> None:
         assert incremental_ids(cache, tok, text)[0] == tok.encode(text, add_special_tokens=False).ids
     entries, size, *_ = cache.counters()
     assert 0 < entries < 40 and size <= 400_000
+
+
+# -- split encodes: a long text in parallel parts, joined where a cut is exact ----------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", INCREMENTAL)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_split_encodes_equal_whole_encodes(name: str, data: st.DataObject) -> None:
+    tok = backend(name)
+    metaspace = incremental.uses_metaspace(tok)
+    # Small parts and overlaps, so that joins land inside every kind of fragment and near the overlap's end.
+    cache = PrefixCache(
+        tok,
+        1 << 26,
+        metaspace,
+        split_min_chars=data.draw(st.integers(8, 96), label="min_chars"),
+        split_overlap_chars=data.draw(st.integers(4, 96), label="overlap"),
+    )
+    text = data.draw(texts(name), label="text") * data.draw(st.integers(2, 8), label="repeat")
+    whole = tok.encode(text, add_special_tokens=False).ids
+    assert cache.finish_split(cache.plan(text), data.draw(st.integers(2, 6), label="parts")) == whole, text
+    # The cuts the split encode stored serve the next prompt that extends or diverges from it.
+    keep = data.draw(st.integers(0, len(text)), label="keep")
+    new = text[:keep] + data.draw(texts(name), label="suffix")
+    ids, _ = incremental_ids(cache, tok, new)
+    assert ids == tok.encode(new, add_special_tokens=False).ids, new
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("llama3", "deepseek_v3", "qwen3"))
+async def test_long_prompts_are_encoded_in_parts_off_the_loop(name: str) -> None:
+    pre = Preprocessor.load(str(model_dir(name)), context_length=1 << 20, split_parts=2)
+    assert pre.split_off_reason == ""
+    document = "A long shared document, with numbers 1234 and words. " * 700  # ~37k chars
+    messages = [{"role": "system", "content": document}, {"role": "user", "content": "Summarise it."}]
+    ids = await pre.encode_chat_async(messages)
+    assert ids == pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+    assert pre.incremental_info().split_joined == 1
+    # The next turn reuses the split encode's cuts.
+    messages += [{"role": "assistant", "content": "It repeats."}, {"role": "user", "content": "Why?"}]
+    ids = await pre.encode_chat_async(messages)
+    assert ids == pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+    info = pre.incremental_info()
+    assert info.incremental == 1 and info.reused_tokens > len(ids) * 0.9, info
+
+
+@pytest.mark.slow
+def test_a_join_that_cannot_be_proven_falls_back_to_a_whole_encode() -> None:
+    tok = backend("qwen3")
+    cache = PrefixCache(tok, 1 << 26, False, split_min_chars=2000, split_overlap_chars=512)
+    # Every word is longer than the overlap: the piece after a join never ends inside the part before it.
+    text = ("x" + "a" * 999 + " ") * 12
+    assert cache.finish_split(cache.plan(text), 2) == tok.encode(text, add_special_tokens=False).ids
+    assert cache.counters()[-2:] == (0, 1)
+
+
+@pytest.mark.slow
+def test_self_test_turns_off_split_encodes_whose_joins_would_be_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    join_token = incremental.join_token
+
+    def off_by_one(*args, **kwargs):  # type: ignore[no-untyped-def]
+        token = join_token(*args, **kwargs)
+        return None if token is None else token + 1
+
+    monkeypatch.setattr(incremental, "join_token", off_by_one)
+    pre = Preprocessor.load(str(model_dir("llama3")), context_length=1 << 20, split_parts=2)
+    assert pre.split_off_reason.startswith("self-test"), pre.split_off_reason
+    assert pre.incremental_info().enabled  # the prefix cache itself stays on
+    prompt = "word " * 4000
+    assert pre.encode_prompt(prompt) == pre._backend.encode(prompt, add_special_tokens=True).ids
