@@ -37,6 +37,14 @@ tests/test_tokenization_incremental.py run it against real tokenizers.
 
 With special tokens (completions), ids = head + ids(text without special tokens) + tail, with head and tail
 read from the post-processor at load and checked by the self-test.
+
+Split encodes use the same argument to encode one long text in parallel: its parts (text[s_i : s_i+1 +
+overlap], the last one to the end) go to `encode_batch` at once, which runs them on the tokenizer's own
+threads with the GIL released. Each part is a cached string P whose common prefix with text[s_i:] is all of
+P, so ids(text[s_i:]) = ids(P)[:k] + ids(text[s_i+1:]) when s_i+1 is a cut of P under the conditions above
+(`join_token` checks them on P's encoding); by induction from the last part, the joined ids are the whole
+text's. A join that cannot be proven falls back to one whole encode; a load-time self-test compares split
+and whole encodes before split encodes are used, and property tests run them against real tokenizers.
 """
 
 from __future__ import annotations
