@@ -232,6 +232,18 @@ def _cut_start_ok(text: str, c: int, metaspace: bool) -> bool:
     return not metaspace and "!" <= first <= "~"
 
 
+def _second_piece_after(words: Sequence[int | None], i: int) -> int:
+    """The first token of the second piece after the one token i is in (len(words) when there is none)."""
+    j, seen = i + 1, 0
+    while j < len(words):
+        if words[j] != words[j - 1]:
+            seen += 1
+            if seen == 2:
+                break
+        j += 1
+    return j
+
+
 def find_cuts(
     text: str, encoding: Encoding, base_char: int, base_token: int, metaspace: bool, skip_chars: int = 0
 ) -> tuple[list[int], list[int], list[int]]:
@@ -257,13 +269,7 @@ def find_cuts(
             i += 1
             continue
         # The start of the second piece after the one at c: the common prefix must go past it.
-        j, seen = i + 1, 0
-        while j < count:
-            if words[j] != words[j - 1]:
-                seen += 1
-                if seen == 2:
-                    break
-            j += 1
+        j = _second_piece_after(words, i)
         after = encoding.token_to_chars(j) if j < count else None
         limit = base_char + after[0] if after is not None else len(text) + 1
         chars.append(c)
@@ -283,20 +289,12 @@ def join_token(text: str, encoding: Encoding, c: int, metaspace: bool, margin: i
     token = encoding.char_to_token(c)
     if token is None or token == 0 or encoding.token_to_chars(token)[0] != c:
         return None
-    word = encoding.token_to_word(token)
-    if word is None or word == encoding.token_to_word(token - 1):
+    words = encoding.word_ids
+    if words[token] is None or words[token] == words[token - 1]:
         return None
     # The second piece after c must start inside text, with a character to spare.
-    count, seen, j, previous = len(encoding), 0, token + 1, word
-    while j < count:
-        current = encoding.token_to_word(j)
-        if current != previous:
-            seen += 1
-            if seen == 2:
-                break
-        previous = current
-        j += 1
-    if j >= count:
+    j = _second_piece_after(words, token)
+    if j >= len(words):
         return None
     after = encoding.token_to_chars(j)
     return token if after is not None and after[0] < len(text) else None
@@ -407,6 +405,10 @@ class PrefixCache:
         self._incremental = self._whole = self._reused_tokens = self._encoded_chars = 0
         self._split_joined = self._split_fallbacks = 0
 
+    @property
+    def metaspace(self) -> bool:
+        return self._metaspace
+
     def plan(self, text: str) -> Plan:
         keys = chunk_keys(text)
         with self._lock:
@@ -449,7 +451,7 @@ class PrefixCache:
         tail = plan.tail
         starts = split_starts(tail, parts, self._metaspace, self.split_min_chars)
         if len(starts) < 2:
-            return self.finish(plan, self._backend.encode_batch([tail], add_special_tokens=False)[0])
+            return self._finish_whole(plan)
         ends = [start + self.split_overlap_chars for start in starts[1:]] + [len(tail)]
         texts = [tail[start:end] for start, end in zip(starts, ends)]
         encodings = self._backend.encode_batch(texts, add_special_tokens=False)
@@ -468,7 +470,7 @@ class PrefixCache:
                 if join is None:
                     with self._lock:
                         self._split_fallbacks += 1
-                    return self.finish(plan, self._backend.encode_batch([tail], add_special_tokens=False)[0])
+                    return self._finish_whole(plan)
                 ids += encoding.ids[:join]
                 # A cut whose next two pieces end before the join: those pieces are the whole text's.
                 end = plan.cut + starts[i + 1]
@@ -480,6 +482,9 @@ class PrefixCache:
         with self._lock:
             self._split_joined += 1
         return self._complete(plan, ids, (chars, tokens, limits))
+
+    def _finish_whole(self, plan: Plan) -> list[int]:
+        return self.finish(plan, self._backend.encode_batch([plan.tail], add_special_tokens=False)[0])
 
     def _complete(self, plan: Plan, tail_ids: list[int], cuts: tuple[list[int], list[int], list[int]]) -> list[int]:
         ids = plan.prefix_ids + array("i", tail_ids)

@@ -416,7 +416,8 @@ class Preprocessor:
         """plan's ids: its cached prefix + the encoding of the rest (with the GIL released when
         `released`, see the module docstring), framed by the special tokens when asked."""
         assert self._prefix is not None
-        if released and not plan.done and len(plan.tail) >= 2 * self._prefix.split_min_chars and self._split_parts > 1:
+        if released and not plan.done and self._split_parts > 1:
+            # finish_split encodes a tail too short to split whole, as the branch below would.
             ids = self._prefix.finish_split(plan, self._split_parts)
         else:
             tail = None
@@ -476,10 +477,11 @@ class Preprocessor:
             return 1, "the prefix cache is off"
         if parts == 1:
             return 1, "split_parts is 1" if self.config.split_parts is not None else "one CPU"
-        metaspace = incremental.uses_metaspace(self._backend)
         for sample in self._prefix_samples():
             text = (sample + " ") * (8 * 128 // max(1, len(sample)) + 1)
-            probe = PrefixCache(self._backend, 1 << 30, metaspace, split_min_chars=128, split_overlap_chars=64)
+            probe = PrefixCache(
+                self._backend, 1 << 30, self._prefix.metaspace, split_min_chars=128, split_overlap_chars=64
+            )
             if probe.finish_split(probe.plan(text), 4) != self._backend.encode(text, add_special_tokens=False).ids:
                 return 1, "self-test: split ids differ from whole-string ids"
         return parts, ""
@@ -527,13 +529,6 @@ class Preprocessor:
 
 
 # -- segment cache -------------------------------------------------------------------------------------
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _unsplittable_reason(backend: Tokenizer) -> str:
@@ -824,6 +819,13 @@ def _loops_over(
 
 
 # -- loading ---------------------------------------------------------------------------------------------
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _looks_like_path(model: str) -> bool:
