@@ -31,8 +31,9 @@ import gc
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
@@ -64,10 +65,11 @@ from kvgate.gateway.incremental import TokenizationCollector
 from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, Outcome, StateSources
 from kvgate.gateway.relay import ClientGone, Exchange, relay
 from kvgate.gateway.replicas import GatewayBus, GatewaySecurity
-from kvgate.gateway.tokenization import Preprocessor, TokenizerError
+from kvgate.gateway.tokenization import HeadEncoding, Preprocessor, Tokenized, TokenizerError
 from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher
+from kvgate.protocol.events import WorkerKey
 from kvgate.router.accounting import HitAccounting
 from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.lifecycle import InFlight
@@ -77,6 +79,7 @@ from kvgate.router.registry import WorkerRegistry
 from kvgate.router.routing import NoWorkerAvailable, Router
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How long start-up waits for etcd's first listing before serving anyway (503 until
 # workers appear; the watch keeps retrying in the background).
@@ -107,6 +110,8 @@ class Routed:
     sequences: int = 1
     """Prompts x choices the worker will run (see ``metrics.Outcome.sequences``)."""
     stream: bool = False
+    head: HeadEncoding | None = None
+    """Set when the request was routed on its prompt's head alone (``Router.route_head``)."""
 
 
 class Gateway:
@@ -306,6 +311,7 @@ class Gateway:
         explained.update(
             route=route,
             prompt_tokens=routed.prompt_tokens,
+            routed_on_head=routed.head is not None,
             tokenize_us=routed.tokenize_seconds * 1e6,
             workers_up={info.worker_id: bool(self.fleet.up.get(info.worker_id)) for info in self.registry.all()},
         )
@@ -363,32 +369,69 @@ class Gateway:
     async def _route(self, route: str, parsed: ChatRequest | CompletionRequest, started: float) -> Routed:
         lora_name = self._lora_for(parsed.model)
         t0 = time.perf_counter()
-        prompts = await self._tokenize(parsed)
-        tokenize_seconds = time.perf_counter() - t0
         param = "messages" if isinstance(parsed, ChatRequest) else "prompt"
-        for token_ids in prompts:
-            self._check_length(len(token_ids), parsed.max_tokens, param)
-        # A batch of prompts goes to one worker; its first prompt decides where.
-        token_ids = prompts[0]
-        try:
-            decision = self.router.route(
-                token_ids, lora_name=lora_name, cache_salt=parsed.cache_salt, exclude=self.fleet.down_keys
+        decision: Decision | None = None
+        routed_head: HeadEncoding | None = None
+        shared: tuple[WorkerKey, int] | None = None
+        head = await self._tokenize_head(parsed)
+        if isinstance(head, HeadEncoding):
+            # A long prompt of which only the head is encoded: it is routed on the head when no worker
+            # holds all of it and it fits the context by a bound on its length, or by a wide margin on
+            # its estimate (twice the rest's; the worker checks the exact count against its own
+            # max_model_len anyway and answers a 400 of its own).
+            completion = parsed.max_tokens or 0
+            margin = 2 * head.token_estimate - len(head.ids)
+            if min(head.token_bound, margin) + completion <= self.context_length:
+                decision = self._route_or_raise(
+                    lambda: self.router.route_head(
+                        head.ids,
+                        head.token_estimate,
+                        lora_name=lora_name,
+                        cache_salt=parsed.cache_salt,
+                        exclude=self.fleet.down_keys,
+                    )
+                )
+            if decision is not None:
+                prompt_tokens, routed_head = head.token_estimate, head
+            else:
+                head = await self._tokenized(self.preprocessor.finish_head_async(head), param)
+        if isinstance(head, Tokenized):
+            prompts = [head.ids]
+            if isinstance(head.shared_tag, WorkerKey):
+                shared = (head.shared_tag, head.shared_tokens)
+        elif head is None:
+            assert isinstance(parsed, CompletionRequest)
+            encode = self.preprocessor.encode_prompt_async
+            prompts = [await self._tokenized(encode(prompt), "prompt") for prompt in parsed.prompts]
+        tokenize_seconds = time.perf_counter() - t0
+        if decision is None:
+            for token_ids in prompts:
+                self._check_length(len(token_ids), parsed.max_tokens, param)
+            # A batch of prompts goes to one worker; its first prompt decides where.
+            decision = self._route_or_raise(
+                lambda: self.router.route(
+                    prompts[0],
+                    lora_name=lora_name,
+                    cache_salt=parsed.cache_salt,
+                    exclude=self.fleet.down_keys,
+                    shared=shared,
+                )
             )
-        except NoWorkerAvailable as err:
-            raise no_worker_available(f"No worker is available: {err.reason}") from None
+            assert decision is not None
+            prompt_tokens = sum(len(p) for p in prompts)
         self.metrics.observe_routing(
             tokenize_seconds,
             {"hash": decision.timings.hash, "match": decision.timings.match, "score": decision.timings.score},
         )
-        return Routed(
-            route,
-            started,
-            sum(len(p) for p in prompts),
-            decision,
-            tokenize_seconds,
-            len(prompts) * parsed.n,
-            parsed.stream,
-        )
+        sequences = (1 if isinstance(parsed, ChatRequest) else len(parsed.prompts)) * parsed.n
+        return Routed(route, started, prompt_tokens, decision, tokenize_seconds, sequences, parsed.stream, routed_head)
+
+    @staticmethod
+    def _route_or_raise(choose: Callable[[], Decision | None]) -> Decision | None:
+        try:
+            return choose()
+        except NoWorkerAvailable as err:
+            raise no_worker_available(f"No worker is available: {err.reason}") from None
 
     def _lora_for(self, model: str | None) -> str | None:
         if model is None or model == self.model_name:
@@ -397,13 +440,21 @@ class Gateway:
             return model
         raise model_not_found(model)
 
-    async def _tokenize(self, parsed: ChatRequest | CompletionRequest) -> list[Sequence[int]]:
+    async def _tokenize_head(self, parsed: ChatRequest | CompletionRequest) -> Tokenized | HeadEncoding | None:
+        """One prompt's ids, or only its head (see ``Router.route_head``); None for a batch of prompts."""
+        if isinstance(parsed, ChatRequest):
+            work = self.preprocessor.encode_chat_head_async(parsed.messages, **parsed.template_args)
+            return await self._tokenized(work, "messages")
+        if len(parsed.prompts) != 1:
+            return None
+        return await self._tokenized(self.preprocessor.encode_prompt_head_async(parsed.prompts[0]), "prompt")
+
+    @staticmethod
+    async def _tokenized(work: Awaitable[T], param: str) -> T:
         try:
-            if isinstance(parsed, ChatRequest):
-                return [await self.preprocessor.encode_chat_async(parsed.messages, **parsed.template_args)]
-            return [await self.preprocessor.encode_prompt_async(p) for p in parsed.prompts]
+            return await work
         except TokenizerError as err:
-            raise bad_request(str(err), "messages" if isinstance(parsed, ChatRequest) else "prompt") from None
+            raise bad_request(str(err), param) from None
 
     def _check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         limit = self.context_length
@@ -436,6 +487,10 @@ class Gateway:
                 flight = self.router.begin(request_id, decision, routed.prompt_tokens, key)
             else:
                 flight.move_to(key)
+            if routed.head is not None:
+                # Its blocks past the head were never hashed, so never predicted: a prompt sharing them
+                # finds out from the prefix cache where they went (``Tokenized.shared_tag``).
+                self.preprocessor.tag_head(routed.head, key, self.router.prediction_ttl)
             try:
                 upstream = await self.upstream.post(info.base_url, routed.route, body, headers)
             except UpstreamFailure as err:
@@ -549,7 +604,10 @@ class Gateway:
                 upstream.close()
             # A streamed answer's first byte timed its first token: the router learns from it.
             flight.report_usage(
-                exchange.cached_tokens, streamed=routed.stream and status == "200", served=status == "200"
+                exchange.cached_tokens,
+                streamed=routed.stream and status == "200",
+                served=status == "200",
+                prompt_tokens=exchange.prompt_tokens if routed.head is not None else None,
             )
             flight.finish(Outcome(routed.route, status, exchange, routed.sequences))
             if exchange.upstream_error is not None:

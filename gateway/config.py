@@ -98,6 +98,12 @@ class GatewayConfig:
         "a long text to encode (8k+ chars) is encoded in up to this many parts at once, joined where the cut "
         "is exact; 1: off (default: one per CPU the process may use)",
     )
+    route_head_chars: int | None = _opt(
+        None,
+        "a prompt with at least 4x this many chars to encode is first encoded this far, and routed on that "
+        "head alone when no worker holds all of it (the rest is never encoded); 0: off (default: "
+        "tokenization.py's, 2048)",
+    )
     tokenizer_cache_bytes: int | None = _opt(
         None, "byte budget of the tokenizer's per-segment LRU; 0: off (default: tokenization.py's, 128 MiB)"
     )
@@ -316,6 +322,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.route_head_chars is not None and self.route_head_chars < 0:
+            raise ValueError(f"route_head_chars must be >= 0 (0: off), got {self.route_head_chars}")
         if self.tokenizer_cache_bytes is not None and self.tokenizer_cache_bytes < 0:
             raise ValueError(f"tokenizer_cache_bytes must be >= 0 (0: off), got {self.tokenizer_cache_bytes}")
         # Defaulted ids and full validation happen here, so a bad list fails at start-up.
@@ -354,6 +362,8 @@ class GatewayConfig:
             options["segment_cache_bytes"] = self.tokenizer_cache_bytes
         if self.tokenizer_split_parts is not None:
             options["split_parts"] = self.tokenizer_split_parts
+        if self.route_head_chars is not None:
+            options["head_chars"] = self.route_head_chars
         return options
 
     def static_discovery(self) -> StaticDiscovery:

@@ -54,8 +54,9 @@ import json
 import re
 import sys
 import threading
+import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,9 @@ class IncrementalInfo:
     encoded_chars: int  # characters actually run through the tokenizer
     split_joined: int = 0  # texts encoded in parallel parts and joined
     split_fallbacks: int = 0  # split encodes whose join could not be proven exact (re-encoded whole)
+    heads: int = 0  # long prompts whose head only was encoded, to route on (`PrefixCache.head`)
+    head_fallbacks: int = 0  # heads with no provable cut (the prompt was encoded whole)
+    heads_completed: int = 0  # heads that did not decide the route: the prompt was then encoded whole
 
 
 # -- which tokenizers qualify -------------------------------------------------------------------------------
@@ -130,6 +134,11 @@ def unsupported_reason(backend: Tokenizer) -> str:
 
 def uses_metaspace(backend: Tokenizer) -> bool:
     return '"Metaspace"' in json.dumps(json.loads(backend.to_str()).get("pre_tokenizer"))
+
+
+def normalizes(backend: Tokenizer) -> bool:
+    """Whether the tokenizer's normalizer may change a text (an empty sequence does not)."""
+    return not _is_identity_normalizer(json.loads(backend.to_str()).get("normalizer"))
 
 
 def _is_identity_normalizer(normalizer: Any) -> bool:
@@ -328,11 +337,18 @@ def _no_cuts() -> Cuts:
 
 
 class _Entry:
-    __slots__ = ("bytes", "chars", "ids", "keys", "limits", "text", "tokens")
+    __slots__ = ("bytes", "chars", "head_end", "ids", "keys", "limits", "tag", "tag_expiry", "text", "tokens", "whole")
 
-    def __init__(self, text: str, ids: array[int], cuts: Cuts, keys: array[int]) -> None:
+    def __init__(self, text: str, ids: array[int], cuts: Cuts, keys: array[int], whole: bool = True) -> None:
         self.text = text
         self.ids = ids
+        # False for a head (`PrefixCache.head`): ids are the text's ids inside a longer string, which the
+        # text alone need not encode to, so the entry is only ever cut, never taken whole.
+        self.whole = whole
+        self.head_end = len(text)  # a head's: the chars its ids cover
+        # A head's: where its whole text was sent (`PrefixCache.tag`), until tag_expiry (time.monotonic()).
+        self.tag: object | None = None
+        self.tag_expiry = 0.0
         self.chars, self.tokens, self.limits = cuts
         self.keys = keys
         # The string, the ids, three cut arrays, the index keys and their dict entries.
@@ -371,6 +387,9 @@ class Plan:
     keys: list[int]
     entry_cuts: Cuts
     done: bool = False  # the text was cached whole: prefix_ids are all its ids
+    # The text shares more than its head with a head's text (a prompt whose rest was never encoded).
+    beyond_head: bool = False
+    stored: _Entry | None = None  # the entry `finish` stored for the text
 
     @property
     def tail(self) -> str:
@@ -400,10 +419,13 @@ class PrefixCache:
         self._added_margin = max((len(token.content) for token in added), default=0)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # id(entry) -> entry, LRU order
         self._index: dict[int, _Entry] = {}  # chunk chain hash -> most recent entry holding that chain
+        self._tagged: dict[int, _Entry] = {}  # the same, for tagged heads only (see `tag`)
+        self._tag_order: deque[_Entry] = deque()  # tagged heads, oldest tag first (about: ttls vary)
         self._bytes = 0
         self._lock = threading.Lock()
         self._incremental = self._whole = self._reused_tokens = self._encoded_chars = 0
         self._split_joined = self._split_fallbacks = 0
+        self._heads = self._head_fallbacks = 0
 
     @property
     def metaspace(self) -> bool:
@@ -412,26 +434,49 @@ class PrefixCache:
     def plan(self, text: str) -> Plan:
         keys = chunk_keys(text)
         with self._lock:
-            entry, depth = self._deepest(keys)
+            entry, depth = self._deepest(self._index, keys)
             if entry is not None:
                 self._entries.move_to_end(id(entry))
+        return self._plan(text, keys, entry, depth)
+
+    def shared(self, plan: Plan) -> tuple[object, int] | None:
+        """For an encoded `plan`: the tag of the head (`tag`) whose text it shares most of, and how many of
+        its first ids are provably that text's too (so went where the tag says); None when no live tagged
+        head shares more than a cut with it."""
+        if not self._tagged:
+            return None
+        with self._lock:
+            tagged, depth = self._deepest(self._tagged, plan.keys)
+        if tagged is None or tagged.tag is None or time.monotonic() >= tagged.tag_expiry:
+            return None
+        shared = depth * CHUNK_CHARS
+        if plan.text[:shared] != tagged.text[:shared]:  # a hash collision
+            return None
+        common = common_prefix_length(plan.text, tagged.text, shared)
+        stored = plan.stored
+        cuts = (stored.chars, stored.tokens, stored.limits) if stored is not None else plan.entry_cuts
+        tokens = self._shared_tokens(cuts, common)
+        return (tagged.tag, tokens) if tokens else None
+
+    def _plan(self, text: str, keys: list[int], entry: _Entry | None, depth: int) -> Plan:
         if entry is None:
             return Plan(text, 0, array("i"), keys, _no_cuts())
         shared = depth * CHUNK_CHARS
         if text[:shared] != entry.text[:shared]:  # a hash collision
             return Plan(text, 0, array("i"), keys, _no_cuts())
         common = common_prefix_length(text, entry.text, shared)
-        if common == len(text) == len(entry.text):
+        if common == len(text) == len(entry.text) and entry.whole:
             return Plan(text, common, entry.ids, keys, (entry.chars, entry.tokens, entry.limits), done=True)
+        beyond_head = not entry.whole and common > entry.head_end
         # The last cut whose next two pieces end inside the common prefix, with room for an added token.
         usable = bisect.bisect_left(entry.limits, common)
         while usable > 0 and entry.chars[usable - 1] + self._added_margin > common:
             usable -= 1
         if usable == 0 or entry.chars[usable - 1] < MIN_REUSE_CHARS:
-            return Plan(text, 0, array("i"), keys, _no_cuts())
+            return Plan(text, 0, array("i"), keys, _no_cuts(), beyond_head=beyond_head)
         cut, token = entry.chars[usable - 1], entry.tokens[usable - 1]
         cuts = (entry.chars[:usable], entry.tokens[:usable], entry.limits[:usable])
-        return Plan(text, cut, entry.ids[:token], keys, cuts)
+        return Plan(text, cut, entry.ids[:token], keys, cuts, beyond_head=beyond_head)
 
     def finish(self, plan: Plan, tail: Encoding | None) -> list[int]:
         """The ids of plan.text: its cached prefix + `tail` (the encoding of plan.tail); stores them."""
@@ -483,6 +528,68 @@ class PrefixCache:
             self._split_joined += 1
         return self._complete(plan, ids, (chars, tokens, limits))
 
+    def head(self, plan: Plan, chars: int) -> tuple[list[int], int, object] | None:
+        """The ids of plan.text up to a cut near char plan.cut + `chars`, that cut and the entry stored for it
+        (to `tag`), encoding only that far
+        (plus the overlap a join needs): exact whatever the rest of the text is, by the argument split
+        encodes' joins rest on (`join_token`). Stored as a head entry, so that encoding the whole text next
+        reuses it. None when the tail is too short or no cut there can be proven."""
+        tail = plan.tail
+        match = _WORD_START.search(tail, chars, min(chars + SPLIT_SEARCH_CHARS, len(tail) - self.split_overlap_chars))
+        if match is None:
+            return None
+        cut = match.start()
+        text = tail[: cut + self.split_overlap_chars]
+        encoding = self._backend.encode_batch([text], add_special_tokens=False)[0]
+        join = join_token(text, encoding, cut, self._metaspace, self._added_margin)
+        if join is None:
+            with self._lock:
+                self._head_fallbacks += 1
+            return None
+        end = plan.cut + cut
+        found = find_cuts(plan.text, encoding, plan.cut, len(plan.prefix_ids), self._metaspace)
+        kept = [(c, t, limit) for c, t, limit in zip(*found) if limit <= end]
+        ids = plan.prefix_ids + array("i", encoding.ids[:join])
+        # The whole text, found again by all its chunks: a prompt sharing more than the head learns from
+        # `plan` how much it shares with this one, and so where its blocks were sent (see `tag`).
+        entry = _Entry(
+            plan.text,
+            ids,
+            (
+                plan.entry_cuts[0] + array("q", (c for c, _, _ in kept)),
+                plan.entry_cuts[1] + array("q", (t for _, t, _ in kept)),
+                plan.entry_cuts[2] + array("q", (limit for _, _, limit in kept)),
+            ),
+            array("q", plan.keys),
+            whole=False,
+        )
+        entry.head_end = end
+        with self._lock:
+            self._heads += 1
+            self._encoded_chars += len(text)
+            self._store(entry)
+        return ids.tolist(), end, entry
+
+    def tag(self, entry: object, tag: object, ttl: float) -> None:
+        """The whole text of `entry` (a head's, from `head`) was sent where `tag` says: for `ttl` seconds, a
+        plan for a text sharing more than its head carries the tag and how much it shares."""
+        assert isinstance(entry, _Entry)
+        with self._lock:
+            entry.tag, entry.tag_expiry = tag, time.monotonic() + ttl
+            # Its own index: a later prompt's entry takes over the chunks it shares in the main one.
+            now = time.monotonic()
+            while self._tag_order and self._tag_order[0].tag_expiry <= now:
+                self._untag(self._tag_order.popleft())
+            if id(entry) in self._entries:
+                for key in entry.keys:
+                    self._tagged[key] = entry
+                self._tag_order.append(entry)
+
+    def _untag(self, entry: _Entry) -> None:
+        for key in entry.keys:
+            if self._tagged.get(key) is entry:
+                del self._tagged[key]
+
     def _finish_whole(self, plan: Plan) -> list[int]:
         return self.finish(plan, self._backend.encode_batch([plan.tail], add_special_tokens=False)[0])
 
@@ -499,6 +606,7 @@ class PrefixCache:
             ),
             array("q", plan.keys),
         )
+        plan.stored = entry
         with self._lock:
             if plan.cut:
                 self._incremental += 1
@@ -509,12 +617,22 @@ class PrefixCache:
             self._store(entry)
         return ids.tolist()
 
-    def _deepest(self, keys: list[int]) -> tuple[_Entry | None, int]:
+    def _shared_tokens(self, cuts: Cuts, shared_chars: int) -> int:
+        """How many first ids a text with these cuts shares with any text sharing its first `shared_chars`
+        chars: those before its last cut usable for that text (plan()'s conditions)."""
+        chars, tokens, limits = cuts
+        i = bisect.bisect_left(limits, shared_chars)
+        while i > 0 and chars[i - 1] + self._added_margin > shared_chars:
+            i -= 1
+        return tokens[i - 1] if i else 0
+
+    @staticmethod
+    def _deepest(index: dict[int, _Entry], keys: list[int]) -> tuple[_Entry | None, int]:
         # Chain hashes: a hit at depth d means (barring collisions, checked by the caller) that the first
         # d chunks are shared. Walk down the chain while it is indexed.
         found, depth = None, 0
         for key in keys:
-            entry = self._index.get(key)
+            entry = index.get(key)
             if entry is None:
                 break
             found, depth = entry, depth + 1
@@ -533,8 +651,10 @@ class PrefixCache:
             for key in old.keys:
                 if self._index.get(key) is old:
                     del self._index[key]
+            if old.tag is not None:
+                self._untag(old)
 
-    def counters(self) -> tuple[int, int, int, int, int, int, int, int]:
+    def counters(self) -> tuple[int, int, int, int, int, int, int, int, int, int]:
         with self._lock:
             return (
                 len(self._entries),
@@ -545,12 +665,16 @@ class PrefixCache:
                 self._encoded_chars,
                 self._split_joined,
                 self._split_fallbacks,
+                self._heads,
+                self._head_fallbacks,
             )
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._index.clear()
+            self._tagged.clear()
+            self._tag_order.clear()
             self._bytes = 0
 
 
@@ -620,6 +744,15 @@ class TokenizationCollector(Collector):
         )
         split.add_metric(["joined"], info.split_joined)
         split.add_metric(["fallback"], info.split_fallbacks)
+        heads = CounterMetricFamily(
+            "kvgate_tokenizer_head_encodes",
+            "Long prompts whose head only was encoded to route them, by result (routed: the head decided the "
+            "route, the rest was never encoded; completed: encoded whole after all; fallback: no exact cut)",
+            labels=("result",),
+        )
+        heads.add_metric(["routed"], info.heads - info.heads_completed)
+        heads.add_metric(["completed"], info.heads_completed)
+        heads.add_metric(["fallback"], info.head_fallbacks)
         size = GaugeMetricFamily("kvgate_tokenizer_cache_bytes", "Approximate size of the prefix cache")
         size.add_metric([], info.bytes)
         entries = GaugeMetricFamily("kvgate_tokenizer_cache_entries", "Prompts held by the prefix cache")
@@ -630,4 +763,4 @@ class TokenizationCollector(Collector):
         )
         segment_lookups.add_metric(["hit"], segments.hits)
         segment_lookups.add_metric(["miss"], segments.misses)
-        return [enabled, encodes, reused, encoded, split, size, entries, segment_lookups]
+        return [enabled, encodes, reused, encoded, split, heads, size, entries, segment_lookups]

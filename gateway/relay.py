@@ -46,11 +46,15 @@ class Exchange:
     last_byte: float | None = None
     complete: bool = False
     cached_tokens: int | None = None
+    prompt_tokens: int | None = None
     upstream_error: str | None = None
 
     def read_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
+        prompt = usage.get("prompt_tokens")
+        if type(prompt) is int:
+            self.prompt_tokens = prompt
         details = usage.get("prompt_tokens_details")
         cached = details.get("cached_tokens") if isinstance(details, dict) else None
         if type(cached) is int:

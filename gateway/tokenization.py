@@ -49,6 +49,17 @@ and encodes only the rest, for chat and completions (special tokens framed aroun
 byte-level BPE tokenizers (Llama 3, Qwen 2.5 / 3, DeepSeek V3 / V4, Mistral Nemo, kvgate-tiny) and off,
 falling back to the segment cache or whole encodes, for the others (Gemma, Llama 2: BPE over whole
 segments); the offload threshold applies to the characters left to encode.
+
+Heads (with the prefix cache on; `head_chars`, the gateway's `route_head_chars`): a prompt with at least
+4 x head_chars chars left to encode is first encoded only that far, to a cut proven exact as split encodes'
+joins are (`PrefixCache.head`), and returned as a `HeadEncoding`. A worker's prefix match ends at its first
+missing block, so when no worker holds all of the head's blocks the head alone decides the route, and the
+rest of a long cold prompt (a new document, a first turn) is never encoded: the gateway forwards text and
+the engine tokenizes it anyway. Its size is estimated from the recent tokens per UTF-8 byte and bounded by
+its bytes (a byte-level token covers at least one). `finish_head_async` encodes the rest when the head does
+not decide, reusing it. A routed head is tagged with where its prompt went (`tag_head`); a later prompt that
+shares more than the head with it (`Plan.beyond_head`) is encoded whole, and its `Tokenized` says how many of
+its first ids provably are that prompt's too, so the router predicts those blocks where that prompt went.
 """
 
 from __future__ import annotations
@@ -66,7 +77,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jinja2
@@ -120,6 +131,8 @@ _SELF_TEST_TEXTS = (
 
 # Text the incremental self-test cuts everywhere: words, digit runs, whitespace runs before words and
 # newlines, contractions, punctuation runs, CJK, emoji with modifiers, combining marks, RTL, tabs, CRLF.
+# Encodes of texts at least this long update the tokens-per-char ratio heads estimate their prompt's size by.
+_RATIO_MIN_CHARS = 4096
 _SELF_TEST_PROSE = (
     "It's 3.14159, isn't it? We'll see: 1234567 items cost $89.99 (approx.)\n\n"
     "  Indented   words\tand\ttabs;   trailing spaces   \n"
@@ -159,6 +172,34 @@ class PreprocessorConfig:
     # With the prefix cache on, a long text is encoded in up to this many parts at once, on the tokenizer's
     # own threads (see incremental.SPLIT_MIN_CHARS); None: one part per CPU this process may use; 1: off.
     split_parts: int | None = None
+    # With the prefix cache on, a prompt with at least 4x this many chars left to encode is first encoded only
+    # this far (its head, see `HeadEncoding`); 0: off.
+    head_chars: int = 2048
+
+
+@dataclass(frozen=True)
+class HeadEncoding:
+    """A long prompt of which only the head is encoded: enough to route it when no worker holds all of the
+    head's blocks, since a worker's match ends at its first missing block. `finish_head_async` encodes the
+    rest when the head is not enough (or the exact count is needed)."""
+
+    text: str
+    ids: list[int]  # the exact ids of text[:chars] (after the special-token head when framed)
+    chars: int
+    add_special_tokens: bool
+    token_bound: int  # the whole prompt has no more tokens than this
+    token_estimate: int  # its likely token count (the head's + the rest's chars at the recent ratio)
+    entry: object = field(default=None, repr=False, compare=False)  # the prefix cache's, for `tag_head`
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A prompt's ids. When `shared_tag` is set, its first `shared_tokens` ids are those of a prompt routed on
+    its head alone, whose blocks went where the tag says (`Preprocessor.tag_head`)."""
+
+    ids: list[int]
+    shared_tag: object | None = None
+    shared_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,6 +251,16 @@ class Preprocessor:
             raise TokenizerError(f"segment_cache_bytes must be >= 0, got {config.segment_cache_bytes}")
         self._prefix, self._prefix_off_reason, self._frame = self._prefix_cache()
         self._split_parts, self.split_off_reason = self._split_setting()
+        self._head_chars, self.head_off_reason = self._head_setting()
+        self._lock = threading.Lock()
+        self._heads_completed = 0
+        # None when it cannot change a text (an empty sequence still copies it: ~0.3 ms for 50k chars).
+        self._normalizer = self._backend.normalizer if incremental.normalizes(self._backend) else None
+        # Tokens per UTF-8 byte of recent heads and long encodes, for a head's estimate (steadier across
+        # scripts than per char); seeded by this tokenizer's prose.
+        self._tokens_per_byte = len(self._backend.encode(_SELF_TEST_PROSE, add_special_tokens=False)) / _utf8_size(
+            _SELF_TEST_PROSE
+        )
         if self._prefix is not None:
             # The prefix cache covers what the segment cache would (a new turn extends the last prompt).
             self._segments, self._segments_off_reason = None, "the prefix cache is on"
@@ -326,6 +377,92 @@ class Preprocessor:
     async def encode_chat_async(self, messages: Sequence[Mapping[str, Any]], **render_options: Any) -> list[int]:
         return (await self.render_and_encode_async(messages, **render_options)).token_ids
 
+    # -- heads: route a long cold prompt without encoding all of it -------------------------------------
+
+    async def encode_chat_head_async(
+        self, messages: Sequence[Mapping[str, Any]], **render_options: Any
+    ) -> Tokenized | HeadEncoding:
+        """`encode_chat_async`, or only the head of a long prompt when there is much left to encode."""
+        if len(messages) >= self.config.offload_render_messages:
+            return Tokenized(await self.encode_chat_async(messages, **render_options))
+        return await self._encode_head_async(self.render_chat(messages, **render_options), False)
+
+    async def encode_prompt_head_async(
+        self, prompt: str | Sequence[int], *, add_special_tokens: bool = True
+    ) -> Tokenized | HeadEncoding:
+        """`encode_prompt_async`, or only the head of a long prompt string when there is much left to encode."""
+        if isinstance(prompt, str):
+            return await self._encode_head_async(prompt, add_special_tokens)
+        return Tokenized(self.validate_token_ids(prompt))
+
+    async def finish_head_async(self, head: HeadEncoding) -> Tokenized:
+        """All of a head's prompt ids (the head, stored in the prefix cache, is not encoded again)."""
+        with self._lock:
+            self._heads_completed += 1
+        return await self._encode_planned(self._prefix_plan(head.text), head.add_special_tokens)
+
+    def tag_head(self, head: HeadEncoding, tag: object, ttl: float) -> None:
+        """`head`'s whole prompt was sent where `tag` says (a prompt routed on its head alone). For `ttl`
+        seconds, a prompt sharing more than that head with it is encoded whole, and its `Tokenized` says how
+        many of its first ids the two share: their blocks went where the tag says."""
+        assert self._prefix is not None
+        self._prefix.tag(head.entry, tag, ttl)
+
+    async def _encode_head_async(self, text: str, add_special_tokens: bool) -> Tokenized | HeadEncoding:
+        text = _require_str(text)
+        head_chars = self._head_chars
+        if not (head_chars and self._uses_prefix(add_special_tokens)):
+            return Tokenized((await self._encode_text_async(text, add_special_tokens))[0])
+        assert self._prefix is not None
+        plan = self._prefix_plan(text)
+        # A text sharing more than a head with its prompt, which may have been routed on that head alone:
+        # that prompt's blocks past the head are where it was sent, which only a whole encode of this one
+        # can tell (`_encode_planned`).
+        if plan.done or plan.beyond_head or len(plan.text) - plan.cut < 4 * head_chars:
+            return await self._encode_planned(plan, add_special_tokens)
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._executor, self._prefix.head, plan, head_chars)
+        if found is None:
+            return await self._encode_planned(plan, add_special_tokens)
+        ids, chars, entry = found
+        encoded = _utf8_size(text[plan.cut : chars])
+        self._tokens_per_byte += 0.1 * ((len(ids) - len(plan.prefix_ids)) / encoded - self._tokens_per_byte)
+        rest = self._normalized(text[chars:])
+        rest_bytes = _utf8_size(rest)
+        framed = 0
+        if add_special_tokens:
+            assert self._frame is not None
+            ids = self._frame[0] + ids
+            framed = len(self._frame[1])
+        return HeadEncoding(
+            text,
+            ids,
+            chars,
+            add_special_tokens,
+            len(ids) + self._token_bound(rest_bytes) + framed,
+            len(ids) + round(rest_bytes * self._tokens_per_byte) + framed,
+            entry,
+        )
+
+    async def _encode_planned(self, plan: Plan, add_special_tokens: bool) -> Tokenized:
+        ids = (await self._encode_text_async(plan.text, add_special_tokens, plan))[0]
+        assert self._prefix is not None
+        shared = self._prefix.shared(plan)
+        if shared is None:
+            return Tokenized(ids)
+        framed = len(self._frame[0]) if add_special_tokens and self._frame is not None else 0
+        return Tokenized(ids, shared[0], framed + shared[1])
+
+    def _normalized(self, text: str) -> str:
+        return self._normalizer.normalize_str(text) if self._normalizer is not None else text
+
+    def _token_bound(self, normalized_bytes: int) -> int:
+        """No encoding of a text has more tokens than this, given the UTF-8 size of the text normalized: a
+        byte-level BPE token covers at least one byte of it; with Metaspace, a space becomes "\u2581" (3
+        bytes, which byte fallback may spell as 3 tokens) and one may be prepended."""
+        assert self._prefix is not None
+        return 3 * normalized_bytes + 1 if self._prefix.metaspace else normalized_bytes
+
     # -- completions ------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> list[int]:
@@ -360,7 +497,9 @@ class Preprocessor:
         """The prefix cache's state and counters (see gateway/incremental.py)."""
         if self._prefix is None:
             return IncrementalInfo(False, self._prefix_off_reason, 0, 0, 0, 0, 0, 0)
-        return IncrementalInfo(True, "", *self._prefix.counters())
+        with self._lock:
+            completed = self._heads_completed
+        return IncrementalInfo(True, "", *self._prefix.counters(), heads_completed=completed)
 
     def segment_cache_info(self) -> SegmentCacheInfo:
         if self._segments is None:
@@ -379,16 +518,22 @@ class Preprocessor:
         fresh = self._encode_segments(missing)
         return _non_empty(self._segments.assemble(parts, known, missing, fresh))
 
-    async def _encode_text_async(self, text: str, add_special_tokens: bool) -> tuple[list[int], bool]:
+    async def _encode_text_async(
+        self, text: str, add_special_tokens: bool, plan: Plan | None = None
+    ) -> tuple[list[int], bool]:
         text = _require_str(text)
         if self._uses_prefix(add_special_tokens):
             # The lookup runs on the loop (a hash per 128 chars); what is left to encode goes by the
             # offload threshold, like a whole prompt.
-            plan = self._prefix_plan(text)
+            if plan is None:
+                plan = self._prefix_plan(text)
             if plan.done or len(plan.text) - plan.cut < self.config.offload_threshold_chars:
                 return _non_empty(self._finish_prefix(plan, add_special_tokens, released=False)), False
             work = functools.partial(self._finish_prefix, plan, add_special_tokens, released=True)
-            return _non_empty(await asyncio.get_running_loop().run_in_executor(self._executor, work)), True
+            ids = await asyncio.get_running_loop().run_in_executor(self._executor, work)
+            if len(text) >= _RATIO_MIN_CHARS:
+                self._tokens_per_byte += 0.1 * (len(ids) / _utf8_size(text) - self._tokens_per_byte)
+            return _non_empty(ids), True
         if self._segments is None or add_special_tokens:
             if len(text) < self.config.offload_threshold_chars:
                 return self._encode_text(text, add_special_tokens), False
@@ -485,6 +630,29 @@ class Preprocessor:
             if probe.finish_split(probe.plan(text), 4) != self._backend.encode(text, add_special_tokens=False).ids:
                 return 1, "self-test: split ids differ from whole-string ids"
         return parts, ""
+
+    def _head_setting(self) -> tuple[int, str]:
+        """The head length (0: heads off) and, when 0, why: a head is cut where a split encode's join would
+        be, and a load-time self-test compares heads with whole encodes first."""
+        if self.config.head_chars < 0:
+            raise TokenizerError(f"head_chars must be >= 0 (0: off), got {self.config.head_chars}")
+        if self._prefix is None:
+            return 0, "the prefix cache is off"
+        if self.config.head_chars == 0:
+            return 0, "head_chars is 0"
+        for sample in self._prefix_samples():
+            text = (sample + " ") * (8 * 128 // max(1, len(sample)) + 1)
+            whole = self._backend.encode(text, add_special_tokens=False)
+            for chars in range(64, len(text) // 2, 197):
+                probe = PrefixCache(self._backend, 1 << 30, self._prefix.metaspace, split_overlap_chars=64)
+                found = probe.head(probe.plan(text), chars)
+                if found is None:
+                    continue
+                ids, end, _ = found
+                at = whole.token_to_chars(len(ids)) if len(ids) < len(whole.ids) else None
+                if ids != whole.ids[: len(ids)] or at is None or at[0] != end:
+                    return 0, "self-test: head ids differ from whole-string ids"
+        return self.config.head_chars, ""
 
     def _encode_segments(self, texts: list[str]) -> list[list[int]]:
         return [self._backend.encode(text, add_special_tokens=False).ids for text in texts]
@@ -898,6 +1066,10 @@ def _context_length(config: PreprocessorConfig, tokenizer: Any) -> int:
     if isinstance(model_max_length, int) and 0 < model_max_length < _UNSET_MODEL_MAX_LENGTH:
         return model_max_length
     raise TokenizerError(f"cannot tell the context length of {config.model!r}: set context_length")
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _require_str(text: Any) -> str:

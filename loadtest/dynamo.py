@@ -372,13 +372,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def loop_samples(metrics_text: str) -> dict[str, float]:
-    """Every Prometheus sample whose metric name contains ``loop`` (the gateway's event-loop lag)."""
+    """Every Prometheus sample whose metric name contains ``loop`` (the gateway's event-loop lag), and how
+    many long prompts were routed on their head alone."""
     found: dict[str, float] = {}
     for line in metrics_text.splitlines():
         if not line or line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
-        if "loop" in name.split("{", 1)[0]:
+        metric = name.split("{", 1)[0]
+        if "loop" in metric or metric == "kvgate_tokenizer_head_encodes_total":
             try:
                 found[name] = float(value)
             except ValueError:
@@ -505,10 +507,10 @@ def markdown(runs: Sequence[RunResult], notes: Sequence[str] = ()) -> str:
                 shown = [
                     f"{name.removeprefix('kvgate_event_loop_')} {value * 1e3:.1f} ms"
                     if name.endswith("_seconds")
-                    else f"{name.removeprefix('kvgate_event_loop_')} {value:g}"
+                    else f"{name.removeprefix('kvgate_event_loop_').removeprefix('kvgate_tokenizer_')} {value:g}"
                     for name, value in sorted(run.loop_metrics.items())
                 ]
-                lines += ["", f"{run.front_end} {run.mode} event loop: " + ", ".join(shown)]
+                lines += ["", f"{run.front_end} {run.mode} event loop and heads: " + ", ".join(shown)]
     return "\n".join(lines) + "\n"
 
 

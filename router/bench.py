@@ -96,7 +96,7 @@ class NaiveFleet:
         c = config.speed
         per_token = 1.0 / c.prefill_tokens_per_s
         bs = config.block_size
-        best = None
+        ranked = []
         for key in keys:
             gpu, cpu, disk = matches.get(key, [0, 0, 0])
             load = loads[key]
@@ -114,11 +114,15 @@ class NaiveFleet:
                 + (load.prefill_tokens + uncached) * rate
                 + config.added_work_weight * uncached * rate
             )
-            rank = (round(total, 12), load.blocks + load.prefill_tokens / bs, key)
-            if best is None or rank < best:
-                best = rank
-        assert best is not None
-        return best[2]
+            ranked.append((total, load.blocks + load.prefill_tokens / bs, key))
+        # Totals within 5% of the next cheaper one are a tie: the least loaded, then the smallest key.
+        ranked.sort()
+        tied = ranked[:1]
+        for previous, current in zip(ranked, ranked[1:]):
+            if current[0] - previous[0] > max(0.05 * abs(previous[0]), 1e-9):
+                break
+            tied.append(current)
+        return min(tied, key=lambda r: (r[1], r[2]))[2]
 
 
 def build(scale: Scale, seed: int = 0) -> tuple[Router, NaiveFleet, list[list[int]]]:

@@ -129,6 +129,14 @@ class RouterConfig:
     (87-89 %) and cut multi-turn TTFT p90 to 0.63x round-robin (0.68x), at a burst p50
     of 1.17x round-robin at 4/s (1.05x).
 
+    ``running_work_weight``: plus this times the request's own prefill time per request
+    already in flight on that worker: the engine runs a new prefill in the steps that
+    decode its running requests, so every one of them waits that long for its next token.
+    Off by default: it favours end-to-end latency over TTFT, and being proportional to the
+    request's own work it also raises the value of a cache hit under load (on the trace
+    replay at real speed, 0.25 cached 17.4 % instead of 16.4 % but took kv's TTFT p90 /
+    p99 from 0.69x / 0.81x round-robin's to 0.81x / 0.91x).
+
     ``predict_sent``: a routed prompt's blocks count as held by its worker at once, for
     ``prediction_ttl`` seconds unless the engine's events confirm or remove them first
     (``indexer/predictions.py``). ``approximate`` routes without KV events (the gateway's
@@ -141,6 +149,7 @@ class RouterConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     added_work_weight: float = 0.5
+    running_work_weight: float = 0.0
     temperature: float = 0.0
     gpu_only: bool = False
     busy: BusyThresholds = field(default_factory=BusyThresholds)
@@ -165,6 +174,7 @@ class RouterConfig:
             raise ValueError(f"busy must be a BusyThresholds, got {type(self.busy).__name__}")
         _check_number("temperature", self.temperature, minimum=0.0)
         _check_number("added_work_weight", self.added_work_weight, minimum=0.0)
+        _check_number("running_work_weight", self.running_work_weight, minimum=0.0)
         if not isinstance(self.gpu_only, bool):
             raise ValueError(f"gpu_only must be true or false, got {self.gpu_only!r}")
         for name in ("predict_sent", "approximate"):

@@ -144,13 +144,18 @@ class InFlight:
         self._notify(lambda listener: listener.on_first_token)
         return True
 
-    def report_usage(self, cached_tokens: int | None, *, streamed: bool, served: bool = True) -> None:
+    def report_usage(
+        self, cached_tokens: int | None, *, streamed: bool, served: bool = True, prompt_tokens: int | None = None
+    ) -> None:
         """What the answer said, for the router to learn from at ``finish``: the engine's
         cached prompt tokens (``usage.prompt_tokens_details.cached_tokens``, None when not
         reported), whether the answer streamed (so its first byte timed the first token)
-        and whether the worker served it at all."""
+        and whether the worker served it at all. ``prompt_tokens``, the engine's count,
+        replaces the gateway's (an estimate for a prompt routed on its head alone)."""
         if cached_tokens is not None and not (isinstance(cached_tokens, int) and 0 <= cached_tokens):
             cached_tokens = None
+        if isinstance(prompt_tokens, int) and not isinstance(prompt_tokens, bool) and prompt_tokens > 0:
+            self.prompt_tokens = prompt_tokens
         self.engine_cached_tokens = cached_tokens
         self.streamed = streamed
         self.served = served

@@ -79,18 +79,31 @@ class Router:
         lora_name: str | None = None,
         cache_salt: str | None = None,
         exclude: Collection[WorkerKey | str] = (),
+        shared: tuple[WorkerKey, int] | None = None,
     ) -> Decision:
         """Choose a worker for a tokenized prompt. Raises ``NoWorkerAvailable``.
 
         ``cache_salt`` is the request's (vLLM's field): only blocks cached under the same
-        salt count as its prefix.
+        salt count as its prefix. ``shared`` = (worker, n): the prompt's first n tokens are a
+        prompt's this router sent to that worker recently, routed on its head alone (so only
+        the head's blocks were predicted there): the rest of them are predicted there now.
         """
         t0 = time.perf_counter()
         seq_hashes = sequence_hashes(token_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
         hashed = time.perf_counter() - t0
+        if shared is not None and self._predict is not None:
+            key, tokens = shared
+            blocks = min(tokens, len(token_ids)) // self.config.block_size
+            if blocks and key.worker_id in self.registry:
+                self._predict(key, seq_hashes[:blocks], self._prediction_ttl)
         decision = self.route_hashes(seq_hashes, exclude=exclude, prompt_tokens=len(token_ids))
         decision.timings.hash = hashed
         return decision
+
+    @property
+    def prediction_ttl(self) -> float:
+        """How long what was sent counts as held without the engine's events saying so."""
+        return self._prediction_ttl
 
     def route_hashes(
         self,
@@ -103,6 +116,45 @@ class Router:
         (``prompt_tokens`` defaults to its full blocks' tokens)."""
         t0 = time.perf_counter()
         matches = self.indexer.find_matches(seq_hashes) if seq_hashes else {}
+        return self._select(seq_hashes, matches, t0, exclude, prompt_tokens)
+
+    def route_head(
+        self,
+        head_ids: Sequence[int],
+        prompt_tokens: int,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        exclude: Collection[WorkerKey | str] = (),
+    ) -> Decision | None:
+        """Choose a worker for a prompt of ``prompt_tokens`` tokens (an estimate) of which only the first
+        ``head_ids`` are known, or None when the head does not decide it.
+
+        A worker's match ends at its first missing block, so when no worker holds all of the head's
+        full blocks, every worker's match is known from the head alone and the rest of the prompt
+        only adds uncached tokens, the same number on every worker. When one does hold them all, its
+        match may go on: the caller encodes the whole prompt and calls ``route``."""
+        t0 = time.perf_counter()
+        seq_hashes = sequence_hashes(head_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
+        hashed = time.perf_counter() - t0
+        if not seq_hashes:
+            return None
+        t0 = time.perf_counter()
+        matches = self.indexer.find_matches(seq_hashes)
+        if any(match.depth >= len(seq_hashes) for match in matches.values()):
+            return None
+        decision = self._select(seq_hashes, matches, t0, exclude, max(prompt_tokens, len(head_ids)))
+        decision.timings.hash = hashed
+        return decision
+
+    def _select(
+        self,
+        seq_hashes: Sequence[int],
+        matches: dict[WorkerKey, Match],
+        t0: float,
+        exclude: Collection[WorkerKey | str],
+        prompt_tokens: int | None,
+    ) -> Decision:
         t1 = time.perf_counter()
         candidates = self.registry.keys()
         now = self.clock()

@@ -129,7 +129,7 @@ def test_bad_active_messages_are_counted_not_applied():
 
 def test_untrusted_workers_are_routed_by_load_only():
     indexer = KvIndexer(block_size=4)
-    tokens = list(range(16))
+    tokens = list(range(400))  # long enough for its cache to matter beside the fixed overhead
     hashes = sequence_hashes(tokens, 4)
     indexer.apply_router_events(W0, [RouterStored(hashes, Tier.GPU)])
     registry = WorkerRegistry(
@@ -142,11 +142,11 @@ def test_untrusted_workers_are_routed_by_load_only():
     router = Router(RouterConfig(block_size=4), indexer, registry, load)
     load.begin("busy", W0, 4, 4, 1)  # w0 already has a request; w1 is idle
 
-    assert router.route(tokens).chosen == W0  # its 4 cached blocks outweigh one request
+    assert router.route(tokens).chosen == W0  # its 100 cached blocks outweigh one request
     indexer.set_trusted("w0", False)  # its event stream went stale
     decision = router.route(tokens)
     assert decision.chosen == W1 and decision.score_of(W0).depth == 0
-    assert indexer.block_counts()[W0] == (4, 0, 0)  # the index keeps the blocks
+    assert indexer.block_counts()[W0] == (100, 0, 0)  # the index keeps the blocks
     indexer.set_trusted("w0", True)
     assert router.route(tokens).chosen == W0
     indexer.set_trusted("w0", False)

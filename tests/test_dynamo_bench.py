@@ -205,7 +205,7 @@ def test_markdown_has_a_row_per_front_end_the_ratios_and_the_loop_metric():
     kv_row = rows[1].split(" | ")
     assert kv_row[2] == "100" and kv_row[4] == "6.00" and kv_row[11] == "75.0%" and kv_row[12].startswith("5.00")
     assert "kvgate / Dynamo (kv): CPU ms/req 2.00, TTFT p50 c=1 0.50" in text
-    assert "kvgate kv event loop: max_gap_seconds 12.0 ms, stalls_total 3" in text
+    assert "kvgate kv event loop and heads: max_gap_seconds 12.0 ms, stalls_total 3" in text
 
 
 def test_loop_samples_picks_metric_names_containing_loop():

@@ -52,9 +52,11 @@ def stream(gateway: Gateway, prompt: str, max_tokens: int = 2) -> tuple[str, dic
     return worker, usage
 
 
-def _start(tmp: Path, speeds: dict[str, float], *flags: str) -> tuple[dict[str, Worker], Gateway]:
+def _start(
+    tmp: Path, speeds: dict[str, float], *flags: str, worker_flags: tuple[str, ...] = ()
+) -> tuple[dict[str, Worker], Gateway]:
     workers = {
-        wid: start_worker(wid, tmp, "--speedup-ratio", str(speed), "--num-gpu-blocks", "2048")
+        wid: start_worker(wid, tmp, "--speedup-ratio", str(speed), "--num-gpu-blocks", "2048", *worker_flags)
         for wid, speed in speeds.items()
     }
     gateway = None
@@ -136,3 +138,37 @@ def _post_json(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as r:
         return json.loads(r.read())
+
+
+def test_long_cold_prompts_are_routed_on_their_head_and_a_burst_sharing_one_still_follows_it(tmp_path: Path) -> None:
+    long_context = ("--max-model-len", "32768")
+    workers, gateway = _start(
+        tmp_path,
+        {"w0": 1.0, "w1": 1.0, "w2": 1.0},
+        "--context-length",
+        "32768",
+        "--kv-added-work-weight",
+        "0.5",
+        worker_flags=long_context,
+    )
+    try:
+        # A long prompt nobody holds: only its head is encoded, and that is enough to route it.
+        _, usage = stream(gateway, f"{document(2, 2400)} question?")
+        text = metrics(gateway.url)
+        assert metric(text, "kvgate_tokenizer_head_encodes_total", result="routed") == 1, text
+        # Its size was an estimate until the engine's usage said; the metrics count the engine's.
+        assert metric(text, "kvgate_prompt_tokens_total") == usage["prompt_tokens"] > 4000, text
+        encoded = metric(text, "kvgate_tokenizer_encoded_chars_total")
+        assert encoded < len(document(2, 2400)) / 4, encoded
+        # A burst sharing a new long document: the first is routed on its head; the others learn from
+        # the prefix cache that they share the whole document with it (not just its head), are encoded
+        # whole, have the blocks they share predicted where it went, and follow it there.
+        doc = document(3, 2400)  # ~20k chars, ~5k tokens
+        with ThreadPoolExecutor(6) as pool:
+            served = list(pool.map(lambda i: stream(gateway, f"{doc} question {i}?")[0], range(6)))
+        counts = Counter(served)
+        assert counts.most_common(1)[0][1] == 6, counts
+        text = metrics(gateway.url)
+        assert metric(text, "kvgate_tokenizer_head_encodes_total", result="routed") >= 2, text
+    finally:
+        stop_all(gateway.proc, *(w.proc for w in workers.values()))

@@ -340,7 +340,7 @@ async def test_an_unexpected_error_is_a_counted_500(stack: Stack, monkeypatch: p
     async def broken(*args: object, **kwargs: object) -> list[int]:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(gateway.preprocessor, "encode_chat_async", broken)
+    monkeypatch.setattr(gateway.preprocessor, "encode_chat_head_async", broken)
     status, headers, body = await post(stack.url + CHAT, {"messages": MESSAGES})
     assert status == 500 and orjson.loads(body)["error"]["code"] == "internal_error"
     assert headers["x-kvgate-worker"] == "none"

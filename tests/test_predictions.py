@@ -4,8 +4,6 @@ pushes it out; a burst sharing a new prefix follows its first request."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 
 from kvgate.indexer.kv_indexer import KvIndexer
@@ -79,16 +77,19 @@ def test_a_burst_sharing_a_new_prefix_follows_the_first_until_another_worker_is_
     assert switch >= 20 and set(chosen[:switch]) == {A}
     before, at = decisions[switch - 2], decisions[switch - 1]
     assert before.score_of(A).total < before.score_of(B).total and before.score_of(A).depth == 32
-    assert at.score_of(A).total > at.score_of(B).total and at.score_of(B).depth == 0
+    # (costs within 5% are a tie, which the less loaded worker wins)
+    assert at.score_of(A).total > 0.95 * at.score_of(B).total and at.score_of(B).depth == 0
     assert at.score_of(A).queued_prefill_tokens == 2088 + 40 * (switch - 1)
     # ...then the hot prefix replicates: b computes it once and the next followers go to b,
-    # predicted to hold it, until b's queue is as long as a's; then c (none finishes here).
+    # predicted to hold it, until b's queue is as long as a's; then c (none finishes here);
+    # then, all three holding it with queues within a tie (5%), whichever is least loaded.
     assert depth(indexer, B, prompt(32, 0)) == 32
     assert decisions[switch].chosen == B and decisions[switch].score_of(B).depth == 32
     assert decisions[switch].explain()["candidates"][0]["overlap"]["predicted"] is True
-    n_b = Counter(chosen)[B]
-    assert n_b >= switch - 2 and chosen == [A] * switch + [B] * n_b + [C] * (60 - switch - n_b)
-    assert C in chosen and depth(indexer, C, prompt(32, 0)) == 32
+    n_b = chosen[switch:].index(C)
+    assert n_b >= switch - 3 and set(chosen[switch : switch + n_b]) == {B}
+    assert chosen[switch + n_b : switch + 2 * n_b - 3] == [C] * (n_b - 3)
+    assert depth(indexer, C, prompt(32, 0)) == 32
 
 
 def test_without_predictions_a_burst_scatters_over_the_fleet():

@@ -43,6 +43,7 @@ LOADS = {C: LoadSnapshot(requests=2, prefill_tokens=384, blocks=5, kv_usage=0.5)
 
 def example(**kwargs) -> RouterConfig:
     kwargs.setdefault("added_work_weight", 0.5)
+    kwargs.setdefault("running_work_weight", 0.0)  # its own test: test_requests_in_flight_add_to_the_added_work
     return RouterConfig(speed=EXAMPLE, **kwargs)
 
 
@@ -394,3 +395,26 @@ def test_a_worker_that_stopped_answering_fades_into_the_fleets_rates():
     assert speed.predicting("b").seconds_per_token == pytest.approx((1 / 8_000 + fleet) / 2)
     now[0] += 20 * EXAMPLE.forget_after_s  # long starved: tried again at the fleet's rate
     assert speed.predicting("b").seconds_per_token == pytest.approx(fleet, rel=1e-3)
+
+
+def test_requests_in_flight_add_to_the_added_work():
+    # Every request in flight on a worker waits for a new prefill there (the engine runs it in the
+    # steps that decode them): running_work_weight x that prefill per request joins the added work.
+    config = example(running_work_weight=0.25)
+    loads = {A: LoadSnapshot(requests=1, blocks=125)}  # a decodes one request: nothing queued
+    decision = KvPolicy(config).select([A, B], {}, 10, loads)
+    a, b = decision.score_of(A), decision.score_of(B)
+    assert a.added_work == pytest.approx((0.5 + 0.25) * a.prefill) and b.added_work == pytest.approx(0.5 * b.prefill)
+    assert decision.chosen == B
+    # Even when a's learned speed is 10% better, b, idle, is chosen; without the term (the default),
+    # the busier worker is.
+    speed = SpeedModel(EXAMPLE)
+    speed.speed("a").seconds_per_token = 1 / 35_200
+    for worker in "ab":
+        speed.speed(worker).samples = 3  # predicted by their own rates
+        speed.speed(worker).updated = speed.clock()
+    assert KvPolicy(config, speed).select([A, B], {}, 10, loads).chosen == B
+    assert KvPolicy(example(), speed).select([A, B], {}, 10, loads).chosen == A
+    # A cache hit still outweighs it: a holding 8 of the 10 blocks wins with 3 requests in flight.
+    loads = {A: LoadSnapshot(requests=3, blocks=400)}
+    assert KvPolicy(config).select([A, B], {A: match(gpu=8)}, 10, loads).chosen == A

@@ -284,3 +284,50 @@ def test_close_stops_listening_to_the_registry():
     router.close()
     router.registry.remove("a")
     assert WorkerKey("a") in indexer.find_matches(sequence_hashes(tokens(128), BS))
+
+
+# -- heads: a long prompt routed on its first blocks alone ------------------------------------------------
+
+
+def test_a_head_no_worker_holds_whole_decides_the_route_with_every_workers_match():
+    router, indexer = fleet("a", "b", "c")
+    system = tokens(640)  # 10 blocks
+    Engine(indexer, "a").store(system[:256])  # 4 blocks
+    Engine(indexer, "b").store(system[:448])  # 7 blocks
+    head = system + tokens(40, 9_000)  # the head: 10 full blocks; the whole prompt ~1.5k tokens
+    decision = router.route_head(head, 1_500)
+    assert decision is not None and decision.chosen == B and decision.num_blocks == 10
+    assert [decision.score_of(k).depth for k in (A, B, C)] == [4, 7, 0]
+    # The rest of the prompt counts as uncached on every worker.
+    assert decision.chosen_score.uncached_tokens == 1_500 - 7 * BS
+    assert decision.score_of(C).uncached_tokens == 1_500
+    # The blocks predicted for the chosen worker are the head's, all that is known.
+    assert decision.seq_hashes == sequence_hashes(head, BS)
+
+
+def test_a_head_some_worker_holds_whole_does_not_decide():
+    router, indexer = fleet("a", "b")
+    head = tokens(640)
+    Engine(indexer, "a").store(head + tokens(640, 3_000))  # the head and more
+    assert router.route_head(head, 8_000) is None
+    # Nor does one the router itself just sent there (a prediction): its match may go on past the head.
+    router2, _ = fleet("a", "b")
+    first = router2.route_head(head, 8_000)
+    assert first is not None
+    router2.begin("r1", first, 8_000)  # sent: its head's blocks are predicted on the chosen worker
+    assert router2.route_head(head, 8_000) is None
+    # A head shorter than a block cannot tell anything.
+    assert router2.route_head(tokens(63), 8_000) is None
+
+
+def test_a_prompt_sharing_a_routed_heads_prompt_has_its_shared_blocks_predicted_there():
+    router, indexer = fleet("a", "b", "c")
+    prompt = tokens(8_000)
+    router.begin("r1", router.route(prompt[:640]), 8_000, B)  # routed on its head: only 10 blocks predicted
+    # The prefix cache says the next prompt shares its first 6,000 tokens with that one, sent to b.
+    decision = router.route(prompt[:7_000], shared=(B, 6_000))
+    assert decision.chosen == B and decision.score_of(B).depth == 6_000 // BS
+    assert indexer.find_matches(sequence_hashes(prompt, BS))[B].depth == 6_000 // BS
+    # Not for a worker that left the fleet.
+    router.route(tokens(7_000, 20_000), shared=(WorkerKey("gone"), 6_000))
+    assert WorkerKey("gone") not in indexer.find_matches(sequence_hashes(tokens(7_000, 20_000), BS))
