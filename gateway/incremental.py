@@ -336,16 +336,19 @@ def _no_cuts() -> Cuts:
     return array("q"), array("q"), array("q")
 
 
-class _Entry:
-    __slots__ = ("bytes", "chars", "head_end", "ids", "keys", "limits", "tag", "tag_expiry", "text", "tokens", "whole")
+def _extended(cuts: Cuts, chars: Iterable[int], tokens: Iterable[int], limits: Iterable[int]) -> Cuts:
+    return cuts[0] + array("q", chars), cuts[1] + array("q", tokens), cuts[2] + array("q", limits)
 
-    def __init__(self, text: str, ids: array[int], cuts: Cuts, keys: array[int], whole: bool = True) -> None:
+
+class _Entry:
+    __slots__ = ("bytes", "chars", "head_end", "ids", "keys", "limits", "tag", "tag_expiry", "text", "tokens")
+
+    def __init__(self, text: str, ids: array[int], cuts: Cuts, keys: array[int], head_end: int | None = None) -> None:
         self.text = text
         self.ids = ids
-        # False for a head (`PrefixCache.head`): ids are the text's ids inside a longer string, which the
-        # text alone need not encode to, so the entry is only ever cut, never taken whole.
-        self.whole = whole
-        self.head_end = len(text)  # a head's: the chars its ids cover
+        # The chars its ids cover: all of them, or for a head (`PrefixCache.head`) the head's, whose ids are
+        # those inside the longer text, so the entry is only ever cut, never taken whole.
+        self.head_end = len(text) if head_end is None else head_end
         # A head's: where its whole text was sent (`PrefixCache.tag`), until tag_expiry (time.monotonic()).
         self.tag: object | None = None
         self.tag_expiry = 0.0
@@ -353,6 +356,10 @@ class _Entry:
         self.keys = keys
         # The string, the ids, three cut arrays, the index keys and their dict entries.
         self.bytes = sys.getsizeof(text) + 4 * len(ids) + 3 * 8 * len(self.chars) + 108 * len(keys) + 400
+
+    @property
+    def whole(self) -> bool:
+        return self.head_end == len(self.text)
 
 
 def chunk_keys(text: str, known: Sequence[int] = ()) -> list[int]:
@@ -468,10 +475,7 @@ class PrefixCache:
         if common == len(text) == len(entry.text) and entry.whole:
             return Plan(text, common, entry.ids, keys, (entry.chars, entry.tokens, entry.limits), done=True)
         beyond_head = not entry.whole and common > entry.head_end
-        # The last cut whose next two pieces end inside the common prefix, with room for an added token.
-        usable = bisect.bisect_left(entry.limits, common)
-        while usable > 0 and entry.chars[usable - 1] + self._added_margin > common:
-            usable -= 1
+        usable = self._usable_cuts((entry.chars, entry.tokens, entry.limits), common)
         if usable == 0 or entry.chars[usable - 1] < MIN_REUSE_CHARS:
             return Plan(text, 0, array("i"), keys, _no_cuts(), beyond_head=beyond_head)
         cut, token = entry.chars[usable - 1], entry.tokens[usable - 1]
@@ -552,18 +556,8 @@ class PrefixCache:
         ids = plan.prefix_ids + array("i", encoding.ids[:join])
         # The whole text, found again by all its chunks: a prompt sharing more than the head learns from
         # `plan` how much it shares with this one, and so where its blocks were sent (see `tag`).
-        entry = _Entry(
-            plan.text,
-            ids,
-            (
-                plan.entry_cuts[0] + array("q", (c for c, _, _ in kept)),
-                plan.entry_cuts[1] + array("q", (t for _, t, _ in kept)),
-                plan.entry_cuts[2] + array("q", (limit for _, _, limit in kept)),
-            ),
-            array("q", plan.keys),
-            whole=False,
-        )
-        entry.head_end = end
+        cuts = _extended(plan.entry_cuts, *(zip(*kept) if kept else ((), (), ())))
+        entry = _Entry(plan.text, ids, cuts, array("q", plan.keys), head_end=end)
         with self._lock:
             self._heads += 1
             self._encoded_chars += len(text)
@@ -575,9 +569,9 @@ class PrefixCache:
         plan for a text sharing more than its head carries the tag and how much it shares."""
         assert isinstance(entry, _Entry)
         with self._lock:
-            entry.tag, entry.tag_expiry = tag, time.monotonic() + ttl
-            # Its own index: a later prompt's entry takes over the chunks it shares in the main one.
             now = time.monotonic()
+            entry.tag, entry.tag_expiry = tag, now + ttl
+            # Its own index: a later prompt's entry takes over the chunks it shares in the main one.
             while self._tag_order and self._tag_order[0].tag_expiry <= now:
                 self._untag(self._tag_order.popleft())
             if id(entry) in self._entries:
@@ -596,16 +590,7 @@ class PrefixCache:
     def _complete(self, plan: Plan, tail_ids: list[int], cuts: tuple[list[int], list[int], list[int]]) -> list[int]:
         ids = plan.prefix_ids + array("i", tail_ids)
         chars, tokens, limits = cuts
-        entry = _Entry(
-            plan.text,
-            ids,
-            (
-                plan.entry_cuts[0] + array("q", chars),
-                plan.entry_cuts[1] + array("q", tokens),
-                plan.entry_cuts[2] + array("q", limits),
-            ),
-            array("q", plan.keys),
-        )
+        entry = _Entry(plan.text, ids, _extended(plan.entry_cuts, chars, tokens, limits), array("q", plan.keys))
         plan.stored = entry
         with self._lock:
             if plan.cut:
@@ -617,14 +602,20 @@ class PrefixCache:
             self._store(entry)
         return ids.tolist()
 
+    def _usable_cuts(self, cuts: Cuts, common: int) -> int:
+        """How many of `cuts` a text sharing their string's first `common` chars may use: those whose next
+        two pieces end inside the common prefix, with room for an added token."""
+        chars, _, limits = cuts
+        usable = bisect.bisect_left(limits, common)
+        while usable > 0 and chars[usable - 1] + self._added_margin > common:
+            usable -= 1
+        return usable
+
     def _shared_tokens(self, cuts: Cuts, shared_chars: int) -> int:
         """How many first ids a text with these cuts shares with any text sharing its first `shared_chars`
-        chars: those before its last cut usable for that text (plan()'s conditions)."""
-        chars, tokens, limits = cuts
-        i = bisect.bisect_left(limits, shared_chars)
-        while i > 0 and chars[i - 1] + self._added_margin > shared_chars:
-            i -= 1
-        return tokens[i - 1] if i else 0
+        chars: those before its last usable cut."""
+        usable = self._usable_cuts(cuts, shared_chars)
+        return cuts[1][usable - 1] if usable else 0
 
     @staticmethod
     def _deepest(index: dict[int, _Entry], keys: list[int]) -> tuple[_Entry | None, int]:

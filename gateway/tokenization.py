@@ -131,7 +131,7 @@ _SELF_TEST_TEXTS = (
 
 # Text the incremental self-test cuts everywhere: words, digit runs, whitespace runs before words and
 # newlines, contractions, punctuation runs, CJK, emoji with modifiers, combining marks, RTL, tabs, CRLF.
-# Encodes of texts at least this long update the tokens-per-char ratio heads estimate their prompt's size by.
+# Encodes of texts at least this long update the tokens-per-byte ratio heads estimate their prompt's size by.
 _RATIO_MIN_CHARS = 4096
 _SELF_TEST_PROSE = (
     "It's 3.14159, isn't it? We'll see: 1234567 items cost $89.99 (approx.)\n\n"
@@ -188,7 +188,7 @@ class HeadEncoding:
     chars: int
     add_special_tokens: bool
     token_bound: int  # the whole prompt has no more tokens than this
-    token_estimate: int  # its likely token count (the head's + the rest's chars at the recent ratio)
+    token_estimate: int  # its likely token count (the head's + the rest's bytes at the recent ratio)
     entry: object = field(default=None, repr=False, compare=False)  # the prefix cache's, for `tag_head`
 
 
@@ -425,8 +425,7 @@ class Preprocessor:
         if found is None:
             return await self._encode_planned(plan, add_special_tokens)
         ids, chars, entry = found
-        encoded = _utf8_size(text[plan.cut : chars])
-        self._tokens_per_byte += 0.1 * ((len(ids) - len(plan.prefix_ids)) / encoded - self._tokens_per_byte)
+        self._learn_tokens_per_byte(len(ids) - len(plan.prefix_ids), text[plan.cut : chars])
         rest = self._normalized(text[chars:])
         rest_bytes = _utf8_size(rest)
         framed = 0
@@ -452,6 +451,9 @@ class Preprocessor:
             return Tokenized(ids)
         framed = len(self._frame[0]) if add_special_tokens and self._frame is not None else 0
         return Tokenized(ids, shared[0], framed + shared[1])
+
+    def _learn_tokens_per_byte(self, tokens: int, text: str) -> None:
+        self._tokens_per_byte += 0.1 * (tokens / _utf8_size(text) - self._tokens_per_byte)
 
     def _normalized(self, text: str) -> str:
         return self._normalizer.normalize_str(text) if self._normalizer is not None else text
@@ -532,7 +534,7 @@ class Preprocessor:
             work = functools.partial(self._finish_prefix, plan, add_special_tokens, released=True)
             ids = await asyncio.get_running_loop().run_in_executor(self._executor, work)
             if len(text) >= _RATIO_MIN_CHARS:
-                self._tokens_per_byte += 0.1 * (len(ids) / _utf8_size(text) - self._tokens_per_byte)
+                self._learn_tokens_per_byte(len(ids), text)
             return _non_empty(ids), True
         if self._segments is None or add_special_tokens:
             if len(text) < self.config.offload_threshold_chars:
@@ -612,6 +614,11 @@ class Preprocessor:
         except TokenizerError:
             pass
 
+    def _long_samples(self) -> Iterator[str]:
+        """The prefix cache's self-test samples, each repeated to 1k+ chars (for split and head self-tests)."""
+        for sample in self._prefix_samples():
+            yield (sample + " ") * (8 * 128 // max(1, len(sample)) + 1)
+
     def _split_setting(self) -> tuple[int, str]:
         """How many parts a long text is encoded in (1: whole) and, when 1, why: the parts are joined only
         where a cut is exact, and a load-time self-test compares split with whole encodes first."""
@@ -622,8 +629,7 @@ class Preprocessor:
             return 1, "the prefix cache is off"
         if parts == 1:
             return 1, "split_parts is 1" if self.config.split_parts is not None else "one CPU"
-        for sample in self._prefix_samples():
-            text = (sample + " ") * (8 * 128 // max(1, len(sample)) + 1)
+        for text in self._long_samples():
             probe = PrefixCache(
                 self._backend, 1 << 30, self._prefix.metaspace, split_min_chars=128, split_overlap_chars=64
             )
@@ -640,8 +646,7 @@ class Preprocessor:
             return 0, "the prefix cache is off"
         if self.config.head_chars == 0:
             return 0, "head_chars is 0"
-        for sample in self._prefix_samples():
-            text = (sample + " ") * (8 * 128 // max(1, len(sample)) + 1)
+        for text in self._long_samples():
             whole = self._backend.encode(text, add_special_tokens=False)
             for chars in range(64, len(text) // 2, 197):
                 probe = PrefixCache(self._backend, 1 << 30, self._prefix.metaspace, split_overlap_chars=64)
