@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="kv,round-robin", help="comma-separated router modes, run in this order")
     p.add_argument("--workers", type=int, default=_default(StackConfig, "workers"), help="simulated workers")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per mode (trace: replay window)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="seconds at the start of each run whose requests are sent but left out of the sweep's TTFT, "
+        "goodput and req/s (caches and sessions start cold)",
+    )
     p.add_argument("--users", type=int, default=8, help="concurrent users (closed-loop workloads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="report directory (default: reports/<workload>-<time>)")
@@ -446,6 +453,7 @@ async def run_mode(
         repeat=repeat,
         oracle=oracle,
         cpu=cpu.to_json(),
+        warmup_s=args.warmup,
     )
 
 
@@ -486,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--admin-url given {len(args.admin_url)} times for {len(modes)} modes")
     if args.duration <= 0 or args.users < 1 or args.workers < 1 or args.repeats < 1 or args.slo_ttft <= 0:
         parser.error("--duration, --users, --workers, --repeats and --slo-ttft must be positive")
+    if not 0 <= args.warmup < args.duration:
+        parser.error("--warmup must be at least 0 and shorter than --duration")
     try:
         workload_cfg, stack_cfg, _ = configs(args)
         rates = parse_rates(args.rates)
@@ -509,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rates": args.rates,
         "repeats": args.repeats,
         "slo_ttft_s": args.slo_ttft,
+        "warmup_s": args.warmup,
         "command": "python -m kvgate.loadtest.bench " + shlex.join(argv),
         "workload_config": asdict(workload_cfg),
         "stack": asdict(stack_cfg) if not args.gateway_url else {"gateway_urls": args.gateway_url},
@@ -581,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_report(results, out)
         print(markdown_table([(m.label, summarize(m)) for m in results.modes]))
         if rates is not None or args.repeats > 1:
-            print("\n".join(["", *sweep_tables(cells_of(results), args.slo_ttft)]))
+            print("\n".join(["", *sweep_tables(cells_of(results), args.slo_ttft, warmup_s=args.warmup)]))
     for mode, why in failed.items():
         print(f"mode {mode} did not start: {why}", file=sys.stderr)
     print(f"\nreport: {out / 'report.md'}", file=sys.stderr)

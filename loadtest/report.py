@@ -50,6 +50,7 @@ class ModeResult:
     repeat: int = 0
     oracle: dict[str, Any] | None = None  # oracle.oracle_summary
     cpu: dict[str, Any] | None = None  # cpu.CpuUsage.to_json
+    warmup_s: float = 0.0  # the sweep's figures leave out requests sent before this (bench --warmup)
 
     @property
     def label(self) -> str:
@@ -66,6 +67,7 @@ class ModeResult:
             "oracle": self.oracle,
             "cpu": self.cpu,
             "duration_s": self.duration_s,
+            "warmup_s": self.warmup_s,
             "summary": summarize(self),
             "notes": self.notes,
             "gateway_metrics": self.gateway_metrics,
@@ -86,6 +88,7 @@ class ModeResult:
             d.get("repeat", 0),
             d.get("oracle"),
             d.get("cpu"),
+            d.get("warmup_s", 0.0),
         )
 
 
@@ -153,6 +156,7 @@ def figures(result: ModeResult, slo_ttft_s: float) -> RunFigures:
         result.oracle,
         s["cpu_bottleneck"],
         (result.cpu or {}).get("machine_busy"),
+        result.warmup_s,
     )
 
 
@@ -319,7 +323,9 @@ def _pct_spread(sp: Any) -> str:
     return _fmt_spread(scaled, ".1f") + "%"
 
 
-def sweep_tables(cells: Sequence[Cell], slo_ttft_s: float, baseline: str = BASELINE) -> list[str]:
+def sweep_tables(
+    cells: Sequence[Cell], slo_ttft_s: float, baseline: str = BASELINE, warmup_s: float = 0.0
+) -> list[str]:
     """Markdown: one row per (mode, rate) with medians and spread, the SLO verdict per mode,
     and the ratio table against ``baseline``."""
     slo_ms = 1000.0 * slo_ttft_s
@@ -344,6 +350,12 @@ def sweep_tables(cells: Sequence[Cell], slo_ttft_s: float, baseline: str = BASEL
         f"an infinite TTFT (∞); goodput = requests per second completed with TTFT ≤ {slo_ms:.0f} ms.",
         "",
     ]
+    if warmup_s > 0:
+        out[-1:] = [
+            f"Requests sent in each run's first {warmup_s:g} s (its warm-up) are left out of the TTFT, goodput "
+            "and req/s columns; the cached and oracle columns count the whole run.",
+            "",
+        ]
     verdicts = slo_verdicts(cells, slo_ms)
     if verdicts:
         out.append(
@@ -395,7 +407,8 @@ def render_markdown(results: BenchResults) -> str:
             "",
         ]
     if is_sweep(results):
-        out += ["## Sweep", "", *sweep_tables(cells_of(results), slo), f"![sweep]({SWEEP_PNG})", ""]
+        tables = sweep_tables(cells_of(results), slo, warmup_s=meta.get("warmup_s") or 0.0)
+        out += ["## Sweep", "", *tables, f"![sweep]({SWEEP_PNG})", ""]
         out += ["## Every run", ""]
     out += [markdown_table(summaries), ""]
     tiers = tier_table(summaries)

@@ -50,8 +50,11 @@ SUITE: tuple[SuiteEntry, ...] = (
         "multi-turn",
         BASE_MODES,
         (2.0, 5.0),
-        # Open loop: 4 conversations to start with (more only when all 4 await a reply), so turns return.
-        ("--users", "4", "--turns", "8", "--first-turn-tokens", "2048", "--turn-tokens", "64", "--max-tokens", "32"),
+        # Open loop: 16 conversations to start with (more only when all 16 await a reply), so turns keep
+        # returning as the rate rises. (With 4, every conversation was awaiting a reply from about 2 req/s
+        # up, so each arrival opened a new one: nothing left to reuse, and no rate sweep could show what
+        # reuse buys in capacity.)
+        ("--users", "16", "--turns", "8", "--first-turn-tokens", "2048", "--turn-tokens", "64", "--max-tokens", "32"),
     ),
     SuiteEntry(
         "shared-prefix",
@@ -74,13 +77,15 @@ SUITE: tuple[SuiteEntry, ...] = (
         ("kv", "kv-gpu-only", "kv-approx", "round-robin"),
         (1.0, 2.0),
         # Long conversations (4k-token openings) on 4 workers whose GPU pools (256 blocks, 16k tokens) hold
-        # about three of them: 16 conversations (~80k tokens with their turns) overflow the fleet's GPU
-        # blocks into the CPU tiers, which hold them all. Prefill, not the engine's fixed step time,
-        # dominates a 4k-token first token here, so what the tiers save shows in TTFT; with 4 workers a
-        # router blind to the tiers finds the right one a quarter of the time.
+        # about three of them: 32 conversations (~150k tokens with their turns, 2.3x the fleet's GPU blocks)
+        # overflow into the CPU tiers, which hold them all, so most returning turns find their conversation
+        # only in a CPU tier. Prefill, not the engine's fixed step time, dominates a 4k-token first token
+        # here, so what the tiers save shows in TTFT; with 4 workers a router blind to the tiers finds the
+        # right one a quarter of the time. (With 16 conversations, 1.25x the GPU blocks, most returns still
+        # found their blocks in GPU memory and the tiers barely mattered.)
         (
             "--users",
-            "8",
+            "16",
             "--conversations-per-user",
             "2",
             "--turns",
@@ -166,7 +171,7 @@ def summary_section(entry: SuiteEntry, results: BenchResults, slo_ttft_s: float,
     if failed:
         out.append("")
     if results.modes:
-        out += sweep_tables(cells_of(results), slo_ttft_s)
+        out += sweep_tables(cells_of(results), slo_ttft_s, warmup_s=results.meta.get("warmup_s") or 0.0)
     else:
         out += ["No run completed.", ""]
     out += [f"Full report: [{entry.name}/report.md]({entry.name}/report.md); {elapsed_s:.0f} s.", ""]

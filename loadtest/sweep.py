@@ -87,7 +87,14 @@ def run_figures(
     oracle: Mapping[str, Any] | None = None,
     cpu_flags: Sequence[str] = (),
     machine_busy: float | None = None,
+    warmup_s: float = 0.0,
 ) -> RunFigures:
+    """One run's figures. With ``warmup_s``, the TTFT percentiles, goodput and requests/s
+    count only the requests sent from ``warmup_s`` on, over the rest of the run: a run's
+    first seconds start with cold caches and every session on its first turn."""
+    if warmup_s > 0:
+        records = [r for r in records if r.start_s >= warmup_s]
+        duration_s -= warmup_s
     ttft = ttft_ms_with_failures(records)
     ok = sum(1 for r in records if r.ok)
     return RunFigures(

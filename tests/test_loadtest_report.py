@@ -222,3 +222,18 @@ def test_a_sweep_report_has_the_sweep_the_oracle_and_the_cpu_flag(tmp_path):
     again = BenchResults.from_json(json.loads(paths["results"].read_text()))
     assert [(m.mode, m.rate, m.repeat) for m in again.modes] == [(m.mode, m.rate, m.repeat) for m in runs]
     assert render_markdown(again) == md
+
+
+def test_a_sweep_with_a_warm_up_counts_only_the_requests_after_it(tmp_path):
+    runs = []
+    for mode in ("kv", "round-robin"):
+        recs = [r for r in records(20, 100, ["w0"], 0) if r.ok]  # sent at 0.0, 0.1, ... 1.9 s
+        for r in recs:
+            r.ttft_s = 2.0 if r.start_s < 1.0 else 0.1  # slow while cold, fast after the first second
+        runs.append(ModeResult(mode, recs, 2.0, rate=1.0, warmup_s=1.0))
+    results = BenchResults({"workload": "multi-turn", "slo_ttft_s": 0.5, "warmup_s": 1.0}, runs)
+    md = write_report(results, tmp_path / "rep")["report"].read_text()
+    # 10 requests after the warm-up, all within the SLO, over the 1 s left: p50 100 ms, goodput 10/s.
+    assert "| kv | 1 | 1 | 100.0 | 100.0 | 100.0 | 10.00 | 10.00 |" in md
+    assert "first 1 s (its warm-up) are left out" in md
+    assert BenchResults.from_json(json.loads((tmp_path / "rep" / "results.json").read_text())).modes[0].warmup_s == 1.0

@@ -51,6 +51,25 @@ def test_goodput_counts_successes_within_the_slo():
     assert goodput(records, 1.0, 0.0) == 0.0
 
 
+def test_a_warm_up_leaves_the_first_requests_out_of_the_figures():
+    def at(start_s: float, ttft_s: float, ok: bool = True) -> RequestRecord:
+        r = RequestRecord("w", 0, 0, start_s, status=200 if ok else 503, ttft_s=ttft_s)
+        if not ok:
+            r.error = "HTTP 503"
+        return r
+
+    # The first 5 s: slow cold starts and a failure; after them, fast answers.
+    records = [at(0.5, 3.0), at(2.0, 4.0), at(4.9, 0.1, ok=False)] + [at(5.0 + i, 0.2) for i in range(5)]
+    whole = run_figures("kv", 1.0, 0, records, 10.0, 1.0, None)
+    warm = run_figures("kv", 1.0, 0, records, 10.0, 1.0, None, warmup_s=5.0)
+    assert whole.requests == 8 and whole.errors == 1 and math.isinf(whole.ttft_p99_ms)
+    assert whole.goodput == pytest.approx(5 / 10.0)
+    assert warm.requests == 5 and warm.errors == 0
+    assert warm.ttft_p50_ms == pytest.approx(200.0) and warm.ttft_p99_ms == pytest.approx(200.0)
+    # Goodput and throughput over the 5 s left after the warm-up.
+    assert warm.goodput == pytest.approx(5 / 5.0) and warm.requests_per_s == pytest.approx(5 / 5.0)
+
+
 def test_failed_requests_count_as_infinite_ttft():
     records = [rec(0.1), rec(0.2), rec(0.3), rec(None, ok=False)]
     ttft = ttft_ms_with_failures(records)
