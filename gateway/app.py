@@ -403,7 +403,9 @@ class Gateway:
             assert isinstance(parsed, CompletionRequest)
             encode = self.preprocessor.encode_prompt_async
             prompts = [await self._tokenized(encode(prompt), "prompt") for prompt in parsed.prompts]
-        tokenize_seconds = time.perf_counter() - t0
+        # A head-routed request's decision was made in this span: its time is the router's, not the tokenizer's.
+        routing_seconds = decision.timings.total if decision is not None else 0.0
+        tokenize_seconds = time.perf_counter() - t0 - routing_seconds
         if decision is None:
             for token_ids in prompts:
                 self._check_length(len(token_ids), parsed.max_tokens, param)
