@@ -112,6 +112,8 @@ class Routed:
     stream: bool = False
     head: HeadEncoding | None = None
     """Set when the request was routed on its prompt's head alone (``Router.route_head``)."""
+    lora_name: str | None = None
+    cache_salt: str | None = None
 
 
 class Gateway:
@@ -303,7 +305,9 @@ class Gateway:
             data = parse_json_object(body)
             route = CHAT if "messages" in data else COMPLETIONS
             parsed = parse_chat(body, self.config.max_messages) if route == CHAT else parse_completion(body)
-            routed = await self._route(route, parsed, time.perf_counter())
+            # The whole prompt's overlap and block hashes, even for a new turn a request would route on its
+            # cached prefix: the same choice (`Router.route_head`), with every block counted.
+            routed = await self._route(route, parsed, time.perf_counter(), whole=True)
         except ApiError as err:
             return err.response(NO_WORKER)
         decision = routed.decision
@@ -366,7 +370,9 @@ class Gateway:
                 raise body_undecodable(f"it is not valid {encoding.strip()} data (Content-Encoding)") from None
             raise body_undecodable("its framing is broken") from None
 
-    async def _route(self, route: str, parsed: ChatRequest | CompletionRequest, started: float) -> Routed:
+    async def _route(
+        self, route: str, parsed: ChatRequest | CompletionRequest, started: float, whole: bool = False
+    ) -> Routed:
         lora_name = self._lora_for(parsed.model)
         t0 = time.perf_counter()
         param = "messages" if isinstance(parsed, ChatRequest) else "prompt"
@@ -374,11 +380,14 @@ class Gateway:
         routed_head: HeadEncoding | None = None
         shared: tuple[WorkerKey, int] | None = None
         head = await self._tokenize_head(parsed)
+        if whole and isinstance(head, HeadEncoding) and head.prefix:
+            head = await self._tokenized(self.preprocessor.finish_head_async(head, counted=False), param)
         if isinstance(head, HeadEncoding):
-            # A long prompt of which only the head is encoded: it is routed on the head when no worker
-            # holds all of it and it fits the context by a bound on its length, or by a wide margin on
-            # its estimate (twice the rest's; the worker checks the exact count against its own
-            # max_model_len anyway and answers a 400 of its own).
+            # A prompt of which only the head is encoded (a long one's first chars, or a new turn's cached
+            # prefix): it is routed on the head when the rest cannot change the choice (Router.route_head)
+            # and it fits the context by a bound on its length, or by a wide margin on its estimate (twice
+            # the rest's; the worker checks the exact count against its own max_model_len anyway and
+            # answers a 400 of its own).
             completion = parsed.max_tokens or 0
             margin = 2 * head.token_estimate - len(head.ids)
             if min(head.token_bound, margin) + completion <= self.context_length:
@@ -389,6 +398,7 @@ class Gateway:
                         lora_name=lora_name,
                         cache_salt=parsed.cache_salt,
                         exclude=self.fleet.down_keys,
+                        token_bound=head.token_bound,
                     )
                 )
             if decision is not None:
@@ -426,7 +436,18 @@ class Gateway:
             {"hash": decision.timings.hash, "match": decision.timings.match, "score": decision.timings.score},
         )
         sequences = (1 if isinstance(parsed, ChatRequest) else len(parsed.prompts)) * parsed.n
-        return Routed(route, started, prompt_tokens, decision, tokenize_seconds, sequences, parsed.stream, routed_head)
+        return Routed(
+            route,
+            started,
+            prompt_tokens,
+            decision,
+            tokenize_seconds,
+            sequences,
+            parsed.stream,
+            routed_head,
+            lora_name,
+            parsed.cache_salt,
+        )
 
     @staticmethod
     def _route_or_raise(choose: Callable[[], Decision | None]) -> Decision | None:
@@ -490,9 +511,16 @@ class Gateway:
             else:
                 flight.move_to(key)
             if routed.head is not None:
-                # Its blocks past the head were never hashed, so never predicted: a prompt sharing them
-                # finds out from the prefix cache where they went (``Tokenized.shared_tag``).
-                self.preprocessor.tag_head(routed.head, key, self.router.prediction_ttl)
+                if routed.head.prefix:
+                    if attempts == 1:
+                        # The rest of a new turn is encoded once the request is on its way to the worker (this
+                        # runs when `post` first waits), then stored for the next turn and its blocks predicted
+                        # where the request is by then (a retry predicts the whole prompt).
+                        asyncio.get_running_loop().call_soon(self._finish_prefix_route, routed, flight)
+                else:
+                    # Its blocks past the head were never hashed, so never predicted: a prompt sharing them
+                    # finds out from the prefix cache where they went (``Tokenized.shared_tag``).
+                    self.preprocessor.tag_head(routed.head, key, self.router.prediction_ttl)
             try:
                 upstream = await self.upstream.post(info.base_url, routed.route, body, headers)
             except UpstreamFailure as err:
@@ -524,6 +552,15 @@ class Gateway:
         flight.report_usage(None, streamed=False, served=False)
         flight.finish(Outcome(routed.route, str(error.status)))
         return error.response(flight.key.worker_id)
+
+    def _finish_prefix_route(self, routed: Routed, flight: InFlight) -> None:
+        assert routed.head is not None
+        try:
+            ids = self.preprocessor.finish_prefix_route(routed.head)
+        except TokenizerError as err:  # the head was encoded, so the rest cannot fail; the worker has it anyway
+            log.warning("request %s: encoding the rest of its prompt failed: %s", flight.request_id, err)
+            return
+        self.router.extend(flight, ids, lora_name=routed.lora_name, cache_salt=routed.cache_salt)
 
     def _router_metrics(self):
         """The cost model's learned rates and the predictions of sent blocks."""

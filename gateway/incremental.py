@@ -104,6 +104,8 @@ class IncrementalInfo:
     heads: int = 0  # long prompts whose head only was encoded, to route on (`PrefixCache.head`)
     head_fallbacks: int = 0  # heads with no provable cut (the prompt was encoded whole)
     heads_completed: int = 0  # heads that did not decide the route: the prompt was then encoded whole
+    prefix_routed: int = 0  # prompts routed on a cached prefix, their rest encoded after forwarding
+    prefix_completed: int = 0  # prompts whose cached prefix did not decide the route (encoded before forwarding)
 
 
 # -- which tokenizers qualify -------------------------------------------------------------------------------
@@ -744,6 +746,14 @@ class TokenizationCollector(Collector):
         heads.add_metric(["routed"], info.heads - info.heads_completed)
         heads.add_metric(["completed"], info.heads_completed)
         heads.add_metric(["fallback"], info.head_fallbacks)
+        prefixes = CounterMetricFamily(
+            "kvgate_tokenizer_prefix_routes",
+            "Prompts extending a cached one by a short rest, by result (routed: on the cached prefix's ids, the "
+            "rest encoded after forwarding; completed: the prefix did not decide, the rest was encoded first)",
+            labels=("result",),
+        )
+        prefixes.add_metric(["routed"], info.prefix_routed)
+        prefixes.add_metric(["completed"], info.prefix_completed)
         size = GaugeMetricFamily("kvgate_tokenizer_cache_bytes", "Approximate size of the prefix cache")
         size.add_metric([], info.bytes)
         entries = GaugeMetricFamily("kvgate_tokenizer_cache_entries", "Prompts held by the prefix cache")
@@ -754,4 +764,4 @@ class TokenizationCollector(Collector):
         )
         segment_lookups.add_metric(["hit"], segments.hits)
         segment_lookups.add_metric(["miss"], segments.misses)
-        return [enabled, encodes, reused, encoded, split, heads, size, entries, segment_lookups]
+        return [enabled, encodes, reused, encoded, split, heads, prefixes, size, entries, segment_lookups]

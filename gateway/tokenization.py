@@ -60,6 +60,11 @@ its bytes (a byte-level token covers at least one). `finish_head_async` encodes 
 not decide, reusing it. A routed head is tagged with where its prompt went (`tag_head`); a later prompt that
 shares more than the head with it (`Plan.beyond_head`) is encoded whole, and its `Tokenized` says how many of
 its first ids provably are that prompt's too, so the router predicts those blocks where that prompt went.
+A prompt that extends a cached one by less than the offload threshold (a conversation's next turn) is
+returned as a `HeadEncoding` too, its head the cached prefix's ids (`HeadEncoding.prefix`): the router
+decides on it when the rest cannot change the choice (`Router.route_head` with `token_bound`), and the
+gateway encodes the rest with `finish_prefix_route` once the request is on its way, storing the whole
+prompt for the next turn.
 """
 
 from __future__ import annotations
@@ -179,9 +184,14 @@ class PreprocessorConfig:
 
 @dataclass(frozen=True)
 class HeadEncoding:
-    """A long prompt of which only the head is encoded: enough to route it when no worker holds all of the
-    head's blocks, since a worker's match ends at its first missing block. `finish_head_async` encodes the
-    rest when the head is not enough (or the exact count is needed)."""
+    """A prompt of which only the head is encoded: enough to route it when no worker holds all of the head's
+    blocks, since a worker's match ends at its first missing block, or when the rest cannot change the choice
+    (`Router.route_head`). `finish_head_async` encodes the rest when the head is not enough (or the exact
+    count is needed).
+
+    Two kinds: a long cold prompt's first `head_chars` (its rest is never encoded when the head decides), and
+    a prompt extending a cached one (`plan` set: the head is the cached prefix's ids, and the short rest is
+    encoded after the request was forwarded, `finish_prefix_route`, so the next turn finds it cached)."""
 
     text: str
     ids: list[int]  # the exact ids of text[:chars] (after the special-token head when framed)
@@ -190,6 +200,12 @@ class HeadEncoding:
     token_bound: int  # the whole prompt has no more tokens than this
     token_estimate: int  # its likely token count (the head's + the rest's bytes at the recent ratio)
     entry: object = field(default=None, repr=False, compare=False)  # the prefix cache's, for `tag_head`
+    plan: Plan | None = field(default=None, repr=False, compare=False)  # a cached prefix's head: the rest's plan
+
+    @property
+    def prefix(self) -> bool:
+        """The head is a cached prefix, and the rest is short (see the class docstring)."""
+        return self.plan is not None
 
 
 @dataclass(frozen=True)
@@ -254,6 +270,8 @@ class Preprocessor:
         self._head_chars, self.head_off_reason = self._head_setting()
         self._lock = threading.Lock()
         self._heads_completed = 0
+        self._prefix_routed = 0
+        self._prefix_completed = 0
         # None when it cannot change a text (an empty sequence still copies it: ~0.3 ms for 50k chars).
         self._normalizer = self._backend.normalizer if incremental.normalizes(self._backend) else None
         # Tokens per UTF-8 byte of recent heads and long encodes, for a head's estimate (steadier across
@@ -395,11 +413,25 @@ class Preprocessor:
             return await self._encode_head_async(prompt, add_special_tokens)
         return Tokenized(self.validate_token_ids(prompt))
 
-    async def finish_head_async(self, head: HeadEncoding) -> Tokenized:
-        """All of a head's prompt ids (the head, stored in the prefix cache, is not encoded again)."""
+    async def finish_head_async(self, head: HeadEncoding, counted: bool = True) -> Tokenized:
+        """All of a head's prompt ids (the head, stored in the prefix cache, is not encoded again); `counted`:
+        as a head that did not decide its route (the metrics)."""
+        if counted:
+            with self._lock:
+                if head.plan is not None:
+                    self._prefix_completed += 1
+                else:
+                    self._heads_completed += 1
+        plan = head.plan if head.plan is not None else self._prefix_plan(head.text)
+        return await self._encode_planned(plan, head.add_special_tokens)
+
+    def finish_prefix_route(self, head: HeadEncoding) -> list[int]:
+        """All ids of a prompt routed on its cached prefix (`HeadEncoding.prefix`), its short rest encoded here,
+        on the caller's thread, and the whole prompt stored in the prefix cache for the next turn."""
+        assert head.plan is not None and self._prefix is not None
         with self._lock:
-            self._heads_completed += 1
-        return await self._encode_planned(self._prefix_plan(head.text), head.add_special_tokens)
+            self._prefix_routed += 1
+        return _non_empty(self._finish_prefix(head.plan, head.add_special_tokens, released=False))
 
     def tag_head(self, head: HeadEncoding, tag: object, ttl: float) -> None:
         """`head`'s whole prompt was sent where `tag` says (a prompt routed on its head alone). For `ttl`
@@ -418,7 +450,13 @@ class Preprocessor:
         # A text sharing more than a head with its prompt, which may have been routed on that head alone:
         # that prompt's blocks past the head are where it was sent, which only a whole encode of this one
         # can tell (`_encode_planned`).
-        if plan.done or plan.beyond_head or len(plan.text) - plan.cut < 4 * head_chars:
+        if plan.done or plan.beyond_head:
+            return await self._encode_planned(plan, add_special_tokens)
+        rest_chars = len(plan.text) - plan.cut
+        if plan.cut and rest_chars < self.config.offload_threshold_chars:
+            # A new turn of a cached conversation: routed on the cached prefix, the rest encoded after forwarding.
+            return self._head_encoding(plan.text, plan.prefix_ids.tolist(), plan.cut, add_special_tokens, None, plan)
+        if rest_chars < 4 * head_chars:
             return await self._encode_planned(plan, add_special_tokens)
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._executor, self._prefix.head, plan, head_chars)
@@ -426,8 +464,13 @@ class Preprocessor:
             return await self._encode_planned(plan, add_special_tokens)
         ids, chars, entry = found
         self._learn_tokens_per_byte(len(ids) - len(plan.prefix_ids), text[plan.cut : chars])
-        rest = self._normalized(text[chars:])
-        rest_bytes = _utf8_size(rest)
+        return self._head_encoding(text, ids, chars, add_special_tokens, entry, None)
+
+    def _head_encoding(
+        self, text: str, ids: list[int], chars: int, add_special_tokens: bool, entry: object, plan: Plan | None
+    ) -> HeadEncoding:
+        """`text`'s head: its ids up to char `chars`, with a bound and an estimate of the whole prompt's count."""
+        rest_bytes = _utf8_size(self._normalized(text[chars:]))
         framed = 0
         if add_special_tokens:
             assert self._frame is not None
@@ -441,6 +484,7 @@ class Preprocessor:
             len(ids) + self._token_bound(rest_bytes) + framed,
             len(ids) + round(rest_bytes * self._tokens_per_byte) + framed,
             entry,
+            plan,
         )
 
     async def _encode_planned(self, plan: Plan, add_special_tokens: bool) -> Tokenized:
@@ -500,8 +544,15 @@ class Preprocessor:
         if self._prefix is None:
             return IncrementalInfo(False, self._prefix_off_reason, 0, 0, 0, 0, 0, 0)
         with self._lock:
-            completed = self._heads_completed
-        return IncrementalInfo(True, "", *self._prefix.counters(), heads_completed=completed)
+            completed, routed, prefix_completed = self._heads_completed, self._prefix_routed, self._prefix_completed
+        return IncrementalInfo(
+            True,
+            "",
+            *self._prefix.counters(),
+            heads_completed=completed,
+            prefix_routed=routed,
+            prefix_completed=prefix_completed,
+        )
 
     def segment_cache_info(self) -> SegmentCacheInfo:
         if self._segments is None:

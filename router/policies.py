@@ -424,6 +424,11 @@ def _rank(scores: list[CandidateScore], block_size: int, chosen_at: dict[WorkerK
     return ordered
 
 
+def ties_or_beats(total: float, best: float) -> bool:
+    """Whether a candidate costing ``total`` would be cheaper than, or tied with, one costing ``best``."""
+    return total <= best or _tied(best, total)
+
+
 def _tied(lower: float, higher: float) -> bool:
     return higher - lower <= max(_TIE_FRACTION * abs(lower), _TIE_EPSILON)
 

@@ -24,7 +24,15 @@ from kvgate.protocol.hashing import sequence_hashes
 from kvgate.router.config import RouterConfig
 from kvgate.router.lifecycle import InFlight, RequestListener
 from kvgate.router.load import LoadTracker
-from kvgate.router.policies import Decision, NoWorkerAvailable, Policy, RouteTimings, make_policy
+from kvgate.router.policies import (
+    Decision,
+    NoWorkerAvailable,
+    Policy,
+    RouteTimings,
+    make_policy,
+    score_candidates,
+    ties_or_beats,
+)
 from kvgate.router.registry import RegistryChange, WorkerRegistry
 from kvgate.router.speed import Sample
 
@@ -126,26 +134,65 @@ class Router:
         lora_name: str | None = None,
         cache_salt: str | None = None,
         exclude: Collection[WorkerKey | str] = (),
+        token_bound: int | None = None,
     ) -> Decision | None:
         """Choose a worker for a prompt of ``prompt_tokens`` tokens (an estimate) of which only the first
         ``head_ids`` are known, or None when the head does not decide it.
 
         A worker's match ends at its first missing block, so when no worker holds all of the head's
         full blocks, every worker's match is known from the head alone and the rest of the prompt
-        only adds uncached tokens, the same number on every worker. When one does hold them all, its
-        match may go on: the caller encodes the whole prompt and calls ``route``."""
+        only adds uncached tokens, the same number on every worker. A worker that does hold them all
+        (the holder of a conversation's earlier turns) may match further. Given ``token_bound`` (no
+        more tokens than this in the whole prompt), the head still decides when the worker it chooses
+        stays the cheapest beyond a tie even if every such holder other than it held the whole rest:
+        more of the prompt on the chosen one only makes it cheaper. Otherwise (or with no bound) the
+        caller encodes the whole prompt and calls ``route``. Only in ``kv`` mode at ``temperature`` 0: there
+        the choice is the cheapest total's, and a decision the head does not settle is dropped unseen."""
         t0 = time.perf_counter()
         seq_hashes = sequence_hashes(head_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
         hashed = time.perf_counter() - t0
         if not seq_hashes:
             return None
         t0 = time.perf_counter()
+        full = len(seq_hashes)
         matches = self.indexer.find_matches(seq_hashes)
-        if any(match.depth >= len(seq_hashes) for match in matches.values()):
+        holders = [key for key, match in matches.items() if match.depth >= full]
+        # A choice that is not the cheapest total's (a rotation, a draw) cannot be checked against holders,
+        # and a discarded one would still move its cursor or its random stream.
+        if holders and (token_bound is None or self.policy.mode != "kv" or self.config.temperature > 0):
             return None
-        decision = self._select(seq_hashes, matches, t0, exclude, max(prompt_tokens, len(head_ids)))
+        prompt_tokens = max(prompt_tokens, len(head_ids))
+        decision = self._select(seq_hashes, matches, t0, exclude, prompt_tokens)
         decision.timings.hash = hashed
+        if holders and not self._decides(
+            decision, holders, matches, max(full, (token_bound or 0) // self.config.block_size), prompt_tokens, exclude
+        ):
+            return None
         return decision
+
+    def _decides(
+        self,
+        decision: Decision,
+        holders: list[WorkerKey],
+        matches: dict[WorkerKey, Match],
+        most_blocks: int,
+        prompt_tokens: int,
+        exclude: Collection[WorkerKey | str],
+    ) -> bool:
+        """Whether ``decision``'s choice would stand if each holder of the whole head other than the chosen
+        one held the prompt's first ``most_blocks`` blocks (the rest in GPU memory: the cheapest case)."""
+        chosen = decision.chosen_score
+        rivals = [key for key in holders if key != chosen.key]
+        if not rivals or most_blocks <= decision.num_blocks:  # no rival, or no block past the head to hold
+            return True
+        loads = {s.key: s.load for s in decision.scores}
+        deepest: dict[WorkerKey, Match] = {}
+        for key in rivals:
+            match = matches[key]
+            gpu, cpu, disk = match.per_tier
+            deepest[key] = Match(most_blocks, [gpu + most_blocks - match.depth, cpu, disk], match.predicted)
+        best = score_candidates(self.config, self.speed, rivals, deepest, most_blocks, loads, exclude, prompt_tokens)
+        return all(s.skipped is not None or not ties_or_beats(s.total, chosen.total) for s in best)
 
     def _select(
         self,
@@ -184,6 +231,28 @@ class Router:
             clock=self.clock,
             listeners=self._listeners,
         )
+
+    def extend(
+        self,
+        flight: InFlight,
+        token_ids: Sequence[int],
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        """``flight`` was routed on the head of its prompt (``route_head``), whose ids ``token_ids`` are all
+        known now: its decision takes the whole prompt's block hashes (a retry predicts them all), and the
+        blocks past the head are predicted where it went, unless it already finished."""
+        hashes = sequence_hashes(token_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
+        decision = flight.decision
+        if len(hashes) <= len(decision.seq_hashes):
+            return
+        decision.seq_hashes = hashes
+        if self._predict is None or flight.finished:
+            return
+        new = self._predict(flight.key, hashes, self._prediction_ttl)
+        if new:
+            flight.predicted_hashes = [*flight.predicted_hashes, *new]
 
     def subscribe(self, listener: RequestListener) -> Callable[[], None]:
         """``listener`` hears every request's lifecycle from now on; returns the function that unsubscribes it."""

@@ -3,7 +3,8 @@
 * a burst of requests sharing a new long prefix follows the first one (the router indexes
   what it sent) instead of scattering before the engine's events arrive;
 * a worker twice as fast is learned as such and gets more of the work;
-* approximate mode (``--kv-events off``) keeps a conversation where its cache is.
+* approximate mode (``--kv-events off``) keeps a conversation where its cache is;
+* a conversation's new turns are routed on the previous turn's ids, the rest encoded after forwarding.
 """
 
 from __future__ import annotations
@@ -130,6 +131,48 @@ def test_approximate_mode_routes_turns_where_their_prefix_was_sent(tmp_path: Pat
         text = metrics(gateway.url)
         assert metric(text, "kvgate_index_events_applied_total") == 0  # no events were read
         assert len(set(first.values())) == 3  # cold conversations spread over the fleet
+    finally:
+        stop_all(gateway.proc, *(w.proc for w in workers.values()))
+
+
+def chat(gateway: Gateway, messages: list[dict[str, str]]) -> tuple[str, str, dict]:
+    """One streamed chat turn: the worker that served it, its text and its usage."""
+    body = {"model": MODEL, "messages": messages, "max_tokens": 8, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    request = urllib.request.Request(
+        gateway.url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        worker, text, usage = r.headers["x-kvgate-worker"], "", {}
+        for line in r.read().decode().splitlines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                text += "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])
+    return worker, text, usage
+
+
+def test_a_conversations_new_turns_are_routed_on_their_cached_prefix_and_stay_with_it(tmp_path: Path) -> None:
+    workers, gateway = _start(tmp_path, {"w0": 1.0, "w1": 1.0, "w2": 1.0})
+    try:
+        messages = [{"role": "system", "content": document(5, 300)}, {"role": "user", "content": "First?"}]
+        first, reply, usage = chat(gateway, messages)
+        prompt_tokens = [usage["prompt_tokens"]]
+        for turn in range(1, 4):
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"Turn {turn}?"}]
+            worker, reply, usage = chat(gateway, messages)
+            prompt_tokens.append(usage["prompt_tokens"])
+            assert worker == first
+            # The worker found the earlier turns cached, up to the last full block of the previous prompt.
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= prompt_tokens[-2] // 64 * 64 - 64, usage
+        text = metrics(gateway.url)
+        # Every new turn was routed on the ids of the turn before (the rest encoded after forwarding) ...
+        assert metric(text, "kvgate_tokenizer_prefix_routes_total", result="routed") == 3, text
+        assert metric(text, "kvgate_tokenizer_prefix_routes_total", result="completed") == 0, text
+        # ... and the rest, encoded then, was stored: each turn reused all but its own new text.
+        assert metric(text, "kvgate_tokenizer_encodes_total", kind="incremental") == 3, text
+        # Its token count was an estimate until the engine's usage said; the metrics count the engine's.
+        assert metric(text, "kvgate_prompt_tokens_total") == sum(prompt_tokens), text
     finally:
         stop_all(gateway.proc, *(w.proc for w in workers.values()))
 

@@ -320,6 +320,65 @@ def test_a_head_some_worker_holds_whole_does_not_decide():
     assert router2.route_head(tokens(63), 8_000) is None
 
 
+def test_a_new_turns_cached_prefix_decides_when_its_rest_cannot_change_the_choice():
+    router, indexer = fleet("a", "b")
+    conversation = tokens(2_100)
+    head = conversation[:1_984]  # 31 full blocks: the earlier turns, cached on a
+    Engine(indexer, "a").store(head)
+    # Without a bound on the prompt, a holder of the whole head may match further: the head does not decide.
+    assert router.route_head(head, 2_100) is None
+    # With one: a is the only holder, and holding more only makes it cheaper.
+    decision = router.route_head(head, 2_100, token_bound=2_150)
+    assert decision is not None and decision.chosen == A and decision.seq_hashes == sequence_hashes(head, BS)
+    # Not in round-robin mode (its choice is a rotation: a dropped decision would still move it).
+    rr, rr_indexer = fleet("a", "b", mode="round-robin")
+    Engine(rr_indexer, "a").store(head)
+    assert rr.route_head(head, 2_100, token_bound=2_150) is None
+    assert [rr.route(head).chosen for _ in range(2)] == [A, B]
+    # A holder loaded so heavily that even the whole prompt cached there would not make it cheapest.
+    router.begin("queued", router.route(tokens(64, 40_000)), 200_000, A)
+    decision = router.route_head(head, 2_100, token_bound=2_150)
+    assert decision is not None and decision.chosen == B
+
+
+def test_a_cached_prefix_does_not_decide_when_another_holder_could_be_cheaper():
+    router, indexer = fleet("a", "b", "c")
+    conversation = tokens(4_000)
+    head = conversation[:1_984]
+    Engine(indexer, "a").store(head)
+    Engine(indexer, "b").store(head)
+    router.begin("queued", router.route(tokens(64, 40_000)), 500, A)  # a little prefill queued on a
+    # b is cheaper on the head alone, but a holding the next 2,000 tokens as well would be cheaper still.
+    assert router.route(head).chosen == B
+    assert router.route_head(head, 4_000, token_bound=4_100) is None
+    # With no block past the head, nothing can change: the head decides.
+    decision = router.route_head(head, 2_000, token_bound=2_000)
+    assert decision is not None and decision.chosen == B
+
+
+def test_extend_predicts_the_rest_of_a_prompt_routed_on_its_head():
+    router, indexer = fleet("a", "b")
+    prompt = tokens(2_100)  # 32 full blocks
+    Engine(indexer, "a").store(prompt[:1_984])
+    decision = router.route_head(prompt[:1_984], 2_100, token_bound=2_150)
+    assert decision is not None
+    flight = router.begin("r1", decision, 2_100)
+    hashes = sequence_hashes(prompt, BS)
+    assert indexer.find_matches(hashes)[A].depth == 31
+    router.extend(flight, prompt)
+    assert decision.seq_hashes == hashes and indexer.find_matches(hashes)[A].depth == 32
+    # A worker that does not serve it drops what this request alone predicted: the engine's 31 blocks stay.
+    flight.report_usage(None, streamed=False, served=False)
+    flight.finish()
+    assert indexer.find_matches(hashes)[A].depth == 31
+    # Once finished, nothing more is predicted.
+    other = tokens(2_100, 20_000)
+    late = router.begin("r2", router.route(other[:1_984]), 2_100)
+    late.finish()
+    router.extend(late, other)
+    assert indexer.find_matches(sequence_hashes(other, BS))[late.key].depth == 31  # its head's, sent
+
+
 def test_a_prompt_sharing_a_routed_heads_prompt_has_its_shared_blocks_predicted_there():
     router, indexer = fleet("a", "b", "c")
     prompt = tokens(8_000)

@@ -329,6 +329,27 @@ def test_heads_are_the_first_ids_of_the_whole_encode(name: str, data: st.DataObj
     assert incremental_ids(cache, tok, text)[0] == whole.ids, text
 
 
+@tokenizer_property(tuple(name for name in INCREMENTAL if name in PREFIX_STABLE_TEMPLATES), examples=15)
+async def test_a_new_turn_is_routed_on_the_previous_turns_ids_and_completed_exactly(
+    name: str, data: st.DataObject
+) -> None:
+    pre = Preprocessor.load(str(model_dir(name)), context_length=1 << 20)
+    text = texts(name)
+    messages = [{"role": "system", "content": data.draw(text, label="system") * 30}]
+    for _turn in range(3):
+        messages.append({"role": "user", "content": data.draw(text, label="user")})
+        whole = pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+        encoded = await pre.encode_chat_head_async(messages)
+        if isinstance(encoded, HeadEncoding):
+            assert encoded.ids == whole[: len(encoded.ids)]  # the exact first ids: their blocks are the prompt's
+            assert encoded.token_bound >= len(whole)
+            ids = pre.finish_prefix_route(encoded) if encoded.prefix else (await pre.finish_head_async(encoded)).ids
+        else:
+            ids = encoded.ids
+        assert ids == whole, messages
+        messages.append({"role": "assistant", "content": data.draw(text, label="assistant")})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in (*INCREMENTAL, *FALLBACK) if name in CHAT])
 @settings(max_examples=40, deadline=None)
@@ -365,12 +386,27 @@ async def test_a_long_prompt_is_encoded_only_to_its_head(name: str) -> None:
     assert done.ids == whole and done.shared_tag is None
     info = pre.incremental_info()
     assert info.heads_completed == 1 and info.encoded_chars < len(head.text) * 1.1, info
-    # A short prompt, and one that extends a cached prompt by little, are encoded whole at once.
+    # A short prompt is encoded whole at once.
     assert isinstance(await pre.encode_chat_head_async([{"role": "user", "content": "hi"}]), Tokenized)
+    # One that extends a cached prompt by a short rest is routed on the cached prefix (`HeadEncoding.prefix`);
+    # the rest is encoded after forwarding, and the whole prompt stored for the next turn.
     messages += [{"role": "assistant", "content": "Read."}, {"role": "user", "content": "Summarise."}]
     again = await pre.encode_chat_head_async(messages)
-    assert isinstance(again, Tokenized)
-    assert again.ids == pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+    whole = pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+    assert isinstance(again, HeadEncoding) and again.prefix
+    assert again.ids == whole[: len(again.ids)] and len(whole) - 64 < len(again.ids) < len(whole)
+    assert again.token_bound >= len(whole) and abs(again.token_estimate - len(whole)) < 64
+    assert pre.finish_prefix_route(again) == whole
+    info = pre.incremental_info()
+    assert (info.prefix_routed, info.prefix_completed) == (1, 0), info
+    # Or, when the prefix does not decide the route, before forwarding.
+    messages += [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "Thanks."}]
+    third = await pre.encode_chat_head_async(messages)
+    assert isinstance(third, HeadEncoding) and third.prefix and len(third.ids) > len(whole) - 64  # turn two
+    done = await pre.finish_head_async(third)
+    assert done.ids == pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+    info = pre.incremental_info()
+    assert (info.prefix_routed, info.prefix_completed, info.heads_completed) == (1, 1, 1), info
 
 
 @pytest.mark.slow
