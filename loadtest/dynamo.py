@@ -607,16 +607,38 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
 # --------------------------------------------------------------------------- running
 
 
+def spread(urls: Sequence[str]) -> Callable[[RequestSpec], str]:
+    """Where a router that keeps a conversation on its worker and spreads new work would send each request,
+    for the direct phase: a multi-turn conversation's later turns go where its first went, and anything
+    else (a conversation's first turn, a single prompt) to the next worker in turn. So a worker reached
+    directly serves what it would through the gateway, no more warmed by repetition than there."""
+    turn = 0
+    where: dict[int, str] = {}
+
+    def place(spec: RequestSpec) -> str:
+        nonlocal turn
+        if spec.workload != "multi-turn" or spec.turn == 0 or spec.user not in where:
+            where[spec.user] = urls[turn % len(urls)]
+            turn += 1
+        return where[spec.user]
+
+    return place
+
+
 async def drive(
-    base_url: str, streams: Sequence[Sequence[RequestSpec]], timeout_s: float = 600.0
+    base_url: str | Callable[[RequestSpec], str],
+    streams: Sequence[Sequence[RequestSpec]],
+    timeout_s: float = 600.0,
 ) -> list[RequestRecord]:
-    """Closed loop: each stream is one user sending its requests in order; every record kept."""
+    """Closed loop: each stream is one user sending its requests in order; every record kept. ``base_url``
+    may choose per request (``spread``)."""
     records: list[RequestRecord] = []
     t0 = time.perf_counter()
+    place = base_url if callable(base_url) else (lambda spec: base_url)
 
     async def user(stream: Sequence[RequestSpec], http: aiohttp.ClientSession) -> None:
         for spec in stream:
-            records.append(await send(http, base_url, spec, observer(spec), t0, timeout_s))
+            records.append(await send(http, place(spec), spec, observer(spec), t0, timeout_s))
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(1, len(streams)))) as http:
         await asyncio.gather(*(user(s, http) for s in streams))
@@ -769,8 +791,9 @@ def run_cell_front_end(
             url = stack.gateway_url
             pid = next(c.pid for c in stack.children if c.name == "gateway")
             if config.direct:
-                print(f"{label} direct to w0, concurrency 1", file=sys.stderr, flush=True)
-                result.direct = summarize_records(asyncio.run(drive(stack.worker_urls["w0"], phases.direct)))
+                print(f"{label} direct to the workers, concurrency 1", file=sys.stderr, flush=True)
+                place = spread([stack.worker_urls[w] for w in sorted(stack.worker_urls)])
+                result.direct = summarize_records(asyncio.run(drive(place, phases.direct)))
         before = cpu_seconds(pid)
         print(f"{label} concurrency 1: {config.c1_requests} requests", file=sys.stderr, flush=True)
         c1 = asyncio.run(drive(url, phases.c1))
@@ -800,7 +823,8 @@ def notes(config: BenchConfig) -> list[str]:
         f"{config.c1_requests} requests at concurrency 1, {config.requests} at load; seed {config.seed}",
         "CPU ms/req: the front-end process (and descendants), utime + stime over both phases, per request",
         "cached: usage.prompt_tokens_details.cached_tokens / prompt_tokens at load",
-        "added TTFT: kvgate's TTFT p50 at concurrency 1 minus the same kind of requests sent to worker w0 directly",
+        "added TTFT: kvgate's TTFT p50 at concurrency 1 minus the same kind of requests sent to the workers "
+        "directly (a conversation to one worker, new conversations and single prompts to the next in turn)",
         f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
         "(client, front end and engines share them)",
     ]

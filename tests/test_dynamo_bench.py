@@ -97,6 +97,20 @@ def test_multi_turn_streams_are_conversations_with_fixed_assistant_turns(vocabul
     assert all(s.body["stream"] and s.body["stream_options"] == {"include_usage": True} for s in streams[0])
 
 
+def test_the_direct_phase_keeps_conversations_on_a_worker_and_spreads_new_ones(vocabulary):
+    config = small_config()  # conversations of `turns` turns
+    urls = ["http://w0", "http://w1", "http://w2"]
+    place = dynamo.spread(urls)
+    (stream,) = dynamo.multi_turn_streams(vocabulary, config, "m", users=1, total=3 * config.turns, seed=0)
+    placed = [place(spec) for spec in stream]
+    # One worker per conversation, the next one for each new conversation.
+    assert placed == [url for url in urls for _ in range(config.turns)]
+    # Single prompts are each a new conversation: the next worker every time.
+    place = dynamo.spread(urls)
+    (prompts,) = dynamo.long_prompt_streams(vocabulary, config, "m", users=1, total=4, seed=0)
+    assert [place(spec) for spec in prompts] == [*urls, urls[0]]
+
+
 def test_long_prompt_streams_are_fresh_single_messages_of_the_given_length(vocabulary):
     config = small_config(long_prompt_tokens=300)
     streams = dynamo.long_prompt_streams(vocabulary, config, "m", users=3, total=7, seed=0)
