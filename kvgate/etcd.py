@@ -197,10 +197,17 @@ class Endpoints:
         return aetcd.Client(**kwargs)
 
 
-async def close_client(client: aetcd.Client | None) -> None:
+CLOSE_TIMEOUT = 5.0
+
+
+async def close_client(client: aetcd.Client | None, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close ``client``, giving up after ``timeout`` seconds: a stop must not hang on a stuck channel."""
     if client is None:
         return
     try:
-        await client.close()
+        async with asyncio.timeout(timeout):
+            await client.close()
+    except TimeoutError:
+        log.warning("etcd client close: no answer in %.1fs; abandoning the channel", timeout)
     except Exception as exc:  # closing a broken channel can itself fail; nothing to keep
         log.debug("etcd client close: %s", exc)

@@ -21,7 +21,7 @@ import pytest
 
 from kvgate.bus import Bus, NatsCredentials, connect_nats
 from kvgate.dev.cluster import Credentials
-from kvgate.etcd import Endpoints, EtcdCredentials
+from kvgate.etcd import Endpoints, EtcdCredentials, close_client
 from kvgate.gateway.config import config_from_dict
 from kvgate.gateway.replicas import ActiveSync, GatewayBus, GatewaySecurity
 from kvgate.indexer.kv_indexer import KvIndexer
@@ -368,13 +368,13 @@ async def test_etcd_with_auth_refuses_a_rogue_worker_key(tmp_path: Path):
             with pytest.raises(aetcd.exceptions.ClientError):
                 await anonymous.put(worker_key(NS, "rogue").encode(), b"{}")
         finally:
-            await anonymous.close()
+            await close_client(anonymous)
         wrong = Endpoints(server.endpoint, 5.0, EtcdCredentials(username="kvgate", password=Secret("guess"))).client()
         try:
             with pytest.raises(aetcd.exceptions.ClientError):
                 await wrong.put(worker_key(NS, "rogue").encode(), b"{}")
         finally:
-            await wrong.close()
+            await close_client(wrong)
         # Without credentials the gateway cannot even read the fleet.
         blind = EtcdDiscovery(server.endpoint, NS, WorkerRegistry(), retry_interval=0.1)
         await blind.start()
