@@ -113,7 +113,6 @@ class Routed:
     head: HeadEncoding | None = None
     """Set when the request was routed on its prompt's head alone (``Router.route_head``)."""
     lora_name: str | None = None
-    cache_salt: str | None = None
 
 
 class Gateway:
@@ -446,7 +445,6 @@ class Gateway:
             parsed.stream,
             routed_head,
             lora_name,
-            parsed.cache_salt,
         )
 
     @staticmethod
@@ -560,7 +558,7 @@ class Gateway:
         except TokenizerError as err:  # the head was encoded, so the rest cannot fail; the worker has it anyway
             log.warning("request %s: encoding the rest of its prompt failed: %s", flight.request_id, err)
             return
-        self.router.extend(flight, ids, lora_name=routed.lora_name, cache_salt=routed.cache_salt)
+        self.router.extend(flight, ids, lora_name=routed.lora_name)
 
     def _router_metrics(self):
         """The cost model's learned rates and the predictions of sent blocks."""

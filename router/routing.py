@@ -238,16 +238,20 @@ class Router:
         token_ids: Sequence[int],
         *,
         lora_name: str | None = None,
-        cache_salt: str | None = None,
     ) -> None:
         """``flight`` was routed on the head of its prompt (``route_head``), whose ids ``token_ids`` are all
         known now: its decision takes the whole prompt's block hashes (a retry predicts them all), and the
-        blocks past the head are predicted where it went, unless it already finished."""
-        hashes = sequence_hashes(token_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
-        decision = flight.decision
-        if len(hashes) <= len(decision.seq_hashes):
+        blocks past the head are predicted where it went, unless it already finished. Only the blocks past
+        the head are hashed, chained to the head's last (which carries any cache salt)."""
+        head = flight.decision.seq_hashes
+        if not head:
             return
-        decision.seq_hashes = hashes
+        block_size = self.config.block_size
+        more = sequence_hashes(token_ids[len(head) * block_size :], block_size, lora_name, parent=head[-1])
+        if not more:
+            return
+        hashes = [*head, *more]
+        flight.decision.seq_hashes = hashes
         if self._predict is None or flight.finished:
             return
         new = self._predict(flight.key, hashes, self._prediction_ttl)

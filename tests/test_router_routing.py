@@ -377,6 +377,11 @@ def test_extend_predicts_the_rest_of_a_prompt_routed_on_its_head():
     late.finish()
     router.extend(late, other)
     assert indexer.find_matches(sequence_hashes(other, BS))[late.key].depth == 31  # its head's, sent
+    # A salted prompt's rest chains to its salted head: the same keys as hashing it whole with the salt.
+    salted = router.route_head(other[:1_984], 2_100, cache_salt="tenant", token_bound=2_150)
+    assert salted is not None
+    router.extend(router.begin("r3", salted, 2_100), other)
+    assert salted.seq_hashes == sequence_hashes(other, BS, cache_salt="tenant")
 
 
 def test_a_prompt_sharing_a_routed_heads_prompt_has_its_shared_blocks_predicted_there():
