@@ -232,9 +232,9 @@ class GatewayConfig:
     client_max_size: int = _opt(16 * 1024 * 1024, "largest request body accepted, in bytes (413 above)")
     health_interval: float = _opt(
         0.5,
-        "seconds between polls of each worker's /health; a worker seen down has its index "
-        "forgotten (its engine may come back empty), so an outage longer than this plus "
-        "one poll is always seen",
+        "seconds between polls of each worker's /health (skipped when it completed an answer "
+        "since the last one); a worker seen down has its index forgotten (its engine may "
+        "come back empty), so an outage longer than twice this plus one poll is always seen",
     )
     max_messages: int = _opt(4096, "most messages one chat request may carry (400 above; vLLM has no such limit)")
     header_timeout: float = _opt(

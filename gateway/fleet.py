@@ -4,7 +4,8 @@
 discovery). For each worker that appears it starts a ``ZmqEventSource`` (when the
 worker publishes KV events; it catches up every ``events_catch_up_interval`` on what
 its SUB socket missed) feeding the shared ``KvIndexer``, and a probe task that
-polls ``/health`` and scrapes ``/metrics`` (``vllm:num_requests_running`` /
+polls ``/health`` (skipped while it completes answers: each one says as much) and
+scrapes ``/metrics`` (``vllm:num_requests_running`` /
 ``_waiting`` / ``vllm:kv_cache_usage_perc``) into the ``LoadTracker`` (through
 ``router.engine_load.EngineLoadFeed``, like the bus's load messages). A worker whose
 sidecar relays its events and load over NATS (``metadata.events == "nats"``) gets
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -120,6 +122,8 @@ class Fleet:
         self.down_keys: frozenset[WorkerKey] = frozenset()
         self.engine_losses: Counter[str] = Counter()
         self._watches: dict[str, _EventWatch] = {}
+        # When each worker last completed an answer (time.monotonic()): proof of health.
+        self._answered: dict[str, float] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._discoveries: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -239,6 +243,7 @@ class Fleet:
         self.discovering.discard(worker_id)
         self.load_only.discard(worker_id)
         self._watches.pop(worker_id, None)
+        self._answered.pop(worker_id, None)
         self.engine_losses.pop(worker_id, None)
         source = self.sources.pop(worker_id, None)
         if source is not None:
@@ -315,8 +320,12 @@ class Fleet:
         while True:
             now = time.monotonic()
             if now >= next_health:
+                # An answer it completed since the last poll says what a poll would: it is up.
+                # A busy worker is then never polled (nor a busy fleet's gateway loaded by it).
+                answered = self._answered.get(info.worker_id, -math.inf) >= next_health - self.config.health_interval
                 next_health = now + self.config.health_interval
-                self._set_up(info.worker_id, await self._healthy(info))
+                if not (answered and self.up.get(info.worker_id)):
+                    self._set_up(info.worker_id, await self._healthy(info))
             if info.worker_id in self.nats_fed:
                 next_load = next_health  # its sidecar publishes the load
             elif now >= next_load and self.up.get(info.worker_id):
@@ -386,6 +395,8 @@ class Fleet:
         if not isinstance(outcome, Outcome) or outcome.status != "200" or outcome.exchange is None:
             return
         worker = flight.key.worker_id
+        if outcome.exchange.complete:
+            self._answered[worker] = time.monotonic()
         watch = self._watches.get(worker)
         source = self.sources.get(worker)
         if watch is None or source is None or watch.missing_since is not None:

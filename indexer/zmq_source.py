@@ -229,6 +229,9 @@ class ZmqEventSource:
     async def _read_live(self, rank: int, sock: zmq.asyncio.Socket) -> None:
         feed = self._feeds[rank]
         while True:
+            # A recv of a message already queued returns without giving the loop a turn: a
+            # backlog would apply batch after batch in one step, holding requests meanwhile.
+            await asyncio.sleep(0)
             frames = await sock.recv_multipart()
             self.stats.frames_received += 1
             try:

@@ -12,6 +12,11 @@ Several samples of one rank (one per served model name) add up; KV usage takes t
 highest. The gateway (scraping a worker itself) and the sidecar (scraping its engine
 for the NATS load message) both read load through here, so they can never disagree on
 what a page says. Pure: text in, numbers out; never fetches a page.
+
+A real vLLM page is ~65 KB and ~750 lines, almost all histograms kvgate never reads;
+Prometheus' text parser takes ~8 ms over all of it, on the event loop, once per worker
+per scrape. So the page is first cut down to the sample lines of the gauges above (a
+substring search per name) and only those few lines are parsed: ~0.05 ms.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def parse_engine_load(text: str, dp_size: int) -> dict[int, EngineLoad]:
     waiting: dict[int, float] = {}
     usage: dict[str, dict[int, float]] = {name: {} for name in KV_USAGE}
     try:
-        samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+        samples = [sample for family in text_string_to_metric_families(_load_lines(text)) for sample in family.samples]
     except ValueError as err:
         raise EngineMetricsError(f"not Prometheus text: {err}") from None
     for sample in samples:
@@ -81,6 +86,30 @@ def parse_engine_load(text: str, dp_size: int) -> dict[int, EngineLoad]:
         rank: EngineLoad(round(running[rank]), round(waiting[rank]), min(1.0, max(0.0, kv.get(rank, 0.0))))
         for rank in ranks
     }
+
+
+_LOAD_NAMES = (RUNNING, WAITING, *KV_USAGE)
+
+
+def _load_lines(text: str) -> str:
+    """The page's sample lines of the load gauges, in page order, and nothing else."""
+    page = "\n" + text
+    found: list[tuple[int, str]] = []
+    for name in _LOAD_NAMES:
+        needle = "\n" + name
+        at = page.find(needle)
+        while at >= 0:
+            start = at + 1
+            after = at + len(needle)
+            end = page.find("\n", after)
+            if end < 0:
+                end = len(page)
+            # The name itself, not a longer one it begins (vllm:num_requests_waiting_by_reason).
+            if after < len(page) and page[after] in "{ \t":
+                found.append((start, page[start:end]))
+            at = page.find(needle, end)
+    found.sort()
+    return "".join(line + "\n" for _, line in found)
 
 
 def _rank(labels: dict[str, str]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
@@ -95,3 +97,35 @@ def test_engine_load_rank_labels() -> None:
         parse_engine_load(negative, 2)
     named = 'vllm:num_requests_running{engine="core"} 2\nvllm:num_requests_waiting{engine="core"} 1\n'
     assert parse_engine_load(named, 1) == {0: (2, 1, 0.0)}
+
+
+def test_engine_load_from_a_real_vllm_page() -> None:
+    # vLLM 0.32's own page (~750 lines, mostly histograms): only the load gauges' lines are read,
+    # not gauges whose names begin with theirs (vllm:num_requests_waiting_by_reason).
+    page = (Path(__file__).parent / "fixtures" / "vllm-0.32" / "http" / "metrics.txt").read_text()
+    assert parse_engine_load(page, 1) == {0: (0, 0, 0.0)}
+    busy = (
+        page.replace(
+            'vllm:num_requests_running{engine="0",model_name="kvgate-tiny"} 0.0',
+            'vllm:num_requests_running{engine="0",model_name="kvgate-tiny"} 7.0',
+        )
+        .replace(
+            'vllm:num_requests_waiting{engine="0",model_name="kvgate-tiny"} 0.0',
+            'vllm:num_requests_waiting{engine="0",model_name="kvgate-tiny"} 3.0',
+        )
+        .replace('reason="capacity"} 0.0', 'reason="capacity"} 5.0')
+        .replace(
+            'vllm:kv_cache_usage_perc{engine="0",model_name="kvgate-tiny"} 0.0',
+            'vllm:kv_cache_usage_perc{engine="0",model_name="kvgate-tiny"} 0.125',
+        )
+    )
+    assert parse_engine_load(busy, 1) == {0: (7, 3, 0.125)}
+    # The same gauges anywhere on the page, first line and last line without a newline included.
+    lines = [line for line in busy.splitlines() if not line.startswith("vllm:num_requests_running{")]
+    moved = 'vllm:num_requests_running{engine="0",model_name="kvgate-tiny"} 7.0\n' + "\n".join(lines)
+    assert parse_engine_load(moved, 1) == {0: (7, 3, 0.125)}
+    last = "\n".join(line for line in busy.splitlines() if not line.startswith("vllm:num_requests_waiting{"))
+    assert parse_engine_load(last + '\nvllm:num_requests_waiting{engine="0"} 4', 1) == {0: (7, 4, 0.125)}
+    # A load line that is not Prometheus is still an error.
+    with pytest.raises(EngineMetricsError):
+        parse_engine_load(busy.replace("} 7.0", "} seven"), 1)

@@ -119,6 +119,7 @@ class FakeWorker:
         self.healthy = True
         self.event_sources = event_sources
         self.asked = 0
+        self.polls = 0
         self._runner: web.AppRunner | None = None
 
     @property
@@ -139,6 +140,7 @@ class FakeWorker:
             await self._runner.cleanup()
 
     async def _health(self, request: web.Request) -> web.Response:
+        self.polls += 1
         return web.Response(status=200 if self.healthy else 503)
 
     async def _sources(self, request: web.Request) -> web.Response:
@@ -363,6 +365,40 @@ async def test_a_worker_going_down_has_its_index_forgotten_before_it_comes_back(
         await gateway.stop()
         await worker.stop()
         ctx.destroy(linger=0)
+
+
+async def test_a_worker_answering_requests_is_not_polled_for_health() -> None:
+    worker = FakeWorker(free_port())
+    await worker.start()
+    gateway = gateway_for(health_interval=0.05)
+    await gateway.start()
+    try:
+        gateway.registry.put(WorkerInfo("w9", worker.url, "kvgate-tiny"))
+        await until(lambda: gateway.fleet.up.get("w9"), "up")
+
+        async def polls_in(seconds: float, *, answering: bool) -> int:
+            before, end = worker.polls, time.monotonic() + seconds
+            while time.monotonic() < end:
+                if answering:
+                    finish_request(gateway, cached_tokens=0)
+                await asyncio.sleep(0.01)
+            return worker.polls - before
+
+        # Idle, it is polled every interval; completing answers, it is not (each one says it is up).
+        assert await polls_in(0.5, answering=False) >= 5
+        assert await polls_in(0.5, answering=True) <= 1
+        assert gateway.fleet.up["w9"]
+        # Answers stop: polls resume, and a failing one takes it down.
+        worker.healthy = False
+        await until(lambda: not gateway.fleet.up["w9"], "seen down once idle")
+        # An answer completing while it is down does not spare it a poll: it stays down.
+        finish_request(gateway, cached_tokens=0)
+        before = worker.polls
+        await until(lambda: worker.polls >= before + 2, "still polled while down")
+        assert not gateway.fleet.up["w9"]
+    finally:
+        await gateway.stop()
+        await worker.stop()
 
 
 def test_events_missing_after_and_the_health_interval_defaults() -> None:
