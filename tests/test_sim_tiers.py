@@ -410,7 +410,7 @@ async def test_usage_and_metrics_count_cached_tokens_per_tier(tiered):
     assert [metric(after, "kvgate_sim_cached_blocks", tier=t) for t in ("gpu", "cpu", "disk")] == [3, 3, 6]
 
 
-def test_a_worker_without_tiers_reports_no_connector_metrics():
+def test_a_worker_without_tiers_reports_its_connector_metrics_at_zero():
     from prometheus_client import generate_latest
 
     from kvgate.worker.sim.answer import Vocabulary
@@ -419,7 +419,9 @@ def test_a_worker_without_tiers_reports_no_connector_metrics():
 
     loop = EngineLoop(Scheduler(EngineConfig(seed=1)), Vocabulary((1,), (2,), 3, {}), AnswerConfig())
     text = generate_latest(make_registry(loop, "m")).decode()
-    assert "vllm:external_prefix_cache" not in text  # vLLM reports them only with a KV connector
+    # A real vLLM 0.32 without --kv-transfer-config lists them too, at 0 (tests/fixtures/vllm-0.32).
+    assert metric(text, "vllm:external_prefix_cache_queries_total") == 0
+    assert metric(text, "vllm:external_prefix_cache_hits_total") == 0
     assert "vllm:prefix_cache_hits_total" in text
     assert metric(text, "kvgate_sim_cached_tokens_total", tier="cpu") == 0
     assert metric(text, "kvgate_sim_cached_blocks", tier="gpu") == 0

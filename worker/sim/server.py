@@ -5,7 +5,9 @@ loop and serialize; they hold no policy. Every error — bad JSON, bad fields, u
 model or route, a prompt over the context window — is answered as an OpenAI-style JSON
 error with its 4xx status, and the engine keeps serving. A client that disconnects
 (the handler is cancelled, or a stream write fails) aborts its request, freeing its
-blocks. Request headers (``X-Request-Id`` and the like) are accepted and ignored.
+blocks. Request headers (``X-Request-Id`` and the like) are accepted and ignored. Every
+answered request is recorded as vLLM's HTTP instrumentation records it (``/metrics``'
+``http_*`` families): its route, method, status, sizes and duration.
 """
 
 from __future__ import annotations
@@ -39,6 +41,38 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 def _error(exc: ApiError) -> web.Response:
     return _json(exc.body(), exc.status)
+
+
+def _route(request: web.Request) -> str:
+    """The route a request matched, as the instrumentator names it: ``none`` when no path did."""
+    info = request.match_info
+    resource = info.route.resource
+    if resource is not None:
+        return resource.canonical
+    if isinstance(getattr(info, "http_exception", None), web.HTTPMethodNotAllowed):
+        return request.path  # the path is a route's, only not for this method
+    return "none"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _http_metrics(stats: metrics.HttpStats) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        response = await handler(request)
+        stats.observe(
+            _route(request),
+            request.method,
+            response.status,
+            request.content_length or 0,
+            response.content_length or 0,
+            time.perf_counter() - start,
+        )
+        return response
+
+    return record
 
 
 @web.middleware
@@ -207,7 +241,7 @@ def build_app(config: SimConfig, renderer: PromptRenderer | None = None) -> web.
     publisher = KvEventPublisher(config.events) if config.events.endpoint else None
     engine = EngineLoop(Scheduler(config.engine), vocab, config.answer, publisher)
     server = SimServer(config, engine, renderer)
-    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[_http_metrics(server.registry.http), _errors], client_max_size=64 * 1024 * 1024)
 
     async def lifecycle(app: web.Application):
         if publisher is not None:
