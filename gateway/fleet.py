@@ -391,6 +391,9 @@ class Fleet:
         """Nothing to check before a request ends."""
 
     def on_finish(self, flight: InFlight) -> None:
+        source = self.sources.get(flight.key.worker_id)
+        if source is not None:
+            source.activity()  # it may have published: ask its replay socket at the usual pace again
         outcome = flight.outcome
         if not isinstance(outcome, Outcome) or outcome.status != "200" or outcome.exchange is None:
             return

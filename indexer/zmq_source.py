@@ -26,7 +26,12 @@ accepts replayed batches only inside a gap it asked for). A batch offered twice 
 read as an engine restart, so only seqs above the last applied one go, and a live
 batch a catch-up already applied (it was in flight) is skipped. Nothing goes while a
 replay of the rank is unanswered (it covers up to a live seq) or if the rank's order
-started over during the fetch (its ``generation`` changed: engine restart).
+started over during the fetch (its ``generation`` changed: engine restart). A rank
+that stays quiet is asked less and less often: after each ask that found nothing the
+wait doubles, up to ``CATCH_UP_MAX_BACKOFF`` intervals (an idle fleet of 100 workers
+would otherwise cost 50 asks a second, ~1 ms of CPU each); a live batch, or
+``activity`` (the gateway sent the worker a request, so it may publish), brings it back
+to one interval.
 
 Keeps transport state only (whether a live batch arrived since the last tick, payload
 hashes of what the last catch-up applied, when the last batch of any kind arrived:
@@ -116,13 +121,18 @@ class SourceStats:
     indexer_errors: int = 0
 
 
+# A quiet rank's catch-up asks come at most this many catch_up_intervals apart.
+CATCH_UP_MAX_BACKOFF = 8
+
+
 class _RankFeed:
     """What the source's transport knows of one rank (its seqs are the sink's)."""
 
-    __slots__ = ("heard", "caught")
+    __slots__ = ("heard", "caught", "quiet_asks")
 
     def __init__(self) -> None:
         self.heard = False  # a live batch arrived since the previous catch-up tick
+        self.quiet_asks = 0  # catch-up asks in a row that found nothing, since activity
         # seq -> hash of the payload, for what the last catch-up applied: the same batch
         # may still be on its way over the SUB socket, and offered again it would read as
         # an engine restart. vLLM replays the very bytes it published; a restarted engine's
@@ -362,36 +372,49 @@ class ZmqEventSource:
 
     # --- catch-up ----------------------------------------------------------------------
 
+    def activity(self) -> None:
+        """The worker was sent a request: it may publish, so its quiet ranks are asked again
+        at every ``catch_up_interval`` (until asks keep finding nothing)."""
+        for feed in self._feeds:
+            feed.quiet_asks = 0
+
     async def _catch_up_loop(self, rank: int) -> None:
         feed = self._feeds[rank]
+        ticks = 0  # intervals since the last ask (or live batch)
         while True:
             await asyncio.sleep(self.config.catch_up_interval)
+            ticks += 1
             if feed.heard:
                 # A lost batch before a live one shows as a gap; only the tail after the
                 # last one can hide, and it is asked for once the rank goes quiet.
                 feed.heard = False
-            elif not self._position(rank).replays:
+                feed.quiet_asks = ticks = 0
+            elif ticks >= min(2**feed.quiet_asks, CATCH_UP_MAX_BACKOFF) and not self._position(rank).replays:
+                ticks = 0
                 try:
-                    await self._catch_up(rank)
+                    found = await self._catch_up(rank)
                 except Exception:
                     # Whatever went wrong, the next tick asks again: this loop must outlive it.
                     self.stats.catch_up_errors += 1
                     log.exception("catch-up of %s rank %d failed", self.worker_id, rank)
+                    found = True
+                feed.quiet_asks = 0 if found else feed.quiet_asks + 1
 
-    async def _catch_up(self, rank: int) -> None:
+    async def _catch_up(self, rank: int) -> bool:
+        """Ask for what followed the last applied seq; whether anything came back (or was not asked)."""
         feed = self._feeds[rank]
         async with self._replay_locks.setdefault(rank, asyncio.Lock()):
             asked = self._position(rank)
             if asked.replays or asked.last_seq >= MAX_SEQ:
-                return  # a gap replay covers it, or no seq can follow the last one
+                return True  # a gap replay covers it, or no seq can follow the last one
             self.stats.catch_ups += 1
             payloads = await self._fetch(rank, asked.last_seq + 1, None)
         now = self._position(rank)
         if now.replays or now.generation != asked.generation:
-            return  # a gap replay now covers this stretch, or the engine restarted
+            return True  # a gap replay now covers this stretch, or the engine restarted
         fresh = [seq for seq in sorted(payloads) if seq > now.last_seq]  # others came live meanwhile
         if not fresh:
-            return
+            return bool(payloads)
         feed.caught = {}
         for seq in fresh:
             payload = payloads[seq]
@@ -404,6 +427,7 @@ class ZmqEventSource:
             feed.caught[seq] = hash(payload)
             if self._apply(rank, seq, batch, replayed=False):
                 self.stats.caught_up += 1
+        return True
 
     def _position(self, rank: int) -> StreamPosition:
         return self._sink.position(self.worker_id, rank)

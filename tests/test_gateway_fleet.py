@@ -306,6 +306,10 @@ async def test_a_batch_arriving_while_the_request_ran_owes_nothing() -> None:
         flight.finish(Outcome(CHAT, "200", Exchange(started, complete=True, cached_tokens=0)))
         gateway.fleet.check_events(time.perf_counter() + 2000.0)
         assert gateway.fleet.events_of("w9") == "zmq"
+        # A request sent to the worker brings its quiet ranks' catch-up asks back to every interval.
+        source._feeds[0].quiet_asks = 3
+        finish_request(gateway, cached_tokens=0)
+        assert source._feeds[0].quiet_asks == 0
         # The same answer with no batch since it arrived would have been owed.
         finish_request(gateway, cached_tokens=None)  # no usage: the index's prediction (1 block) is the cache
         gateway.fleet.check_events(time.perf_counter() + 2000.0)

@@ -528,6 +528,29 @@ async def test_catch_up_fetches_what_was_published_before_the_subscriber_connect
     assert off_src.stats.catch_ups == blind_src.stats.catch_ups == 0
 
 
+async def test_a_quiet_rank_is_asked_less_often_until_its_worker_is_busy_again(rig):
+    """Asks that find nothing double the wait, up to CATCH_UP_MAX_BACKOFF intervals; a
+    request sent to the worker, or a live batch, brings the asks back to every interval."""
+    indexer, source, publisher = rig
+    port, replay_port = free_port(), free_port()
+    pub = publisher(port, replay_port)
+    src = source("w1", port, replay_port, config=CATCH_UP)
+    await pub.subscribed()
+    await asyncio.sleep(1.2)  # 24 intervals, nothing to catch up
+    # Asked after 1, 2, 4, 8, 8 intervals (not at each of the 24).
+    assert 3 <= src.stats.catch_ups <= 7, src.stats.catch_ups
+    asked = src.stats.catch_ups
+    src.activity()
+    await asyncio.sleep(0.23)
+    assert src.stats.catch_ups >= asked + 2  # after 1 and 2 intervals again
+    await asyncio.sleep(0.8)
+    asked = src.stats.catch_ups
+    await pub.publish(store([1], 0))
+    await until(lambda: src.stats.batches_applied == 1, "a live batch")
+    await asyncio.sleep(0.18)
+    assert src.stats.catch_ups >= asked + 1
+
+
 async def test_catch_up_skips_what_the_live_socket_delivered_during_the_fetch(rig):
     """Offered again, a batch the live socket delivered while the catch-up's request was
     out would read as an engine restart and drop the worker's blocks."""
