@@ -99,6 +99,14 @@ w("    label_values: tuple[tuple[str, ...], ...]")
 w("    buckets: tuple[float, ...]")
 w("")
 w("")
+# Bucket bounds several histograms share (vLLM's latency buckets, its 1-2-5 token ones) are named once.
+shared = [b for b in dict.fromkeys(f[5] for f in families) if b and sum(f[5] == b for f in families) > 1]
+bucket_names = {b: f"_BUCKETS_{i}" for i, b in enumerate(shared)}
+for b, bucket_name in bucket_names.items():
+    w(f"{bucket_name} = {tuple(b)!r}")
+if bucket_names:
+    w("")
+    w("")
 w("FAMILIES: tuple[Family, ...] = (")
 for name, kind, doc, labels, values, buckets in families:
     w("    Family(")
@@ -107,7 +115,7 @@ for name, kind, doc, labels, values, buckets in families:
     w(f"        {split(doc)},")
     w(f"        {labels!r},")
     w(f"        {values!r},")
-    w(f"        {buckets!r},")
+    w(f"        {bucket_names.get(buckets, repr(buckets))},")
     w("    ),")
 w(")")
 w("")

@@ -193,6 +193,18 @@ async def rig(ctx):
         await (thing.stop() if isinstance(thing, ZmqEventSource) else thing.close())
 
 
+async def first_batch_applied(rig) -> tuple[ZmqEventSource, Publisher]:
+    """A source for w1 and its publisher, connected, one batch (seq 0) published and applied."""
+    _, source, publisher = rig
+    port = free_port()
+    src = source("w1", port)
+    pub = publisher(port)
+    await pub.subscribed()
+    await pub.publish(store([1], 0))
+    await until(lambda: src.stats.batches_applied == 1, "first batch")
+    return src, pub
+
+
 def replayed_indexer() -> KvIndexer:
     """An indexer whose gaps are asked of the sources a test adds to its ReplayDispatcher."""
     return KvIndexer(block_size=BS, replay=ReplayDispatcher())
@@ -397,12 +409,8 @@ async def test_replay_missing_part_of_the_range_fails_but_applies_what_it_can(ri
 
 
 async def test_no_replay_endpoint_answers_failure(rig):
-    indexer, source, publisher = rig
-    port = free_port()
-    src = source("w1", port)
-    pub = publisher(port)
-    await pub.subscribed()
-    await pub.publish(store([1], 0))
+    indexer = rig[0]
+    src, pub = await first_batch_applied(rig)
     pub.next_seq = 5
     await pub.publish(store([2], 5000))
     await until(lambda: depth(indexer, WorkerKey("w1"), tokens(5000, 1)) == 1, "batch after the gap applied")
@@ -723,13 +731,7 @@ async def test_a_backlog_of_batches_gives_the_loop_turns(rig):
     # Batches already queued in the SUB socket are received without waiting: applied in
     # one step, a backlog would hold every request behind it. Between two of them the loop
     # runs what else is due.
-    indexer, source, publisher = rig
-    port = free_port()
-    src = source("w1", port)
-    pub = publisher(port)
-    await pub.subscribed()
-    await pub.publish(store([1], 0))
-    await until(lambda: src.stats.batches_applied == 1, "first batch")
+    src, pub = await first_batch_applied(rig)
     for i in range(200):
         await pub.publish(store([100 + i], BS * (i + 1)))
     time.sleep(0.3)  # the loop is held while they queue up
