@@ -401,7 +401,6 @@ class Fleet:
         if outcome.exchange.complete:
             self._answered[worker] = time.monotonic()
         watch = self._watches.get(worker)
-        source = self.sources.get(worker)
         if watch is None or source is None or watch.missing_since is not None:
             return
         exchange = outcome.exchange

@@ -212,6 +212,7 @@ class ZmqEventSource:
         for feed in self._feeds:
             feed.heard = False
             feed.caught.clear()
+            feed.quiet_asks = 0
 
     async def stop(self) -> None:
         """Stop reading; replays still in flight are answered ``ok=False``."""

@@ -553,6 +553,11 @@ async def test_a_quiet_rank_is_asked_less_often_until_its_worker_is_busy_again(r
     assert src.stats.catch_ups >= asked + 2  # after 1 and 2 intervals again
     await asyncio.sleep(0.8)
     asked = src.stats.catch_ups
+    src.engine_lost()  # "catch up at the next tick", backed off or not
+    await asyncio.sleep(0.08)
+    assert src.stats.catch_ups >= asked + 1
+    await asyncio.sleep(0.8)
+    asked = src.stats.catch_ups
     await pub.publish(store([1], 0))
     await until(lambda: src.stats.batches_applied == 1, "a live batch")
     await asyncio.sleep(0.18)
