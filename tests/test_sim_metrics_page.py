@@ -26,7 +26,7 @@ from kvgate.dev.launch import free_port
 from kvgate.worker.sim.answer import Vocabulary
 from kvgate.worker.sim.config import AnswerConfig, EngineConfig, SimConfig, TierConfig
 from kvgate.worker.sim.engine_loop import EngineLoop, buckets_1_2_5
-from kvgate.worker.sim.metrics import make_registry, render
+from kvgate.worker.sim.metrics import make_registry
 from kvgate.worker.sim.scheduler import Scheduler
 from kvgate.worker.sim.server import build_app
 from tests.helpers import TINY_MODEL
@@ -293,7 +293,7 @@ def test_fast_rendering_writes_what_generate_latest_writes():
     def stable(text: bytes) -> list[str]:  # the process' own numbers move between two reads
         return [line for line in text.decode().splitlines() if not line.startswith(("process_", "python_gc_"))]
 
-    assert stable(render(registry)) == stable(generate_latest(registry))
+    assert stable(registry.render()) == stable(generate_latest(registry))
 
 
 def test_token_buckets_follow_the_context_as_vllms():

@@ -388,9 +388,3 @@ class SimRegistry(CollectorRegistry):
 
 def make_registry(engine: EngineLoop, model_name: str) -> SimRegistry:
     return SimRegistry(engine, model_name)
-
-
-def render(registry: CollectorRegistry) -> bytes:
-    if isinstance(registry, SimRegistry):
-        return registry.render()
-    return generate_latest(registry)

@@ -116,7 +116,7 @@ class SimServer:
         return web.Response(status=200 if self.engine.alive else 503)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(self.registry), headers={"Content-Type": metrics.CONTENT_TYPE})
+        return web.Response(body=self.registry.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def kv_event_sources(self, request: web.Request) -> web.Response:
         return _json(kv_event_sources(self.config.events))
