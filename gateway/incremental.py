@@ -50,6 +50,7 @@ and whole encodes before split encodes are used, and property tests run them aga
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 import sys
@@ -64,6 +65,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from tokenizers import Encoding, Tokenizer
+
+from kvgate.indexer.shards import ShardedDict
 
 # Chars per chunk of the prefix index: a prompt is found again by any cached one sharing its first chunk.
 CHUNK_CHARS = 128
@@ -342,12 +345,19 @@ def _extended(cuts: Cuts, chars: Iterable[int], tokens: Iterable[int], limits: I
     return cuts[0] + array("q", chars), cuts[1] + array("q", tokens), cuts[2] + array("q", limits)
 
 
+_serials = itertools.count(1)
+
+
 class _Entry:
-    __slots__ = ("bytes", "chars", "head_end", "ids", "keys", "limits", "tag", "tag_expiry", "text", "tokens")
+    __slots__ = ("bytes", "chars", "head_end", "ids", "keys", "limits", "serial", "tag", "tag_expiry", "text", "tokens")
 
     def __init__(self, text: str, ids: array[int], cuts: Cuts, keys: array[int], head_end: int | None = None) -> None:
         self.text = text
         self.ids = ids
+        # Its name in the cache's indexes, which map keys to serials (ints) rather than to entries: a dict of
+        # ints only is not tracked by the garbage collector, while one holding 400k entries would have each
+        # collection that reaches it walk them all, on whatever thread, the event loop's included.
+        self.serial = next(_serials)
         # The chars its ids cover: all of them, or for a head (`PrefixCache.head`) the head's, whose ids are
         # those inside the longer text, so the entry is only ever cut, never taken whole.
         self.head_end = len(text) if head_end is None else head_end
@@ -426,9 +436,12 @@ class PrefixCache:
         self._metaspace = metaspace
         added = backend.get_added_tokens_decoder().values()
         self._added_margin = max((len(token.content) for token in added), default=0)
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # id(entry) -> entry, LRU order
-        self._index: dict[int, _Entry] = {}  # chunk chain hash -> most recent entry holding that chain
-        self._tagged: dict[int, _Entry] = {}  # the same, for tagged heads only (see `tag`)
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # serial -> entry, LRU order
+        # chunk chain hash -> serial of the most recent entry holding that chain; sharded, as hundreds of
+        # thousands of keys are usual (a full budget of 8k-token prompts) and one dict's rebuild would stall
+        # the loop (`ShardedDict`)
+        self._index: ShardedDict[int] = ShardedDict()
+        self._tagged: ShardedDict[int] = ShardedDict()  # the same, for tagged heads only (see `tag`)
         self._tag_order: deque[_Entry] = deque()  # tagged heads, oldest tag first (about: ttls vary)
         self._bytes = 0
         self._lock = threading.Lock()
@@ -443,19 +456,23 @@ class PrefixCache:
     def plan(self, text: str) -> Plan:
         keys = chunk_keys(text)
         with self._lock:
-            entry, depth = self._deepest(self._index, keys)
+            # Chain hashes: a hit at depth d means (barring collisions, checked later) that the first d
+            # chunks are shared.
+            serial, depth = self._index.deepest(keys)
+            entry = None if serial is None else self._entries.get(serial)
             if entry is not None:
-                self._entries.move_to_end(id(entry))
+                self._entries.move_to_end(serial)
         return self._plan(text, keys, entry, depth)
 
     def shared(self, plan: Plan) -> tuple[object, int] | None:
         """For an encoded `plan`: the tag of the head (`tag`) whose text it shares most of, and how many of
         its first ids are provably that text's too (so went where the tag says); None when no live tagged
         head shares more than a cut with it."""
-        if not self._tagged:
+        if not self._tag_order:
             return None
         with self._lock:
-            tagged, depth = self._deepest(self._tagged, plan.keys)
+            serial, depth = self._tagged.deepest(plan.keys)
+            tagged = None if serial is None else self._entries.get(serial)
         if tagged is None or tagged.tag is None or time.monotonic() >= tagged.tag_expiry:
             return None
         shared = depth * CHUNK_CHARS
@@ -576,15 +593,12 @@ class PrefixCache:
             # Its own index: a later prompt's entry takes over the chunks it shares in the main one.
             while self._tag_order and self._tag_order[0].tag_expiry <= now:
                 self._untag(self._tag_order.popleft())
-            if id(entry) in self._entries:
-                for key in entry.keys:
-                    self._tagged[key] = entry
+            if entry.serial in self._entries:
+                self._tagged.put_all(entry.keys, entry.serial)
                 self._tag_order.append(entry)
 
     def _untag(self, entry: _Entry) -> None:
-        for key in entry.keys:
-            if self._tagged.get(key) is entry:
-                del self._tagged[key]
+        self._tagged.discard_all(entry.keys, entry.serial)
 
     def _finish_whole(self, plan: Plan) -> list[int]:
         return self.finish(plan, self._backend.encode_batch([plan.tail], add_special_tokens=False)[0])
@@ -619,31 +633,16 @@ class PrefixCache:
         usable = self._usable_cuts(cuts, shared_chars)
         return cuts[1][usable - 1] if usable else 0
 
-    @staticmethod
-    def _deepest(index: dict[int, _Entry], keys: list[int]) -> tuple[_Entry | None, int]:
-        # Chain hashes: a hit at depth d means (barring collisions, checked by the caller) that the first
-        # d chunks are shared. Walk down the chain while it is indexed.
-        found, depth = None, 0
-        for key in keys:
-            entry = index.get(key)
-            if entry is None:
-                break
-            found, depth = entry, depth + 1
-        return found, depth
-
     def _store(self, entry: _Entry) -> None:
         if entry.bytes > self._budget or len(entry.text) < MIN_REUSE_CHARS:
             return
-        self._entries[id(entry)] = entry
+        self._entries[entry.serial] = entry
         self._bytes += entry.bytes
-        for key in entry.keys:
-            self._index[key] = entry
+        self._index.put_all(entry.keys, entry.serial)
         while self._bytes > self._budget:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.bytes
-            for key in old.keys:
-                if self._index.get(key) is old:
-                    del self._index[key]
+            self._index.discard_all(old.keys, old.serial)
             if old.tag is not None:
                 self._untag(old)
 

@@ -10,11 +10,13 @@ rank of one set per tier; ``find_matches`` walks the prompt once per worker):
 * ``find_matches`` p50 / p99 for 128-block prompts, 16 workers, ~1,000,000 indexed
   blocks, plus a worst case where all 16 workers hold the prompt with a different tier
   mix on every block, and the floor any dict-based index pays (the look-ups alone);
+* memory per indexed (block, worker) pair with ``tracemalloc``: index only, and index
+  plus translators (built through the engine path);
+* the longest single store while the index grows (its dicts' table rebuilds), against one
+  dict holding the same keys.
 
 Rates and latencies are also given in this thread's CPU time, best of three rounds:
 the machine is shared, and wall-clock figures there mostly measure the neighbours.
-* memory per indexed (block, worker) pair with ``tracemalloc``: index only, and index
-  plus translators (built through the engine path).
 
 ``--quick`` shrinks every size so the run takes a few seconds (a smoke test).
 """
@@ -345,10 +347,11 @@ def time_queries(fn: Callable[[Sequence[int]], object], prompts: list[list[int]]
 
 def _lookups_only(index: PrefixIndex) -> Callable[[Sequence[int]], object]:
     """What any dict-based index pays at least: one look-up per prompt block."""
-    get = index._blocks.get  # noqa: SLF001 - the benchmark measures the index's own dict
+    shard_of = index._shards.__getitem__  # noqa: SLF001 - the benchmark measures the index's own dicts
+    low_bits = (len(index._shards) - 1).__rand__  # noqa: SLF001
 
     def lookups(seq_hashes: Sequence[int]) -> object:
-        return list(map(get, seq_hashes, repeat(0)))
+        return list(map(dict.get, map(shard_of, map(low_bits, seq_hashes)), seq_hashes, repeat(0)))
 
     return lookups
 
@@ -462,6 +465,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     assert isinstance(kv, KvIndexer)
     kv_pairs = _pairs(kv.block_counts())
     print(f"  index+translators (engine path, {kv_pairs:,} entries): {kv_bytes / kv_pairs:7.1f} bytes per entry")
+    del kv
+
+    sharded, one = bench_longest_store(sizes.indexed_blocks, seed)
+    print(f"\n[longest single 16-block store while the index grows to {sizes.indexed_blocks:,} blocks, ms wall]")
+    print(f"  index (256 shards) {sharded:7.2f}   one dict {one:7.2f}   ratio one/index {one / sharded:.0f}x")
+
+
+def bench_longest_store(n_blocks: int, seed: int) -> tuple[float, float]:
+    """The longest single 16-block store (ms, wall) while an index grows to ``n_blocks`` blocks: the
+    sharded ``PrefixIndex`` against one dict holding the same keys (its layout before sharding), in
+    which each table rebuild is one O(n) step on the event loop."""
+    rng = random.Random(seed)
+    events = [[rng.getrandbits(64) for _ in range(16)] for _ in range(n_blocks // 16)]
+    key = WorkerKey("w0", 0)
+    index = PrefixIndex()
+    one: dict[int, int] = {}
+
+    def one_dict(hashes: list[int]) -> None:
+        one.update(zip(hashes, repeat(1)))
+
+    longest = []
+    for store in (lambda hashes: index.store(key, hashes), one_dict):
+        worst = 0.0
+        for hashes in events:
+            started = time.perf_counter()
+            store(hashes)
+            worst = max(worst, time.perf_counter() - started)
+        longest.append(worst * 1e3)
+    return longest[0], longest[1]
 
 
 def bench_hash_vs_tokenize(rounds: int) -> tuple[float, float, int]:

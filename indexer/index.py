@@ -5,7 +5,9 @@ Owns router-native state only: it applies ``RouterStored`` / ``RouterRemoved`` /
 hashes, sequence numbers or bytes (``translation`` and ``recovery`` handle those) and
 never decides where to route. Pure and synchronous.
 
-Layout: one dict ``router_hash -> int``. Every ``WorkerKey`` owns a *slot*; the value
+Layout: ``router_hash -> int``, in 256 dicts chosen by the hash's low byte (see
+``shards.py``: one dict of a million blocks would stall the event loop ~40 ms each time it
+rebuilt its table; a shard's rebuild moves 1/256 of that). Every ``WorkerKey`` owns a *slot*; the value
 packs a 4-bit nibble per slot (bit 0 GPU, bit 1 CPU, bit 2 DISK). Bit 3 stays zero so
 that shifting a value right by one or two never carries a bit into a neighbouring
 slot's tier bits, which is what lets ``find_matches`` fold the three tiers of all slots
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 
+from kvgate.indexer.shards import DEFAULT_BITS
 from kvgate.protocol.events import RouterCleared, RouterEvent, RouterRemoved, RouterStored, Tier, WorkerKey
 
 
@@ -48,15 +51,16 @@ _SLOT_BITS = 4
 _TIERS = 0b111
 # A slot's hex digit -> its best tier: g(PU) if bit 0, else c(PU) if bit 1, else d(isk).
 _BEST_TIER = str.maketrans("01234567", ".gcgdgcg")
+_SHARD_MASK = (1 << DEFAULT_BITS) - 1
 
 
 class PrefixIndex:
     """Router block -> (worker rank, tier) presence, with per-rank per-tier counters."""
 
-    __slots__ = ("_blocks", "_slot_of", "_key_of", "_free", "_counts", "_live", "_ones", "_hex")
+    __slots__ = ("_shards", "_slot_of", "_key_of", "_free", "_counts", "_live", "_ones", "_hex")
 
     def __init__(self) -> None:
-        self._blocks: dict[int, int] = {}
+        self._shards: list[dict[int, int]] = [{} for _ in range(_SHARD_MASK + 1)]
         self._slot_of: dict[WorkerKey, int] = {}
         self._key_of: list[WorkerKey | None] = []
         self._free: list[int] = []
@@ -67,7 +71,7 @@ class PrefixIndex:
 
     def __len__(self) -> int:
         """Distinct router hashes held by any worker rank in any tier."""
-        return len(self._blocks)
+        return sum(map(len, self._shards))
 
     def keys(self) -> list[WorkerKey]:
         """Every worker rank that has stored something and not been removed, sorted."""
@@ -94,18 +98,11 @@ class PrefixIndex:
         if slot is None:
             slot = self._allocate(key)
         bit = 1 << (slot * _SLOT_BITS + tier)
-        blocks = self._blocks
-        if blocks.keys().isdisjoint(hashes):
-            # Only new blocks (the common case): one C-level update, all sharing ``bit``.
-            before = len(blocks)
-            blocks.update(zip(hashes, repeat(bit)))
-            added = len(blocks) - before
-            self._counts[slot][tier] += added
-            return added
-        get = blocks.get
+        shards = self._shards
         added = 0
         for h in hashes:
-            v = get(h)
+            blocks = shards[h & _SHARD_MASK]
+            v = blocks.get(h)
             if v is None:
                 # Storing the shared ``bit`` object (not ``0 | bit``) keeps one int per slot
                 # and tier for the common single-holder block instead of one per block.
@@ -123,11 +120,11 @@ class PrefixIndex:
         if slot is None:
             return 0
         bit = 1 << (slot * _SLOT_BITS + tier)
-        blocks = self._blocks
-        get = blocks.get
+        shards = self._shards
         removed = 0
         for h in hashes:
-            v = get(h)
+            blocks = shards[h & _SHARD_MASK]
+            v = blocks.get(h)
             if v is not None and v & bit:
                 v ^= bit
                 if v:
@@ -143,7 +140,7 @@ class PrefixIndex:
         slot = self._slot_of.get(key)
         if slot is None:
             return False
-        return bool(self._blocks.get(block, 0) >> (slot * _SLOT_BITS) & _TIERS)
+        return bool(self._shards[block & _SHARD_MASK].get(block, 0) >> (slot * _SLOT_BITS) & _TIERS)
 
     def clear(self, key: WorkerKey) -> int:
         """Drop everything ``key`` holds (the slot stays allocated to it)."""
@@ -170,8 +167,9 @@ class PrefixIndex:
         n = len(seq_hashes)
         if not alive or not n:
             return {}
-        get = self._blocks.get
-        zeros = repeat(0)
+        # Each look-up picks its shard and asks it, all in C-level ``map`` (half the cost of
+        # a comprehension); the dicts' cache misses then overlap.
+        get, shard_of, low_byte, zeros = dict.get, self._shards.__getitem__, _SHARD_MASK.__rand__, repeat(0)
         ones = self._ones
         fmt = self._hex
         # Consecutive blocks usually carry the same masked value (same holders, same
@@ -181,12 +179,13 @@ class PrefixIndex:
         pieces: list[str] = []
         run_val: int | None = None  # never equal to a first value, even an absent (0) one
         run_start = 0
-        # Look-ups go in doubling chunks through C-level ``map``: the dict's cache misses
-        # then overlap, while a prompt that stops matching early wastes at most half.
+        # Look-ups go in doubling chunks: a prompt that stops matching early wastes at most
+        # half of them.
         start, step = 0, 8
         while start < n:
             stop = start + step
-            for i, v in enumerate(list(map(get, seq_hashes[start:stop], zeros)), start):
+            chunk = seq_hashes[start:stop]
+            for i, v in enumerate(list(map(get, map(shard_of, map(low_byte, chunk)), chunk, zeros)), start):
                 x = v & alive
                 if x != run_val:
                     if run_val:
@@ -250,15 +249,14 @@ class PrefixIndex:
             counts[s] = [0, 0, 0]
         # A full scan: clears and departures are rare, and a per-slot reverse index would
         # cost more memory per block than the whole entry does today.
-        blocks = self._blocks
-        hit = [h for h, v in blocks.items() if v & mask]
         keep = ~mask
-        for h in hit:
-            v = blocks[h] & keep
-            if v:
-                blocks[h] = v
-            else:
-                del blocks[h]
+        for blocks in self._shards:
+            for h in [h for h, v in blocks.items() if v & mask]:
+                v = blocks[h] & keep
+                if v:
+                    blocks[h] = v
+                else:
+                    del blocks[h]
         return dropped
 
 

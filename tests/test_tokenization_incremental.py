@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import pathlib
 import subprocess
 import sys
@@ -237,6 +238,24 @@ def test_cache_is_bounded() -> None:
         assert incremental_ids(cache, tok, text)[0] == tok.encode(text, add_special_tokens=False).ids
     entries, size, *_ = cache.counters()
     assert 0 < entries < 40 and size <= 400_000
+
+
+@pytest.mark.slow
+def test_the_cache_index_is_out_of_the_collectors_way() -> None:
+    """Its maps name entries by serial: dicts of ints only, which no garbage collection walks (one holding
+    the entries themselves had a collection walk its 300k keys on the event loop, ~10 ms)."""
+    tok = backend("qwen3")
+    cache = PrefixCache(tok, 1 << 26, False)
+    texts = [f"document {i} " + "lorem ipsum dolor sit amet " * 100 for i in range(20)]
+    for text in texts:
+        incremental_ids(cache, tok, text)
+        incremental_ids(cache, tok, text + " and a question")
+    maps = [*cache._index._shards, *cache._tagged._shards]  # noqa: SLF001
+    assert sum(map(len, maps)) > 0
+    assert not any(gc.is_tracked(m) for m in maps)
+    # and the serials still find their entries: a third prompt reuses the second's ids
+    ids, reused = incremental_ids(cache, tok, texts[3] + " and a question, twice")
+    assert ids == tok.encode(texts[3] + " and a question, twice", add_special_tokens=False).ids and reused > 0
 
 
 # -- split encodes: a long text in parallel parts, joined where a cut is exact ----------------------------
