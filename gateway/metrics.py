@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -29,7 +29,7 @@ from kvgate.gateway.errors import NO_WORKER
 from kvgate.gateway.relay import Exchange
 from kvgate.protocol.events import Tier, WorkerKey
 from kvgate.router.lifecycle import InFlight
-from kvgate.stats import Field, counters
+from kvgate.stats import Field, TextExposition, counters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -213,6 +213,7 @@ class GatewayMetrics:
         # `_created` series double the scrape for no use here (process-global, as the library has it).
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
+        self._exposition = TextExposition(self.registry)
         r = self.registry
         self.requests = Counter(
             "kvgate_requests",
@@ -417,7 +418,7 @@ class GatewayMetrics:
             self.child(self.hit_rate, worker).observe(overlap / prompt_blocks)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self._exposition.render()
 
 
 class _StateCollector(Collector):

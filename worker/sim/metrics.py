@@ -43,7 +43,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from kvgate.stats import counter, gauge
+from kvgate.stats import counter, escape_help, gauge, sample_prefix
 from kvgate.worker.sim.config import EngineConfig
 from kvgate.worker.sim.engine_loop import EngineLoop, Histogram
 from kvgate.worker.sim.vllm_metrics_families import CACHE_CONFIG_INFO, FAMILIES, Family
@@ -72,21 +72,6 @@ def _never() -> Mapping[str, float]:
     return {}
 
 
-def _escape_help(doc: str) -> str:
-    return doc.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _prefix(name: str, labels: Mapping[str, str]) -> str:
-    """A sample line up to its value, as ``generate_latest`` writes it (labels sorted)."""
-    if not labels:
-        return name + " "
-    return name + "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(labels.items())) + "} "
-
-
 class _Family:
     """One family laid out for exposition; its values come as a flat list, one per sample slot."""
 
@@ -94,8 +79,8 @@ class _Family:
         self.name, self.kind, self.doc = name, kind, doc
         self.bounds = tuple(bounds)
         exposed = name + "_total" if kind == "counter" else name
-        self.head = f"# HELP {exposed} {_escape_help(doc)}\n# TYPE {exposed} {kind}\n"
-        self.created_head = f"# HELP {name}_created {_escape_help(doc)}\n# TYPE {name}_created gauge\n"
+        self.head = f"# HELP {exposed} {escape_help(doc)}\n# TYPE {exposed} {kind}\n"
+        self.created_head = f"# HELP {name}_created {escape_help(doc)}\n# TYPE {name}_created gauge\n"
         self.slots: list[tuple[str, dict[str, str]]] = []  # (sample name, labels) per value
         self.prefixes: list[str] = []
         self.created: list[tuple[dict[str, str], float]] = []
@@ -115,10 +100,10 @@ class _Family:
         else:  # summary
             slots = [(name + "_count", labels), (name + "_sum", labels)]
         self.slots += slots
-        self.prefixes += [_prefix(n, lab) for n, lab in slots]
+        self.prefixes += [sample_prefix(n, lab) for n, lab in slots]
         if kind != "gauge":
             self.created.append((labels, created))
-            self.created_text += _prefix(name + "_created", labels) + floatToGoString(created) + "\n"
+            self.created_text += sample_prefix(name + "_created", labels) + floatToGoString(created) + "\n"
         self.num_labelsets += 1
 
     def text(self, values: Sequence[float]) -> str:
