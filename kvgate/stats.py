@@ -112,7 +112,7 @@ def _add(family: CounterMetricFamily | GaugeMetricFamily, value: Value, labels: 
 
 _LEGACY_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LEGACY_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_TYPES = {"counter": "counter", "gauge": "gauge", "histogram": "histogram", "summary": "summary"}
+_FORMATTED_TYPES = frozenset({"counter", "gauge", "histogram", "summary"})
 _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
 
 
@@ -139,17 +139,15 @@ class TextExposition:
         if len(prefixes) > self._max:  # label sets come and go (workers leave): start over now and then
             prefixes.clear()
         for metric in self.registry.collect():
-            mtype = _TYPES.get(metric.type)
-            if mtype is None:
+            mtype = metric.type
+            if mtype not in _FORMATTED_TYPES:
                 return generate_latest(self.registry)
             head_key = (metric.name, mtype, metric.documentation)
             head = heads.get(head_key)
             if head is None:
                 if not _LEGACY_NAME.match(metric.name):
                     return generate_latest(self.registry)
-                head = heads[head_key] = _head(
-                    metric.name + "_total" if mtype == "counter" else metric.name, mtype, metric.documentation
-                )
+                head = heads[head_key] = family_head(metric.name, mtype, metric.documentation)
             out.append(head)
             om: dict[str, list[str]] | None = None
             for s in metric.samples:
@@ -163,20 +161,23 @@ class TextExposition:
                         return generate_latest(self.registry)
                     prefixes[key] = prefix
                 line = prefix + floatToGoString(s.value) + "\n"
-                if s.name.startswith(metric.name) and s.name[len(metric.name) :] in _OM_SUFFIXES:
+                suffix = s.name[len(metric.name) :]
+                if suffix in _OM_SUFFIXES and s.name.startswith(metric.name):
                     om = om if om is not None else {}
-                    om.setdefault(s.name[len(metric.name) :], []).append(line)
+                    om.setdefault(suffix, []).append(line)
                 else:
                     out.append(line)
             if om:
                 for suffix, lines in sorted(om.items()):
-                    out.append(_head(metric.name + suffix, "gauge", metric.documentation))
+                    out.append(family_head(metric.name + suffix, "gauge", metric.documentation))
                     out.extend(lines)
         return "".join(out).encode("utf-8")
 
 
-def _head(name: str, mtype: str, doc: str) -> str:
-    return f"# HELP {name} {escape_help(doc)}\n# TYPE {name} {mtype}\n"
+def family_head(name: str, mtype: str, doc: str) -> str:
+    """A family's HELP and TYPE lines as ``generate_latest`` writes them (a counter's name gets ``_total``)."""
+    exposed = name + "_total" if mtype == "counter" else name
+    return f"# HELP {exposed} {escape_help(doc)}\n# TYPE {exposed} {mtype}\n"
 
 
 def _prefix(name: str, labels: Mapping[str, str]) -> str | None:

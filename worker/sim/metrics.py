@@ -43,7 +43,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from kvgate.stats import counter, escape_help, gauge, sample_prefix
+from kvgate.stats import counter, family_head, gauge, sample_prefix
 from kvgate.worker.sim.config import EngineConfig
 from kvgate.worker.sim.engine_loop import EngineLoop, Histogram
 from kvgate.worker.sim.vllm_metrics_families import CACHE_CONFIG_INFO, FAMILIES, Family
@@ -78,9 +78,8 @@ class _Family:
     def __init__(self, name: str, kind: str, doc: str, bounds: Sequence[float] = ()) -> None:
         self.name, self.kind, self.doc = name, kind, doc
         self.bounds = tuple(bounds)
-        exposed = name + "_total" if kind == "counter" else name
-        self.head = f"# HELP {exposed} {escape_help(doc)}\n# TYPE {exposed} {kind}\n"
-        self.created_head = f"# HELP {name}_created {escape_help(doc)}\n# TYPE {name}_created gauge\n"
+        self.head = family_head(name, kind, doc)
+        self.created_head = family_head(name + "_created", "gauge", doc)
         self.slots: list[tuple[str, dict[str, str]]] = []  # (sample name, labels) per value
         self.prefixes: list[str] = []
         self.created: list[tuple[dict[str, str], float]] = []
