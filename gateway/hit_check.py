@@ -30,6 +30,7 @@ from kvgate.router.registry import RegistryChange, WorkerRegistry
 log = logging.getLogger(__name__)
 
 TRUST_REASON = "predictions"
+_UNKNOWN = -1  # a head-routed request's prefix, until the rest of its prompt is known
 
 _OVER_CAUSES = (
     "the index holds blocks the engine does not: an engine restart or cache reset the gateway missed, "
@@ -52,19 +53,30 @@ class HitCheck:
         self.metrics = metrics
         self.registry = registry
         # Per request in flight: prefix blocks the index held for its worker when sent there.
-        self._predicted: dict[InFlight, int] = {}
+        self._predicted: dict[InFlight, int | None] = {}
         self._unsubscribe: Callable[[], None] = registry.subscribe(self._on_registry_change)
 
     # -- the request lifecycle (a RequestListener on the router) --------------------------
 
     def on_begin(self, flight: InFlight) -> None:
-        self._predicted[flight] = predicted_blocks(flight.decision, flight.key, self.indexer)
+        # None: the engine may find blocks a request ahead of this one computes meanwhile; not judged.
+        blocks = predicted_blocks(flight.decision, flight.key, self.indexer, flight.predicted_hashes)
+        decision = flight.decision
+        if blocks is not None and decision.head_only and blocks >= decision.num_blocks:
+            # Routed on its prompt's head, all of which this worker holds: it may hold more of the prompt
+            # (a conversation's worker holds the previous answer too). Known only once the rest is
+            # (``Router.extend``: ``InFlight.held_blocks``); a prompt whose rest is never encoded goes unchecked.
+            blocks = _UNKNOWN
+        self._predicted[flight] = blocks
 
     def on_first_token(self, flight: InFlight) -> None:
         """Nothing to compare until the answer's usage arrives."""
 
     def on_finish(self, flight: InFlight) -> None:
         blocks = self._predicted.pop(flight, None)
+        if blocks == _UNKNOWN:
+            held = flight.held_blocks
+            blocks = held[1] if held is not None and held[0] == flight.key else None
         outcome = flight.outcome
         if blocks is None or not isinstance(outcome, Outcome) or outcome.status != "200" or outcome.sequences != 1:
             return

@@ -26,9 +26,9 @@ for an untrusted worker, whose matches the router no longer sees, comes from
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
@@ -41,6 +41,7 @@ __all__ = [
     "Verdict",
     "WorkerHits",
     "engine_cached_tokens",
+    "held_prefix",
     "predicted_blocks",
 ]
 
@@ -52,6 +53,7 @@ UNDER = -1
 AGREE = 0
 
 
+@runtime_checkable
 class TrustIgnoringMatcher(Protocol):
     """What ``predicted_blocks`` needs from the index (``KvIndexer`` provides it)."""
 
@@ -62,18 +64,47 @@ class TrustIgnoringMatcher(Protocol):
     ) -> dict[WorkerKey, Match]: ...
 
 
-def predicted_blocks(decision: Decision, key: WorkerKey, index: TrustIgnoringMatcher) -> int:
-    """Prefix blocks the events' index holds for ``key``, in any tier: the decision's own
-    figure for a trusted worker whose match the events gave, else the index asked again
-    ignoring trust and leaving out the router's predictions of blocks it just sent (they
-    say nothing about whether the worker's events are right)."""
-    score = decision.score_of(key) if index.trusted(key.worker_id) else None
-    if score is not None and not score.predicted:
+def predicted_blocks(
+    decision: Decision, key: WorkerKey, index: TrustIgnoringMatcher, own: Collection[int] = ()
+) -> int | None:
+    """Prefix blocks the events' index holds for ``key``, in any tier, when sent there: the decision's
+    own figure for a trusted worker whose match the events gave, else the index asked again ignoring
+    trust (``held_prefix``). The router's predictions (blocks it sent there) say nothing about whether
+    the worker's events are right, so they are left out; but when another request was still prefilling
+    on that worker and they reach past the events' prefix, None: that request is computing those
+    blocks, which the engine will find and the events cannot have told yet (a burst's followers).
+    ``own``: the blocks this request itself added to the predictions (``InFlight.predicted_hashes``)."""
+    score = decision.score_of(key)
+    if score is not None and not score.predicted and index.trusted(key.worker_id):
         return score.depth
     if not decision.seq_hashes:
         return 0
-    match = index.find_matches(decision.seq_hashes, include_untrusted=True, include_predictions=False).get(key)
-    return match.depth if match is not None else 0
+    ahead = score is not None and score.load.prefill_tokens > 0
+    return held_prefix(index, decision.seq_hashes, key, own, ahead=ahead)
+
+
+def held_prefix(
+    index: TrustIgnoringMatcher,
+    seq_hashes: Sequence[int],
+    key: WorkerKey,
+    own: Collection[int] = (),
+    *,
+    ahead: bool = True,
+) -> int | None:
+    """The prefix of ``seq_hashes`` the events say ``key`` holds; with a request ``ahead`` of this one
+    still prefilling there, None when the router's predictions (other than ``own``) reach further
+    (see ``predicted_blocks``). Predictions left unconfirmed once nothing is prefilling there are what
+    a worker whose events are wrong leaves behind: the events' figure is then judged."""
+    match = index.find_matches(seq_hashes, include_untrusted=True, include_predictions=False).get(key)
+    depth = match.depth if match is not None else 0
+    if not ahead:
+        return depth
+    match = index.find_matches(seq_hashes, include_untrusted=True).get(key)
+    reach = match.depth if match is not None else 0
+    if reach > depth and own:
+        mine = set(own)
+        reach = next((i for i in range(depth, reach) if seq_hashes[i] in mine), reach)
+    return None if reach > depth else depth
 
 
 def engine_cached_tokens(prompt_tokens: int, blocks: int, block_size: int) -> int:

@@ -59,6 +59,7 @@ class InFlight:
         "sent_at",
         "previous_key",
         "predicted_hashes",
+        "held_blocks",
         "first_token_at",
         "engine_cached_tokens",
         "streamed",
@@ -97,9 +98,14 @@ class InFlight:
         self.predicted_hashes: Sequence[int] = ()
         """Blocks the router newly predicted ``key`` holds because of this request (dropped
         again if the worker does not serve it)."""
+        """Router clock when it was sent to ``key`` (again on a retry)."""
         self.previous_key: WorkerKey | None = None
         """The worker it was sent to before the last ``move_to`` (None before any retry)."""
-        """Router clock when it was sent to ``key`` (again on a retry)."""
+        self.held_blocks: tuple[WorkerKey, int | None] | None = None
+        """For a request routed on its prompt's head: (worker, the prefix of the whole prompt the
+        engine's events said it held when ``Router.extend`` learnt the rest, or None when the
+        router's predictions reached further: ``router.accounting.held_prefix``), which the
+        head's own match understates when the worker holds all of the head."""
         self.first_token_at: float | None = None
         """Router clock at its first token from ``key``, if one came."""
         self.engine_cached_tokens: int | None = None

@@ -161,6 +161,9 @@ class Decision:
     seq_hashes: Sequence[int] = ()
     """The prompt's block hashes (set by the router): what a later look-up of one
     worker's prefix needs, such as the index's prediction for an untrusted worker."""
+    head_only: bool = False
+    """Scored on the head of its prompt (``Router.route_head``): ``num_blocks`` are the head's,
+    and a worker holding all of them may hold more of the prompt than its score says."""
 
     def score_of(self, key: WorkerKey) -> CandidateScore | None:
         for score in self.scores:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from kvgate.indexer.index import Match
 from kvgate.protocol.events import WorkerKey
 from kvgate.protocol.hashing import sequence_hashes
+from kvgate.router.accounting import TrustIgnoringMatcher, held_prefix
 from kvgate.router.config import RouterConfig
 from kvgate.router.lifecycle import InFlight, RequestListener
 from kvgate.router.load import LoadTracker
@@ -168,6 +169,7 @@ class Router:
             decision, holders, matches, max(full, (token_bound or 0) // self.config.block_size), prompt_tokens, exclude
         ):
             return None
+        decision.head_only = True
         return decision
 
     def _decides(
@@ -252,7 +254,17 @@ class Router:
             return
         hashes = [*head, *more]
         flight.decision.seq_hashes = hashes
-        if self._predict is None or flight.finished:
+        if flight.finished:
+            return
+        # What the engine's events say its worker holds of the whole prompt, before its own blocks come in:
+        # the prefix the hit check compares the engine's cached tokens with (the head's match stops at
+        # the head, while a conversation's worker also holds the previous answer's blocks).
+        if isinstance(self.indexer, TrustIgnoringMatcher):
+            score = flight.decision.score_of(flight.key)
+            ahead = score is not None and score.load.prefill_tokens > 0
+            held = held_prefix(self.indexer, hashes, flight.key, flight.predicted_hashes, ahead=ahead)
+            flight.held_blocks = (flight.key, held)
+        if self._predict is None:
             return
         new = self._predict(flight.key, hashes, self._prediction_ttl)
         if new:

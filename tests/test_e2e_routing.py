@@ -173,6 +173,11 @@ def test_a_conversations_new_turns_are_routed_on_their_cached_prefix_and_stay_wi
         assert metric(text, "kvgate_tokenizer_encodes_total", kind="incremental") == 3, text
         # Its token count was an estimate until the engine's usage said; the metrics count the engine's.
         assert metric(text, "kvgate_prompt_tokens_total") == sum(prompt_tokens), text
+        # The hit check compared each turn's cached tokens with what the events said the worker held of the
+        # whole prompt (its head's match stops short of the previous answer's blocks), so they agree, and
+        # the worker's index stays trusted.
+        assert metric(text, "kvgate_prediction_checks_total", worker=first) == 4, text
+        assert metric(text, "kvgate_prediction_mismatches_total", worker=first) == 0, text
     finally:
         stop_all(gateway.proc, *(w.proc for w in workers.values()))
 

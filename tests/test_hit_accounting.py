@@ -374,18 +374,34 @@ def test_the_gateway_reads_n_to_tell_how_many_sequences_an_answer_covers() -> No
     assert parse_completion(b'{"prompt": ["a", "b"], "n": 2}').n == 2
 
 
-def test_an_answer_whose_prefix_was_only_predicted_is_judged_on_the_events_alone() -> None:
-    """Blocks the router just sent count as held for routing, but say nothing about whether
-    the worker's events are right: the check compares the engine with what events gave."""
+def test_an_answer_whose_prefix_was_only_predicted_is_not_judged() -> None:
+    """Blocks the router just sent count as held for routing, but say nothing about whether the worker's
+    events are right; nor can the events hold yet what a request ahead of this one is computing there,
+    which the engine will find: such an answer is not judged (it was, on the events alone, and a burst's
+    followers made every worker untrusted: 75-85 % of them counted as mismatches)."""
     ix = KvIndexer(BS)
     registry = StaticDiscovery([{"id": "w0", "url": "http://127.0.0.1:1"}])
     router = Router(RouterConfig(), ix, registry.registry())
     first = router.route(TOKENS)
-    router.begin("r1", first, len(TOKENS))
+    flight = router.begin("r1", first, len(TOKENS))
+    assert len(flight.predicted_hashes) == len(SEQ)
+    # The first one's own predictions do not count against it: nothing was held when it was sent.
+    assert predicted_blocks(first, WorkerKey("w0"), ix, flight.predicted_hashes) == 0
     follower = router.route(TOKENS)
     score = follower.score_of(WorkerKey("w0"))
     assert score is not None and score.predicted and score.depth == len(SEQ)
-    assert predicted_blocks(follower, WorkerKey("w0"), ix) == 0  # no event has said anything yet
+    assert predicted_blocks(follower, WorkerKey("w0"), ix) is None  # the first one's blocks, not yet in events
+    # Nor for an untrusted worker, asked of the index again (leaving out the request's own predictions).
+    ix.set_trusted("w0", False, reason="predictions")
+    late = router.route(TOKENS)
+    assert predicted_blocks(late, WorkerKey("w0"), ix, ()) is None
+    assert predicted_blocks(late, WorkerKey("w0"), ix, flight.predicted_hashes) == 0  # were they its own
+    ix.set_trusted("w0", True, reason="predictions")
+    # Once nothing is prefilling there, predictions the events never confirmed are what a worker with
+    # wrong events leaves behind: judged on the events.
+    assert flight.first_token()
+    after = router.route(TOKENS)
+    assert after.chosen_score.predicted and predicted_blocks(after, WorkerKey("w0"), ix) == 0
     ix.apply_router_events(WorkerKey("w0"), [RouterStored(SEQ)])  # the engine's events confirm them
     confirmed = router.route(TOKENS)
     assert not confirmed.chosen_score.predicted

@@ -92,7 +92,8 @@ def test_seeds_scale_the_terms():
     # a: 5 + (3 * 2 + 1 * 4) + 256 / 64 = 5 + 10 + 4 = 19 ; + 1.0 * 4 = 23
     assert terms_ms(decision.score_of(A)) == pytest.approx((5.0, 10.0, 0.0, 4.0, 19.0, 4.0, 23.0))
     # c: per token 1/64 ms * (1 + 1.0 * 0.5) = 1.5/64: 5 + 384 * 1.5 / 64 + 1.5 / 64 = 5 + 9 + 0.0234375
-    c = (5.0, 0.0, 9.0, 0.0234375, 14.0234375, 0.0234375, 14.046875)
+    # its added work counts its 2 requests in flight at the default running_work_weight 0.05: (1 + 0.1) x own
+    c = (5.0, 0.0, 9.0, 0.0234375, 14.0234375, 0.02578125, 14.04921875)
     assert terms_ms(decision.score_of(C)) == pytest.approx(c)
     assert decision.chosen == C
 
@@ -397,6 +398,21 @@ def test_a_worker_that_stopped_answering_fades_into_the_fleets_rates():
     assert speed.predicting("b").seconds_per_token == pytest.approx(fleet, rel=1e-3)
 
 
+def test_by_default_a_long_new_prefill_avoids_a_worker_decoding_a_pile_of_requests():
+    # The burst case: a holds a new document (64 blocks) and decodes 40 requests about it; b has a little
+    # prefill queued. A 4k-token prompt nobody holds goes to b (at weight 0 it went to a, 0.12 s sooner
+    # to its first token, stalling 40 streams for its 0.13 s of prefill); a question about the document,
+    # a 64-token suffix, still goes to a.
+    config = RouterConfig(speed=EXAMPLE)
+    loads = {A: LoadSnapshot(requests=40, blocks=2_000), B: LoadSnapshot(requests=1, prefill_tokens=1_024, blocks=16)}
+    cold = KvPolicy(config).select([A, B], {}, 64, loads)
+    assert cold.chosen == B
+    assert cold.score_of(A).added_work == pytest.approx((0.5 + 0.05 * 40) * cold.score_of(A).prefill)
+    assert KvPolicy(RouterConfig(speed=EXAMPLE, running_work_weight=0.0)).select([A, B], {}, 64, loads).chosen == A
+    follower = KvPolicy(config).select([A, B], {A: match(gpu=64)}, 65, loads)
+    assert follower.chosen == A
+
+
 def test_requests_in_flight_add_to_the_added_work():
     # Every request in flight on a worker waits for a new prefill there (the engine runs it in the
     # steps that decode them): running_work_weight x that prefill per request joins the added work.
@@ -406,8 +422,7 @@ def test_requests_in_flight_add_to_the_added_work():
     a, b = decision.score_of(A), decision.score_of(B)
     assert a.added_work == pytest.approx((0.5 + 0.25) * a.prefill) and b.added_work == pytest.approx(0.5 * b.prefill)
     assert decision.chosen == B
-    # Even when a's learned speed is 10% better, b, idle, is chosen; without the term (the default),
-    # the busier worker is.
+    # Even when a's learned speed is 10% better, b, idle, is chosen; without the term the busier worker is.
     speed = SpeedModel(EXAMPLE)
     speed.speed("a").seconds_per_token = 1 / 35_200
     for worker in "ab":

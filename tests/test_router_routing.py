@@ -358,19 +358,23 @@ def test_a_cached_prefix_does_not_decide_when_another_holder_could_be_cheaper():
 
 def test_extend_predicts_the_rest_of_a_prompt_routed_on_its_head():
     router, indexer = fleet("a", "b")
-    prompt = tokens(2_100)  # 32 full blocks
-    Engine(indexer, "a").store(prompt[:1_984])
-    decision = router.route_head(prompt[:1_984], 2_100, token_bound=2_150)
-    assert decision is not None
-    flight = router.begin("r1", decision, 2_100)
+    prompt = tokens(2_200)  # 34 full blocks
+    Engine(indexer, "a").store(prompt[:2_048])  # the engine holds one block past the head (a previous answer's)
+    decision = router.route_head(prompt[:1_984], 2_200, token_bound=2_250)
+    assert decision is not None and decision.head_only and decision.num_blocks == 31
+    assert not router.route(prompt).head_only
+    flight = router.begin("r1", decision, 2_200)
     hashes = sequence_hashes(prompt, BS)
-    assert indexer.find_matches(hashes)[A].depth == 31
+    assert flight.held_blocks is None  # the head's match (31) understates what a holds: unknown yet
+    assert indexer.find_matches(hashes)[A].depth == 32
     router.extend(flight, prompt)
-    assert decision.seq_hashes == hashes and indexer.find_matches(hashes)[A].depth == 32
-    # A worker that does not serve it drops what this request alone predicted: the engine's 31 blocks stay.
+    # What the engine's events say it holds of the whole prompt, not counting the router's own predictions.
+    assert flight.held_blocks == (A, 32)
+    assert decision.seq_hashes == hashes and indexer.find_matches(hashes)[A].depth == 34
+    # A worker that does not serve it drops what this request alone predicted: the engine's 32 blocks stay.
     flight.report_usage(None, streamed=False, served=False)
     flight.finish()
-    assert indexer.find_matches(hashes)[A].depth == 31
+    assert indexer.find_matches(hashes)[A].depth == 32
     # Once finished, nothing more is predicted.
     other = tokens(2_100, 20_000)
     late = router.begin("r2", router.route(other[:1_984]), 2_100)

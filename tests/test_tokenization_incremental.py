@@ -10,6 +10,7 @@ import asyncio
 import functools
 import gc
 import pathlib
+import random
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -386,6 +387,31 @@ def test_the_token_bound_is_never_below_the_count(name: str, data: st.DataObject
 def _document(words: int, start: int = 0) -> str:
     pieces = ("Alpha", "beta,", "gamma", "delta's", "42", "epsilon.", "zeta\n", "eta", "théta", "iota;")
     return " ".join(f"{pieces[i % len(pieces)]}{i}" for i in range(start, start + words))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("llama3", "deepseek_v3"))
+@pytest.mark.parametrize("kind", ("long words", "cyrillic", "hex"))
+async def test_a_head_estimates_the_prompt_at_its_own_ratio(name: str, kind: str) -> None:
+    """A long prompt routed on its head queues its estimated tokens on its worker until its first token: the
+    estimate is the head's own tokens per byte, not prose's (these texts are 0.5x-1.7x prose's ratio)."""
+    pre = Preprocessor.load(str(model_dir(name)), context_length=1 << 20)
+    rng = random.Random(kind)
+    if kind == "long words":
+        content = " ".join(f"Zyxwvutsrq{i:05d}Onmlkjih" for i in range(1500))
+    elif kind == "cyrillic":
+        words = ("кэш", "маршрутизатор", "запрос", "префикс", "узел", "сеть", "быстро", "данные")
+        content = " ".join(rng.choice(words) for _ in range(6000))
+    else:
+        content = " ".join("x" + "".join(rng.choice("0123456789abcdef") for _ in range(12)) for _ in range(3000))
+    messages = [{"role": "user", "content": content}]
+    whole = len(pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids)
+    prose = pre._tokens_per_byte
+    head = await pre.encode_chat_head_async(messages)
+    assert isinstance(head, HeadEncoding) and not head.prefix
+    assert abs(head.token_estimate - whole) < 0.1 * whole, (head.token_estimate, whole)
+    # The recent prompts' ratio still learns from it, a tenth of the way.
+    assert pre._tokens_per_byte != prose
 
 
 @pytest.mark.slow
