@@ -3,7 +3,11 @@
 ``HitCheck`` listens to the router's request lifecycle. When a request is sent to a
 worker (``on_begin``, again on a retry) it notes the prefix the index held for that
 worker (``router.accounting.predicted_blocks``; trust ignored for an untrusted worker,
-so that one can be judged back into trust). When the request ends with a complete 200
+so that one can be judged back into trust). It is not judged when the engine may find
+blocks the events cannot have told yet: ones a request still prefilling on that worker
+is computing, or, for a request routed on its prompt's head, blocks past the head, until
+``Router.extend`` reads what the events held of the whole prompt (``InFlight.held_blocks``).
+When the request ends with a complete 200
 answer for one prompt and one choice whose usage reports ``cached_tokens``, the pair
 goes to ``HitAccounting`` and to the metrics (``kvgate_predicted_cached_tokens``,
 ``kvgate_engine_cached_tokens``, ``kvgate_prediction_checks``,

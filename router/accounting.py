@@ -79,25 +79,22 @@ def predicted_blocks(
         return score.depth
     if not decision.seq_hashes:
         return 0
-    ahead = score is not None and score.load.prefill_tokens > 0
-    return held_prefix(index, decision.seq_hashes, key, own, ahead=ahead)
+    return held_prefix(index, decision, key, own)
 
 
 def held_prefix(
-    index: TrustIgnoringMatcher,
-    seq_hashes: Sequence[int],
-    key: WorkerKey,
-    own: Collection[int] = (),
-    *,
-    ahead: bool = True,
+    index: TrustIgnoringMatcher, decision: Decision, key: WorkerKey, own: Collection[int] = ()
 ) -> int | None:
-    """The prefix of ``seq_hashes`` the events say ``key`` holds; with a request ``ahead`` of this one
-    still prefilling there, None when the router's predictions (other than ``own``) reach further
-    (see ``predicted_blocks``). Predictions left unconfirmed once nothing is prefilling there are what
-    a worker whose events are wrong leaves behind: the events' figure is then judged."""
+    """The prefix of ``decision.seq_hashes`` the events say ``key`` holds; when a request ahead of this
+    one was still prefilling there at the decision, None if the router's predictions (other than
+    ``own``) reach further (see ``predicted_blocks``). Predictions left unconfirmed once nothing is
+    prefilling there are what a worker whose events are wrong leaves behind: the events' figure is
+    then judged."""
+    seq_hashes = decision.seq_hashes
     match = index.find_matches(seq_hashes, include_untrusted=True, include_predictions=False).get(key)
     depth = match.depth if match is not None else 0
-    if not ahead:
+    score = decision.score_of(key)
+    if score is None or score.load.prefill_tokens == 0:
         return depth
     match = index.find_matches(seq_hashes, include_untrusted=True).get(key)
     reach = match.depth if match is not None else 0

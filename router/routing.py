@@ -76,6 +76,8 @@ class Router:
         self.speed = self.policy.speed
         self.speed.clock = clock  # rates age by the router's clock
         self._predict = getattr(indexer, "predict", None) if config.predict_sent else None
+        # An index that can say what the events alone hold (``KvIndexer``): for the hit check (``extend``).
+        self._held_index = indexer if isinstance(indexer, TrustIgnoringMatcher) else None
         self._prediction_ttl = config.approximate_prediction_ttl if config.approximate else config.prediction_ttl
         # The router hears its requests first: it indexes what it sent and learns speeds.
         self._listeners: list[RequestListener] = [_Observer(self)]
@@ -259,11 +261,11 @@ class Router:
         # What the engine's events say its worker holds of the whole prompt, before its own blocks come in:
         # the prefix the hit check compares the engine's cached tokens with (the head's match stops at
         # the head, while a conversation's worker also holds the previous answer's blocks).
-        if isinstance(self.indexer, TrustIgnoringMatcher):
-            score = flight.decision.score_of(flight.key)
-            ahead = score is not None and score.load.prefill_tokens > 0
-            held = held_prefix(self.indexer, hashes, flight.key, flight.predicted_hashes, ahead=ahead)
-            flight.held_blocks = (flight.key, held)
+        if self._held_index is not None:
+            flight.held_blocks = (
+                flight.key,
+                held_prefix(self._held_index, flight.decision, flight.key, flight.predicted_hashes),
+            )
         if self._predict is None:
             return
         new = self._predict(flight.key, hashes, self._prediction_ttl)
