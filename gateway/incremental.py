@@ -68,6 +68,8 @@ from tokenizers import Encoding, Tokenizer
 
 from kvgate.indexer.shards import ShardedDict
 
+# Expired head tags dropped per `PrefixCache.tag` call, at most (see there).
+UNTAG_PER_TAG = 2
 # Chars per chunk of the prefix index: a prompt is found again by any cached one sharing its first chunk.
 CHUNK_CHARS = 128
 # A cached prefix shorter than this is not worth the bookkeeping: the prompt is encoded whole.
@@ -590,8 +592,13 @@ class PrefixCache:
         with self._lock:
             now = time.monotonic()
             entry.tag, entry.tag_expiry = tag, now + ttl
-            # Its own index: a later prompt's entry takes over the chunks it shares in the main one.
-            while self._tag_order and self._tag_order[0].tag_expiry <= now:
+            # Its own index: a later prompt's entry takes over the chunks it shares in the main one. Expired
+            # tags go a few per call (each drops a whole text's chunk keys, ~800 for a 14k-token prompt, on
+            # the event loop): one added, up to UNTAG_PER_TAG dropped, so the backlog never grows, and
+            # `shared` ignores an expired tag still listed.
+            for _ in range(UNTAG_PER_TAG):
+                if not self._tag_order or self._tag_order[0].tag_expiry > now:
+                    break
                 self._untag(self._tag_order.popleft())
             if entry.serial in self._entries:
                 self._tagged.put_all(entry.keys, entry.serial)

@@ -9,8 +9,12 @@ seeded requests through it and stops everything it started, by PID:
 * **Dynamo**: etcd + NATS (the binaries kvgate's tests use), ``python -m dynamo.mocker``
   with ``--num-workers N`` and ``python -m dynamo.frontend --router-mode MODE``, from
   their own virtualenv (``make dynamo``: ``.venv/dynamo``);
-* **kvgate**: N ``python -m kvgate.worker.sim`` and ``python -m kvgate.gateway
-  --router-mode MODE`` (``loadtest.stack``).
+* **kvgate**: N simulated workers and ``python -m kvgate.gateway --router-mode MODE``
+  (``loadtest.stack``). The workers are ``python -m kvgate.dev.cached_sim``: the simulator with
+  its prompts encoded through the gateway's prefix cache (the same ids as a whole encode), since
+  Dynamo's mocker receives ids and never tokenizes, and the workers share the cores with the
+  front end; ``--whole-encode-workers`` runs ``kvgate.worker.sim`` itself, which encodes every
+  prompt whole as vLLM does.
 
 Both engines are sized alike (16,384 GPU blocks of 64 tokens, 8,192 batched tokens per
 step, 256 sequences, the same speedup ratio; the sim's step timing is the mocker's
@@ -206,6 +210,7 @@ class BenchConfig:
     max_num_seqs: int = 256
     block_size: int = 64
     direct: bool = True
+    cached_workers: bool = True  # kvgate.dev.cached_sim, else kvgate.worker.sim (see the module docstring)
     out: Path = Path("reports/dynamo")
     model_dir: Path = MODEL_DIR
     dynamo_python: Path = DYNAMO_VENV / "bin" / "python"
@@ -560,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     p.add_argument("--no-direct", dest="direct", action="store_false", help="skip the straight-to-a-worker phase")
+    p.add_argument(
+        "--whole-encode-workers",
+        dest="cached_workers",
+        action="store_false",
+        help="kvgate's workers encode every prompt whole, as vLLM does (default: through the prefix cache, "
+        "like Dynamo's mocker, which gets ids: the workers share the host's cores with the front end)",
+    )
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--model-dir", type=Path, default=d.model_dir)
     p.add_argument("--dynamo-python", type=Path, default=d.dynamo_python)
@@ -598,6 +610,7 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
         max_num_batched_tokens=a.max_num_batched_tokens,
         max_num_seqs=a.max_num_seqs,
         direct=a.direct,
+        cached_workers=a.cached_workers,
         out=a.out,
         model_dir=a.model_dir,
         dynamo_python=a.dynamo_python,
@@ -779,6 +792,7 @@ def run_cell_front_end(
                 speedup_ratio=speed,
                 seed=config.seed,
                 startup_timeout_s=config.startup_timeout_s,
+                worker_module="kvgate.dev.cached_sim" if config.cached_workers else "kvgate.worker.sim",
             ),
             mode,
             log_dir,
@@ -821,6 +835,12 @@ def notes(config: BenchConfig) -> list[str]:
         f"workers {config.workers}; per worker {config.num_gpu_blocks} GPU blocks of {config.block_size} tokens, "
         f"{config.max_num_batched_tokens} batched tokens, {config.max_num_seqs} sequences",
         f"{config.c1_requests} requests at concurrency 1, {config.requests} at load; seed {config.seed}",
+        "kvgate's workers encode prompts "
+        + (
+            "through the prefix cache (kvgate.dev.cached_sim; Dynamo's mocker gets ids)"
+            if config.cached_workers
+            else "whole, as vLLM does (kvgate.worker.sim)"
+        ),
         "CPU ms/req: the front-end process (and descendants), utime + stime over both phases, per request",
         "cached: usage.prompt_tokens_details.cached_tokens / prompt_tokens at load",
         "added TTFT: kvgate's TTFT p50 at concurrency 1 minus the same kind of requests sent to the workers "

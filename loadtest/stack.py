@@ -52,6 +52,9 @@ class StackConfig:
     startup_timeout_s: float = 60.0
     settle_s: float = 1.0  # after /health: lets the gateway's ZMQ subscriptions join
     gateway_args: tuple[str, ...] = ()
+    # The workers' module: kvgate.worker.sim encodes every prompt whole, as vLLM does;
+    # kvgate.dev.cached_sim takes the same flags and encodes through the gateway's prefix cache.
+    worker_module: str = "kvgate.worker.sim"
 
 
 def health(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -114,7 +117,7 @@ class Stack:
             workers.append(
                 self._spawn(
                     wid,
-                    "kvgate.worker.sim",
+                    c.worker_module,
                     url,
                     "--host",
                     "127.0.0.1",

@@ -487,3 +487,37 @@ async def test_a_prompt_sharing_more_than_a_routed_head_learns_where_that_prompt
     pre.tag_head(fifth, "w3", ttl=60.0)
     sixth = await pre._encode_planned(plan, True)
     assert sixth.shared_tag == "w3" and sixth.shared_tokens > len(sixth.ids) - 40
+
+
+def test_expired_head_tags_are_dropped_a_few_per_tag_and_never_count(monkeypatch) -> None:
+    """Dropping a tag deletes a whole text's chunk keys on the event loop: a tag call drops at most
+    UNTAG_PER_TAG expired ones, the backlog drains as tags keep coming, and an expired tag still listed is
+    never reported as shared."""
+    clock = [1000.0]
+    monkeypatch.setattr(incremental, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    tok = backend("llama3")
+    cache = PrefixCache(tok, 1 << 30, incremental.uses_metaspace(tok))
+
+    def tagged_head(start: int, tag: str, ttl: float) -> str:
+        text = _document(1500, start=start)
+        found = cache.head(cache.plan(text), 2048)
+        assert found is not None
+        cache.tag(found[2], tag, ttl)
+        return text
+
+    texts = [tagged_head(10_000 * i, f"w{i}", ttl=5.0) for i in range(10)]
+    assert len(cache._tag_order) == 10
+    clock[0] += 10.0  # all ten expired
+    tagged_head(200_000, "fresh", ttl=60.0)
+    assert len(cache._tag_order) == 10 + 1 - incremental.UNTAG_PER_TAG
+    # An expired tag whose keys are still indexed is not shared.
+    still = texts[-1]
+    plan = cache.plan(still + " and more")
+    assert cache._tagged.deepest(plan.keys)[0] is not None
+    assert cache.shared(plan) is None
+    # Each later tag drops up to UNTAG_PER_TAG more, so the backlog of ten is gone after five calls.
+    for i in range(5):
+        tagged_head(300_000 + 10_000 * i, f"late{i}", ttl=60.0)
+    assert all(entry.tag_expiry > clock[0] for entry in cache._tag_order)
+    assert len(cache._tag_order) == 6
+    assert cache._tagged.deepest(cache.plan(still + " and more").keys)[0] is None

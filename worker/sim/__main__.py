@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvgate.worker.sim.config import (
     LLAMA3_8B_KV_BYTES_PER_TOKEN,
@@ -16,6 +18,9 @@ from kvgate.worker.sim.config import (
     SimConfig,
     TierConfig,
 )
+
+if TYPE_CHECKING:
+    from kvgate.worker.sim.prompt import PromptRenderer
 
 _E, _K, _A, _T = EngineConfig(), KvEventsConfig(), AnswerConfig(), TierConfig()
 
@@ -203,7 +208,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return config
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, renderer: Callable[[Path], PromptRenderer] | None = None) -> None:
+    """``renderer``: builds the prompt renderer from the model directory (default: whole encodes, as vLLM)."""
     p = parser()
     args = p.parse_args(argv)
     try:
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
 
         loop = asyncio.new_event_loop()
     try:
-        app = build_app(config)
+        app = build_app(config, renderer(config.model_dir) if renderer is not None else None)
     except (OSError, ValueError, zmq.ZMQError) as exc:  # unreadable tokenizer, event endpoint in use, ...
         sys.exit(f"worker.sim: {exc}")
     e = config.engine

@@ -8,6 +8,7 @@ client's own token ids (checked against the vocabulary). Failures are ``ApiError
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import jinja2
@@ -17,9 +18,13 @@ from kvgate.worker.sim.protocol import ApiError, GenerateParams
 
 
 class PromptRenderer:
-    def __init__(self, tokenizer) -> None:
+    """``encode_text``: a rendered chat prompt's ids, without special tokens; by default the tokenizer's
+    whole encode, as vLLM does (another encoder must give the same ids: kvgate.dev.cached_sim's does)."""
+
+    def __init__(self, tokenizer, encode_text: Callable[[str], list[int]] | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
+        self._encode_text = encode_text or (lambda text: tokenizer.encode(text, add_special_tokens=False))
 
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> PromptRenderer:
@@ -36,7 +41,7 @@ class PromptRenderer:
                 )
             except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
                 raise ApiError(400, f"cannot render the chat template: {exc}", "messages") from None
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            ids = self._encode_text(text) if text else []
         elif isinstance(params.prompt, str):
             ids = self.tokenizer.encode(params.prompt)
         else:
