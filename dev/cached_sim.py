@@ -42,7 +42,11 @@ def load_preprocessor(model_dir: Path) -> Preprocessor:
 
 
 def renderer_over(pre: Preprocessor) -> PromptRenderer:
-    return PromptRenderer(pre.tokenizer, lambda text: pre.encode_prompt(text, add_special_tokens=False))
+    # With the GIL released, as the simulator's own whole encodes (transformers' encode_batch): the worker's
+    # event loop and engine steps run while a long prompt is encoded.
+    return PromptRenderer(
+        pre.tokenizer, lambda text: pre.encode_prompt(text, add_special_tokens=False, release_gil=True)
+    )
 
 
 def cached_renderer(model_dir: Path) -> PromptRenderer:

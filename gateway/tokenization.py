@@ -527,9 +527,13 @@ class Preprocessor:
 
     # -- completions ------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | Sequence[int], *, add_special_tokens: bool = True, release_gil: bool = False
+    ) -> list[int]:
+        """`release_gil`: encode through `encode_batch`, which lets the process's other threads run meanwhile
+        (for a caller on a worker thread; on the event loop a short `encode` costs less)."""
         if isinstance(prompt, str):
-            return self._encode_text(prompt, add_special_tokens)
+            return self._encode_text(prompt, add_special_tokens, release_gil)
         return self.validate_token_ids(prompt)
 
     async def encode_prompt_async(self, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> list[int]:
@@ -577,14 +581,16 @@ class Preprocessor:
 
     # -- encoding core ----------------------------------------------------------------------------------
 
-    def _encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
+    def _encode_text(self, text: str, add_special_tokens: bool, released: bool = False) -> list[int]:
         text = _require_str(text)
         if self._uses_prefix(add_special_tokens):
-            return _non_empty(self._finish_prefix(self._prefix_plan(text), add_special_tokens, released=False))
+            return _non_empty(self._finish_prefix(self._prefix_plan(text), add_special_tokens, released=released))
         if self._segments is None or add_special_tokens:
+            if released:
+                return _non_empty(self._encode_released([text], add_special_tokens)[0])
             return _non_empty(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
         parts, known, missing = self._segments.lookup(text)
-        fresh = self._encode_segments(missing)
+        fresh = self._encode_released(missing, False) if released else self._encode_segments(missing)
         return _non_empty(self._segments.assemble(parts, known, missing, fresh))
 
     async def _encode_text_async(

@@ -320,6 +320,9 @@ class Phases:
     c1: list[list[RequestSpec]]  # one stream: TTFT at concurrency 1
     load: list[list[RequestSpec]]  # one stream per concurrent user
     direct: list[list[RequestSpec]]  # kvgate only: concurrency 1 straight to one worker (its own prompts)
+    # kvgate only: concurrency 1 through the gateway, each request paired with the direct one of the same index
+    # (sent one after the other, so the pair sees the same machine): the added TTFT
+    paired: list[list[RequestSpec]] = field(default_factory=list)
 
 
 def build_phases(vocabulary: Vocabulary, config: BenchConfig, workload: str, model: str) -> Phases:
@@ -331,6 +334,7 @@ def build_phases(vocabulary: Vocabulary, config: BenchConfig, workload: str, mod
             vocabulary, config, model, min(config.load_concurrency(workload), config.requests), config.requests, s
         ),
         direct=make(vocabulary, config, model, 1, config.c1_requests, s + 2000),
+        paired=make(vocabulary, config, model, 1, config.c1_requests, s + 3000),
     )
 
 
@@ -406,6 +410,9 @@ class RunResult:
     c1: dict[str, Any] = field(default_factory=dict)
     load: dict[str, Any] = field(default_factory=dict)
     direct: dict[str, Any] | None = None
+    paired_ttft_diffs_ms: list[float] = field(default_factory=list)
+    """Per pair (a request through the gateway, one straight to a worker, sent back to back): the difference
+    of their TTFTs."""
     load_duration_s: float = 0.0
     loop_metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -418,7 +425,11 @@ class RunResult:
 
     @property
     def added_ttft_ms(self) -> float | None:
-        """kvgate's gateway TTFT p50 at concurrency 1 minus a worker's own (direct) p50."""
+        """The median of the paired differences when there are pairs; else kvgate's gateway TTFT p50 at
+        concurrency 1 minus a worker's own (direct) p50 (two phases a minute apart: a machine whose speed
+        drifts between them moves that difference by a few ms)."""
+        if self.paired_ttft_diffs_ms:
+            return percentile(self.paired_ttft_diffs_ms, 50)
         if self.direct is None:
             return None
         a, b = self.c1.get("ttft_p50_ms"), self.direct.get("ttft_p50_ms")
@@ -544,7 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workload", type=_names(WORKLOADS), default=d.workloads, help="comma-separated: " + ", ".join(WORKLOADS)
     )
     p.add_argument("--requests", type=int, default=d.requests, help="requests at load, per front end and cell")
-    p.add_argument("--c1-requests", type=int, default=d.c1_requests, help="requests at concurrency 1 (and direct)")
+    p.add_argument(
+        "--c1-requests",
+        type=int,
+        default=d.c1_requests,
+        help="requests at concurrency 1 (and pairs direct / through kvgate)",
+    )
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--concurrency", type=int, default=None, help="users at load (default: --workers; prefix-ratio: 20)")
     p.add_argument("--speedup-ratios", type=_floats, default=d.speedup_ratios, help="engine speeds, e.g. 1000,1")
@@ -564,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks)
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    p.add_argument("--no-direct", dest="direct", action="store_false", help="skip the straight-to-a-worker phase")
+    p.add_argument("--no-direct", dest="direct", action="store_false", help="skip the paired phase (no added TTFT)")
     p.add_argument(
         "--whole-encode-workers",
         dest="cached_workers",
@@ -656,6 +672,42 @@ async def drive(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(1, len(streams)))) as http:
         await asyncio.gather(*(user(s, http) for s in streams))
     return records
+
+
+async def drive_pairs(
+    place: Callable[[RequestSpec], str],
+    gateway_url: str,
+    direct: Sequence[RequestSpec],
+    through: Sequence[RequestSpec],
+    timeout_s: float = 600.0,
+) -> tuple[list[RequestRecord], list[RequestRecord], list[float]]:
+    """Concurrency 1, alternating: direct[i] to the worker ``place`` picks, through[i] via the gateway, the
+    first of each pair alternating between the two. Returns both sides' records and, for every pair where
+    both succeeded, the gateway's TTFT minus the direct one (ms)."""
+    direct_records: list[RequestRecord] = []
+    through_records: list[RequestRecord] = []
+    diffs: list[float] = []
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        for i, (d, g) in enumerate(zip(direct, through, strict=True)):
+
+            async def one_direct(spec: RequestSpec = d) -> RequestRecord:
+                return await send(http, place(spec), spec, observer(spec), t0, timeout_s)
+
+            async def one_through(spec: RequestSpec = g) -> RequestRecord:
+                return await send(http, gateway_url, spec, observer(spec), t0, timeout_s)
+
+            if i % 2 == 0:
+                a = await one_direct()
+                b = await one_through()
+            else:
+                b = await one_through()
+                a = await one_direct()
+            direct_records.append(a)
+            through_records.append(b)
+            if a.ok and b.ok and a.ttft_s is not None and b.ttft_s is not None:
+                diffs.append((b.ttft_s - a.ttft_s) * 1000)
+    return direct_records, through_records, diffs
 
 
 def _get(url: str, timeout: float = 2.0) -> str | None:
@@ -801,13 +853,24 @@ def run_cell_front_end(
     with stack_cm as stack:
         if front_end == "dynamo":
             url, pid = stack.url, stack.frontend_pid
+            if config.direct:
+                # The same requests kvgate's gateway serves in its pairs, so both front ends come to the
+                # measured phases equally warm.
+                print(f"{label} warm-up, concurrency 1", file=sys.stderr, flush=True)
+                asyncio.run(drive(url, phases.paired))
         else:
             url = stack.gateway_url
             pid = next(c.pid for c in stack.children if c.name == "gateway")
             if config.direct:
-                print(f"{label} direct to the workers, concurrency 1", file=sys.stderr, flush=True)
+                print(
+                    f"{label} pairs: direct to a worker / through the gateway, concurrency 1",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 place = spread([stack.worker_urls[w] for w in sorted(stack.worker_urls)])
-                result.direct = summarize_records(asyncio.run(drive(place, phases.direct)))
+                direct, _, diffs = asyncio.run(drive_pairs(place, url, phases.direct[0], phases.paired[0]))
+                result.direct = summarize_records(direct)
+                result.paired_ttft_diffs_ms = diffs
         before = cpu_seconds(pid)
         print(f"{label} concurrency 1: {config.c1_requests} requests", file=sys.stderr, flush=True)
         c1 = asyncio.run(drive(url, phases.c1))
@@ -843,8 +906,9 @@ def notes(config: BenchConfig) -> list[str]:
         ),
         "CPU ms/req: the front-end process (and descendants), utime + stime over both phases, per request",
         "cached: usage.prompt_tokens_details.cached_tokens / prompt_tokens at load",
-        "added TTFT: kvgate's TTFT p50 at concurrency 1 minus the same kind of requests sent to the workers "
-        "directly (a conversation to one worker, new conversations and single prompts to the next in turn)",
+        "added TTFT: the median, over pairs of requests sent back to back at concurrency 1 (one through kvgate's "
+        "gateway, one of the same kind straight to a worker: a conversation to one worker, new conversations and "
+        "single prompts to the next in turn), of the gateway's TTFT minus the worker's",
         f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
         "(client, front end and engines share them)",
     ]

@@ -290,3 +290,12 @@ def test_the_chat_template_renders_deepseek_v3_turns():
         )
     )
     assert text == "<B>S<｜User｜>U1<｜Assistant｜>A1<｜end▁of▁sentence｜><｜User｜>U2<｜Assistant｜>"
+
+
+def test_the_added_ttft_is_the_median_of_paired_differences():
+    run = dynamo.RunResult("long-prompt", 1.0, "kvgate", "kv")
+    run.c1, run.direct = {"ttft_p50_ms": 40.0}, {"ttft_p50_ms": 20.0}
+    assert run.added_ttft_ms == pytest.approx(20.0)  # no pairs: the two phases' p50s
+    run.paired_ttft_diffs_ms = [3.0, -1.0, 2.0, 50.0, 1.5]
+    assert run.added_ttft_ms == pytest.approx(2.0)
+    assert run.to_json()["added_ttft_ms"] == pytest.approx(2.0)
