@@ -476,7 +476,7 @@ def _admin_url(gateway_url: str, public: bool) -> str:
     return f"{head}:{int(port) + 1}"
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
+def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -502,7 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     out = Path(args.out or f"reports/{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}")
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # SIGINT too, not asyncio.run's own handling: that cancels the running task, and a cancellation landing
+    # inside a timeout's context can be taken for the timeout and swallowed (a CI run went on for 60 s after
+    # Ctrl-C); an exception raised in the loop's thread ends the run wherever it is, and `Stack` stops it all.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_interrupt)
 
     try:
         vocabulary = Vocabulary.from_tokenizer(load_tokenizer(args.model))

@@ -7,6 +7,8 @@ prefix-ratio shape), summaries, ratios, the markdown table and argument parsing.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import random
 import statistics
@@ -299,3 +301,49 @@ def test_the_added_ttft_is_the_median_of_paired_differences():
     run.paired_ttft_diffs_ms = [3.0, -1.0, 2.0, 50.0, 1.5]
     assert run.added_ttft_ms == pytest.approx(2.0)
     assert run.to_json()["added_ttft_ms"] == pytest.approx(2.0)
+
+
+async def test_pairs_alternate_their_first_request_and_give_the_ttft_differences():
+    """Two real SSE servers over loopback, one answering 30 ms slower: each pair's difference is about 30 ms,
+    and the side sent first alternates from pair to pair."""
+    from aiohttp import web
+
+    from kvgate.dev.launch import free_port
+    from kvgate.loadtest.workloads import RequestSpec
+
+    arrivals: list[str] = []
+
+    def app(name: str, delay: float) -> web.Application:
+        async def chat(request: web.Request) -> web.StreamResponse:
+            arrivals.append(name)
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await asyncio.sleep(delay)
+            chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+            return resp
+
+        a = web.Application()
+        a.router.add_post("/v1/chat/completions", chat)
+        return a
+
+    runners, urls = [], {}
+    for name, delay in (("worker", 0.01), ("gateway", 0.04)):
+        runner = web.AppRunner(app(name, delay))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        urls[name] = f"http://127.0.0.1:{port}"
+    try:
+        spec = RequestSpec("long-prompt", "/v1/chat/completions", {"messages": [], "stream": True})
+        direct, through, diffs = await dynamo.drive_pairs(
+            lambda s: urls["worker"], urls["gateway"], [spec] * 4, [spec] * 4
+        )
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert arrivals == ["worker", "gateway", "gateway", "worker"] * 2
+    assert len(direct) == len(through) == len(diffs) == 4
+    assert all(r.ok for r in direct + through)
+    assert all(20 < d < 60 for d in diffs), diffs
