@@ -3,7 +3,7 @@ encoded through the gateway's prefix cache (gateway/incremental.py) instead of w
 
 For benchmarks against Dynamo (`kvgate.loadtest.dynamo`), whose mocker receives token ids and never
 tokenizes: there the workers share the host's two cores with the front end, and a simulated worker encoding
-each 14k-token prompt whole (~20 ms of CPU) is a cost no real deployment puts on the gateway's host. The ids
+each 14k-token prompt whole (~17 ms of CPU) is a cost no real deployment puts on the gateway's host. The ids
 are the same as a whole encode (the prefix cache is exact, proven at load and by property tests), so the
 answers, events and cached-token counts are too. vLLM encodes whole, and so does ``kvgate.worker.sim``,
 which the tests and the kv / round-robin benchmarks use: there the worker's encode is an independent check

@@ -690,21 +690,10 @@ async def drive_pairs(
     t0 = time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
         for i, (d, g) in enumerate(zip(direct, through, strict=True)):
-
-            async def one_direct(spec: RequestSpec = d) -> RequestRecord:
-                return await send(http, place(spec), spec, observer(spec), t0, timeout_s)
-
-            async def one_through(spec: RequestSpec = g) -> RequestRecord:
-                return await send(http, gateway_url, spec, observer(spec), t0, timeout_s)
-
-            if i % 2 == 0:
-                a = await one_direct()
-                b = await one_through()
-            else:
-                b = await one_through()
-                a = await one_direct()
-            direct_records.append(a)
-            through_records.append(b)
+            sends = [(place(d), d, direct_records), (gateway_url, g, through_records)]
+            for url, spec, records in sends if i % 2 == 0 else reversed(sends):
+                records.append(await send(http, url, spec, observer(spec), t0, timeout_s))
+            a, b = direct_records[-1], through_records[-1]
             if a.ok and b.ok and a.ttft_s is not None and b.ttft_s is not None:
                 diffs.append((b.ttft_s - a.ttft_s) * 1000)
     return direct_records, through_records, diffs

@@ -95,10 +95,10 @@ class InFlight:
         self._first_token = False
         self._finished = False
         self.sent_at = 0.0
+        """Router clock when it was sent to ``key`` (again on a retry)."""
         self.predicted_hashes: Sequence[int] = ()
         """Blocks the router newly predicted ``key`` holds because of this request (dropped
         again if the worker does not serve it)."""
-        """Router clock when it was sent to ``key`` (again on a retry)."""
         self.previous_key: WorkerKey | None = None
         """The worker it was sent to before the last ``move_to`` (None before any retry)."""
         self.held_blocks: tuple[WorkerKey, int | None] | None = None

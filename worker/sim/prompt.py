@@ -41,6 +41,7 @@ class PromptRenderer:
                 )
             except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
                 raise ApiError(400, f"cannot render the chat template: {exc}", "messages") from None
+            # An empty render is the 400 below (an encoder other than the default may raise on it).
             ids = self._encode_text(text) if text else []
         elif isinstance(params.prompt, str):
             ids = self.tokenizer.encode(params.prompt)
