@@ -571,12 +571,19 @@ class Gateway:
         overhead = GaugeMetricFamily(
             "kvgate_worker_ttft_overhead_seconds", "Learned fixed part of a first token per worker", labels=["worker"]
         )
+        hold = GaugeMetricFamily(
+            "kvgate_worker_hold_seconds",
+            "Learned time a request keeps its KV blocks per worker, sent to finished (the memory wait's unit)",
+            labels=["worker"],
+        )
         for worker in sorted(info.worker_id for info in self.registry.all()):
             learned = speed.speed(worker)
             rate.add_metric((worker,), learned.tokens_per_second)
             overhead.add_metric((worker,), learned.overhead)
+            hold.add_metric((worker,), speed.hold_seconds(worker))
         yield rate
         yield overhead
+        yield hold
         yield GaugeMetricFamily(
             "kvgate_router_decode_slowdown",
             "Learned growth of per-token prefill time per unit of KV usage (decode load)",

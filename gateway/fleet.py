@@ -6,7 +6,7 @@ worker publishes KV events; it catches up every ``events_catch_up_interval`` on 
 its SUB socket missed) feeding the shared ``KvIndexer``, and a probe task that
 polls ``/health`` (skipped while it completes answers: each one says as much) and
 scrapes ``/metrics`` (``vllm:num_requests_running`` /
-``_waiting`` / ``vllm:kv_cache_usage_perc``) into the ``LoadTracker`` (through
+``_waiting`` / ``vllm:kv_cache_usage_perc`` and the KV pool's size) into the ``LoadTracker`` (through
 ``router.engine_load.EngineLoadFeed``, like the bus's load messages). A worker whose
 sidecar relays its events and load over NATS (``metadata.events == "nats"``) gets
 neither a ZMQ source nor a scrape when the gateway has a ``GatewayBus``: the bus feeds
@@ -356,8 +356,14 @@ class Fleet:
         except EngineMetricsError as err:
             log.debug("unusable /metrics from %s: %s", info.worker_id, err)
             return
-        for rank, (running, waiting, kv_usage) in per_rank.items():
-            self.engine_load.report(WorkerKey(info.worker_id, rank), running, waiting, kv_usage)
+        for rank, load in per_rank.items():
+            self.engine_load.report(
+                WorkerKey(info.worker_id, rank),
+                load.running,
+                load.waiting,
+                load.kv_usage,
+                capacity_tokens=load.capacity_tokens,
+            )
 
     def _set_up(self, worker_id: str, ok: bool) -> None:
         if worker_id not in self.up or self.up[worker_id] == ok:

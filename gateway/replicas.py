@@ -466,7 +466,9 @@ class GatewayBus:
             self.sync.expire()
 
     def _on_load(self, msg: LoadMessage) -> None:
-        self.engine_load.report(msg.key, msg.running, msg.waiting, msg.kv_usage, measured_at=msg.ts)
+        self.engine_load.report(
+            msg.key, msg.running, msg.waiting, msg.kv_usage, measured_at=msg.ts, capacity_tokens=msg.capacity_tokens
+        )
 
     def _on_active(self, msg: ActiveMessage) -> None:
         if self.sync.receive(msg):

@@ -72,13 +72,15 @@ from kvgate.loadtest.workloads import (
     trace_time_scale,
 )
 
-ROUTER_MODES = ("kv", "kv-gpu-only", "kv-approx", "round-robin", "random")
+ROUTER_MODES = ("kv", "kv-gpu-only", "kv-approx", "kv-no-memory-wait", "round-robin", "random")
 # Bench modes that are a router mode plus gateway flags: kv with the CPU / disk tiers
 # ignored (RouterConfig.gpu_only), the baseline of the tier benchmark; kv routing on the
-# router's own predictions only, the workers' KV events ignored.
+# router's own predictions only, the workers' KV events ignored; kv without the wait for
+# room in a full KV pool (RouterConfig.memory_wait), that term's baseline.
 _MODE_FLAGS = {
     "kv-gpu-only": ("kv", ("--kv-gpu-only",)),
     "kv-approx": ("kv", ("--kv-events", "off")),
+    "kv-no-memory-wait": ("kv", ("--no-kv-memory-wait",)),
 }
 OPEN_LOOP_WORKLOADS = ("trace", "burst")  # their own schedule; the others are chat sessions
 

@@ -6,7 +6,9 @@ usage per data-parallel rank. vLLM V1 labels each engine core's gauges with
 
 * ``vllm:num_requests_running`` and ``vllm:num_requests_waiting``;
 * ``vllm:kv_cache_usage_perc`` (V1, a 0..1 fraction despite its name), or the older
-  ``vllm:gpu_cache_usage_perc`` on pages that lack it (vLLM before 0.10, simulators).
+  ``vllm:gpu_cache_usage_perc`` on pages that lack it (vLLM before 0.10, simulators);
+* ``vllm:cache_config_info``'s ``num_gpu_blocks`` and ``block_size`` labels: the size of
+  the engine's GPU KV pool in tokens (None when the page lacks them).
 
 Several samples of one rank (one per served model name) add up; KV usage takes the
 highest. The gateway (scraping a worker itself) and the sidecar (scraping its engine
@@ -30,6 +32,7 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 # Newest name first: a page carrying both (vLLM's deprecation window) is read by the new one.
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+CACHE_CONFIG = "vllm:cache_config_info"
 
 
 class EngineMetricsError(ValueError):
@@ -43,6 +46,8 @@ class EngineLoad(NamedTuple):
     waiting: int
     kv_usage: float
     """Fraction of the KV cache in use, 0..1."""
+    capacity_tokens: int | None = None
+    """Tokens the engine's GPU KV pool holds (``num_gpu_blocks`` x ``block_size``), if the page says."""
 
 
 def parse_engine_load(text: str, dp_size: int) -> dict[int, EngineLoad]:
@@ -56,6 +61,7 @@ def parse_engine_load(text: str, dp_size: int) -> dict[int, EngineLoad]:
     running: dict[int, float] = {}
     waiting: dict[int, float] = {}
     usage: dict[str, dict[int, float]] = {name: {} for name in KV_USAGE}
+    capacity: dict[int, int] = {}
     try:
         samples = [sample for family in text_string_to_metric_families(_load_lines(text)) for sample in family.samples]
     except ValueError as err:
@@ -63,6 +69,11 @@ def parse_engine_load(text: str, dp_size: int) -> dict[int, EngineLoad]:
     for sample in samples:
         name = sample.name
         if name != RUNNING and name != WAITING and name not in usage:
+            if name == CACHE_CONFIG:
+                tokens = _pool_tokens(sample.labels)
+                rank = _rank(sample.labels)
+                if tokens is not None and 0 <= rank < dp_size:
+                    capacity[rank] = tokens
             continue
         rank = _rank(sample.labels)
         if not 0 <= rank < dp_size:
@@ -83,12 +94,26 @@ def parse_engine_load(text: str, dp_size: int) -> dict[int, EngineLoad]:
     if not ranks:
         raise EngineMetricsError(f"no rank below {dp_size} with both {RUNNING} and {WAITING}")
     return {
-        rank: EngineLoad(round(running[rank]), round(waiting[rank]), min(1.0, max(0.0, kv.get(rank, 0.0))))
+        rank: EngineLoad(
+            round(running[rank]),
+            round(waiting[rank]),
+            min(1.0, max(0.0, kv.get(rank, 0.0))),
+            capacity.get(rank),
+        )
         for rank in ranks
     }
 
 
-_LOAD_NAMES = (RUNNING, WAITING, *KV_USAGE)
+def _pool_tokens(labels: dict[str, str]) -> int | None:
+    """``num_gpu_blocks`` x ``block_size`` from the cache config's labels; None unless both are positive integers."""
+    try:
+        blocks, size = int(labels["num_gpu_blocks"]), int(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+    return blocks * size if blocks > 0 and size > 0 else None
+
+
+_LOAD_NAMES = (RUNNING, WAITING, *KV_USAGE, CACHE_CONFIG)
 
 
 def _load_lines(text: str) -> str:

@@ -143,6 +143,8 @@ class LoadMessage(msgspec.Struct, frozen=True, kw_only=True):
     waiting: _Count
     kv_usage: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
     ts: float
+    capacity_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """The engine's GPU KV pool in tokens (``vllm:cache_config_info``), when its page says."""
 
     @property
     def key(self) -> WorkerKey:

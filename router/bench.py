@@ -112,8 +112,9 @@ class NaiveFleet:
                 + cpu * c.cpu_block_ms / 1e3
                 + disk * c.disk_block_ms / 1e3
                 + (load.prefill_tokens + uncached) * rate
-                + config.added_work_weight * uncached * rate
+                + (config.added_work_weight + config.running_work_weight * load.requests) * uncached * rate
             )
+            # No memory wait: the in-flight requests here hold far less than a worker's pool.
             ranked.append((total, load.blocks + load.prefill_tokens / bs, key))
         # Totals within 5% of the next cheaper one are a tie: the least loaded, then the smallest key.
         ranked.sort()
@@ -224,6 +225,7 @@ def run(scale: Scale) -> dict[str, dict[str, float]]:
         theirs["cpu"].append(time.thread_time() - cpu)
         for phase, value in (("hash", t2 - t1), ("match", t3 - t2), ("score", t4 - t3), ("total", t4 - t1)):
             theirs[phase].append(value)
+        assert all(score.memory_wait == 0.0 for score in decision.scores), "the naive fleet has no memory term"
         if chosen != decision.chosen:
             raise AssertionError(f"prompt {i % len(prompts)}: naive chose {chosen}, router chose {decision.chosen}")
 

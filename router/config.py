@@ -44,6 +44,10 @@ class SpeedConfig:
     ``smoothing`` is the weight of one answer in each moving average; ``bound`` keeps
     every learned rate within [seed / bound, seed x bound]; ``min_sample_tokens`` is the
     prefill work below which an answer teaches the overhead instead of the rate.
+
+    ``hold_seconds`` seeds how long a request keeps its KV blocks on its worker (sent to
+    finished), learned per worker as a moving average of its answers: the memory term
+    predicts how soon a full KV pool frees room from it (router/README.md).
     """
 
     prefill_tokens_per_s: float = 20_000.0
@@ -58,9 +62,10 @@ class SpeedConfig:
     smoothing: float = 0.1
     bound: float = 50.0
     min_sample_tokens: int = 256
+    hold_seconds: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("prefill_tokens_per_s", "bound", "forget_after_s"):
+        for name in ("prefill_tokens_per_s", "bound", "forget_after_s", "hold_seconds"):
             _check_number(name, getattr(self, name), minimum=0.0, strict=True)
         for name in ("overhead_ms", "cpu_block_ms", "disk_block_ms", "decode_slowdown", "max_decode_slowdown"):
             _check_number(name, getattr(self, name), minimum=0.0)
@@ -147,6 +152,15 @@ class RouterConfig:
     ``--kv-events off``): predictions are then the whole model of each worker's cache,
     living ``approximate_prediction_ttl`` seconds, at most ``prediction_capacity_blocks``
     per worker rank (set it to the engines' GPU block count).
+
+    ``memory_wait``: a request whose blocks do not fit in a worker's free KV pool waits
+    there until running requests free enough of it (vLLM admits a request only when its
+    blocks can be allocated, and preempts when they run out), so the predicted TTFT adds
+    that wait: until the longest-running requests there, each expected to finish the
+    worker's learned ``hold_seconds`` after it was sent, have freed enough. The pool is
+    the size the engine reports (``vllm:cache_config_info``), else
+    ``prediction_capacity_blocks``; held blocks are the engine's KV usage or the blocks
+    of the requests in flight there, whichever is more.
     """
 
     mode: RouterMode = "kv"
@@ -162,6 +176,7 @@ class RouterConfig:
     approximate: bool = False
     approximate_prediction_ttl: float = 600.0
     prediction_capacity_blocks: int = 16_384
+    memory_wait: bool = True
     # Leak protection only: the gateway frees every request it begins; a TTL this long
     # outlives any sane generation, so it never frees a request that is still running.
     active_request_ttl: float = 600.0
@@ -181,7 +196,7 @@ class RouterConfig:
         _check_number("running_work_weight", self.running_work_weight, minimum=0.0)
         if not isinstance(self.gpu_only, bool):
             raise ValueError(f"gpu_only must be true or false, got {self.gpu_only!r}")
-        for name in ("predict_sent", "approximate"):
+        for name in ("predict_sent", "approximate", "memory_wait"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_number("prediction_ttl", self.prediction_ttl, minimum=0.0, strict=True)

@@ -38,9 +38,16 @@ class EngineLoadFeed:
         self.ignored = 0
 
     def report(
-        self, key: WorkerKey, running: int, waiting: int, kv_usage: float, measured_at: float | None = None
+        self,
+        key: WorkerKey,
+        running: int,
+        waiting: int,
+        kv_usage: float,
+        measured_at: float | None = None,
+        capacity_tokens: int | None = None,
     ) -> bool:
-        """``key``'s engine runs ``running``, queues ``waiting``, fills ``kv_usage`` of its KV cache.
+        """``key``'s engine runs ``running``, queues ``waiting``, fills ``kv_usage`` of its KV cache
+        (``capacity_tokens`` of GPU KV pool, when known).
 
         ``measured_at``: wall-clock time of the measurement (None: just now). True when applied.
         """
@@ -54,7 +61,7 @@ class EngineLoadFeed:
             self.ignored += 1
             return False
         try:
-            self.load.update_engine(key, running, waiting, kv_usage)
+            self.load.update_engine(key, running, waiting, kv_usage, capacity_tokens=capacity_tokens)
         except ValueError as err:
             self.ignored += 1
             log.warning("ignored load of %s: %s", key.worker_id, err)

@@ -179,13 +179,19 @@ class InFlight:
     def _begin(self) -> None:
         self.sent_at = self._clock()
         # Its queued prefill is what the worker does not hold; it holds a KV block per
-        # started block of its prompt. Beginning the same id again moves it.
+        # started block of its prompt, less a prefix just predicted there while the worker
+        # is prefilling (a request in flight computes those blocks: the engine shares them).
+        # Beginning the same id again moves it.
+        score = self.decision.score_of(self.key)
+        shared = 0
+        if score is not None and score.predicted and self._load.snapshot(self.key).prefill_tokens > 0:
+            shared = score.depth
         self._load.begin(
             self.request_id,
             self.key,
             self.prompt_tokens,
             max(0, self.prompt_tokens - self.cached_tokens),
-            math.ceil(self.prompt_tokens / self._block_size),
+            max(0, math.ceil(self.prompt_tokens / self._block_size) - shared),
             self.sent_at,
         )
         self._notify(lambda listener: listener.on_begin)

@@ -25,7 +25,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvgate.protocol.events import WorkerKey
@@ -43,6 +43,11 @@ class LoadSnapshot:
     running: int | None = None
     waiting: int | None = None
     kv_usage: float | None = None
+    capacity_tokens: int | None = None
+    """The engine's GPU KV pool in tokens, as it last reported (it does not go stale)."""
+    holds: tuple[tuple[float, int], ...] = field(default=(), compare=False)
+    """(sent at, KV blocks) of each request in flight there, the longest-running first:
+    the order they are expected to finish and free their blocks in."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +58,7 @@ class LoadSnapshot:
             "running": self.running,
             "waiting": self.waiting,
             "kv_usage": self.kv_usage,
+            "capacity_tokens": self.capacity_tokens,
         }
 
 
@@ -81,6 +87,12 @@ class ActiveRequest:
     blocks: int
     touched: float
     router_id: str | None = None  # None: this replica's own request
+    started: float | None = None
+    """When it was sent to ``key`` (None: ``touched`` at creation)."""
+
+    def __post_init__(self) -> None:
+        if self.started is None:
+            self.started = self.touched
 
     @property
     def in_prefill(self) -> bool:
@@ -115,7 +127,9 @@ class LoadTracker:
         # Ordered by last touch, oldest first, so expiry pops from the front in O(expired).
         self._entries: OrderedDict[tuple[str | None, str], ActiveRequest] = OrderedDict()
         self._totals: dict[WorkerKey, _Totals] = {}
+        self._by_key: dict[WorkerKey, dict[tuple[str | None, str], ActiveRequest]] = {}
         self._engine: dict[WorkerKey, _EngineLoad] = {}
+        self._capacity: dict[WorkerKey, int] = {}
         # Snapshots are read for every candidate on every decision but change only on
         # lifecycle events: each is cached with the time its engine part goes stale.
         self._snapshots: dict[WorkerKey, tuple[LoadSnapshot, float]] = {}
@@ -201,12 +215,24 @@ class LoadTracker:
     # -- engine-reported load ------------------------------------------------------------
 
     def update_engine(
-        self, key: WorkerKey, running: int, waiting: int, kv_usage: float, now: float | None = None
+        self,
+        key: WorkerKey,
+        running: int,
+        waiting: int,
+        kv_usage: float,
+        now: float | None = None,
+        capacity_tokens: int | None = None,
     ) -> None:
+        """The engine's own figures; ``capacity_tokens`` (its GPU KV pool, None: not reported)
+        is kept from the last report that gave it."""
         _check_count("running", running)
         _check_count("waiting", waiting)
         if isinstance(kv_usage, bool) or not isinstance(kv_usage, (int, float)) or not 0.0 <= kv_usage <= 1.0:
             raise ValueError(f"kv_usage must be a number in [0, 1], got {kv_usage!r}")
+        if capacity_tokens is not None:
+            _check_count("capacity_tokens", capacity_tokens)
+            if capacity_tokens > 0:
+                self._capacity[key] = capacity_tokens
         self._engine[key] = _EngineLoad(running, waiting, float(kv_usage), self.clock() if now is None else now)
         self._snapshots.pop(key, None)
 
@@ -231,6 +257,8 @@ class LoadTracker:
             self._drop(ident)
         for key in [k for k in self._engine if k.worker_id == worker_id]:
             del self._engine[key]
+        for key in [k for k in self._capacity if k.worker_id == worker_id]:
+            del self._capacity[key]
         for key in [k for k in self._snapshots if k.worker_id == worker_id]:
             del self._snapshots[key]
 
@@ -247,12 +275,16 @@ class LoadTracker:
             stale_at = engine.ts + self.engine_stale_after
             if now > stale_at:
                 engine, stale_at = None, math.inf
-        if totals is None and engine is None:
+        capacity = self._capacity.get(key)
+        if totals is None and engine is None and capacity is None:
             snap = IDLE
         else:
             t = totals or _Totals()
+            holds = self._holds(key)
             if engine is None:
-                snap = LoadSnapshot(t.requests, t.prefill_tokens, t.blocks, t.remote_requests)
+                snap = LoadSnapshot(
+                    t.requests, t.prefill_tokens, t.blocks, t.remote_requests, capacity_tokens=capacity, holds=holds
+                )
             else:
                 snap = LoadSnapshot(
                     t.requests,
@@ -262,6 +294,8 @@ class LoadTracker:
                     engine.running,
                     engine.waiting,
                     engine.kv_usage,
+                    capacity,
+                    holds,
                 )
         self._snapshots[key] = (snap, stale_at)
         return snap
@@ -278,10 +312,20 @@ class LoadTracker:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _holds(self, key: WorkerKey) -> tuple[tuple[float, int], ...]:
+        entries = self._by_key.get(key)
+        if not entries:
+            return ()
+        return tuple(sorted((e.started or 0.0, e.blocks) for e in entries.values()))
+
     def _put(self, entry: ActiveRequest) -> None:
         ident = (entry.router_id, entry.request_id)
+        old = self._entries.get(ident)
+        if old is not None and old.key == entry.key and entry.router_id is not None:
+            entry.started = old.started  # another replica's update (prefill done): same request, same start
         self._drop(ident)
         self._entries[ident] = entry
+        self._by_key.setdefault(entry.key, {})[ident] = entry
         self._snapshots.pop(entry.key, None)
         totals = self._totals.get(entry.key)
         if totals is None:
@@ -296,6 +340,10 @@ class LoadTracker:
         entry = self._entries.pop(ident, None)
         if entry is None:
             return False
+        by_key = self._by_key[entry.key]
+        del by_key[ident]
+        if not by_key:
+            del self._by_key[entry.key]
         self._snapshots.pop(entry.key, None)
         totals = self._totals[entry.key]
         totals.requests -= 1

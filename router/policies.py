@@ -46,6 +46,8 @@ _NO_MATCH = Match()
 # speed: E2E p99 734 ms vs Dynamo's 401; 409 ms with this). The trace's TTFT did not move.
 _TIE_FRACTION = 0.05
 _TIE_EPSILON = 1e-9
+_OVERDUE = 0.25
+"""An in-flight request past its expected finish is still expected this share of a hold time away."""
 
 
 class NoWorkerAvailable(Exception):
@@ -83,6 +85,7 @@ class CandidateScore:
     tier_load: float
     queued_prefill: float
     prefill: float
+    memory_wait: float
     added_work: float
     total: float
     load: LoadSnapshot
@@ -94,7 +97,7 @@ class CandidateScore:
     @property
     def ttft(self) -> float:
         """Predicted seconds to its first token there."""
-        return self.overhead + self.tier_load + self.queued_prefill + self.prefill
+        return self.overhead + self.tier_load + self.queued_prefill + self.prefill + self.memory_wait
 
     def explain(self) -> dict[str, Any]:
         return {
@@ -118,6 +121,7 @@ class CandidateScore:
                 "tier_load": self.tier_load * 1e3,
                 "queued_prefill": self.queued_prefill * 1e3,
                 "prefill": self.prefill * 1e3,
+                "memory_wait": self.memory_wait * 1e3,
                 "ttft": self.ttft * 1e3,
                 "added_work": self.added_work * 1e3,
                 "total": self.total * 1e3,
@@ -335,12 +339,16 @@ def score_candidates(
     """Every cost term for every candidate, in candidate order; skipped ones marked.
 
     A candidate's total is its predicted time to first token (seconds): its overhead, the
-    lower-tier blocks it would load, and the prefill tokens queued ahead of this request
-    plus this request's own uncached ones at the worker's learned speed at its KV usage.
+    lower-tier blocks it would load, the prefill tokens queued ahead of this request
+    plus this request's own uncached ones at the worker's learned speed at its KV usage,
+    and the wait for room in its KV pool when this request's blocks do not fit
+    (``memory_wait``); plus the added work it leaves behind.
     """
     block_size = config.block_size
     if prompt_tokens is None:
         prompt_tokens = num_blocks * block_size
+    prompt_blocks = -(-prompt_tokens // block_size)
+    memory = config.memory_wait
     gpu_only = config.gpu_only
     cpu_s = 0.0 if gpu_only else speed.block_seconds(Tier.CPU)
     disk_s = 0.0 if gpu_only else speed.block_seconds(Tier.DISK)
@@ -358,14 +366,26 @@ def score_candidates(
         uncached = prompt_tokens - cached * block_size
         if uncached < 1:
             uncached = 1  # the engine always computes the last prompt token
+        pool = capacity if load.capacity_tokens is None else max(1, load.capacity_tokens // block_size)
         usage = load.kv_usage
         if usage is None:
-            usage = load.blocks / capacity if load.blocks < capacity else 1.0
+            usage = load.blocks / pool if load.blocks < pool else 1.0
         rate = speed.predicting(key.worker_id)
         per_token = rate.seconds_per_token * (1.0 + slowdown * usage)
         tier = 0.0 if gpu_only else cpu * cpu_s + disk * disk_s
         queued = load.prefill_tokens * per_token
         own = uncached * per_token
+        wait = 0.0
+        if memory:
+            # Blocks held there: by the requests in flight (this replica's and the others'),
+            # or by the engine's count when that is more (other clients, shared prefixes).
+            held = max(float(load.blocks), (load.kv_usage or 0.0) * pool)
+            # A prefix just predicted there while it prefills is being computed by a request
+            # in flight: the engine will share it.
+            shared = m.depth if m.predicted and load.prefill_tokens > 0 else 0
+            short = held + prompt_blocks - shared - pool
+            if short > 0 and held > 0:
+                wait = _memory_wait(load, short, held, speed.hold_seconds(key.worker_id), speed.clock())
         added = (added_weight + running_weight * load.requests) * own
         skipped = None
         if exclude and (key in exclude or key.worker_id in exclude):
@@ -388,8 +408,9 @@ def score_candidates(
                 tier,
                 queued,
                 own,
+                wait,
                 added,
-                rate.overhead + tier + queued + own + added,
+                rate.overhead + tier + queued + own + wait + added,
                 load,
                 skipped,
                 None,
@@ -397,6 +418,21 @@ def score_candidates(
             )
         )
     return scores
+
+
+def _memory_wait(load: LoadSnapshot, short: float, held: float, hold: float, now: float) -> float:
+    """Seconds until ``short`` of the ``held`` blocks free on a worker whose requests keep their
+    blocks ``hold`` seconds on average: the requests in flight there finish longest-running
+    first, each expected at its send time plus ``hold`` (at least a quarter of ``hold`` away
+    once overdue: it is still running); blocks held by requests it does not track (other
+    clients, per the engine's usage) free evenly over ``hold``."""
+    if short <= load.blocks:
+        freed = 0
+        for started, blocks in load.holds:
+            freed += blocks
+            if freed >= short:
+                return max(hold - (now - started), _OVERDUE * hold)
+    return hold * (short / held if short < held else 1.0)
 
 
 def _busy_reason(load: LoadSnapshot, busy: BusyThresholds) -> str | None:

@@ -314,7 +314,11 @@ class Router:
         if flight.served is False:
             self._unpredict(flight.key, flight.predicted_hashes)
         first = flight.first_token_at
-        if first is None or not flight.streamed:
+        if first is None:
+            return
+        # How long it held its blocks there: what the memory term waits for.
+        self.speed.observe_hold(flight.key.worker_id, self.clock() - flight.sent_at)
+        if not flight.streamed:
             return
         score = flight.decision.score_of(flight.key)
         if score is None:

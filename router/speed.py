@@ -65,6 +65,9 @@ class WorkerSpeed:
     sy: float = 0.0
     sxx: float = 0.0
     sxy: float = 0.0
+    hold: float = 0.0
+    """Moving average of seconds from sending a request to its finish (0: none yet)."""
+    hold_samples: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -157,6 +160,28 @@ class SpeedModel:
             fleet = self._fleet = (WorkerSpeed(rate, overhead), self.samples)
         return fleet[0]
 
+    def hold_seconds(self, worker_id: str) -> float:
+        """How long a request keeps its KV blocks on ``worker_id``, sent to finished: its own
+        average once it has finished ``_OWN_SAMPLES`` requests, else the fleet's, else the seed."""
+        own = self.workers.get(worker_id)
+        if own is not None and own.hold_samples >= _OWN_SAMPLES:
+            return own.hold
+        known = [s.hold for s in self.workers.values() if s.hold_samples >= _OWN_SAMPLES]
+        return sum(known) / len(known) if known else self.config.hold_seconds
+
+    def observe_hold(self, worker_id: str, seconds: float) -> bool:
+        """A request ``worker_id`` served finished ``seconds`` after it was sent."""
+        if not self.config.learn or not (0.0 < seconds < 3600.0):
+            return False
+        speed = self.speed(worker_id)
+        seconds = min(seconds, self.config.bound * self.config.hold_seconds)
+        if speed.hold_samples == 0:
+            speed.hold = seconds
+        else:
+            speed.hold += self.config.smoothing * (seconds - speed.hold)
+        speed.hold_samples += 1
+        return True
+
     def seconds_per_token(self, worker_id: str, kv_usage: float) -> float:
         """Effective prefill seconds per token on ``worker_id`` at this KV usage."""
         return self.predicting(worker_id).seconds_per_token * (1.0 + self.decode_slowdown * kv_usage)
@@ -247,7 +272,12 @@ class SpeedModel:
             "samples": self.samples,
             "rejected": self.rejected,
             "workers": {
-                w: {"prefill_tokens_per_s": s.tokens_per_second, "overhead_ms": s.overhead * 1e3, "samples": s.samples}
+                w: {
+                    "prefill_tokens_per_s": s.tokens_per_second,
+                    "overhead_ms": s.overhead * 1e3,
+                    "samples": s.samples,
+                    "hold_s": s.hold if s.hold_samples else None,
+                }
                 for w, s in sorted(self.workers.items())
             },
         }

@@ -279,8 +279,11 @@ async def test_gateway_takes_nats_fed_workers_events_from_the_bus(nats_server: N
         await until(lambda: gateway.fleet.events_of("w1") == "nats", what="stream in sync")
         assert gateway.indexer.block_counts() == {WorkerKey("w1"): (4, 0, 0)}
         assert gateway.router.route_hashes(hashes).chosen_score.depth == 4
-        await bus.publish_load(LoadMessage(worker_id="w1", running=3, waiting=1, kv_usage=0.5, ts=time.time()))
+        await bus.publish_load(
+            LoadMessage(worker_id="w1", running=3, waiting=1, kv_usage=0.5, ts=time.time(), capacity_tokens=6_400)
+        )
         await until(lambda: gateway.load.snapshot(WorkerKey("w1")).running == 3, what="load from the bus")
+        assert gateway.load.snapshot(WorkerKey("w1")).capacity_tokens == 6_400
         text = gateway.metrics.render().decode()
         assert 'kvgate_worker_events_stale{worker="w1"} 0.0' in text and "kvgate_bus_connected 1.0" in text
 

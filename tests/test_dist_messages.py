@@ -75,7 +75,10 @@ def test_events_round_trip_keeps_every_event_and_u64_hashes():
 
 def test_load_and_active_round_trip():
     load = LoadMessage(worker_id="w1", dp_rank=0, running=3, waiting=1, kv_usage=0.25, ts=1.5)
-    assert decode_load(encode_load(load)) == load
+    assert decode_load(encode_load(load)) == load and load.capacity_tokens is None
+    # The KV pool's size rides along when the sidecar's scrape found it; older sidecars omit it.
+    sized = LoadMessage(worker_id="w1", running=3, waiting=1, kv_usage=0.25, ts=1.5, capacity_tokens=65_536)
+    assert decode_load(encode_load(sized)).capacity_tokens == 65_536
     active = ActiveMessage(
         router_id="gw-a",
         op="add",
@@ -113,6 +116,12 @@ def test_bad_event_payloads_raise_typed_errors(payload: bytes, kind: str):
 def test_bad_load_and_active_payloads_raise_typed_errors():
     with pytest.raises(BusDecodeError):
         decode_load(msgspec.msgpack.encode({"worker_id": "w1", "running": 1, "waiting": 0, "kv_usage": 1.5, "ts": 0}))
+    with pytest.raises(BusDecodeError):
+        decode_load(
+            msgspec.msgpack.encode(
+                {"worker_id": "w1", "running": 1, "waiting": 0, "kv_usage": 0.5, "ts": 0, "capacity_tokens": 0}
+            )
+        )
     with pytest.raises(BusDecodeError):
         decode_active(msgspec.msgpack.encode({"router_id": "g", "op": "explode"}))
 

@@ -346,8 +346,8 @@ def test_debug_route_explains_without_forwarding(stack: Stack) -> None:
     for candidate in explained["candidates"]:
         assert set(candidate["overlap"]) == {"blocks", "gpu", "cpu", "disk", "predicted"}
         costs = candidate["costs_ms"]
-        assert set(costs) == {"overhead", "tier_load", "queued_prefill", "prefill", "ttft", "added_work", "total"}
-        parts = ("overhead", "tier_load", "queued_prefill", "prefill")
+        parts = ("overhead", "tier_load", "queued_prefill", "prefill", "memory_wait")
+        assert set(costs) == {*parts, "ttft", "added_work", "total"}
         assert costs["ttft"] == pytest.approx(sum(costs[k] for k in parts))
         assert costs["total"] == pytest.approx(costs["ttft"] + costs["added_work"])
         assert candidate["prefill_tokens_per_s"] > 0
@@ -518,8 +518,12 @@ def test_health_and_metrics_endpoints(stack: Stack) -> None:
     assert metric(text, "kvgate_worker_up", worker="w0") == 1.0
     assert metric(text, "kvgate_requests_total", route="/v1/chat/completions", status="200") > 0
     assert metric(text, "kvgate_requests_total", status="400", worker="none") > 0
-    # Engine load scraped from the workers' /metrics (vLLM names) reaches the tracker.
+    # Engine load scraped from the workers' /metrics (vLLM names) reaches the tracker, with the
+    # size of each worker's KV pool (vllm:cache_config_info: the simulator's 1,024 blocks of 64).
     assert "kvgate_engine_kv_usage{" in text
+    candidates = explain(stack.kv, {"model": MODEL, "prompt": "pool?", "max_tokens": 1})["candidates"]
+    assert {c["worker_id"]: c["load"]["capacity_tokens"] for c in candidates} == {"w0": 65_536, "w1": 65_536}
+    assert all(c["costs_ms"]["memory_wait"] == 0.0 for c in candidates)
 
 
 # -- cancellation ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +115,11 @@ def test_a_worker_twice_as_fast_is_learned_and_gets_more_work(tmp_path: Path) ->
         assert metric(text, "kvgate_worker_prefill_tokens_per_second", worker="fast") == pytest.approx(
             learned["fast"]["prefill_tokens_per_s"], rel=0.2
         )
+        # How long each worker's requests hold their KV blocks is learned from the same answers
+        # (seconds of simulated work, far from the 2 s seed), and exported.
+        for worker in ("fast", "slow"):
+            hold = metric(text, "kvgate_worker_hold_seconds", worker=worker)
+            assert 0.0 < hold < 1.0 and hold == pytest.approx(learned[worker]["hold_s"], rel=0.5), learned
     finally:
         stop_all(gateway.proc, *(w.proc for w in workers.values()))
 
@@ -218,5 +224,53 @@ def test_long_cold_prompts_are_routed_on_their_head_and_a_burst_sharing_one_stil
         assert counts.most_common(1)[0][1] == 6, counts
         text = metrics(gateway.url)
         assert metric(text, "kvgate_tokenizer_head_encodes_total", result="routed") >= 2, text
+    finally:
+        stop_all(gateway.proc, *(w.proc for w in workers.values()))
+
+
+def _direct(worker: Worker, prompt: str, max_tokens: int) -> None:
+    """A completion sent straight to a worker, past the gateway (another client of its engine)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
+    request = urllib.request.Request(
+        worker.url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        r.read()
+
+
+def test_a_request_that_does_not_fit_a_full_kv_pool_goes_where_it_fits(tmp_path: Path) -> None:
+    # Two workers with 64-block (4,096-token) KV pools, at half the modelled speed. A document is
+    # cached on one of them; then other clients fill that worker's pool with two long generations
+    # sent to it directly (the gateway sees them only in its engine's KV usage and pool size). A
+    # new question on the document would find its prefix there but no room to run: the gateway
+    # predicts the wait and sends it to the other worker.
+    flags = ("--num-gpu-blocks", "64", "--max-model-len", "4096")
+    workers, gateway = _start(tmp_path, {"w0": 0.5, "w1": 0.5}, worker_flags=flags)
+    try:
+        doc = document(5, 250)
+        holder, _ = stream(gateway, f"{doc} question 0?")
+        other = next(w for w in workers if w != holder)
+        with ThreadPoolExecutor(2) as pool:
+            # Each ~1.4k-token prompt (23 blocks) grows by 400 generated tokens: 46 -> 58 of 64 blocks.
+            fills = [pool.submit(_direct, workers[holder], document(50 + i, 250), 400) for i in range(2)]
+            body = {"model": MODEL, "prompt": f"{doc} question 1?", "max_tokens": 2}
+            explained: dict = {}
+            for _ in range(100):
+                explained = _post_json(gateway.url + "/debug/route", body)
+                held = {c["worker_id"]: c for c in explained["candidates"]}[holder]
+                if (held["load"]["kv_usage"] or 0.0) >= 0.78:  # 50 held + 23 wanted > 64
+                    break
+                time.sleep(0.1)
+            by_worker = {c["worker_id"]: c for c in explained["candidates"]}
+            full, free = by_worker[holder], by_worker[other]
+            assert full["load"]["capacity_tokens"] == 64 * 64 and full["load"]["kv_usage"] >= 0.78, full
+            assert full["overlap"]["gpu"] > 0 and free["overlap"]["blocks"] == 0
+            assert full["costs_ms"]["memory_wait"] > 0 and free["costs_ms"]["memory_wait"] == 0.0
+            # Its cached prefix alone would win there; the wait for room sends it elsewhere.
+            assert full["costs_ms"]["ttft"] - full["costs_ms"]["memory_wait"] < free["costs_ms"]["ttft"]
+            assert explained["chosen"] == other
+            assert stream(gateway, f"{doc} question 1?")[0] == other
+            for fill in fills:
+                fill.result()
     finally:
         stop_all(gateway.proc, *(w.proc for w in workers.values()))

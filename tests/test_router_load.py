@@ -262,3 +262,17 @@ def test_snapshots_match_a_recount(steps):
             assert load.snapshot(key, now=now) == expected
         assert load.snapshots(KEYS, now=now) == {k: load.snapshot(k, now=now) for k in KEYS}
         assert len(load) == len(live)
+
+
+def test_engine_pool_size_is_kept_past_staleness_and_forgotten_with_the_worker():
+    load = tracker(engine_stale_after=5.0)
+    load.update_engine(A, 1, 0, 0.5, now=0.0, capacity_tokens=64_000)
+    assert load.snapshot(A, now=1.0) == LoadSnapshot(running=1, waiting=0, kv_usage=0.5, capacity_tokens=64_000)
+    # The figures go stale; the pool's size does not (it is configuration, not load).
+    assert load.snapshot(A, now=6.0) == LoadSnapshot(capacity_tokens=64_000)
+    load.update_engine(A, 2, 0, 0.25, now=7.0)  # a report without it keeps the last one
+    assert load.snapshot(A, now=7.0).capacity_tokens == 64_000
+    with pytest.raises(ValueError, match="capacity_tokens must be a non-negative integer"):
+        load.update_engine(A, 1, 0, 0.5, capacity_tokens=-1)
+    load.remove_worker("a")
+    assert load.snapshot(A, now=7.0) is IDLE

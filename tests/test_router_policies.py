@@ -340,7 +340,12 @@ def test_explain_is_json_and_carries_every_term():
     speed = out["speed"]
     assert (speed["decode_slowdown"], speed["cpu_block_ms"], speed["disk_block_ms"]) == (0.5, 0.5, 1.0)
     assert (speed["samples"], speed["rejected"]) == (0, 0)
-    assert speed["workers"]["a"] == {"prefill_tokens_per_s": pytest.approx(32_000), "overhead_ms": 10.0, "samples": 0}
+    assert speed["workers"]["a"] == {
+        "prefill_tokens_per_s": pytest.approx(32_000),
+        "overhead_ms": 10.0,
+        "samples": 0,
+        "hold_s": None,
+    }
     by_worker = {c["worker"]: c for c in out["candidates"]}
     a = by_worker["a"]
     assert a["overlap"] == {"blocks": 6, "gpu": 2, "cpu": 3, "disk": 1, "predicted": False}
@@ -350,6 +355,7 @@ def test_explain_is_json_and_carries_every_term():
             "tier_load": 2.5,
             "queued_prefill": 0.0,
             "prefill": 8.0,
+            "memory_wait": 0.0,
             "ttft": 20.5,
             "added_work": 4.0,
             "total": 24.5,
@@ -433,3 +439,108 @@ def test_requests_in_flight_add_to_the_added_work():
     # A cache hit still outweighs it: a holding 8 of the 10 blocks wins with 3 requests in flight.
     loads = {A: LoadSnapshot(requests=3, blocks=400)}
     assert KvPolicy(config).select([A, B], {A: match(gpu=8)}, 10, loads).chosen == A
+
+
+# -- the memory term: a request whose blocks do not fit waits for room --------------------------
+
+
+def test_a_request_that_does_not_fit_waits_for_room_and_goes_where_it_fits():
+    # A 40-block prompt. a holds all 40 on GPU but 90 of its 100-block pool are held by requests
+    # in flight: 90 + 40 - 100 = 30 blocks must free first, a third of what is held, at the seeded
+    # hold time of 2 s: 0.667 s of waiting. b holds nothing and has room: it computes 2,560 tokens
+    # (80 ms) and wins, though a's prefill is free.
+    config = example(prediction_capacity_blocks=100)
+    loads = {A: LoadSnapshot(requests=3, blocks=90)}
+    decision = KvPolicy(config).select([A, B], {A: match(gpu=40)}, 40, loads)
+    a, b = decision.score_of(A), decision.score_of(B)
+    assert a.memory_wait == pytest.approx(2.0 * 30 / 90) and b.memory_wait == 0.0
+    assert a.ttft == pytest.approx(a.overhead + a.prefill + a.memory_wait)
+    assert decision.chosen == B
+    explained = {c["worker"]: c for c in decision.explain()["candidates"]}
+    assert explained["a"]["costs_ms"]["memory_wait"] == pytest.approx(2000 * 30 / 90)
+    # Room for it (a 60-block pool use): no wait, and the cached prefix wins again.
+    roomy = {A: LoadSnapshot(requests=3, blocks=60)}
+    assert KvPolicy(config).select([A, B], {A: match(gpu=40)}, 40, roomy).chosen == A
+    # The term off: the full worker's cached prefix wins.
+    off = example(prediction_capacity_blocks=100, memory_wait=False)
+    assert KvPolicy(off).select([A, B], {A: match(gpu=40)}, 40, loads).chosen == A
+
+
+def test_memory_wait_reads_the_engines_pool_and_usage_and_the_learned_hold_time():
+    # The engine says its pool is 6,400 tokens (100 blocks of 64) and 80 % of it is in use,
+    # more than the 10 blocks this router has in flight there; config's capacity is not used.
+    config = example(prediction_capacity_blocks=16_384)
+    loads = {A: LoadSnapshot(requests=1, blocks=10, kv_usage=0.8, capacity_tokens=6_400)}
+    speed = SpeedModel(config.speed)
+    for _ in range(3):
+        speed.observe_hold("a", 0.5)  # a's requests hold their blocks 0.5 s
+    a = KvPolicy(config, speed).select([A, B], {A: match(gpu=40)}, 40, loads).score_of(A)
+    # held 80, need 40: 20 must free, a quarter of 80, at 0.5 s.
+    assert a.memory_wait == pytest.approx(0.5 * 20 / 80)
+    assert a.load.capacity_tokens == 6_400
+    # A wait never exceeds one hold time, however far over the pool.
+    huge = KvPolicy(config, speed).select([A], {}, 400, loads).score_of(A)
+    assert huge.memory_wait == pytest.approx(0.5)
+    # An idle worker has nothing to wait for, even for a prompt larger than its pool.
+    idle = {A: LoadSnapshot(capacity_tokens=6_400)}
+    assert KvPolicy(config, speed).select([A], {}, 400, idle).score_of(A).memory_wait == 0.0
+
+
+def test_a_prefix_predicted_from_a_request_in_flight_is_shared_not_needed_again():
+    # 30 of a 40-block prompt were just predicted on a, which is prefilling (a request in flight
+    # computes them): the engine shares them, so only 10 more must fit. 85 held + 10 - 100 < 0: no wait.
+    config = example(prediction_capacity_blocks=100)
+    predicted = Match(depth=30, per_tier=[30, 0, 0], predicted=True)
+    loads = {A: LoadSnapshot(requests=1, blocks=85, prefill_tokens=1_000)}
+    assert KvPolicy(config).select([A], {A: predicted}, 40, loads).score_of(A).memory_wait == 0.0
+    # Predicted, but nothing is prefilling there: the request that computed it is done, and the
+    # cached blocks need room again like any other.
+    done = {A: LoadSnapshot(requests=1, blocks=85)}
+    assert KvPolicy(config).select([A], {A: predicted}, 40, done).score_of(A).memory_wait > 0.0
+    # The same 30 blocks known from events (an idle cached prefix): all 40 need room: 25 must free.
+    confirmed = Match(depth=30, per_tier=[30, 0, 0])
+    wait = KvPolicy(config).select([A], {A: confirmed}, 40, done).score_of(A).memory_wait
+    assert wait == pytest.approx(2.0 * 25 / 85)
+
+
+def test_memory_wait_is_until_the_longest_running_requests_free_enough():
+    # a's pool: 100 blocks; in flight there: 30 blocks sent at t=9 (1 s ago), 30 at t=9.8 and 30 at
+    # t=10 (just now). A 40-block prompt is 30 short: the oldest request's blocks suffice, and it is
+    # expected to finish at 9 + 2 (the seeded hold time): a 1 s wait.
+    config = example(prediction_capacity_blocks=100)
+    speed = SpeedModel(config.speed, clock=lambda: 10.0)
+    holds = ((9.0, 30), (9.8, 30), (10.0, 30))
+    loads = {A: LoadSnapshot(requests=3, blocks=90, holds=holds)}
+    a = KvPolicy(config, speed).select([A], {A: match(gpu=40)}, 40, loads).score_of(A)
+    assert a.memory_wait == pytest.approx(1.0)
+    # 31 short: the second one must finish too (at 11.8).
+    a = KvPolicy(config, speed).select([A], {A: match(gpu=40)}, 41, loads).score_of(A)
+    assert a.memory_wait == pytest.approx(1.8)
+    # Requests past their expected finish are still running: at least a quarter of a hold away.
+    late = SpeedModel(config.speed, clock=lambda: 20.0)
+    assert KvPolicy(config, late).select([A], {}, 40, loads).score_of(A).memory_wait == pytest.approx(0.5)
+    # The engine holds 90, more than the 30 this router tracks (other clients' requests). 30 short:
+    # the tracked request frees enough. 40 short: more than it holds, so evenly over a hold time.
+    busy = {A: LoadSnapshot(requests=1, blocks=30, kv_usage=0.9, holds=((9.0, 30),))}
+    assert KvPolicy(config, speed).select([A], {}, 40, busy).score_of(A).memory_wait == pytest.approx(1.0)
+    wait = KvPolicy(config, speed).select([A], {}, 50, busy).score_of(A).memory_wait
+    assert wait == pytest.approx(2.0 * 40 / 90)
+
+
+def test_load_snapshots_list_each_request_in_flight_by_send_time():
+    from kvgate.router.load import LoadTracker, RemoteRequest
+
+    load = LoadTracker(clock=lambda: 0.0)
+    load.begin("r2", A, 640, 640, 10, now=5.0)
+    load.begin("r1", A, 128, 128, 2, now=3.0)
+    load.add_remote("gw-b", [RemoteRequest("x", A, 64, 1)], now=4.0)
+    assert load.snapshot(A, now=6.0).holds == ((3.0, 2), (4.0, 1), (5.0, 10))
+    # Another replica's prefill-done update is the same request: it keeps its send time.
+    load.add_remote("gw-b", [RemoteRequest("x", A, 0, 1)], now=7.0)
+    load.prefill_done("r2", now=7.0)
+    assert load.snapshot(A, now=7.0).holds == ((3.0, 2), (4.0, 1), (5.0, 10))
+    load.finish("r1")
+    load.remove_remote("gw-b")
+    assert load.snapshot(A, now=7.0).holds == ((5.0, 10),)
+    load.finish("r2")
+    assert load.snapshot(A, now=7.0).holds == ()

@@ -399,3 +399,28 @@ def test_a_prompt_sharing_a_routed_heads_prompt_has_its_shared_blocks_predicted_
     # Not for a worker that left the fleet.
     router.route(tokens(7_000, 20_000), shared=(WorkerKey("gone"), 6_000))
     assert WorkerKey("gone") not in indexer.find_matches(sequence_hashes(tokens(7_000, 20_000), BS))
+
+
+def test_a_follower_of_a_request_in_flight_holds_only_its_own_blocks_and_teaches_the_hold_time():
+    # r1 is sent a 10-block document; r2, the same document plus 3 blocks, follows it on its
+    # prediction: the engine will share the 10 blocks r1 is computing, so r2 holds 3 more
+    # (with its partial last block, 4), not 14.
+    now = [0.0]
+    router, indexer = fleet("a", "b", clock=lambda: now[0])
+    doc = tokens(640)
+    r1 = router.begin("r1", router.route(doc), 640)
+    assert r1.key == A and router.load.snapshot(A).blocks == 10
+    d2 = router.route(doc + tokens(230, 9_000))
+    assert d2.chosen == A and d2.chosen_score.predicted and d2.chosen_score.depth == 10
+    r2 = router.begin("r2", d2, 870)
+    assert router.load.snapshot(A).blocks == 10 + 4
+    # Each answer teaches how long a's requests hold their blocks (sent to finished).
+    now[0] = 0.4
+    r1.report_usage(None, streamed=True)
+    r1.first_token()
+    now[0] = 1.5
+    r1.finish()
+    assert router.speed.speed("a").hold == pytest.approx(1.5) and router.speed.speed("a").hold_samples == 1
+    r2.finish()  # no first token: not served, teaches nothing
+    assert router.speed.speed("a").hold_samples == 1
+    assert router.load.snapshot(A) is IDLE

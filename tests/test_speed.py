@@ -297,3 +297,20 @@ def test_a_removed_worker_forgets_its_speed():
     assert fleet.router.speed.speed("b").samples == 10
     fleet.registry.remove("b")
     assert "b" not in fleet.router.speed.workers
+
+
+def test_hold_time_is_learned_per_worker_bounded_and_shared_with_new_workers():
+    config = SpeedConfig(hold_seconds=2.0, smoothing=0.5, bound=10.0)
+    model = SpeedModel(config)
+    assert model.hold_seconds("a") == 2.0  # the seed, before any answer
+    assert model.observe_hold("a", 1.0) and model.observe_hold("a", 1.0)
+    assert model.hold_seconds("a") == 2.0  # two answers: still the fleet's (the seed)
+    model.observe_hold("a", 3.0)
+    assert model.hold_seconds("a") == pytest.approx(2.0)  # 1, 1, then halfway to 3
+    # A worker with too few answers of its own is predicted with the fleet's mean.
+    assert model.hold_seconds("b") == pytest.approx(2.0)
+    model.observe_hold("a", 3000.0)  # a stuck request counts as bound x seed at most
+    assert model.hold_seconds("a") == pytest.approx((2.0 + 20.0) / 2)
+    assert not model.observe_hold("a", -1.0) and not model.observe_hold("a", float("nan"))
+    assert model.to_dict()["workers"]["a"]["hold_s"] == pytest.approx(11.0)
+    assert not SpeedModel(SpeedConfig(learn=False)).observe_hold("a", 1.0)

@@ -290,6 +290,7 @@ class Sidecar:
                     waiting=load.waiting,
                     kv_usage=load.kv_usage,
                     ts=now,
+                    capacity_tokens=load.capacity_tokens,
                 )
                 try:
                     await self.bus.publish_load(msg)
