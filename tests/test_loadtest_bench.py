@@ -224,6 +224,18 @@ def test_kv_gpu_only_is_the_kv_router_with_tiers_ignored():
     assert gateway_mode("kv") == ("kv", ()) and gateway_mode("round-robin") == ("round-robin", ())
 
 
+def test_every_bench_mode_is_a_gateway_the_gateway_accepts():
+    from kvgate.gateway.config import load_config
+    from kvgate.loadtest.bench import ROUTER_MODES, gateway_mode
+
+    for mode in ROUTER_MODES:
+        router_mode, flags = gateway_mode(mode)
+        config = load_config(["--router-mode", router_mode, *flags], environ={})
+        assert config.router_mode == router_mode
+    config = load_config(["--router-mode", "kv", *gateway_mode("kv-no-memory-wait")[1]], environ={})
+    assert config.kv.memory_wait is False and load_config([], environ={}).kv.memory_wait is True
+
+
 @pytest.mark.slow
 def test_rate_sweep_reports_goodput_the_oracle_and_cpu(tmp_path):
     code, log = run_bench(
