@@ -159,8 +159,9 @@ class RouterConfig:
     that wait: until the longest-running requests there, each expected to finish the
     worker's learned ``hold_seconds`` after it was sent, have freed enough. The pool is
     the size the engine reports (``vllm:cache_config_info``), else
-    ``prediction_capacity_blocks``; held blocks are the engine's KV usage or the blocks
-    of the requests in flight there, whichever is more.
+    ``prediction_capacity_blocks``; held blocks are the engine's KV usage (less the blocks
+    of this router's requests that finished since it reported) or the blocks of the
+    requests in flight there, whichever is more.
     """
 
     mode: RouterMode = "kv"

@@ -45,6 +45,9 @@ class LoadSnapshot:
     kv_usage: float | None = None
     capacity_tokens: int | None = None
     """The engine's GPU KV pool in tokens, as it last reported (it does not go stale)."""
+    freed_blocks: int = field(default=0, compare=False)
+    """Blocks of this router's requests that were running when the engine last reported
+    and have finished since: its ``kv_usage`` still counts them."""
     holds: tuple[tuple[float, int], ...] = field(default=(), compare=False)
     """(sent at, KV blocks) of each request in flight there, the longest-running first:
     the order they are expected to finish and free their blocks in."""
@@ -130,6 +133,7 @@ class LoadTracker:
         self._by_key: dict[WorkerKey, dict[tuple[str | None, str], ActiveRequest]] = {}
         self._engine: dict[WorkerKey, _EngineLoad] = {}
         self._capacity: dict[WorkerKey, int] = {}
+        self._freed: dict[WorkerKey, int] = {}
         # Snapshots are read for every candidate on every decision but change only on
         # lifecycle events: each is cached with the time its engine part goes stale.
         self._snapshots: dict[WorkerKey, tuple[LoadSnapshot, float]] = {}
@@ -234,6 +238,7 @@ class LoadTracker:
             if capacity_tokens > 0:
                 self._capacity[key] = capacity_tokens
         self._engine[key] = _EngineLoad(running, waiting, float(kv_usage), self.clock() if now is None else now)
+        self._freed.pop(key, None)
         self._snapshots.pop(key, None)
 
     # -- maintenance and reads -----------------------------------------------------------
@@ -259,6 +264,8 @@ class LoadTracker:
             del self._engine[key]
         for key in [k for k in self._capacity if k.worker_id == worker_id]:
             del self._capacity[key]
+        for key in [k for k in self._freed if k.worker_id == worker_id]:
+            del self._freed[key]
         for key in [k for k in self._snapshots if k.worker_id == worker_id]:
             del self._snapshots[key]
 
@@ -281,6 +288,7 @@ class LoadTracker:
         else:
             t = totals or _Totals()
             holds = self._holds(key)
+            freed = self._freed.get(key, 0) if engine is not None else 0
             if engine is None:
                 snap = LoadSnapshot(
                     t.requests, t.prefill_tokens, t.blocks, t.remote_requests, capacity_tokens=capacity, holds=holds
@@ -295,6 +303,7 @@ class LoadTracker:
                     engine.waiting,
                     engine.kv_usage,
                     capacity,
+                    freed,
                     holds,
                 )
         self._snapshots[key] = (snap, stale_at)
@@ -323,7 +332,8 @@ class LoadTracker:
         old = self._entries.get(ident)
         if old is not None and old.key == entry.key and entry.router_id is not None:
             entry.started = old.started  # another replica's update (prefill done): same request, same start
-        self._drop(ident)
+        # An update on the same worker frees nothing there; a move (a retry) frees the old one's.
+        self._drop(ident, freed=old is not None and old.key != entry.key)
         self._entries[ident] = entry
         self._by_key.setdefault(entry.key, {})[ident] = entry
         self._snapshots.pop(entry.key, None)
@@ -336,7 +346,7 @@ class LoadTracker:
         if entry.router_id is not None:
             totals.remote_requests += 1
 
-    def _drop(self, ident: tuple[str | None, str]) -> bool:
+    def _drop(self, ident: tuple[str | None, str], freed: bool = True) -> bool:
         entry = self._entries.pop(ident, None)
         if entry is None:
             return False
@@ -344,6 +354,9 @@ class LoadTracker:
         del by_key[ident]
         if not by_key:
             del self._by_key[entry.key]
+        engine = self._engine.get(entry.key)
+        if freed and engine is not None and (entry.started or 0.0) <= engine.ts:
+            self._freed[entry.key] = self._freed.get(entry.key, 0) + entry.blocks
         self._snapshots.pop(entry.key, None)
         totals = self._totals[entry.key]
         totals.requests -= 1

@@ -378,8 +378,9 @@ def score_candidates(
         wait = 0.0
         if memory:
             # Blocks held there: by the requests in flight (this replica's and the others'),
-            # or by the engine's count when that is more (other clients, shared prefixes).
-            held = max(float(load.blocks), (load.kv_usage or 0.0) * pool)
+            # or by the engine's count when that is more (other clients, shared prefixes),
+            # less what requests running at its report have freed since.
+            held = max(float(load.blocks), (load.kv_usage or 0.0) * pool - load.freed_blocks)
             # A prefix just predicted there while it prefills is being computed by a request
             # in flight: the engine will share it.
             shared = m.depth if m.predicted and load.prefill_tokens > 0 else 0

@@ -249,7 +249,7 @@ def test_snapshots_match_a_recount(steps):
         for key in KEYS:
             mine = [e for e in live.values() if e[0] == key]
             eng = engine.get(key)
-            fresh = eng is not None and now - eng[3] <= stale
+            fresh = eng is not None and now <= eng[3] + stale  # the tracker's own arithmetic (floats)
             expected = LoadSnapshot(
                 requests=len(mine),
                 prefill_tokens=sum(e[1] for e in mine),
@@ -276,3 +276,22 @@ def test_engine_pool_size_is_kept_past_staleness_and_forgotten_with_the_worker()
         load.update_engine(A, 1, 0, 0.5, capacity_tokens=-1)
     load.remove_worker("a")
     assert load.snapshot(A, now=7.0) is IDLE
+
+
+def test_blocks_freed_since_the_engines_report_are_not_held_any_more():
+    load = tracker()
+    load.begin("r1", A, 640, 640, 10, now=1.0)
+    load.begin("r2", A, 640, 640, 10, now=1.0)
+    load.update_engine(A, 2, 0, 0.5, now=2.0)  # its usage counts r1 and r2
+    load.begin("r3", A, 64, 64, 1, now=3.0)  # sent after the report: not in its usage
+    load.prefill_done("r2", now=3.0)
+    load.add_remote("gw-b", [RemoteRequest("x", A, 64, 1)], now=1.0)
+    load.add_remote("gw-b", [RemoteRequest("x", A, 0, 1)], now=3.0)  # an update, not a finish
+    assert load.snapshot(A, now=3.0).freed_blocks == 0
+    load.finish("r1")
+    load.finish("r3")  # began after the report: its blocks were never in the usage
+    assert load.snapshot(A, now=3.0).freed_blocks == 10
+    load.remove_remote("gw-b")  # sent before the report: freed
+    assert load.snapshot(A, now=3.0).freed_blocks == 11
+    load.update_engine(A, 1, 0, 0.2, now=4.0)  # a new report counts only what runs now
+    assert load.snapshot(A, now=4.0).freed_blocks == 0

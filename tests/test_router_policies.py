@@ -544,3 +544,13 @@ def test_load_snapshots_list_each_request_in_flight_by_send_time():
     assert load.snapshot(A, now=7.0).holds == ((5.0, 10),)
     load.finish("r2")
     assert load.snapshot(A, now=7.0).holds == ()
+
+
+def test_blocks_freed_since_the_engines_report_do_not_count_as_held():
+    # The engine last reported 80 % of a 100-block pool in use, but 40 of those blocks belonged to a
+    # request of this router that has finished since: 40 held, room for a 40-block prompt.
+    config = example(prediction_capacity_blocks=100)
+    loads = {A: LoadSnapshot(kv_usage=0.8, freed_blocks=40)}
+    assert KvPolicy(config).select([A], {}, 40, loads).score_of(A).memory_wait == 0.0
+    stale = {A: LoadSnapshot(kv_usage=0.8)}
+    assert KvPolicy(config).select([A], {}, 40, stale).score_of(A).memory_wait > 0.0
