@@ -260,14 +260,10 @@ class LoadTracker:
         """The worker left: forget its requests and its engine load (all ranks)."""
         for ident in [i for i, e in self._entries.items() if e.key.worker_id == worker_id]:
             self._drop(ident)
-        for key in [k for k in self._engine if k.worker_id == worker_id]:
-            del self._engine[key]
-        for key in [k for k in self._capacity if k.worker_id == worker_id]:
-            del self._capacity[key]
-        for key in [k for k in self._freed if k.worker_id == worker_id]:
-            del self._freed[key]
-        for key in [k for k in self._snapshots if k.worker_id == worker_id]:
-            del self._snapshots[key]
+        per_key: tuple[dict[WorkerKey, Any], ...] = (self._engine, self._capacity, self._freed, self._snapshots)
+        for table in per_key:
+            for key in [k for k in table if k.worker_id == worker_id]:
+                del table[key]
 
     def snapshot(self, key: WorkerKey, now: float | None = None) -> LoadSnapshot:
         """``key``'s load at ``now`` (which, like the clock, must not go backwards)."""
