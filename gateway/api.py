@@ -22,7 +22,7 @@ MAX_JSON_DEPTH = 64
 
 # Chat-template inputs vLLM accepts besides the messages, handed to the template renderer
 # so the gateway hashes the prompt the worker will actually see.
-TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "chat_template")
 
 # vLLM 0.32's rules for ``cache_salt`` (``validate_cache_salt``): refused here as the worker
 # would refuse it, before a salt the engine never uses could key the routing.
@@ -98,6 +98,7 @@ def parse_chat(body: bytes, max_messages: int | None = None) -> ChatRequest:
     for name in ("add_generation_prompt", "continue_final_message"):
         _optional(data, name, bool, "a boolean")
     _optional(data, "chat_template_kwargs", dict, "an object")
+    _optional(data, "chat_template", str, "a string")
     _optional(data, "tools", list, "a list")
     return ChatRequest(
         common.model, messages, common.stream, common.max_tokens, template_args, common.cache_salt, common.n
@@ -171,6 +172,9 @@ def _check_message(i: int, message: Any) -> None:
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise bad_request(f"`{param}.role` must be a non-empty string.", f"{param}.role")
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        raise bad_request(f"`{param}.name` must be a string, not {_type_name(name)}.", f"{param}.name")
     if "content" not in message:
         # An assistant turn that only calls tools legitimately carries no content.
         if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):

@@ -88,6 +88,11 @@ class GatewayConfig:
         "chat template file or text overriding the tokenizer's (like vLLM's "
         "--chat-template; give the workers the same one)",
     )
+    trust_request_chat_template: bool = _opt(
+        False,
+        "render a request's own `chat_template` (like vLLM's --trust-request-chat-template; give the workers "
+        "the same flag); without it such requests get vLLM's 400",
+    )
     tokenizer_offload_chars: int | None = _opt(
         None,
         "prompts at least this long are tokenized in a thread, off the event loop (default: tokenization.py's, 1536)",
@@ -352,6 +357,7 @@ class GatewayConfig:
             "revision": self.revision,
             "trust_remote_code": self.trust_remote_code,
             "chat_template": self.chat_template,
+            "trust_request_chat_template": self.trust_request_chat_template,
             "context_length": self.context_length,
         }
         if self.tokenizer_offload_chars is not None:

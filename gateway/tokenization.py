@@ -115,6 +115,11 @@ _UNSET_MODEL_MAX_LENGTH = 10**9
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {"chat_template", "tokenize", "conversation", "return_dict", "return_tensors", "return_assistant_tokens_mask"}
 )
+# vLLM's refusal of a request's own template when not started with --trust-request-chat-template.
+UNTRUSTED_CHAT_TEMPLATE = (
+    "Chat template is passed with request, but --trust-request-chat-template is not set. "
+    "Refused request with untrusted chat template."
+)
 _PROBE_CONVERSATION = ({"role": "user", "content": "probe"},)
 # Texts around which the load-time self-test places added tokens: whitespace and newlines that a
 # pre-tokenizer could merge across a boundary, combining marks, non-BMP characters, CRLF.
@@ -163,6 +168,9 @@ class PreprocessorConfig:
     trust_remote_code: bool = False
     # Like vLLM's --chat-template: a file path or the template text; None = the tokenizer's own.
     chat_template: str | None = None
+    # Like vLLM's --trust-request-chat-template: a request's own `chat_template` (or chat_template_kwargs'
+    # one) renders its prompt; without it such a request is refused, as vLLM refuses it.
+    trust_request_chat_template: bool = False
     # Overrides the context length read from config.json / tokenizer_config.json.
     context_length: int | None = None
     offload_threshold_chars: int = 1536
@@ -244,7 +252,8 @@ class Preprocessor:
     """A loaded tokenizer + chat template. Thread-safe; the async variants encode long prompts off the loop.
 
     `render_chat` / `encode_chat` / `render_and_encode` (and their async forms) take the same keyword
-    options: add_generation_prompt, continue_final_message, tools, chat_template_kwargs.
+    options: add_generation_prompt, continue_final_message, tools, chat_template_kwargs, chat_template (a
+    request's own template: refused unless `trust_request_chat_template`).
     """
 
     def __init__(self, config: PreprocessorConfig) -> None:
@@ -313,6 +322,7 @@ class Preprocessor:
         continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> str:
         kwargs: dict[str, Any] = {
             "add_generation_prompt": add_generation_prompt,
@@ -322,16 +332,25 @@ class Preprocessor:
         if chat_template_kwargs is not None:
             if not isinstance(chat_template_kwargs, Mapping):
                 raise TokenizerError("chat_template_kwargs must be an object")
-            reserved = RESERVED_TEMPLATE_KWARGS.intersection(chat_template_kwargs)
+            if chat_template_kwargs.get("chat_template") is not None:
+                chat_template = chat_template_kwargs["chat_template"]  # vLLM: the kwargs' one wins
+            reserved = RESERVED_TEMPLATE_KWARGS.intersection(chat_template_kwargs) - {"chat_template"}
             if reserved:
                 raise TokenizerError(f"chat_template_kwargs may not set {sorted(reserved)}")
             # vLLM lets request kwargs override add_generation_prompt / tools; so do we.
-            kwargs.update(chat_template_kwargs)
+            kwargs.update((k, v) for k, v in chat_template_kwargs.items() if k != "chat_template")
         kwargs["tools"] = normalize_tools(kwargs["tools"])
         if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
             raise TokenizerError("add_generation_prompt and continue_final_message cannot both be true")
-        # As vLLM: a tokenizer with named templates picks "tool_use" when tools are given.
-        template = self._template(kwargs["tools"])
+        if chat_template is None:
+            # As vLLM: a tokenizer with named templates picks "tool_use" when tools are given.
+            template = self._template(kwargs["tools"])
+        elif not self.config.trust_request_chat_template:
+            raise TokenizerError(UNTRUSTED_CHAT_TEMPLATE)
+        elif not isinstance(chat_template, str):
+            raise TokenizerError("chat_template must be a string")
+        else:
+            template = chat_template
         conversation = normalize_messages(messages, detect_content_format(template))
         try:
             prompt = self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False, **kwargs)

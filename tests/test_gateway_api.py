@@ -63,6 +63,8 @@ def test_completion_prompt_forms(prompt, expected) -> None:
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
+        ({"messages": [{"role": "user", "content": "x"}], "chat_template": ["x"]}, "chat_template"),
         ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),

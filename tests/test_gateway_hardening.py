@@ -189,6 +189,27 @@ async def test_a_gzip_body_is_forwarded_decoded(stack: Stack) -> None:
     assert "content-encoding" not in {k.lower() for k in stack.worker.headers[0]}
 
 
+async def test_a_request_template_is_vllms_400_unless_trusted(stack: Stack) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 4, "chat_template": "{{ messages[0].content }}"}
+    status, _, answer = await post(stack.url + CHAT, body)
+    assert status == 400, answer
+    error = orjson.loads(answer)["error"]
+    assert error["type"] == "invalid_request_error" and "--trust-request-chat-template is not set" in error["message"]
+    status, _, answer = await post(stack.url + CHAT, {**body, "chat_template": 7})
+    assert status == 400 and orjson.loads(answer)["error"]["param"] == "chat_template"
+    assert not stack.worker.bodies and stack.metric("500") == 0
+
+
+@pytest.mark.parametrize("stack", [{"trust_request_chat_template": True}], indirect=True)
+async def test_a_trusted_request_template_is_rendered_and_forwarded(stack: Stack) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 4, "chat_template": "{{ messages[0].content }}"}
+    status, _, answer = await post(stack.url + CHAT, body)
+    assert status == 200, answer
+    assert [orjson.loads(b) for b in stack.worker.bodies] == [body]
+    status, _, answer = await post(stack.url + CHAT, {**body, "chat_template": "{% if %}"})
+    assert status == 400 and "chat template failed" in orjson.loads(answer)["error"]["message"]
+
+
 # -- 2. Leaks: worker addresses, library versions, protocol errors ---------------------------------
 
 

@@ -507,3 +507,44 @@ def test_a_chat_streams_first_byte_comes_with_the_first_token_as_in_vllm(tmp_pat
         assert any(c.choices and c.choices[0].delta.content for c in rest)
     finally:
         proc.stop()
+
+
+# --- rendering options, as vLLM and the gateway render them -------------------------------------------
+
+
+def test_the_sim_renders_template_options_as_the_gateway_does():
+    """continue_final_message, chat_template_kwargs and a trusted request template reach the worker's render,
+    which gives the gateway's ids; an untrusted request template is vLLM's 400 at both."""
+    from kvgate.gateway.tokenization import Preprocessor, TokenizerError
+    from kvgate.worker.sim.prompt import PromptRenderer
+    from kvgate.worker.sim.protocol import ApiError, parse_chat
+
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{{ tail | default('') }}"
+    turns = [{"role": "user", "content": "Why page the KV cache?"}, {"role": "assistant", "content": "Because"}]
+    cases = [
+        {"add_generation_prompt": False, "continue_final_message": True},
+        {"chat_template_kwargs": {"add_generation_prompt": False}},
+        {"chat_template": template, "chat_template_kwargs": {"tail": "!"}},
+        {"chat_template_kwargs": {"chat_template": template}},
+    ]
+    renderer = PromptRenderer.from_dir(TINY_MODEL)
+    with (
+        Preprocessor.load(str(TINY_MODEL)) as untrusted,
+        Preprocessor.load(str(TINY_MODEL), trust_request_chat_template=True) as trusted,
+    ):
+        for options in cases:
+            params = parse_chat({"messages": turns, **options})
+            has_template = "chat_template" in options or "chat_template" in options.get("chat_template_kwargs", {})
+            renderer.trust_request_chat_template = False
+            if has_template:
+                with pytest.raises(ApiError, match="--trust-request-chat-template is not set") as refused:
+                    renderer.token_ids(params)
+                assert refused.value.status == 400
+                with pytest.raises(TokenizerError, match="--trust-request-chat-template is not set"):
+                    untrusted.encode_chat(turns, **options)
+                renderer.trust_request_chat_template = True
+            expected = trusted.encode_chat(turns, **options)
+            assert renderer.token_ids(params) == expected, options
+            assert expected != untrusted.encode_chat(turns[:1]), options  # the options changed the render
+    with pytest.raises(ApiError, match="Cannot set both"):
+        parse_chat({"messages": turns, "continue_final_message": True})

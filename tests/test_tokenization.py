@@ -183,6 +183,33 @@ def test_chat_template_kwargs_and_continue_final_message(pre: Preprocessor) -> N
         pre.render_chat(TWO_TURNS, chat_template_kwargs={"tokenize": True})
 
 
+REQUEST_TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{{ greeting | default('') }}"
+
+
+def test_a_requests_own_chat_template_is_refused_unless_trusted(pre: Preprocessor) -> None:
+    # vLLM refuses a request's template (top-level or in chat_template_kwargs) without
+    # --trust-request-chat-template, with this message; the gateway must not route on a render vLLM refuses.
+    for options in ({"chat_template": REQUEST_TEMPLATE}, {"chat_template_kwargs": {"chat_template": REQUEST_TEMPLATE}}):
+        with pytest.raises(TokenizerError, match="--trust-request-chat-template is not set"):
+            pre.render_chat(TWO_TURNS, **options)
+    trusted = Preprocessor.load(str(TINY), trust_request_chat_template=True)
+    try:
+        rendered = trusted.render_chat(TWO_TURNS[1:2], chat_template=REQUEST_TEMPLATE)
+        assert rendered == "[user] What is a KV cache?\n"
+        # The kwargs' template wins over the top-level one, and the other kwargs reach it (as vLLM).
+        rendered = trusted.render_chat(
+            TWO_TURNS[1:2],
+            chat_template="ignored",
+            chat_template_kwargs={"chat_template": REQUEST_TEMPLATE, "greeting": "hi"},
+        )
+        assert rendered == "[user] What is a KV cache?\nhi"
+        assert trusted.render_chat(TWO_TURNS) == pre.render_chat(TWO_TURNS)  # no template: the model's
+        with pytest.raises(TokenizerError, match="chat template failed"):
+            trusted.render_chat(TWO_TURNS, chat_template="{% if %}")
+    finally:
+        trusted.close()
+
+
 @pytest.mark.parametrize(
     ("messages", "match"),
     [

@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--served-model-name", default=None, help="model name in the API (default: basename of --model-dir)"
     )
+    http.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render a request's own chat_template (as vLLM's flag); without it such requests get a 400",
+    )
     eng = p.add_argument_group("engine")
     eng.add_argument("--block-size", type=int, default=_E.block_size, help="tokens per KV block")
     eng.add_argument("--num-gpu-blocks", type=int, default=_E.num_gpu_blocks, help="KV blocks in the GPU pool")
@@ -202,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         engine=engine,
         events=events,
         answer=AnswerConfig(args.answer_min_tokens, args.answer_max_tokens),
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     engine.validate()
     config.answer.validate()

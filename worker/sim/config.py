@@ -132,6 +132,8 @@ class SimConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     events: KvEventsConfig = field(default_factory=KvEventsConfig)
     answer: AnswerConfig = field(default_factory=AnswerConfig)
+    # vLLM's --trust-request-chat-template: render a request's own chat_template; without it, refuse (400).
+    trust_request_chat_template: bool = False
 
     @property
     def model_name(self) -> str:
@@ -174,6 +176,8 @@ class SimConfig:
         ]
         if self.served_model_name:
             args += ["--served-model-name", self.served_model_name]
+        if self.trust_request_chat_template:
+            args.append("--trust-request-chat-template")
         if e.seed is not None:
             args += ["--seed", str(e.seed)]
         t = e.tiers

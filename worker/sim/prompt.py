@@ -1,7 +1,8 @@
 """Prompts to token ids, exactly as vLLM's OpenAI server (and the kvgate gateway) do it.
 
-Chat: the model directory's chat template, ``apply_chat_template(messages, tokenize=False,
-add_generation_prompt=True)``, then ``encode(text, add_special_tokens=False)``.
+Chat: the model directory's chat template (or, with --trust-request-chat-template, the request's own),
+``apply_chat_template(messages, tokenize=False, add_generation_prompt=..., continue_final_message=...,
+tools=..., **chat_template_kwargs)``, then ``encode(text, add_special_tokens=False)``.
 Completions: ``encode(prompt)`` with the tokenizer's default special tokens, or the
 client's own token ids (checked against the vocabulary). Failures are ``ApiError`` 400s.
 """
@@ -10,19 +11,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from transformers import AutoTokenizer
 
 from kvgate.worker.sim.protocol import ApiError, GenerateParams
 
+UNTRUSTED_CHAT_TEMPLATE = (
+    "Chat template is passed with request, but --trust-request-chat-template is not set. "
+    "Refused request with untrusted chat template."
+)
+# apply_chat_template arguments a request may not set (they change what it returns, not what it renders).
+_RESERVED_KWARGS = frozenset(
+    {"tokenize", "conversation", "return_dict", "return_tensors", "return_assistant_tokens_mask"}
+)
+
 
 class PromptRenderer:
     """``encode_text``: a rendered chat prompt's ids, without special tokens; by default the tokenizer's
     whole encode, as vLLM does (another encoder must give the same ids: kvgate.dev.cached_sim's does)."""
 
-    def __init__(self, tokenizer, encode_text: Callable[[str], list[int]] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        encode_text: Callable[[str], list[int]] | None = None,
+        trust_request_chat_template: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.trust_request_chat_template = trust_request_chat_template
         self.vocab_size = len(tokenizer)
         self._encode_text = encode_text or (lambda text: tokenizer.encode(text, add_special_tokens=False))
 
@@ -32,13 +49,22 @@ class PromptRenderer:
 
     def token_ids(self, params: GenerateParams) -> list[int]:
         if params.kind == "chat":
+            # As vLLM: the request's chat_template_kwargs override the request's own fields (and may carry a
+            # template); a template from the request needs --trust-request-chat-template.
+            kwargs: dict[str, Any] = {
+                "tools": params.tools,
+                "add_generation_prompt": params.add_generation_prompt,
+                "continue_final_message": params.continue_final_message,
+                "chat_template": params.chat_template,
+            }
+            kwargs.update(params.chat_template_kwargs or {})
+            if kwargs["chat_template"] is not None and not self.trust_request_chat_template:
+                raise ApiError(400, UNTRUSTED_CHAT_TEMPLATE)
+            reserved = _RESERVED_KWARGS.intersection(kwargs)
+            if reserved:
+                raise ApiError(400, f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
             try:
-                text = self.tokenizer.apply_chat_template(
-                    params.messages,
-                    tools=params.tools,
-                    tokenize=False,
-                    add_generation_prompt=params.add_generation_prompt,
-                )
+                text = self.tokenizer.apply_chat_template(params.messages, tokenize=False, **kwargs)
             except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
                 raise ApiError(400, f"cannot render the chat template: {exc}", "messages") from None
             # An empty render is the 400 below (an encoder other than the default may raise on it).

@@ -56,6 +56,10 @@ class GenerateParams:
     include_usage: bool
     ignore_eos: bool
     cache_salt: str | None
+    # chat: continue_final_message, chat_template_kwargs and the request's own chat_template, as vLLM renders them
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
 
 
 _MAX_CACHE_SALT_LENGTH = 128
@@ -157,6 +161,8 @@ def parse_chat(body: Any) -> GenerateParams:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise _bad(f"messages[{i}].name must be a string", "messages")
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise _bad(f"messages[{i}].content must be a string or a list of content parts", "messages")
@@ -166,12 +172,21 @@ def parse_chat(body: Any) -> GenerateParams:
             raise _bad(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
     tools = _optional(body, "tools", lambda v: isinstance(v, list), "a list")
     add_gen = _optional(body, "add_generation_prompt", lambda v: isinstance(v, bool), "a boolean")
+    cont = _optional(body, "continue_final_message", lambda v: isinstance(v, bool), "a boolean") or False
+    kwargs = _optional(body, "chat_template_kwargs", lambda v: isinstance(v, dict), "an object")
+    template = _optional(body, "chat_template", lambda v: isinstance(v, str), "a string")
+    add_generation_prompt = True if add_gen is None else add_gen
+    if add_generation_prompt and cont:
+        raise _bad("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
     return GenerateParams(
         kind="chat",
         messages=messages,
         tools=tools or None,
-        add_generation_prompt=True if add_gen is None else add_gen,
+        add_generation_prompt=add_generation_prompt,
         prompt=None,
+        continue_final_message=cont,
+        chat_template_kwargs=kwargs,
+        chat_template=template,
         **common,
     )
 

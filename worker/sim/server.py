@@ -237,6 +237,7 @@ def build_app(config: SimConfig, renderer: PromptRenderer | None = None) -> web.
     config.engine.validate()
     config.answer.validate()
     renderer = renderer or PromptRenderer.from_dir(config.model_dir)
+    renderer.trust_request_chat_template = config.trust_request_chat_template
     vocab = Vocabulary.from_tokenizer(renderer.tokenizer)
     publisher = KvEventPublisher(config.events) if config.events.endpoint else None
     engine = EngineLoop(Scheduler(config.engine), vocab, config.answer, publisher)
