@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -228,31 +228,26 @@ class Gateway:
 
     async def models(self, request: web.Request) -> web.Response:
         self._admit(request)
+        return _json({"object": "list", "data": self._model_cards()})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}`` (the OpenAI SDK's ``models.retrieve``): one card of the list, else a 404."""
+        self._admit(request)
+        name = request.match_info["model"]
+        card = next((card for card in self._model_cards() if card["id"] == name), None)
+        if card is None:
+            raise model_not_found(name)
+        return _json(card)
+
+    def _model_cards(self) -> list[dict[str, Any]]:
         created = int(time.time())
-        cards = [
-            {
-                "id": self.model_name,
-                "object": "model",
-                "created": created,
-                "owned_by": "kvgate",
-                "root": self.config.model,
-                "parent": None,
-                "max_model_len": self.context_length,
-            }
-        ]
+        base = {"object": "model", "created": created, "owned_by": "kvgate", "max_model_len": self.context_length}
+        cards = [{"id": self.model_name, **base, "root": self.config.model, "parent": None}]
         cards += [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "kvgate",
-                "root": self.model_name,
-                "parent": self.model_name,
-                "max_model_len": self.context_length,
-            }
+            {"id": name, **base, "root": self.model_name, "parent": self.model_name}
             for name in sorted(self.lora_adapters)
         ]
-        return _json({"object": "list", "data": cards})
+        return cards
 
     # -- operations -----------------------------------------------------------------------
 
@@ -726,6 +721,7 @@ def build_app(config: GatewayConfig, preprocessor: Preprocessor | None = None) -
     app.router.add_post(CHAT, gateway.chat_completions)
     app.router.add_post(COMPLETIONS, gateway.completions)
     app.router.add_get("/v1/models", gateway.models)
+    app.router.add_get("/v1/models/{model:.+}", gateway.model)
     app.router.add_get("/health", gateway.health)
     if config.admin_on_public_port:
         app[ADMIN_APP_KEY] = None

@@ -250,6 +250,11 @@ def test_sdk_completions(stack: Stack) -> None:
 def test_sdk_models_and_errors(stack: Stack) -> None:
     client = stack.kv.client()
     assert MODEL in [m.id for m in client.models.list().data]
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.model_dump() in [m.model_dump() for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert err.value.code == "model_not_found"
@@ -371,6 +376,7 @@ def test_lora_adapter_requests_hash_apart(stack: Stack) -> None:
     adapter = explain(stack.kv, {"model": LORA, "messages": nxt})
     assert all(c["overlap"]["blocks"] == 0 for c in adapter["candidates"])
     assert LORA in [m.id for m in stack.kv.client().models.list().data]
+    assert stack.kv.client().models.retrieve(LORA).model_dump()["parent"] == MODEL
 
 
 def test_cache_salts_keep_tenants_apart(stack: Stack) -> None:

@@ -150,12 +150,15 @@ async def test_the_openai_sdk_authenticates_with_api_key(stack: Stack) -> None:
     answer = await good.chat.completions.create(model="kvgate-tiny", messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
     assert answer.id == "c"
     assert [m.id for m in (await good.models.list()).data] == ["kvgate-tiny"]
+    assert (await good.models.retrieve("kvgate-tiny")).id == "kvgate-tiny"
     # The SDK refuses to send no key at all: an unknown one is what a keyless client sends.
     for key in ("sk-not-configured", KEY_B):
         bad = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
         with pytest.raises(openai.AuthenticationError) as raised:
             await bad.chat.completions.create(model="kvgate-tiny", messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
         assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            await bad.models.retrieve("kvgate-tiny")
 
 
 async def test_without_keys_the_openai_routes_stay_open(stack: Stack) -> None:
