@@ -21,6 +21,7 @@ an explicit ``now``), no I/O, no decisions.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -48,9 +49,22 @@ class LoadSnapshot:
     freed_blocks: int = field(default=0, compare=False)
     """Blocks of this router's requests that were running when the engine last reported
     and have finished since: its ``kv_usage`` still counts them."""
-    holds: tuple[tuple[float, int], ...] = field(default=(), compare=False)
-    """(sent at, KV blocks) of each request in flight there, the longest-running first:
-    the order they are expected to finish and free their blocks in."""
+    holds: tuple[tuple[float, int], ...] | Callable[[], tuple[tuple[float, int], ...]] = field(
+        default=(), compare=False, repr=False
+    )
+    """(sent at, KV blocks) of each request in flight there, or what computes them when first
+    asked (sorting every request in flight on each rebuild cost the request path O(n log n)
+    for a list only a nearly full worker's cost reads): read it with ``hold_order()``."""
+
+    def hold_order(self) -> tuple[tuple[float, int], ...]:
+        """``holds``, the longest-running first: the order they are expected to finish and free
+        their blocks in. Computed once, from the tracker as it was when this snapshot was taken
+        (any change there replaces the snapshot)."""
+        holds = self.holds
+        if callable(holds):
+            holds = holds()
+            object.__setattr__(self, "holds", holds)
+        return holds
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -283,7 +297,7 @@ class LoadTracker:
             snap = IDLE
         else:
             t = totals or _Totals()
-            holds = self._holds(key)
+            holds = functools.partial(self._holds, key) if key in self._by_key else ()
             freed = self._freed.get(key, 0) if engine is not None else 0
             if engine is None:
                 snap = LoadSnapshot(

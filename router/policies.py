@@ -429,7 +429,7 @@ def _memory_wait(load: LoadSnapshot, short: float, held: float, hold: float, now
     clients, per the engine's usage) free evenly over ``hold``."""
     if short <= load.blocks:
         freed = 0
-        for started, blocks in load.holds:
+        for started, blocks in load.hold_order():
             freed += blocks
             if freed >= short:
                 return max(hold - (now - started), _OVERDUE * hold)

@@ -534,16 +534,16 @@ def test_load_snapshots_list_each_request_in_flight_by_send_time():
     load.begin("r2", A, 640, 640, 10, now=5.0)
     load.begin("r1", A, 128, 128, 2, now=3.0)
     load.add_remote("gw-b", [RemoteRequest("x", A, 64, 1)], now=4.0)
-    assert load.snapshot(A, now=6.0).holds == ((3.0, 2), (4.0, 1), (5.0, 10))
+    assert load.snapshot(A, now=6.0).hold_order() == ((3.0, 2), (4.0, 1), (5.0, 10))
     # Another replica's prefill-done update is the same request: it keeps its send time.
     load.add_remote("gw-b", [RemoteRequest("x", A, 0, 1)], now=7.0)
     load.prefill_done("r2", now=7.0)
-    assert load.snapshot(A, now=7.0).holds == ((3.0, 2), (4.0, 1), (5.0, 10))
+    assert load.snapshot(A, now=7.0).hold_order() == ((3.0, 2), (4.0, 1), (5.0, 10))
     load.finish("r1")
     load.remove_remote("gw-b")
-    assert load.snapshot(A, now=7.0).holds == ((5.0, 10),)
+    assert load.snapshot(A, now=7.0).hold_order() == ((5.0, 10),)
     load.finish("r2")
-    assert load.snapshot(A, now=7.0).holds == ()
+    assert load.snapshot(A, now=7.0).hold_order() == ()
 
 
 def test_blocks_freed_since_the_engines_report_do_not_count_as_held():
