@@ -340,6 +340,7 @@ class Router:
                 score.kv_usage,
                 cpu,
                 disk,
+                score.queued_prefill_tokens,
             )
         )
 

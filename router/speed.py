@@ -14,7 +14,8 @@ answer (``observe``):
   times the decode slowdown factor), over exponentially weighted sums (each answer's
   weight decays by ``1 - smoothing`` per later answer); the overhead is the engine's
   first step, the network and the gateway. With too little spread in work to separate
-  the two, only the rate moves;
+  the two (every prompt about the same size), a prior answer of the seed overhead at no
+  work anchors the line, so the rate, not the overhead, carries the queue's cost;
 * ``decode_slowdown`` (the fleet's, one figure): decode load makes every engine step
   longer, so prefill runs slower on a worker busy generating; each sample's ratio of
   observed to predicted per-token time nudges it (the sign of the error times the
@@ -46,6 +47,8 @@ _WARM_SAMPLES = 10
 _OUTLIER = 3.0
 """How far from the prediction (either way) one answer may pull an established fit."""
 _OWN_SAMPLES = 3
+_PRIOR_WEIGHT = 2.0
+"""Weight, in answers, of the seed overhead at no work in each worker's line (see ``_fit``)."""
 """Answers after which a worker is predicted with its own rates rather than the fleet's."""
 
 
@@ -65,6 +68,15 @@ class WorkerSpeed:
     sy: float = 0.0
     sxx: float = 0.0
     sxy: float = 0.0
+    # The same sums over answers sent with nothing queued ahead on the worker: their work is
+    # exactly their own. A queued answer's work counts the whole queue, though the engine may
+    # have done most of it by then, so those answers' x overstates the work and a line through
+    # them is too flat; the line's shape (overhead) is fitted from these, the rate from all.
+    cw: float = 0.0
+    csx: float = 0.0
+    csy: float = 0.0
+    csxx: float = 0.0
+    csxy: float = 0.0
     hold: float = 0.0
     """Moving average of seconds from sending a request to its finish (0: none yet)."""
     hold_samples: int = 0
@@ -73,12 +85,18 @@ class WorkerSpeed:
     def tokens_per_second(self) -> float:
         return 1.0 / self.seconds_per_token
 
-    def add(self, x: float, y: float, keep: float) -> None:
+    def add(self, x: float, y: float, keep: float, queued: bool = False) -> None:
         self.w = self.w * keep + 1.0
         self.sx = self.sx * keep + x
         self.sy = self.sy * keep + y
         self.sxx = self.sxx * keep + x * x
         self.sxy = self.sxy * keep + x * y
+        if not queued:
+            self.cw = self.cw * keep + 1.0
+            self.csx = self.csx * keep + x
+            self.csy = self.csy * keep + y
+            self.csxx = self.csxx * keep + x * x
+            self.csxy = self.csxy * keep + x * y
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +111,8 @@ class Sample:
     kv_usage: float
     cpu_blocks: int = 0
     disk_blocks: int = 0
+    queued_tokens: int = 0
+    """Of ``work_tokens``, those of requests queued ahead of it when it was sent."""
 
 
 @dataclass(slots=True)
@@ -131,21 +151,20 @@ class SpeedModel:
         fade into the fleet's as they age (half-life ``forget_after_s``): a worker that
         looked slow once and so got no traffic is tried again instead of starved for good."""
         own = self.speed(worker_id)
-        if own.samples < _OWN_SAMPLES:
-            return self._fleet_rates()
-        age = self.clock() - own.updated
-        if age <= 0.0:
-            return own
-        keep = 0.5 ** (age / self.config.forget_after_s)
-        if keep > 0.999:
-            return own
         fleet = self._fleet_rates()
-        return WorkerSpeed(
-            keep * own.seconds_per_token + (1.0 - keep) * fleet.seconds_per_token,
-            keep * own.overhead + (1.0 - keep) * fleet.overhead,
-            own.samples,
-            own.updated,
-        )
+        if own.samples < _OWN_SAMPLES:
+            return fleet
+        # Every worker is predicted with the fleet's overhead: the fixed part of a first token
+        # (the network, the engine's step) is alike across a fleet, and each worker's own
+        # estimate of it wanders by tens of ms (it is fitted from noisy answers), which put
+        # identical workers' costs apart and unbalanced prompts nobody holds. Speeds differ
+        # through the rate.
+        age = self.clock() - own.updated
+        keep = 0.5 ** (age / self.config.forget_after_s) if age > 0.0 else 1.0
+        rate = own.seconds_per_token
+        if keep <= 0.999:
+            rate = keep * rate + (1.0 - keep) * fleet.seconds_per_token
+        return WorkerSpeed(rate, fleet.overhead, own.samples, own.updated)
 
     def _fleet_rates(self) -> WorkerSpeed:
         fleet = self._fleet
@@ -211,7 +230,7 @@ class SpeedModel:
         self.samples += 1
         speed.samples += 1
         speed.updated = self.clock()
-        speed.add(x, y, 1.0 - c.smoothing)
+        speed.add(x, y, 1.0 - c.smoothing, queued=sample.queued_tokens > 0)
         self._fit(speed, y - predicted)
         # Decode slowdown: where KV usage is high, an answer slower than predicted says
         # decode slows prefill more than assumed, and a faster one says less.
@@ -229,23 +248,39 @@ class SpeedModel:
         return True
 
     def _fit(self, speed: WorkerSpeed, residual: float) -> None:
-        """Least squares of TTFT = overhead + x * seconds_per_token over the weighted sums,
-        clamped to the bounds; with too little spread in x to separate the two, only the
-        rate moves (the overhead kept). An answer slower than predicted (``residual`` > 0)
-        never makes the worker look faster, nor a faster one slower: the line may tilt
-        within the sums, but what it predicts moves the answer's way."""
+        """Least squares of TTFT = overhead + x * seconds_per_token: the overhead from the sums
+        of answers with nothing queued ahead and a prior answer of the seed overhead at x = 0,
+        the rate from all answers' sums, clamped to the bounds; with little spread in x the
+        overhead stays near the seed and the rate moves. An answer slower than predicted
+        (``residual`` > 0) never makes the worker look faster, nor a faster one slower: the
+        line may tilt within the sums, but what it predicts moves the answer's way."""
         c = self.config
         seed_rate = 1.0 / c.prefill_tokens_per_s
         seed_overhead = c.overhead_ms / 1e3
-        w, sx, sy, sxx, sxy = speed.w, speed.sx, speed.sy, speed.sxx, speed.sxy
+        w, sx, sy = speed.w, speed.sx, speed.sy
         mean_x = sx / w
-        variance = sxx / w - mean_x * mean_x
         old_rate, old_overhead = speed.seconds_per_token, speed.overhead
         overhead = old_overhead
-        if speed.samples >= 3 and variance > (0.25 * mean_x) ** 2 and variance > 0:
-            rate = (sxy / w - mean_x * sy / w) / variance
-            overhead = sy / w - rate * mean_x
-            overhead = min(seed_overhead * c.bound, max(0.0, overhead))
+        # The line's overhead from the answers with nothing queued ahead (see WorkerSpeed).
+        cw, csx, csy, csxx, csxy = speed.cw, speed.csx, speed.csy, speed.csxx, speed.csxy
+        if speed.samples >= 3 and cw > 0:
+            w, sx, sy, sxx, sxy = cw, csx, csy, csxx, csxy
+            mean_cx = sx / w
+            # The line is anchored by a prior answer of the seed overhead at no work, worth
+            # _PRIOR_WEIGHT answers: with answers at one size of work (every prompt alike, a
+            # few queued behind another) the intercept is not identified, and a free fit put
+            # it at its bound (20 ms -> 580 ms) and the rate at a tenth of the truth, so a
+            # queue ahead looked free. Work that spreads moves it where the answers say.
+            # The prior fades as the answers' own spread of work grows past a quarter of its mean.
+            spread = sxx / w - mean_cx * mean_cx
+            prior = _PRIOR_WEIGHT * min(1.0, (0.25 * mean_cx) ** 2 / spread) if spread > 0 else _PRIOR_WEIGHT
+            pw = w + prior
+            px, py = sx / pw, (sy + prior * seed_overhead) / pw
+            variance = sxx / pw - px * px
+            if variance > 0:
+                rate = (sxy / pw - px * py) / variance
+                overhead = min(seed_overhead * c.bound, max(0.0, py - rate * px))
+        w, sy = speed.w, speed.sy
         if mean_x >= c.min_sample_tokens:
             rate = _clamp((sy / w - overhead) / mean_x, seed_rate, c.bound)
         elif speed.samples >= 3:

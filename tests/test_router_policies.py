@@ -233,8 +233,9 @@ def test_learned_speeds_are_what_the_policy_scores_with():
         speed.speed(worker).samples = 3  # enough answers to be predicted by their own rates
         speed.speed(worker).updated = speed.clock()  # just now: not faded into the fleet's
     d = KvPolicy(example(), speed).select(KEYS, MATCHES, 10, LOADS)
-    # b: 2 + 640 / 128 = 7 ms, + 0.5 * 5: 9.5, now cheaper than a's 24.5 without holding anything.
-    assert terms_ms(d.score_of(B)) == pytest.approx((2.0, 0.0, 0.0, 5.0, 7.0, 2.5, 9.5))
+    # Every worker is predicted with the fleet's overhead, (10 + 2 + 10) / 3 ms; b's speed is its own:
+    # 7.33 + 640 / 128 = 12.33 ms, + 0.5 * 5: 14.83, now cheaper than a's without holding anything.
+    assert terms_ms(d.score_of(B)) == pytest.approx((22 / 3, 0.0, 0.0, 5.0, 22 / 3 + 5, 2.5, 22 / 3 + 7.5))
     assert d.ranked == [B, A, C]
     assert d.speed is speed
 

@@ -95,6 +95,35 @@ def test_overhead_is_learned_from_answers_with_almost_no_work():
     assert s.tokens_per_second == pytest.approx(SEEDS.prefill_tokens_per_s)  # too little work to teach a rate
 
 
+def test_alike_prompts_with_queues_keep_the_queue_costly():
+    # Every prompt 2,048 tokens; one in four was sent behind another, mostly done by then, so its
+    # "work" reads 4,096 tokens for a first token only a little later: the no-sharing control at
+    # load. A free line through that fitted an overhead of ~0.58 s and a tenth of the true rate,
+    # so a queue ahead looked almost free and cold prompts piled onto one worker. The overhead now
+    # comes from the answers with nothing queued (all of one size: anchored at the seed), so the
+    # rate carries what a prompt costs.
+    model = SpeedModel(SEEDS)
+    for i in range(200):
+        queued = i % 4 == 3
+        work, queue = (4096, 2048) if queued else (2048, 0)
+        assert model.observe(Sample(A, 0.66 if queued else 0.60, work, 0.0, queued_tokens=queue))
+    s = model.speed("a")
+    assert s.overhead < 0.2
+    assert s.seconds_per_token * 2048 > 0.4  # a 2,048-token prompt queued ahead costs most of its 0.6 s
+
+
+def test_workers_are_predicted_with_the_fleets_overhead_and_their_own_rate():
+    model = SpeedModel(SEEDS)
+    answers(model, A, 50, tokens_per_s=30_000, overhead=0.010, seed=1)
+    answers(model, B, 50, tokens_per_s=60_000, overhead=0.050, seed=2)
+    a, b = model.predicting("a"), model.predicting("b")
+    assert a.overhead == b.overhead == pytest.approx((model.speed("a").overhead + model.speed("b").overhead) / 2)
+    assert (a.tokens_per_second, b.tokens_per_second) == (
+        model.speed("a").tokens_per_second,
+        model.speed("b").tokens_per_second,
+    )
+
+
 def test_bounds_clamp_what_outliers_can_teach():
     config = SpeedConfig(bound=10.0)
     fast, slow, stuck = SpeedModel(config), SpeedModel(config), SpeedModel(config)
