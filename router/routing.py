@@ -321,7 +321,9 @@ class Router:
         if not flight.streamed:
             return
         score = flight.decision.score_of(flight.key)
-        if score is None:
+        if score is None or score.memory_wait > 0.0:
+            # Predicted to wait for room in a full KV pool: its first token says how soon
+            # memory freed, not how fast the worker prefills.
             return
         block_size = self.config.block_size
         cached = flight.engine_cached_tokens

@@ -13,9 +13,12 @@ answer (``observe``):
   ahead of it at send time plus its own uncached tokens as the engine reported them,
   times the decode slowdown factor), over exponentially weighted sums (each answer's
   weight decays by ``1 - smoothing`` per later answer); the overhead is the engine's
-  first step, the network and the gateway. With too little spread in work to separate
-  the two (every prompt about the same size), a prior answer of the seed overhead at no
-  work anchors the line, so the rate, not the overhead, carries the queue's cost;
+  first step, the network and the gateway. The overhead is fitted from the answers sent
+  with nothing queued ahead (a queued answer's work overstates what was left of the queue)
+  and a prior answer of the seed overhead at no work, which fades as their work spreads;
+  the rate from all answers. So with every prompt about the same size the rate, not the
+  overhead, carries what a prompt (and a queue of them) costs. Predictions use each
+  worker's own rate and the fleet's mean overhead (``predicting``);
 * ``decode_slowdown`` (the fleet's, one figure): decode load makes every engine step
   longer, so prefill runs slower on a worker busy generating; each sample's ratio of
   observed to predicted per-token time nudges it (the sign of the error times the

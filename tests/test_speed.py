@@ -282,6 +282,19 @@ def test_router_learns_from_streamed_answers_only():
     assert speed.samples == 1 and speed.speed("a").samples == 1
 
 
+def test_an_answer_predicted_to_wait_for_kv_memory_teaches_no_speed():
+    fleet = Fleet(prediction_capacity_blocks=40)
+    speed = fleet.router.speed
+    # A request in flight on a holds 32 of its 40 blocks: a 32-block prompt there waits for memory.
+    tokens = fleet.prompt(2048)
+    held = fleet.router.begin("held", fleet.router.route(tokens), 2048, WorkerKey("a"))
+    fleet.serve("a", 2048)
+    assert speed.speed("a").samples == 0 and speed.speed("a").hold_samples == 1
+    held.finish("done")
+    fleet.serve("a", 2048)
+    assert speed.speed("a").samples == 1
+
+
 def test_router_learns_from_the_engines_own_cached_token_count():
     # The index knew nothing of these prompts, but the engine found half of each cached:
     # its usage says so, and the rate is learned from the tokens it really computed.
