@@ -58,8 +58,9 @@ class LoadSnapshot:
 
     def hold_order(self) -> tuple[tuple[float, int], ...]:
         """``holds``, the longest-running first: the order they are expected to finish and free
-        their blocks in. Computed once, from the tracker as it was when this snapshot was taken
-        (any change there replaces the snapshot)."""
+        their blocks in. Computed at the first call, from the tracker as it is then: read it in
+        the decision that took the snapshot (any change in the tracker replaces its cached
+        snapshot, so a decision never sees a list newer than the rest of its snapshot)."""
         holds = self.holds
         if callable(holds):
             holds = holds()

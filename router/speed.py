@@ -265,25 +265,24 @@ class SpeedModel:
         old_rate, old_overhead = speed.seconds_per_token, speed.overhead
         overhead = old_overhead
         # The line's overhead from the answers with nothing queued ahead (see WorkerSpeed).
-        cw, csx, csy, csxx, csxy = speed.cw, speed.csx, speed.csy, speed.csxx, speed.csxy
+        cw = speed.cw
         if speed.samples >= 3 and cw > 0:
-            w, sx, sy, sxx, sxy = cw, csx, csy, csxx, csxy
-            mean_cx = sx / w
+            csx, csy, csxx, csxy = speed.csx, speed.csy, speed.csxx, speed.csxy
+            mean_cx = csx / cw
             # The line is anchored by a prior answer of the seed overhead at no work, worth
             # _PRIOR_WEIGHT answers: with answers at one size of work (every prompt alike, a
             # few queued behind another) the intercept is not identified, and a free fit put
             # it at its bound (20 ms -> 580 ms) and the rate at a tenth of the truth, so a
             # queue ahead looked free. Work that spreads moves it where the answers say.
             # The prior fades as the answers' own spread of work grows past a quarter of its mean.
-            spread = sxx / w - mean_cx * mean_cx
+            spread = csxx / cw - mean_cx * mean_cx
             prior = _PRIOR_WEIGHT * min(1.0, (0.25 * mean_cx) ** 2 / spread) if spread > 0 else _PRIOR_WEIGHT
-            pw = w + prior
-            px, py = sx / pw, (sy + prior * seed_overhead) / pw
-            variance = sxx / pw - px * px
+            pw = cw + prior
+            px, py = csx / pw, (csy + prior * seed_overhead) / pw
+            variance = csxx / pw - px * px
             if variance > 0:
-                rate = (sxy / pw - px * py) / variance
-                overhead = min(seed_overhead * c.bound, max(0.0, py - rate * px))
-        w, sy = speed.w, speed.sy
+                slope = (csxy / pw - px * py) / variance  # only for the intercept: the rate is fitted below
+                overhead = min(seed_overhead * c.bound, max(0.0, py - slope * px))
         if mean_x >= c.min_sample_tokens:
             rate = _clamp((sy / w - overhead) / mean_x, seed_rate, c.bound)
         elif speed.samples >= 3:

@@ -32,14 +32,10 @@ class PromptRenderer:
     """``encode_text``: a rendered chat prompt's ids, without special tokens; by default the tokenizer's
     whole encode, as vLLM does (another encoder must give the same ids: kvgate.dev.cached_sim's does)."""
 
-    def __init__(
-        self,
-        tokenizer,
-        encode_text: Callable[[str], list[int]] | None = None,
-        trust_request_chat_template: bool = False,
-    ) -> None:
+    def __init__(self, tokenizer, encode_text: Callable[[str], list[int]] | None = None) -> None:
         self.tokenizer = tokenizer
-        self.trust_request_chat_template = trust_request_chat_template
+        # vLLM's --trust-request-chat-template; build_app sets it from the worker's config.
+        self.trust_request_chat_template = False
         self.vocab_size = len(tokenizer)
         self._encode_text = encode_text or (lambda text: tokenizer.encode(text, add_special_tokens=False))
 
