@@ -24,6 +24,7 @@ from kvgate.gateway import server
 from kvgate.gateway.app import ADMIN_APP_KEY, GATEWAY_KEY, build_app
 from kvgate.gateway.auth import warn_exposure
 from kvgate.gateway.config import GatewayConfig, load_config
+from kvgate.gateway.metrics import CallbackProbe
 from kvgate.gateway.tokenization import TokenizerError
 
 log = logging.getLogger("kvgate.gateway")
@@ -181,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(config: GatewayConfig, *, reuse_port: bool = False) -> None:
     """Serve in this process; a start-up failure exits with a logged reason."""
-    if config.uvloop:
+    if config.loop_probe:
+        CallbackProbe.install()
+    elif config.uvloop:
         use_uvloop()
     try:
         serve(config, reuse_port=reuse_port)

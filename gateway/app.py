@@ -289,7 +289,7 @@ class Gateway:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         self.access.check_admin(request.headers.get("Authorization"))
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=await self.metrics.render_async(), headers={"Content-Type": CONTENT_TYPE})
 
     async def debug_route(self, request: web.Request) -> web.Response:
         """Explain where a chat or completion body would go, without forwarding it."""

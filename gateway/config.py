@@ -265,6 +265,11 @@ class GatewayConfig:
         "endpoints on admin port + i",
     )
     uvloop: bool = _opt(True, "run the event loop on uvloop when it is installed (--no-uvloop: asyncio's own)")
+    loop_probe: bool = _opt(
+        False,
+        "diagnostic: time every event-loop callback's CPU and export the longest "
+        "(kvgate_event_loop_max_callback_seconds); runs on asyncio's loop, not uvloop, and costs ~2 us a callback",
+    )
     kv: RouterConfig = field(
         default_factory=RouterConfig,
         metadata={"help": "router settings (router/config.py); mode and block_size come from router_mode / block_size"},

@@ -61,6 +61,7 @@ from kvgate.gateway.config import GatewayConfig
 from kvgate.gateway.metrics import Outcome
 from kvgate.gateway.relay import Exchange
 from kvgate.gateway.replicas import GatewayBus
+from kvgate.gateway.upstream import Upstream, UpstreamFailure
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher, ZmqEventSource, ZmqSourceConfig, rank_endpoint
 from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
@@ -129,6 +130,8 @@ class Fleet:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        # Health polls and load scrapes: the forwarding path's lean client, its own connections.
+        self._http = Upstream(config)
         self._unsubscribe: Callable[[], None] | None = None
 
     async def start(self) -> None:
@@ -158,6 +161,7 @@ class Fleet:
         self.sources.clear()
         if self._session is not None:
             await self._session.close()
+        await self._http.close()
 
     def any_up(self) -> bool:
         return any(self.up.values())
@@ -193,6 +197,7 @@ class Fleet:
             self._added(change.worker)
         else:
             self._removed(change.worker.worker_id)
+            self._http.forget(change.worker.base_url)
 
     def _added(self, info: WorkerInfo) -> None:
         self.up.setdefault(info.worker_id, False)
@@ -334,22 +339,19 @@ class Fleet:
             await asyncio.sleep(max(0.0, min(next_health, next_load) - time.monotonic()))
 
     async def _healthy(self, info: WorkerInfo) -> bool:
-        assert self._session is not None
         try:
-            async with self._session.get(info.base_url + "/health") as response:
-                await response.read()
-                return response.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+            status, _ = await self._http.get(info.base_url, "/health", self.config.probe_timeout)
+        except (TimeoutError, UpstreamFailure):
             return False
+        return status == 200
 
     async def _scrape_load(self, info: WorkerInfo) -> None:
-        assert self._session is not None
         try:
-            async with self._session.get(info.base_url + "/metrics") as response:
-                if response.status != 200:
-                    return
-                text = await response.text()
-        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
+            status, body = await self._http.get(info.base_url, "/metrics", self.config.probe_timeout)
+            if status != 200:
+                return
+            text = body.decode("utf-8")
+        except (TimeoutError, UpstreamFailure, UnicodeDecodeError):
             return
         try:
             per_rank = parse_engine_load(text, info.dp_size)

@@ -92,6 +92,46 @@ BUSY_FRACTION = 0.25
 STALL_SECONDS = 0.005
 
 
+class CallbackProbe:
+    """Diagnostic (``--loop-probe``): the CPU time of every callback asyncio's event loop runs, so
+    the longest stretch one piece of work held the loop is measured, not bounded. ``LoopLag``'s busy
+    gap cannot tell one long callback from a burst of short ones run back to back (both make its
+    timer late); this can. It replaces ``asyncio.events.Handle._run`` for the process (uvloop's
+    handles cannot be wrapped, so the probe runs on asyncio's loop) and costs two thread-clock reads
+    a callback. Exported by ``LoopLag`` once installed."""
+
+    installed = False
+    max_callback = 0.0
+    max_callback_ever = 0.0
+    slow_callbacks = 0
+
+    @classmethod
+    def install(cls, slow: float = STALL_SECONDS) -> None:
+        if cls.installed:
+            return
+        cls.installed = True
+        run = asyncio.events.Handle._run
+        clock = time.thread_time
+
+        def timed(handle: asyncio.events.Handle) -> None:
+            start = clock()
+            run(handle)
+            used = clock() - start
+            if used > cls.max_callback:
+                cls.max_callback = used
+                if used > cls.max_callback_ever:
+                    cls.max_callback_ever = used
+            if used > slow:
+                cls.slow_callbacks += 1
+
+        asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+
+    @classmethod
+    def take_max(cls) -> float:
+        longest, cls.max_callback = cls.max_callback, 0.0
+        return longest
+
+
 class LoopLag(Collector):
     """How long the event loop was unable to run a callback that was due: a timer re-armed every
     ``tick`` seconds notes how late it fires. Costs one callback per tick (~100/s, a few
@@ -206,6 +246,23 @@ class LoopLag(Collector):
         )
         stalls.add_metric((), float(self.stalls))
         yield stalls
+        if CallbackProbe.installed:
+            yield GaugeMetricFamily(
+                "kvgate_event_loop_max_callback_seconds",
+                "Longest CPU time one event-loop callback ran since the previous scrape (--loop-probe)",
+                value=CallbackProbe.take_max(),
+            )
+            yield GaugeMetricFamily(
+                "kvgate_event_loop_max_callback_ever_seconds",
+                "kvgate_event_loop_max_callback_seconds since start-up (--loop-probe)",
+                value=CallbackProbe.max_callback_ever,
+            )
+            slow = CounterMetricFamily(
+                "kvgate_event_loop_slow_callbacks",
+                f"Event-loop callbacks that ran over {STALL_SECONDS * 1e3:g} ms of CPU (--loop-probe)",
+            )
+            slow.add_metric((), float(CallbackProbe.slow_callbacks))
+            yield slow
 
 
 class GatewayMetrics:
@@ -419,6 +476,10 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return self._exposition.render()
+
+    async def render_async(self) -> bytes:
+        """The page, yielding the event loop between collectors (what ``/metrics`` serves)."""
+        return await self._exposition.render_async()
 
 
 class _StateCollector(Collector):

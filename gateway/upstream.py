@@ -421,6 +421,12 @@ class Upstream:
             pool.close()
         self._pools.clear()
 
+    def forget(self, base_url: str) -> None:
+        """Close the idle connections to a worker that left the fleet."""
+        found = self._pools.pop(base_url, None)
+        if found is not None:
+            found[0].close()
+
     def _pool(self, base_url: str) -> tuple[_Pool, str]:
         found = self._pools.get(base_url)
         if found is None:
@@ -440,15 +446,7 @@ class Upstream:
         request = (
             f"POST {prefix}{path} HTTP/1.1\r\nHost: {pool.name}\r\n{head}Content-Length: {len(body)}\r\n\r\n"
         ).encode("utf-8", "surrogateescape") + body
-        conn = await pool.acquire()
-        try:
-            response = await self._exchange(conn, request)
-        except UpstreamFailure as err:
-            # An idle connection the worker closed just as it was reused is no failure of
-            # the worker: send once more on a fresh one.
-            if not (conn.reused and err.kind == "disconnect" and not conn.got_bytes):
-                raise
-            response = await self._exchange(await pool.acquire(fresh=True), request)
+        response = await self._send(pool, request)
         if response.status >= 500:
             try:
                 payload = await response.read()
@@ -457,6 +455,36 @@ class Upstream:
             response.release()
             raise UpstreamFailure("status", f"{pool.name} answered {response.status}", response.status, payload)
         return response
+
+    async def get(self, base_url: str, path: str, timeout: float) -> tuple[int, bytes]:
+        """GET ``path`` and read the whole answer within ``timeout`` seconds: the fleet's health
+        polls and load scrapes, a few a second per worker, over a kept-alive connection (through
+        aiohttp's client they were most of an idle gateway's CPU). Raises ``UpstreamFailure`` or
+        ``TimeoutError``; any status is returned, 5xx included."""
+        pool, prefix = self._pool(base_url)
+        request = f"GET {prefix}{path} HTTP/1.1\r\nHost: {pool.name}\r\n\r\n".encode("utf-8", "surrogateescape")
+        response: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._send(pool, request)
+                body = await response.read()
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        response.release()
+        return response.status, body
+
+    async def _send(self, pool: _Pool, request: bytes) -> UpstreamResponse:
+        conn = await pool.acquire()
+        try:
+            return await self._exchange(conn, request)
+        except UpstreamFailure as err:
+            # An idle connection the worker closed just as it was reused is no failure of
+            # the worker: send once more on a fresh one.
+            if not (conn.reused and err.kind == "disconnect" and not conn.got_bytes):
+                raise
+            return await self._exchange(await pool.acquire(fresh=True), request)
 
     async def _exchange(self, conn: _Connection, request: bytes) -> UpstreamResponse:
         try:

@@ -24,13 +24,15 @@ stateful piece here, a cache of each series' formatted name and labels.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 Number = int | float | bool
@@ -135,30 +137,59 @@ class TextExposition:
 
     def render(self) -> bytes:
         out: list[str] = []
+        self._begin()
+        if not self._format(self.registry.collect(), out):
+            return generate_latest(self.registry)
+        return "".join(out).encode("utf-8")
+
+    async def render_async(self, step: float = 0.001) -> bytes:
+        """The same page, letting the event loop run between collectors whenever this scrape has
+        held it ``step`` seconds: a large fleet's page takes several ms to collect and format (15 ms
+        for the gateway's ~600 lines on a loaded 2-core host), which would otherwise stall every
+        stream for that long. Each collector is read whole in one go (custom collectors iterate
+        live state). Registries it cannot walk one collector at a time render in one piece."""
+        collectors = getattr(self.registry, "_collector_to_names", None)
+        if not isinstance(collectors, dict) or getattr(self.registry, "_target_info", None):
+            return self.render()
+        out: list[str] = []
+        self._begin()
+        started = time.perf_counter()
+        for collector in list(collectors):
+            if not self._format(collector.collect(), out):
+                return generate_latest(self.registry)
+            if time.perf_counter() - started > step:
+                await asyncio.sleep(0)
+                started = time.perf_counter()
+        return "".join(out).encode("utf-8")
+
+    def _begin(self) -> None:
+        if len(self._prefixes) > self._max:  # label sets come and go (workers leave): start over now and then
+            self._prefixes.clear()
+
+    def _format(self, families: Iterable[Metric], out: list[str]) -> bool:
+        """Append the families' text to ``out``; False when one needs the library's formatting."""
         prefixes, heads = self._prefixes, self._heads
-        if len(prefixes) > self._max:  # label sets come and go (workers leave): start over now and then
-            prefixes.clear()
-        for metric in self.registry.collect():
+        for metric in families:
             mtype = metric.type
             if mtype not in _FORMATTED_TYPES:
-                return generate_latest(self.registry)
+                return False
             head_key = (metric.name, mtype, metric.documentation)
             head = heads.get(head_key)
             if head is None:
                 if not _LEGACY_NAME.match(metric.name):
-                    return generate_latest(self.registry)
+                    return False
                 head = heads[head_key] = family_head(metric.name, mtype, metric.documentation)
             out.append(head)
             om: dict[str, list[str]] | None = None
             for s in metric.samples:
                 if s.timestamp is not None:
-                    return generate_latest(self.registry)
+                    return False
                 key = (s.name, tuple(s.labels.items()))
                 prefix = prefixes.get(key)
                 if prefix is None:
                     prefix = _prefix(s.name, s.labels)
                     if prefix is None:
-                        return generate_latest(self.registry)
+                        return False
                     prefixes[key] = prefix
                 line = prefix + floatToGoString(s.value) + "\n"
                 suffix = s.name[len(metric.name) :]
@@ -171,7 +202,7 @@ class TextExposition:
                 for suffix, lines in sorted(om.items()):
                     out.append(family_head(metric.name + suffix, "gauge", metric.documentation))
                     out.extend(lines)
-        return "".join(out).encode("utf-8")
+        return True
 
 
 def family_head(name: str, mtype: str, doc: str) -> str:

@@ -211,6 +211,7 @@ class BenchConfig:
     block_size: int = 64
     direct: bool = True
     cached_workers: bool = True  # kvgate.dev.cached_sim, else kvgate.worker.sim (see the module docstring)
+    loop_probe: bool = False  # kvgate's gateway times every loop callback (--loop-probe: asyncio's loop)
     out: Path = Path("reports/dynamo")
     model_dir: Path = MODEL_DIR
     dynamo_python: Path = DYNAMO_VENV / "bin" / "python"
@@ -588,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="kvgate's workers encode every prompt whole, as vLLM does (default: through the prefix cache, "
         "like Dynamo's mocker, which gets ids: the workers share the host's cores with the front end)",
     )
+    p.add_argument(
+        "--loop-probe",
+        action="store_true",
+        help="run kvgate's gateway with --loop-probe (asyncio's loop, every callback's CPU timed): reports the "
+        "longest single callback beside the loop-lag figures; CPU and latency figures of such a run are not uvloop's",
+    )
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--model-dir", type=Path, default=d.model_dir)
     p.add_argument("--dynamo-python", type=Path, default=d.dynamo_python)
@@ -627,6 +634,7 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
         max_num_seqs=a.max_num_seqs,
         direct=a.direct,
         cached_workers=a.cached_workers,
+        loop_probe=a.loop_probe,
         out=a.out,
         model_dir=a.model_dir,
         dynamo_python=a.dynamo_python,
@@ -834,6 +842,7 @@ def run_cell_front_end(
                 seed=config.seed,
                 startup_timeout_s=config.startup_timeout_s,
                 worker_module="kvgate.dev.cached_sim" if config.cached_workers else "kvgate.worker.sim",
+                gateway_args=("--loop-probe",) if config.loop_probe else (),
             ),
             mode,
             log_dir,
@@ -898,6 +907,11 @@ def notes(config: BenchConfig) -> list[str]:
         "added TTFT: the median, over pairs of requests sent back to back at concurrency 1 (one through kvgate's "
         "gateway, one of the same kind straight to a worker: a conversation to one worker, new conversations and "
         "single prompts to the next in turn), of the gateway's TTFT minus the worker's",
+        *(
+            ["kvgate's gateway ran with --loop-probe: asyncio's loop (not uvloop), every callback's CPU timed"]
+            if config.loop_probe
+            else []
+        ),
         f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
         "(client, front end and engines share them)",
     ]

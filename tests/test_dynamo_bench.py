@@ -239,10 +239,12 @@ def test_parse_config_defaults_and_lists():
     assert c.workloads == ("multi-turn",) and c.requests == 300 and c.workers == 4
     assert c.speedup_ratios == (1000.0, 1.0) and c.modes == ("kv",) and c.front_ends == ("dynamo", "kvgate")
     assert (c.num_gpu_blocks, c.max_num_batched_tokens, c.block_size) == (16384, 8192, 64)
+    assert c.loop_probe is False
     c = dynamo.parse_config(
         ["--workload", "multi-turn,prefix-ratio", "--requests", "60", "--modes", "kv,round-robin",
-         "--speedup-ratios", "0.5", "--front-ends", "kvgate", "--no-direct", "--out", "x"]
+         "--speedup-ratios", "0.5", "--front-ends", "kvgate", "--no-direct", "--out", "x", "--loop-probe"]
     )  # fmt: skip
+    assert c.loop_probe is True and any("--loop-probe" in note for note in dynamo.notes(c))
     assert c.workloads == ("multi-turn", "prefix-ratio") and c.requests == 60
     assert c.modes == ("kv", "round-robin") and c.speedup_ratios == (0.5,) and c.front_ends == ("kvgate",)
     assert c.direct is False and c.out == Path("x")

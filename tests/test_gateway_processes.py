@@ -100,6 +100,46 @@ def test_loop_lag_monitor_sees_a_blocked_loop_and_resets_at_each_scrape() -> Non
     assert _sample(second, "kvgate_event_loop_max_gap_ever_seconds") >= 0.045
 
 
+_PROBE_SCENARIO = """
+import asyncio, time
+from kvgate.gateway.metrics import CallbackProbe, GatewayMetrics
+
+def compute(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+async def main():
+    loop = asyncio.get_running_loop()
+    for _ in range(200):  # a burst of short callbacks, run back to back in one loop pass
+        loop.call_soon(compute, 0.0002)
+    await asyncio.sleep(0.01)
+    burst = CallbackProbe.take_max()
+    loop.call_soon(compute, 0.02)  # one callback holding the loop for 20 ms of CPU
+    await asyncio.sleep(0.01)
+    text = GatewayMetrics().render().decode()
+    print(burst, CallbackProbe.slow_callbacks, text)
+
+CallbackProbe.install()
+asyncio.run(main())
+"""
+
+
+def test_the_loop_probe_times_one_long_callback_not_a_burst_of_short_ones() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE_SCENARIO], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    burst, slow, text = out.split(" ", 2)
+    assert float(burst) < 0.004  # 200 callbacks of 0.2 ms: none held the loop long
+    assert int(slow) == 1
+    assert 0.019 <= _sample(text, "kvgate_event_loop_max_callback_seconds") < 0.5
+    assert _sample(text, "kvgate_event_loop_max_callback_ever_seconds") >= 0.019
+    assert _sample(text, "kvgate_event_loop_slow_callbacks_total") == 1
+
+
 def test_each_process_of_a_group_gets_its_own_admin_port_and_bus_id() -> None:
     config = GatewayConfig(port=9000, processes=2, router_id="gw-a")
     one, two = process_config(config, 0), process_config(config, 1)
@@ -133,6 +173,7 @@ def test_two_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
             admin,
             "--processes",
             2,
+            "--loop-probe",
             f"--worker=url={w.url},id=w0,kv_events_endpoint=tcp://127.0.0.1:{w.events_port},"
             f"kv_events_replay_endpoint=tcp://127.0.0.1:{w.replay_port}",
             log_path=tmp_path / "gateway.log",
@@ -146,11 +187,11 @@ def test_two_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
             status, headers, _ = post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
             assert status == 200 and headers["x-kvgate-worker"] == "w0"
         # Each process counts its own requests, on its own admin port: together, all of them.
-        served = [
-            metric(get(f"http://127.0.0.1:{p}/metrics")[2].decode(), "kvgate_requests_total", status="200")
-            for p in (admin, admin + 1)
-        ]
+        pages = [get(f"http://127.0.0.1:{p}/metrics")[2].decode() for p in (admin, admin + 1)]
+        served = [metric(page, "kvgate_requests_total", status="200") for page in pages]
         assert sum(served) == 20 and all(served), served  # the kernel spread the connections over both
+        # --loop-probe reached each process: every callback it ran was timed.
+        assert all(0 < _sample(page, "kvgate_event_loop_max_callback_ever_seconds") < 5 for page in pages)
         gateway.popen.send_signal(signal.SIGTERM)
         gateway.popen.wait(timeout=30)
         assert gateway.popen.returncode == 0, gateway.log()

@@ -322,6 +322,64 @@ async def test_idle_connection_closed_by_the_worker_is_replaced(upstream: Upstre
         await server.stop()
 
 
+async def test_get_reads_whole_answers_any_status_over_one_connection_within_its_deadline(upstream: Upstream) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nup!\r\n0\r\n\r\n"
+    busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"
+    server = Scripted(lambda n: bytewise(ok) if n % 2 == 0 else [busy])
+    url = await server.start()
+    try:
+        assert await upstream.get(url, "/health", 1.0) == (200, b"up!")
+        assert await upstream.get(url, "/metrics", 1.0) == (503, b"busy")  # a status, not a failure
+        assert await upstream.get(url, "/health", 1.0) == (200, b"up!")
+        assert server.connections == 1  # kept alive between polls
+        assert server.requests[1] == f"GET /metrics HTTP/1.1\r\nHost: {url[7:]}\r\n\r\n".encode()
+    finally:
+        await server.stop()
+
+    # A worker that sends its head and then stalls: the deadline, not read_timeout, ends the poll.
+    stalled = Scripted(lambda n: [b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart"])
+    url = await stalled.start()
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            await upstream.get(url, "/metrics", 0.1)
+        assert loop.time() - start < 0.4  # read_timeout is 0.5 s
+        with pytest.raises(TimeoutError):
+            await upstream.get(url, "/metrics", 0.1)
+        assert stalled.connections == 2  # the half-read connection was closed, never reused
+    finally:
+        await stalled.stop()
+
+    with pytest.raises(UpstreamFailure) as err:
+        await upstream.get(f"http://127.0.0.1:{free_port()}", "/health", 1.0)
+    assert err.value.kind == "connect"
+
+
+async def test_forget_closes_a_departed_workers_idle_connections(upstream: Upstream) -> None:
+    server = Scripted(lambda n: [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+    url = await server.start()
+    try:
+        assert await upstream.get(url, "/health", 1.0) == (200, b"ok")
+        (conn,) = upstream._pools[url][0].idle
+        upstream.forget(url)
+        assert url not in upstream._pools
+        assert await _eventually(lambda: conn.closed)
+        upstream.forget(url)  # twice, or a worker never polled: nothing to do
+    finally:
+        await server.stop()
+
+
+async def _eventually(check: Callable[[], bool], timeout: float = 2.0) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not check():
+        if loop.time() > end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 def test_header_filters_drop_hop_by_hop() -> None:
     sent = forward_headers(
         {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Summary, generate_latest
@@ -63,6 +65,7 @@ def test_equal_to_generate_latest_across_scrapes_with_changing_values_and_label_
         gauge.set([float("inf"), float("-inf"), float("nan"), 1e21, -0.0][round_])
         live.values = {value: float(round_ * i) for i, value in enumerate(TRICKY[round_:])}
         assert exposition.render() == generate_latest(registry)
+        assert asyncio.run(exposition.render_async()) == generate_latest(registry)
 
 
 def test_families_it_does_not_format_fall_back_to_the_library() -> None:
@@ -103,4 +106,42 @@ def test_the_gateway_page_is_the_librarys() -> None:
         metrics.refused(CHAT, 400 + n)
         page = metrics.render()
         assert page == generate_latest(metrics.registry)
+        assert asyncio.run(metrics.render_async()) == page
     assert b"kvgate_requests_total{" in page
+
+
+class _Slow(Collector):
+    """A collector that takes ``seconds`` of CPU to read, noting what else ran by then."""
+
+    def __init__(self, name: str, seconds: float, log: list[str]) -> None:
+        self.name, self.seconds, self.log = name, seconds, log
+
+    def collect(self) -> Iterable[Metric]:
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        self.log.append(self.name)
+        family = GaugeMetricFamily(self.name, "Slow to read")
+        family.add_metric([], 1.0)
+        yield family
+
+
+def test_the_async_page_lets_the_loop_run_between_slow_collectors_and_is_the_same_page() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    log: list[str] = []
+    for n in range(3):
+        registry.register(_Slow(f"slow_{n}", 0.003, log))
+    exposition = TextExposition(registry)
+
+    async def scrape_beside_a_callback() -> bytes:
+        asyncio.get_running_loop().call_soon(log.append, "loop")
+        return await exposition.render_async(step=0.001)
+
+    page = asyncio.run(scrape_beside_a_callback())
+    # The callback ran after the first collector, not after the whole page.
+    assert log == ["slow_0", "loop", "slow_1", "slow_2"]
+    log.clear()
+    assert page == generate_latest(registry) == exposition.render()
+    # A collector it cannot format (an info family) sends the whole page to the library, still the same text.
+    Info("build", "Build facts", registry=registry).info({"version": "1"})
+    assert asyncio.run(exposition.render_async()) == generate_latest(registry)
