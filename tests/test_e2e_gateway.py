@@ -247,6 +247,29 @@ def test_sdk_completions(stack: Stack) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices)
 
 
+def test_sdk_n_choices_and_batches_of_prompts_through_the_gateway(stack: Stack) -> None:
+    """n > 1 and a batch of prompts reach one worker and come back whole, streamed or not, as vLLM answers them."""
+    client = stack.kv.client()
+    messages = [{"role": "user", "content": "Two versions, please."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=6)
+    assert [c.index for c in whole.choices] == [0, 1] and all(c.message.content for c in whole.choices)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=6, stream=True))
+    texts = ["", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in whole.choices]
+    batch = client.completions.create(model=MODEL, prompt=["Once upon a time", "In a far land"], n=2, max_tokens=3)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    single = client.completions.create(model=MODEL, prompt="In a far land", max_tokens=3)
+    assert batch.choices[2].text == single.choices[0].text
+    by_ids = client.completions.create(model=MODEL, prompt=[[11, 12, 13, 14], [15, 16, 17]], max_tokens=3)
+    assert by_ids.usage.prompt_tokens == 7
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, n=2, temperature=0)
+    assert "greedy sampling" in err.value.message
+
+
 def test_sdk_models_and_errors(stack: Stack) -> None:
     client = stack.kv.client()
     assert MODEL in [m.id for m in client.models.list().data]

@@ -232,11 +232,126 @@ def test_headers_are_accepted_and_ignored(client):
     assert r.usage.completion_tokens == 2
 
 
+# --- n > 1 and batches of prompts, as vLLM 0.32 serves them ------------------------------------
+
+CHAT_N = [{"role": "user", "content": "Three takes, please."}]
+
+
 @pytest.mark.slow
-def test_n_above_one_is_refused(client):
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="kvgate-tiny", messages=[{"role": "user", "content": "x"}], n=2)
-    assert err.value.status_code == 400 and "n=1" in err.value.message
+def test_n_choices_each_sampled_once_the_first_as_n_1(client, sim):
+    full = {"ignore_eos": True}  # every choice runs to max_tokens
+    one = client.chat.completions.create(model="kvgate-tiny", messages=CHAT_N, max_tokens=12, extra_body=full)
+    page = _page(sim)
+    three = client.chat.completions.create(model="kvgate-tiny", messages=CHAT_N, n=3, max_tokens=12, extra_body=full)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    texts = [c.message.content for c in three.choices]
+    assert texts[0] == one.choices[0].message.content  # choice 0 samples what n=1 samples
+    assert len(set(texts)) == 3  # each choice its own answer
+    assert [c.finish_reason for c in three.choices] == ["length"] * 3
+    # The prompt counted once, every choice's tokens counted.
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * 12
+    # vLLM's metrics: three engine requests finished, one request of n=3.
+    after = _page(sim)
+    finished = sum(metric(after, "vllm:request_success_total", finished_reason=r) for r in ("stop", "length"))
+    before = sum(metric(page, "vllm:request_success_total", finished_reason=r) for r in ("stop", "length"))
+    assert finished - before == 3
+    assert metric(after, "vllm:request_params_n_count") - metric(page, "vllm:request_params_n_count") == 1
+    assert metric(after, "vllm:request_params_n_sum") - metric(page, "vllm:request_params_n_sum") == 3
+
+
+@pytest.mark.slow
+def test_n_choices_stream_each_opened_then_interleaved_by_index(client):
+    whole = client.chat.completions.create(model="kvgate-tiny", messages=CHAT_N, n=3, max_tokens=12)
+    stream = client.chat.completions.create(
+        model="kvgate-tiny", messages=CHAT_N, n=3, max_tokens=12, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    # vLLM opens every choice (role, empty content) with the first engine output, before any text.
+    opened = chunks[:3]
+    assert [c.choices[0].index for c in opened] == [0, 1, 2]
+    assert all(c.choices[0].delta.role == "assistant" and c.choices[0].delta.content == "" for c in opened)
+    assert len({c.id for c in chunks}) == 1
+    texts = ["", "", ""]
+    finishes = [0, 0, 0]
+    for c in chunks[3:-1]:
+        (choice,) = c.choices  # one choice per event
+        texts[choice.index] += choice.delta.content or ""
+        finishes[choice.index] += choice.finish_reason is not None
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [1, 1, 1]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+
+@pytest.mark.slow
+def test_n_is_checked_as_vllm_checks_it_and_best_of_is_ignored(client):
+    for n, extra, message in (
+        (0, {}, "n must be at least 1, got 0."),
+        (2, {"temperature": 0}, "n must be 1 when using greedy sampling, got 2."),
+        (16385, {}, "n must be at most 16384, got 16385."),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="kvgate-tiny", messages=CHAT_N, n=n, max_tokens=2, **extra)
+        assert message in err.value.message, (n, err.value.message)
+    # vLLM 0.32's requests have no best_of: an unknown field, ignored.
+    answer = client.completions.create(model="kvgate-tiny", prompt="hello", max_tokens=3, extra_body={"best_of": 3})
+    assert len(answer.choices) == 1
+
+
+@pytest.mark.slow
+def test_a_batch_of_prompts_answers_each_prompt_n_times_in_order(client, sim, tok):
+    prompts = ["The first prompt of the batch", "and a second, different one"]
+    singles = [client.completions.create(model="kvgate-tiny", prompt=p, max_tokens=6) for p in prompts]
+    batch = client.completions.create(model="kvgate-tiny", prompt=prompts, n=2, max_tokens=6)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == singles[0].choices[0].text  # prompt 0, choice 0
+    assert batch.choices[2].text == singles[1].choices[0].text  # prompt 1, choice 0
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    # Token-id prompts batch alike.
+    ids = [tok.encode(p) for p in prompts]
+    by_ids = client.completions.create(model="kvgate-tiny", prompt=ids, max_tokens=6)
+    assert [c.text for c in by_ids.choices] == [s.choices[0].text for s in singles]
+    # Streamed: one choice per event, index = prompt * n + choice, each finished once.
+    stream = client.completions.create(
+        model="kvgate-tiny",
+        prompt=prompts,
+        n=2,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    texts = ["", "", "", ""]
+    finished = [0, 0, 0, 0]
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] += choice.text
+        finished[choice.index] += choice.finish_reason is not None
+    assert texts == [c.text for c in batch.choices] and finished == [1, 1, 1, 1]
+    assert chunks[-1].usage.prompt_tokens == batch.usage.prompt_tokens
+
+
+@pytest.mark.slow
+async def test_bad_batches_are_400s(sim):
+    async with aiohttp.ClientSession() as http:
+        for prompt, expected in (
+            (["a", [1, 2]], "list of strings or of token id lists"),
+            ([[1, 2], []], "list of strings or of token id lists"),
+            (["x"] * 1025, "prompt list length 1025 exceeds the maximum allowed count of 1024"),
+            ([], "must not be empty"),
+        ):
+            async with http.post(sim + "/v1/completions", json={"prompt": prompt, "max_tokens": 2}) as r:
+                body = await r.json()
+                assert r.status == 400 and expected in body["error"]["message"], (prompt, body)
+
+
+def _page(sim: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(sim + "/metrics") as r:
+        return r.read().decode()
 
 
 @pytest.mark.slow
@@ -305,7 +420,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": 42}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", [1, 2]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, "x"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": LONG}, 400, "prompt"),

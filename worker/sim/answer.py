@@ -62,10 +62,16 @@ class Vocabulary:
 
 
 def answer_tokens(
-    prompt_token_ids: Sequence[int], vocab: Vocabulary, config: AnswerConfig, ignore_eos: bool = False
+    prompt_token_ids: Sequence[int],
+    vocab: Vocabulary,
+    config: AnswerConfig,
+    ignore_eos: bool = False,
+    sample: int = 0,
 ) -> Iterator[int]:
-    """The model's output for a prompt, one token id at a time (endless with ``ignore_eos``)."""
-    rng = random.Random(xxhash.xxh3_64_intdigest(pack_tokens(prompt_token_ids), _ANSWER_SEED))
+    """The model's output for a prompt, one token id at a time (endless with ``ignore_eos``).
+    ``sample`` numbers the choices of a request with ``n`` > 1: each samples its own answer
+    (the first is the answer ``n`` = 1 gets)."""
+    rng = random.Random(xxhash.xxh3_64_intdigest(pack_tokens(prompt_token_ids), _ANSWER_SEED + sample))
     length = rng.randint(config.min_tokens, config.max_tokens)
     yield rng.choice(vocab.first_words)
     produced = 1

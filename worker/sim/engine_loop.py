@@ -167,23 +167,56 @@ class LoopStats:
         self.request_time_per_output_token_seconds.observe(decode / (generated - 1) if generated > 1 else 0.0)
         self.request_prompt_tokens.observe(request.num_prompt_tokens)
         self.request_generation_tokens.observe(generated)
-        self.request_max_num_generation_tokens.observe(request.max_tokens)
         self.request_params_max_tokens.observe(request.max_tokens)
-        self.request_params_n.observe(1)
+        # Per request as the client sent it: once its last choice ends, with the most any choice generated
+        # (vLLM's ParentRequest.observe_finished_request).
+        parent = handle.parent
+        if parent is None:
+            self.request_max_num_generation_tokens.observe(generated)
+            self.request_params_n.observe(1)
+        else:
+            parent.remaining -= 1
+            parent.max_generated = max(parent.max_generated, generated)
+            if parent.remaining == 0:
+                self.request_max_num_generation_tokens.observe(parent.max_generated)
+                self.request_params_n.observe(parent.n)
         self.request_num_preemptions.observe(request.num_preemptions)
         self.request_prefill_kv_computed_tokens.observe(request.num_prompt_tokens - max(request.num_cached_tokens, 0))
 
 
-class RequestHandle:
-    """A submitted request as its HTTP handler sees it: deltas to read, token counts."""
+@dataclass(slots=True)
+class ParentRequest:
+    """The request a client sent with ``n`` > 1, which runs as ``n`` engine requests (vLLM's
+    parallel sampling): counted in the per-request metrics once, when its last choice ends."""
 
-    def __init__(self, request: Request, text: TextStream) -> None:
+    n: int
+    remaining: int
+    max_generated: int = 0
+
+
+class RequestHandle:
+    """A submitted engine request as its HTTP handler sees it: deltas to read, token counts.
+    A handle given a ``sink`` puts ``(index, delta)`` there instead, so the choices of one
+    answer (``n`` > 1, a batch of prompts) are read from one queue, in the order they came."""
+
+    def __init__(
+        self,
+        request: Request,
+        text: TextStream,
+        index: int = 0,
+        sink: asyncio.Queue[tuple[int, Delta]] | None = None,
+        parent: ParentRequest | None = None,
+    ) -> None:
         self.request = request
         self.text = text
+        self.index = index
+        self.parent = parent
+        self.finished_order = 0  # set by the reader of a shared sink: 1 for the first choice to end
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | None = None
         self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._sink = sink
         # time.monotonic() when it arrived, was first scheduled, got its first / last token.
         self.arrival_time = time.monotonic()
         self.scheduled_time: float | None = None
@@ -216,7 +249,10 @@ class RequestHandle:
         return self.finish_reason is not None
 
     def put(self, delta: Delta) -> None:
-        self._queue.put_nowait(delta)
+        if self._sink is not None:
+            self._sink.put_nowait((self.index, delta))
+        else:
+            self._queue.put_nowait(delta)
 
     async def deltas(self) -> AsyncIterator[Delta]:
         while True:
@@ -272,17 +308,24 @@ class EngineLoop:
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
         cache_salt: str | None = None,
+        *,
+        sample: int = 0,
+        index: int = 0,
+        sink: asyncio.Queue[tuple[int, Delta]] | None = None,
+        parent: ParentRequest | None = None,
     ) -> RequestHandle:
+        """One engine request; ``sample`` picks which of a prompt's answers it generates (its
+        index among ``n``), ``index`` / ``sink`` / ``parent`` as ``RequestHandle`` has them."""
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,
             max_tokens=max_tokens,
-            sampler=answer_tokens(prompt_token_ids, self.vocab, self.answer, ignore_eos),
+            sampler=answer_tokens(prompt_token_ids, self.vocab, self.answer, ignore_eos, sample),
             eos_token_id=None if ignore_eos else self.vocab.eos_token_id,
             cache_salt=cache_salt,
         )
         self.scheduler.add_request(request)
-        handle = RequestHandle(request, TextStream(self.vocab.pieces, stop))
+        handle = RequestHandle(request, TextStream(self.vocab.pieces, stop), index, sink, parent)
         self._handles[request_id] = handle
         self._wake.set()
         return handle

@@ -3,8 +3,10 @@
 Owns what a request may contain and what every answer looks like on the wire; never
 tokenizes (``prompt``) or schedules (``engine_loop``). Sampling fields the simulation
 has no use for are accepted and ignored (``temperature``, ``top_p`` and ``seed`` once
-their type and range check out); unknown fields are ignored, as vLLM does. ``n`` (and
-``best_of``) above 1 are refused: the simulator answers one choice.
+their type and range check out); unknown fields are ignored, as vLLM does (``best_of``
+among them: vLLM 0.32's OpenAI requests no longer have it). ``n`` > 1 answers ``n``
+choices, each its own engine request, and ``/v1/completions`` takes a batch of prompts,
+as vLLM 0.32 does.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class GenerateParams:
     messages: list[dict[str, Any]] | None  # chat
     tools: list[Any] | None  # chat, passed to the chat template
     add_generation_prompt: bool  # chat
-    prompt: str | list[int] | None  # completion: text or token ids
+    prompt: str | list[int] | None  # completion: text or token ids (the first of a batch)
     max_tokens: int | None
     stop: tuple[str, ...]
     stream: bool
@@ -60,9 +62,16 @@ class GenerateParams:
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None
+    n: int = 1
+    # completion: every prompt of a batch (``prompt`` is the first); a lone prompt: (prompt,)
+    prompts: tuple[str | list[int], ...] = ()
 
 
 _MAX_CACHE_SALT_LENGTH = 128
+# vLLM's VLLM_MAX_N_SEQUENCES and VLLM_MAX_COMPLETION_PROMPTS defaults; below it, a temperature is greedy.
+MAX_N = 16384
+MAX_COMPLETION_PROMPTS = 1024
+_SAMPLING_EPS = 1e-5
 _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 
@@ -95,14 +104,20 @@ def _common(body: Any) -> dict[str, Any]:
         if value is not None and value < 1:
             raise _bad(f"'{name}' must be at least 1, got {value}", name)
     n = _optional(body, "n", _is_int, "an integer")
-    if n is not None and n != 1:
-        raise _bad("only n=1 is supported by this server", "n")
-    best_of = _optional(body, "best_of", _is_int, "an integer")
-    if best_of is not None and best_of != 1:
-        raise _bad("only best_of=1 is supported by this server", "best_of")
+    n = 1 if n is None else n
+    if n < 1:
+        raise _bad(f"n must be at least 1, got {n}.", "n")
+    if n > MAX_N:
+        raise _bad(
+            f"n must be at most {MAX_N}, got {n}. To increase this limit, set the VLLM_MAX_N_SEQUENCES "
+            "environment variable.",
+            "n",
+        )
     temperature = _optional(body, "temperature", _is_number, "a number")
     if temperature is not None and temperature < 0:
         raise _bad(f"'temperature' must be non-negative, got {temperature}", "temperature")
+    if n > 1 and temperature is not None and temperature < _SAMPLING_EPS:
+        raise _bad(f"n must be 1 when using greedy sampling, got {n}.", "n")
     top_p = _optional(body, "top_p", _is_number, "a number")
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
@@ -134,6 +149,7 @@ def _common(body: Any) -> dict[str, Any]:
         "stream": stream,
         "include_usage": include_usage,
         "ignore_eos": ignore_eos,
+        "n": n,
     }
 
 
@@ -195,22 +211,41 @@ def parse_completion(body: Any) -> GenerateParams:
     common = _common(body)
     if "prompt" not in body or body["prompt"] is None:
         raise _bad("'prompt' is required", "prompt")
-    prompt = body["prompt"]
-    # One prompt only: a string, a list of token ids, or a one-element batch of either.
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, list):
-        if not prompt:
-            raise _bad("'prompt' must not be empty", "prompt")
-        if not all(_is_int(t) for t in prompt):
-            raise _bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
-    elif not isinstance(prompt, str):
-        raise _bad("'prompt' must be a string or a list of token ids", "prompt")
+    prompts = _prompts(body["prompt"])
     if body.get("echo") is True:
         raise _bad("'echo' is not supported by this server", "echo")
     return GenerateParams(
-        kind="completion", messages=None, tools=None, add_generation_prompt=False, prompt=prompt, **common
+        kind="completion",
+        messages=None,
+        tools=None,
+        add_generation_prompt=False,
+        prompt=prompts[0],
+        prompts=prompts,
+        **common,
     )
+
+
+def _prompts(prompt: Any) -> tuple[str | list[int], ...]:
+    """vLLM's ``prompt``: a string, token ids, or a batch (a list of either, at most 1,024)."""
+    if isinstance(prompt, str):
+        return (prompt,)
+    if not isinstance(prompt, list):
+        raise _bad("'prompt' must be a string, a list of token ids or a list of prompts", "prompt")
+    if not prompt:
+        raise _bad("'prompt' must not be empty", "prompt")
+    if all(_is_int(t) for t in prompt):
+        return (prompt,)
+    if len(prompt) > MAX_COMPLETION_PROMPTS:
+        raise _bad(
+            f"prompt list length {len(prompt)} exceeds the maximum allowed count of {MAX_COMPLETION_PROMPTS}. "
+            "To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable.",
+            "prompt",
+        )
+    if all(isinstance(p, str) for p in prompt):
+        return tuple(prompt)
+    if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+        return tuple(prompt)
+    raise _bad("'prompt' must be a string, a list of token ids, or a list of strings or of token id lists", "prompt")
 
 
 # --- response shapes ------------------------------------------------------------------
@@ -243,35 +278,43 @@ def usage(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One finished choice of a non-streamed answer."""
+
+    text: str
+    finish_reason: str | None
+    stop_reason: str | None
+
+
 def response(
-    kind: str,
-    response_id: str,
-    created: int,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    stop_reason: str | None,
-    usage_: dict[str, Any],
+    kind: str, response_id: str, created: int, model: str, choices: list[Choice], usage_: dict[str, Any]
 ) -> dict[str, Any]:
-    if kind == "chat":
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "tool_calls": []},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-        }
-        obj = "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage_}
+    """A whole answer; ``choices`` in index order (a batch's: prompt by prompt, ``n`` each)."""
+    out: list[dict[str, Any]] = []
+    for index, c in enumerate(choices):
+        if kind == "chat":
+            out.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text, "tool_calls": []},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+        else:
+            out.append(
+                {
+                    "index": index,
+                    "text": c.text,
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": out, "usage": usage_}
 
 
 def chunk(
@@ -285,18 +328,19 @@ def chunk(
     *,
     role: bool = False,
     include_usage: bool = False,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One streamed choice delta; ``text=None`` with ``role`` opens a chat stream."""
+    """One streamed delta of choice ``index``; ``text=None`` with ``role`` opens a chat stream."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         obj = "text_completion"
     if finish_reason is not None:
         choice["stop_reason"] = stop_reason

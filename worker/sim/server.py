@@ -13,10 +13,11 @@ answered request is recorded as vLLM's HTTP instrumentation records it (``/metri
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +27,7 @@ from aiohttp import web
 from kvgate.worker.sim import metrics, protocol
 from kvgate.worker.sim.answer import Vocabulary
 from kvgate.worker.sim.config import SimConfig
-from kvgate.worker.sim.engine_loop import EngineLoop, RequestHandle
+from kvgate.worker.sim.engine_loop import Delta, EngineLoop, ParentRequest, RequestHandle
 from kvgate.worker.sim.prompt import PromptRenderer
 from kvgate.worker.sim.protocol import ApiError, GenerateParams
 from kvgate.worker.sim.publisher import KvEventPublisher, kv_event_sources
@@ -145,69 +146,102 @@ class SimServer:
         # Off the event loop (as vLLM does): a long prompt takes milliseconds to encode,
         # which would otherwise stall every running request's engine steps. One thread:
         # a fast tokenizer must not be used from two threads at once.
-        prompt_ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, self.renderer.token_ids, params)
-        max_tokens = protocol.resolve_max_tokens(params, len(prompt_ids), self.config.engine.max_model_len)
+        prompts = await asyncio.get_running_loop().run_in_executor(self._tokenize, self._token_ids, params)
+        budgets = [protocol.resolve_max_tokens(params, len(ids), self.config.engine.max_model_len) for ids in prompts]
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
         response_id = f"{prefix}-{uuid.uuid4().hex}"
-        handle = self.engine.submit(
-            response_id, prompt_ids, max_tokens, params.stop, params.ignore_eos, params.cache_salt
-        )
+        sink: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+        handles = self._submit(response_id, params, prompts, budgets, sink)
         try:
+            answer = _Answer(params, handles, sink, sum(len(ids) for ids in prompts))
             if params.stream:
-                return await self._stream(request, params, handle)
-            return await self._complete(params, handle)
+                return await self._stream(request, params, response_id, answer)
+            return await self._complete(params, response_id, answer)
         finally:
-            if not handle.finished:
-                self.engine.abort(handle)
+            for handle in handles:
+                if not handle.finished:
+                    self.engine.abort(handle)
 
-    def _usage(self, handle: RequestHandle) -> dict[str, Any]:
-        return protocol.usage(
-            handle.prompt_tokens,
-            handle.completion_tokens,
-            handle.cached_tokens,
-            handle.created_cache_tokens,
-            handle.cached_tokens_per_tier,
+    def _token_ids(self, params: GenerateParams) -> list[list[int]]:
+        if params.kind == "chat" or len(params.prompts) <= 1:
+            return [self.renderer.token_ids(params)]
+        return [self.renderer.token_ids(dataclasses.replace(params, prompt=p)) for p in params.prompts]
+
+    def _submit(
+        self,
+        response_id: str,
+        params: GenerateParams,
+        prompts: list[list[int]],
+        budgets: list[int],
+        sink: asyncio.Queue[tuple[int, Delta]],
+    ) -> list[RequestHandle]:
+        """An engine request per prompt and choice, as vLLM runs a batch (``{id}-{prompt}``) and
+        ``n`` > 1 (parallel sampling: ``{choice}_{id}``, one sampler each)."""
+        n = params.n
+        handles: list[RequestHandle] = []
+        for p, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
+            item = response_id if len(prompts) == 1 else f"{response_id}-{p}"
+            parent = ParentRequest(n, n) if n > 1 else None
+            for i in range(n):
+                handles.append(
+                    self.engine.submit(
+                        item if n == 1 else f"{i}_{item}",
+                        ids,
+                        budget,
+                        params.stop,
+                        params.ignore_eos,
+                        params.cache_salt,
+                        sample=i,
+                        index=p * n + i,
+                        sink=sink,
+                        parent=parent,
+                    )
+                )
+        return handles
+
+    async def _complete(self, params: GenerateParams, response_id: str, answer: _Answer) -> web.Response:
+        texts: list[list[str]] = [[] for _ in answer.handles]
+        async for index, delta in answer.deltas():
+            texts[index].append(delta.text)
+        # vLLM's final output carries the cached tokens of the engine request that finished last (the
+        # last prompt's, for a batch).
+        last = max(
+            (h for h in answer.handles if h.index // params.n == answer.prompts - 1), key=lambda h: h.finished_order
         )
-
-    async def _complete(self, params: GenerateParams, handle: RequestHandle) -> web.Response:
-        parts = [delta.text async for delta in handle.deltas()]
+        choices = [protocol.Choice("".join(t), h.finish_reason, h.stop_reason) for t, h in zip(texts, answer.handles)]
         return _json(
-            protocol.response(
-                params.kind,
-                handle.request_id,
-                int(time.time()),
-                self.model,
-                "".join(parts),
-                handle.finish_reason,
-                handle.stop_reason,
-                self._usage(handle),
-            )
+            protocol.response(params.kind, response_id, int(time.time()), self.model, choices, answer.usage(last))
         )
 
-    async def _stream(self, request: web.Request, params: GenerateParams, handle: RequestHandle) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, params: GenerateParams, response_id: str, answer: _Answer
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        kind, rid, created, model, usage = (
-            params.kind,
-            handle.request_id,
-            int(time.time()),
-            self.model,
-            params.include_usage,
-        )
+        kind, rid, model, usage = params.kind, response_id, self.model, params.include_usage
+        created = int(time.time())
 
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
-        # vLLM sends a chat stream's role chunk with the engine's first output, not on
-        # arrival (chat_completion/serving.py: inside `async for res in result_generator`),
-        # so its first byte times the first token, prefill included.
+        async def open_choices() -> None:
+            for i in range(len(answer.handles)):
+                await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage, index=i))
+
+        # vLLM sends a chat stream's role chunks, one per choice, with the engine's first output, not on
+        # arrival (chat_completion/serving.py: inside `async for res in result_generator`), so its
+        # first byte times the first token, prefill included. Usage counts the cached tokens of the
+        # engine request whose output came first.
         role_due = kind == "chat"
+        first: RequestHandle | None = None
         try:
-            async for delta in handle.deltas():
+            async for index, delta in answer.deltas():
+                if first is None:
+                    first = answer.handles[index]
                 if role_due:
                     role_due = False
-                    await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage))
+                    await open_choices()
                 if delta.text or delta.finish_reason is not None:
                     await send(
                         protocol.chunk(
@@ -219,17 +253,52 @@ class SimServer:
                             delta.finish_reason,
                             delta.stop_reason,
                             include_usage=usage,
+                            index=index,
                         )
                     )
             if role_due:
-                await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage))
+                await open_choices()
             if usage:
-                await send(protocol.usage_chunk(kind, rid, created, model, self._usage(handle)))
+                await send(protocol.usage_chunk(kind, rid, created, model, answer.usage(first or answer.handles[0])))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
             pass  # the client hung up; the caller aborts the request
         return resp
+
+
+class _Answer:
+    """The engine requests of one HTTP request, their deltas read from one queue as they come."""
+
+    def __init__(
+        self, params: GenerateParams, handles: list[RequestHandle], sink: asyncio.Queue[tuple[int, Delta]], tokens: int
+    ) -> None:
+        self.handles = handles
+        self.sink = sink
+        self.prompt_tokens = tokens  # each prompt once, whatever n
+        self.prompts = len(handles) // params.n
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        left = len(self.handles)
+        finished = 0
+        while left:
+            index, delta = await self.sink.get()
+            yield index, delta
+            if delta.finish_reason is not None:
+                left -= 1
+                finished += 1
+                self.handles[index].finished_order = finished
+
+    def usage(self, reference: RequestHandle) -> dict[str, Any]:
+        """vLLM's usage of the answer: prompts counted once, every choice's tokens, and the cache
+        figures of ``reference`` (the engine output vLLM reads them from)."""
+        return protocol.usage(
+            self.prompt_tokens,
+            sum(h.completion_tokens for h in self.handles),
+            reference.cached_tokens,
+            reference.created_cache_tokens,
+            reference.cached_tokens_per_tier,
+        )
 
 
 def build_app(config: SimConfig, renderer: PromptRenderer | None = None) -> web.Application:
