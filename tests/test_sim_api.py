@@ -347,6 +347,74 @@ async def test_bad_batches_are_400s(sim):
                 assert r.status == 400 and expected in body["error"]["message"], (prompt, body)
 
 
+# --- logprobs and echo, in vLLM's shapes ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_chat_logprobs_list_each_token_then_its_top_alternatives_streamed_or_not(client):
+    ask = {"model": "kvgate-tiny", "messages": CHAT_N, "max_tokens": 6, "logprobs": True, "top_logprobs": 3}
+    whole = client.chat.completions.create(**ask, extra_body={"ignore_eos": True})
+    content = whole.choices[0].logprobs.content
+    assert len(content) == 6 and "".join(e.token for e in content) == whole.choices[0].message.content
+    for e in content:
+        assert e.logprob < 0 and e.bytes == list(e.token.encode())
+        assert len(e.top_logprobs) == 3 and (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    again = client.chat.completions.create(**ask, extra_body={"ignore_eos": True})
+    assert again.choices[0].logprobs == whole.choices[0].logprobs  # a request asked twice, the same figures
+    streamed = [
+        e
+        for c in client.chat.completions.create(**ask, stream=True, extra_body={"ignore_eos": True})
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert streamed == content
+    plain = client.chat.completions.create(model="kvgate-tiny", messages=CHAT_N, max_tokens=2)
+    assert plain.choices[0].logprobs is None  # not asked, not sent
+
+
+@pytest.mark.slow
+def test_completion_logprobs_and_echo(client, tok):
+    prompt = "Echo this prompt back"
+    out = client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=5, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(top) == 2 and top[t] == p for t, p, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+    echoed = client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=5, echo=True, logprobs=1)
+    assert echoed.choices[0].text == prompt + out.choices[0].text
+    prompt_ids = tok.encode(prompt)
+    elp = echoed.choices[0].logprobs
+    assert len(elp.tokens) == len(prompt_ids) + len(lp.tokens)
+    assert elp.token_logprobs[0] is None and elp.top_logprobs[0] is None  # the prompt's first token has none
+    # echo with max_tokens 0: the prompt and its logprobs only (lm-eval's loglikelihood requests).
+    scored = client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == prompt and len(scored.choices[0].logprobs.tokens) == len(prompt_ids)
+    streamed = list(client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=5, echo=True, stream=True))
+    assert streamed[0].choices[0].text.startswith(prompt)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.choices[0].text
+
+
+@pytest.mark.slow
+async def test_logprobs_and_tool_choice_are_checked_as_vllm_checks_them(sim):
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    cases = [
+        ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "`logprobs` must be set to true"),
+        ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": -2}, "must be a positive value or -1"),
+        ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}, "greater than max allowed: 20"),
+        ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": -1}, "greater than max allowed: 20"),
+        ("/v1/chat/completions", {**chat, "tool_choice": "required"}, "`tools` must be set"),
+        ("/v1/chat/completions", {**chat, "tools": []}, "`tools` must not be an empty array"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 50}, "Requested sample logprobs of 50"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "'max_tokens' must be at least 1"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for path, body, expected in cases:
+            async with http.post(sim + path, json=body) as r:
+                answer = await r.json()
+                assert r.status == 400 and expected in answer["error"]["message"], (body, answer)
+
+
 def _page(sim: str) -> str:
     import urllib.request
 

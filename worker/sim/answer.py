@@ -121,3 +121,27 @@ class TextStream:
         out = self.text[self._sent : end]
         self._sent = end
         return out
+
+
+def step_logprobs(vocab: Vocabulary, key: int, position: int, token_id: int, top: int) -> list[tuple[int, float]]:
+    """A made-up but stable distribution at one position: the token the answer has there first
+    (the most likely, as a sampler at low temperature would pick) with its logprob, then the
+    next ``top`` - 1 most likely tokens, each less likely than the one before. ``key`` and
+    ``position`` seed it, so a request asked twice gets the same figures. vLLM's order: the
+    sampled token, then the top-k ranks without repeating it."""
+    rng = random.Random(key * 1_000_003 + position)
+    logprob = -rng.uniform(0.01, 1.0)
+    out = [(token_id, logprob)]
+    pool = vocab.words
+    while len(out) < top and len(out) < len(pool):
+        other = pool[rng.randrange(len(pool))]
+        if any(other == t for t, _ in out):
+            continue
+        logprob -= rng.uniform(0.1, 2.0)
+        out.append((other, logprob))
+    return out
+
+
+def logprobs_key(token_ids: Sequence[int], sample: int) -> int:
+    """The seed of a prompt's (and choice's) made-up logprobs."""
+    return xxhash.xxh3_64_intdigest(pack_tokens(token_ids), _ANSWER_SEED + 1_000_000 + sample)

@@ -44,6 +44,7 @@ class Delta:
     text: str
     finish_reason: str | None = None
     stop_reason: str | None = None
+    token_ids: Sequence[int] = ()  # the tokens generated at this step (their logprobs go with it)
 
 
 class Histogram:
@@ -415,7 +416,7 @@ class EngineLoop:
                 handle.finish_reason, handle.stop_reason = finish, stop_reason
                 stats.finished[finish] += 1
                 stats.request_finished(handle, now)
-            handle.put(Delta(handle.text.delta(final=finish is not None), finish, stop_reason))
+            handle.put(Delta(handle.text.delta(final=finish is not None), finish, stop_reason, out.new_token_ids))
         if step_tokens:
             stats.iteration_tokens_total.observe(step_tokens)
 

@@ -6,7 +6,7 @@ has no use for are accepted and ignored (``temperature``, ``top_p`` and ``seed``
 their type and range check out); unknown fields are ignored, as vLLM does (``best_of``
 among them: vLLM 0.32's OpenAI requests no longer have it). ``n`` > 1 answers ``n``
 choices, each its own engine request, and ``/v1/completions`` takes a batch of prompts,
-as vLLM 0.32 does.
+as vLLM 0.32 does; so are logprobs (made-up figures in vLLM's shapes) and ``echo``.
 """
 
 from __future__ import annotations
@@ -65,12 +65,17 @@ class GenerateParams:
     n: int = 1
     # completion: every prompt of a batch (``prompt`` is the first); a lone prompt: (prompt,)
     prompts: tuple[str | list[int], ...] = ()
+    # Sample logprobs: None (none asked), else how many of the most likely tokens each position lists
+    # (chat: top_logprobs when logprobs is true; completions: logprobs).
+    logprobs: int | None = None
+    echo: bool = False  # completions: the prompt before each choice's text (max_tokens 0: the prompt only)
 
 
 _MAX_CACHE_SALT_LENGTH = 128
 # vLLM's VLLM_MAX_N_SEQUENCES and VLLM_MAX_COMPLETION_PROMPTS defaults; below it, a temperature is greedy.
 MAX_N = 16384
 MAX_COMPLETION_PROMPTS = 1024
+MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
 _SAMPLING_EPS = 1e-5
 _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
@@ -94,14 +99,15 @@ def _optional(body: dict[str, Any], name: str, check, expected: str) -> Any:
     return value
 
 
-def _common(body: Any) -> dict[str, Any]:
+def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     model = _optional(body, "model", lambda v: isinstance(v, str), "a string")
     max_tokens = _optional(body, "max_tokens", _is_int, "an integer")
     max_completion = _optional(body, "max_completion_tokens", _is_int, "an integer")
     for name, value in (("max_tokens", max_tokens), ("max_completion_tokens", max_completion)):
-        if value is not None and value < 1:
+        # An echoed completion may ask for no tokens at all: the prompt (and its logprobs) only.
+        if value is not None and value < 1 and not (echo and value == 0 and name == "max_tokens"):
             raise _bad(f"'{name}' must be at least 1, got {value}", name)
     n = _optional(body, "n", _is_int, "an integer")
     n = 1 if n is None else n
@@ -194,7 +200,22 @@ def parse_chat(body: Any) -> GenerateParams:
     add_generation_prompt = True if add_gen is None else add_gen
     if add_generation_prompt and cont:
         raise _bad("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    if tools is not None and not tools:
+        raise _bad(
+            "`tools` must not be an empty array. Either provide at least one tool or omit the field entirely.",
+            "tools",
+        )
+    choice = body.get("tool_choice")
+    if choice is not None and choice != "none" and tools is None:
+        raise _bad("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    wants = _optional(body, "logprobs", lambda v: isinstance(v, bool), "a boolean") or False
+    top = _optional(body, "top_logprobs", _is_int, "an integer")
+    if top is not None and top < 0 and top != -1:
+        raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs")
+    if top is not None and (top == -1 or top > 0) and not wants:
+        raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
     return GenerateParams(
+        logprobs=_logprobs(top or 0, "logprobs") if wants else None,
         kind="chat",
         messages=messages,
         tools=tools or None,
@@ -208,13 +229,17 @@ def parse_chat(body: Any) -> GenerateParams:
 
 
 def parse_completion(body: Any) -> GenerateParams:
-    common = _common(body)
+    echo = isinstance(body, dict) and _optional(body, "echo", lambda v: isinstance(v, bool), "a boolean") or False
+    common = _common(body, echo)
     if "prompt" not in body or body["prompt"] is None:
         raise _bad("'prompt' is required", "prompt")
     prompts = _prompts(body["prompt"])
-    if body.get("echo") is True:
-        raise _bad("'echo' is not supported by this server", "echo")
+    logprobs = _optional(body, "logprobs", _is_int, "an integer")
+    if logprobs is not None and logprobs < 0 and logprobs != -1:
+        raise _bad("`logprobs` must be a positive value or -1.", "logprobs")
     return GenerateParams(
+        logprobs=None if logprobs is None else _logprobs(logprobs, "logprobs"),
+        echo=echo,
         kind="completion",
         messages=None,
         tools=None,
@@ -223,6 +248,21 @@ def parse_completion(body: Any) -> GenerateParams:
         prompts=prompts,
         **common,
     )
+
+
+def _logprobs(top: int, param: str) -> int:
+    """vLLM's ceiling on sample logprobs (--max-logprobs, 20 by default); -1 (the whole vocabulary) is
+    checked against the vocabulary by ``check_logprobs``."""
+    if top > MAX_LOGPROBS:
+        raise _bad(f"Requested sample logprobs of {top}, which is greater than max allowed: {MAX_LOGPROBS}", param)
+    return top
+
+
+def check_logprobs(params: GenerateParams, vocab_size: int) -> None:
+    if params.logprobs == -1 and vocab_size > MAX_LOGPROBS:
+        raise _bad(
+            f"Requested sample logprobs of {vocab_size}, which is greater than max allowed: {MAX_LOGPROBS}", "logprobs"
+        )
 
 
 def _prompts(prompt: Any) -> tuple[str | list[int], ...]:
@@ -285,6 +325,7 @@ class Choice:
     text: str
     finish_reason: str | None
     stop_reason: str | None
+    logprobs: dict[str, Any] | None = None
 
 
 def response(
@@ -298,7 +339,7 @@ def response(
                 {
                     "index": index,
                     "message": {"role": "assistant", "content": c.text, "tool_calls": []},
-                    "logprobs": None,
+                    "logprobs": c.logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                 }
@@ -308,7 +349,7 @@ def response(
                 {
                     "index": index,
                     "text": c.text,
-                    "logprobs": None,
+                    "logprobs": c.logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                 }
@@ -329,6 +370,7 @@ def chunk(
     role: bool = False,
     include_usage: bool = False,
     index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed delta of choice ``index``; ``text=None`` with ``role`` opens a chat stream."""
     if kind == "chat":
@@ -337,10 +379,10 @@ def chunk(
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         obj = "text_completion"
     if finish_reason is not None:
         choice["stop_reason"] = stop_reason
@@ -411,3 +453,40 @@ def resolve_max_tokens(params: GenerateParams, prompt_len: int, max_model_len: i
             "max_tokens",
         )
     return params.max_tokens
+
+
+# --- logprobs, in vLLM's two shapes ------------------------------------------------------
+
+
+def chat_logprobs(steps: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
+    """``{"content": [...]}`` from (token, logprob, top tokens) per position."""
+    return {
+        "content": [
+            {
+                "token": token,
+                "logprob": logprob,
+                "bytes": list(token.encode("utf-8", errors="replace")),
+                "top_logprobs": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", errors="replace"))} for t, lp in top
+                ],
+            }
+            for token, logprob, top in steps
+        ]
+    }
+
+
+def completion_logprobs(
+    steps: list[tuple[str, float | None, list[tuple[str, float]] | None]], offset: int
+) -> dict[str, Any]:
+    """``{"text_offset", "token_logprobs", "tokens", "top_logprobs"}``; an echoed prompt's first
+    token has no logprob (None), as in vLLM. ``offset``: where this text starts in the choice's."""
+    offsets: list[int] = []
+    for token, _, _ in steps:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [lp for _, lp, _ in steps],
+        "tokens": [token for token, _, _ in steps],
+        "top_logprobs": [None if top is None else dict(top) for _, _, top in steps],
+    }

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +25,7 @@ import orjson
 from aiohttp import web
 
 from kvgate.worker.sim import metrics, protocol
-from kvgate.worker.sim.answer import Vocabulary
+from kvgate.worker.sim.answer import Vocabulary, logprobs_key, step_logprobs
 from kvgate.worker.sim.config import SimConfig
 from kvgate.worker.sim.engine_loop import Delta, EngineLoop, ParentRequest, RequestHandle
 from kvgate.worker.sim.prompt import PromptRenderer
@@ -104,6 +104,8 @@ class SimServer:
         self.registry = metrics.make_registry(engine, self.model)
         self.created = int(time.time())
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.vocab = engine.vocab
+        self._pieces: dict[int, str] = {}  # texts of tokens outside the answer vocabulary (echoed prompts)
 
     def close(self) -> None:
         self._tokenize.shutdown(wait=False, cancel_futures=True)
@@ -147,6 +149,7 @@ class SimServer:
         # which would otherwise stall every running request's engine steps. One thread:
         # a fast tokenizer must not be used from two threads at once.
         prompts = await asyncio.get_running_loop().run_in_executor(self._tokenize, self._token_ids, params)
+        protocol.check_logprobs(params, self.renderer.vocab_size)
         budgets = [protocol.resolve_max_tokens(params, len(ids), self.config.engine.max_model_len) for ids in prompts]
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
@@ -154,7 +157,7 @@ class SimServer:
         sink: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         handles = self._submit(response_id, params, prompts, budgets, sink)
         try:
-            answer = _Answer(params, handles, sink, sum(len(ids) for ids in prompts))
+            answer = _Answer(params, handles, sink, prompts, self._text, self.vocab)
             if params.stream:
                 return await self._stream(request, params, response_id, answer)
             return await self._complete(params, response_id, answer)
@@ -188,7 +191,7 @@ class SimServer:
                     self.engine.submit(
                         item if n == 1 else f"{i}_{item}",
                         ids,
-                        budget,
+                        max(budget, 1),
                         params.stop,
                         params.ignore_eos,
                         params.cache_salt,
@@ -202,17 +205,32 @@ class SimServer:
 
     async def _complete(self, params: GenerateParams, response_id: str, answer: _Answer) -> web.Response:
         texts: list[list[str]] = [[] for _ in answer.handles]
+        steps: list[list[Any]] = [[] for _ in answer.handles]
         async for index, delta in answer.deltas():
-            texts[index].append(delta.text)
+            text, logprobs = answer.shown(index, delta)
+            texts[index].append(text)
+            steps[index].extend(logprobs)
         # vLLM's final output carries the cached tokens of the engine request that finished last (the
         # last prompt's, for a batch).
         last = max(
             (h for h in answer.handles if h.index // params.n == answer.prompts - 1), key=lambda h: h.finished_order
         )
-        choices = [protocol.Choice("".join(t), h.finish_reason, h.stop_reason) for t, h in zip(texts, answer.handles)]
+        choices = [
+            protocol.Choice("".join(t), h.finish_reason, h.stop_reason, answer.logprobs_object(st, 0))
+            for t, st, h in zip(texts, steps, answer.handles, strict=True)
+        ]
         return _json(
             protocol.response(params.kind, response_id, int(time.time()), self.model, choices, answer.usage(last))
         )
+
+    def _text(self, token_id: int) -> str:
+        """A token's text as vLLM's detokenizer shows it in logprobs (special tokens skipped)."""
+        piece = self.vocab.pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces.get(token_id)
+            if piece is None:
+                piece = self._pieces[token_id] = self.renderer.tokenizer.decode([token_id], skip_special_tokens=True)
+        return piece
 
     async def _stream(
         self, request: web.Request, params: GenerateParams, response_id: str, answer: _Answer
@@ -242,20 +260,23 @@ class SimServer:
                 if role_due:
                     role_due = False
                     await open_choices()
-                if delta.text or delta.finish_reason is not None:
+                text, steps = answer.shown(index, delta)
+                if text or delta.finish_reason is not None:
                     await send(
                         protocol.chunk(
                             kind,
                             rid,
                             created,
                             model,
-                            delta.text,
+                            text,
                             delta.finish_reason,
                             delta.stop_reason,
                             include_usage=usage,
                             index=index,
+                            logprobs=answer.logprobs_object(steps, answer.offsets[index]),
                         )
                     )
+                    answer.offsets[index] += len(text)
             if role_due:
                 await open_choices()
             if usage:
@@ -268,15 +289,81 @@ class SimServer:
 
 
 class _Answer:
-    """The engine requests of one HTTP request, their deltas read from one queue as they come."""
+    """The engine requests of one HTTP request, their deltas read from one queue as they come, and
+    what each choice shows of them: its text (after the prompt, when echoed) and its logprobs."""
 
     def __init__(
-        self, params: GenerateParams, handles: list[RequestHandle], sink: asyncio.Queue[tuple[int, Delta]], tokens: int
+        self,
+        params: GenerateParams,
+        handles: list[RequestHandle],
+        sink: asyncio.Queue[tuple[int, Delta]],
+        prompts: list[list[int]],
+        text: Callable[[int], str],
+        vocabulary: Vocabulary,
     ) -> None:
+        self.params = params
+        self.vocabulary = vocabulary
         self.handles = handles
         self.sink = sink
-        self.prompt_tokens = tokens  # each prompt once, whatever n
-        self.prompts = len(handles) // params.n
+        self.prompt_ids = prompts
+        self.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
+        self.prompts = len(prompts)
+        self.offsets = [0] * len(handles)  # completions' text_offset: characters shown so far, per choice
+        self._text = text
+        self._positions = [0] * len(handles)  # tokens generated so far, per choice
+        self._echoed = [False] * len(handles)
+        self._keys = [logprobs_key(prompts[h.index // params.n], h.index % params.n) for h in handles]
+
+    def shown(self, index: int, delta: Delta) -> tuple[str, list[Any]]:
+        """The text a delta shows and its logprob steps (none unless asked): an echoed completion's first
+        delta carries its prompt first; with max_tokens 0, only the prompt (the one token vLLM generates
+        for it is not shown)."""
+        params = self.params
+        text, steps = delta.text, self._steps(index, delta.token_ids)
+        if params.echo and params.max_tokens == 0:
+            text, steps = "", []
+        if params.echo and not self._echoed[index]:
+            self._echoed[index] = True
+            text = self._prompt_text(index) + text
+            steps = self._prompt_steps(index) + steps
+        return text, steps
+
+    def logprobs_object(self, steps: list[Any], offset: int) -> dict[str, Any] | None:
+        if self.params.logprobs is None:
+            return None
+        if self.params.kind == "chat":
+            return protocol.chat_logprobs(steps)
+        return protocol.completion_logprobs(steps, offset)
+
+    def _steps(self, index: int, token_ids: Sequence[int]) -> list[Any]:
+        top = self.params.logprobs
+        if top is None or not token_ids:
+            return []
+        key, start = self._keys[index], self._positions[index]
+        self._positions[index] += len(token_ids)
+        return [self._step(key, start + j, t, top) for j, t in enumerate(token_ids)]
+
+    def _step(self, key: int, position: int, token_id: int, top: int) -> tuple[str, float, list[tuple[str, float]]]:
+        dist = step_logprobs(self.vocabulary, key, position, token_id, max(top, 1))
+        # Chat lists the first top_logprobs of them; completions up to logprobs + 1 (OpenAI's rule).
+        shown = dist[:top] if self.params.kind == "chat" else dist
+        return self._text(token_id), dist[0][1], [(self._text(t), lp) for t, lp in shown]
+
+    def _prompt_text(self, index: int) -> str:
+        prompt = self.params.prompts[index // self.params.n] if self.params.prompts else ""
+        if isinstance(prompt, str):
+            return prompt
+        return "".join(self._text(t) for t in prompt)
+
+    def _prompt_steps(self, index: int) -> list[Any]:
+        """An echoed prompt's logprobs: none for its first token, as vLLM's prompt logprobs."""
+        top = self.params.logprobs
+        if top is None:
+            return []
+        ids = self.prompt_ids[index // self.params.n]
+        key = logprobs_key(ids, -1)
+        first = [(self._text(ids[0]), None, None)]
+        return first + [self._step(key, j, t, top) for j, t in enumerate(ids[1:], 1)]
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         left = len(self.handles)
