@@ -396,7 +396,7 @@ def test_completion_logprobs_and_echo(client, tok):
 
 
 @pytest.mark.slow
-async def test_logprobs_and_tool_choice_are_checked_as_vllm_checks_them(sim):
+async def test_logprobs_tools_stops_and_formats_are_checked_as_vllm_checks_them(sim):
     chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     cases = [
         ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "`logprobs` must be set to true"),
@@ -407,6 +407,9 @@ async def test_logprobs_and_tool_choice_are_checked_as_vllm_checks_them(sim):
         ("/v1/chat/completions", {**chat, "tools": []}, "`tools` must not be an empty array"),
         ("/v1/completions", {"prompt": "x", "logprobs": 50}, "Requested sample logprobs of 50"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "'max_tokens' must be at least 1"),
+        ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 strings"),
+        ("/v1/chat/completions", {**chat, "user": 5}, "'user' must be a string"),
+        ("/v1/chat/completions", {**chat, "response_format": {"type": "bogus"}}, "'response_format.type' must be"),
     ]
     async with aiohttp.ClientSession() as http:
         for path, body, expected in cases:

@@ -76,6 +76,8 @@ _MAX_CACHE_SALT_LENGTH = 128
 MAX_N = 16384
 MAX_COMPLETION_PROMPTS = 1024
 MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
+MAX_STOP_STRINGS = 4  # vLLM's VLLM_MAX_STOP_STRINGS default
+_RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema", "structural_tag"})
 _SAMPLING_EPS = 1e-5
 _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
@@ -139,6 +141,15 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         raise _bad("'stop' must be a string or a list of strings", "stop")
     if any(not s for s in stop):
         raise _bad("'stop' strings must not be empty", "stop")
+    if isinstance(stop_raw, list) and len(stop_raw) > MAX_STOP_STRINGS:
+        raise _bad(f"'stop' must have at most {MAX_STOP_STRINGS} strings, got {len(stop_raw)}", "stop")
+    _optional(body, "user", lambda v: isinstance(v, str), "a string")
+    response_format = _optional(body, "response_format", lambda v: isinstance(v, dict), "an object")
+    if response_format is not None and response_format.get("type") not in _RESPONSE_FORMATS:
+        raise _bad(
+            "'response_format.type' must be one of 'text', 'json_object', 'json_schema' or 'structural_tag'",
+            "response_format",
+        )
     stream = _optional(body, "stream", lambda v: isinstance(v, bool), "a boolean") or False
     options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
     include_usage = False
