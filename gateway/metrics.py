@@ -38,7 +38,7 @@ _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2
 _ROUTING_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5)
 _BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _RATE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
-ROUTING_STAGES = ("tokenize", "hash", "match", "score")
+ROUTING_STAGES = ("tokenize", "hash", "match", "score", "forward")
 
 
 # The indexer's counters (IndexerStats), as /metrics exports them.
@@ -361,7 +361,8 @@ class GatewayMetrics:
         )
         self.routing = Histogram(
             "kvgate_routing_overhead_seconds",
-            "Time spent before forwarding, by stage (tokenize, hash, match, score)",
+            "Time spent before forwarding, by stage (tokenize, hash, match, score); forward: all of it, from the "
+            "request's arrival until it is sent to its first worker",
             ("stage",),
             buckets=_ROUTING_BUCKETS,
             registry=r,
@@ -452,6 +453,9 @@ class GatewayMetrics:
             value = timings.get(stage)
             if value is not None:
                 children[stage].observe(value)
+
+    def observe_forward(self, seconds: float) -> None:
+        self._routing_children["forward"].observe(seconds)
 
     def _observe_prompt(self, flight: InFlight, worker: str, exchange: Exchange) -> None:
         self.child(self.prompt_tokens, worker).inc(flight.prompt_tokens)

@@ -398,6 +398,20 @@ def loop_samples(metrics_text: str) -> dict[str, float]:
     return found
 
 
+def stage_means(metrics_text: str) -> dict[str, float]:
+    """The gateway's mean time per request in each routing stage (``kvgate_routing_overhead_seconds``), in ms;
+    ``forward`` is all of it: from a request's arrival until it is sent to a worker."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        for suffix, into in (("_sum{", sums), ("_count{", counts)):
+            if line.startswith("kvgate_routing_overhead_seconds" + suffix):
+                labels, _, value = line.rpartition(" ")
+                stage = labels.split('stage="', 1)[1].split('"', 1)[0] if 'stage="' in labels else ""
+                into[stage] = float(value)
+    return {stage: 1000 * sums[stage] / n for stage, n in counts.items() if n and stage in sums}
+
+
 @dataclass
 class RunResult:
     """One front end in one mode on one (workload, speed) cell."""
@@ -416,6 +430,7 @@ class RunResult:
     of their TTFTs."""
     load_duration_s: float = 0.0
     loop_metrics: dict[str, float] = field(default_factory=dict)
+    paired_stages_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -528,6 +543,18 @@ def markdown(runs: Sequence[RunResult], notes: Sequence[str] = ()) -> str:
                     for name, value in sorted(run.loop_metrics.items())
                 ]
                 lines += ["", f"{run.front_end} {run.mode} event loop and heads: " + ", ".join(shown)]
+            if run.paired_stages_ms:
+                stages = run.paired_stages_ms
+                parts = [
+                    f"{stage} {stages[stage]:.2f}"
+                    for stage in ("tokenize", "hash", "match", "score")
+                    if stage in stages
+                ]
+                lines += [
+                    "",
+                    f"{run.front_end} {run.mode} in the pairs, before forwarding (mean ms per request): "
+                    f"{_fmt(stages.get('forward'))} from arrival to the worker, of which " + ", ".join(parts),
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -869,6 +896,8 @@ def run_cell_front_end(
                 direct, _, diffs = asyncio.run(drive_pairs(place, url, phases.direct[0], phases.paired[0]))
                 result.direct = summarize_records(direct)
                 result.paired_ttft_diffs_ms = diffs
+                # The pairs are the first requests through this gateway: its stage means are theirs.
+                result.paired_stages_ms = stage_means(_get(url + "/metrics") or "")
         before = cpu_seconds(pid)
         print(f"{label} concurrency 1: {config.c1_requests} requests", file=sys.stderr, flush=True)
         c1 = asyncio.run(drive(url, phases.c1))

@@ -234,6 +234,19 @@ def test_loop_samples_picks_metric_names_containing_loop():
     assert dynamo.loop_samples(text) == {"kvgate_event_loop_lag_seconds_max": 0.25}
 
 
+def test_stage_means_are_sum_over_count_per_stage_in_ms():
+    text = (
+        'kvgate_routing_overhead_seconds_bucket{le="0.001",stage="forward"} 3.0\n'
+        'kvgate_routing_overhead_seconds_count{stage="forward"} 4.0\n'
+        'kvgate_routing_overhead_seconds_sum{stage="forward"} 0.01\n'
+        'kvgate_routing_overhead_seconds_count{stage="hash"} 4.0\n'
+        'kvgate_routing_overhead_seconds_sum{stage="hash"} 0.0002\n'
+        'kvgate_routing_overhead_seconds_count{stage="match"} 0.0\n'
+        'kvgate_routing_overhead_seconds_sum{stage="match"} 0.0\n'
+    )
+    assert dynamo.stage_means(text) == pytest.approx({"forward": 2.5, "hash": 0.05})
+
+
 def test_parse_config_defaults_and_lists():
     c = dynamo.parse_config([])
     assert c.workloads == ("multi-turn",) and c.requests == 300 and c.workers == 4

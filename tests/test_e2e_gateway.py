@@ -546,6 +546,11 @@ def test_health_and_metrics_endpoints(stack: Stack) -> None:
     text = metrics(stack.kv.url)
     assert metric(text, "kvgate_worker_up", worker="w0") == 1.0
     assert metric(text, "kvgate_requests_total", route="/v1/chat/completions", status="200") > 0
+    # Every forwarded request's time before the worker saw it, all stages together.
+    forwarded = metric(text, "kvgate_routing_overhead_seconds_count", stage="forward")
+    answered = sum(metric(text, "kvgate_requests_total", route=r, status="200") for r in ("/v1/chat/completions",))
+    assert forwarded >= answered > 0
+    assert 0 < metric(text, "kvgate_routing_overhead_seconds_sum", stage="forward") < forwarded
     assert metric(text, "kvgate_requests_total", status="400", worker="none") > 0
     # Engine load scraped from the workers' /metrics (vLLM names) reaches the tracker, with the
     # size of each worker's KV pool (vllm:cache_config_info: the simulator's 1,024 blocks of 64).
