@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvgate.gateway.errors import NO_WORKER
 from kvgate.gateway.relay import Exchange
 from kvgate.protocol.events import Tier, WorkerKey
 from kvgate.router.lifecycle import InFlight
-from kvgate.stats import Field, TextExposition, counters
+from kvgate.stats import Field, TextExposition, counter, counters, gauge
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -240,29 +240,27 @@ class LoopLag(Collector):
             "Longest the event loop was late running a due callback since start-up",
             value=self.max_gap_ever,
         )
-        stalls = CounterMetricFamily(
+        yield counter(
             "kvgate_event_loop_stalls",
             f"Times the event loop was more than {self.stall * 1e3:g} ms late running a due callback",
+            self.stalls,
         )
-        stalls.add_metric((), float(self.stalls))
-        yield stalls
         if CallbackProbe.installed:
-            yield GaugeMetricFamily(
+            yield gauge(
                 "kvgate_event_loop_max_callback_seconds",
                 "Longest CPU time one event-loop callback ran since the previous scrape (--loop-probe)",
-                value=CallbackProbe.take_max(),
+                CallbackProbe.take_max(),
             )
-            yield GaugeMetricFamily(
+            yield gauge(
                 "kvgate_event_loop_max_callback_ever_seconds",
                 "kvgate_event_loop_max_callback_seconds since start-up (--loop-probe)",
-                value=CallbackProbe.max_callback_ever,
+                CallbackProbe.max_callback_ever,
             )
-            slow = CounterMetricFamily(
+            yield counter(
                 "kvgate_event_loop_slow_callbacks",
                 f"Event-loop callbacks that ran over {STALL_SECONDS * 1e3:g} ms of CPU (--loop-probe)",
+                CallbackProbe.slow_callbacks,
             )
-            slow.add_metric((), float(CallbackProbe.slow_callbacks))
-            yield slow
 
 
 class GatewayMetrics:
