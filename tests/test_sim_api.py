@@ -390,6 +390,13 @@ def test_completion_logprobs_and_echo(client, tok):
     # echo with max_tokens 0: the prompt and its logprobs only (lm-eval's loglikelihood requests).
     scored = client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
     assert scored.choices[0].text == prompt and len(scored.choices[0].logprobs.tokens) == len(prompt_ids)
+    # Streamed, the offsets run on from chunk to chunk: the same list as the whole answer's, though a stop
+    # string (one that never matches) holds text back from chunk to chunk.
+    chunks = client.completions.create(
+        model="kvgate-tiny", prompt=prompt, max_tokens=5, logprobs=2, stream=True, stop=["never-in-an-answer"]
+    )
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
     streamed = list(client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=5, echo=True, stream=True))
     assert streamed[0].choices[0].text.startswith(prompt)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.choices[0].text

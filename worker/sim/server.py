@@ -261,7 +261,9 @@ class SimServer:
                     role_due = False
                     await open_choices()
                 text, steps = answer.shown(index, delta)
-                if text or delta.finish_reason is not None:
+                # vLLM sends a completions chunk for every step that generated tokens, its text empty while a
+                # stop string holds it back; a chat chunk only with text, or logprobs to carry.
+                if text or delta.finish_reason is not None or (steps if kind == "chat" else delta.token_ids):
                     await send(
                         protocol.chunk(
                             kind,
@@ -276,7 +278,8 @@ class SimServer:
                             logprobs=answer.logprobs_object(steps, answer.offsets[index]),
                         )
                     )
-                    answer.offsets[index] += len(text)
+                    # vLLM advances text_offset by the tokens reported, not by the text (held back for stop strings).
+                    answer.offsets[index] += sum(len(step[0]) for step in steps)
             if role_due:
                 await open_choices()
             if usage:
@@ -308,7 +311,7 @@ class _Answer:
         self.prompt_ids = prompts
         self.prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
         self.prompts = len(prompts)
-        self.offsets = [0] * len(handles)  # completions' text_offset: characters shown so far, per choice
+        self.offsets = [0] * len(handles)  # completions' text_offset: characters of the tokens reported, per choice
         self._text = text
         self._positions = [0] * len(handles)  # tokens generated so far, per choice
         self._echoed = [False] * len(handles)
