@@ -110,7 +110,9 @@ def parse_completion(body: bytes) -> CompletionRequest:
     if "prompt" not in data:
         raise bad_request("Missing required field `prompt`.", "prompt")
     prompts = _prompts(data["prompt"])
-    common = _common(data, token_budget=("max_tokens",))
+    # vLLM answers an echoed prompt with no tokens at all (`max_tokens` 0: the prompt and its logprobs).
+    echo = _optional(data, "echo", bool, "a boolean") is True
+    common = _common(data, token_budget=("max_tokens",), zero_ok=echo)
     return CompletionRequest(common.model, prompts, common.stream, common.max_tokens, common.cache_salt, common.n)
 
 
@@ -123,13 +125,13 @@ class _Common:
     n: int
 
 
-def _common(data: dict[str, Any], token_budget: tuple[str, ...]) -> _Common:
+def _common(data: dict[str, Any], token_budget: tuple[str, ...], zero_ok: bool = False) -> _Common:
     # vLLM makes `model` optional (it serves one model); the gateway follows it.
     model = _optional(data, "model", str, "a string")
     stream = _optional(data, "stream", bool, "a boolean")
     max_tokens = None
     for name in token_budget:
-        value = _positive_int(data, name)
+        value = 0 if zero_ok and data.get(name) == 0 and type(data.get(name)) is int else _positive_int(data, name)
         if value is not None and max_tokens is None:
             max_tokens = value
     n = _positive_int(data, "n")

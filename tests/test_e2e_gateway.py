@@ -268,6 +268,9 @@ def test_sdk_n_choices_and_batches_of_prompts_through_the_gateway(stack: Stack) 
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=messages, n=2, temperature=0)
     assert "greedy sampling" in err.value.message
+    # An echoed prompt scored without generating (lm-eval's loglikelihood requests) passes through.
+    scored = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == "Once upon a time" and scored.choices[0].logprobs.token_logprobs[0] is None
 
 
 def test_sdk_models_and_errors(stack: Stack) -> None:

@@ -57,6 +57,17 @@ def test_completion_prompt_forms(prompt, expected) -> None:
     assert parse_completion(body(prompt=prompt)).prompts == expected
 
 
+def test_no_tokens_only_for_an_echoed_prompt_as_in_vllm() -> None:
+    assert parse_completion(body(prompt="x", echo=True, max_tokens=0)).max_tokens == 0
+    for fields in ({"max_tokens": 0}, {"max_tokens": 0, "echo": False}, {"max_tokens": -1, "echo": True}):
+        with pytest.raises(ApiError) as err:
+            parse_completion(body(prompt="x", **fields))
+        assert err.value.status == 400 and err.value.param == "max_tokens"
+    with pytest.raises(ApiError) as err:
+        parse_completion(body(prompt="x", echo="yes"))
+    assert err.value.param == "echo"
+
+
 @pytest.mark.parametrize(
     "fields,param",
     [
