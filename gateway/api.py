@@ -131,7 +131,7 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...], zero_ok: bool =
     stream = _optional(data, "stream", bool, "a boolean")
     max_tokens = None
     for name in token_budget:
-        value = 0 if zero_ok and data.get(name) == 0 and type(data.get(name)) is int else _positive_int(data, name)
+        value = _positive_int(data, name, minimum=0 if zero_ok else 1)
         if value is not None and max_tokens is None:
             max_tokens = value
     n = _positive_int(data, "n")
@@ -226,10 +226,10 @@ def _optional(data: dict[str, Any], name: str, kind: type, described: str) -> An
     return value
 
 
-def _positive_int(data: dict[str, Any], name: str) -> int | None:
+def _positive_int(data: dict[str, Any], name: str, minimum: int = 1) -> int | None:
     value = _optional(data, name, int, "an integer")
-    if value is not None and value < 1:
-        raise bad_request(f"`{name}` must be >= 1, got {value}.", name)
+    if value is not None and value < minimum:
+        raise bad_request(f"`{name}` must be >= {minimum}, got {value}.", name)
     return value
 
 

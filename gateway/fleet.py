@@ -53,7 +53,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from prometheus_client.core import Metric
 
@@ -129,16 +128,12 @@ class Fleet:
         self._discoveries: dict[str, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
-        # Health polls and load scrapes: the forwarding path's lean client, its own connections.
+        # Health polls, load scrapes and /kv_event_sources: the forwarding path's lean client, on its own
+        # connections.
         self._http = Upstream(config)
         self._unsubscribe: Callable[[], None] | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.probe_timeout),
-            connector=aiohttp.TCPConnector(limit=0),
-        )
         self._unsubscribe = self.registry.subscribe(self._on_change)
         for info in self.registry.all():
             self._added(info)
@@ -159,8 +154,6 @@ class Fleet:
             *tasks, *(s.stop() for s in self.sources.values()), *self._stopping, return_exceptions=True
         )
         self.sources.clear()
-        if self._session is not None:
-            await self._session.close()
         await self._http.close()
 
     def any_up(self) -> bool:
@@ -300,12 +293,9 @@ class Fleet:
 
     async def _ask_event_sources(self, info: WorkerInfo) -> tuple[EventSources | None, str] | None:
         """(sources or None, why none) once the worker answered; None while it cannot be reached."""
-        assert self._session is not None
         try:
-            async with self._session.get(info.base_url + "/kv_event_sources") as response:
-                body = await response.read()
-                status = response.status
-        except (TimeoutError, aiohttp.ClientError):
+            status, body = await self._http.get(info.base_url, "/kv_event_sources", self.config.probe_timeout)
+        except (TimeoutError, UpstreamFailure):
             return None
         if status == 404:
             return None, "its /kv_event_sources is 404"

@@ -106,7 +106,7 @@ class CallbackProbe:
     slow_callbacks = 0
 
     @classmethod
-    def install(cls, slow: float = STALL_SECONDS) -> None:
+    def install(cls) -> None:
         if cls.installed:
             return
         cls.installed = True
@@ -121,7 +121,7 @@ class CallbackProbe:
                 cls.max_callback = used
                 if used > cls.max_callback_ever:
                     cls.max_callback_ever = used
-            if used > slow:
+            if used > STALL_SECONDS:
                 cls.slow_callbacks += 1
 
         asyncio.events.Handle._run = timed  # type: ignore[method-assign]

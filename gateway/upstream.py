@@ -5,8 +5,9 @@ every request: ``aiohttp.ClientSession`` costs ~560 us of CPU per streamed 32-to
 request here, this client a fraction of that (figures in gateway/README.md). It does
 exactly what forwarding needs: POST a body unchanged over a pooled keep-alive
 connection and hand the body back as it arrives (``Content-Length``, ``chunked`` or
-until close), with backpressure. The framing is parsed by llhttp (``httptools``, the
-parser uvicorn uses), never by hand; a response it rejects is a ``disconnect``.
+until close), with backpressure; and what the fleet's probes need, a GET read whole.
+The framing is parsed by llhttp (``httptools``, the parser uvicorn uses), never by hand;
+a response it rejects is a ``disconnect``.
 
 ``Upstream.post`` returns once the worker's status line and headers are in. What went
 wrong is told apart, because the caller treats each differently: ``connect`` (nothing
@@ -458,9 +459,9 @@ class Upstream:
 
     async def get(self, base_url: str, path: str, timeout: float) -> tuple[int, bytes]:
         """GET ``path`` and read the whole answer within ``timeout`` seconds: the fleet's health
-        polls and load scrapes, a few a second per worker, over a kept-alive connection (through
-        aiohttp's client they were most of an idle gateway's CPU). Raises ``UpstreamFailure`` or
-        ``TimeoutError``; any status is returned, 5xx included."""
+        polls, load scrapes and ``/kv_event_sources`` questions, a few a second per worker, over a
+        kept-alive connection (through aiohttp's client they were most of an idle gateway's CPU).
+        Raises ``UpstreamFailure`` or ``TimeoutError``; any status is returned, 5xx included."""
         pool, prefix = self._pool(base_url)
         request = f"GET {prefix}{path} HTTP/1.1\r\nHost: {pool.name}\r\n\r\n".encode("utf-8", "surrogateescape")
         response: UpstreamResponse | None = None

@@ -62,6 +62,7 @@ from kvgate.dev.cluster import Etcd, Nats
 from kvgate.dev.launch import Service, free_port, stop_all
 from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
 from kvgate.loadtest.driver import observer, send
+from kvgate.loadtest.scrape import parse_metrics
 from kvgate.loadtest.stack import Stack, StackConfig
 from kvgate.loadtest.stream import RequestRecord
 from kvgate.loadtest.workloads import (
@@ -398,18 +399,21 @@ def loop_samples(metrics_text: str) -> dict[str, float]:
     return found
 
 
+# kvgate_routing_overhead_seconds' stages; "forward" is all of them, arrival to worker.
+STAGES = ("tokenize", "hash", "match", "score", "forward")
+
+
 def stage_means(metrics_text: str) -> dict[str, float]:
     """The gateway's mean time per request in each routing stage (``kvgate_routing_overhead_seconds``), in ms;
     ``forward`` is all of it: from a request's arrival until it is sent to a worker."""
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        for suffix, into in (("_sum{", sums), ("_count{", counts)):
-            if line.startswith("kvgate_routing_overhead_seconds" + suffix):
-                labels, _, value = line.rpartition(" ")
-                stage = labels.split('stage="', 1)[1].split('"', 1)[0] if 'stage="' in labels else ""
-                into[stage] = float(value)
-    return {stage: 1000 * sums[stage] / n for stage, n in counts.items() if n and stage in sums}
+    snap = parse_metrics(metrics_text)
+    means: dict[str, float] = {}
+    for stage in STAGES:
+        count = snap.get(f'kvgate_routing_overhead_seconds_count{{stage="{stage}"}}')
+        seconds = snap.get(f'kvgate_routing_overhead_seconds_sum{{stage="{stage}"}}')
+        if count and seconds is not None:
+            means[stage] = 1000 * seconds / count
+    return means
 
 
 @dataclass
@@ -545,11 +549,7 @@ def markdown(runs: Sequence[RunResult], notes: Sequence[str] = ()) -> str:
                 lines += ["", f"{run.front_end} {run.mode} event loop and heads: " + ", ".join(shown)]
             if run.paired_stages_ms:
                 stages = run.paired_stages_ms
-                parts = [
-                    f"{stage} {stages[stage]:.2f}"
-                    for stage in ("tokenize", "hash", "match", "score")
-                    if stage in stages
-                ]
+                parts = [f"{stage} {stages[stage]:.2f}" for stage in STAGES[:-1] if stage in stages]
                 lines += [
                     "",
                     f"{run.front_end} {run.mode} in the pairs, before forwarding (mean ms per request): "
