@@ -212,7 +212,6 @@ class RequestHandle:
         self.text = text
         self.index = index
         self.parent = parent
-        self.finished_order = 0  # set by the reader of a shared sink: 1 for the first choice to end
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | None = None

@@ -212,9 +212,7 @@ class SimServer:
             steps[index].extend(logprobs)
         # vLLM's final output carries the cached tokens of the engine request that finished last (the
         # last prompt's, for a batch).
-        last = max(
-            (h for h in answer.handles if h.index // params.n == answer.prompts - 1), key=lambda h: h.finished_order
-        )
+        last = answer.handles[next(i for i in reversed(answer.finished) if i // params.n == answer.prompts - 1)]
         choices = [
             protocol.Choice("".join(t), h.finish_reason, h.stop_reason, answer.logprobs_object(st, 0))
             for t, st, h in zip(texts, steps, answer.handles, strict=True)
@@ -315,7 +313,13 @@ class _Answer:
         self._text = text
         self._positions = [0] * len(handles)  # tokens generated so far, per choice
         self._echoed = [False] * len(handles)
-        self._keys = [logprobs_key(prompts[h.index // params.n], h.index % params.n) for h in handles]
+        self.finished: list[int] = []  # the choices' indices, in the order they ended
+        # Seeds of the made-up logprobs (hashing each prompt: only when asked for).
+        self._keys = (
+            [logprobs_key(prompts[h.index // params.n], h.index % params.n) for h in handles]
+            if params.logprobs is not None
+            else []
+        )
 
     def shown(self, index: int, delta: Delta) -> tuple[str, list[Any]]:
         """The text a delta shows and its logprob steps (none unless asked): an echoed completion's first
@@ -369,15 +373,11 @@ class _Answer:
         return first + [self._step(key, j, t, top) for j, t in enumerate(ids[1:], 1)]
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        left = len(self.handles)
-        finished = 0
-        while left:
+        while len(self.finished) < len(self.handles):
             index, delta = await self.sink.get()
             yield index, delta
             if delta.finish_reason is not None:
-                left -= 1
-                finished += 1
-                self.handles[index].finished_order = finished
+                self.finished.append(index)
 
     def usage(self, reference: RequestHandle) -> dict[str, Any]:
         """vLLM's usage of the answer: prompts counted once, every choice's tokens, and the cache
