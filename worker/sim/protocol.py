@@ -72,13 +72,13 @@ class GenerateParams:
 
 
 _MAX_CACHE_SALT_LENGTH = 128
-# vLLM's VLLM_MAX_N_SEQUENCES and VLLM_MAX_COMPLETION_PROMPTS defaults; below it, a temperature is greedy.
+# vLLM's VLLM_MAX_N_SEQUENCES and VLLM_MAX_COMPLETION_PROMPTS defaults.
 MAX_N = 16384
 MAX_COMPLETION_PROMPTS = 1024
 MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
 MAX_STOP_STRINGS = 4  # vLLM's VLLM_MAX_STOP_STRINGS default
 _RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema", "structural_tag"})
-_SAMPLING_EPS = 1e-5
+_SAMPLING_EPS = 1e-5  # a temperature below it is greedy sampling
 _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 
