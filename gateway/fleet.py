@@ -72,6 +72,7 @@ from kvgate.router.lifecycle import InFlight
 from kvgate.router.load import LoadTracker
 from kvgate.router.registry import RegistryChange, WorkerRegistry
 from kvgate.stats import counter, gauge
+from kvgate.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,10 @@ class Fleet:
         tasks = [*self._probes.values(), *self._discoveries.values()]
         if self._watcher is not None:
             tasks.append(self._watcher)
-        for task in tasks:
-            task.cancel()
         self._probes.clear()
         self._discoveries.clear()
         await asyncio.gather(
-            *tasks, *(s.stop() for s in self.sources.values()), *self._stopping, return_exceptions=True
+            cancel_and_wait(*tasks), *(s.stop() for s in self.sources.values()), *self._stopping, return_exceptions=True
         )
         self.sources.clear()
         await self._http.close()

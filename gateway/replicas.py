@@ -57,6 +57,7 @@ from kvgate.router.load import LoadTracker, RemoteRequest
 from kvgate.router.registry import WorkerRegistry
 from kvgate.secret import Secret, read_secret
 from kvgate.stats import counter, counters, every_field
+from kvgate.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -340,10 +341,7 @@ class GatewayBus:
 
     async def stop(self) -> None:
         """Tell the other replicas we leave, then close (buffered messages are flushed)."""
-        tasks = [*self._tasks, *self._pending]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks, *self._pending)
         if self.source is not None:
             await self.source.stop()
         if self.nc is None:

@@ -64,6 +64,7 @@ from kvgate.protocol.wire import (
     decode_replay_reply,
     encode_replay_request,
 )
+from kvgate.tasks import cancel_and_wait
 
 __all__ = ["ReplayDispatcher", "SourceStats", "ZmqEventSource", "ZmqSourceConfig", "rank_endpoint"]
 
@@ -217,10 +218,7 @@ class ZmqEventSource:
     async def stop(self) -> None:
         """Stop reading; replays still in flight are answered ``ok=False``."""
         self._running = False
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()

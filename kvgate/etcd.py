@@ -201,9 +201,17 @@ CLOSE_TIMEOUT = 5.0
 
 
 async def close_client(client: aetcd.Client | None, timeout: float = CLOSE_TIMEOUT) -> None:
-    """Close ``client``, giving up after ``timeout`` seconds: a stop must not hang on a stuck channel."""
+    """Close ``client``, giving up after ``timeout`` seconds: a stop must not hang on a stuck channel.
+
+    aetcd's watcher shutdown catches ``CancelledError`` while it waits for its stream task,
+    so a cancellation that arrives during the close is swallowed there and the caller's
+    loop would run on (a stopped discovery watching again, its ``stop()`` waiting
+    forever). A cancellation that arrived meanwhile is raised here again.
+    """
     if client is None:
         return
+    task = asyncio.current_task()
+    cancels = task.cancelling() if task is not None else 0
     try:
         async with asyncio.timeout(timeout):
             await client.close()
@@ -211,3 +219,5 @@ async def close_client(client: aetcd.Client | None, timeout: float = CLOSE_TIMEO
         log.warning("etcd client close: no answer in %.1fs; abandoning the channel", timeout)
     except Exception as exc:  # closing a broken channel can itself fail; nothing to keep
         log.debug("etcd client close: %s", exc)
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError

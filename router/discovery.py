@@ -39,6 +39,7 @@ import aetcd.exceptions
 from kvgate.etcd import Endpoints, EtcdCredentials, close_client
 from kvgate.protocol.worker_record import WorkerConfigError, decode_worker, workers_prefix
 from kvgate.router.registry import WorkerRegistry
+from kvgate.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,7 @@ class EtcdDiscovery:
     async def stop(self) -> None:
         """Stop watching; the registry keeps what it has."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         delay = self.retry_interval

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import aetcd
 import pytest
 
-from kvgate.etcd import parse_endpoints
+from kvgate.etcd import close_client, parse_endpoints
 from kvgate.protocol.worker_record import WorkerConfigError, WorkerInfo, decode_worker, encode_worker, worker_key
 from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.registry import RegistryChange, WorkerRegistry
@@ -122,6 +123,66 @@ async def test_unwanted_registration_deregisters_and_comes_back(etcd_server: Etc
     finally:
         await reg.stop()
         await discovery.stop()
+
+
+class _SwallowingClose:
+    """Closes the way aetcd's watcher shutdown does: it awaits its stream task and catches ``CancelledError``."""
+
+    def __init__(self) -> None:
+        self.closing = asyncio.Event()
+        self.closed = False
+
+    async def close(self) -> None:
+        stream = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+        self.closing.set()
+        stream_cancelled = False
+        while not stream.done():
+            try:
+                await stream
+            except asyncio.CancelledError:
+                stream_cancelled = True
+                stream.cancel()
+        assert stream_cancelled
+        self.closed = True
+
+
+async def test_close_client_keeps_a_cancellation_the_close_swallowed():
+    # A stop that lands while discovery closes its client (after a compacted watch, say)
+    # must still stop it: the close finishes, then the cancellation goes on.
+    client = _SwallowingClose()
+    task = asyncio.get_running_loop().create_task(close_client(client))  # type: ignore[arg-type]
+    await client.closing.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert client.closed and task.cancelled()
+    # The close's own timeout, swallowed the same way, is not taken for a stop.
+    await close_client(_SwallowingClose(), timeout=0.05)
+
+
+@pytest.mark.slow
+async def test_stop_lands_whenever_it_comes_during_compaction_resyncs(etcd_server: EtcdServer):
+    # Stops at random moments around a compacted watch (the stop may land while the
+    # client closes): each returns and the watch task is gone.
+    rng = random.Random(7)
+    registry = WorkerRegistry()
+    discovery = EtcdDiscovery(etcd_server.endpoint, NS, registry)
+    async with aetcd.Client("127.0.0.1", etcd_server.client_port, timeout=10) as client:
+        await discovery.start()
+        await discovery.wait_ready(10)
+        for i in range(40):
+            await discovery.stop()
+            await client.put(worker_key(NS, f"w{i}").encode(), encode_worker(info(f"w{i}")))
+            await client.compact((await client.get_prefix(b"/")).header.revision)
+            await discovery.start()
+            task = discovery._task
+            await asyncio.sleep(rng.uniform(0, 0.03))
+            await asyncio.wait_for(discovery.stop(), 10)
+            assert task is not None and task.done()
+        await discovery.start()
+        await until(lambda: len(registry) == 40, what="every worker listed after the last compaction")
+        assert discovery.stats.compactions >= 1
+    await discovery.stop()
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 Every product module is parsed (not imported) and each of its imports is checked
 against the layering in the README: ``protocol`` at the bottom, the shared clients
-(``kvgate.bus``, ``kvgate.etcd``, ``kvgate.stats``) on it, then ``indexer``, ``router``,
+(``kvgate.bus``, ``kvgate.etcd``, ``kvgate.stats``, ``kvgate.tasks``) on it, then ``indexer``, ``router``,
 ``gateway``; ``worker`` beside them on ``indexer``; ``loadtest`` on nothing but the dev
 launchers; ``dev`` (tooling) on anything, and nothing in the product on ``dev`` except
 benchmark modules.
@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 PACKAGES = ("protocol", "indexer", "router", "gateway", "worker", "loadtest", "dev", "kvgate")
-SHARED_CLIENTS = {"kvgate.bus", "kvgate.etcd", "kvgate.secret", "kvgate.stats"}
+SHARED_CLIENTS = {"kvgate.bus", "kvgate.etcd", "kvgate.secret", "kvgate.stats", "kvgate.tasks"}
 
 # package -> kvgate modules (prefixes) it may import, besides itself
 ALLOWED: dict[str, set[str]] = {

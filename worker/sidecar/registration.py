@@ -18,6 +18,7 @@ import aetcd.exceptions
 
 from kvgate.etcd import Endpoints, EtcdCredentials, close_client
 from kvgate.protocol.worker_record import DEFAULT_LEASE_TTL, WorkerInfo, encode_worker, worker_key
+from kvgate.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,7 @@ class EtcdRegistration:
 
     async def stop(self, deregister: bool = True) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         if deregister:
             await self._revoke()
         await close_client(self._client)

@@ -44,6 +44,7 @@ from kvgate.protocol.engine_metrics import EngineMetricsError, parse_engine_load
 from kvgate.protocol.events import Tier
 from kvgate.protocol.messages import EventsMessage, LoadMessage, ResyncRequest
 from kvgate.stats import Field, counter, counters, gauge
+from kvgate.tasks import cancel_and_wait
 from kvgate.worker.sidecar.config import SidecarConfig
 from kvgate.worker.sidecar.registration import EtcdRegistration
 from kvgate.worker.sidecar.relay import EventRelay
@@ -150,10 +151,7 @@ class Sidecar:
     async def stop(self) -> None:
         if self.registration is not None:
             await self.registration.stop(deregister=True)
-        tasks = self._tasks + ([self._snapshot_task] if self._snapshot_task else [])
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks, self._snapshot_task)
         if self.source is not None:
             await self.source.stop()
         if self.nc is not None:

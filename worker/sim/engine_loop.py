@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from kvgate.protocol.events import EventBatch
+from kvgate.tasks import cancel_and_wait
 from kvgate.worker.sim.answer import TextStream, Vocabulary, answer_tokens
 from kvgate.worker.sim.config import AnswerConfig
 from kvgate.worker.sim.publisher import KvEventPublisher
@@ -284,12 +285,7 @@ class EngineLoop:
         self._task.add_done_callback(self._stopped)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     def _stopped(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -32,6 +32,7 @@ from kvgate.protocol.wire import (
     encode_frames,
     encode_replay_reply,
 )
+from kvgate.tasks import cancel_and_wait
 from kvgate.worker.sim.config import KvEventsConfig
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,7 @@ class KvEventPublisher:
             await self._replay.send_multipart([identity, *encode_replay_reply(REPLAY_END_SEQ, topic=self._topic)])
 
     async def close(self) -> None:
-        if self._replay_task is not None:
-            self._replay_task.cancel()
-            try:
-                await self._replay_task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._replay_task)
         self._close_sockets()
 
     def _close_sockets(self) -> None:
