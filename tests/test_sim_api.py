@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import sys
 import time
@@ -347,6 +349,44 @@ async def test_bad_batches_are_400s(sim):
                 assert r.status == 400 and expected in body["error"]["message"], (prompt, body)
 
 
+# --- frames as the real vLLM 0.32 writes them ------------------------------------------------
+
+GOLDEN_HTTP = REPO / "tests" / "fixtures" / "vllm-0.32" / "http"
+
+
+def shape(obj: object) -> object:
+    """Keys in order and the JSON types of the values, recursively: what a frame-for-frame check compares
+    (the simulator's own extra, ``cached_tokens_per_tier``, left out)."""
+    if isinstance(obj, dict):
+        return [(k, shape(v)) for k, v in obj.items() if k != "cached_tokens_per_tier"]
+    if isinstance(obj, list):
+        return [shape(v) for v in obj]
+    return type(obj).__name__
+
+
+def sse_frames(body: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.slow
+async def test_chat_frames_have_the_real_engines_fields_whole_and_streamed(sim):
+    recorded = json.loads((GOLDEN_HTTP / "chat_nonstream_repeat_cached.json").read_text())
+    real_stream = sse_frames((GOLDEN_HTTP / "sse_stream_first.sse").read_text())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(sim + "/v1/chat/completions", json=recorded["request"]["json"]) as r:
+            whole = await r.json()
+        # The recorded stream: the same messages, five tokens, usage asked for.
+        streamed = {**recorded["request"]["json"], "max_tokens": 5, "stream": True}
+        streamed |= {"stream_options": {"include_usage": True}}
+        async with http.post(sim + "/v1/chat/completions", json=streamed) as r:
+            frames = sse_frames(await r.text())
+    assert shape(whole) == shape(recorded["response"])
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{16}", whole["id"])
+    assert re.fullmatch(r"vllm-0\.32\.0-[0-9a-f]{8}", whole["system_fingerprint"])
+    assert [shape(f) for f in frames] == [shape(f) for f in real_stream]
+    assert frames[-1]["system_fingerprint"] == whole["system_fingerprint"]
+
+
 # --- logprobs and echo, in vLLM's shapes ------------------------------------------------------
 
 
@@ -400,6 +440,52 @@ def test_completion_logprobs_and_echo(client, tok):
     streamed = list(client.completions.create(model="kvgate-tiny", prompt=prompt, max_tokens=5, echo=True, stream=True))
     assert streamed[0].choices[0].text.startswith(prompt)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.choices[0].text
+
+
+@pytest.mark.slow
+def test_chat_echo_starts_with_the_last_message_when_it_has_the_answers_role(client):
+    # vLLM's chat echo: the last message's content before each choice's, when that message has the
+    # answer's role: the assistant's, or the last message's own without a generation prompt.
+    user_last = [{"role": "user", "content": "Say something"}]
+    draft = [*user_last, {"role": "assistant", "content": "Here is"}]
+    parts = [
+        *user_last,
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
+    ask = {"model": "kvgate-tiny", "max_tokens": 4, "extra_body": {"ignore_eos": True}}
+    plain = client.chat.completions.create(messages=user_last, **ask)
+    same = client.chat.completions.create(
+        messages=user_last, **{**ask, "extra_body": {"ignore_eos": True, "echo": True}}
+    )
+    assert same.choices[0].message.content == plain.choices[0].message.content  # the user's turn: not echoed
+    cont = {"ignore_eos": True, "echo": True, "add_generation_prompt": False, "continue_final_message": True}
+    whole = client.chat.completions.create(messages=draft, n=2, **{**ask, "extra_body": cont})
+    raw = client.chat.completions.create(messages=draft, n=2, **{**ask, "extra_body": {**cont, "echo": False}})
+    assert [c.message.role for c in whole.choices] == ["assistant", "assistant"]
+    for echoed, bare in zip(whole.choices, raw.choices, strict=True):
+        assert echoed.message.content == "Here is" + bare.message.content and bare.message.content
+    assert whole.usage == raw.usage  # the echo is not counted
+    joined = client.chat.completions.create(messages=parts, **{**ask, "extra_body": cont})
+    assert joined.choices[0].message.content.startswith("a\nb")
+    # Streamed: a role chunk per choice, then the echo per choice, then the answer.
+    chunks = [
+        c for c in client.chat.completions.create(messages=draft, n=2, stream=True, **{**ask, "extra_body": cont})
+    ]
+    deltas = [(c.choices[0].index, c.choices[0].delta) for c in chunks if c.choices]
+    assert [(i, d.role, d.content) for i, d in deltas[:4]] == [
+        (0, "assistant", ""),
+        (1, "assistant", ""),
+        (0, None, "Here is"),
+        (1, None, "Here is"),
+    ]
+    for i in (0, 1):
+        assert "".join(d.content or "" for j, d in deltas if j == i) == whole.choices[i].message.content
+    # Without a generation prompt the answer takes the last message's role, and echoes it.
+    ended_by_user = client.chat.completions.create(
+        messages=user_last, **{**ask, "extra_body": {"ignore_eos": True, "echo": True, "add_generation_prompt": False}}
+    )
+    assert ended_by_user.choices[0].message.role == "user"
+    assert ended_by_user.choices[0].message.content.startswith("Say something")
 
 
 @pytest.mark.slow

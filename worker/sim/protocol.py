@@ -11,7 +11,9 @@ as vLLM 0.32 does; so are logprobs (made-up figures in vLLM's shapes) and ``echo
 
 from __future__ import annotations
 
+import hashlib
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,7 +70,10 @@ class GenerateParams:
     # Sample logprobs: None (none asked), else how many of the most likely tokens each position lists
     # (chat: top_logprobs when logprobs is true; completions: logprobs).
     logprobs: int | None = None
-    echo: bool = False  # completions: the prompt before each choice's text (max_tokens 0: the prompt only)
+    # completions: the prompt before each choice's text (max_tokens 0: the prompt only); chat: the last
+    # message's content before each choice's, when that message has the answer's role (``chat_echo``)
+    echo: bool = False
+    role: str = "assistant"  # chat: the answer's role (the last message's without a generation prompt)
 
 
 _MAX_CACHE_SALT_LENGTH = 128
@@ -225,8 +230,12 @@ def parse_chat(body: Any) -> GenerateParams:
         raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs")
     if top is not None and (top == -1 or top > 0) and not wants:
         raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    echo = _optional(body, "echo", lambda v: isinstance(v, bool), "a boolean") or False
     return GenerateParams(
         logprobs=_logprobs(top or 0, "logprobs") if wants else None,
+        echo=echo,
+        # vLLM's get_chat_request_role: the configured response role, or the last message's.
+        role="assistant" if add_generation_prompt or not messages else messages[-1]["role"],
         kind="chat",
         messages=messages,
         tools=tools or None,
@@ -237,6 +246,18 @@ def parse_chat(body: Any) -> GenerateParams:
         chat_template=template,
         **common,
     )
+
+
+def chat_echo(params: GenerateParams) -> str:
+    """What an echoed chat answer starts with: the last message's content when that message has the
+    answer's role (text parts joined by newlines), else nothing (vLLM's chat ``echo``)."""
+    if params.kind != "chat" or not params.echo or not params.messages:
+        return ""
+    last = params.messages[-1]
+    if last.get("role") != params.role:
+        return ""
+    content = last.get("content") or ""
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
 
 
 def parse_completion(body: Any) -> GenerateParams:
@@ -302,17 +323,31 @@ def _prompts(prompt: Any) -> tuple[str | list[int], ...]:
 # --- response shapes ------------------------------------------------------------------
 
 
+VLLM_VERSION = "0.32.0"
+
+
+def system_fingerprint(config: str) -> str:
+    """vLLM's default (``--fingerprint-mode full``, one engine): its version and 8 hex digits of a
+    hash of its configuration."""
+    return f"vllm-{VLLM_VERSION}-{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+
+
+def response_id(prefix: str) -> str:
+    """vLLM's ids: ``chatcmpl-`` / ``cmpl-`` and 16 hex digits (``vllm.utils.random_uuid``)."""
+    return f"{prefix}-{uuid.uuid4().int & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
 def usage(
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int,
-    created_cache_tokens: int = 0,
+    created_cache_tokens: int | None = 0,
     cached_tokens_per_tier: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """vLLM 0.32's usage (``--enable-prompt-tokens-details``), in whole blocks:
     ``cached_tokens`` the prefix hit (every tier), ``created_cache_tokens`` the full prompt
-    blocks the prefill computed. ``cached_tokens_per_tier`` (an extra field, ignored by
-    OpenAI clients) splits the hit into ``gpu`` / ``cpu`` / ``disk``."""
+    blocks the prefill computed (chat only: completions report it as null). ``cached_tokens_per_tier``
+    (an extra field, ignored by OpenAI clients) splits the hit into ``gpu`` / ``cpu`` / ``disk``."""
     details: dict[str, Any] = {
         "cached_tokens": cached_tokens,
         "created_cache_tokens": created_cache_tokens,
@@ -340,19 +375,39 @@ class Choice:
 
 
 def response(
-    kind: str, response_id: str, created: int, model: str, choices: list[Choice], usage_: dict[str, Any]
+    kind: str,
+    response_id: str,
+    created: int,
+    model: str,
+    choices: list[Choice],
+    usage_: dict[str, Any],
+    fingerprint: str,
+    role: str = "assistant",
 ) -> dict[str, Any]:
-    """A whole answer; ``choices`` in index order (a batch's: prompt by prompt, ``n`` each)."""
+    """A whole answer as vLLM 0.32 dumps its response model (every field, unset ones null; an
+    empty ``tool_calls`` left out); ``choices`` in index order (a batch's: prompt by prompt, ``n``
+    each); chat messages have ``role``."""
     out: list[dict[str, Any]] = []
     for index, c in enumerate(choices):
         if kind == "chat":
+            message = {
+                "role": role,
+                "content": c.text,
+                "refusal": None,
+                "annotations": None,
+                "audio": None,
+                "function_call": None,
+                "reasoning": None,
+            }
             out.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": c.text, "tool_calls": []},
+                    "message": message,
                     "logprobs": c.logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
+                    "token_ids": None,
+                    "routed_experts": None,
                 }
             )
         else:
@@ -363,10 +418,18 @@ def response(
                     "logprobs": c.logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
+                    "token_ids": None,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": None,
+                    "routed_experts": None,
                 }
             )
     obj = "chat.completion" if kind == "chat" else "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": out, "usage": usage_}
+    whole: dict[str, Any] = {"id": response_id, "object": obj, "created": created, "model": model, "choices": out}
+    whole |= {"service_tier": None, "system_fingerprint": fingerprint, "usage": usage_}
+    if kind == "chat":
+        whole |= {"prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None}
+    return whole | {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 
 def chunk(
@@ -378,34 +441,67 @@ def chunk(
     finish_reason: str | None = None,
     stop_reason: str | None = None,
     *,
-    role: bool = False,
-    include_usage: bool = False,
+    role: str | None = None,
+    echo: bool = False,
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """One streamed delta of choice ``index``; ``text=None`` with ``role`` opens a chat stream."""
+    """One streamed delta of choice ``index`` as vLLM 0.32 writes it (its fields set explicitly,
+    nothing unset): a ``role`` opens a chat stream (with the stream's prompt fields), an ``echo``
+    chunk carries the last message, a chat delta's tokens are traced (``token_ids``, null) and its
+    last names the stop reason; a completions chunk has every field. ``fingerprint`` stamps a
+    choice's last chunk when no usage chunk follows."""
     if kind == "chat":
         delta: dict[str, Any] = {}
-        if role:
-            delta["role"] = "assistant"
+        if role is not None:
+            delta["role"] = role
         if text is not None:
             delta["content"] = text
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        if role is None and not echo:
+            choice["token_ids"] = None
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {
+            "index": index,
+            "text": text or "",
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
+            "prompt_token_ids": None,
+            "token_ids": None,
+        }
         obj = "text_completion"
-    if finish_reason is not None:
-        choice["stop_reason"] = stop_reason
     out = {"id": response_id, "object": obj, "created": created, "model": model, "choices": [choice]}
-    if include_usage:
-        out["usage"] = None
+    if role is not None:
+        out |= {"prompt_token_ids": None, "prompt_text": None}
+    if fingerprint is not None and finish_reason is not None:
+        out["system_fingerprint"] = fingerprint
     return out
 
 
-def usage_chunk(kind: str, response_id: str, created: int, model: str, usage_: dict[str, Any]) -> dict[str, Any]:
+def usage_chunk(
+    kind: str, response_id: str, created: int, model: str, usage_: dict[str, Any], fingerprint: str
+) -> dict[str, Any]:
+    """A stream's last chunk: its usage with the null fields left out (vLLM dumps it ``exclude_none``)."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
+    usage_ = _without_nulls(usage_)
+    return {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage_,
+        "system_fingerprint": fingerprint,
+    }
+
+
+def _without_nulls(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in obj.items() if v is not None}
 
 
 def models_list(model: str, root: str, max_model_len: int, created: int | None = None) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -106,6 +105,7 @@ class SimServer:
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.vocab = engine.vocab
         self._pieces: dict[int, str] = {}  # texts of tokens outside the answer vocabulary (echoed prompts)
+        self.fingerprint = protocol.system_fingerprint(repr((self.model, config.engine)))
 
     def close(self) -> None:
         self._tokenize.shutdown(wait=False, cancel_futures=True)
@@ -153,7 +153,7 @@ class SimServer:
         budgets = [protocol.resolve_max_tokens(params, len(ids), self.config.engine.max_model_len) for ids in prompts]
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
-        response_id = f"{prefix}-{uuid.uuid4().hex}"
+        response_id = protocol.response_id(prefix)
         sink: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         handles = self._submit(response_id, params, prompts, budgets, sink)
         try:
@@ -213,12 +213,22 @@ class SimServer:
         # vLLM's final output carries the cached tokens of the engine request that finished last (the
         # last prompt's, for a batch).
         last = answer.handles[next(i for i in reversed(answer.finished) if i // params.n == answer.prompts - 1)]
+        echoed = protocol.chat_echo(params)
         choices = [
-            protocol.Choice("".join(t), h.finish_reason, h.stop_reason, answer.logprobs_object(st, 0))
+            protocol.Choice(echoed + "".join(t), h.finish_reason, h.stop_reason, answer.logprobs_object(st, 0))
             for t, st, h in zip(texts, steps, answer.handles, strict=True)
         ]
         return _json(
-            protocol.response(params.kind, response_id, int(time.time()), self.model, choices, answer.usage(last))
+            protocol.response(
+                params.kind,
+                response_id,
+                int(time.time()),
+                self.model,
+                choices,
+                answer.usage(last),
+                self.fingerprint,
+                params.role,
+            )
         )
 
     def _text(self, token_id: int) -> str:
@@ -243,7 +253,11 @@ class SimServer:
 
         async def open_choices() -> None:
             for i in range(len(answer.handles)):
-                await send(protocol.chunk(kind, rid, created, model, "", role=True, include_usage=usage, index=i))
+                await send(protocol.chunk(kind, rid, created, model, "", role=params.role, index=i))
+            # An echoed chat answer: the last message's content, a chunk per choice, before any output.
+            if echoed := protocol.chat_echo(params):
+                for i in range(len(answer.handles)):
+                    await send(protocol.chunk(kind, rid, created, model, echoed, echo=True, index=i))
 
         # vLLM sends a chat stream's role chunks, one per choice, with the engine's first output, not on
         # arrival (chat_completion/serving.py: inside `async for res in result_generator`), so its
@@ -271,9 +285,9 @@ class SimServer:
                             text,
                             delta.finish_reason,
                             delta.stop_reason,
-                            include_usage=usage,
                             index=index,
                             logprobs=answer.logprobs_object(steps, answer.offsets[index]),
+                            fingerprint=None if usage else self.fingerprint,
                         )
                     )
                     # vLLM advances text_offset by the tokens reported, not by the text (held back for stop strings).
@@ -281,7 +295,11 @@ class SimServer:
             if role_due:
                 await open_choices()
             if usage:
-                await send(protocol.usage_chunk(kind, rid, created, model, answer.usage(first or answer.handles[0])))
+                await send(
+                    protocol.usage_chunk(
+                        kind, rid, created, model, answer.usage(first or answer.handles[0]), self.fingerprint
+                    )
+                )
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
@@ -327,9 +345,11 @@ class _Answer:
         for it is not shown)."""
         params = self.params
         text, steps = delta.text, self._steps(index, delta.token_ids)
-        if params.echo and params.max_tokens == 0:
+        if not params.echo or params.kind != "completion":
+            return text, steps  # a chat answer's echo is the last message (protocol.chat_echo)
+        if params.max_tokens == 0:
             text, steps = "", []
-        if params.echo and not self._echoed[index]:
+        if not self._echoed[index]:
             self._echoed[index] = True
             text = self._prompt_text(index) + text
             steps = self._prompt_steps(index) + steps
@@ -381,12 +401,13 @@ class _Answer:
 
     def usage(self, reference: RequestHandle) -> dict[str, Any]:
         """vLLM's usage of the answer: prompts counted once, every choice's tokens, and the cache
-        figures of ``reference`` (the engine output vLLM reads them from)."""
+        figures of ``reference`` (the engine output vLLM reads them from; completions report no
+        created cache tokens)."""
         return protocol.usage(
             self.prompt_tokens,
             sum(h.completion_tokens for h in self.handles),
             reference.cached_tokens,
-            reference.created_cache_tokens,
+            reference.created_cache_tokens if self.params.kind == "chat" else None,
             reference.cached_tokens_per_tier,
         )
 
