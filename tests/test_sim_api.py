@@ -489,6 +489,51 @@ def test_chat_echo_starts_with_the_last_message_when_it_has_the_answers_role(cli
 
 
 @pytest.mark.slow
+async def test_prompt_logprobs_as_vllm_returns_them(sim, tok):
+    prompt = "Score every token of this prompt"
+    ids = tok.encode(prompt)
+    async with aiohttp.ClientSession() as http:
+
+        async def post(path: str, body: dict) -> dict:
+            async with http.post(sim + path, json={"max_tokens": 2, **body}) as r:
+                assert r.status == 200, await r.text()
+                return await r.json()
+
+        scored = await post("/v1/completions", {"prompt": prompt, "prompt_logprobs": 2})
+        plain = await post("/v1/completions", {"prompt": prompt})
+        echoed = await post("/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 1})
+        chat = {"messages": [{"role": "user", "content": prompt}]}
+        chat_scored = await post("/v1/chat/completions", {**chat, "prompt_logprobs": 0})
+        chat_plain = await post("/v1/chat/completions", chat)
+        # An echo asks for them (chat: top_logprobs, 0 by default), but a stream never carries them.
+        draft = [*chat["messages"], {"role": "assistant", "content": "Sure"}]
+        cont = {"add_generation_prompt": False, "continue_final_message": True, "echo": True}
+        chat_echoed = await post("/v1/chat/completions", {"messages": draft, **cont})
+        async with http.post(
+            sim + "/v1/completions", json={"prompt": prompt, "prompt_logprobs": 0, "stream": True}
+        ) as r:
+            assert r.status == 200 and "prompt_logprobs" not in await r.text()
+    lists = scored["choices"][0]["prompt_logprobs"]
+    assert len(lists) == len(ids) and lists[0] is None
+    for token_id, entries in zip(ids[1:], lists[1:], strict=True):
+        # The prompt's own token first (ranked), then the 2 most likely; ids as JSON keys.
+        first, *rest = entries.items()
+        assert first[0] == str(token_id) and first[1]["decoded_token"] == tok.decode([token_id])
+        assert 1 <= len(entries) <= 3 and {e["rank"] for e in entries.values()} <= {1, 2}
+        assert all(e["logprob"] < 0 for e in entries.values())
+    assert plain["choices"][0]["prompt_logprobs"] is None and chat_plain["prompt_logprobs"] is None
+    # The echoed prompt's logprobs are the same figures.
+    echo_lists, shown = echoed["choices"][0]["prompt_logprobs"], echoed["choices"][0]["logprobs"]["token_logprobs"]
+    assert [e[str(t)]["logprob"] for t, e in zip(ids[1:], echo_lists[1:])] == shown[1 : len(ids)]
+    assert [e[str(t)]["logprob"] for t, e in zip(ids[1:], lists[1:])] == shown[1 : len(ids)]
+    # Chat: at the top of the answer, one entry per position with 0 asked.
+    rendered = chat_scored["prompt_logprobs"]
+    assert len(rendered) == chat_scored["usage"]["prompt_tokens"] and rendered[0] is None
+    assert all(len(e) == 1 and next(iter(e.values()))["rank"] == 1 for e in rendered[1:])
+    assert len(chat_echoed["prompt_logprobs"]) == chat_echoed["usage"]["prompt_tokens"]
+
+
+@pytest.mark.slow
 async def test_logprobs_tools_stops_and_formats_are_checked_as_vllm_checks_them(sim):
     chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     cases = [
@@ -503,6 +548,11 @@ async def test_logprobs_tools_stops_and_formats_are_checked_as_vllm_checks_them(
         ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 strings"),
         ("/v1/chat/completions", {**chat, "user": 5}, "'user' must be a string"),
         ("/v1/chat/completions", {**chat, "response_format": {"type": "bogus"}}, "'response_format.type' must be"),
+        ("/v1/chat/completions", {**chat, "prompt_logprobs": 1, "stream": True}, "not available when `stream=True`"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": -2}, "`prompt_logprobs` must be a positive value or -1"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "Requested prompt logprobs of 21"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, "greater than max allowed: 20"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": "2"}, "`prompt_logprobs` must be an integer"),
     ]
     async with aiohttp.ClientSession() as http:
         for path, body, expected in cases:

@@ -74,6 +74,9 @@ class GenerateParams:
     # message's content before each choice's, when that message has the answer's role (``chat_echo``)
     echo: bool = False
     role: str = "assistant"  # chat: the answer's role (the last message's without a generation prompt)
+    # How many of the most likely tokens each prompt position lists besides the prompt's own (None: no
+    # prompt logprobs); an echo asks for them as vLLM does (chat: top_logprobs, completions: logprobs).
+    prompt_logprobs: int | None = None
 
 
 _MAX_CACHE_SALT_LENGTH = 128
@@ -163,7 +166,21 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
             raise _bad("'stream_options' can only be given with stream=true", "stream_options")
         include_usage = _optional(options, "include_usage", lambda v: isinstance(v, bool), "a boolean") or False
     ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean") or False
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is not None:
+        if not _is_int(prompt_logprobs):
+            raise _bad("`prompt_logprobs` must be an integer.", "prompt_logprobs")
+        if stream and (prompt_logprobs > 0 or prompt_logprobs == -1):
+            raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+        if prompt_logprobs < 0 and prompt_logprobs != -1:
+            raise _bad("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
+        if prompt_logprobs > MAX_LOGPROBS:
+            raise _bad(
+                f"Requested prompt logprobs of {prompt_logprobs}, which is greater than max allowed: {MAX_LOGPROBS}",
+                "prompt_logprobs",
+            )
     return {
+        "prompt_logprobs": prompt_logprobs,
         "cache_salt": _cache_salt(body.get("cache_salt")),
         "model": model,
         "max_tokens": max_completion if max_completion is not None else max_tokens,
@@ -231,6 +248,8 @@ def parse_chat(body: Any) -> GenerateParams:
     if top is not None and (top == -1 or top > 0) and not wants:
         raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
     echo = _optional(body, "echo", lambda v: isinstance(v, bool), "a boolean") or False
+    if common["prompt_logprobs"] is None and echo:
+        common["prompt_logprobs"] = top or 0
     return GenerateParams(
         logprobs=_logprobs(top or 0, "logprobs") if wants else None,
         echo=echo,
@@ -269,6 +288,8 @@ def parse_completion(body: Any) -> GenerateParams:
     logprobs = _optional(body, "logprobs", _is_int, "an integer")
     if logprobs is not None and logprobs < 0 and logprobs != -1:
         raise _bad("`logprobs` must be a positive value or -1.", "logprobs")
+    if common["prompt_logprobs"] is None and echo:
+        common["prompt_logprobs"] = logprobs
     return GenerateParams(
         logprobs=None if logprobs is None else _logprobs(logprobs, "logprobs"),
         echo=echo,
@@ -294,6 +315,11 @@ def check_logprobs(params: GenerateParams, vocab_size: int) -> None:
     if params.logprobs == -1 and vocab_size > MAX_LOGPROBS:
         raise _bad(
             f"Requested sample logprobs of {vocab_size}, which is greater than max allowed: {MAX_LOGPROBS}", "logprobs"
+        )
+    if params.prompt_logprobs == -1 and vocab_size > MAX_LOGPROBS:
+        raise _bad(
+            f"Requested prompt logprobs of {vocab_size}, which is greater than max allowed: {MAX_LOGPROBS}",
+            "prompt_logprobs",
         )
 
 
@@ -372,6 +398,7 @@ class Choice:
     finish_reason: str | None
     stop_reason: str | None
     logprobs: dict[str, Any] | None = None
+    prompt_logprobs: list[Any] | None = None  # its prompt's (a completion's choice; chat: the answer's)
 
 
 def response(
@@ -419,7 +446,7 @@ def response(
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                     "token_ids": None,
-                    "prompt_logprobs": None,
+                    "prompt_logprobs": c.prompt_logprobs,
                     "prompt_token_ids": None,
                     "routed_experts": None,
                 }
@@ -428,7 +455,8 @@ def response(
     whole: dict[str, Any] = {"id": response_id, "object": obj, "created": created, "model": model, "choices": out}
     whole |= {"service_tier": None, "system_fingerprint": fingerprint, "usage": usage_}
     if kind == "chat":
-        whole |= {"prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None}
+        prompt_logprobs = choices[0].prompt_logprobs if choices else None
+        whole |= {"prompt_logprobs": prompt_logprobs, "prompt_token_ids": None, "prompt_text": None}
     return whole | {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 

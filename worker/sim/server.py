@@ -105,6 +105,7 @@ class SimServer:
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.vocab = engine.vocab
         self._pieces: dict[int, str] = {}  # texts of tokens outside the answer vocabulary (echoed prompts)
+        self._decoded: dict[int, str] = {}  # tokens as prompt logprobs show them, special ones included
         self.fingerprint = protocol.system_fingerprint(repr((self.model, config.engine)))
 
     def close(self) -> None:
@@ -157,7 +158,7 @@ class SimServer:
         sink: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         handles = self._submit(response_id, params, prompts, budgets, sink)
         try:
-            answer = _Answer(params, handles, sink, prompts, self._text, self.vocab)
+            answer = _Answer(params, handles, sink, prompts, self._text, self.vocab, self._decode)
             if params.stream:
                 return await self._stream(request, params, response_id, answer)
             return await self._complete(params, response_id, answer)
@@ -214,9 +215,16 @@ class SimServer:
         # last prompt's, for a batch).
         last = answer.handles[next(i for i in reversed(answer.finished) if i // params.n == answer.prompts - 1)]
         echoed = protocol.chat_echo(params)
+        prompt_logprobs = [answer.prompt_logprobs(p) for p in range(answer.prompts)]
         choices = [
-            protocol.Choice(echoed + "".join(t), h.finish_reason, h.stop_reason, answer.logprobs_object(st, 0))
-            for t, st, h in zip(texts, steps, answer.handles, strict=True)
+            protocol.Choice(
+                echoed + "".join(t),
+                h.finish_reason,
+                h.stop_reason,
+                answer.logprobs_object(st, 0),
+                prompt_logprobs[i // params.n],
+            )
+            for i, (t, st, h) in enumerate(zip(texts, steps, answer.handles, strict=True))
         ]
         return _json(
             protocol.response(
@@ -230,6 +238,13 @@ class SimServer:
                 params.role,
             )
         )
+
+    def _decode(self, token_id: int) -> str:
+        """A token as vLLM's prompt logprobs name it (``decode([id])``, special tokens shown)."""
+        piece = self._decoded.get(token_id)
+        if piece is None:
+            piece = self._decoded[token_id] = self.renderer.tokenizer.decode([token_id]) or ""
+        return piece
 
     def _text(self, token_id: int) -> str:
         """A token's text as vLLM's detokenizer shows it in logprobs (special tokens skipped)."""
@@ -319,6 +334,7 @@ class _Answer:
         prompts: list[list[int]],
         text: Callable[[int], str],
         vocabulary: Vocabulary,
+        decode: Callable[[int], str],
     ) -> None:
         self.params = params
         self.vocabulary = vocabulary
@@ -329,6 +345,7 @@ class _Answer:
         self.prompts = len(prompts)
         self.offsets = [0] * len(handles)  # completions' text_offset: characters of the tokens reported, per choice
         self._text = text
+        self._decode = decode
         self._positions = [0] * len(handles)  # tokens generated so far, per choice
         self._echoed = [False] * len(handles)
         self.finished: list[int] = []  # the choices' indices, in the order they ended
@@ -381,6 +398,26 @@ class _Answer:
         if isinstance(prompt, str):
             return prompt
         return "".join(self._text(t) for t in prompt)
+
+    def prompt_logprobs(self, prompt: int) -> list[dict[str, Any] | None] | None:
+        """vLLM's prompt logprobs of prompt ``prompt`` (None unless asked): none for its first token,
+        then per position its own token and the ``prompt_logprobs`` most likely, keyed by token id
+        with logprob, rank and decoded text (the figures an echoed prompt's logprobs show)."""
+        top = self.params.prompt_logprobs
+        if top is None:
+            return None
+        ids = self.prompt_ids[prompt]
+        key = logprobs_key(ids, -1)
+        out: list[dict[str, Any] | None] = [None]
+        for position, token_id in enumerate(ids[1:], 1):
+            dist = step_logprobs(self.vocabulary, key, position, token_id, max(top, 1))
+            # The prompt's token first (its rank: the most likely, in this made-up world), then the top k.
+            ranked = [(token_id, dist[0][1], 1), *((t, lp, rank) for rank, (t, lp) in enumerate(dist[:top], 1))]
+            entries: dict[str, Any] = {}
+            for t, lp, rank in ranked:
+                entries.setdefault(str(t), {"logprob": lp, "rank": rank, "decoded_token": self._decode(t)})
+            out.append(entries)
+        return out
 
     def _prompt_steps(self, index: int) -> list[Any]:
         """An echoed prompt's logprobs: none for its first token, as vLLM's prompt logprobs."""
