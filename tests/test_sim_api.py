@@ -534,6 +534,48 @@ async def test_prompt_logprobs_as_vllm_returns_them(sim, tok):
 
 
 @pytest.mark.slow
+async def test_return_token_ids_gives_the_answers_and_prompts_ids_whole_and_streamed(sim):
+    prompt = "Give me the ids"
+    chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 5, "ignore_eos": True}
+    completion = {"prompt": prompt, "max_tokens": 5, "ignore_eos": True}
+    async with aiohttp.ClientSession() as http:
+
+        async def post(path: str, body: dict) -> dict:
+            async with http.post(sim + path, json=body) as r:
+                assert r.status == 200, await r.text()
+                return await r.json()
+
+        async def stream(path: str, body: dict) -> list[dict]:
+            async with http.post(sim + path, json={**body, "stream": True}) as r:
+                return sse_frames(await r.text())
+
+        whole = await post("/v1/chat/completions", {**chat, "return_token_ids": True})
+        plain = await post("/v1/chat/completions", chat)
+        frames = await stream("/v1/chat/completions", {**chat, "return_token_ids": True})
+        text_whole = await post("/v1/completions", {**completion, "return_token_ids": True})
+        text_frames = await stream("/v1/completions", {**completion, "return_token_ids": True})
+        echoed = await post("/v1/completions", {**completion, "return_token_ids": True, "echo": True})
+        echo_frames = await stream("/v1/completions", {**completion, "echo": True})
+    choice = whole["choices"][0]
+    assert len(choice["token_ids"]) == whole["usage"]["completion_tokens"] == 5
+    assert len(whole["prompt_token_ids"]) == whole["usage"]["prompt_tokens"]
+    assert plain["choices"][0]["token_ids"] is None and plain["prompt_token_ids"] is None
+    # Streamed: the prompt's ids on the role chunk, each delta's ids on its chunk.
+    assert frames[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert [t for f in frames[1:] if f["choices"] for t in f["choices"][0]["token_ids"]] == choice["token_ids"]
+    # Completions: per choice; streamed, the prompt's ids on a choice's first chunk only.
+    text_choice = text_whole["choices"][0]
+    assert len(text_choice["prompt_token_ids"]) == text_whole["usage"]["prompt_tokens"]
+    assert [f["choices"][0]["prompt_token_ids"] for f in text_frames] == [text_choice["prompt_token_ids"]] + [None] * 4
+    assert [t for f in text_frames for t in f["choices"][0]["token_ids"]] == text_choice["token_ids"]
+    # An echo with ids echoes the ids, not the text; an echoed stream sends the prompt's ids anyway (vLLM's).
+    assert echoed["choices"][0]["text"] == text_choice["text"]
+    assert echo_frames[0]["choices"][0]["text"].startswith(prompt)
+    assert echo_frames[0]["choices"][0]["prompt_token_ids"] == text_choice["prompt_token_ids"]
+    assert echo_frames[0]["choices"][0]["token_ids"] is None
+
+
+@pytest.mark.slow
 async def test_logprobs_tools_stops_and_formats_are_checked_as_vllm_checks_them(sim):
     chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     cases = [

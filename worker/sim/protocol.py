@@ -77,6 +77,7 @@ class GenerateParams:
     # How many of the most likely tokens each prompt position lists besides the prompt's own (None: no
     # prompt logprobs); an echo asks for them as vLLM does (chat: top_logprobs, completions: logprobs).
     prompt_logprobs: int | None = None
+    return_token_ids: bool = False  # vLLM's: the answer's token ids and its prompt's, beside the text
 
 
 _MAX_CACHE_SALT_LENGTH = 128
@@ -180,6 +181,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
                 "prompt_logprobs",
             )
     return {
+        "return_token_ids": _optional(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean") or False,
         "prompt_logprobs": prompt_logprobs,
         "cache_salt": _cache_salt(body.get("cache_salt")),
         "model": model,
@@ -399,6 +401,8 @@ class Choice:
     stop_reason: str | None
     logprobs: dict[str, Any] | None = None
     prompt_logprobs: list[Any] | None = None  # its prompt's (a completion's choice; chat: the answer's)
+    token_ids: list[int] | None = None  # with return_token_ids: the tokens it generated
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: its prompt's
 
 
 def response(
@@ -433,7 +437,7 @@ def response(
                     "logprobs": c.logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
-                    "token_ids": None,
+                    "token_ids": c.token_ids,
                     "routed_experts": None,
                 }
             )
@@ -445,9 +449,9 @@ def response(
                     "logprobs": c.logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
-                    "token_ids": None,
+                    "token_ids": c.token_ids,
                     "prompt_logprobs": c.prompt_logprobs,
-                    "prompt_token_ids": None,
+                    "prompt_token_ids": c.prompt_token_ids,
                     "routed_experts": None,
                 }
             )
@@ -455,8 +459,10 @@ def response(
     whole: dict[str, Any] = {"id": response_id, "object": obj, "created": created, "model": model, "choices": out}
     whole |= {"service_tier": None, "system_fingerprint": fingerprint, "usage": usage_}
     if kind == "chat":
-        prompt_logprobs = choices[0].prompt_logprobs if choices else None
-        whole |= {"prompt_logprobs": prompt_logprobs, "prompt_token_ids": None, "prompt_text": None}
+        prompt_logprobs, prompt_ids = (
+            (choices[0].prompt_logprobs, choices[0].prompt_token_ids) if choices else (None, None)
+        )
+        whole |= {"prompt_logprobs": prompt_logprobs, "prompt_token_ids": prompt_ids, "prompt_text": None}
     return whole | {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 
@@ -474,12 +480,15 @@ def chunk(
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
     fingerprint: str | None = None,
+    token_ids: list[int] | None = None,
+    prompt_token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One streamed delta of choice ``index`` as vLLM 0.32 writes it (its fields set explicitly,
     nothing unset): a ``role`` opens a chat stream (with the stream's prompt fields), an ``echo``
     chunk carries the last message, a chat delta's tokens are traced (``token_ids``, null) and its
-    last names the stop reason; a completions chunk has every field. ``fingerprint`` stamps a
-    choice's last chunk when no usage chunk follows."""
+    last names the stop reason; a completions chunk has every field. ``token_ids`` (the step's) and
+    ``prompt_token_ids`` are given with ``return_token_ids``. ``fingerprint`` stamps a choice's last
+    chunk when no usage chunk follows."""
     if kind == "chat":
         delta: dict[str, Any] = {}
         if role is not None:
@@ -490,7 +499,7 @@ def chunk(
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
         if role is None and not echo:
-            choice["token_ids"] = None
+            choice["token_ids"] = token_ids
         obj = "chat.completion.chunk"
     else:
         choice = {
@@ -499,13 +508,13 @@ def chunk(
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": stop_reason,
-            "prompt_token_ids": None,
-            "token_ids": None,
+            "prompt_token_ids": prompt_token_ids,
+            "token_ids": token_ids,
         }
         obj = "text_completion"
     out = {"id": response_id, "object": obj, "created": created, "model": model, "choices": [choice]}
     if role is not None:
-        out |= {"prompt_token_ids": None, "prompt_text": None}
+        out |= {"prompt_token_ids": prompt_token_ids, "prompt_text": None}
     if fingerprint is not None and finish_reason is not None:
         out["system_fingerprint"] = fingerprint
     return out

@@ -207,15 +207,18 @@ class SimServer:
     async def _complete(self, params: GenerateParams, response_id: str, answer: _Answer) -> web.Response:
         texts: list[list[str]] = [[] for _ in answer.handles]
         steps: list[list[Any]] = [[] for _ in answer.handles]
+        generated: list[list[int]] = [[] for _ in answer.handles]
         async for index, delta in answer.deltas():
             text, logprobs = answer.shown(index, delta)
             texts[index].append(text)
             steps[index].extend(logprobs)
+            generated[index].extend(delta.token_ids)
         # vLLM's final output carries the cached tokens of the engine request that finished last (the
         # last prompt's, for a batch).
         last = answer.handles[next(i for i in reversed(answer.finished) if i // params.n == answer.prompts - 1)]
         echoed = protocol.chat_echo(params)
         prompt_logprobs = [answer.prompt_logprobs(p) for p in range(answer.prompts)]
+        ids = params.return_token_ids
         choices = [
             protocol.Choice(
                 echoed + "".join(t),
@@ -223,6 +226,8 @@ class SimServer:
                 h.stop_reason,
                 answer.logprobs_object(st, 0),
                 prompt_logprobs[i // params.n],
+                generated[i] if ids else None,
+                answer.prompt_ids[i // params.n] if ids else None,
             )
             for i, (t, st, h) in enumerate(zip(texts, steps, answer.handles, strict=True))
         ]
@@ -266,9 +271,13 @@ class SimServer:
         async def send(obj: dict[str, Any]) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
+        ids = params.return_token_ids
+
         async def open_choices() -> None:
+            prompt_ids = answer.prompt_ids[0] if ids else None
             for i in range(len(answer.handles)):
-                await send(protocol.chunk(kind, rid, created, model, "", role=params.role, index=i))
+                opening = protocol.chunk(kind, rid, created, model, "", role=params.role, index=i)
+                await send(opening | {"prompt_token_ids": prompt_ids})
             # An echoed chat answer: the last message's content, a chunk per choice, before any output.
             if echoed := protocol.chat_echo(params):
                 for i in range(len(answer.handles)):
@@ -289,8 +298,9 @@ class SimServer:
                     await open_choices()
                 text, steps = answer.shown(index, delta)
                 # vLLM sends a completions chunk for every step that generated tokens, its text empty while a
-                # stop string holds it back; a chat chunk only with text, or logprobs to carry.
-                if text or delta.finish_reason is not None or (steps if kind == "chat" else delta.token_ids):
+                # stop string holds it back; a chat chunk only with text, or logprobs or token ids to carry.
+                carried = (steps or (ids and delta.token_ids)) if kind == "chat" else delta.token_ids
+                if text or delta.finish_reason is not None or carried:
                     await send(
                         protocol.chunk(
                             kind,
@@ -303,6 +313,8 @@ class SimServer:
                             index=index,
                             logprobs=answer.logprobs_object(steps, answer.offsets[index]),
                             fingerprint=None if usage else self.fingerprint,
+                            token_ids=list(delta.token_ids) if ids else None,
+                            prompt_token_ids=answer.prompt_ids_due(index) if kind == "completion" else None,
                         )
                     )
                     # vLLM advances text_offset by the tokens reported, not by the text (held back for stop strings).
@@ -348,6 +360,7 @@ class _Answer:
         self._decode = decode
         self._positions = [0] * len(handles)  # tokens generated so far, per choice
         self._echoed = [False] * len(handles)
+        self._prompt_ids_sent = [False] * len(handles)
         self.finished: list[int] = []  # the choices' indices, in the order they ended
         # Seeds of the made-up logprobs (hashing each prompt: only when asked for).
         self._keys = (
@@ -368,9 +381,17 @@ class _Answer:
             text, steps = "", []
         if not self._echoed[index]:
             self._echoed[index] = True
-            text = self._prompt_text(index) + text
+            # With return_token_ids vLLM echoes the prompt's ids (and logprobs), not its text.
+            text = ("" if params.return_token_ids else self._prompt_text(index)) + text
             steps = self._prompt_steps(index) + steps
         return text, steps
+
+    def prompt_ids_due(self, index: int) -> list[int] | None:
+        """A completions stream's prompt ids: on a choice's first chunk, with return_token_ids or echo."""
+        if self._prompt_ids_sent[index] or not (self.params.return_token_ids or self.params.echo):
+            return None
+        self._prompt_ids_sent[index] = True
+        return self.prompt_ids[index // self.params.n]
 
     def logprobs_object(self, steps: list[Any], offset: int) -> dict[str, Any] | None:
         if self.params.logprobs is None:
