@@ -147,6 +147,8 @@ class Fleet:
         tasks = [*self._probes.values(), *self._discoveries.values()]
         if self._watcher is not None:
             tasks.append(self._watcher)
+        for task in tasks:
+            task.cancel()  # now, before anything below yields (cancel_and_wait repeats it while one runs on)
         self._probes.clear()
         self._discoveries.clear()
         await asyncio.gather(
