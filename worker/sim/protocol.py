@@ -175,11 +175,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
             raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         if prompt_logprobs < 0 and prompt_logprobs != -1:
             raise _bad("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
-        if prompt_logprobs > MAX_LOGPROBS:
-            raise _bad(
-                f"Requested prompt logprobs of {prompt_logprobs}, which is greater than max allowed: {MAX_LOGPROBS}",
-                "prompt_logprobs",
-            )
+        _logprobs(prompt_logprobs, "prompt_logprobs", "prompt")
     return {
         "return_token_ids": _optional(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean") or False,
         "prompt_logprobs": prompt_logprobs,
@@ -305,24 +301,20 @@ def parse_completion(body: Any) -> GenerateParams:
     )
 
 
-def _logprobs(top: int, param: str) -> int:
-    """vLLM's ceiling on sample logprobs (--max-logprobs, 20 by default); -1 (the whole vocabulary) is
-    checked against the vocabulary by ``check_logprobs``."""
+def _logprobs(top: int, param: str, what: str = "sample") -> int:
+    """vLLM's ceiling on sample (or prompt) logprobs (--max-logprobs, 20 by default); -1 (the whole
+    vocabulary) is checked against the vocabulary by ``check_logprobs``."""
     if top > MAX_LOGPROBS:
-        raise _bad(f"Requested sample logprobs of {top}, which is greater than max allowed: {MAX_LOGPROBS}", param)
+        raise _bad(f"Requested {what} logprobs of {top}, which is greater than max allowed: {MAX_LOGPROBS}", param)
     return top
 
 
 def check_logprobs(params: GenerateParams, vocab_size: int) -> None:
-    if params.logprobs == -1 and vocab_size > MAX_LOGPROBS:
-        raise _bad(
-            f"Requested sample logprobs of {vocab_size}, which is greater than max allowed: {MAX_LOGPROBS}", "logprobs"
-        )
-    if params.prompt_logprobs == -1 and vocab_size > MAX_LOGPROBS:
-        raise _bad(
-            f"Requested prompt logprobs of {vocab_size}, which is greater than max allowed: {MAX_LOGPROBS}",
-            "prompt_logprobs",
-        )
+    """-1 asks for the whole vocabulary: vLLM checks its size against the ceiling."""
+    if params.logprobs == -1:
+        _logprobs(vocab_size, "logprobs")
+    if params.prompt_logprobs == -1:
+        _logprobs(vocab_size, "prompt_logprobs", "prompt")
 
 
 def _prompts(prompt: Any) -> tuple[str | list[int], ...]:

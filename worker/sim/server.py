@@ -276,8 +276,11 @@ class SimServer:
         async def open_choices() -> None:
             prompt_ids = answer.prompt_ids[0] if ids else None
             for i in range(len(answer.handles)):
-                opening = protocol.chunk(kind, rid, created, model, "", role=params.role, index=i)
-                await send(opening | {"prompt_token_ids": prompt_ids})
+                await send(
+                    protocol.chunk(
+                        kind, rid, created, model, "", role=params.role, index=i, prompt_token_ids=prompt_ids
+                    )
+                )
             # An echoed chat answer: the last message's content, a chunk per choice, before any output.
             if echoed := protocol.chat_echo(params):
                 for i in range(len(answer.handles)):
@@ -431,13 +434,15 @@ class _Answer:
         key = logprobs_key(ids, -1)
         out: list[dict[str, Any] | None] = [None]
         for position, token_id in enumerate(ids[1:], 1):
+            # The prompt's token first (in this made-up world the most likely: rank 1), then the rest of
+            # the top k; step_logprobs lists each token once.
             dist = step_logprobs(self.vocabulary, key, position, token_id, max(top, 1))
-            # The prompt's token first (its rank: the most likely, in this made-up world), then the top k.
-            ranked = [(token_id, dist[0][1], 1), *((t, lp, rank) for rank, (t, lp) in enumerate(dist[:top], 1))]
-            entries: dict[str, Any] = {}
-            for t, lp, rank in ranked:
-                entries.setdefault(str(t), {"logprob": lp, "rank": rank, "decoded_token": self._decode(t)})
-            out.append(entries)
+            out.append(
+                {
+                    str(t): {"logprob": lp, "rank": rank, "decoded_token": self._decode(t)}
+                    for rank, (t, lp) in enumerate(dist, 1)
+                }
+            )
         return out
 
     def _prompt_steps(self, index: int) -> list[Any]:
