@@ -27,6 +27,7 @@ the configuration names.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -77,6 +78,7 @@ from kvgate.router.load import LoadTracker
 from kvgate.router.policies import Decision
 from kvgate.router.registry import WorkerRegistry
 from kvgate.router.routing import NoWorkerAvailable, Router
+from kvgate.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -184,6 +186,8 @@ class Gateway:
         if self.bus is not None:
             self.router.subscribe(self.bus)
         self._request_ids = itertools.count()
+        # Prompts' rests encoded after forwarding, on the tokenizer threads (`_finish_long_prefix_route`).
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -212,6 +216,7 @@ class Gateway:
         if self.bus is not None:
             await self.bus.stop()
         await self.fleet.stop()
+        await cancel_and_wait(*self._background)
         await self.upstream.close()
         self.hit_check.close()
         self.router.close()
@@ -376,29 +381,36 @@ class Gateway:
         head = await self._tokenize_head(parsed)
         if whole and isinstance(head, HeadEncoding) and head.prefix:
             head = await self._tokenized(self.preprocessor.finish_head_async(head, counted=False), param)
-        if isinstance(head, HeadEncoding):
+        while isinstance(head, HeadEncoding):
             # A prompt of which only the head is encoded (a long one's first chars, or a new turn's cached
             # prefix): it is routed on the head when the rest cannot change the choice (Router.route_head)
             # and it fits the context by a bound on its length, or by a wide margin on its estimate (twice
             # the rest's; the worker checks the exact count against its own max_model_len anyway and
-            # answers a 400 of its own).
+            # answers a 400 of its own). Otherwise a longer head, or the whole prompt, is encoded.
             completion = parsed.max_tokens or 0
             margin = 2 * head.token_estimate - len(head.ids)
-            if min(head.token_bound, margin) + completion <= self.context_length:
-                decision = self._route_or_raise(
-                    lambda: self.router.route_head(
-                        head.ids,
-                        head.token_estimate,
-                        lora_name=lora_name,
-                        cache_salt=parsed.cache_salt,
-                        exclude=self.fleet.down_keys,
-                        token_bound=head.token_bound,
-                    )
+            if min(head.token_bound, margin) + completion > self.context_length:
+                head = await self._tokenized(self.preprocessor.finish_head_async(head), param)
+                break
+            holder: tuple[WorkerKey, int] | None = None
+            if head.holder is not None and isinstance(head.holder[0], WorkerKey):
+                holder = (head.holder[0], head.holder[1])
+            decision = self._route_or_raise(
+                functools.partial(
+                    self.router.route_head,
+                    head.ids,
+                    head.token_estimate,
+                    lora_name=lora_name,
+                    cache_salt=parsed.cache_salt,
+                    exclude=self.fleet.down_keys,
+                    token_bound=head.token_bound,
+                    holder=holder,
                 )
+            )
             if decision is not None:
                 prompt_tokens, routed_head = head.token_estimate, head
-            else:
-                head = await self._tokenized(self.preprocessor.finish_head_async(head), param)
+                break
+            head = await self._tokenized(self.preprocessor.deepen_head_async(head), param)
         if isinstance(head, Tokenized):
             prompts = [head.ids]
             if isinstance(head.shared_tag, WorkerKey):
@@ -507,9 +519,15 @@ class Gateway:
                 if routed.head.prefix:
                     if attempts == 1:
                         # The rest of a new turn is encoded once the request is on its way to the worker (this
-                        # runs when `post` first waits), then stored for the next turn and its blocks predicted
-                        # where the request is by then (a retry predicts the whole prompt).
-                        asyncio.get_running_loop().call_soon(self._finish_prefix_route, routed, flight)
+                        # runs when `post` first waits; a long rest on the tokenizer threads), then stored for
+                        # the next turn and its blocks predicted where the request is by then (a retry
+                        # predicts the whole prompt).
+                        if self.preprocessor.long_rest(routed.head):
+                            task = asyncio.create_task(self._finish_long_prefix_route(routed, flight))
+                            self._background.add(task)
+                            task.add_done_callback(self._background.discard)
+                        else:
+                            asyncio.get_running_loop().call_soon(self._finish_prefix_route, routed, flight)
                 else:
                     # Its blocks past the head were never hashed, so never predicted: a prompt sharing them
                     # finds out from the prefix cache where they went (``Tokenized.shared_tag``). Tagging
@@ -557,6 +575,15 @@ class Gateway:
         try:
             ids = self.preprocessor.finish_prefix_route(routed.head)
         except TokenizerError as err:  # the head was encoded, so the rest cannot fail; the worker has it anyway
+            log.warning("request %s: encoding the rest of its prompt failed: %s", flight.request_id, err)
+            return
+        self.router.extend(flight, ids, lora_name=routed.lora_name)
+
+    async def _finish_long_prefix_route(self, routed: Routed, flight: InFlight) -> None:
+        assert routed.head is not None
+        try:
+            ids = await self.preprocessor.finish_prefix_route_async(routed.head)
+        except TokenizerError as err:
             log.warning("request %s: encoding the rest of its prompt failed: %s", flight.request_id, err)
             return
         self.router.extend(flight, ids, lora_name=routed.lora_name)

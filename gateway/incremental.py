@@ -72,6 +72,8 @@ from kvgate.indexer.shards import ShardedDict
 UNTAG_PER_TAG = 2
 # Chars per chunk of the prefix index: a prompt is found again by any cached one sharing its first chunk.
 CHUNK_CHARS = 128
+# Chunks a plan hashes and looks up first; while all of them are found, twice as many more.
+FIRST_WALK_CHUNKS = 16
 # A cached prefix shorter than this is not worth the bookkeeping: the prompt is encoded whole.
 MIN_REUSE_CHARS = 128
 # Candidate cuts are recorded every this many tokens (a cut lands at most this far before the common end):
@@ -109,6 +111,7 @@ class IncrementalInfo:
     heads: int = 0  # long prompts whose head only was encoded, to route on (`PrefixCache.head`)
     head_fallbacks: int = 0  # heads with no provable cut (the prompt was encoded whole)
     heads_completed: int = 0  # heads that did not decide the route: the prompt was then encoded whole
+    heads_deepened: int = 0  # heads that did not decide the route: a longer head was encoded past them
     prefix_routed: int = 0  # prompts routed on a cached prefix, their rest encoded after forwarding
     prefix_completed: int = 0  # prompts whose cached prefix did not decide the route (encoded before forwarding)
 
@@ -405,7 +408,7 @@ class Plan:
     text: str
     cut: int
     prefix_ids: array[int]
-    keys: list[int]
+    keys: list[int]  # the chain hashes of its first chunks: those `plan` looked up (all, once stored whole)
     entry_cuts: Cuts
     done: bool = False  # the text was cached whole: prefix_ids are all its ids
     # The text shares more than its head with a head's text (a prompt whose rest was never encoded).
@@ -456,20 +459,54 @@ class PrefixCache:
         return self._metaspace
 
     def plan(self, text: str) -> Plan:
-        keys = chunk_keys(text)
-        with self._lock:
-            # Chain hashes: a hit at depth d means (barring collisions, checked later) that the first d
-            # chunks are shared.
-            serial, depth = self._index.deepest(keys)
-            entry = None if serial is None else self._entries.get(serial)
-            if entry is not None:
-                self._entries.move_to_end(serial)
+        # Chain hashes: a hit at depth d means (barring collisions, checked later) that the first d chunks
+        # are shared. Hashed a batch at a time while every key is found, so a new prompt hashes one batch
+        # (its plan's keys stop there); `_complete` hashes the rest of a text encoded whole.
+        keys: list[int] = []
+        serial: int | None = None
+        depth = 0
+        batch = FIRST_WALK_CHUNKS
+        while True:
+            keys = chunk_keys(text[: (len(keys) + batch) * CHUNK_CHARS], keys)
+            with self._lock:
+                found, walked = self._index.deepest(keys[depth:])
+            if found is not None:
+                serial = found
+            depth += walked
+            if depth < len(keys) or len(keys) * CHUNK_CHARS > len(text) - CHUNK_CHARS:
+                break
+            batch *= 2
+        entry = None
+        if serial is not None:
+            with self._lock:
+                entry = self._entries.get(serial)
+                if entry is not None:
+                    self._entries.move_to_end(serial)
         return self._plan(text, keys, entry, depth)
 
     def shared(self, plan: Plan) -> tuple[object, int] | None:
         """For an encoded `plan`: the tag of the head (`tag`) whose text it shares most of, and how many of
         its first ids are provably that text's too (so went where the tag says); None when no live tagged
         head shares more than a cut with it."""
+        if not self._tag_order:
+            return None
+        stored = plan.stored
+        with self._lock:
+            serial, depth = self._tagged.deepest(plan.keys if stored is None else stored.keys)
+            tagged = None if serial is None else self._entries.get(serial)
+        if tagged is None or tagged.tag is None or time.monotonic() >= tagged.tag_expiry:
+            return None
+        shared = depth * CHUNK_CHARS
+        if plan.text[:shared] != tagged.text[:shared]:  # a hash collision
+            return None
+        common = common_prefix_length(plan.text, tagged.text, shared)
+        cuts = (stored.chars, stored.tokens, stored.limits) if stored is not None else plan.entry_cuts
+        tokens = self._shared_tokens(cuts, common)
+        return (tagged.tag, tokens) if tokens else None
+
+    def holder(self, plan: Plan) -> tuple[object, int] | None:
+        """For a plan not yet encoded: the tag of the live head (`tag`) whose text it shares most of, and how
+        many of their first chars are the same; None when no live tagged head shares a chunk with it."""
         if not self._tag_order:
             return None
         with self._lock:
@@ -480,11 +517,7 @@ class PrefixCache:
         shared = depth * CHUNK_CHARS
         if plan.text[:shared] != tagged.text[:shared]:  # a hash collision
             return None
-        common = common_prefix_length(plan.text, tagged.text, shared)
-        stored = plan.stored
-        cuts = (stored.chars, stored.tokens, stored.limits) if stored is not None else plan.entry_cuts
-        tokens = self._shared_tokens(cuts, common)
-        return (tagged.tag, tokens) if tokens else None
+        return tagged.tag, common_prefix_length(plan.text, tagged.text, shared)
 
     def _plan(self, text: str, keys: list[int], entry: _Entry | None, depth: int) -> Plan:
         if entry is None:
@@ -553,19 +586,27 @@ class PrefixCache:
             self._split_joined += 1
         return self._complete(plan, ids, (chars, tokens, limits))
 
-    def head(self, plan: Plan, chars: int) -> tuple[list[int], int, object] | None:
+    def head(
+        self, plan: Plan, chars: int, overlap: int | None = None, released: bool = True
+    ) -> tuple[list[int], int, object] | None:
         """The ids of plan.text up to a cut near char plan.cut + `chars`, that cut and the entry stored for it
-        (to `tag`), encoding only that far
-        (plus the overlap a join needs): exact whatever the rest of the text is, by the argument split
-        encodes' joins rest on (`join_token`). Stored as a head entry, so that encoding the whole text next
-        reuses it. None when the tail is too short or no cut there can be proven."""
+        (to `tag`), encoding only that far (plus `overlap` chars, default the split encodes', for the join to
+        be proven): exact whatever the rest of the text is, by the argument split encodes' joins rest on
+        (`join_token`). Stored as a head entry, so that encoding the whole text next reuses it. None when the
+        tail is too short or no cut there can be proven. `released`: encode with the GIL released (on a
+        thread other than the event loop's)."""
+        if overlap is None:
+            overlap = self.split_overlap_chars
         tail = plan.tail
-        match = _WORD_START.search(tail, chars, min(chars + SPLIT_SEARCH_CHARS, len(tail) - self.split_overlap_chars))
+        match = _WORD_START.search(tail, chars, min(chars + SPLIT_SEARCH_CHARS, len(tail) - overlap))
         if match is None:
             return None
         cut = match.start()
-        text = tail[: cut + self.split_overlap_chars]
-        encoding = self._backend.encode_batch([text], add_special_tokens=False)[0]
+        text = tail[: cut + overlap]
+        if released:
+            encoding = self._backend.encode_batch([text], add_special_tokens=False)[0]
+        else:
+            encoding = self._backend.encode(text, add_special_tokens=False)
         join = join_token(text, encoding, cut, self._metaspace, self._added_margin)
         if join is None:
             with self._lock:
@@ -578,7 +619,10 @@ class PrefixCache:
         # The whole text, found again by all its chunks: a prompt sharing more than the head learns from
         # `plan` how much it shares with this one, and so where its blocks were sent (see `tag`).
         cuts = _extended(plan.entry_cuts, *(zip(*kept) if kept else ((), (), ())))
-        entry = _Entry(plan.text, ids, cuts, array("q", plan.keys), head_end=end)
+        # Keyed as far as the head at least: a later prompt sharing more than the head finds it by those
+        # chunks, and how much more it shares by comparing the texts.
+        keys = chunk_keys(plan.text[:end], plan.keys)
+        entry = _Entry(plan.text, ids, cuts, array("q", keys), head_end=end)
         with self._lock:
             self._heads += 1
             self._encoded_chars += len(text)
@@ -613,7 +657,8 @@ class PrefixCache:
     def _complete(self, plan: Plan, tail_ids: list[int], cuts: tuple[list[int], list[int], list[int]]) -> list[int]:
         ids = plan.prefix_ids + array("i", tail_ids)
         chars, tokens, limits = cuts
-        entry = _Entry(plan.text, ids, _extended(plan.entry_cuts, chars, tokens, limits), array("q", plan.keys))
+        keys = array("q", chunk_keys(plan.text, plan.keys))
+        entry = _Entry(plan.text, ids, _extended(plan.entry_cuts, chars, tokens, limits), keys)
         plan.stored = entry
         with self._lock:
             if plan.cut:
@@ -746,11 +791,13 @@ class TokenizationCollector(Collector):
         heads = CounterMetricFamily(
             "kvgate_tokenizer_head_encodes",
             "Long prompts whose head only was encoded to route them, by result (routed: the head decided the "
-            "route, the rest was never encoded; completed: encoded whole after all; fallback: no exact cut)",
+            "route, the rest was never encoded; completed: encoded whole after all; deepened: a longer head "
+            "followed; fallback: no exact cut)",
             labels=("result",),
         )
-        heads.add_metric(["routed"], info.heads - info.heads_completed)
+        heads.add_metric(["routed"], info.heads - info.heads_completed - info.heads_deepened)
         heads.add_metric(["completed"], info.heads_completed)
+        heads.add_metric(["deepened"], info.heads_deepened)
         heads.add_metric(["fallback"], info.head_fallbacks)
         prefixes = CounterMetricFamily(
             "kvgate_tokenizer_prefix_routes",

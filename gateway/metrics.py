@@ -467,6 +467,8 @@ class GatewayMetrics:
 
     def _observe_overlap(self, worker: str, prompt_blocks: int, per_tier: Iterable[int]) -> None:
         per_tier = list(per_tier)
+        # A head-routed prompt's worker may be scored on more than its head (``Router.route_head``'s holder).
+        per_tier[0] = max(0, min(per_tier[0], prompt_blocks - sum(per_tier[1:])))
         overlap = sum(per_tier)
         self.child(self.prompt_blocks, worker).inc(prompt_blocks)
         for tier, count in zip(Tier, per_tier):

@@ -52,19 +52,28 @@ segments); the offload threshold applies to the characters left to encode.
 
 Heads (with the prefix cache on; `head_chars`, the gateway's `route_head_chars`): a prompt with at least
 4 x head_chars chars left to encode is first encoded only that far, to a cut proven exact as split encodes'
-joins are (`PrefixCache.head`), and returned as a `HeadEncoding`. A worker's prefix match ends at its first
-missing block, so when no worker holds all of the head's blocks the head alone decides the route, and the
-rest of a long cold prompt (a new document, a first turn) is never encoded: the gateway forwards text and
-the engine tokenizes it anyway. Its size is estimated from the recent tokens per UTF-8 byte and bounded by
-its bytes (a byte-level token covers at least one). `finish_head_async` encodes the rest when the head does
-not decide, reusing it. A routed head is tagged with where its prompt went (`tag_head`); a later prompt that
-shares more than the head with it (`Plan.beyond_head`) is encoded whole, and its `Tokenized` says how many of
-its first ids provably are that prompt's too, so the router predicts those blocks where that prompt went.
-A prompt that extends a cached one by less than the offload threshold (a conversation's next turn) is
-returned as a `HeadEncoding` too, its head the cached prefix's ids (`HeadEncoding.prefix`): the router
-decides on it when the rest cannot change the choice (`Router.route_head` with `token_bound`), and the
-gateway encodes the rest with `finish_prefix_route` once the request is on its way, storing the whole
-prompt for the next turn.
+joins are (`PrefixCache.head`; a short head on the event loop, proven with a short overlap when it can be),
+and returned as a `HeadEncoding`. A worker's prefix match ends at its first missing block, so when no worker
+holds all of the head's blocks the head alone decides the route, and the rest of a long cold prompt (a new
+document, a first turn) is never encoded: the gateway forwards text and the engine tokenizes it anyway. Its
+size is estimated from the head's tokens per UTF-8 byte and bounded by its bytes (a byte-level token covers
+at least one). When the head does not decide, `deepen_head_async` encodes a head HEAD_GROWTH times as long
+past it, and so on until the rest is short, when it is encoded whole (the heads are not encoded again). A
+routed head is tagged with where its prompt went (`tag_head`).
+A prompt that extends a cached one by less than the offload threshold (a conversation's next turn), or that
+shares more than its head with a prompt routed on its head (`Plan.beyond_head`: the turn after a long first
+turn), is returned as a `HeadEncoding` too, its head the cached prefix's ids (`HeadEncoding.prefix`), and in
+the second case with where that prompt went and about how much the two share (`HeadEncoding.holder`, which
+the router scores that worker with): the router decides on it when the rest cannot change the choice
+(`Router.route_head` with `token_bound`), and the gateway encodes the rest once the request is on its way
+(`finish_prefix_route_async`; a long rest on a thread of its own), storing the whole prompt for the next
+turn. When the head does not decide, the prompt is encoded whole, and its `Tokenized` says how many of its
+first ids provably are a tagged prompt's too, so the router predicts those blocks where that prompt went.
+
+Chat templates are rendered by the compiled template itself, without `apply_chat_template`'s per-call copy
+and normalization of the messages (most of its cost), for requests without `chat_template_kwargs`,
+`continue_final_message` or reasoning fields; a load-time self-test compares the two on sample
+conversations, and property tests on the real tokenizers' templates.
 """
 
 from __future__ import annotations
@@ -82,7 +91,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import jinja2
@@ -121,6 +130,43 @@ UNTRUSTED_CHAT_TEMPLATE = (
     "Refused request with untrusted chat template."
 )
 _PROBE_CONVERSATION = ({"role": "user", "content": "probe"},)
+# The message fields transformers' `apply_chat_template` copies under each other's names.
+_REASONING_KEYS = frozenset({"reasoning_content", "thinking", "reasoning"})
+
+
+def _direct_render_samples(content_format: str) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]]:
+    """Conversations the direct render is compared on at load (`Preprocessor._direct_render_setting`)."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    parts: Any = [{"type": "text", "text": "Part one."}, {"type": "text", "text": "Part two."}]
+    yield [{"role": "user", "content": "Hello there"}], None
+    yield (
+        [
+            {"role": "system", "content": "You are brief.", "name": None},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": parts if content_format == "openai" else "Part one.\nPart two."},
+        ],
+        None,
+    )
+    yield (
+        [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 20C"},
+        ],
+        [tool],
+    )
+    yield [{"role": "user", "content": "Any tools?"}], [tool]
+
+
 # Texts around which the load-time self-test places added tokens: whitespace and newlines that a
 # pre-tokenizer could merge across a boundary, combining marks, non-BMP characters, CRLF.
 _SELF_TEST_TEXTS = (
@@ -187,7 +233,14 @@ class PreprocessorConfig:
     split_parts: int | None = None
     # With the prefix cache on, a prompt with at least 4x this many chars left to encode is first encoded only
     # this far (its head, see `HeadEncoding`); 0: off.
-    head_chars: int = 2048
+    head_chars: int = 512
+
+
+# A head that does not decide its route is followed by one this many times as long (`deepen_head_async`).
+HEAD_GROWTH = 4
+# Chars a head encodes past its cut to prove it (the split encodes' 512 when that is not enough): the two
+# pieces after a cut are a few words unless the text has long runs without a word start.
+HEAD_OVERLAP_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -198,8 +251,10 @@ class HeadEncoding:
     count is needed).
 
     Two kinds: a long cold prompt's first `head_chars` (its rest is never encoded when the head decides), and
-    a prompt extending a cached one (`plan` set: the head is the cached prefix's ids, and the short rest is
-    encoded after the request was forwarded, `finish_prefix_route`, so the next turn finds it cached)."""
+    a prompt extending a cached one (`plan` set: the head is the cached prefix's ids, and the rest is encoded
+    after the request was forwarded, `finish_prefix_route_async`, so the next turn finds it cached). The rest
+    is short (a new turn of a conversation the cache holds whole) or, when the cached prompt is itself a head
+    whose rest was never encoded (the turn after a long first turn), as long as that rest."""
 
     text: str
     ids: list[int]  # the exact ids of text[:chars] (after the special-token head when framed)
@@ -209,10 +264,14 @@ class HeadEncoding:
     token_estimate: int  # its likely token count (the head's + the rest's bytes at the recent ratio)
     entry: object = field(default=None, repr=False, compare=False)  # the prefix cache's, for `tag_head`
     plan: Plan | None = field(default=None, repr=False, compare=False)  # a cached prefix's head: the rest's plan
+    span: int = 0  # a cold head's: how many chars past the cached prefix it asked for (`deepen_head_async`)
+    # A cached prefix's head that is part of a prompt routed on its head alone: that prompt's tag (where it
+    # went, `tag_head`) and about how many of this prompt's first tokens the two share.
+    holder: tuple[object, int] | None = None
 
     @property
     def prefix(self) -> bool:
-        """The head is a cached prefix, and the rest is short (see the class docstring)."""
+        """The head is a cached prefix (see the class docstring)."""
         return self.plan is not None
 
 
@@ -264,7 +323,10 @@ class Preprocessor:
         self.content_format: ContentFormat = detect_content_format(self.chat_template)
         # Load-time probe: a syntax error or a template that cannot render one user turn fails here, not
         # on the first request.
+        self._template_kwargs: dict[str, Any] = dict(self.tokenizer.special_tokens_map)
+        self._direct_render = False
         self.render_chat(list(_PROBE_CONVERSATION))
+        self._direct_render, self.direct_render_off_reason = self._direct_render_setting()
         self._backend = _private_backend(self.tokenizer)
         self.max_token_id = max(self.tokenizer.get_vocab().values())
         self.context_length = (
@@ -279,6 +341,7 @@ class Preprocessor:
         self._head_chars, self.head_off_reason = self._head_setting()
         self._lock = threading.Lock()
         self._heads_completed = 0
+        self._heads_deepened = 0
         self._prefix_routed = 0
         self._prefix_completed = 0
         # None when it cannot change a text (an empty sequence still copies it: ~0.3 ms for 50k chars).
@@ -298,6 +361,9 @@ class Preprocessor:
             if self._segments is None and config.segment_cache_bytes:
                 log.warning("tokenizer segment cache off for %s: %s", config.model, self._segments_off_reason)
         self._executor = ThreadPoolExecutor(max_workers=config.executor_threads, thread_name_prefix="kvgate-tokenize")
+        # Rests of prompts already forwarded (`finish_prefix_route_async`): their own thread, so that no
+        # request waiting for its tokens queues behind them.
+        self._rest_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvgate-tokenize-rest")
 
     @classmethod
     def load(cls, model: str, **options: Any) -> Preprocessor:
@@ -305,6 +371,7 @@ class Preprocessor:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._rest_executor.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Preprocessor:
         return self
@@ -353,7 +420,12 @@ class Preprocessor:
             template = chat_template
         conversation = normalize_messages(messages, detect_content_format(template))
         try:
-            prompt = self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False, **kwargs)
+            if self._direct_render and chat_template_kwargs is None and not continue_final_message:
+                prompt = self._render_direct(template, conversation, kwargs["tools"], add_generation_prompt)
+            else:
+                prompt = self.tokenizer.apply_chat_template(
+                    conversation, chat_template=template, tokenize=False, **kwargs
+                )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
@@ -363,6 +435,53 @@ class Preprocessor:
         if not isinstance(prompt, str):
             raise TokenizerError("chat template did not render a string")
         return prompt
+
+    def _render_direct(
+        self, template: str, conversation: list[dict[str, Any]], tools: Any, add_generation_prompt: bool
+    ) -> str:
+        """What `apply_chat_template` renders for JSON-typed messages without reasoning fields, with none of its
+        per-call copying and normalizing of the messages (most of its cost): messages without their null
+        fields, the tokenizer's special tokens as template variables (`_direct_render_setting` checks it is
+        the same at load)."""
+        chat = []
+        for message in conversation:
+            if not _REASONING_KEYS.isdisjoint(message):
+                # transformers aliases a message's reasoning under several names: its own path does that.
+                return self.tokenizer.apply_chat_template(
+                    conversation,
+                    chat_template=template,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    tools=tools,
+                )
+            chat.append({key: value for key, value in message.items() if value is not None})
+        return _compile_jinja_template(template).render(
+            messages=chat,
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **self._template_kwargs,
+        )
+
+    def _direct_render_setting(self) -> tuple[bool, str]:
+        """Whether `_render_direct` renders what `apply_chat_template` does, on sample conversations (with and
+        without a generation prompt, tools, tool calls and a tool's answer, null fields, content parts)."""
+        self._direct_render = False
+        for messages, tools in _direct_render_samples(self.content_format):
+            for generation in (True, False):
+                try:
+                    expected = self.render_chat(messages, add_generation_prompt=generation, tools=tools)
+                except TokenizerError:
+                    continue
+                conversation = normalize_messages(messages, self.content_format)
+                try:
+                    got = self._render_direct(self.chat_template, conversation, normalize_tools(tools), generation)
+                except Exception as exc:  # noqa: BLE001 - any failure of the direct path turns it off
+                    return False, f"self-test: the direct render failed: {exc}"
+                if got != expected:
+                    return False, "self-test: the direct render differs from apply_chat_template"
+        self._direct_render = True
+        return True, ""
 
     def _template(self, tools: Any) -> str:
         try:
@@ -452,6 +571,20 @@ class Preprocessor:
             self._prefix_routed += 1
         return _non_empty(self._finish_prefix(head.plan, head.add_special_tokens, released=False))
 
+    async def finish_prefix_route_async(self, head: HeadEncoding) -> list[int]:
+        """`finish_prefix_route`, its rest encoded on the tokenizer threads when it is long (`long_rest`)."""
+        if not self.long_rest(head):
+            return self.finish_prefix_route(head)
+        assert head.plan is not None and self._prefix is not None
+        with self._lock:
+            self._prefix_routed += 1
+        work = functools.partial(self._finish_prefix, head.plan, head.add_special_tokens, released=True)
+        return _non_empty(await asyncio.get_running_loop().run_in_executor(self._rest_executor, work))
+
+    def long_rest(self, head: HeadEncoding) -> bool:
+        """Whether the rest of a prompt routed on its cached prefix is too long to encode on the event loop."""
+        return len(head.text) - head.chars >= self.config.offload_threshold_chars
+
     def tag_head(self, head: HeadEncoding, tag: object, ttl: float) -> None:
         """`head`'s whole prompt was sent where `tag` says (a prompt routed on its head alone). For `ttl`
         seconds, a prompt sharing more than that head with it is encoded whole, and its `Tokenized` says how
@@ -466,27 +599,68 @@ class Preprocessor:
             return Tokenized((await self._encode_text_async(text, add_special_tokens))[0])
         assert self._prefix is not None
         plan = self._prefix_plan(text)
-        # A text sharing more than a head with its prompt, which may have been routed on that head alone:
-        # that prompt's blocks past the head are where it was sent, which only a whole encode of this one
-        # can tell (`_encode_planned`).
-        if plan.done or plan.beyond_head:
+        if plan.done:
             return await self._encode_planned(plan, add_special_tokens)
         rest_chars = len(plan.text) - plan.cut
-        if plan.cut and rest_chars < self.config.offload_threshold_chars:
-            # A new turn of a cached conversation: routed on the cached prefix, the rest encoded after forwarding.
-            return self._head_encoding(plan.text, plan.prefix_ids.tolist(), plan.cut, add_special_tokens, None, plan)
-        if rest_chars < 4 * head_chars:
+        if plan.cut and (plan.beyond_head or rest_chars < self.config.offload_threshold_chars):
+            # A new turn of a cached conversation: routed on the cached prefix, the rest encoded after
+            # forwarding. Also a text sharing more than a head with a prompt routed on that head alone (the
+            # next turn of a long first turn): the head's blocks are where that prompt went, so the head
+            # decides unless another worker is cheaper there (`Router.route_head`); when it does not, the
+            # whole encode tells how much of it went where (`_encode_planned`, `PrefixCache.shared`).
+            if not plan.beyond_head:
+                return self._head_encoding(text, plan.prefix_ids.tolist(), plan.cut, add_special_tokens, None, plan)
+            # Its long rest is estimated at its head's own ratio (the same document, see `_cold_head`).
+            ratio = len(plan.prefix_ids) / max(1, _utf8_size(self._normalized(text[: plan.cut])))
+            head = self._head_encoding(text, plan.prefix_ids.tolist(), plan.cut, add_special_tokens, None, plan, ratio)
+            holder = self._prefix.holder(plan)
+            if holder is not None:
+                tag, common = holder
+                shared = _utf8_size(self._normalized(text[plan.cut : common]))
+                head = replace(head, holder=(tag, len(head.ids) + round(shared * ratio)))
+            return head
+        if plan.beyond_head:
             return await self._encode_planned(plan, add_special_tokens)
-        loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._executor, self._prefix.head, plan, head_chars)
+        return await self._cold_head(plan, add_special_tokens, head_chars)
+
+    async def deepen_head_async(self, head: HeadEncoding) -> Tokenized | HeadEncoding:
+        """For a head that did not decide its route: a cold head's next one, `HEAD_GROWTH` times as far past
+        it (some worker holds all of it: its prompt may share more with that worker's), or all the prompt's
+        ids when the rest is shorter than that; a cached prefix's head is encoded whole (`finish_head_async`)."""
+        if head.plan is not None or not head.span:
+            return await self.finish_head_async(head)
+        assert self._prefix is not None
+        # The plan starts at the head's last cut (its entry is cached), so only the new text is encoded.
+        deeper = await self._cold_head(self._prefix_plan(head.text), head.add_special_tokens, HEAD_GROWTH * head.span)
+        with self._lock:
+            if isinstance(deeper, HeadEncoding):
+                self._heads_deepened += 1
+            else:
+                self._heads_completed += 1
+        return deeper
+
+    async def _cold_head(self, plan: Plan, add_special_tokens: bool, span: int) -> Tokenized | HeadEncoding:
+        """plan.text's ids up to a cut about `span` chars past plan.cut, or all of them when the rest is
+        shorter than 4 x `span` (or no cut there can be proven)."""
+        assert self._prefix is not None
+        if len(plan.text) - plan.cut < 4 * span:
+            return await self._encode_planned(plan, add_special_tokens)
+        found = None
+        if span + HEAD_OVERLAP_CHARS < self.config.offload_threshold_chars:
+            # A short head is encoded here, on the loop, as a short prompt is: less than the threads' round trip.
+            found = self._prefix.head(plan, span, HEAD_OVERLAP_CHARS, released=False)
+        if found is None:
+            # A long head, or a short one whose cut the short overlap could not prove.
+            loop = asyncio.get_running_loop()
+            found = await loop.run_in_executor(self._executor, self._prefix.head, plan, span)
         if found is None:
             return await self._encode_planned(plan, add_special_tokens)
         ids, chars, entry = found
         # The rest is estimated at the head's own ratio: the same document, where the recent prompts' ratio
         # may be another script's or kind of text's (a synthetic document's 0.07 tokens per byte was
         # estimated at prose's 0.25: 3.5x its tokens queued on its worker until its first token).
-        head_ratio = self._learn_tokens_per_byte(len(ids) - len(plan.prefix_ids), text[plan.cut : chars])
-        return self._head_encoding(text, ids, chars, add_special_tokens, entry, None, head_ratio)
+        head_ratio = self._learn_tokens_per_byte(len(ids) - len(plan.prefix_ids), plan.text[plan.cut : chars])
+        return self._head_encoding(plan.text, ids, chars, add_special_tokens, entry, None, head_ratio, span)
 
     def _head_encoding(
         self,
@@ -497,6 +671,7 @@ class Preprocessor:
         entry: object,
         plan: Plan | None,
         tokens_per_byte: float | None = None,
+        span: int = 0,
     ) -> HeadEncoding:
         """`text`'s head: its ids up to char `chars`, with a bound and an estimate of the whole prompt's count
         (the rest's bytes at `tokens_per_byte`, by default the recent prompts' ratio)."""
@@ -517,6 +692,7 @@ class Preprocessor:
             len(ids) + round(rest_bytes * tokens_per_byte) + framed,
             entry,
             plan,
+            span,
         )
 
     async def _encode_planned(self, plan: Plan, add_special_tokens: bool) -> Tokenized:
@@ -584,11 +760,13 @@ class Preprocessor:
             return IncrementalInfo(False, self._prefix_off_reason, 0, 0, 0, 0, 0, 0)
         with self._lock:
             completed, routed, prefix_completed = self._heads_completed, self._prefix_routed, self._prefix_completed
+            deepened = self._heads_deepened
         return IncrementalInfo(
             True,
             "",
             *self._prefix.counters(),
             heads_completed=completed,
+            heads_deepened=deepened,
             prefix_routed=routed,
             prefix_completed=prefix_completed,
         )

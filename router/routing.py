@@ -138,6 +138,7 @@ class Router:
         cache_salt: str | None = None,
         exclude: Collection[WorkerKey | str] = (),
         token_bound: int | None = None,
+        holder: tuple[WorkerKey, int] | None = None,
     ) -> Decision | None:
         """Choose a worker for a prompt of ``prompt_tokens`` tokens (an estimate) of which only the first
         ``head_ids`` are known, or None when the head does not decide it.
@@ -150,15 +151,27 @@ class Router:
         stays the cheapest beyond a tie even if every such holder other than it held the whole rest:
         more of the prompt on the chosen one only makes it cheaper. Otherwise (or with no bound) the
         caller encodes the whole prompt and calls ``route``. Only in ``kv`` mode at ``temperature`` 0: there
-        the choice is the cheapest total's, and a decision the head does not settle is dropped unseen."""
+        the choice is the cheapest total's, and a decision the head does not settle is dropped unseen.
+
+        ``holder`` = (worker, n): the prompt's first n tokens (an estimate) are a prompt's this router sent
+        to that worker recently, routed on its head alone (a long first turn, whose next turn this is).
+        While that worker holds all of this head, it is scored as holding those n tokens too (predicted)."""
         t0 = time.perf_counter()
-        seq_hashes = sequence_hashes(head_ids, self.config.block_size, lora_name, cache_salt=cache_salt)
+        block_size = self.config.block_size
+        seq_hashes = sequence_hashes(head_ids, block_size, lora_name, cache_salt=cache_salt)
         hashed = time.perf_counter() - t0
         if not seq_hashes:
             return None
         t0 = time.perf_counter()
         full = len(seq_hashes)
         matches = self.indexer.find_matches(seq_hashes)
+        if holder is not None:
+            key, tokens = holder
+            held = matches.get(key)
+            blocks = min(tokens, prompt_tokens) // block_size
+            if held is not None and held.depth >= full and blocks > held.depth:
+                gpu, cpu, disk = held.per_tier
+                matches = {**matches, key: Match(blocks, [gpu + blocks - held.depth, cpu, disk], True)}
         holders = [key for key, match in matches.items() if match.depth >= full]
         # A choice that is not the cheapest total's (a rotation, a draw) cannot be checked against holders,
         # and a discarded one would still move its cursor or its random stream.

@@ -356,6 +356,30 @@ def test_a_cached_prefix_does_not_decide_when_another_holder_could_be_cheaper():
     assert decision is not None and decision.chosen == B
 
 
+def test_a_head_routed_prompts_next_turn_is_scored_with_all_it_shares_on_that_worker():
+    """The turn after a long first turn routed on its head: only that head's blocks are known to be on its
+    worker a, while b, idle, looks cheaper on the head alone; the prefix cache says the two prompts share
+    ~2,000 tokens (``holder``), so a is scored holding them and the head decides for a."""
+    router, indexer = fleet("a", "b")
+    head = tokens(640)
+    Engine(indexer, "a").store(head)
+    router.begin("queued", router.route(tokens(64, 40_000)), 1_000, A)  # some prefill queued on a
+    assert router.route(head).chosen == B
+    assert router.route_head(head, 2_200, token_bound=2_300) is None  # a holding more could be cheaper
+    decision = router.route_head(head, 2_200, token_bound=2_300, holder=(A, 2_000))
+    assert decision is not None and decision.chosen == A and decision.head_only
+    held = decision.score_of(A)
+    assert held.depth == 2_000 // BS and held.predicted and held.uncached_tokens == 2_200 - 31 * BS
+    # Only the head's blocks are hashed: the rest is predicted once its ids are known (``extend``).
+    assert decision.seq_hashes == sequence_hashes(head, BS)
+    # A holder that no longer holds the whole head (evicted) gets nothing for it.
+    router2, indexer2 = fleet("a", "b")
+    Engine(indexer2, "a").store(head[:320])
+    router2.begin("queued", router2.route(tokens(64, 40_000)), 1_000, A)
+    decision = router2.route_head(head, 2_200, token_bound=2_300, holder=(A, 2_000))
+    assert decision is not None and decision.chosen == B and decision.score_of(A).depth == 5
+
+
 def test_extend_predicts_the_rest_of_a_prompt_routed_on_its_head():
     router, indexer = fleet("a", "b")
     prompt = tokens(2_200)  # 34 full blocks

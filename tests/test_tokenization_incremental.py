@@ -23,7 +23,15 @@ from tokenizers import Tokenizer
 
 from kvgate.gateway import incremental
 from kvgate.gateway.incremental import PrefixCache
-from kvgate.gateway.tokenization import HeadEncoding, Preprocessor, Tokenized
+from kvgate.gateway.tokenization import (
+    HEAD_GROWTH,
+    HeadEncoding,
+    Preprocessor,
+    Tokenized,
+    TokenizerError,
+    detect_content_format,
+    normalize_messages,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FETCHED = REPO / "models" / "fetched"
@@ -422,7 +430,7 @@ async def test_a_long_prompt_is_encoded_only_to_its_head(name: str) -> None:
     whole = pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
     head = await pre.encode_chat_head_async(messages)
     assert isinstance(head, HeadEncoding)
-    assert head.ids == whole[: len(head.ids)] and 200 < len(head.ids) < len(whole) / 8
+    assert head.ids == whole[: len(head.ids)] and 100 < len(head.ids) < len(whole) / 8
     assert head.token_bound >= len(whole) and 0.7 * len(whole) < head.token_estimate < 1.3 * len(whole)
     info = pre.incremental_info()
     assert info.heads == 1 and info.encoded_chars < len(head.text) / 8, info
@@ -462,11 +470,19 @@ async def test_a_prompt_sharing_more_than_a_routed_head_learns_where_that_prompt
     first = await pre.encode_prompt_head_async(document + " Question one?")
     assert isinstance(first, HeadEncoding)
     pre.tag_head(first, "w1", ttl=60.0)  # it was routed on its head and sent to w1
-    second = await pre.encode_prompt_head_async(document + " Question two?")
-    # Sharing the whole document with it: encoded whole, and told how much it shares.
+    head = await pre.encode_prompt_head_async(document + " Question two?")
+    # Sharing the whole document with it: routed on that head (cached), with where the first went and about
+    # how much the two share, so the router scores w1 as holding it (`Router.route_head`'s holder).
+    whole_second = pre._backend.encode(document + " Question two?", add_special_tokens=True).ids
+    assert isinstance(head, HeadEncoding) and head.prefix and head.ids == whole_second[: len(head.ids)]
+    assert head.holder is not None and head.holder[0] == "w1"
+    # (An estimate at the head's own ratio: this document's later numbers take more tokens per byte.)
+    assert abs(head.holder[1] - len(whole_second)) < 0.25 * len(whole_second), (head.holder, len(whole_second))
+    # When the head does not decide, it is encoded whole and told exactly how much it shares.
+    second = await pre.finish_head_async(head)
     assert isinstance(second, Tokenized) and second.shared_tag == "w1"
     whole_first = pre._backend.encode(document + " Question one?", add_special_tokens=True).ids
-    assert second.ids == pre._backend.encode(document + " Question two?", add_special_tokens=True).ids
+    assert second.ids == whole_second
     shared = second.shared_tokens
     assert len(second.ids) - 40 < shared < len(second.ids) and second.ids[:shared] == whole_first[:shared]
     # A tag lives only as long as its ttl.
@@ -475,7 +491,8 @@ async def test_a_prompt_sharing_more_than_a_routed_head_learns_where_that_prompt
     assert isinstance(third, HeadEncoding)
     pre.tag_head(third, "w2", ttl=0.0)
     fourth = await pre.encode_prompt_head_async(other + " Question four?")
-    assert not isinstance(fourth, Tokenized) or fourth.shared_tag is None
+    assert isinstance(fourth, HeadEncoding) and fourth.holder is None
+    assert (await pre.finish_head_async(fourth)).shared_tag is None
     # A prompt looked up before the first one is routed (so before its tag) is still encoded whole, as it
     # shares more than that head, and learns where the first went once it is tagged.
     document = _document(3000, start=90_000)
@@ -487,6 +504,103 @@ async def test_a_prompt_sharing_more_than_a_routed_head_learns_where_that_prompt
     pre.tag_head(fifth, "w3", ttl=60.0)
     sixth = await pre._encode_planned(plan, True)
     assert sixth.shared_tag == "w3" and sixth.shared_tokens > len(sixth.ids) - 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("llama3", "deepseek_v3"))
+async def test_a_head_that_does_not_decide_is_followed_by_a_longer_one(name: str) -> None:
+    """Some worker holds all of a head (its prompt may share more with that worker's): the next head reaches
+    HEAD_GROWTH times as far past it, encoding only the new text, until the rest is short; then all the ids."""
+    pre = Preprocessor.load(str(model_dir(name)), context_length=1 << 20)
+    text = _document(4000)  # ~40k chars
+    whole = pre._backend.encode(text, add_special_tokens=True).ids
+    head = await pre.encode_prompt_head_async(text)
+    assert isinstance(head, HeadEncoding) and head.span == pre._head_chars == 512
+    heads = [head]
+    while isinstance(head, HeadEncoding):
+        head = await pre.deepen_head_async(head)
+        if isinstance(head, HeadEncoding):
+            assert head.span == HEAD_GROWTH * heads[-1].span and head.chars > heads[-1].chars
+            assert head.ids == whole[: len(head.ids)] and len(head.ids) > len(heads[-1].ids)
+            assert head.token_bound >= len(whole) and 0.8 * len(whole) < head.token_estimate < 1.2 * len(whole)
+            heads.append(head)
+    # Spans of 512, 2k and 8k chars; then a 32k one would leave less than 4x its length: the rest, whole.
+    assert head.ids == whole and len(heads) == 3
+    info = pre.incremental_info()
+    assert (info.heads, info.heads_deepened, info.heads_completed) == (3, 2, 1), info
+    # Nothing was encoded twice (but the overlaps that prove each cut).
+    assert info.encoded_chars < len(text) + 3 * 600, (info.encoded_chars, len(text))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("llama3", "deepseek_v3"))
+async def test_the_turn_after_a_long_first_turn_is_routed_on_its_head_and_its_rest_encoded_after(name: str) -> None:
+    """A first turn routed on its head alone leaves its rest unencoded: the next turn is routed on that cached
+    head (with where the first went), its long rest encoded once forwarded, off the event loop, so the turn
+    after that finds it all cached."""
+    pre = Preprocessor.load(str(model_dir(name)), context_length=1 << 20)
+    messages = [{"role": "system", "content": _document(3000)}, {"role": "user", "content": "First?"}]
+    first = await pre.encode_chat_head_async(messages)
+    assert isinstance(first, HeadEncoding) and not first.prefix
+    pre.tag_head(first, "w0", ttl=60.0)
+    messages += [{"role": "assistant", "content": "An answer."}, {"role": "user", "content": "Second?"}]
+    second = await pre.encode_chat_head_async(messages)
+    whole = pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+    assert isinstance(second, HeadEncoding) and second.prefix and second.holder is not None
+    assert second.ids == whole[: len(second.ids)] and len(second.ids) <= len(first.ids)
+    assert second.holder[0] == "w0" and abs(second.holder[1] - len(whole)) < 0.25 * len(whole)
+    assert pre.long_rest(second)
+    encoded = pre.incremental_info().encoded_chars
+    assert await pre.finish_prefix_route_async(second) == whole
+    assert pre.incremental_info().encoded_chars - encoded < len(second.text) - second.chars + 600
+    messages += [{"role": "assistant", "content": "Another."}, {"role": "user", "content": "Third?"}]
+    third = await pre.encode_chat_head_async(messages)
+    assert isinstance(third, HeadEncoding) and third.prefix and not pre.long_rest(third)
+    assert len(third.ids) > len(whole) - 64 and third.holder is None
+    assert (
+        pre.finish_prefix_route(third) == pre._backend.encode(pre.render_chat(messages), add_special_tokens=False).ids
+    )
+
+
+@pytest.mark.parametrize("name", ("llama3", "deepseek_v3"))
+def test_a_short_head_is_proven_with_a_short_overlap_or_else_the_long_one(name: str) -> None:
+    tok = backend(name)
+    cache = PrefixCache(tok, 1 << 30, incremental.uses_metaspace(tok))
+    words = _document(100)
+    # A word start just past the head's length, then a 300-char word: the two pieces after the cut end past
+    # a 128-char overlap, so only the 512-char one proves the cut.
+    text = words[:600].rstrip() + " " + "y" * 300 + " " + _document(2000, start=500)
+    at = len(words[:600].rstrip())
+    plan = cache.plan(text)
+    assert cache.head(plan, at, overlap=128, released=False) is None
+    found = cache.head(plan, at)
+    assert found is not None
+    ids, end, _ = found
+    assert end == at and ids == tok.encode(text, add_special_tokens=False).ids[: len(ids)]
+    # A plain text is proven with the short overlap, encoded on the calling thread.
+    plain = _document(3000, start=10_000)
+    found = cache.head(cache.plan(plain), 512, overlap=128, released=False)
+    assert found is not None and found[0] == tok.encode(plain, add_special_tokens=False).ids[: len(found[0])]
+
+
+def test_a_plan_hashes_a_new_texts_first_chunks_only_and_a_stored_one_whole() -> None:
+    tok = backend("llama3")
+    cache = PrefixCache(tok, 1 << 30, incremental.uses_metaspace(tok))
+    text = _document(3000)
+    chunks = len(text) // incremental.CHUNK_CHARS
+    plan = cache.plan(text)
+    assert plan.cut == 0 and len(plan.keys) == incremental.FIRST_WALK_CHUNKS < chunks
+    ids = cache.finish(plan, tok.encode(plan.tail, add_special_tokens=False))
+    assert plan.stored is not None and len(plan.stored.keys) == chunks
+    # A text extending it walks all of its chunks (batches doubling while each is found).
+    longer = cache.plan(text + " and one more sentence.")
+    assert len(longer.keys) >= chunks and longer.cut > len(text) - 300
+    assert longer.prefix_ids.tolist() == ids[: len(longer.prefix_ids)]
+    # Two texts sharing a long prefix each find themselves, not the other, past it.
+    fork = text[: len(text) // 2] + _document(1500, start=70_000)
+    assert incremental_ids(cache, tok, fork)[0] == tok.encode(fork, add_special_tokens=False).ids
+    again = cache.plan(text + " again.")
+    assert again.cut > len(text) - 300
 
 
 def test_expired_head_tags_are_dropped_a_few_per_tag_and_never_count(monkeypatch) -> None:
@@ -521,3 +635,67 @@ def test_expired_head_tags_are_dropped_a_few_per_tag_and_never_count(monkeypatch
     assert all(entry.tag_expiry > clock[0] for entry in cache._tag_order)
     assert len(cache._tag_order) == 6
     assert cache._tagged.deepest(cache.plan(still + " and more").keys)[0] is None
+
+
+# -- the direct chat-template render -------------------------------------------------------------------------
+
+_TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "description": "Look a word up", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def _conversations(name: str) -> st.SearchStrategy[tuple[list[dict[str, Any]], bool, bool]]:
+    text = st.sampled_from(FRAGMENTS + added_tokens(name)[:8]) | st.text(max_size=12)
+    content = st.lists(text, min_size=1, max_size=4).map(" ".join)
+    call = {"id": "call_0", "type": "function", "function": {"name": "lookup", "arguments": '{"w": "x"}'}}
+    message = st.one_of(
+        st.builds(lambda c: {"role": "system", "content": c}, content),
+        st.builds(lambda c, n: {"role": "user", "content": c, "name": n}, content, st.none() | st.just("ann")),
+        st.builds(lambda c: {"role": "assistant", "content": c}, content),
+        st.just({"role": "assistant", "content": None, "tool_calls": [call]}),
+        st.builds(lambda c: {"role": "tool", "content": c, "tool_call_id": "call_0"}, content),
+        st.builds(lambda c: {"role": "user", "content": [{"type": "text", "text": c}]}, content),
+    )
+    return st.tuples(st.lists(message, min_size=1, max_size=6), st.booleans(), st.booleans())
+
+
+@tokenizer_property(CHAT, examples=60)
+def test_the_direct_render_is_apply_chat_templates(name: str, data: st.DataObject) -> None:
+    """Chat templates are rendered without transformers' per-call copying of the messages
+    (`Preprocessor._render_direct`): the same text, or the same refusal, for any conversation."""
+    pre = preprocessor(name)
+    assert pre.direct_render_off_reason == "" and pre._direct_render
+    messages, generation, with_tools = data.draw(_conversations(name))
+    tools = [_TOOL] if with_tools else None
+    template = pre._template(tools)
+    conversation = normalize_messages(messages, detect_content_format(template))
+    try:
+        expected = pre.tokenizer.apply_chat_template(
+            conversation, chat_template=template, tokenize=False, add_generation_prompt=generation, tools=tools
+        )
+    except Exception:  # noqa: BLE001 - a template refusing these messages must refuse them on both paths
+        with pytest.raises(TokenizerError):
+            pre.render_chat(messages, add_generation_prompt=generation, tools=tools)
+        return
+    assert pre.render_chat(messages, add_generation_prompt=generation, tools=tools) == expected
+
+
+def test_the_direct_render_is_off_when_it_differs_and_reasoning_takes_transformers_path() -> None:
+    pre = Preprocessor.load(str(model_dir("deepseek_v3")), context_length=4096)
+    assert pre._direct_render
+    # The tokenizer's special tokens are template variables (DeepSeek's starts with bos_token): without
+    # them the direct render differs, and the self-test turns it off.
+    pre._template_kwargs = {}
+    on, reason = pre._direct_render_setting()
+    assert not on and not pre._direct_render and "differs" in reason
+    # A message with reasoning goes through apply_chat_template, which copies it under each of its names.
+    qwen = Preprocessor.load(str(model_dir("qwen3")), context_length=4096)
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning": "greet back"},
+        {"role": "user", "content": "Again"},
+    ]
+    conversation = normalize_messages(messages, qwen.content_format)
+    expected = qwen.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert qwen.render_chat(messages) == expected
