@@ -488,36 +488,34 @@ class PrefixCache:
         """For an encoded `plan`: the tag of the head (`tag`) whose text it shares most of, and how many of
         its first ids are provably that text's too (so went where the tag says); None when no live tagged
         head shares more than a cut with it."""
-        if not self._tag_order:
-            return None
         stored = plan.stored
-        with self._lock:
-            serial, depth = self._tagged.deepest(plan.keys if stored is None else stored.keys)
-            tagged = None if serial is None else self._entries.get(serial)
-        if tagged is None or tagged.tag is None or time.monotonic() >= tagged.tag_expiry:
+        found = self._tagged_common(plan.text, plan.keys if stored is None else stored.keys)
+        if found is None:
             return None
-        shared = depth * CHUNK_CHARS
-        if plan.text[:shared] != tagged.text[:shared]:  # a hash collision
-            return None
-        common = common_prefix_length(plan.text, tagged.text, shared)
+        tag, common = found
         cuts = (stored.chars, stored.tokens, stored.limits) if stored is not None else plan.entry_cuts
         tokens = self._shared_tokens(cuts, common)
-        return (tagged.tag, tokens) if tokens else None
+        return (tag, tokens) if tokens else None
 
     def holder(self, plan: Plan) -> tuple[object, int] | None:
         """For a plan not yet encoded: the tag of the live head (`tag`) whose text it shares most of, and how
         many of their first chars are the same; None when no live tagged head shares a chunk with it."""
+        return self._tagged_common(plan.text, plan.keys)
+
+    def _tagged_common(self, text: str, keys: Sequence[int]) -> tuple[object, int] | None:
+        """The tag of the live tagged head found deepest by `keys` (`text`'s chunks), and how many first
+        chars `text` shares with its text."""
         if not self._tag_order:
             return None
         with self._lock:
-            serial, depth = self._tagged.deepest(plan.keys)
+            serial, depth = self._tagged.deepest(keys)
             tagged = None if serial is None else self._entries.get(serial)
         if tagged is None or tagged.tag is None or time.monotonic() >= tagged.tag_expiry:
             return None
         shared = depth * CHUNK_CHARS
-        if plan.text[:shared] != tagged.text[:shared]:  # a hash collision
+        if text[:shared] != tagged.text[:shared]:  # a hash collision
             return None
-        return tagged.tag, common_prefix_length(plan.text, tagged.text, shared)
+        return tagged.tag, common_prefix_length(text, tagged.text, shared)
 
     def _plan(self, text: str, keys: list[int], entry: _Entry | None, depth: int) -> Plan:
         if entry is None:
