@@ -105,9 +105,9 @@ class GatewayConfig:
     )
     route_head_chars: int | None = _opt(
         None,
-        "a prompt with at least 4x this many chars to encode is first encoded this far, and routed on that "
-        "head alone when no worker holds all of it (the rest is never encoded; when one does, a head 4x as "
-        "long follows); 0: off (default: tokenization.py's, 512)",
+        "a prompt with at least 4x this many chars to encode is first encoded only to a head (512 chars, or "
+        "this many if fewer), and routed on that head alone when no worker holds all of it (the rest is never "
+        "encoded; when one does, a head 4x as long follows); 0: off (default: tokenization.py's, 2048)",
     )
     tokenizer_cache_bytes: int | None = _opt(
         None, "byte budget of the tokenizer's per-segment LRU; 0: off (default: tokenization.py's, 128 MiB)"

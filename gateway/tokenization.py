@@ -50,25 +50,26 @@ byte-level BPE tokenizers (Llama 3, Qwen 2.5 / 3, DeepSeek V3 / V4, Mistral Nemo
 falling back to the segment cache or whole encodes, for the others (Gemma, Llama 2: BPE over whole
 segments); the offload threshold applies to the characters left to encode.
 
-Heads (with the prefix cache on; `head_chars`, the gateway's `route_head_chars`): a prompt with at least
-4 x head_chars chars left to encode is first encoded only that far, to a cut proven exact as split encodes'
-joins are (`PrefixCache.head`; a short head on the event loop, proven with a short overlap when it can be),
-and returned as a `HeadEncoding`. A worker's prefix match ends at its first missing block, so when no worker
-holds all of the head's blocks the head alone decides the route, and the rest of a long cold prompt (a new
-document, a first turn) is never encoded: the gateway forwards text and the engine tokenizes it anyway. Its
-size is estimated from the head's tokens per UTF-8 byte and bounded by its bytes (a byte-level token covers
-at least one). When the head does not decide, `deepen_head_async` encodes a head HEAD_GROWTH times as long
-past it, and so on until the rest is short, when it is encoded whole (the heads are not encoded again). A
+Heads (with the prefix cache on; `head_chars`, the gateway's `route_head_chars`): a prompt with at least 4 x
+head_chars chars left to encode is first encoded only to a head, cut where it is proven exact as split encodes' joins
+are (`PrefixCache.head`; a first head of FIRST_HEAD_CHARS on the event loop, proven with a short overlap when
+it can be), and returned as a `HeadEncoding`. A worker's prefix match ends at its first missing block, so when
+no worker holds all of the head's blocks the head alone decides the route, and the rest of a long cold prompt
+(a new document, a first turn) is never encoded: the gateway forwards text and the engine tokenizes it anyway.
+Its size is estimated from the head's tokens per UTF-8 byte and bounded by its bytes (a byte-level token
+covers at least one). When the head does not decide, `deepen_head_async` encodes a head HEAD_GROWTH times as
+long past it, and so on until the rest is short, when it is encoded whole (the heads are not encoded again). A
 routed head is tagged with where its prompt went (`tag_head`).
 A prompt that extends a cached one by less than the offload threshold (a conversation's next turn), or that
-shares more than its head with a prompt routed on its head (`Plan.beyond_head`: the turn after a long first
-turn), is returned as a `HeadEncoding` too, its head the cached prefix's ids (`HeadEncoding.prefix`), and in
-the second case with where that prompt went and about how much the two share (`HeadEncoding.holder`, which
-the router scores that worker with): the router decides on it when the rest cannot change the choice
-(`Router.route_head` with `token_bound`), and the gateway encodes the rest once the request is on its way
-(`finish_prefix_route_async`; a long rest on a thread of its own), storing the whole prompt for the next
-turn. When the head does not decide, the prompt is encoded whole, and its `Tokenized` says how many of its
-first ids provably are a tagged prompt's too, so the router predicts those blocks where that prompt went.
+shares more than its head with a prompt routed on its head and tagged (`Plan.beyond_head`: the turn after a
+long first turn; an untagged one is encoded whole, by when its tag has usually come), is returned as a
+`HeadEncoding` too, its head the cached prefix's ids (`HeadEncoding.prefix`), and in the second case with
+where that prompt went and about how much the two share (`HeadEncoding.holder`, which the router scores that
+worker with): the router decides on it when the rest cannot change the choice (`Router.route_head` with
+`token_bound`), and the gateway encodes the rest once the request is on its way (`finish_prefix_route_async`;
+a long rest on a thread of its own), storing the whole prompt for the next turn. When the head does not
+decide, the prompt is encoded whole, and its `Tokenized` says how many of its first ids provably are a tagged
+prompt's too, so the router predicts those blocks where that prompt went.
 
 Chat templates are rendered by the compiled template itself, without `apply_chat_template`'s per-call copy
 and normalization of the messages (most of its cost), for requests without `chat_template_kwargs`,
@@ -233,10 +234,13 @@ class PreprocessorConfig:
     split_parts: int | None = None
     # With the prefix cache on, a prompt with at least 4x this many chars left to encode is first encoded only
     # this far (its head, see `HeadEncoding`); 0: off.
-    head_chars: int = 512
+    head_chars: int = 2048
 
 
-# A head that does not decide its route is followed by one this many times as long (`deepen_head_async`).
+# A prompt routed on its head (one with at least 4 x `head_chars` chars to encode) is first encoded this far
+# past its cached prefix; a head that does not decide its route is followed by one HEAD_GROWTH times as long
+# (`deepen_head_async`), while the rest is at least 4 x that long.
+FIRST_HEAD_CHARS = 512
 HEAD_GROWTH = 4
 # Chars a head encodes past its cut to prove it (the split encodes' 512 when that is not enough): the two
 # pieces after a cut are a few words unless the text has long runs without a word start.
@@ -610,18 +614,20 @@ class Preprocessor:
             # whole encode tells how much of it went where (`_encode_planned`, `PrefixCache.shared`).
             if not plan.beyond_head:
                 return self._head_encoding(text, plan.prefix_ids.tolist(), plan.cut, add_special_tokens, None, plan)
-            # Its long rest is estimated at its head's own ratio (the same document, see `_cold_head`).
-            ratio = len(plan.prefix_ids) / max(1, _utf8_size(self._normalized(text[: plan.cut])))
-            head = self._head_encoding(text, plan.prefix_ids.tolist(), plan.cut, add_special_tokens, None, plan, ratio)
+            # Only once that prompt is tagged with where it went; before (a burst sharing a new document), the
+            # whole encode below takes long enough for the tag to come, and says exactly what is shared.
             holder = self._prefix.holder(plan)
             if holder is not None:
+                # Its long rest is estimated at its head's own ratio (the same document, see `_cold_head`).
+                ratio = len(plan.prefix_ids) / max(1, _utf8_size(self._normalized(text[: plan.cut])))
+                ids = plan.prefix_ids.tolist()
+                head = self._head_encoding(text, ids, plan.cut, add_special_tokens, None, plan, ratio)
                 tag, common = holder
                 shared = _utf8_size(self._normalized(text[plan.cut : common]))
-                head = replace(head, holder=(tag, len(head.ids) + round(shared * ratio)))
-            return head
-        if plan.beyond_head:
+                return replace(head, holder=(tag, len(head.ids) + round(shared * ratio)))
+        if plan.beyond_head or rest_chars < 4 * head_chars:
             return await self._encode_planned(plan, add_special_tokens)
-        return await self._cold_head(plan, add_special_tokens, head_chars)
+        return await self._cold_head(plan, add_special_tokens, min(FIRST_HEAD_CHARS, head_chars))
 
     async def deepen_head_async(self, head: HeadEncoding) -> Tokenized | HeadEncoding:
         """For a head that did not decide its route: a cold head's next one, `HEAD_GROWTH` times as far past

@@ -105,7 +105,9 @@ class Router:
         if shared is not None and self._predict is not None:
             key, tokens = shared
             blocks = min(tokens, len(token_ids)) // self.config.block_size
-            if blocks and key.worker_id in self.registry:
+            # Only while that worker still holds the first of them: one whose engine was lost since (its
+            # index forgotten) holds nothing that prompt left there.
+            if blocks and key.worker_id in self.registry and key in self.indexer.find_matches(seq_hashes[:1]):
                 self._predict(key, seq_hashes[:blocks], self._prediction_ttl)
         decision = self.route_hashes(seq_hashes, exclude=exclude, prompt_tokens=len(token_ids))
         decision.timings.hash = hashed

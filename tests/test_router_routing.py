@@ -423,6 +423,12 @@ def test_a_prompt_sharing_a_routed_heads_prompt_has_its_shared_blocks_predicted_
     # Not for a worker that left the fleet.
     router.route(tokens(7_000, 20_000), shared=(WorkerKey("gone"), 6_000))
     assert WorkerKey("gone") not in indexer.find_matches(sequence_hashes(tokens(7_000, 20_000), BS))
+    # Nor for one whose engine was lost since (its index forgotten: it holds nothing that prompt left there).
+    other = tokens(8_000, 30_000)
+    router.begin("r2", router.route(other[:640]), 8_000, C)
+    indexer.engine_lost("c")
+    router.route(other[:7_000], shared=(C, 6_000))
+    assert C not in indexer.find_matches(sequence_hashes(other, BS))
 
 
 def test_a_follower_of_a_request_in_flight_holds_only_its_own_blocks_and_teaches_the_hold_time():
