@@ -424,9 +424,10 @@ class Preprocessor:
             template = chat_template
         conversation = normalize_messages(messages, detect_content_format(template))
         try:
+            prompt = None
             if self._direct_render and chat_template_kwargs is None and not continue_final_message:
                 prompt = self._render_direct(template, conversation, kwargs["tools"], add_generation_prompt)
-            else:
+            if prompt is None:
                 prompt = self.tokenizer.apply_chat_template(
                     conversation, chat_template=template, tokenize=False, **kwargs
                 )
@@ -442,22 +443,16 @@ class Preprocessor:
 
     def _render_direct(
         self, template: str, conversation: list[dict[str, Any]], tools: Any, add_generation_prompt: bool
-    ) -> str:
+    ) -> str | None:
         """What `apply_chat_template` renders for JSON-typed messages without reasoning fields, with none of its
         per-call copying and normalizing of the messages (most of its cost): messages without their null
         fields, the tokenizer's special tokens as template variables (`_direct_render_setting` checks it is
-        the same at load)."""
+        the same at load). None for a message with reasoning: transformers aliases it under several names,
+        which its own path does."""
         chat = []
         for message in conversation:
             if not _REASONING_KEYS.isdisjoint(message):
-                # transformers aliases a message's reasoning under several names: its own path does that.
-                return self.tokenizer.apply_chat_template(
-                    conversation,
-                    chat_template=template,
-                    tokenize=False,
-                    add_generation_prompt=add_generation_prompt,
-                    tools=tools,
-                )
+                return None
             chat.append({key: value for key, value in message.items() if value is not None})
         return _compile_jinja_template(template).render(
             messages=chat,
@@ -567,23 +562,21 @@ class Preprocessor:
         plan = head.plan if head.plan is not None else self._prefix_plan(head.text)
         return await self._encode_planned(plan, head.add_special_tokens)
 
-    def finish_prefix_route(self, head: HeadEncoding) -> list[int]:
+    def finish_prefix_route(self, head: HeadEncoding, released: bool = False) -> list[int]:
         """All ids of a prompt routed on its cached prefix (`HeadEncoding.prefix`), its short rest encoded here,
-        on the caller's thread, and the whole prompt stored in the prefix cache for the next turn."""
+        on the caller's thread (with the GIL released when `released`), and the whole prompt stored in the
+        prefix cache for the next turn."""
         assert head.plan is not None and self._prefix is not None
         with self._lock:
             self._prefix_routed += 1
-        return _non_empty(self._finish_prefix(head.plan, head.add_special_tokens, released=False))
+        return _non_empty(self._finish_prefix(head.plan, head.add_special_tokens, released=released))
 
     async def finish_prefix_route_async(self, head: HeadEncoding) -> list[int]:
-        """`finish_prefix_route`, its rest encoded on the tokenizer threads when it is long (`long_rest`)."""
+        """`finish_prefix_route`, its rest encoded on a thread of its own when it is long (`long_rest`)."""
         if not self.long_rest(head):
             return self.finish_prefix_route(head)
-        assert head.plan is not None and self._prefix is not None
-        with self._lock:
-            self._prefix_routed += 1
-        work = functools.partial(self._finish_prefix, head.plan, head.add_special_tokens, released=True)
-        return _non_empty(await asyncio.get_running_loop().run_in_executor(self._rest_executor, work))
+        work = functools.partial(self.finish_prefix_route, head, released=True)
+        return await asyncio.get_running_loop().run_in_executor(self._rest_executor, work)
 
     def long_rest(self, head: HeadEncoding) -> bool:
         """Whether the rest of a prompt routed on its cached prefix is too long to encode on the event loop."""
