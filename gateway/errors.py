@@ -41,6 +41,10 @@ class ApiError(Exception):
         self.param = param
         self.headers: dict[str, str] = {}
         """Extra answer headers (``Retry-After`` on a 429)."""
+        self.close = False
+        """Answer with ``Connection: close`` and end the connection: the request's body could not be
+        read to its end (broken encoding or framing, too slow, too large), so the next bytes on it
+        are not a request a client could rely on."""
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -51,7 +55,10 @@ class ApiError(Exception):
         headers = dict(self.headers)
         if worker is not None:
             headers[WORKER_HEADER] = worker
-        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
+        response = web.Response(status=self.status, body=self.body(), content_type="application/json", headers=headers)
+        if self.close:
+            response.force_close()
+        return response
 
     def raw_response(self) -> bytes:
         """The whole HTTP/1.1 answer, for a connection that gets it and is closed (no request object)."""
@@ -72,8 +79,13 @@ def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
+def _closing(error: ApiError) -> ApiError:
+    error.close = True
+    return error
+
+
 def body_too_large(limit: int) -> ApiError:
-    return ApiError(413, f"Request body exceeds the {limit}-byte limit.", code="request_too_large")
+    return _closing(ApiError(413, f"Request body exceeds the {limit}-byte limit.", code="request_too_large"))
 
 
 def no_worker_available(detail: str = "no worker is available to serve this request") -> ApiError:
@@ -90,11 +102,13 @@ def too_many_messages(count: int, limit: int) -> ApiError:
 
 
 def body_undecodable(detail: str) -> ApiError:
-    return ApiError(400, f"The request body cannot be read: {detail}.", code="invalid_body")
+    return _closing(ApiError(400, f"The request body cannot be read: {detail}.", code="invalid_body"))
 
 
 def body_timeout(seconds: float) -> ApiError:
-    return ApiError(408, f"The request body did not arrive within {seconds:g}s (body_timeout).", code="request_timeout")
+    return _closing(
+        ApiError(408, f"The request body did not arrive within {seconds:g}s (body_timeout).", code="request_timeout")
+    )
 
 
 def header_timeout(seconds: float) -> ApiError:

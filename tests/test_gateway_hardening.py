@@ -181,6 +181,25 @@ async def test_a_body_that_is_not_what_content_encoding_says_is_a_400(stack: Sta
     assert not stack.worker.bodies
 
 
+async def test_a_broken_body_closes_its_connection_so_a_pooled_client_goes_on(stack: Stack) -> None:
+    # The rest of a body that cannot be decoded is not a request: the 400 says Connection: close, so
+    # a client pooling connections (the OpenAI SDK, aiohttp) opens a new one for its next request
+    # instead of writing it into a connection the gateway is closing.
+    plain = orjson.dumps({"messages": MESSAGES, "max_tokens": 4})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for encoding in ("br", "gzip", None):
+            headers = {"Content-Type": "application/json"}
+            if encoding:
+                headers["Content-Encoding"] = encoding
+            async with session.post(stack.url + CHAT, data=plain, headers=headers) as response:
+                await response.read()
+                if encoding:
+                    assert response.status == 400 and response.headers["Connection"] == "close"
+                else:
+                    assert response.status == 200
+    assert stack.worker.bodies == [plain]
+
+
 async def test_a_gzip_body_is_forwarded_decoded(stack: Stack) -> None:
     plain = orjson.dumps({"messages": MESSAGES, "max_tokens": 4})
     status, _, body = await post(stack.url + CHAT, gzip.compress(plain), {"Content-Encoding": "gzip"})

@@ -683,6 +683,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "model"),
     ("/v1/completions", {"prompt": "x", "cache_salt": ""}, 400, "cache_salt"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "allowed_token_ids": [-1]},
+        400,
+        "allowed_token_ids",
+    ),
     ("/v1/completions", {"prompt": "x", "cache_salt": 7}, 400, "cache_salt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "cache_salt": "a/b"}, 400, "cache_salt"),
     (
@@ -920,3 +927,78 @@ def test_the_sim_renders_template_options_as_the_gateway_does():
             assert expected != untrusted.encode_chat(turns[:1]), options  # the options changed the render
     with pytest.raises(ApiError, match="Cannot set both"):
         parse_chat({"messages": turns, "continue_final_message": True})
+
+
+# --- vLLM 0.32's sampling checks ---------------------------------------------------------------------
+
+# Each is a 400 at vLLM 0.32 (SamplingParams._verify_args, the request models' types and validators);
+# the simulator must refuse it too rather than answer 200. (fields, param, what the message says)
+VLLM_SAMPLING_REFUSALS = [
+    ({"presence_penalty": 5}, None, "presence_penalty must be in [-2, 2], got 5.0."),
+    ({"frequency_penalty": -2.5}, None, "frequency_penalty must be in [-2, 2], got -2.5."),
+    ({"repetition_penalty": 0}, None, "repetition_penalty must be greater than zero, got 0.0."),
+    ({"temperature": 2.5}, "temperature", "temperature must be in [0, 2], got 2.5."),
+    ({"top_k": -5}, None, "top_k must be 0 (disable), or at least 1, got -5."),
+    ({"top_k": 1.5}, "top_k", "must be an integer"),
+    ({"min_p": 2}, None, "min_p must be in [0, 1], got 2.0."),
+    ({"min_tokens": -1}, None, "min_tokens must be greater than or equal to 0, got -1."),
+    ({"min_tokens": 10, "max_tokens": 2}, None, "min_tokens must be less than or equal to max_tokens=2, got 10."),
+    ({"priority": "high"}, "priority", "must be an integer"),
+    ({"truncate_prompt_tokens": -5}, "truncate_prompt_tokens", "at least -1"),
+    ({"stop_token_ids": ["a"]}, "stop_token_ids", "a list of integers"),
+    ({"bad_words": [""]}, None, "bad_words cannot contain an empty string"),
+    ({"logit_bias": {"a": 1}}, "logit_bias", "cannot be converted to integer token IDs: ['a']"),
+    ({"logit_bias": [1, 2]}, "logit_bias", "an object of numbers"),
+    ({"allowed_token_ids": []}, "allowed_token_ids", "allowed_token_ids is not None and empty!"),
+    ({"skip_special_tokens": "x"}, "skip_special_tokens", "a boolean"),
+    ({"kv_transfer_params": "x"}, "kv_transfer_params", "an object"),
+    ({"documents": "x"}, "documents", "a list of objects"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort", "must be one of"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "the 'json_schema' field must be provided"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "Stream options can only be defined when"),
+    (
+        {"tool_choice": "bogus", "tools": [{"type": "function", "function": {"name": "f"}}]},
+        "tool_choice",
+        "Invalid value",
+    ),
+    (
+        {"tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": [{"function": {"name": "f"}}]},
+        "tool_choice",
+        "does not match any of the specified `tools`",
+    ),
+    ({"tool_choice": {"type": "function"}, "tools": [{"function": {"name": "f"}}]}, "tool_choice.function", "Invalid"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param", "message"), VLLM_SAMPLING_REFUSALS)
+def test_the_sim_refuses_what_vllm_refuses(fields, param, message) -> None:
+    from kvgate.worker.sim.protocol import ApiError, parse_chat, parse_completion
+
+    turns = [{"role": "user", "content": "x"}]
+    with pytest.raises(ApiError) as refused:
+        parse_chat({"messages": turns, **fields})
+    assert refused.value.status == 400 and refused.value.param == param
+    assert message in refused.value.message
+    if not {"documents", "reasoning_effort", "tool_choice"} & fields.keys():  # chat-only fields
+        with pytest.raises(ApiError):
+            parse_completion({"prompt": "x", **fields})
+
+
+def test_the_sim_takes_what_vllm_takes() -> None:
+    """The edges of those ranges, and the fields vLLM 0.32 accepts with them."""
+    from kvgate.worker.sim.protocol import parse_chat
+
+    tool = {"type": "function", "function": {"name": "f"}}
+    accepted = [
+        {"presence_penalty": -2, "frequency_penalty": 2.0, "repetition_penalty": 1.1, "temperature": 2},
+        {"top_k": -1, "min_p": 0, "min_tokens": 4, "max_tokens": 4, "priority": -3, "truncate_prompt_tokens": -1},
+        {"logit_bias": {"5": -100, "7": 2.5}, "allowed_token_ids": [1, 2], "stop_token_ids": [3], "bad_words": ["x"]},
+        {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+        {"tools": [tool], "tool_choice": "required", "reasoning_effort": "high", "documents": [{"title": "t"}]},
+        {"stream_options": {}, "kv_transfer_params": None, "response_format": {"type": "json_object"}},
+    ]
+    for fields in accepted:
+        params = parse_chat({"messages": [{"role": "user", "content": "x"}], **fields})
+        assert params.kind == "chat", fields
+    ids = parse_chat({"messages": [{"role": "user", "content": "x"}], **accepted[2]}).vocabulary_ids
+    assert ids == (("logit_bias", (5, 7)), ("allowed_token_ids", (1, 2)))

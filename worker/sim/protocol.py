@@ -78,6 +78,9 @@ class GenerateParams:
     # prompt logprobs); an echo asks for them as vLLM does (chat: top_logprobs, completions: logprobs).
     prompt_logprobs: int | None = None
     return_token_ids: bool = False  # vLLM's: the answer's token ids and its prompt's, beside the text
+    # Token ids the request names (logit_bias keys, allowed_token_ids), by field: vLLM checks them
+    # against the vocabulary (``check_vocabulary``).
+    vocabulary_ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 _MAX_CACHE_SALT_LENGTH = 128
@@ -133,6 +136,8 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     temperature = _optional(body, "temperature", _is_number, "a number")
     if temperature is not None and temperature < 0:
         raise _bad(f"'temperature' must be non-negative, got {temperature}", "temperature")
+    if temperature is not None and temperature > 2.0:
+        raise _bad(f"temperature must be in [0, 2], got {float(temperature)}.", "temperature")
     if n > 1 and temperature is not None and temperature < _SAMPLING_EPS:
         raise _bad(f"n must be 1 when using greedy sampling, got {n}.", "n")
     top_p = _optional(body, "top_p", _is_number, "a number")
@@ -159,13 +164,22 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
             "'response_format.type' must be one of 'text', 'json_object', 'json_schema' or 'structural_tag'",
             "response_format",
         )
+    if (
+        response_format is not None
+        and response_format["type"] == "json_schema"
+        and not isinstance(response_format.get("json_schema"), dict)
+    ):
+        raise _bad(
+            "When response_format type is 'json_schema', the 'json_schema' field must be provided.", "response_format"
+        )
     stream = _optional(body, "stream", lambda v: isinstance(v, bool), "a boolean") or False
     options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
     include_usage = False
-    if options is not None:
+    if options:
         if not stream:
-            raise _bad("'stream_options' can only be given with stream=true", "stream_options")
+            raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
         include_usage = _optional(options, "include_usage", lambda v: isinstance(v, bool), "a boolean") or False
+    vocabulary_ids = _sampling(body, max_completion if max_completion is not None else max_tokens)
     ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean") or False
     prompt_logprobs = body.get("prompt_logprobs")
     if prompt_logprobs is not None:
@@ -177,6 +191,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
             raise _bad("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
         _logprobs(prompt_logprobs, "prompt_logprobs", "prompt")
     return {
+        "vocabulary_ids": vocabulary_ids,
         "return_token_ids": _optional(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean") or False,
         "prompt_logprobs": prompt_logprobs,
         "cache_salt": _cache_salt(body.get("cache_salt")),
@@ -188,6 +203,134 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         "ignore_eos": ignore_eos,
         "n": n,
     }
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# The request fields vLLM 0.32's request models type and its SamplingParams use, beyond the ones read
+# above: a value of the wrong type is pydantic's 400 there (null is the default).
+_TYPED_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("frequency_penalty", _is_number, "a number"),
+    ("presence_penalty", _is_number, "a number"),
+    ("repetition_penalty", _is_number, "a number"),
+    ("min_p", _is_number, "a number"),
+    ("length_penalty", _is_number, "a number"),
+    ("top_k", _is_int, "an integer"),
+    ("min_tokens", _is_int, "an integer"),
+    ("priority", _is_int, "an integer"),
+    ("truncate_prompt_tokens", _is_int, "an integer"),
+    ("stream_interval", _is_int, "an integer"),
+    ("stop_token_ids", _is_int_list, "a list of integers"),
+    ("allowed_token_ids", _is_int_list, "a list of integers"),
+    ("bad_words", _is_str_list, "a list of strings"),
+    ("logit_bias", lambda v: isinstance(v, dict) and all(_is_number(b) for b in v.values()), "an object of numbers"),
+    ("skip_special_tokens", _is_bool, "a boolean"),
+    ("spaces_between_special_tokens", _is_bool, "a boolean"),
+    ("include_stop_str_in_output", _is_bool, "a boolean"),
+    ("use_beam_search", _is_bool, "a boolean"),
+    ("add_special_tokens", _is_bool, "a boolean"),
+    ("return_tokens_as_token_ids", _is_bool, "a boolean"),
+    ("kv_transfer_params", lambda v: isinstance(v, dict), "an object"),
+    ("vllm_xargs", lambda v: isinstance(v, dict), "an object"),
+    ("structured_outputs", lambda v: isinstance(v, dict), "an object"),
+    ("request_id", lambda v: isinstance(v, str), "a string"),
+)
+
+
+def _sampling(body: dict[str, Any], max_tokens: int | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The types of vLLM 0.32's other sampling fields and the ranges ``SamplingParams._verify_args``
+    checks (its messages); returns the token ids that must be in the vocabulary, by field
+    (``check_vocabulary``: the tokenizer knows its size)."""
+    for name, check, expected in _TYPED_FIELDS:
+        _optional(body, name, check, expected)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = body.get(name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise _bad(f"{name} must be in [-2, 2], got {float(value)}.")
+    repetition = body.get("repetition_penalty")
+    if repetition is not None and not repetition > 0.0:
+        raise _bad(f"repetition_penalty must be greater than zero, got {float(repetition)}.")
+    top_k = body.get("top_k")
+    if top_k is not None and top_k < -1:
+        raise _bad(f"top_k must be 0 (disable), or at least 1, got {top_k}.")
+    min_p = body.get("min_p")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise _bad(f"min_p must be in [0, 1], got {float(min_p)}.")
+    min_tokens = body.get("min_tokens") or 0
+    if min_tokens < 0:
+        raise _bad(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _bad(f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.")
+    truncate = body.get("truncate_prompt_tokens")
+    if truncate is not None and truncate < -1:
+        raise _bad(f"'truncate_prompt_tokens' must be at least -1, got {truncate}", "truncate_prompt_tokens")
+    interval = body.get("stream_interval")
+    if interval is not None and interval < 1:
+        raise _bad(f"stream_interval must be at least 1, got {interval}.", "stream_interval")
+    if any(not word for word in body.get("bad_words") or ()):
+        raise _bad(f"bad_words cannot contain an empty string. Got bad_words={body['bad_words']}")
+    ids: list[tuple[str, tuple[int, ...]]] = []
+    bias = body.get("logit_bias")
+    if bias:
+        keys: list[int] = []
+        invalid: list[str] = []
+        for key in bias:
+            try:
+                keys.append(int(key))
+            except ValueError:
+                invalid.append(key)
+        if invalid:
+            raise _bad(
+                f"logit_bias contains key(s) that cannot be converted to integer token IDs: {invalid!r}", "logit_bias"
+            )
+        ids.append(("logit_bias", tuple(keys)))
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None:
+        if not allowed:
+            raise _bad("allowed_token_ids is not None and empty!", "allowed_token_ids")
+        ids.append(("allowed_token_ids", tuple(allowed)))
+    return tuple(ids)
+
+
+def _tool_choice(choice: Any, tools: list[Any] | None) -> None:
+    """vLLM 0.32's ``check_tool_usage``: a tool choice needs tools, and a named one must be one of them."""
+    if choice is None or choice == "none":
+        return
+    if tools is None:
+        raise _bad("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if choice in ("auto", "required"):
+        return
+    if not isinstance(choice, dict):
+        raise _bad(
+            f'Invalid value for `tool_choice`: {choice!r:.60}! Only named tools, "none", "auto" or "required" '
+            "are supported.",
+            "tool_choice",
+        )
+    usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+    function = choice.get("function")
+    if not isinstance(function, dict):
+        message = f"Invalid value for `function`: `{function!r:.60}` in `tool_choice`! {usage}"
+        raise _bad(message, "tool_choice.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        message = f"Invalid `name` in `function`: `{name!r:.60}` in `tool_choice`! {usage}"
+        raise _bad(message, "tool_choice.function.name")
+    named = (tool.get("function") if isinstance(tool, dict) else None for tool in tools)
+    if not any(isinstance(f, dict) and f.get("name") == name for f in named):
+        raise _bad("The tool specified in `tool_choice` does not match any of the specified `tools`", "tool_choice")
+
+
+_REASONING_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 
 
 def _cache_salt(salt: Any) -> str | None:
@@ -236,9 +379,19 @@ def parse_chat(body: Any) -> GenerateParams:
             "`tools` must not be an empty array. Either provide at least one tool or omit the field entirely.",
             "tools",
         )
-    choice = body.get("tool_choice")
-    if choice is not None and choice != "none" and tools is None:
-        raise _bad("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    _tool_choice(body.get("tool_choice"), tools)
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in _REASONING_EFFORTS:
+        raise _bad(
+            "'reasoning_effort' must be one of 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
+            "reasoning_effort",
+        )
+    _optional(
+        body,
+        "documents",
+        lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v),
+        "a list of objects",
+    )
     wants = _optional(body, "logprobs", lambda v: isinstance(v, bool), "a boolean") or False
     top = _optional(body, "top_logprobs", _is_int, "an integer")
     if top is not None and top < 0 and top != -1:
@@ -303,18 +456,29 @@ def parse_completion(body: Any) -> GenerateParams:
 
 def _logprobs(top: int, param: str, what: str = "sample") -> int:
     """vLLM's ceiling on sample (or prompt) logprobs (--max-logprobs, 20 by default); -1 (the whole
-    vocabulary) is checked against the vocabulary by ``check_logprobs``."""
+    vocabulary) is checked against the vocabulary by ``check_vocabulary``."""
     if top > MAX_LOGPROBS:
         raise _bad(f"Requested {what} logprobs of {top}, which is greater than max allowed: {MAX_LOGPROBS}", param)
     return top
 
 
-def check_logprobs(params: GenerateParams, vocab_size: int) -> None:
-    """-1 asks for the whole vocabulary: vLLM checks its size against the ceiling."""
+def check_vocabulary(params: GenerateParams, vocab_size: int) -> None:
+    """What vLLM checks against the vocabulary: -1 logprobs ask for all of it (its size against the
+    ceiling), and the token ids of ``logit_bias`` and ``allowed_token_ids`` must be in it."""
     if params.logprobs == -1:
         _logprobs(vocab_size, "logprobs")
     if params.prompt_logprobs == -1:
         _logprobs(vocab_size, "prompt_logprobs", "prompt")
+    for name, ids in params.vocabulary_ids:
+        invalid = [i for i in ids if not 0 <= i < vocab_size]
+        if not invalid:
+            continue
+        if name == "logit_bias":
+            raise _bad(
+                f"token_id(s) {invalid} in logit_bias contain out-of-vocab token ids. Vocabulary size: {vocab_size}",
+                name,
+            )
+        raise _bad("allowed_token_ids contains out-of-vocab token id!", name)
 
 
 def _prompts(prompt: Any) -> tuple[str | list[int], ...]:

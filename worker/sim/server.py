@@ -150,7 +150,7 @@ class SimServer:
         # which would otherwise stall every running request's engine steps. One thread:
         # a fast tokenizer must not be used from two threads at once.
         prompts = await asyncio.get_running_loop().run_in_executor(self._tokenize, self._token_ids, params)
-        protocol.check_logprobs(params, self.renderer.vocab_size)
+        protocol.check_vocabulary(params, self.renderer.vocab_size)
         budgets = [protocol.resolve_max_tokens(params, len(ids), self.config.engine.max_model_len) for ids in prompts]
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
