@@ -2,7 +2,10 @@
 
 A Mooncake trace line is ``{"timestamp": ms, "input_length": tokens,
 "output_length": tokens, "hash_ids": [...]}`` where each hash id names one
-512-token block of the prompt and equal ids mean equal prefixes.
+512-token block of the prompt and equal ids mean equal prefixes. Traces made with
+another block size (Dynamo's and aiperf's generators take one) are read at the size
+every line agrees with (``trace_block_tokens``); timestamps may be fractional ms, and
+other fields (``session_id``, ``delay``, ...) are ignored.
 
 Replay choice: prompts are sent as *strings* to ``/v1/completions`` (every
 OpenAI server accepts them, and the gateway tokenizes exactly what a worker
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvgate.loadtest.corpus import Vocabulary
@@ -41,10 +44,11 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class TraceRequest:
-    timestamp_ms: int
+    timestamp_ms: float
     input_length: int
     output_length: int
     hash_ids: tuple[int, ...]
+    block_tokens: int = TRACE_BLOCK_TOKENS  # the trace's tokens per hash id
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,11 @@ class ReplayConfig:
 
     @property
     def block_tokens(self) -> int:
-        return max(1, round(TRACE_BLOCK_TOKENS * self.length_scale))
+        """Tokens a 512-token trace block becomes (``scaled_block`` for a trace of another size)."""
+        return self.scaled_block(TRACE_BLOCK_TOKENS)
+
+    def scaled_block(self, trace_block_tokens: int) -> int:
+        return max(1, round(trace_block_tokens * self.length_scale))
 
 
 @dataclass(frozen=True)
@@ -89,21 +97,49 @@ def parse_line(line: str, lineno: int = 0) -> TraceRequest:
         ts, inp, out, ids = raw["timestamp"], raw["input_length"], raw["output_length"], raw["hash_ids"]
     except KeyError as exc:
         raise TraceError(f"line {lineno}: missing field {exc.args[0]!r}") from None
-    ints = (ts, inp, out)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
-        raise TraceError(f"line {lineno}: timestamp/input_length/output_length must be non-negative integers")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (inp, out)):
+        raise TraceError(f"line {lineno}: input_length/output_length must be non-negative integers")
+    if not (isinstance(ts, (int, float)) and not isinstance(ts, bool) and 0 <= ts < float("inf")):
+        raise TraceError(f"line {lineno}: timestamp must be a non-negative number of ms")
     if not isinstance(ids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in ids):
         raise TraceError(f"line {lineno}: hash_ids must be a list of integers")
     if inp < 1 or not ids:
         raise TraceError(f"line {lineno}: empty prompt")
-    if len(ids) != -(-inp // TRACE_BLOCK_TOKENS):
-        raise TraceError(f"line {lineno}: {len(ids)} hash ids for input_length {inp} (blocks of {TRACE_BLOCK_TOKENS})")
+    if len(ids) > inp:
+        raise TraceError(f"line {lineno}: {len(ids)} hash ids for input_length {inp} (more blocks than tokens)")
     return TraceRequest(ts, inp, out, tuple(ids))
+
+
+# Block sizes a trace may have been made with, tried when 512 does not fit every line.
+_BLOCK_SIZES = (512, 16, 32, 64, 128, 256, 1024, 2048, 4096, 8192)
+
+
+def _fits(request: TraceRequest, block_tokens: int) -> bool:
+    return len(request.hash_ids) == -(-request.input_length // block_tokens)
+
+
+def trace_block_tokens(requests: Sequence[TraceRequest]) -> int:
+    """The trace's tokens per hash id: 512 (Mooncake's) when every line has ``ceil(input_length /
+    512)`` ids, else the one size of ``_BLOCK_SIZES`` every line fits. A ``TraceError`` names the
+    first line that 512 does not fit when no size fits them all."""
+    for size in _BLOCK_SIZES:
+        if all(_fits(r, size) for r in requests):
+            return size
+    first = next(i for i, r in enumerate(requests, 1) if not _fits(r, TRACE_BLOCK_TOKENS))
+    bad = requests[first - 1]
+    raise TraceError(
+        f"request {first}: {len(bad.hash_ids)} hash ids for input_length {bad.input_length}, and no block size "
+        f"({', '.join(map(str, _BLOCK_SIZES))}) fits every line of the trace"
+    )
 
 
 def load_trace(path: str | Path = DEFAULT_TRACE) -> list[TraceRequest]:
     with open(path, encoding="utf-8") as fh:
-        return [parse_line(line, n) for n, line in enumerate(fh, 1) if line.strip()]
+        requests = [parse_line(line, n) for n, line in enumerate(fh, 1) if line.strip()]
+    size = trace_block_tokens(requests) if requests else TRACE_BLOCK_TOKENS
+    if size == TRACE_BLOCK_TOKENS:
+        return requests
+    return [replace(r, block_tokens=size) for r in requests]
 
 
 def arrival_schedule(requests: Sequence[TraceRequest], config: ReplayConfig) -> list[Arrival]:
@@ -132,17 +168,17 @@ class TracePrompts:
         self.seed = seed
         self._blocks: dict[int, list[str]] = {}
 
-    def block_words(self, hash_id: int) -> list[str]:
+    def block_words(self, hash_id: int, block_tokens: int | None = None) -> list[str]:
         words = self._blocks.get(hash_id)
         if words is None:
             rng = random.Random(f"kvgate-trace:{self.seed}:{hash_id}")
-            words = self.vocabulary.draw(rng, self.config.block_tokens)
+            words = self.vocabulary.draw(rng, block_tokens or self.config.block_tokens)
             self._blocks[hash_id] = words
         return words
 
     def block_token_counts(self, request: TraceRequest) -> list[int]:
         """Tokens each hash id contributes: full blocks, then the remainder of the scaled length."""
-        bt = self.config.block_tokens
+        bt = self.config.scaled_block(request.block_tokens)
         full = len(request.hash_ids) - 1
         target = round(request.input_length * self.config.length_scale)
         last = min(bt, max(1, target - full * bt))
@@ -153,8 +189,9 @@ class TracePrompts:
 
     def prompt(self, request: TraceRequest) -> str:
         parts: list[str] = []
+        block = self.config.scaled_block(request.block_tokens)
         for hash_id, n in zip(request.hash_ids, self.block_token_counts(request)):
-            parts.extend(self.block_words(hash_id)[:n])
+            parts.extend(self.block_words(hash_id, block)[:n])
         return "".join(parts)
 
     def max_tokens(self, request: TraceRequest) -> int:

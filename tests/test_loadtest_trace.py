@@ -16,6 +16,7 @@ from kvgate.loadtest.trace import (
     arrival_schedule,
     load_trace,
     parse_line,
+    trace_block_tokens,
 )
 from tests.helpers import TINY_MODEL
 
@@ -171,7 +172,8 @@ def test_synthetic_trace_schedule_fits_a_window():
         ('{"timestamp": 0, "input_length": 10, "output_length": 1}', "missing field 'hash_ids'"),
         ('{"timestamp": -1, "input_length": 10, "output_length": 1, "hash_ids": [1]}', "non-negative"),
         ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": ["a"]}', "list of integers"),
-        ('{"timestamp": 0, "input_length": 1000, "output_length": 1, "hash_ids": [1]}', "2 hash ids|1 hash ids"),
+        ('{"timestamp": "0", "input_length": 10, "output_length": 1, "hash_ids": [1]}', "timestamp"),
+        ('{"timestamp": 0, "input_length": 2, "output_length": 1, "hash_ids": [1, 2, 3]}', "more blocks than tokens"),
     ],
 )
 def test_bad_trace_lines_are_typed_errors(line, match):
@@ -191,3 +193,31 @@ def test_trace_round_trips_through_a_file(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     assert load_trace(path) == [TraceRequest(5, 600, 3, (1, 2))]
+
+
+def test_a_trace_of_another_block_size_is_read_at_its_size(tmp_path, vocabulary):
+    """Dynamo's and aiperf's generators write Mooncake lines with their own block size (and may write
+    fractional timestamps or extra fields): the replay reads every line at the size they all fit."""
+    rows = [
+        {"timestamp": 0.5, "input_length": 300, "output_length": 3, "hash_ids": [1, 2, 3], "session_id": "a"},
+        {"timestamp": 20.25, "input_length": 250, "output_length": 2, "hash_ids": [1, 2]},
+    ]
+    path = tmp_path / "t128.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    trace = load_trace(path)
+    assert [r.block_tokens for r in trace] == [128, 128] and trace[1].timestamp_ms == 20.25
+    assert trace_block_tokens(trace) == 128
+    prompts = TracePrompts(vocabulary, ReplayConfig(length_scale=0.5))
+    assert [prompts.block_token_counts(r) for r in trace] == [[64, 64, 22], [64, 61]]
+    first, second = (prompts.block_words(h, 64) for h in (1, 2))
+    assert len(first) == 64 and first != second
+    assert prompts.prompt(trace[0]) == "".join(first + second + prompts.block_words(3, 64)[:22])
+    assert prompts.prompt(trace[1]) == "".join(first + second[:61])
+    sched = arrival_schedule(trace, ReplayConfig(time_scale=2.0))
+    assert [x.offset_s for x in sched] == [0.0, pytest.approx(0.0395)]
+    # 512-token lines stay 512 (the Mooncake default), and a trace no size fits is refused with its line.
+    assert load_trace(DEFAULT_TRACE)[0].block_tokens == 512
+    rows.append({"timestamp": 30, "input_length": 1000, "output_length": 1, "hash_ids": [9]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(TraceError, match="request 1: 3 hash ids for input_length 300"):
+        load_trace(path)
