@@ -365,6 +365,21 @@ def sweep_tables(
         for mode, best in verdicts.items():
             out.append(f"- {mode}: " + ("none of the rates tested" if best is None else f"{best:g} req/s"))
         out.append("")
+        base_best = verdicts.get(baseline)
+        knees = [(mode, best) for mode, best in verdicts.items() if mode != baseline and best is not None]
+        top = max((c.rate for c in cells if c.rate is not None), default=None)
+        if base_best and knees:
+            out.append(
+                "The sustainable rate against the baseline's (goodput as the highest rate at which p90 TTFT stays "
+                "within the SLO; the grid of rates bounds its precision, and ≥ marks a mode that met it at the "
+                "highest rate tested): "
+                + ", ".join(
+                    f"{mode} / {baseline} **{'≥ ' if best == top else ''}{best / base_best:.2f}x**"
+                    for mode, best in knees
+                )
+                + "."
+            )
+            out.append("")
     ratios = ratios_to_baseline(cells, baseline)
     if ratios:
         out += [

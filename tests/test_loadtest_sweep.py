@@ -122,6 +122,24 @@ def test_repeats_aggregate_to_median_and_spread_and_ratios_use_medians():
     assert slo_verdicts(cells, 1000.0) == {"kv": 1, "round-robin": 2}
 
 
+def test_the_report_states_the_sustainable_rate_against_round_robin():
+    from kvgate.loadtest.report import sweep_tables
+
+    def runs(kv_p90s: dict[float, float]) -> list:
+        out = []
+        for rate, rr in ((16, 0.5), (18, 0.9), (20, 1.5), (22, 3.0)):
+            out.append(figures("round-robin", rate, 0, [rr] * 10, 0.1))
+            out.append(figures("kv", rate, 0, [kv_p90s[rate]] * 10, 0.2))
+        return out
+
+    text = "\n".join(sweep_tables(aggregate(runs({16: 0.3, 18: 0.4, 20: 0.8, 22: 1.2})), 1.0))
+    assert "kv / round-robin **1.11x**" in text  # 20 vs 18 req/s
+    text = "\n".join(sweep_tables(aggregate(runs({16: 0.3, 18: 0.4, 20: 0.8, 22: 0.9})), 1.0))
+    assert "kv / round-robin **≥ 1.22x**" in text  # met at the top of the grid: a lower bound
+    text = "\n".join(sweep_tables(aggregate(runs({16: 1.3, 18: 0.4, 20: 0.8, 22: 0.9})), 1.0))
+    assert "sustainable rate" not in text  # kv met it at no rate from the lowest up
+
+
 # -- schedules -----------------------------------------------------------------------------
 
 
