@@ -3,7 +3,10 @@
 ``relay`` copies an opened upstream response to the client: an SSE stream chunk by
 chunk as the bytes arrive (never parsed on the hot path; an event cut across two reads
 is held until its end arrives, so the client only ever gets whole events), any other
-body in one piece. A worker failing mid-stream ends the stream as vLLM ends one that
+body in one piece. After the first events a stream is piped: each piece is written to
+the client from the worker connection's ``data_received`` (``UpstreamResponse.pipe``), no
+task switch per token; a client that falls behind pauses reading from the worker until it
+drains. A worker failing mid-stream ends the stream as vLLM ends one that
 fails: an error event, ``data: {"error": {...}}`` naming the worker by id (never its
 address), then ``data: [DONE]``. Along the way it records first/last byte times and inter-chunk gaps
 and, once the answer is complete, reads ``usage`` (prompt and cached tokens) from the
@@ -109,35 +112,34 @@ async def _relay_stream(
         await response.prepare(request)
     except ConnectionError:
         raise ClientGone() from None
-    tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
-    previous: float | None = None
-    perf = time.perf_counter
-    # The start of an event whose end has not arrived yet (almost always empty: workers
-    # write whole events). Sent with its end, or dropped if the worker fails before it.
-    pending = b""
+    stream = _Stream(upstream, on_gap)
     try:
-        async for chunk in upstream.iter_chunks():
-            now = perf()
-            if previous is None:
-                exchange.first_byte = now
+        # The first events go through aiohttp's writer, which sends the response head with them;
+        # the rest is piped: written from the worker connection's data_received, with no task
+        # switch per chunk (``_Stream.sink``).
+        first = b""
+        while not first:
+            chunk = await upstream.next_chunk()
+            if chunk is None:
+                break
+            if stream.previous is None:
+                exchange.first_byte = time.perf_counter()
                 on_first_byte()
-            else:
-                on_gap(now - previous)
-            previous = now
-            if pending:
-                chunk, pending = pending + chunk, b""
-            if not chunk.endswith(_EVENT_ENDS):
-                cut = max(chunk.rfind(end) + len(end) if end in chunk else 0 for end in _EVENT_ENDS)
-                chunk, pending = chunk[:cut], chunk[cut:]
-                if not chunk:
-                    continue
-            tail.append(chunk)
-            await _write(response, chunk)
+            first = stream.events(chunk)
+        if first:
+            await _write(response, first)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ClientGone()
+            stream.transport = transport
+            await upstream.pipe(stream.sink, request.writer.drain)
+            if stream.gone:
+                raise ClientGone()
         exchange.complete = True
-        if pending:
+        if stream.pending:
             # A stream that ends without a blank line: the client gets exactly what the worker sent.
-            tail.append(pending)
-            await _write(response, pending)
+            stream.tail.append(stream.pending)
+            await _write(response, stream.pending)
     except UpstreamFailure as err:
         # Headers are out: what is left is vLLM's way of failing a stream, an error event
         # then [DONE] (the OpenAI SDK raises APIError on the event).
@@ -151,14 +153,71 @@ async def _relay_stream(
             }
         }
         await _write(response, b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
-    exchange.last_byte = previous
+    except ConnectionError:
+        raise ClientGone() from None  # the client left while the pipe waited for it to drain
+    exchange.last_byte = stream.previous
     if exchange.complete:
-        exchange.read_usage(usage_from_sse(b"".join(tail)))
+        exchange.read_usage(usage_from_sse(b"".join(stream.tail)))
     try:
         await response.write_eof()
     except ConnectionError:
         raise ClientGone() from None
     return response
+
+
+# Past this much unsent to a slow client, reading from the worker pauses until the client drains.
+_CLIENT_HIGH_WATER = 256 * 1024
+
+
+class _Stream:
+    """One streamed answer's relay state: whole SSE events out, the last few kept for ``usage``,
+    inter-chunk gaps timed."""
+
+    __slots__ = ("gone", "on_gap", "pending", "previous", "tail", "transport", "upstream")
+
+    def __init__(self, upstream: UpstreamResponse, on_gap: Callable[[float], None]) -> None:
+        self.upstream = upstream
+        self.on_gap = on_gap
+        self.tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        self.previous: float | None = None
+        # The start of an event whose end has not arrived yet (almost always empty: workers
+        # write whole events). Sent with its end, or dropped if the worker fails before it.
+        self.pending = b""
+        self.transport: Any = None
+        self.gone = False
+
+    def events(self, chunk: bytes) -> bytes:
+        """What of ``chunk`` (after what is pending) ends whole events, to send now."""
+        now = time.perf_counter()
+        if self.previous is not None:
+            self.on_gap(now - self.previous)
+        self.previous = now
+        if self.pending:
+            chunk, self.pending = self.pending + chunk, b""
+        if not chunk.endswith(_EVENT_ENDS):
+            cut = max(chunk.rfind(end) + len(end) if end in chunk else 0 for end in _EVENT_ENDS)
+            chunk, self.pending = chunk[:cut], chunk[cut:]
+            if not chunk:
+                return b""
+        self.tail.append(chunk)
+        return chunk
+
+    def sink(self, chunk: bytes) -> None:
+        """Called from the worker connection's data_received: never raises."""
+        if self.gone:
+            return
+        data = self.events(chunk)
+        if not data:
+            return
+        transport = self.transport
+        if transport.is_closing():
+            self.gone = True
+            self.upstream.abort()
+            return
+        # HTTP/1.1 chunked framing, as aiohttp's writer frames the first events.
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if transport.get_write_buffer_size() > _CLIENT_HIGH_WATER:
+            self.upstream.hold()
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:

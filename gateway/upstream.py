@@ -21,7 +21,7 @@ failure's ``detail`` names the worker's address for the log; ``public`` is what 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -131,6 +131,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._deadline = 0.0
+        self._loop_time: Callable[[], float] = asyncio.get_running_loop().time
         self._reset()
 
     def _reset(self) -> None:
@@ -150,6 +151,10 @@ class _Connection(asyncio.Protocol):
         self._queued = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        # Piping (``UpstreamResponse.pipe``): each body piece goes to the sink from data_received.
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_timeout = 0.0
+        self.held = False  # reading paused until the sink's client takes what it was given
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -226,6 +231,12 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            # The silence clock restarts with every piece (the timer re-arms for the moved deadline).
+            self._deadline = self._loop_time() + self._sink_timeout
+            sink(body)
+            return
         self._chunks.append(body)
         self._queued += len(body)
         if self._queued > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -287,6 +298,28 @@ class _Connection(asyncio.Protocol):
             return
         waiter.set_exception(UpstreamFailure("timeout", f"{self.pool.name} sent nothing for {self.pool.read_timeout}s"))
 
+    def start_sink(self, sink: Callable[[bytes], None], timeout: float) -> None:
+        self._sink_timeout = timeout
+        self._sink = sink
+
+    def stop_sink(self) -> None:
+        self._sink = None
+        self.release_hold()
+
+    def hold(self) -> None:
+        """Stop reading from the worker until ``release_hold``: the sink's client is behind."""
+        if not self.held:
+            self.held = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._wake()
+
+    def release_hold(self) -> None:
+        if self.held:
+            self.held = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
     def stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -316,6 +349,7 @@ class UpstreamResponse:
         ctype = conn.headers.get("Content-Type", "")
         self.content_type = ctype.split(";", 1)[0].strip().lower()
         self._open = True
+        self._aborted = False
 
     @property
     def complete(self) -> bool:
@@ -334,6 +368,51 @@ class UpstreamResponse:
             if conn.error is not None:
                 raise conn.error
             await conn.wait(timeout)
+
+    async def next_chunk(self) -> bytes | None:
+        """What arrived since the last call, as soon as there is some; None at the end."""
+        conn = self._conn
+        timeout = conn.pool.read_timeout
+        while True:
+            if conn.has_data():
+                return conn.take()
+            if conn.done:
+                return None
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait(timeout)
+
+    async def pipe(self, sink: Callable[[bytes], None], drain: Callable[[], Awaitable[None]]) -> None:
+        """Hand the rest of the body to ``sink`` piece by piece as it arrives, called from the
+        connection's ``data_received``: no task switch and no future per piece, which is most of
+        what relaying a streamed answer costs. Returns at the end of the body; raises
+        ``UpstreamFailure`` as ``iter_chunks`` does (``timeout``: nothing for ``read_timeout``).
+        ``sink`` must not raise; it calls ``hold`` when its client falls behind, and reading
+        resumes after ``drain``. ``abort`` ends the pipe early (the client left)."""
+        conn = self._conn
+        timeout = conn.pool.read_timeout
+        if conn.has_data():
+            sink(conn.take())
+        conn.start_sink(sink, timeout)
+        try:
+            while not (conn.done or self._aborted):
+                if conn.error is not None:
+                    raise conn.error
+                if conn.held:
+                    await drain()
+                    conn.release_hold()
+                    continue
+                await conn.wait(timeout)
+        finally:
+            conn.stop_sink()
+
+    def hold(self) -> None:
+        self._conn.hold()
+
+    def abort(self) -> None:
+        """End a ``pipe`` early: its sink's client is gone."""
+        self._aborted = True
+        self._conn._wake()
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.iter_chunks()]

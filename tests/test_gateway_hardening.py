@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +32,13 @@ from tests.helpers import TINY_MODEL, until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 EVENT = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+
+
+FLOOD_EVENTS = 4000
+
+
+def flood_event(i: int) -> bytes:
+    return b'data: {"i":%d,"pad":"%s"}\n\n' % (i, b"x" * 1000)
 
 
 @dataclass
@@ -71,6 +79,15 @@ class ScriptedWorker:
             return web.Response(status=500, text="engine error")
         if self.mode == "silent":
             await asyncio.sleep(5)
+        if self.mode == "flood":
+            # 4 MB of events, written as fast as the gateway reads them.
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for i in range(FLOOD_EVENTS):
+                await response.write(flood_event(i))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
         if self.mode in ("die", "die-mid-event"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
@@ -198,6 +215,38 @@ async def test_a_broken_body_closes_its_connection_so_a_pooled_client_goes_on(st
                 else:
                     assert response.status == 200
     assert stack.worker.bodies == [plain]
+
+
+async def test_a_client_reading_slowly_gets_every_event_in_order(stack: Stack) -> None:
+    # A client with a 4 KB receive buffer that stops reading for a while: the gateway's write
+    # buffer fills, it stops reading from the worker until the client drains, and nothing is lost.
+    stack.worker.mode = "flood"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", stack.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = orjson.dumps({"messages": MESSAGES, "stream": True})
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (CHAT.encode(), len(body), body)
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+    await asyncio.sleep(1.0)  # not reading: a few hundred KB fit in the kernel's buffers, not 4 MB
+    raw = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    decoded = bytearray()
+    while raw:
+        size, _, raw = raw.partition(b"\r\n")
+        n = int(size, 16)
+        decoded += raw[:n]
+        raw = raw[n + 2 :]
+        if n == 0:
+            break
+    expected = b"".join(flood_event(i) for i in range(FLOOD_EVENTS)) + b"data: [DONE]\n\n"
+    assert bytes(decoded) == expected
 
 
 async def test_a_gzip_body_is_forwarded_decoded(stack: Stack) -> None:

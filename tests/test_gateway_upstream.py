@@ -448,3 +448,127 @@ async def test_header_values_beyond_latin_1_reach_the_worker_byte_for_byte() -> 
     finally:
         await upstream.close()
         await server.stop()
+
+
+# -- piping: pieces handed over from data_received ------------------------------------------------
+
+
+async def test_pipe_hands_over_every_piece_then_the_connection_is_reused(upstream: Upstream) -> None:
+    server = Scripted(lambda n: bytewise(CHUNKED) if n == 0 else [CHUNKED])
+    url = await server.start()
+    drained: list[bool] = []
+
+    async def drain() -> None:
+        drained.append(True)
+
+    try:
+        for _ in range(2):
+            response = await upstream.post(url, "/v1/chat/completions", b"{}", [])
+            first = await response.next_chunk()
+            assert first
+            pieces: list[bytes] = []
+            await response.pipe(pieces.append, drain)
+            assert first + b"".join(pieces) == b'data: {"a":1}\n\nhello'
+            assert await response.next_chunk() is None and response.complete and not drained
+            response.release()
+        assert server.connections == 1
+    finally:
+        await server.stop()
+
+
+def stream_head() -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def test_pipe_times_out_only_after_read_timeout_of_silence(upstream: Upstream) -> None:
+    # read_timeout 0.5 s: pieces 0.3 s apart for 1.2 s keep the answer alive, then silence fails it.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(stream_head() + chunk(b"data: 0\n\n"))
+        for i in range(1, 5):
+            await asyncio.sleep(0.3)
+            writer.write(chunk(b"data: %d\n\n" % i))
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        response = await upstream.post(url, "/v1/chat/completions", b"{}", [])
+        assert await response.next_chunk() == b"data: 0\n\n"
+        pieces: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def drain() -> None:
+            pass
+
+        with pytest.raises(UpstreamFailure) as failed:
+            await response.pipe(pieces.append, drain)
+        assert failed.value.kind == "timeout"
+        assert b"".join(pieces) == b"data: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\n"
+        assert 1.2 + 0.5 - 0.1 < loop.time() - started < 1.2 + 0.5 + 0.6
+        response.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_pipe_holds_reading_until_drained_and_aborts_early(upstream: Upstream) -> None:
+    pieces_sent = 40
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # one answer per request, on the same connection while it stays open
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)  # the body, b"{}"
+                writer.write(stream_head())
+                for i in range(pieces_sent):
+                    writer.write(chunk(b"data: %d\n\n" % i))
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        # A sink whose client is always behind: every piece holds reading until a drain.
+        response = await upstream.post(url, "/v1/chat/completions", b"{}", [])
+        got: list[bytes] = []
+        drains = 0
+
+        def sink(piece: bytes) -> None:
+            got.append(piece)
+            response.hold()
+
+        async def drain() -> None:
+            nonlocal drains
+            drains += 1
+            await asyncio.sleep(0.001)
+
+        await response.pipe(sink, drain)
+        assert b"".join(got) == b"".join(b"data: %d\n\n" % i for i in range(pieces_sent))
+        assert drains >= 1 and response.complete
+        response.release()
+
+        # A sink whose client left: abort ends the pipe before the answer does.
+        response = await upstream.post(url, "/v1/chat/completions", b"{}", [])
+        seen: list[bytes] = []
+
+        def leaving(piece: bytes) -> None:
+            seen.append(piece)
+            response.abort()
+
+        await response.pipe(leaving, drain)
+        assert seen and not response.complete
+        response.close()
+    finally:
+        server.close()
+        await server.wait_closed()
