@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 
 WORKER_HEADER = "x-kvgate-worker"
 NO_WORKER = "none"
@@ -152,6 +152,13 @@ def from_parser_error(exc: HttpProcessingError, max_header_size: int, max_header
             431,
             f"A request line or header field is longer than {max_header_size} bytes (max_header_size).",
             code="request_header_fields_too_large",
+        )
+    if isinstance(exc, ContentEncodingError) and "Can not decode content-encoding" in exc.message:
+        # A compression this build cannot decode (zstd without its library): the client can send it otherwise.
+        return ApiError(
+            415,
+            "The request's Content-Encoding is not supported here; send the body uncompressed, gzip or deflate.",
+            code="unsupported_content_encoding",
         )
     # aiohttp's messages quote the offending bytes and point at them with a caret: keep only the words.
     words = [
