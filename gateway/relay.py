@@ -122,10 +122,11 @@ async def _relay_stream(
             chunk = await upstream.next_chunk()
             if chunk is None:
                 break
-            if stream.previous is None:
-                exchange.first_byte = time.perf_counter()
-                on_first_byte()
+            arrived_first = stream.previous is None
             first = stream.events(chunk)
+            if arrived_first:
+                exchange.first_byte = stream.previous
+                on_first_byte()
         if first:
             await _write(response, first)
             transport = request.transport

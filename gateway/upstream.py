@@ -357,17 +357,8 @@ class UpstreamResponse:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Everything received since the last step, as soon as there is some."""
-        conn = self._conn
-        timeout = conn.pool.read_timeout
-        while True:
-            if conn.has_data():
-                yield conn.take()
-                continue
-            if conn.done:
-                return
-            if conn.error is not None:
-                raise conn.error
-            await conn.wait(timeout)
+        while (chunk := await self.next_chunk()) is not None:
+            yield chunk
 
     async def next_chunk(self) -> bytes | None:
         """What arrived since the last call, as soon as there is some; None at the end."""

@@ -136,7 +136,7 @@ def trace_block_tokens(requests: Sequence[TraceRequest]) -> int:
 def load_trace(path: str | Path = DEFAULT_TRACE) -> list[TraceRequest]:
     with open(path, encoding="utf-8") as fh:
         requests = [parse_line(line, n) for n, line in enumerate(fh, 1) if line.strip()]
-    size = trace_block_tokens(requests) if requests else TRACE_BLOCK_TOKENS
+    size = trace_block_tokens(requests)  # 512 for an empty trace
     if size == TRACE_BLOCK_TOKENS:
         return requests
     return [replace(r, block_tokens=size) for r in requests]
@@ -168,11 +168,12 @@ class TracePrompts:
         self.seed = seed
         self._blocks: dict[int, list[str]] = {}
 
-    def block_words(self, hash_id: int, block_tokens: int | None = None) -> list[str]:
+    def block_words(self, hash_id: int, block_tokens: int) -> list[str]:
+        """The words of a block of ``block_tokens`` (a trace's block, scaled), drawn once per hash id."""
         words = self._blocks.get(hash_id)
         if words is None:
             rng = random.Random(f"kvgate-trace:{self.seed}:{hash_id}")
-            words = self.vocabulary.draw(rng, block_tokens or self.config.block_tokens)
+            words = self.vocabulary.draw(rng, block_tokens)
             self._blocks[hash_id] = words
         return words
 

@@ -102,6 +102,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -172,15 +176,15 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         raise _bad(
             "When response_format type is 'json_schema', the 'json_schema' field must be provided.", "response_format"
         )
-    stream = _optional(body, "stream", lambda v: isinstance(v, bool), "a boolean") or False
+    stream = _optional(body, "stream", _is_bool, "a boolean") or False
     options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
     include_usage = False
     if options:
         if not stream:
             raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
-        include_usage = _optional(options, "include_usage", lambda v: isinstance(v, bool), "a boolean") or False
+        include_usage = _optional(options, "include_usage", _is_bool, "a boolean") or False
     vocabulary_ids = _sampling(body, max_completion if max_completion is not None else max_tokens)
-    ignore_eos = _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean") or False
+    ignore_eos = _optional(body, "ignore_eos", _is_bool, "a boolean") or False
     prompt_logprobs = body.get("prompt_logprobs")
     if prompt_logprobs is not None:
         if not _is_int(prompt_logprobs):
@@ -192,7 +196,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         _logprobs(prompt_logprobs, "prompt_logprobs", "prompt")
     return {
         "vocabulary_ids": vocabulary_ids,
-        "return_token_ids": _optional(body, "return_token_ids", lambda v: isinstance(v, bool), "a boolean") or False,
+        "return_token_ids": _optional(body, "return_token_ids", _is_bool, "a boolean") or False,
         "prompt_logprobs": prompt_logprobs,
         "cache_salt": _cache_salt(body.get("cache_salt")),
         "model": model,
@@ -203,10 +207,6 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         "ignore_eos": ignore_eos,
         "n": n,
     }
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
 
 
 def _is_int_list(value: Any) -> bool:
@@ -367,8 +367,8 @@ def parse_chat(body: Any) -> GenerateParams:
         ):
             raise _bad(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
     tools = _optional(body, "tools", lambda v: isinstance(v, list), "a list")
-    add_gen = _optional(body, "add_generation_prompt", lambda v: isinstance(v, bool), "a boolean")
-    cont = _optional(body, "continue_final_message", lambda v: isinstance(v, bool), "a boolean") or False
+    add_gen = _optional(body, "add_generation_prompt", _is_bool, "a boolean")
+    cont = _optional(body, "continue_final_message", _is_bool, "a boolean") or False
     kwargs = _optional(body, "chat_template_kwargs", lambda v: isinstance(v, dict), "an object")
     template = _optional(body, "chat_template", lambda v: isinstance(v, str), "a string")
     add_generation_prompt = True if add_gen is None else add_gen
@@ -392,13 +392,13 @@ def parse_chat(body: Any) -> GenerateParams:
         lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v),
         "a list of objects",
     )
-    wants = _optional(body, "logprobs", lambda v: isinstance(v, bool), "a boolean") or False
+    wants = _optional(body, "logprobs", _is_bool, "a boolean") or False
     top = _optional(body, "top_logprobs", _is_int, "an integer")
     if top is not None and top < 0 and top != -1:
         raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs")
     if top is not None and (top == -1 or top > 0) and not wants:
         raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
-    echo = _optional(body, "echo", lambda v: isinstance(v, bool), "a boolean") or False
+    echo = _optional(body, "echo", _is_bool, "a boolean") or False
     if common["prompt_logprobs"] is None and echo:
         common["prompt_logprobs"] = top or 0
     return GenerateParams(
@@ -431,7 +431,7 @@ def chat_echo(params: GenerateParams) -> str:
 
 
 def parse_completion(body: Any) -> GenerateParams:
-    echo = isinstance(body, dict) and _optional(body, "echo", lambda v: isinstance(v, bool), "a boolean") or False
+    echo = isinstance(body, dict) and _optional(body, "echo", _is_bool, "a boolean") or False
     common = _common(body, echo)
     if "prompt" not in body or body["prompt"] is None:
         raise _bad("'prompt' is required", "prompt")
