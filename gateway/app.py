@@ -538,8 +538,13 @@ class Gateway:
                     )
             if attempts == 1:
                 self.metrics.observe_forward(time.perf_counter() - routed.started)
+            upstream: UpstreamResponse | None = None
             try:
                 upstream = await self.upstream.post(info.base_url, routed.route, body, headers)
+                if upstream.content_type != "text/event-stream":
+                    # A whole answer is read before the client gets a byte of it, so a worker that
+                    # drops the connection mid-body is retried like one that drops it before answering.
+                    await upstream.read()
             except UpstreamFailure as err:
                 failure, failed_worker = err, key.worker_id
                 if err.kind == "connect":
@@ -550,6 +555,8 @@ class Gateway:
                 log.info("request %s: %s; trying the next worker", request_id, err.detail)
                 continue
             except BaseException:
+                if upstream is not None:
+                    upstream.close()  # the client left while its answer was read: the worker stops
                 flight.finish()
                 raise
             return await self._answer(request, routed, flight, upstream)

@@ -350,6 +350,7 @@ class UpstreamResponse:
         self.content_type = ctype.split(";", 1)[0].strip().lower()
         self._open = True
         self._aborted = False
+        self._body: bytes | None = None
 
     @property
     def complete(self) -> bool:
@@ -406,8 +407,15 @@ class UpstreamResponse:
         self._conn._wake()
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.iter_chunks()]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        """The whole body; read once, later calls return it again. A failure closes the connection."""
+        if self._body is None:
+            try:
+                parts = [chunk async for chunk in self.iter_chunks()]
+            except UpstreamFailure:
+                self.close()
+                raise
+            self._body = parts[0] if len(parts) == 1 else b"".join(parts)
+        return self._body
 
     def release(self) -> None:
         """Done with it: a complete answer frees the connection for reuse, anything else closes it."""
