@@ -71,6 +71,7 @@ from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse,
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher
 from kvgate.protocol.events import WorkerKey
+from kvgate.protocol.http import is_json_content_type
 from kvgate.router.accounting import HitAccounting
 from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.lifecycle import InFlight
@@ -355,7 +356,7 @@ class Gateway:
         try:
             # One deadline for the whole body: a client trickling it would hold the connection forever.
             async with asyncio.timeout(self.config.body_timeout):
-                return await request.read()
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise body_too_large(self.config.client_max_size) from None
         except TimeoutError:
@@ -368,6 +369,14 @@ class Gateway:
             if isinstance(cause, ContentEncodingError) and encoding:
                 raise body_undecodable(f"it is not valid {encoding.strip()} data (Content-Encoding)") from None
             raise body_undecodable("its framing is broken") from None
+        # Read first, so the connection stays usable; then refused as vLLM refuses a body it does not read as JSON.
+        content_type = request.headers.get("Content-Type")
+        if not is_json_content_type(content_type):
+            raise bad_request(
+                "The request body must be JSON, sent with Content-Type: application/json "
+                f"(this one says {content_type!r:.80})."
+            )
+        return body
 
     async def _route(
         self, route: str, parsed: ChatRequest | CompletionRequest, started: float, whole: bool = False

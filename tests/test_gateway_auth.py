@@ -405,7 +405,8 @@ def test_the_gateway_process_serves_admin_paths_on_their_own_listener(tmp_path: 
         wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=proc, status=503)
 
         def status_of(url: str, key: str | None = None, data: bytes | None = None) -> int:
-            request = urllib.request.Request(url, data=data, headers=bearer(key) if key else {})
+            headers = {**(bearer(key) if key else {}), "Content-Type": "application/json"}
+            request = urllib.request.Request(url, data=data, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=10) as response:
                     return response.status

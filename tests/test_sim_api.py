@@ -642,8 +642,9 @@ async def test_models_health_and_metrics(sim):
 
 
 async def raw_post(sim: str, path: str, data: bytes | str | None = None, json=None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} if data is not None else None
     async with aiohttp.ClientSession() as http:
-        async with http.post(sim + path, data=data, json=json) as r:
+        async with http.post(sim + path, data=data, json=json, headers=headers) as r:
             assert r.content_type == "application/json"
             return r.status, await r.json()
 
@@ -724,6 +725,32 @@ async def test_engine_keeps_serving_after_bad_input(sim):
             await raw_post(sim, path, json=payload)
     status, body = await raw_post(sim, "/v1/completions", json={"prompt": "still alive", "max_tokens": 3})
     assert status == 200 and body["usage"]["completion_tokens"] == 3
+
+
+async def test_a_body_not_sent_as_json_is_refused_as_vllm_refuses_it(sim):
+    # vLLM (FastAPI) reads a body as JSON without a Content-Type or with a JSON one; any other type
+    # leaves it bytes, which fail the request model: a 400.
+    payload = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).encode()
+    cases = [
+        ("text/plain", 400),
+        ("application/x-www-form-urlencoded", 400),
+        ("application/octet-stream", 400),
+        ("application/json; charset=utf-8", 200),
+        ("application/merge-patch+json", 200),
+        (None, 200),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for content_type, status in cases:
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            skip = ["Content-Type"] if content_type is None else []
+            async with http.post(
+                sim + "/v1/chat/completions", data=payload, headers=headers, skip_auto_headers=skip
+            ) as r:
+                body = await r.json()
+                assert r.status == status, (content_type, body)
+                if status == 400:
+                    assert body["error"]["type"] == "BadRequestError" and body["error"]["code"] == 400
+                    assert "valid dictionary" in body["error"]["message"]
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kvgate.protocol.http import is_json_content_type
 from kvgate.worker.sim import metrics, protocol
 from kvgate.worker.sim.answer import Vocabulary, logprobs_key, step_logprobs
 from kvgate.worker.sim.config import SimConfig
@@ -139,6 +140,9 @@ class SimServer:
 
     async def _generate(self, request: web.Request, parse: Callable[[Any], GenerateParams], prefix: str):
         raw = await request.read()
+        if not is_json_content_type(request.headers.get("Content-Type")):
+            # vLLM validates such a body as bytes, not as its request model.
+            raise ApiError(400, "Input should be a valid dictionary or object to extract fields from")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
