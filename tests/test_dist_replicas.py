@@ -298,8 +298,10 @@ def test_sigkill_worker_under_load_leaves_routing_and_no_later_request_fails(clu
     wid = victim.worker_id
     with Traffic(cluster) as traffic:
         wait_until(lambda: all(index_blocks(cluster, i, wid)[0] > 0 for i in range(2)), what="victim caching")
+        # Engine and sidecar: a lost node, no deregistration. The clock starts once both are gone (kill
+        # reaps the sidecar, then the engine): a request the engine took meanwhile was in flight at its death.
+        victim.kill()
         killed = time.monotonic()
-        victim.kill()  # engine and sidecar: a lost node, no deregistration
         wait_until(lambda: on_every_gateway(cluster, lambda h: not h["workers"].get(wid)), what="marked down")
         down = time.monotonic() - killed
         wait_until(
