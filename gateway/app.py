@@ -550,7 +550,7 @@ class Gateway:
             upstream: UpstreamResponse | None = None
             try:
                 upstream = await self.upstream.post(info.base_url, routed.route, body, headers)
-                if upstream.content_type != "text/event-stream":
+                if not upstream.streamed:
                     # A whole answer is read before the client gets a byte of it, so a worker that
                     # drops the connection mid-body is retried like one that drops it before answering.
                     await upstream.read()

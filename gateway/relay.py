@@ -74,7 +74,7 @@ async def relay(
 ) -> web.StreamResponse:
     headers = response_headers(upstream.headers)
     headers[WORKER_HEADER] = worker
-    if upstream.content_type == "text/event-stream":
+    if upstream.streamed:
         return await _relay_stream(request, upstream, worker, headers, exchange, on_first_byte, on_gap)
     return await _relay_body(upstream, headers, exchange, on_first_byte)
 

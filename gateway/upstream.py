@@ -353,6 +353,11 @@ class UpstreamResponse:
         self._body: bytes | None = None
 
     @property
+    def streamed(self) -> bool:
+        """An SSE stream, relayed as it arrives; any other answer is read whole before it is relayed."""
+        return self.content_type == "text/event-stream"
+
+    @property
     def complete(self) -> bool:
         return self._conn.done and not self._conn.has_data()
 

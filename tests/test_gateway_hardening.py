@@ -253,7 +253,7 @@ async def test_a_json_body_is_read_with_any_json_content_type_or_none(stack: Sta
         async with session.post(stack.url + CHAT, data=plain, headers=headers, skip_auto_headers=skip) as response:
             assert response.status == 200, await response.read()
     assert stack.worker.bodies == [plain]
-    assert (stack.worker.headers[0].get("Content-Type")) == content_type
+    assert stack.worker.headers[0].get("Content-Type") == content_type
 
 
 async def test_a_client_reading_slowly_gets_every_event_in_order(stack: Stack) -> None:
