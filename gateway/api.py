@@ -9,12 +9,16 @@ these objects, so fields this module does not know still reach vLLM untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from kvgate.gateway.errors import ApiError, bad_request, too_many_messages
+from kvgate.protocol import lax
+
+T = TypeVar("T")
 
 # Deeper JSON than this is refused (400): rendering and re-parsing it would recurse past
 # Python's limit. Tool parameter schemas in the wild stay far below it.
@@ -96,10 +100,12 @@ def parse_chat(body: bytes, max_messages: int | None = None) -> ChatRequest:
     common = _common(data, token_budget=("max_completion_tokens", "max_tokens"))
     template_args = {k: data[k] for k in TEMPLATE_FIELDS if data.get(k) is not None}
     for name in ("add_generation_prompt", "continue_final_message"):
-        _optional(data, name, bool, "a boolean")
-    _optional(data, "chat_template_kwargs", dict, "an object")
-    _optional(data, "chat_template", str, "a string")
-    _optional(data, "tools", list, "a list")
+        if name in template_args:
+            # The template sees what the engine's request model made of the value ("no" is false there).
+            template_args[name] = _optional(data, name, lax.as_bool, "a boolean")
+    _optional(data, "chat_template_kwargs", lax.as_dict, "an object")
+    _optional(data, "chat_template", lax.as_str, "a string")
+    _optional(data, "tools", lax.as_list, "a list")
     return ChatRequest(
         common.model, messages, common.stream, common.max_tokens, template_args, common.cache_salt, common.n
     )
@@ -111,7 +117,7 @@ def parse_completion(body: bytes) -> CompletionRequest:
         raise bad_request("Missing required field `prompt`.", "prompt")
     prompts = _prompts(data["prompt"])
     # vLLM answers an echoed prompt with no tokens at all (`max_tokens` 0: the prompt and its logprobs).
-    echo = _optional(data, "echo", bool, "a boolean") is True
+    echo = _optional(data, "echo", lax.as_bool, "a boolean") is True
     common = _common(data, token_budget=("max_tokens",), zero_ok=echo)
     return CompletionRequest(common.model, prompts, common.stream, common.max_tokens, common.cache_salt, common.n)
 
@@ -127,20 +133,19 @@ class _Common:
 
 def _common(data: dict[str, Any], token_budget: tuple[str, ...], zero_ok: bool = False) -> _Common:
     # vLLM makes `model` optional (it serves one model); the gateway follows it.
-    model = _optional(data, "model", str, "a string")
-    stream = _optional(data, "stream", bool, "a boolean")
+    model = _optional(data, "model", lax.as_str, "a string")
+    stream = _optional(data, "stream", lax.as_bool, "a boolean")
     max_tokens = None
     for name in token_budget:
         value = _positive_int(data, name, minimum=0 if zero_ok else 1)
         if value is not None and max_tokens is None:
             max_tokens = value
     n = _positive_int(data, "n")
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        _number(data, name)
-    temperature = data.get("temperature")
+    temperature, top_p = (_optional(data, name, lax.as_float, "a number") for name in ("temperature", "top_p"))
+    for name in ("presence_penalty", "frequency_penalty"):
+        _optional(data, name, lax.as_float, "a number")
     if temperature is not None and temperature < 0:
         raise bad_request("`temperature` must be >= 0.", "temperature")
-    top_p = data.get("top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise bad_request("`top_p` must be in (0, 1].", "top_p")
     stop = data.get("stop")
@@ -148,7 +153,7 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...], zero_ok: bool =
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise bad_request("`stop` must be a string or a list of strings.", "stop")
-    _optional(data, "stream_options", dict, "an object")
+    _optional(data, "stream_options", lax.as_dict, "an object")
     return _Common(model, bool(stream), max_tokens, _cache_salt(data), 1 if n is None else n)
 
 
@@ -218,25 +223,22 @@ def _is_token_id(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-def _optional(data: dict[str, Any], name: str, kind: type, described: str) -> Any:
+def _optional(data: dict[str, Any], name: str, read: Callable[[Any], T], described: str) -> T | None:
+    """A field as vLLM's request model reads it (``protocol.lax``: pydantic's lax mode), None when absent."""
     value = data.get(name)
-    # bool is an int subclass; JSON true must never pass for a count, nor 1 for a flag.
-    if value is not None and type(value) is not kind:
-        raise bad_request(f"`{name}` must be {described}, not {_type_name(value)}.", name)
-    return value
+    if value is None:
+        return None
+    try:
+        return read(value)
+    except lax.LaxError as err:
+        raise bad_request(f"`{name}` must be {described}, not {_type_name(value)} ({err.msg}).", name) from None
 
 
 def _positive_int(data: dict[str, Any], name: str, minimum: int = 1) -> int | None:
-    value = _optional(data, name, int, "an integer")
+    value = _optional(data, name, lax.as_int, "an integer")
     if value is not None and value < minimum:
         raise bad_request(f"`{name}` must be >= {minimum}, got {value}.", name)
     return value
-
-
-def _number(data: dict[str, Any], name: str) -> None:
-    value = data.get(name)
-    if value is not None and (type(value) not in (int, float)):
-        raise bad_request(f"`{name}` must be a number, not {_type_name(value)}.", name)
 
 
 def _type_name(value: Any) -> str:

@@ -71,7 +71,7 @@ from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse,
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher
 from kvgate.protocol.events import WorkerKey
-from kvgate.protocol.http import is_json_content_type
+from kvgate.protocol.http import is_json_content_type, model_card
 from kvgate.router.accounting import HitAccounting
 from kvgate.router.discovery import EtcdDiscovery
 from kvgate.router.lifecycle import InFlight
@@ -246,13 +246,14 @@ class Gateway:
         return _json(card)
 
     def _model_cards(self) -> list[dict[str, Any]]:
+        """vLLM 0.32's model cards, field for field (its permission list included)."""
         created = int(time.time())
-        base = {"object": "model", "created": created, "owned_by": "kvgate", "max_model_len": self.context_length}
-        cards = [{"id": self.model_name, **base, "root": self.config.model, "parent": None}]
-        cards += [
-            {"id": name, **base, "root": self.model_name, "parent": self.model_name}
-            for name in sorted(self.lora_adapters)
-        ]
+
+        def card(name: str, root: str, parent: str | None) -> dict[str, Any]:
+            return model_card(name, root, parent, self.context_length, created, owned_by="kvgate")
+
+        cards = [card(self.model_name, self.config.model, None)]
+        cards += [card(name, self.model_name, self.model_name) for name in sorted(self.lora_adapters)]
         return cards
 
     # -- operations -----------------------------------------------------------------------
@@ -369,12 +370,12 @@ class Gateway:
             if isinstance(cause, ContentEncodingError) and encoding:
                 raise body_undecodable(f"it is not valid {encoding.strip()} data (Content-Encoding)") from None
             raise body_undecodable("its framing is broken") from None
-        # Read first, so the connection stays usable; then refused as vLLM refuses a body it does not read as JSON.
+        # Read first, so the connection stays usable; then refused as vLLM 0.32 refuses any other type.
         content_type = request.headers.get("Content-Type")
         if not is_json_content_type(content_type):
+            said = "has no Content-Type" if content_type is None else f"says {content_type!r:.80}"
             raise bad_request(
-                "The request body must be JSON, sent with Content-Type: application/json "
-                f"(this one says {content_type!r:.80})."
+                f"The request body must be JSON, sent with Content-Type: application/json (this one {said})."
             )
         return body
 
@@ -494,13 +495,22 @@ class Gateway:
             raise bad_request(str(err), param) from None
 
     def _check_length(self, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        """vLLM 0.32's limits: ``max_tokens`` at most the context window, and a prompt that leaves room for
+        one output token. A prompt plus ``max_tokens`` over the window is not refused: the engine cuts the
+        answer to fit (finish_reason ``length``)."""
         limit = self.context_length
-        if prompt_tokens > limit or (max_tokens is not None and prompt_tokens + max_tokens > limit):
-            requested = prompt_tokens + (max_tokens or 0)
+        if max_tokens is not None and max_tokens > limit:
             raise bad_request(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{requested} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in the completion). "
-                "Please reduce the length of the messages or completion.",
+                f"max_tokens={max_tokens} cannot be greater than the model's maximum context length of {limit} "
+                "tokens. Please request fewer output tokens.",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+        if prompt_tokens >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your prompt contains "
+                f"{prompt_tokens} input tokens, which leaves no room for an output token. "
+                "Please reduce the length of the input prompt.",
                 param,
                 code="context_length_exceeded",
             )

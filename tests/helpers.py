@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -70,6 +70,17 @@ def wait_http(url: str, timeout: float = 30.0, proc: Proc | None = None, status:
         time.sleep(0.1)
     detail = proc.log() if proc is not None else ""
     raise TimeoutError(f"{url} not answering {status} after {timeout}s (last: {last})\n{detail}")
+
+
+def serving(proc: Proc, base: str, log: Path, timeout: float = 60.0) -> Iterator[str]:
+    """A fixture's body for one server process: ``base`` once ``/health`` answers, the process stopped
+    after, and its log free of tracebacks (a server that crashed on a request fails its tests)."""
+    try:
+        wait_http(base + "/health", timeout=timeout, proc=proc)
+        yield base
+    finally:
+        proc.stop()
+    assert "Traceback" not in log.read_text()
 
 
 async def until(

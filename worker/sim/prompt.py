@@ -62,16 +62,15 @@ class PromptRenderer:
             try:
                 text = self.tokenizer.apply_chat_template(params.messages, tokenize=False, **kwargs)
             except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-                raise ApiError(400, f"cannot render the chat template: {exc}", "messages") from None
+                raise ApiError(400, str(exc)) from None  # vLLM answers the template's own words
             # An empty render is the 400 below (an encoder other than the default may raise on it).
             ids = self._encode_text(text) if text else []
         elif isinstance(params.prompt, str):
             ids = self.tokenizer.encode(params.prompt)
         else:
             ids = list(params.prompt or ())
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise ApiError(400, f"token id {bad} is out of vocabulary (size {self.vocab_size})", "prompt")
+            if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+                raise ApiError(400, f"Token id {min(ids) if min(ids) < 0 else max(ids)} is out of vocabulary")
         if not ids:
-            raise ApiError(400, "the prompt cannot be empty", "messages" if params.kind == "chat" else "prompt")
+            raise ApiError(400, "The decoder prompt cannot be empty")
         return ids

@@ -12,10 +12,17 @@ as vLLM 0.32 does; so are logprobs (made-up figures in vLLM's shapes) and ``echo
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import orjson
+
+from kvgate.protocol import lax
+from kvgate.protocol.http import model_card
 
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -29,21 +36,69 @@ _ERROR_TYPES = {
 class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` (vLLM's shape)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.kind = kind or _ERROR_TYPES.get(status, "BadRequestError")
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": _ERROR_TYPES.get(self.status, "BadRequestError"),
-                "param": self.param,
-                "code": self.status,
-            }
-        }
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
+
+def _summary(value: Any) -> str:
+    """A validation error's ``input`` as vLLM shows it: containers by size, other values as text."""
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:200] + "...[truncated]"
+    if isinstance(value, (list, dict)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "...[truncated]"
+
+
+def validation_error(errors: list[dict[str, Any] | str]) -> ApiError:
+    """vLLM's answer to a request its pydantic model refuses: ``type`` "Bad Request", ``param`` the first
+    error's location, and the errors listed (at most 10), each as pydantic reports it."""
+    lines = []
+    for error in errors[:10]:
+        if isinstance(error, dict):
+            error = {**error, "input": _summary(error["input"])} if "input" in error else error
+        text = str(error)
+        lines.append(text if len(text) <= 1000 else text[:1000] + "...[truncated]")
+    label = "error" if len(errors) == 1 else "errors"
+    message = f"{len(errors)} validation {label}:\n" + "\n".join(f"  {line}" for line in lines)
+    if len(errors) > 10:
+        message += f"\n  ...and {len(errors) - 10} more {label}"
+    first = errors[0] if errors else None
+    return ApiError(400, message, first["loc"] if isinstance(first, dict) else None, "Bad Request")
+
+
+def invalid(loc: str, kind: str, msg: str, value: Any, **ctx: Any) -> ApiError:
+    """One pydantic error at ``loc`` (``body.max_tokens``)."""
+    error: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg, "input": value}
+    if ctx:
+        error["ctx"] = ctx
+    return validation_error([error])
+
+
+def json_body(raw: bytes) -> Any:
+    """A request body as vLLM's server reads it: empty is a missing body, bad JSON names where it broke."""
+    if not raw:
+        raise invalid("body", "missing", "Field required", None)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # the standard library's words and position, as FastAPI reports them
+            json.loads(raw)
+        except ValueError as err:
+            if isinstance(err, json.JSONDecodeError):
+                raise invalid(f"body.{err.pos}", "json_invalid", "JSON decode error", {}, error=err.msg) from None
+        raise invalid("body", "json_invalid", "JSON decode error", {}, error="Invalid JSON") from None
+
+
+def _lax_error(name: str, value: Any, err: lax.LaxError) -> ApiError:
+    return invalid(f"body.{name}", err.kind, err.msg, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +132,7 @@ class GenerateParams:
     # How many of the most likely tokens each prompt position lists besides the prompt's own (None: no
     # prompt logprobs); an echo asks for them as vLLM does (chat: top_logprobs, completions: logprobs).
     prompt_logprobs: int | None = None
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
     return_token_ids: bool = False  # vLLM's: the answer's token ids and its prompt's, beside the text
     # Token ids the request names (logit_bias keys, allowed_token_ids), by field: vLLM checks them
     # against the vocabulary (``check_vocabulary``).
@@ -94,60 +150,76 @@ _SAMPLING_EPS = 1e-5  # a temperature below it is greedy sampling
 _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 
-def _bad(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param)
+def _bad(message: str, param: str | None = None, value: Any = None) -> ApiError:
+    """vLLM's ``VLLMValidationError`` (or a ``ValueError``, with no parameter): a 400 whose message names
+    the parameter and the value refused, when it has them."""
+    extras = [f"parameter={param}"] if param is not None else []
+    if value is not None:
+        extras.append(f"value={value}")
+    return ApiError(400, f"{message} ({', '.join(extras)})" if extras else message, param)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _optional(body: dict[str, Any], name: str, check, expected: str) -> Any:
+def _optional(body: dict[str, Any], name: str, read: Callable[[Any], Any]) -> Any:
+    """A field as vLLM's request model reads it (pydantic's lax mode, ``protocol.lax``), written back
+    into ``body`` coerced ("3" is 3 from here on); None when absent."""
     value = body.get(name)
-    if value is not None and not check(value):
-        raise _bad(f"'{name}' must be {expected}, got {type(value).__name__} {value!r:.60}", name)
-    return value
+    if value is None:
+        return None
+    try:
+        body[name] = read(value)
+    except lax.LaxError as err:
+        raise _lax_error(name, value, err) from None
+    return body[name]
+
+
+def _int_list(value: Any) -> list[int]:
+    return [lax.as_int(v) for v in lax.as_list(value)]
+
+
+def _str_list(value: Any) -> list[str]:
+    return [lax.as_str(v) for v in lax.as_list(value)]
+
+
+def _number_map(value: Any) -> dict[str, float]:
+    return {k: lax.as_float(v) for k, v in lax.as_dict(value).items()}
 
 
 def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    model = _optional(body, "model", lambda v: isinstance(v, str), "a string")
-    max_tokens = _optional(body, "max_tokens", _is_int, "an integer")
-    max_completion = _optional(body, "max_completion_tokens", _is_int, "an integer")
+        raise invalid(
+            "body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", body
+        )
+    model = _optional(body, "model", lax.as_str)
+    max_tokens = _optional(body, "max_tokens", lax.as_int)
+    max_completion = _optional(body, "max_completion_tokens", lax.as_int)
     for name, value in (("max_tokens", max_tokens), ("max_completion_tokens", max_completion)):
         # An echoed completion may ask for no tokens at all: the prompt (and its logprobs) only.
         if value is not None and value < 1 and not (echo and value == 0 and name == "max_tokens"):
-            raise _bad(f"'{name}' must be at least 1, got {value}", name)
-    n = _optional(body, "n", _is_int, "an integer")
+            raise _bad(f"{name} must be at least 1, got {value}.", name, value)
+    n = _optional(body, "n", lax.as_int)
     n = 1 if n is None else n
     if n < 1:
-        raise _bad(f"n must be at least 1, got {n}.", "n")
+        raise _bad(f"n must be at least 1, got {n}.")
     if n > MAX_N:
         raise _bad(
             f"n must be at most {MAX_N}, got {n}. To increase this limit, set the VLLM_MAX_N_SEQUENCES "
-            "environment variable.",
-            "n",
+            "environment variable."
         )
-    temperature = _optional(body, "temperature", _is_number, "a number")
+    temperature = _optional(body, "temperature", lax.as_float)
     if temperature is not None and temperature < 0:
-        raise _bad(f"'temperature' must be non-negative, got {temperature}", "temperature")
+        raise _bad(f"temperature must be non-negative, got {temperature}.", "temperature", temperature)
     if temperature is not None and temperature > 2.0:
-        raise _bad(f"temperature must be in [0, 2], got {float(temperature)}.", "temperature")
+        raise _bad(f"temperature must be in [0, 2], got {temperature}.", "temperature", temperature)
     if n > 1 and temperature is not None and temperature < _SAMPLING_EPS:
         raise _bad(f"n must be 1 when using greedy sampling, got {n}.", "n")
-    top_p = _optional(body, "top_p", _is_number, "a number")
+    top_p = _optional(body, "top_p", lax.as_float)
     if top_p is not None and not 0 < top_p <= 1:
-        raise _bad(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    _optional(body, "seed", _is_int, "an integer")
+        raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
+    _optional(body, "seed", lax.as_int)
     stop_raw = body.get("stop")
     if stop_raw is None:
         stop: tuple[str, ...] = ()
@@ -156,17 +228,21 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw):
         stop = tuple(stop_raw)
     else:
-        raise _bad("'stop' must be a string or a list of strings", "stop")
+        raise validation_error(_union_errors("body.stop", stop_raw))
     if any(not s for s in stop):
-        raise _bad("'stop' strings must not be empty", "stop")
+        raise _bad("stop cannot contain an empty string.")
     if isinstance(stop_raw, list) and len(stop_raw) > MAX_STOP_STRINGS:
         raise _bad(f"'stop' must have at most {MAX_STOP_STRINGS} strings, got {len(stop_raw)}", "stop")
-    _optional(body, "user", lambda v: isinstance(v, str), "a string")
-    response_format = _optional(body, "response_format", lambda v: isinstance(v, dict), "an object")
+    _optional(body, "user", lax.as_str)
+    response_format = _optional(body, "response_format", lax.as_dict)
     if response_format is not None and response_format.get("type") not in _RESPONSE_FORMATS:
-        raise _bad(
-            "'response_format.type' must be one of 'text', 'json_object', 'json_schema' or 'structural_tag'",
-            "response_format",
+        expected = "'text', 'json_object' or 'json_schema'"
+        raise invalid(
+            "body.response_format.type",
+            "literal_error",
+            f"Input should be {expected}",
+            response_format.get("type"),
+            expected=expected,
         )
     if (
         response_format is not None
@@ -176,15 +252,16 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         raise _bad(
             "When response_format type is 'json_schema', the 'json_schema' field must be provided.", "response_format"
         )
-    stream = _optional(body, "stream", _is_bool, "a boolean") or False
-    options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
-    include_usage = False
+    stream = _optional(body, "stream", lax.as_bool) or False
+    options = _optional(body, "stream_options", lax.as_dict)
+    include_usage = continuous_usage = False
     if options:
         if not stream:
             raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
-        include_usage = _optional(options, "include_usage", _is_bool, "a boolean") or False
+        include_usage = _optional(options, "include_usage", lax.as_bool) or False
+        continuous_usage = include_usage and bool(_optional(options, "continuous_usage_stats", lax.as_bool))
     vocabulary_ids = _sampling(body, max_completion if max_completion is not None else max_tokens)
-    ignore_eos = _optional(body, "ignore_eos", _is_bool, "a boolean") or False
+    ignore_eos = _optional(body, "ignore_eos", lax.as_bool) or False
     prompt_logprobs = body.get("prompt_logprobs")
     if prompt_logprobs is not None:
         if not _is_int(prompt_logprobs):
@@ -196,7 +273,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         _logprobs(prompt_logprobs, "prompt_logprobs", "prompt")
     return {
         "vocabulary_ids": vocabulary_ids,
-        "return_token_ids": _optional(body, "return_token_ids", _is_bool, "a boolean") or False,
+        "return_token_ids": _optional(body, "return_token_ids", lax.as_bool) or False,
         "prompt_logprobs": prompt_logprobs,
         "cache_salt": _cache_salt(body.get("cache_salt")),
         "model": model,
@@ -204,55 +281,49 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         "stop": stop,
         "stream": stream,
         "include_usage": include_usage,
+        "continuous_usage": continuous_usage,
         "ignore_eos": ignore_eos,
         "n": n,
     }
 
 
-def _is_int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_int(v) for v in value)
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
 # The request fields vLLM 0.32's request models type and its SamplingParams use, beyond the ones read
-# above: a value of the wrong type is pydantic's 400 there (null is the default).
-_TYPED_FIELDS: tuple[tuple[str, Any, str], ...] = (
-    ("frequency_penalty", _is_number, "a number"),
-    ("presence_penalty", _is_number, "a number"),
-    ("repetition_penalty", _is_number, "a number"),
-    ("min_p", _is_number, "a number"),
-    ("length_penalty", _is_number, "a number"),
-    ("top_k", _is_int, "an integer"),
-    ("min_tokens", _is_int, "an integer"),
-    ("priority", _is_int, "an integer"),
-    ("truncate_prompt_tokens", _is_int, "an integer"),
-    ("stream_interval", _is_int, "an integer"),
-    ("stop_token_ids", _is_int_list, "a list of integers"),
-    ("allowed_token_ids", _is_int_list, "a list of integers"),
-    ("bad_words", _is_str_list, "a list of strings"),
-    ("logit_bias", lambda v: isinstance(v, dict) and all(_is_number(b) for b in v.values()), "an object of numbers"),
-    ("skip_special_tokens", _is_bool, "a boolean"),
-    ("spaces_between_special_tokens", _is_bool, "a boolean"),
-    ("include_stop_str_in_output", _is_bool, "a boolean"),
-    ("use_beam_search", _is_bool, "a boolean"),
-    ("add_special_tokens", _is_bool, "a boolean"),
-    ("return_tokens_as_token_ids", _is_bool, "a boolean"),
-    ("kv_transfer_params", lambda v: isinstance(v, dict), "an object"),
-    ("vllm_xargs", lambda v: isinstance(v, dict), "an object"),
-    ("structured_outputs", lambda v: isinstance(v, dict), "an object"),
-    ("request_id", lambda v: isinstance(v, str), "a string"),
+# above, as pydantic reads them (null is the default).
+_TYPED_FIELDS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    *((name, lax.as_float) for name in ("frequency_penalty", "presence_penalty", "repetition_penalty")),
+    *((name, lax.as_float) for name in ("min_p", "length_penalty")),
+    *((name, lax.as_int) for name in ("top_k", "min_tokens", "priority", "truncate_prompt_tokens", "stream_interval")),
+    ("stop_token_ids", _int_list),
+    ("allowed_token_ids", _int_list),
+    ("bad_words", _str_list),
+    ("logit_bias", _number_map),
+    *((name, lax.as_bool) for name in ("skip_special_tokens", "spaces_between_special_tokens")),
+    *((name, lax.as_bool) for name in ("include_stop_str_in_output", "use_beam_search", "add_special_tokens")),
+    ("return_tokens_as_token_ids", lax.as_bool),
+    *((name, lax.as_dict) for name in ("kv_transfer_params", "vllm_xargs", "structured_outputs")),
+    ("request_id", lax.as_str),
 )
+
+
+def _union_errors(loc: str, value: Any) -> list[dict[str, Any]]:
+    """pydantic's errors for a ``str | list[str]`` field (``stop``): the string branch, then the list's."""
+    string = {"type": "string_type", "loc": loc, "msg": "Input should be a valid string", "input": value}
+    if not isinstance(value, list):
+        return [string, {"type": "list_type", "loc": loc, "msg": "Input should be a valid list", "input": value}]
+    items = [
+        {"type": "string_type", "loc": f"{loc}.{i}", "msg": "Input should be a valid string", "input": v}
+        for i, v in enumerate(value)
+        if not isinstance(v, str)
+    ]
+    return [string, *items]
 
 
 def _sampling(body: dict[str, Any], max_tokens: int | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The types of vLLM 0.32's other sampling fields and the ranges ``SamplingParams._verify_args``
     checks (its messages); returns the token ids that must be in the vocabulary, by field
     (``check_vocabulary``: the tokenizer knows its size)."""
-    for name, check, expected in _TYPED_FIELDS:
-        _optional(body, name, check, expected)
+    for name, read in _TYPED_FIELDS:
+        _optional(body, name, read)
     for name in ("presence_penalty", "frequency_penalty"):
         value = body.get(name)
         if value is not None and not -2.0 <= value <= 2.0:
@@ -308,8 +379,12 @@ def _tool_choice(choice: Any, tools: list[Any] | None) -> None:
         return
     if tools is None:
         raise _bad("When using `tool_choice`, `tools` must be set.", "tool_choice")
-    if choice in ("auto", "required"):
-        return
+    # The simulator has no tool-call parser, as vLLM started without --enable-auto-tool-choice and
+    # --tool-call-parser: it answers these as that engine does.
+    if choice == "auto":
+        raise _bad('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
+    if choice == "required":
+        raise _bad('tool_choice="required" requires --tool-call-parser to be set')
     if not isinstance(choice, dict):
         raise _bad(
             f'Invalid value for `tool_choice`: {choice!r:.60}! Only named tools, "none", "auto" or "required" '
@@ -337,7 +412,9 @@ def _cache_salt(salt: Any) -> str | None:
     """vLLM's ``validate_cache_salt``: a non-empty string of at most 128 characters, none of ``@ / \\ NUL``."""
     if salt is None:
         return None
-    if not isinstance(salt, str) or not salt:
+    if not isinstance(salt, str):
+        raise _lax_error("cache_salt", salt, lax.LaxError("string_type", "Input should be a valid string"))
+    if not salt:
         raise _bad("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
     if len(salt) > _MAX_CACHE_SALT_LENGTH or not _CACHE_SALT_FORBIDDEN.isdisjoint(salt):
         raise _bad(
@@ -349,28 +426,36 @@ def _cache_salt(salt: Any) -> str | None:
 
 def parse_chat(body: Any) -> GenerateParams:
     common = _common(body)
-    messages = body.get("messages")
+    if "messages" not in body:
+        raise invalid("body.messages", "missing", "Field required", body)
+    messages = body["messages"]
     if messages is None:
-        raise _bad("'messages' is required", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list of messages", "messages")
+        raise _bad("'NoneType' object is not iterable")
+    if not isinstance(messages, list):
+        raise invalid("body.messages", "list_type", "Input should be a valid list", messages)
+    if not messages:
+        raise _bad("Cannot apply chat template to an empty conversation. Provide at least one message.")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+        # pydantic tries every message type of the union; its first error names the first type's field.
+        loc = f"body.messages.{i}.ChatCompletionDeveloperMessageParam"
+        if not isinstance(message, dict):
+            raise invalid(f"body.messages.{i}", "dict_type", "Input should be a valid dictionary", message)
+        if not isinstance(message.get("role"), str):
+            raise invalid(f"{loc}.role", "missing", "Field required", message)
         if message.get("name") is not None and not isinstance(message["name"], str):
-            raise _bad(f"messages[{i}].name must be a string", "messages")
+            raise invalid(f"{loc}.name", "string_type", "Input should be a valid string", message["name"])
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise _bad(f"messages[{i}].content must be a string or a list of content parts", "messages")
+            raise invalid(f"{loc}.content", "string_type", "Input should be a valid string", content)
         if isinstance(content, list) and not all(
             isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
         ):
-            raise _bad(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}", "messages")
-    tools = _optional(body, "tools", lambda v: isinstance(v, list), "a list")
-    add_gen = _optional(body, "add_generation_prompt", _is_bool, "a boolean")
-    cont = _optional(body, "continue_final_message", _is_bool, "a boolean") or False
-    kwargs = _optional(body, "chat_template_kwargs", lambda v: isinstance(v, dict), "an object")
-    template = _optional(body, "chat_template", lambda v: isinstance(v, str), "a string")
+            raise invalid(f"{loc}.content", "string_type", "Input should be a valid string", content)
+    tools = _optional(body, "tools", lax.as_list)
+    add_gen = _optional(body, "add_generation_prompt", lax.as_bool)
+    cont = _optional(body, "continue_final_message", lax.as_bool) or False
+    kwargs = _optional(body, "chat_template_kwargs", lax.as_dict)
+    template = _optional(body, "chat_template", lax.as_str)
     add_generation_prompt = True if add_gen is None else add_gen
     if add_generation_prompt and cont:
         raise _bad("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
@@ -386,19 +471,14 @@ def parse_chat(body: Any) -> GenerateParams:
             "'reasoning_effort' must be one of 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
             "reasoning_effort",
         )
-    _optional(
-        body,
-        "documents",
-        lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v),
-        "a list of objects",
-    )
-    wants = _optional(body, "logprobs", _is_bool, "a boolean") or False
-    top = _optional(body, "top_logprobs", _is_int, "an integer")
+    _optional(body, "documents", lambda v: [lax.as_dict(d) for d in lax.as_list(v)])
+    wants = _optional(body, "logprobs", lax.as_bool) or False
+    top = _optional(body, "top_logprobs", lax.as_int)
     if top is not None and top < 0 and top != -1:
         raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs")
     if top is not None and (top == -1 or top > 0) and not wants:
         raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
-    echo = _optional(body, "echo", _is_bool, "a boolean") or False
+    echo = _optional(body, "echo", lax.as_bool) or False
     if common["prompt_logprobs"] is None and echo:
         common["prompt_logprobs"] = top or 0
     return GenerateParams(
@@ -431,12 +511,12 @@ def chat_echo(params: GenerateParams) -> str:
 
 
 def parse_completion(body: Any) -> GenerateParams:
-    echo = isinstance(body, dict) and _optional(body, "echo", _is_bool, "a boolean") or False
+    echo = isinstance(body, dict) and _optional(body, "echo", lax.as_bool) or False
     common = _common(body, echo)
-    if "prompt" not in body or body["prompt"] is None:
-        raise _bad("'prompt' is required", "prompt")
+    if body.get("prompt") is None or body["prompt"] == "":
+        raise _bad("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     prompts = _prompts(body["prompt"])
-    logprobs = _optional(body, "logprobs", _is_int, "an integer")
+    logprobs = _optional(body, "logprobs", lax.as_int)
     if logprobs is not None and logprobs < 0 and logprobs != -1:
         raise _bad("`logprobs` must be a positive value or -1.", "logprobs")
     if common["prompt_logprobs"] is None and echo:
@@ -458,7 +538,7 @@ def _logprobs(top: int, param: str, what: str = "sample") -> int:
     """vLLM's ceiling on sample (or prompt) logprobs (--max-logprobs, 20 by default); -1 (the whole
     vocabulary) is checked against the vocabulary by ``check_vocabulary``."""
     if top > MAX_LOGPROBS:
-        raise _bad(f"Requested {what} logprobs of {top}, which is greater than max allowed: {MAX_LOGPROBS}", param)
+        raise _bad(f"Requested {what} logprobs of {top}, which is greater than max allowed: {MAX_LOGPROBS}", param, top)
     return top
 
 
@@ -470,38 +550,51 @@ def check_vocabulary(params: GenerateParams, vocab_size: int) -> None:
     if params.prompt_logprobs == -1:
         _logprobs(vocab_size, "prompt_logprobs", "prompt")
     for name, ids in params.vocabulary_ids:
-        invalid = [i for i in ids if not 0 <= i < vocab_size]
-        if not invalid:
+        outside = [i for i in ids if not 0 <= i < vocab_size]
+        if not outside:
             continue
         if name == "logit_bias":
             raise _bad(
-                f"token_id(s) {invalid} in logit_bias contain out-of-vocab token ids. Vocabulary size: {vocab_size}",
+                f"token_id(s) {outside} in logit_bias contain out-of-vocab token ids. Vocabulary size: {vocab_size}",
                 name,
+                outside,
             )
         raise _bad("allowed_token_ids contains out-of-vocab token id!", name)
 
 
 def _prompts(prompt: Any) -> tuple[str | list[int], ...]:
-    """vLLM's ``prompt``: a string, token ids, or a batch (a list of either, at most 1,024)."""
+    """vLLM's ``prompt``: a string, token ids, or a batch (a list of either, at most 1,024); what its
+    request model refuses, refused with pydantic's first error."""
     if isinstance(prompt, str):
         return (prompt,)
     if not isinstance(prompt, list):
-        raise _bad("'prompt' must be a string, a list of token ids or a list of prompts", "prompt")
+        raise invalid("body.prompt", "list_type", "Input should be a valid list", prompt)
     if not prompt:
-        raise _bad("'prompt' must not be empty", "prompt")
-    if all(_is_int(t) for t in prompt):
-        return (prompt,)
-    if len(prompt) > MAX_COMPLETION_PROMPTS:
-        raise _bad(
-            f"prompt list length {len(prompt)} exceeds the maximum allowed count of {MAX_COMPLETION_PROMPTS}. "
-            "To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable.",
-            "prompt",
-        )
-    if all(isinstance(p, str) for p in prompt):
-        return tuple(prompt)
-    if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-        return tuple(prompt)
-    raise _bad("'prompt' must be a string, a list of token ids, or a list of strings or of token id lists", "prompt")
+        raise _bad("You must pass at least one prompt")
+    if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+        if len(prompt) > MAX_COMPLETION_PROMPTS:
+            raise _bad(
+                f"prompt list length {len(prompt)} exceeds the maximum allowed count of {MAX_COMPLETION_PROMPTS}. "
+                "To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS environment variable.",
+                "prompt",
+            )
+        ids = [_token_ids(p, f"body.prompt.{i}") for i, p in enumerate(prompt) if isinstance(p, list)]
+        return tuple(ids) if ids else tuple(prompt)
+    return (_token_ids(prompt, "body.prompt"),)
+
+
+def _token_ids(ids: list[Any], loc: str) -> list[int]:
+    """A prompt of token ids: integers (as pydantic reads them), none negative."""
+    out = []
+    for i, value in enumerate(ids):
+        try:
+            token = lax.as_int(value)
+        except lax.LaxError as err:
+            raise invalid(f"{loc}.{i}", err.kind, err.msg, value) from None
+        if token < 0:
+            raise invalid(f"{loc}.{i}", "greater_than_equal", "Input should be greater than or equal to 0", value, ge=0)
+        out.append(token)
+    return out
 
 
 # --- response shapes ------------------------------------------------------------------
@@ -622,6 +715,22 @@ def response(
     return whole | {"kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 
+def with_running_usage(chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A chunk with the usage so far after its choices (``continuous_usage_stats``), as vLLM 0.32 writes it."""
+    running = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "completion_tokens_details": None,
+    }
+    out: dict[str, Any] = {}
+    for key, value in chunk.items():
+        out[key] = value
+        if key == "choices":
+            out["usage"] = running
+    return out
+
+
 def chunk(
     kind: str,
     response_id: str,
@@ -699,60 +808,45 @@ def _without_nulls(obj: dict[str, Any]) -> dict[str, Any]:
 
 def models_list(model: str, root: str, max_model_len: int, created: int | None = None) -> dict[str, Any]:
     created = int(time.time()) if created is None else created
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": model,
-                "object": "model",
-                "created": created,
-                "owned_by": "vllm",
-                "root": root,
-                "parent": None,
-                "max_model_len": max_model_len,
-                "permission": [
-                    {
-                        "id": f"modelperm-{model}",
-                        "object": "model_permission",
-                        "created": created,
-                        "allow_create_engine": False,
-                        "allow_sampling": True,
-                        "allow_logprobs": True,
-                        "allow_search_indices": False,
-                        "allow_view": True,
-                        "allow_fine_tuning": False,
-                        "organization": "*",
-                        "group": None,
-                        "is_blocking": False,
-                    }
-                ],
-            }
-        ],
-    }
+    return {"object": "list", "data": [model_card(model, root, None, max_model_len, created)]}
 
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI / vLLM default for /v1/completions
 
 
 def resolve_max_tokens(params: GenerateParams, prompt_len: int, max_model_len: int) -> int:
-    """The output budget of a request, or a 400 when the prompt leaves no room (vLLM's rules)."""
-    if prompt_len >= max_model_len:
+    """The output budget of a request, as vLLM 0.32 sets it: a ``max_tokens`` above the context window
+    and a prompt that fills it are 400s; otherwise the budget is what the window leaves, at most the
+    request's (a request for more tokens than fit is cut to fit, not refused)."""
+    if params.max_tokens is not None and params.max_tokens > max_model_len:
+        name = "max_tokens"
         raise _bad(
-            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
-            f"{prompt_len} input tokens. Please reduce the length of the input.",
-            "messages" if params.kind == "chat" else "prompt",
+            f"{name}={params.max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            name,
+            params.max_tokens,
+        )
+    if prompt_len > max_model_len:
+        # vLLM encodes at most one token past the window, so it reports "at least" that many.
+        count = min(prompt_len, max_model_len + 1)
+        qualifier = "at least " if count == max_model_len + 1 else ""
+        raise _bad(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
+            f"{qualifier}{count} input tokens, which exceeds this limit even without any output tokens. "
+            "Please reduce the length of the input prompt.",
+            "input_tokens",
+            count,
+        )
+    if prompt_len == max_model_len:
+        raise _bad(
+            f"The decoder prompt (length {prompt_len}) plus the number of requested output tokens (at least 1) "
+            f"is longer than the maximum model length of {max_model_len}. Make sure that `max_model_len` is no "
+            "smaller than the number of text tokens (prompt + requested output tokens)."
         )
     room = max_model_len - prompt_len
     if params.max_tokens is None:
         return room if params.kind == "chat" else min(COMPLETION_DEFAULT_MAX_TOKENS, room)
-    if params.max_tokens > room:
-        raise _bad(
-            f"'max_tokens' or 'max_completion_tokens' is too large: {params.max_tokens}. This model's maximum "
-            f"context length is {max_model_len} tokens and your request has {prompt_len} input tokens "
-            f"({params.max_tokens} > {max_model_len} - {prompt_len}).",
-            "max_tokens",
-        )
-    return params.max_tokens
+    return min(params.max_tokens, room)
 
 
 # --- logprobs, in vLLM's two shapes ------------------------------------------------------

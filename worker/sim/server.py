@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kvgate.protocol.http import is_json_content_type
+from kvgate.protocol.http import UNSUPPORTED_MEDIA_TYPE, is_json_content_type
 from kvgate.worker.sim import metrics, protocol
 from kvgate.worker.sim.answer import Vocabulary, logprobs_key, step_logprobs
 from kvgate.worker.sim.config import SimConfig
@@ -85,7 +85,8 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(ApiError(exc.status, exc.reason if exc.status != 404 else f"not found: {request.path}"))
+        # FastAPI's own answers to a path or method no route has: {"detail": ...}, not an OpenAI error.
+        return _json({"detail": exc.reason}, exc.status)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -141,15 +142,11 @@ class SimServer:
     async def _generate(self, request: web.Request, parse: Callable[[Any], GenerateParams], prefix: str):
         raw = await request.read()
         if not is_json_content_type(request.headers.get("Content-Type")):
-            # vLLM validates such a body as bytes, not as its request model.
-            raise ApiError(400, "Input should be a valid dictionary or object to extract fields from")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+            raise protocol.validation_error([UNSUPPORTED_MEDIA_TYPE])
+        body = protocol.json_body(raw)
         params = parse(body)
         if params.model is not None and params.model != self.model:
-            raise ApiError(404, f"The model `{params.model}` does not exist.", "model")
+            raise ApiError(404, f"The model `{params.model}` does not exist. Valid aliases: {self.model}.", "model")
         # Off the event loop (as vLLM does): a long prompt takes milliseconds to encode,
         # which would otherwise stall every running request's engine steps. One thread:
         # a fast tokenizer must not be used from two threads at once.
@@ -267,12 +264,19 @@ class SimServer:
     async def _stream(
         self, request: web.Request, params: GenerateParams, response_id: str, answer: _Answer
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(request)
         kind, rid, model, usage = params.kind, response_id, self.model, params.include_usage
         created = int(time.time())
+        generated = [0] * len(answer.handles)
 
-        async def send(obj: dict[str, Any]) -> None:
+        async def send(obj: dict[str, Any], index: int = 0) -> None:
+            if params.continuous_usage and obj.get("choices"):
+                # stream_options.continuous_usage_stats: every chunk counts the choice's tokens so far.
+                prompt_tokens, done = len(answer.prompt_ids[index // params.n]), generated[index]
+                obj = protocol.with_running_usage(obj, prompt_tokens, done)
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
         ids = params.return_token_ids
@@ -283,12 +287,13 @@ class SimServer:
                 await send(
                     protocol.chunk(
                         kind, rid, created, model, "", role=params.role, index=i, prompt_token_ids=prompt_ids
-                    )
+                    ),
+                    i,
                 )
             # An echoed chat answer: the last message's content, a chunk per choice, before any output.
             if echoed := protocol.chat_echo(params):
                 for i in range(len(answer.handles)):
-                    await send(protocol.chunk(kind, rid, created, model, echoed, echo=True, index=i))
+                    await send(protocol.chunk(kind, rid, created, model, echoed, echo=True, index=i), i)
 
         # vLLM sends a chat stream's role chunks, one per choice, with the engine's first output, not on
         # arrival (chat_completion/serving.py: inside `async for res in result_generator`), so its
@@ -304,6 +309,7 @@ class SimServer:
                     role_due = False
                     await open_choices()
                 text, steps = answer.shown(index, delta)
+                generated[index] += len(delta.token_ids)
                 # vLLM sends a completions chunk for every step that generated tokens, its text empty while a
                 # stop string holds it back; a chat chunk only with text, or logprobs or token ids to carry.
                 carried = (steps or (ids and delta.token_ids)) if kind == "chat" else delta.token_ids
@@ -322,7 +328,8 @@ class SimServer:
                             fingerprint=None if usage else self.fingerprint,
                             token_ids=list(delta.token_ids) if ids else None,
                             prompt_token_ids=answer.prompt_ids_due(index) if kind == "completion" else None,
-                        )
+                        ),
+                        index,
                     )
                     # vLLM advances text_offset by the tokens reported, not by the text (held back for stop strings).
                     answer.offsets[index] += sum(len(step[0]) for step in steps)

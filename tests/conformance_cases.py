@@ -1,0 +1,185 @@
+"""Requests a real vLLM 0.32 answered once, recorded, and the simulator (and the gateway in front of it) must
+answer alike: ``tests/fixtures/vllm-0.32/http/conformance.json``, written by ``python -m
+tests.record_vllm_http`` against a real engine serving the tiny Llama (``make vllm``).
+
+Each case is one HTTP request: well-formed ones of every shape clients send (whole and streamed, ``n`` > 1,
+logprobs, stop strings, echo, token-id prompts, batches) and the mistakes a bad-input probe tries (wrong
+types, out-of-range values, too-long prompts, unknown models and paths, broken JSON, wrong content types).
+What is compared is what a client can rely on: the status, the content type, the JSON shape of an answer
+or of every frame of a stream, the frames' fixed fields, and an error's type, code and parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL = "kvgate-tiny"
+SHORT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+# Long enough to pass 4,096 tokens (the recorded engine's max model length) with the tiny tokenizer.
+TOO_LONG = " ".join(f"word{i}" for i in range(5000))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: str
+    body: Any = None  # JSON to send; None with ``raw`` unset: no body
+    method: str = "POST"
+    raw: bytes | None = None  # bytes sent as they are (``body`` ignored)
+    content_type: str | None = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    # A value of a union-typed field (messages, prompt, response_format): pydantic lists an error for every
+    # branch of the union, and the simulator reports only the first of them (the count differs).
+    union: bool = False
+
+    def data(self) -> bytes | None:
+        import json
+
+        if self.raw is not None:
+            return self.raw
+        if self.body is None:
+            return None
+        return json.dumps(self.body).encode()
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL, "messages": SHORT, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not _DROP}
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL, "prompt": "The colours of the rainbow are", "max_tokens": 4}
+    body.update(temperature=0, ignore_eos=True)
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not _DROP}
+
+
+_DROP = object()  # a field a case leaves out of the default body
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+CASES: list[Case] = [
+    # --- answers --------------------------------------------------------------------------------------
+    Case("chat", CHAT, chat()),
+    Case("chat_stream", CHAT, chat(stream=True)),
+    Case("chat_stream_usage", CHAT, chat(stream=True, stream_options={"include_usage": True})),
+    Case(
+        "chat_stream_continuous_usage",
+        CHAT,
+        chat(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}),
+    ),
+    Case("chat_n2", CHAT, chat(n=2, temperature=1.0, seed=7)),
+    Case("chat_n2_stream", CHAT, chat(n=2, temperature=1.0, seed=7, stream=True)),
+    Case("chat_logprobs", CHAT, chat(logprobs=True, top_logprobs=2)),
+    Case("chat_logprobs_stream", CHAT, chat(logprobs=True, top_logprobs=2, stream=True)),
+    Case("chat_max_completion_tokens", CHAT, chat(max_tokens=_DROP, max_completion_tokens=3)),
+    Case("chat_no_model", CHAT, chat(model=_DROP)),
+    Case("chat_parts", CHAT, chat(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])),
+    Case("chat_system", CHAT, chat(messages=[{"role": "system", "content": "Be brief."}, *SHORT])),
+    Case("chat_unknown_field", CHAT, chat(not_a_field=1)),
+    Case("chat_stop", CHAT, chat(stop=["zzz-never"], max_tokens=3)),
+    Case("chat_eos_not_ignored", CHAT, chat(ignore_eos=_DROP, max_tokens=2)),
+    Case("chat_return_token_ids", CHAT, chat(return_token_ids=True)),
+    Case("chat_cache_salt", CHAT, chat(cache_salt="tenant-A")),
+    Case(
+        "chat_continue_final",
+        CHAT,
+        chat(
+            messages=[*SHORT, {"role": "assistant", "content": "Red,"}],
+            add_generation_prompt=False,
+            continue_final_message=True,
+        ),
+    ),
+    Case("chat_max_tokens_0", CHAT, chat(max_tokens=0)),
+    Case("chat_json_charset", CHAT, chat(), content_type="application/json; charset=utf-8"),
+    Case("completion", COMPLETIONS, completion()),
+    Case("completion_stream", COMPLETIONS, completion(stream=True)),
+    Case("completion_stream_usage", COMPLETIONS, completion(stream=True, stream_options={"include_usage": True})),
+    Case("completion_ids", COMPLETIONS, completion(prompt=[1, 2, 3, 4])),
+    Case("completion_batch", COMPLETIONS, completion(prompt=["One", "Two"])),
+    Case("completion_batch_stream", COMPLETIONS, completion(prompt=["One", "Two"], stream=True)),
+    Case("completion_logprobs", COMPLETIONS, completion(logprobs=2)),
+    Case("completion_echo", COMPLETIONS, completion(echo=True)),
+    Case("completion_echo_scored", COMPLETIONS, completion(echo=True, max_tokens=0, logprobs=0)),
+    # pydantic's lax mode: numbers as strings, integral floats, 0 / 1 and "yes" / "no" as booleans
+    Case("chat_max_tokens_numeric_string", CHAT, chat(max_tokens="3")),
+    Case("chat_max_tokens_integral_float", CHAT, chat(max_tokens=3.0)),
+    Case("chat_n_true", CHAT, chat(n=True)),
+    Case("chat_stream_one", CHAT, chat(stream=1)),
+    Case("chat_logprobs_yes", CHAT, chat(logprobs="yes", max_tokens=2)),
+    Case("chat_temperature_string", CHAT, chat(temperature="0")),
+    Case(
+        "chat_tool_choice_required",
+        CHAT,
+        chat(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice="required",
+            max_tokens=8,
+        ),
+    ),
+    Case("models", "/v1/models", method="GET", content_type=None),
+    # --- client mistakes --------------------------------------------------------------------------------
+    Case("chat_unknown_model", CHAT, chat(model="no-such-model")),
+    Case("chat_no_messages", CHAT, chat(messages=_DROP)),
+    Case("chat_empty_messages", CHAT, chat(messages=[])),
+    Case("chat_messages_not_list", CHAT, chat(messages="hello")),
+    Case("chat_message_no_role", CHAT, chat(messages=[{"content": "hi"}]), union=True),
+    Case("chat_message_bad_role", CHAT, chat(messages=[{"role": "wizard", "content": "hi"}])),
+    Case("chat_content_number", CHAT, chat(messages=[{"role": "user", "content": 5}]), union=True),
+    Case("chat_max_tokens_negative", CHAT, chat(max_tokens=-1)),
+    Case("chat_max_tokens_string", CHAT, chat(max_tokens="four")),
+    Case("chat_max_tokens_float", CHAT, chat(max_tokens=2.5)),
+    Case("chat_max_tokens_huge", CHAT, chat(max_tokens=10**9)),
+    Case("chat_prompt_too_long", CHAT, chat(messages=[{"role": "user", "content": TOO_LONG}])),
+    Case("chat_temperature_negative", CHAT, chat(temperature=-1)),
+    Case("chat_top_p_2", CHAT, chat(top_p=2)),
+    Case("chat_presence_penalty_3", CHAT, chat(presence_penalty=3)),
+    Case("chat_n0", CHAT, chat(n=0)),
+    Case("chat_n_string", CHAT, chat(n="two")),
+    Case("chat_top_logprobs_30", CHAT, chat(logprobs=True, top_logprobs=30)),
+    Case("chat_top_logprobs_without_logprobs", CHAT, chat(top_logprobs=2)),
+    Case("chat_stream_options_without_stream", CHAT, chat(stream_options={"include_usage": True})),
+    Case("chat_stream_string", CHAT, chat(stream="yes")),
+    Case("chat_stop_number", CHAT, chat(stop=5)),
+    Case("chat_logit_bias_out_of_vocab", CHAT, chat(logit_bias={"99999999": 5})),
+    Case("chat_response_format_bad", CHAT, chat(response_format={"type": "xml"}), union=True),
+    Case(
+        "chat_tool_choice_auto",
+        CHAT,
+        chat(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice="auto",
+        ),
+    ),
+    Case("chat_continue_and_generation_prompt", CHAT, chat(add_generation_prompt=True, continue_final_message=True)),
+    Case("chat_cache_salt_empty", CHAT, chat(cache_salt="")),
+    Case("chat_seed_string", CHAT, chat(seed="x")),
+    Case("chat_body_array", CHAT, raw=b"[1, 2]"),
+    Case("chat_body_string", CHAT, raw=b'"hello"'),
+    Case("chat_body_broken_json", CHAT, raw=b'{"model": "kvgate-tiny", "messages": ['),
+    Case("chat_body_empty", CHAT, raw=b""),
+    Case("chat_text_plain", CHAT, chat(), content_type="text/plain"),
+    Case("chat_form", CHAT, chat(), content_type="application/x-www-form-urlencoded"),
+    Case("chat_get", CHAT, method="GET", content_type=None),
+    Case("chat_no_content_type", CHAT, chat(), content_type=None),
+    Case("chat_json_suffix_type", CHAT, chat(), content_type="application/merge-patch+json"),
+    Case("chat_json_upper_case", CHAT, chat(), content_type="Application/JSON"),
+    Case("chat_model_number", CHAT, chat(model=5)),
+    Case("chat_messages_null", CHAT, chat(messages=None)),
+    Case("chat_stop_numbers", CHAT, chat(stop=[1, 2])),
+    Case("chat_tool_choice_auto_without_tools", CHAT, chat(tool_choice="auto")),
+    Case("completion_prompt_number", COMPLETIONS, completion(prompt=5), union=True),
+    Case("completion_prompt_nested_empty", COMPLETIONS, completion(prompt=[[]])),
+    Case("completion_no_prompt", COMPLETIONS, completion(prompt=_DROP)),
+    Case("completion_empty_prompt", COMPLETIONS, completion(prompt="")),
+    Case("completion_empty_list", COMPLETIONS, completion(prompt=[])),
+    Case("completion_negative_id", COMPLETIONS, completion(prompt=[1, -2]), union=True),
+    Case("completion_id_out_of_vocab", COMPLETIONS, completion(prompt=[1, 99999999])),
+    Case("completion_mixed_list", COMPLETIONS, completion(prompt=["a", 1]), union=True),
+    Case("completion_prompt_too_long", COMPLETIONS, completion(prompt=TOO_LONG)),
+    Case("completion_logprobs_30", COMPLETIONS, completion(logprobs=30)),
+    Case("completion_unknown_model", COMPLETIONS, completion(model="no-such-model")),
+    Case("unknown_path", "/v1/no-such-path", chat()),
+]
