@@ -25,10 +25,12 @@ _INTEGER = re.compile(r"[+-]?[0-9](?:_?[0-9])*(?:\.0+)?")
 class LaxError(ValueError):
     """A value pydantic's lax mode refuses for a field: ``kind`` is its error type, ``msg`` its words."""
 
-    def __init__(self, kind: str, msg: str) -> None:
+    def __init__(self, kind: str, msg: str, at: int | None = None, value: Any = None) -> None:
         super().__init__(msg)
         self.kind = kind
         self.msg = msg
+        self.at = at  # the item of a list that was refused (its index), None for the value itself
+        self.value = value  # that item
 
 
 def as_int(value: Any) -> int:
@@ -106,4 +108,16 @@ def as_dict(value: Any) -> dict[str, Any]:
     raise LaxError("dict_type", "Input should be a valid dictionary")
 
 
-__all__ = ["LaxError", "as_bool", "as_dict", "as_float", "as_int", "as_list", "as_str"]
+def list_of(read: Any, value: Any) -> list[Any]:
+    """A list whose every item ``read`` takes; the first refused item names its index."""
+    items = as_list(value)
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(read(item))
+        except LaxError as err:
+            raise LaxError(err.kind, err.msg, i, item) from None
+    return out
+
+
+__all__ = ["LaxError", "as_bool", "as_dict", "as_float", "as_int", "as_list", "as_str", "list_of"]

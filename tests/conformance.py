@@ -20,11 +20,14 @@ SIM_EXTRAS = frozenset({"cached_tokens_per_tier"})
 
 def shape(value: Any, key: str | None = None) -> Any:
     """Keys in order and the JSON types of the values, recursively; a list as the distinct shapes of its
-    items (a token's ``bytes`` are as long as the token), and a completion's ``top_logprobs`` maps, keyed
-    by the tokens the model chose, as token to number."""
+    items (a token's ``bytes`` are as long as the token), a completion's ``top_logprobs`` maps, keyed by
+    the tokens the model chose, as token to number, and ``prompt_logprobs`` entries, keyed by token id, as
+    the shapes of their values."""
     if isinstance(value, dict):
         if key == "top_logprobs":
             return {"<token>": sorted({type(v).__name__ for v in value.values()})}
+        if key == "prompt_logprobs":  # keyed by token id: the prompt's token and the top k (one or more)
+            return {"<token id>": shape(list(value.values()))}
         return {k: shape(v, k) for k, v in value.items() if k not in SIM_EXTRAS}
     if isinstance(value, list):
         distinct: list[Any] = []

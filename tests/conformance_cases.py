@@ -182,4 +182,85 @@ CASES: list[Case] = [
     Case("completion_logprobs_30", COMPLETIONS, completion(logprobs=30)),
     Case("completion_unknown_model", COMPLETIONS, completion(model="no-such-model")),
     Case("unknown_path", "/v1/no-such-path", chat()),
+    # --- a second round: more of what clients and probes send ---------------------------------------
+    Case("chat_n2_greedy", CHAT, chat(n=2)),
+    Case("chat_n_huge", CHAT, chat(n=100000)),
+    Case("chat_stop_five", CHAT, chat(stop=["a1", "b2", "c3", "d4", "e5"])),
+    Case("chat_stop_empty_string", CHAT, chat(stop=[""])),
+    Case("chat_user_number", CHAT, chat(user=5)),
+    Case("chat_seed_huge", CHAT, chat(seed=2**70)),
+    Case("chat_tools_empty", CHAT, chat(tools=[])),
+    Case(
+        "chat_tool_choice_none",
+        CHAT,
+        chat(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice="none",
+        ),
+    ),
+    Case(
+        "chat_tool_choice_named_unknown",
+        CHAT,
+        chat(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+    ),
+    Case(
+        "chat_echo",
+        CHAT,
+        chat(messages=[*SHORT, {"role": "assistant", "content": "Red"}], add_generation_prompt=False, echo=True),
+    ),
+    Case(
+        "chat_echo_stream",
+        CHAT,
+        chat(
+            messages=[*SHORT, {"role": "assistant", "content": "Red"}],
+            add_generation_prompt=False,
+            echo=True,
+            stream=True,
+        ),
+    ),
+    Case("chat_prompt_logprobs_string", CHAT, chat(prompt_logprobs="2")),
+    Case("chat_prompt_logprobs", CHAT, chat(prompt_logprobs=1)),
+    Case("chat_min_tokens_over_max", CHAT, chat(min_tokens=10, max_tokens=2)),
+    Case("chat_top_k_float", CHAT, chat(top_k=1.5)),
+    Case("chat_logit_bias_text_key", CHAT, chat(logit_bias={"a": 1})),
+    Case("chat_stop_token_ids_strings", CHAT, chat(stop_token_ids=["a"])),
+    Case("chat_messages_not_objects", CHAT, chat(messages=["hi"]), union=True),
+    Case(
+        "chat_content_parts_bad", CHAT, chat(messages=[{"role": "user", "content": [{"text": "no type"}]}]), union=True
+    ),
+    Case("chat_name_number", CHAT, chat(messages=[{"role": "user", "content": "hi", "name": 5}]), union=True),
+    Case(
+        "chat_assistant_null_content",
+        CHAT,
+        chat(messages=[*SHORT, {"role": "assistant", "content": None}, {"role": "user", "content": "Go on."}]),
+    ),
+    Case("chat_model_null", CHAT, chat(model=None)),
+    Case("chat_max_tokens_null", CHAT, chat(max_tokens=None)),
+    Case(
+        "chat_max_tokens_over_room",
+        CHAT,
+        chat(
+            # ~3,900 prompt tokens: the answer is cut to the ~180 the window leaves
+            messages=[{"role": "user", "content": " ".join(f"w{i}" for i in range(1000))}],
+            max_tokens=4096,
+        ),
+    ),
+    Case("chat_response_format_json_schema_missing", CHAT, chat(response_format={"type": "json_schema"})),
+    Case("completion_logprobs_negative", COMPLETIONS, completion(logprobs=-2)),
+    Case("completion_suffix", COMPLETIONS, completion(suffix="end")),
+    Case("completion_best_of", COMPLETIONS, completion(best_of=2)),
+    Case("completion_prompt_batch_too_many", COMPLETIONS, completion(prompt=["x"] * 1025)),
+    Case("completion_echo_stream", COMPLETIONS, completion(echo=True, stream=True)),
+    Case(
+        "completion_ids_stream_usage",
+        COMPLETIONS,
+        completion(prompt=[5, 6, 7], stream=True, stream_options={"include_usage": True}),
+    ),
+    Case("completion_max_tokens_0", COMPLETIONS, completion(max_tokens=0)),
+    Case("completion_no_max_tokens", COMPLETIONS, completion(max_tokens=_DROP)),
+    Case("models_post", "/v1/models", method="POST", content_type=None),
+    Case("health", "/health", method="GET", content_type=None),
 ]

@@ -91,6 +91,8 @@ def test_the_gateway_in_front_of_the_simulator_answers_with_the_engines_status(g
     real, got = ANSWERS[case.name], send(port_of(gateway), case)
     assert got["status"] == real["status"], json.dumps({"gateway": got, "vllm": real}, indent=1)[:4000]
     expected, digested = digest(real), digest(got)
+    if not case.path.startswith("/v1/"):
+        return  # the gateway's own /health: a JSON summary of its fleet where the engine answers nothing
     if "error" in expected or "error" in digested:
         assert "error" in digested or "detail" in (got.get("json") or {}), got
     else:

@@ -467,19 +467,14 @@ def test_chat_echo_starts_with_the_last_message_when_it_has_the_answers_role(cli
     assert whole.usage == raw.usage  # the echo is not counted
     joined = client.chat.completions.create(messages=parts, **{**ask, "extra_body": cont})
     assert joined.choices[0].message.content.startswith("a\nb")
-    # Streamed: a role chunk per choice, then the echo per choice, then the answer.
-    chunks = [
-        c for c in client.chat.completions.create(messages=draft, n=2, stream=True, **{**ask, "extra_body": cont})
-    ]
-    deltas = [(c.choices[0].index, c.choices[0].delta) for c in chunks if c.choices]
-    assert [(i, d.role, d.content) for i, d in deltas[:4]] == [
-        (0, "assistant", ""),
-        (1, "assistant", ""),
-        (0, None, "Here is"),
-        (1, None, "Here is"),
-    ]
-    for i in (0, 1):
-        assert "".join(d.content or "" for j, d in deltas if j == i) == whole.choices[i].message.content
+    # Streamed, vLLM 0.32 fails: it builds the echo delta from the message's content as a list of parts,
+    # which its delta refuses, so the stream carries that error after the role chunks, then [DONE]
+    # (recorded: tests/fixtures/vllm-0.32/http/conformance.json, chat_echo_stream).
+    seen = []
+    with pytest.raises(openai.APIError, match="1 validation error for DeltaMessage"):
+        for c in client.chat.completions.create(messages=draft, n=2, stream=True, **{**ask, "extra_body": cont}):
+            seen.append((c.choices[0].index, c.choices[0].delta.role, c.choices[0].delta.content))
+    assert seen == [(0, "assistant", ""), (1, "assistant", "")]
     # Without a generation prompt the answer takes the last message's role, and echoes it.
     ended_by_user = client.chat.completions.create(
         messages=user_last, **{**ask, "extra_body": {"ignore_eos": True, "echo": True, "add_generation_prompt": False}}
@@ -591,7 +586,11 @@ async def test_logprobs_tools_stops_and_formats_are_checked_as_vllm_checks_them(
             {"prompt": "x", "max_tokens": 0},
             "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
         ),
-        ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 strings"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]},
+            "List should have at most 4 items after validation, not 5",
+        ),
         ("/v1/chat/completions", {**chat, "user": 5}, "'loc': 'body.user', 'msg': 'Input should be a valid string'"),
         (
             "/v1/chat/completions",
@@ -991,7 +990,7 @@ VLLM_SAMPLING_REFUSALS = [
     ({"min_tokens": 10, "max_tokens": 2}, None, "min_tokens must be less than or equal to max_tokens=2, got 10."),
     ({"priority": "high"}, "body.priority", "unable to parse string as an integer"),
     ({"truncate_prompt_tokens": -5}, "truncate_prompt_tokens", "at least -1"),
-    ({"stop_token_ids": ["a"]}, "body.stop_token_ids", "Input should be a valid integer"),
+    ({"stop_token_ids": ["a"]}, "body.stop_token_ids.0", "Input should be a valid integer"),
     ({"bad_words": [""]}, None, "bad_words cannot contain an empty string"),
     ({"logit_bias": {"a": 1}}, "logit_bias", "cannot be converted to integer token IDs: ['a']"),
     ({"logit_bias": [1, 2]}, "body.logit_bias", "Input should be a valid dictionary"),

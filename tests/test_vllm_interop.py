@@ -325,7 +325,8 @@ def test_every_conformance_case_through_the_gateway_gets_the_engines_status_and_
 ) -> None:
     """The recorded cases (tests/conformance_cases.py), live: each sent to an engine directly and through
     the gateway in front of both. Whatever the gateway refuses itself it refuses with the engine's status;
-    whatever it forwards comes back with the engine's status, media type and shape."""
+    whatever it forwards comes back with the engine's status, media type and shape (its own /health is a
+    JSON summary of the fleet where the engine answers an empty 200)."""
     from tests.conformance import digest
     from tests.conformance_cases import CASES
     from tests.record_vllm_http import send
@@ -336,7 +337,7 @@ def test_every_conformance_case_through_the_gateway_gets_the_engines_status_and_
         direct, through = send(engines[0].port, case), send(gateway_port, case)
         if through["status"] != direct["status"]:
             differ.append((case.name, direct["status"], through["status"], through.get("json")))
-        elif direct["status"] == 200 and digest(through) != digest(direct):
+        elif direct["status"] == 200 and case.path.startswith("/v1/") and digest(through) != digest(direct):
             differ.append((case.name, digest(direct), digest(through)))
     assert not differ, json.dumps(differ, indent=1, default=str)[:6000]
 

@@ -98,6 +98,8 @@ def json_body(raw: bytes) -> Any:
 
 
 def _lax_error(name: str, value: Any, err: lax.LaxError) -> ApiError:
+    if err.at is not None:  # an item of a list
+        return invalid(f"body.{name}.{err.at}", err.kind, err.msg, err.value)
     return invalid(f"body.{name}", err.kind, err.msg, value)
 
 
@@ -177,11 +179,14 @@ def _optional(body: dict[str, Any], name: str, read: Callable[[Any], Any]) -> An
 
 
 def _int_list(value: Any) -> list[int]:
-    return [lax.as_int(v) for v in lax.as_list(value)]
+    return lax.list_of(lax.as_int, value)
 
 
 def _str_list(value: Any) -> list[str]:
-    return [lax.as_str(v) for v in lax.as_list(value)]
+    return lax.list_of(lax.as_str, value)
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def _number_map(value: Any) -> dict[str, float]:
@@ -215,24 +220,30 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     if temperature is not None and temperature > 2.0:
         raise _bad(f"temperature must be in [0, 2], got {temperature}.", "temperature", temperature)
     if n > 1 and temperature is not None and temperature < _SAMPLING_EPS:
-        raise _bad(f"n must be 1 when using greedy sampling, got {n}.", "n")
+        raise _bad(f"n must be 1 when using greedy sampling, got {n}.")
     top_p = _optional(body, "top_p", lax.as_float)
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
-    _optional(body, "seed", lax.as_int)
+    if isinstance(body.get("seed"), float) and body["seed"].is_integer() and abs(body["seed"]) > _INT64_MAX:
+        body["seed"] = int(body["seed"])  # orjson reads an integer past 64 bits as a float; FastAPI, as an int
+    seed = _optional(body, "seed", lax.as_int)
+    if seed is not None and not -(2**63) <= seed <= _INT64_MAX:
+        above = seed > 0
+        bound = _INT64_MAX if above else -(2**63)
+        words = "less than or equal to" if above else "greater than or equal to"
+        kind, key = ("less_than_equal", "le") if above else ("greater_than_equal", "ge")
+        raise invalid("body.seed", kind, f"Input should be {words} {bound}", seed, **{key: bound})
     stop_raw = body.get("stop")
     if stop_raw is None:
         stop: tuple[str, ...] = ()
     elif isinstance(stop_raw, str):
         stop = (stop_raw,)
-    elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw):
+    elif isinstance(stop_raw, list) and all(isinstance(s, str) for s in stop_raw) and len(stop_raw) <= MAX_STOP_STRINGS:
         stop = tuple(stop_raw)
     else:
         raise validation_error(_union_errors("body.stop", stop_raw))
     if any(not s for s in stop):
         raise _bad("stop cannot contain an empty string.")
-    if isinstance(stop_raw, list) and len(stop_raw) > MAX_STOP_STRINGS:
-        raise _bad(f"'stop' must have at most {MAX_STOP_STRINGS} strings, got {len(stop_raw)}", "stop")
     _optional(body, "user", lax.as_str)
     response_format = _optional(body, "response_format", lax.as_dict)
     if response_format is not None and response_format.get("type") not in _RESPONSE_FORMATS:
@@ -265,7 +276,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     prompt_logprobs = body.get("prompt_logprobs")
     if prompt_logprobs is not None:
         if not _is_int(prompt_logprobs):
-            raise _bad("`prompt_logprobs` must be an integer.", "prompt_logprobs")
+            raise _bad("`prompt_logprobs` must be an integer.", "prompt_logprobs", prompt_logprobs)
         if stream and (prompt_logprobs > 0 or prompt_logprobs == -1):
             raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         if prompt_logprobs < 0 and prompt_logprobs != -1:
@@ -305,11 +316,44 @@ _TYPED_FIELDS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
 )
 
 
+def _check_message(i: int, message: Any) -> None:
+    """A message as vLLM's request model reads it. pydantic tries every message type of the union, the
+    developer message's first, and lists its errors field by field (content, role, name): the simulator
+    answers the first of them. Content parts are read later, by the renderer (its words: the
+    ``ValidatorIterator``'s)."""
+    loc = f"body.messages.{i}.ChatCompletionDeveloperMessageParam"
+    if not isinstance(message, dict):
+        raise invalid(loc, "dict_type", "Input should be a valid dictionary", message)
+    content, role, name = message.get("content"), message.get("role"), message.get("name")
+    if content is not None and not isinstance(content, (str, list)):
+        raise invalid(f"{loc}.content", "string_type", "Input should be a valid string", content)
+    if not isinstance(role, str):
+        raise invalid(f"{loc}.role", "missing", "Field required", message)
+    if name is not None and not isinstance(name, str):
+        if role != "developer":
+            expected = "'developer'"
+            raise invalid(f"{loc}.role", "literal_error", f"Input should be {expected}", role, expected=expected)
+        raise invalid(f"{loc}.name", "string_type", "Input should be a valid string", name)
+    for j, part in enumerate(content if isinstance(content, list) else ()):
+        if isinstance(part, dict) and "type" not in part:
+            raise ApiError(
+                400,
+                f"1 validation error for ValidatorIterator\n{j}.ChatCompletionContentPartTextParam.type\n"
+                f"  Field required [type=missing, input_value={part!r:.200}, input_type=dict]",
+            )
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise invalid(f"{loc}.content", "string_type", "Input should be a valid string", content)
+
+
 def _union_errors(loc: str, value: Any) -> list[dict[str, Any]]:
     """pydantic's errors for a ``str | list[str]`` field (``stop``): the string branch, then the list's."""
     string = {"type": "string_type", "loc": loc, "msg": "Input should be a valid string", "input": value}
     if not isinstance(value, list):
         return [string, {"type": "list_type", "loc": loc, "msg": "Input should be a valid list", "input": value}]
+    if len(value) > MAX_STOP_STRINGS:
+        too_long = f"List should have at most {MAX_STOP_STRINGS} items after validation, not {len(value)}"
+        ctx = {"field_type": "List", "max_length": MAX_STOP_STRINGS, "actual_length": len(value)}
+        return [string, {"type": "too_long", "loc": loc, "msg": too_long, "input": value, "ctx": ctx}]
     items = [
         {"type": "string_type", "loc": f"{loc}.{i}", "msg": "Input should be a valid string", "input": v}
         for i, v in enumerate(value)
@@ -354,15 +398,17 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> tuple[tuple[str, 
     bias = body.get("logit_bias")
     if bias:
         keys: list[int] = []
-        invalid: list[str] = []
+        unreadable: list[str] = []
         for key in bias:
             try:
                 keys.append(int(key))
             except ValueError:
-                invalid.append(key)
-        if invalid:
+                unreadable.append(key)
+        if unreadable:
             raise _bad(
-                f"logit_bias contains key(s) that cannot be converted to integer token IDs: {invalid!r}", "logit_bias"
+                f"logit_bias contains key(s) that cannot be converted to integer token IDs: {unreadable!r}",
+                "logit_bias",
+                unreadable,
             )
         ids.append(("logit_bias", tuple(keys)))
     allowed = body.get("allowed_token_ids")
@@ -436,21 +482,7 @@ def parse_chat(body: Any) -> GenerateParams:
     if not messages:
         raise _bad("Cannot apply chat template to an empty conversation. Provide at least one message.")
     for i, message in enumerate(messages):
-        # pydantic tries every message type of the union; its first error names the first type's field.
-        loc = f"body.messages.{i}.ChatCompletionDeveloperMessageParam"
-        if not isinstance(message, dict):
-            raise invalid(f"body.messages.{i}", "dict_type", "Input should be a valid dictionary", message)
-        if not isinstance(message.get("role"), str):
-            raise invalid(f"{loc}.role", "missing", "Field required", message)
-        if message.get("name") is not None and not isinstance(message["name"], str):
-            raise invalid(f"{loc}.name", "string_type", "Input should be a valid string", message["name"])
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise invalid(f"{loc}.content", "string_type", "Input should be a valid string", content)
-        if isinstance(content, list) and not all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-        ):
-            raise invalid(f"{loc}.content", "string_type", "Input should be a valid string", content)
+        _check_message(i, message)
     tools = _optional(body, "tools", lax.as_list)
     add_gen = _optional(body, "add_generation_prompt", lax.as_bool)
     cont = _optional(body, "continue_final_message", lax.as_bool) or False
@@ -498,6 +530,22 @@ def parse_chat(body: Any) -> GenerateParams:
     )
 
 
+class StreamedEchoError(ApiError):
+    """vLLM 0.32's answer to a streamed chat echo: its echo delta is built from the last message's content
+    as a list of parts, which the delta's model refuses, so the stream sends this error (after the role
+    chunks) and ``[DONE]``. A whole answer echoes fine."""
+
+    def __init__(self, params: GenerateParams) -> None:
+        content = params.messages[-1].get("content") if params.messages else ""
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        super().__init__(
+            400,
+            "1 validation error for DeltaMessage\ncontent\n  Input should be a valid string [type=string_type, "
+            f"input_value={parts!r}, input_type=list]\n"
+            "    For further information visit https://errors.pydantic.dev/2.14/v/string_type",
+        )
+
+
 def chat_echo(params: GenerateParams) -> str:
     """What an echoed chat answer starts with: the last message's content when that message has the
     answer's role (text parts joined by newlines), else nothing (vLLM's chat ``echo``)."""
@@ -513,12 +561,14 @@ def chat_echo(params: GenerateParams) -> str:
 def parse_completion(body: Any) -> GenerateParams:
     echo = isinstance(body, dict) and _optional(body, "echo", lax.as_bool) or False
     common = _common(body, echo)
+    if body.get("suffix") is not None:
+        raise ApiError(400, "suffix is only supported for models with FIM completion rendering", "suffix")
     if body.get("prompt") is None or body["prompt"] == "":
         raise _bad("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     prompts = _prompts(body["prompt"])
     logprobs = _optional(body, "logprobs", lax.as_int)
     if logprobs is not None and logprobs < 0 and logprobs != -1:
-        raise _bad("`logprobs` must be a positive value or -1.", "logprobs")
+        raise _bad("`logprobs` must be a positive value or -1.", "logprobs", logprobs)
     if common["prompt_logprobs"] is None and echo:
         common["prompt_logprobs"] = logprobs
     return GenerateParams(

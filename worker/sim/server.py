@@ -290,10 +290,10 @@ class SimServer:
                     ),
                     i,
                 )
-            # An echoed chat answer: the last message's content, a chunk per choice, before any output.
-            if echoed := protocol.chat_echo(params):
-                for i in range(len(answer.handles)):
-                    await send(protocol.chunk(kind, rid, created, model, echoed, echo=True, index=i), i)
+            # An echoed chat answer: vLLM 0.32 builds the echo chunk from the last message's content as
+            # parts, which its delta refuses: the stream carries that error after the role chunks, then ends.
+            if protocol.chat_echo(params):
+                raise protocol.StreamedEchoError(params)
 
         # vLLM sends a chat stream's role chunks, one per choice, with the engine's first output, not on
         # arrival (chat_completion/serving.py: inside `async for res in result_generator`), so its
@@ -342,6 +342,9 @@ class SimServer:
                     )
                 )
             await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except protocol.StreamedEchoError as err:
+            await resp.write(b"data: " + orjson.dumps(err.body()) + b"\n\ndata: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
             pass  # the client hung up; the caller aborts the request
