@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the integers pydantic reads from a float, and a seed's bounds
 
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
@@ -43,7 +47,7 @@ def as_int(value: Any) -> int:
             raise LaxError("finite_number", "Input should be a finite number")
         if not value.is_integer():
             raise LaxError("int_from_float", "Input should be a valid integer, got a number with a fractional part")
-        if not -(2**63) <= value < 2**63:  # a float past the 64-bit integers
+        if not INT64_MIN <= value <= INT64_MAX:  # a float past the 64-bit integers
             raise LaxError("int_parsing_size", "Unable to parse input string as an integer, exceeded maximum size")
         return int(value)
     if isinstance(value, str):
@@ -61,7 +65,7 @@ def as_bool(value: Any) -> bool:
         if value in (0, 1):
             return bool(value)
         raise LaxError("bool_parsing", "Input should be a valid boolean, unable to interpret input")
-    if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
+    if isinstance(value, float) and value.is_integer() and INT64_MIN <= value <= INT64_MAX:
         if value in (0.0, 1.0):
             return bool(value)
         raise LaxError("bool_parsing", "Input should be a valid boolean, unable to interpret input")
@@ -79,14 +83,12 @@ def as_float(value: Any) -> float:
     if isinstance(value, (bool, int, float)):
         return float(value)
     if isinstance(value, str):
-        try:
-            if not value.isascii():
-                raise ValueError(value)
-            return float(value.strip())
-        except ValueError:
-            raise LaxError(
-                "float_parsing", "Input should be a valid number, unable to parse string as a number"
-            ) from None
+        if value.isascii():  # Python's float() reads other digits too; pydantic does not
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise LaxError("float_parsing", "Input should be a valid number, unable to parse string as a number")
     raise LaxError("float_type", "Input should be a valid number")
 
 
@@ -108,7 +110,7 @@ def as_dict(value: Any) -> dict[str, Any]:
     raise LaxError("dict_type", "Input should be a valid dictionary")
 
 
-def list_of(read: Any, value: Any) -> list[Any]:
+def list_of(read: Callable[[Any], T], value: Any) -> list[T]:
     """A list whose every item ``read`` takes; the first refused item names its index."""
     items = as_list(value)
     out = []

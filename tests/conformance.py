@@ -65,6 +65,10 @@ def sse_events(text: str) -> list[Any]:
     return out
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
 def media_type(content_type: str | None) -> str | None:
     return content_type.split(";")[0].strip().lower() if content_type else None
 

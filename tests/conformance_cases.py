@@ -16,6 +16,7 @@ from typing import Any
 
 MODEL = "kvgate-tiny"
 SHORT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 # Long enough to pass 4,096 tokens (the recorded engine's max model length) with the tiny tokenizer.
 TOO_LONG = " ".join(f"word{i}" for i in range(5000))
 
@@ -114,7 +115,7 @@ CASES: list[Case] = [
         "chat_tool_choice_required",
         CHAT,
         chat(
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tools=TOOLS,
             tool_choice="required",
             max_tokens=8,
         ),
@@ -149,7 +150,7 @@ CASES: list[Case] = [
         "chat_tool_choice_auto",
         CHAT,
         chat(
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tools=TOOLS,
             tool_choice="auto",
         ),
     ),
@@ -194,7 +195,7 @@ CASES: list[Case] = [
         "chat_tool_choice_none",
         CHAT,
         chat(
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tools=TOOLS,
             tool_choice="none",
         ),
     ),
@@ -202,7 +203,7 @@ CASES: list[Case] = [
         "chat_tool_choice_named_unknown",
         CHAT,
         chat(
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tools=TOOLS,
             tool_choice={"type": "function", "function": {"name": "g"}},
         ),
     ),

@@ -327,11 +327,11 @@ def test_every_conformance_case_through_the_gateway_gets_the_engines_status_and_
     the gateway in front of both. Whatever the gateway refuses itself it refuses with the engine's status;
     whatever it forwards comes back with the engine's status, media type and shape (its own /health is a
     JSON summary of the fleet where the engine answers an empty 200)."""
-    from tests.conformance import digest
+    from tests.conformance import digest, port_of
     from tests.conformance_cases import CASES
     from tests.record_vllm_http import send
 
-    gateway_port = int(gateway.url.rsplit(":", 1)[1])
+    gateway_port = port_of(gateway.url)
     differ = []
     for case in CASES:
         direct, through = send(engines[0].port, case), send(gateway_port, case)

@@ -49,11 +49,9 @@ class ApiError(Exception):
 
 def _summary(value: Any) -> str:
     """A validation error's ``input`` as vLLM shows it: containers by size, other values as text."""
-    if isinstance(value, str):
-        return value if len(value) <= 200 else value[:200] + "...[truncated]"
     if isinstance(value, (list, dict)):
         return f"<{type(value).__name__} of {len(value)} items>"
-    text = str(value)
+    text = value if isinstance(value, str) else str(value)
     return text if len(text) <= 200 else text[:200] + "...[truncated]"
 
 
@@ -186,9 +184,6 @@ def _str_list(value: Any) -> list[str]:
     return lax.list_of(lax.as_str, value)
 
 
-_INT64_MAX = 2**63 - 1
-
-
 def _number_map(value: Any) -> dict[str, float]:
     return {k: lax.as_float(v) for k, v in lax.as_dict(value).items()}
 
@@ -224,12 +219,12 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     top_p = _optional(body, "top_p", lax.as_float)
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
-    if isinstance(body.get("seed"), float) and body["seed"].is_integer() and abs(body["seed"]) > _INT64_MAX:
+    if isinstance(body.get("seed"), float) and body["seed"].is_integer() and abs(body["seed"]) > lax.INT64_MAX:
         body["seed"] = int(body["seed"])  # orjson reads an integer past 64 bits as a float; FastAPI, as an int
     seed = _optional(body, "seed", lax.as_int)
-    if seed is not None and not -(2**63) <= seed <= _INT64_MAX:
+    if seed is not None and not lax.INT64_MIN <= seed <= lax.INT64_MAX:
         above = seed > 0
-        bound = _INT64_MAX if above else -(2**63)
+        bound = lax.INT64_MAX if above else lax.INT64_MIN
         words = "less than or equal to" if above else "greater than or equal to"
         kind, key = ("less_than_equal", "le") if above else ("greater_than_equal", "ge")
         raise invalid("body.seed", kind, f"Input should be {words} {bound}", seed, **{key: bound})
@@ -286,7 +281,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         "vocabulary_ids": vocabulary_ids,
         "return_token_ids": _optional(body, "return_token_ids", lax.as_bool) or False,
         "prompt_logprobs": prompt_logprobs,
-        "cache_salt": _cache_salt(body.get("cache_salt")),
+        "cache_salt": _cache_salt(_optional(body, "cache_salt", lax.as_str)),
         "model": model,
         "max_tokens": max_completion if max_completion is not None else max_tokens,
         "stop": stop,
@@ -454,12 +449,10 @@ def _tool_choice(choice: Any, tools: list[Any] | None) -> None:
 _REASONING_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 
 
-def _cache_salt(salt: Any) -> str | None:
+def _cache_salt(salt: str | None) -> str | None:
     """vLLM's ``validate_cache_salt``: a non-empty string of at most 128 characters, none of ``@ / \\ NUL``."""
     if salt is None:
         return None
-    if not isinstance(salt, str):
-        raise _lax_error("cache_salt", salt, lax.LaxError("string_type", "Input should be a valid string"))
     if not salt:
         raise _bad("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
     if len(salt) > _MAX_CACHE_SALT_LENGTH or not _CACHE_SALT_FORBIDDEN.isdisjoint(salt):
@@ -791,7 +784,6 @@ def chunk(
     stop_reason: str | None = None,
     *,
     role: str | None = None,
-    echo: bool = False,
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
     fingerprint: str | None = None,
@@ -799,8 +791,8 @@ def chunk(
     prompt_token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One streamed delta of choice ``index`` as vLLM 0.32 writes it (its fields set explicitly,
-    nothing unset): a ``role`` opens a chat stream (with the stream's prompt fields), an ``echo``
-    chunk carries the last message, a chat delta's tokens are traced (``token_ids``, null) and its
+    nothing unset): a ``role`` opens a chat stream (with the stream's prompt fields), a chat delta's
+    tokens are traced (``token_ids``, null) and its
     last names the stop reason; a completions chunk has every field. ``token_ids`` (the step's) and
     ``prompt_token_ids`` are given with ``return_token_ids``. ``fingerprint`` stamps a choice's last
     chunk when no usage chunk follows."""
@@ -813,7 +805,7 @@ def chunk(
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
-        if role is None and not echo:
+        if role is None:
             choice["token_ids"] = token_ids
         obj = "chat.completion.chunk"
     else:
