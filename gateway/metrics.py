@@ -172,10 +172,14 @@ class LoopLag(Collector):
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._last = time.perf_counter()
-        self._due = self._last + self.tick
-        self._cpu = time.thread_time()
+        self.reset(time.perf_counter(), time.thread_time())
         self._timer = self._loop.call_later(self.tick, self._fire)
+
+    def reset(self, now: float, cpu: float) -> None:
+        """Begin at ``now`` with the thread's CPU clock at ``cpu``; the first tick is due a tick later."""
+        self._last = now
+        self._due = now + self.tick
+        self._cpu = cpu
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -183,8 +187,13 @@ class LoopLag(Collector):
             self._timer = None
 
     def _fire(self) -> None:
-        now = time.perf_counter()
-        cpu = time.thread_time()
+        tick = self.observe(time.perf_counter(), time.thread_time())
+        assert self._loop is not None
+        self._timer = self._loop.call_later(tick, self._fire)
+
+    def observe(self, now: float, cpu: float) -> float:
+        """One tick fired at ``now`` (perf_counter) with the loop thread's CPU clock at ``cpu``:
+        note its lateness and busy lateness; return the delay until the next tick is due."""
         late = now - self._due
         if late > self.max_gap:
             self.max_gap = late
@@ -204,8 +213,7 @@ class LoopLag(Collector):
         tick = self.busy_tick if used > self.busy_fraction * (now - self._last) else self.tick
         self._last = now
         self._due = now + tick
-        assert self._loop is not None
-        self._timer = self._loop.call_later(tick, self._fire)
+        return tick
 
     def take_max_gap(self) -> float:
         gap, self.max_gap = self.max_gap, 0.0

@@ -14,7 +14,7 @@ from kvgate.dev.demo import spawn_workers, stop_workers, wait_healthy
 from kvgate.dev.launch import free_port
 from kvgate.gateway.__main__ import process_config
 from kvgate.gateway.config import GatewayConfig
-from kvgate.gateway.metrics import GatewayMetrics
+from kvgate.gateway.metrics import LOOP_BUSY_TICK_SECONDS, LOOP_TICK_SECONDS, GatewayMetrics, LoopLag
 from tests.helpers import TINY_MODEL, python_module, wait_http, wait_until
 from tests.test_e2e_gateway import get, metric, post
 
@@ -46,38 +46,56 @@ def test_loop_lag_monitor_counts_busy_lateness_only_while_the_loop_thread_works(
     assert _sample(text, "kvgate_event_loop_max_busy_gap_ever_seconds") >= 0.045
 
 
+def _busy_loop_with_blocks(monitor: LoopLag, seconds: float = 0.4) -> None:
+    """Drive ``monitor`` through a synthetic loop timeline, its clocks read exactly: the loop
+    computes 0.5 ms callbacks with 0.125 ms idle between them (80 % busy), and every 27 ms one
+    is blocked 8 ms without computing (descheduled, say). The monitor's timer fires at the
+    first callback boundary at or after it is due, as asyncio's would."""
+    now = cpu = 0.0
+    monitor.reset(now, cpu)
+    due = now + monitor.tick
+    next_block = 0.02
+    while now < seconds:
+        now += 0.0005
+        cpu += 0.0005
+        if now > next_block:
+            next_block += 0.027
+            now += 0.008
+        now += 0.000125
+        if now >= due:
+            due = now + monitor.observe(now, cpu)
+
+
 def test_loop_lag_monitor_busy_with_other_work_does_not_count_it_in_a_gap() -> None:
-    # The loop computes 80 % of the time in 0.5 ms callbacks, and every 27 ms one is blocked
-    # 8 ms without computing (descheduled, say). The busy gap is the CPU spent inside a
-    # lateness: not the 8 ms, nor the ~4-5 ms of other work a 10 ms tick would count from
-    # before it was due (busy, the monitor ticks every 2 ms).
-    metrics = GatewayMetrics()
+    monitor = LoopLag()
+    _busy_loop_with_blocks(monitor)
+    # The 8 ms blocks are seen: a tick due inside one fires at its end, 8 ms less a busy tick late or more.
+    assert monitor.max_gap >= 0.008 - LOOP_BUSY_TICK_SECONDS
+    # The busy gap is the CPU spent inside a lateness: about a busy tick (2 ms) plus a callback, not the
+    # 8 ms the thread was not running.
+    assert monitor.max_busy_gap <= LOOP_BUSY_TICK_SECONDS + 0.001
+    assert monitor.stalls >= 10  # every block (~14 in 0.4 s) is a stall over 5 ms
 
-    async def scenario() -> str:
-        metrics.loop_lag.start()
-        start = time.perf_counter()
-        next_block = start + 0.02
-        try:
-            while time.perf_counter() < start + 0.4:
-                end = time.thread_time() + 0.0005
-                while time.thread_time() < end:
-                    pass
-                if time.perf_counter() > next_block:
-                    next_block += 0.027
-                    time.sleep(0.008)
-                await asyncio.sleep(0.0001)
-            return metrics.render().decode()
-        finally:
-            metrics.loop_lag.stop()
 
-    text = asyncio.run(scenario())
-    # The 8 ms blocks are seen: a tick due inside one fires at its end, at least 8 ms less a tick late (a
-    # loaded machine gives the thread less CPU, so ticks may be slower than 2 ms: 5.4 ms once in CI-like
-    # load; a monitor that missed them would read ~1 ms).
-    assert _sample(text, "kvgate_event_loop_max_gap_seconds") >= 0.004
-    # About a busy tick (2 ms) plus a callback; 3.56 ms once in twelve runs here. Counting the 8 ms blocks,
-    # or a 10 ms tick's worth of work before a tick was due (the max over ~15 blocks: 6 ms or more), fails.
-    assert _sample(text, "kvgate_event_loop_max_busy_gap_seconds") < 0.004
+def test_loop_lag_monitor_ticks_fast_while_busy_so_earlier_work_is_not_counted() -> None:
+    # Ticking every 10 ms whatever the load, the CPU used before a tick was due (up to a whole tick of
+    # it) falls inside the bound: the same timeline reads a busy gap of several milliseconds.
+    slow = LoopLag(busy_tick=LOOP_TICK_SECONDS)
+    _busy_loop_with_blocks(slow)
+    fast = LoopLag()
+    _busy_loop_with_blocks(fast)
+    assert slow.max_busy_gap >= 0.004
+    assert fast.max_busy_gap < slow.max_busy_gap / 2
+
+
+def test_loop_lag_monitor_ticks_slowly_when_the_loop_is_idle() -> None:
+    monitor = LoopLag()
+    monitor.reset(0.0, 0.0)
+    # 10 ms on with 0.1 ms of CPU: idle, so the next tick is a whole tick away, and nothing was late.
+    assert monitor.observe(LOOP_TICK_SECONDS, 0.0001) == LOOP_TICK_SECONDS
+    assert monitor.max_gap == 0.0
+    # The next 10 ms with 5 ms of CPU (over a quarter busy): the monitor ticks every busy tick.
+    assert monitor.observe(2 * LOOP_TICK_SECONDS, 0.0051) == LOOP_BUSY_TICK_SECONDS
 
 
 def test_loop_lag_monitor_sees_a_blocked_loop_and_resets_at_each_scrape() -> None:
