@@ -94,6 +94,18 @@ def _default(cls: type, name: str) -> Any:
     return {f.name: f.default for f in fields(cls)}[name]
 
 
+REPO = DEFAULT_MODEL.parents[1]
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to this repository when inside it (the shipped tokenizer and trace), so a
+    report committed here names no machine's directories; any other path as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kvgate.loadtest.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", required=True, choices=WORKLOADS)
@@ -528,8 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup_s": args.warmup,
         "command": "python -m kvgate.loadtest.bench " + shlex.join(argv),
         "workload_config": asdict(workload_cfg),
-        "stack": asdict(stack_cfg) if not args.gateway_url else {"gateway_urls": args.gateway_url},
-        "trace": args.trace if trace is not None else None,
+        "stack": (
+            {**asdict(stack_cfg), "model": repo_relative(stack_cfg.model)}
+            if not args.gateway_url
+            else {"gateway_urls": args.gateway_url}
+        ),
+        "trace": repo_relative(args.trace) if trace is not None else None,
     }
     results = BenchResults(meta, [])
     failed: dict[str, str] = {}  # mode -> why its stack did not start

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvgate.loadtest.bench import repo_relative
 from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
 from kvgate.loadtest.trace import ReplayConfig, TracePrompts, load_trace
 from tests.helpers import TINY_MODEL, python_module
@@ -80,6 +81,8 @@ def test_bench_compares_modes_and_writes_the_report(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["seed"] == 5 and "--workload multi-turn" in results["meta"]["command"]
+    # The shipped tokenizer is named relative to the repository: committed reports name no machine's paths.
+    assert results["meta"]["stack"]["model"] == "models/kvgate-tiny"
     modes = {m["mode"]: m for m in results["modes"]}
     assert list(modes) == ["kv", "round-robin"]
     for m in modes.values():
@@ -129,6 +132,7 @@ def test_bench_replays_the_trace_with_honoured_lengths(tmp_path):
     )
     assert code == 0, log
     results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert results["meta"]["trace"] == "loadtest/traces/mooncake_synthetic_trace.jsonl"
     (mode,) = results["modes"]
     recs = mode["records"]
     assert len(recs) == 12 and all(r["status"] == 200 and r["error"] is None for r in recs)
@@ -287,3 +291,8 @@ def test_rate_sweep_reports_goodput_the_oracle_and_cpu(tmp_path):
     assert "- kv: 6 req/s" in md and "- round-robin: 6 req/s" in md  # both meet a 5 s SLO at both rates
     assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
     assert all(refused(p) for p in stack_ports(out))
+
+
+def test_paths_outside_the_repository_are_kept_as_given(tmp_path):
+    assert repo_relative(tmp_path / "model") == str(tmp_path / "model")
+    assert repo_relative(TINY_MODEL) == "models/kvgate-tiny"
