@@ -57,7 +57,7 @@ from kvgate.loadtest.report import (
     write_report,
 )
 from kvgate.loadtest.scrape import delta, fetch_all
-from kvgate.loadtest.stack import Stack, StackConfig, StackError
+from kvgate.loadtest.stack import Stack, StackConfig, StackError, repo_relative
 from kvgate.loadtest.stream import RequestRecord
 from kvgate.loadtest.trace import DEFAULT_TRACE, ReplayConfig, TraceRequest, load_trace
 from kvgate.loadtest.workloads import (
@@ -92,18 +92,6 @@ def gateway_mode(mode: str) -> tuple[str, tuple[str, ...]]:
 
 def _default(cls: type, name: str) -> Any:
     return {f.name: f.default for f in fields(cls)}[name]
-
-
-REPO = DEFAULT_MODEL.parents[1]
-
-
-def repo_relative(path: str | Path) -> str:
-    """``path`` relative to this repository when inside it (the shipped tokenizer and trace), so a
-    report committed here names no machine's directories; any other path as given."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,7 +63,7 @@ from kvgate.dev.launch import Service, free_port, stop_all
 from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
 from kvgate.loadtest.driver import observer, send
 from kvgate.loadtest.scrape import parse_metrics
-from kvgate.loadtest.stack import Stack, StackConfig
+from kvgate.loadtest.stack import REPO, Stack, StackConfig, repo_relative
 from kvgate.loadtest.stream import RequestRecord
 from kvgate.loadtest.workloads import (
     CHAT_PATH,
@@ -73,7 +73,6 @@ from kvgate.loadtest.workloads import (
     chat_body,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 DYNAMO_VENV = REPO / ".venv" / "dynamo"
 MODEL_DIR = REPO / ".venv" / "dynamo-model"
 WORKLOADS = ("multi-turn", "long-prompt", "prefix-ratio")
@@ -946,18 +945,10 @@ def notes(config: BenchConfig) -> list[str]:
     ]
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the checkout when inside it (results get committed), else as given."""
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
 def write_results(config: BenchConfig, runs: Sequence[RunResult]) -> None:
     config.out.mkdir(parents=True, exist_ok=True)
     payload = {
-        "config": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "config": {k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "runs": [r.to_json() for r in runs],
         "comparisons": comparisons(runs),
     }

@@ -27,6 +27,15 @@ from kvgate.loadtest.corpus import DEFAULT_MODEL
 REPO = Path(__file__).resolve().parents[1]
 
 
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to this checkout when inside it (the shipped tokenizer and trace), so a report
+    committed here names no machine's directories; any other path as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 class StackError(RuntimeError):
     """A process of the stack did not come up."""
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvgate.loadtest.bench import repo_relative
 from kvgate.loadtest.corpus import Vocabulary, load_tokenizer
+from kvgate.loadtest.stack import repo_relative
 from kvgate.loadtest.trace import ReplayConfig, TracePrompts, load_trace
 from tests.helpers import TINY_MODEL, python_module
 
