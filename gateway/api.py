@@ -31,6 +31,7 @@ TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "co
 # vLLM 0.32's rules for ``cache_salt`` (``validate_cache_salt``): refused here as the worker
 # would refuse it, before a salt the engine never uses could key the routing.
 MAX_CACHE_SALT_LENGTH = 128
+_UTF8_BOM = b"\xef\xbb\xbf"
 _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 
@@ -43,6 +44,7 @@ class ChatRequest:
     template_args: dict[str, Any] = field(default_factory=dict)
     cache_salt: str | None = None
     n: int = 1
+    truncation: Truncation | None = None
 
 
 @dataclass(slots=True)
@@ -54,11 +56,39 @@ class CompletionRequest:
     max_tokens: int | None
     cache_salt: str | None = None
     n: int = 1
+    truncation: Truncation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """vLLM's ``truncate_prompt_tokens`` / ``truncation_side``: the engine keeps ``keep`` of the prompt's
+    tokens (-1: the context window less one), the last ones unless ``side`` is 'right', so the gateway
+    counts and hashes those."""
+
+    keep: int
+    side: str | None = None
+
+    def apply(self, ids: list[int], context_length: int) -> list[int]:
+        """The ids the engine keeps; ``ApiError`` where vLLM 0.32 refuses the request instead."""
+        if self.keep > context_length:
+            raise bad_request(
+                f"truncate_prompt_tokens={self.keep} cannot be greater than max_model_len = {context_length}. "
+                "Please request a smaller truncation size.",
+                "truncate_prompt_tokens",
+            )
+        keep = max(0, context_length - 1) if self.keep < 0 else self.keep
+        if keep >= len(ids):
+            return ids
+        if keep == 0:
+            raise bad_request("The decoder prompt cannot be empty")
+        return ids[:keep] if self.side == "right" else ids[len(ids) - keep :]
 
 
 def parse_json_object(body: bytes, max_messages: int | None = None) -> dict[str, Any]:
     if not body:
         raise bad_request("Request body is empty; expected a JSON object.")
+    if body.startswith(_UTF8_BOM):
+        body = body[len(_UTF8_BOM) :]  # vLLM (Python's json.loads) reads a body that starts with one
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -107,7 +137,14 @@ def parse_chat(body: bytes, max_messages: int | None = None) -> ChatRequest:
     _optional(data, "chat_template", lax.as_str, "a string")
     _optional(data, "tools", lax.as_list, "a list")
     return ChatRequest(
-        common.model, messages, common.stream, common.max_tokens, template_args, common.cache_salt, common.n
+        common.model,
+        messages,
+        common.stream,
+        common.max_tokens,
+        template_args,
+        common.cache_salt,
+        common.n,
+        common.truncation,
     )
 
 
@@ -119,7 +156,9 @@ def parse_completion(body: bytes) -> CompletionRequest:
     # vLLM answers an echoed prompt with no tokens at all (`max_tokens` 0: the prompt and its logprobs).
     echo = _optional(data, "echo", lax.as_bool, "a boolean") is True
     common = _common(data, token_budget=("max_tokens",), zero_ok=echo)
-    return CompletionRequest(common.model, prompts, common.stream, common.max_tokens, common.cache_salt, common.n)
+    return CompletionRequest(
+        common.model, prompts, common.stream, common.max_tokens, common.cache_salt, common.n, common.truncation
+    )
 
 
 @dataclass(slots=True)
@@ -129,6 +168,7 @@ class _Common:
     max_tokens: int | None
     cache_salt: str | None
     n: int
+    truncation: Truncation | None
 
 
 def _common(data: dict[str, Any], token_budget: tuple[str, ...], zero_ok: bool = False) -> _Common:
@@ -154,7 +194,20 @@ def _common(data: dict[str, Any], token_budget: tuple[str, ...], zero_ok: bool =
     ):
         raise bad_request("`stop` must be a string or a list of strings.", "stop")
     _optional(data, "stream_options", lax.as_dict, "an object")
-    return _Common(model, bool(stream), max_tokens, _cache_salt(data), 1 if n is None else n)
+    # vLLM 0.32 answers a 500 to a non-object here (it calls .get on it): refused as the client's mistake.
+    _optional(data, "structured_outputs", lax.as_dict, "an object")
+    n = 1 if n is None else n
+    return _Common(model, bool(stream), max_tokens, _cache_salt(data), n, _truncation(data))
+
+
+def _truncation(data: dict[str, Any]) -> Truncation | None:
+    keep = _optional(data, "truncate_prompt_tokens", lax.as_int, "an integer")
+    if keep is not None and not -1 <= keep <= lax.INT64_MAX:
+        raise bad_request(f"`truncate_prompt_tokens` must be in [-1, 2**63 - 1], got {keep}.", "truncate_prompt_tokens")
+    side = data.get("truncation_side")
+    if side is not None and side not in ("left", "right"):
+        raise bad_request("`truncation_side` must be 'left' or 'right'.", "truncation_side")
+    return None if keep is None else Truncation(keep, side)
 
 
 def _cache_salt(data: dict[str, Any]) -> str | None:
@@ -253,4 +306,12 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "parse_chat", "parse_completion", "parse_json_object"]
+__all__ = [
+    "ApiError",
+    "ChatRequest",
+    "CompletionRequest",
+    "Truncation",
+    "parse_chat",
+    "parse_completion",
+    "parse_json_object",
+]

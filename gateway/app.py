@@ -389,7 +389,9 @@ class Gateway:
         routed_head: HeadEncoding | None = None
         shared: tuple[WorkerKey, int] | None = None
         head = await self._tokenize_head(parsed)
-        if whole and isinstance(head, HeadEncoding) and head.prefix:
+        truncation = parsed.truncation
+        if isinstance(head, HeadEncoding) and ((whole and head.prefix) or truncation is not None):
+            # A truncated prompt keeps its last tokens (or first): only the whole prompt's ids tell which.
             head = await self._tokenized(self.preprocessor.finish_head_async(head, counted=False), param)
         while isinstance(head, HeadEncoding):
             # A prompt of which only the head is encoded (a long one's first chars, or a new turn's cached
@@ -433,6 +435,10 @@ class Gateway:
         routing_seconds = decision.timings.total if decision is not None else 0.0
         tokenize_seconds = time.perf_counter() - t0 - routing_seconds
         if decision is None:
+            if truncation is not None:
+                # The engine computes, caches and counts only the tokens it keeps: so are they routed.
+                prompts = [truncation.apply(ids, self.context_length) for ids in prompts]
+                shared = None
             for token_ids in prompts:
                 self._check_length(len(token_ids), parsed.max_tokens, param)
             # A batch of prompts goes to one worker; its first prompt decides where.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from kvgate.gateway.errors import WORKER_HEADER
 from kvgate.gateway.upstream import UpstreamFailure, UpstreamResponse, response_headers
@@ -106,13 +106,15 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     exchange.streamed = True
     response = web.StreamResponse(status=upstream.status, headers=headers)
-    # The worker's stream may be long-lived; the client must see every chunk at once.
-    response.enable_chunked_encoding()
+    # With no length, aiohttp frames the body in chunks for an HTTP/1.1 client, so that every event is
+    # sent at once; an HTTP/1.0 client (no chunked framing there) gets the events as they are and the
+    # connection's close as the end, as vLLM's server answers it.
+    chunked = request.version >= HttpVersion11
     try:
         await response.prepare(request)
     except ConnectionError:
         raise ClientGone() from None
-    stream = _Stream(upstream, on_gap)
+    stream = _Stream(upstream, on_gap, chunked)
     try:
         # The first events go through aiohttp's writer, which sends the response head with them;
         # the rest is piped: written from the worker connection's data_received, with no task
@@ -174,10 +176,11 @@ class _Stream:
     """One streamed answer's relay state: whole SSE events out, the last few kept for ``usage``,
     inter-chunk gaps timed."""
 
-    __slots__ = ("gone", "on_gap", "pending", "previous", "tail", "transport", "upstream")
+    __slots__ = ("chunked", "gone", "on_gap", "pending", "previous", "tail", "transport", "upstream")
 
-    def __init__(self, upstream: UpstreamResponse, on_gap: Callable[[float], None]) -> None:
+    def __init__(self, upstream: UpstreamResponse, on_gap: Callable[[float], None], chunked: bool = True) -> None:
         self.upstream = upstream
+        self.chunked = chunked
         self.on_gap = on_gap
         self.tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         self.previous: float | None = None
@@ -216,7 +219,7 @@ class _Stream:
             self.upstream.abort()
             return
         # HTTP/1.1 chunked framing, as aiohttp's writer frames the first events.
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         if transport.get_write_buffer_size() > _CLIENT_HIGH_WATER:
             self.upstream.hold()
 

@@ -11,6 +11,7 @@ or of every frame of a stream, the frames' fixed fields, and an error's type, co
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ MODEL = "kvgate-tiny"
 SHORT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 # Long enough to pass 4,096 tokens (the recorded engine's max model length) with the tiny tokenizer.
+FUNCTION_NULL = {"role": "function", "name": "f", "content": None}
 TOO_LONG = " ".join(f"word{i}" for i in range(5000))
 
 
@@ -33,10 +35,10 @@ class Case:
     # A value of a union-typed field (messages, prompt, response_format): pydantic lists an error for every
     # branch of the union, and the simulator reports only the first of them (the count differs).
     union: bool = False
+    # The prompt's token count must match too (a request whose prompt the engine truncates).
+    counts: bool = False
 
     def data(self) -> bytes | None:
-        import json
-
         if self.raw is not None:
             return self.raw
         if self.body is None:
@@ -262,6 +264,41 @@ CASES: list[Case] = [
     ),
     Case("completion_max_tokens_0", COMPLETIONS, completion(max_tokens=0)),
     Case("completion_no_max_tokens", COMPLETIONS, completion(max_tokens=_DROP)),
+    # Found by differential fuzzing (python -m tests.fuzz_vllm_http, 2026-12-08).
+    Case("chat_truncate_5", CHAT, chat(truncate_prompt_tokens=5), counts=True),
+    Case("chat_truncate_0", CHAT, chat(truncate_prompt_tokens=0)),
+    Case("chat_truncate_below_minus_1", CHAT, chat(truncate_prompt_tokens=-7)),
+    Case("chat_truncate_past_int64", CHAT, chat(truncate_prompt_tokens=2**63)),
+    Case("chat_truncate_past_window", CHAT, chat(truncate_prompt_tokens=5000)),
+    Case(
+        "chat_too_long_truncated_to_window",
+        CHAT,
+        chat(messages=[{"role": "user", "content": TOO_LONG}], truncate_prompt_tokens=-1),
+        counts=True,
+    ),
+    Case(
+        "completion_too_long_truncated_right",
+        COMPLETIONS,
+        completion(prompt=TOO_LONG, truncate_prompt_tokens=100, truncation_side="right"),
+        counts=True,
+    ),
+    Case("completion_truncate_ids_left", COMPLETIONS, completion(prompt=[5, 6, 7, 8, 9], truncate_prompt_tokens=2)),
+    Case("completion_truncation_side_middle", COMPLETIONS, completion(truncate_prompt_tokens=2, truncation_side="x")),
+    Case("chat_min_tokens_null", CHAT, chat(min_tokens=None)),
+    Case("chat_include_stop_str_in_output_null", CHAT, chat(include_stop_str_in_output=None)),
+    Case("chat_ignore_eos_null", CHAT, chat(ignore_eos=None)),
+    Case("completion_n_null", COMPLETIONS, completion(n=None)),
+    Case("completion_echo_null", COMPLETIONS, completion(echo=None)),
+    Case("chat_mm_processor_kwargs_number", CHAT, chat(mm_processor_kwargs=0.5)),
+    Case("chat_parallel_tool_calls_object", CHAT, chat(parallel_tool_calls={})),
+    Case("chat_reasoning_effort_object", CHAT, chat(reasoning_effort={})),
+    Case("completion_prompt_embeds_number", COMPLETIONS, completion(prompt_embeds=-0.5)),
+    Case("completion_prompt_embeds_string", COMPLETIONS, completion(prompt_embeds="a")),
+    Case("chat_json_nested_past_the_parser", CHAT, raw=b"[" * 5000 + b"]" * 5000),
+    Case("chat_body_after_a_byte_order_mark", CHAT, raw=b"\xef\xbb\xbf" + json.dumps(chat()).encode()),
+    Case("completion_prompt_logprobs_true", COMPLETIONS, completion(prompt_logprobs=True)),
+    Case("chat_user_content_null", CHAT, chat(messages=[{"role": "user", "content": None}]), union=True),
+    Case("chat_function_content_null", CHAT, chat(messages=[*SHORT, FUNCTION_NULL])),
     Case("models_post", "/v1/models", method="POST", content_type=None),
     Case("health", "/health", method="GET", content_type=None),
 ]

@@ -1,6 +1,6 @@
 """Record a real vLLM's answers to the conformance cases (``tests/conformance_cases.py``).
 
-    .venv/bin/python -m tests.record_vllm_http [--out tests/fixtures/vllm-0.32/http/conformance.json]
+    .venv/bin/python -m tests.record_vllm_http [--out tests/fixtures/vllm-0.32/http/conformance.json] [--missing]
 
 Starts one real engine as the interop tests do (``tests/vllm_engines.py``: ``make vllm`` first, an
 AVX-512 CPU), sends every case once, in order, and writes status, content type and body of each answer.
@@ -50,7 +50,15 @@ def send(port: int, case: Case, timeout: float = 120.0) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--missing", action="store_true", help="send only the cases the recording lacks, and keep the others' answers"
+    )
     args = parser.parse_args(argv)
+    kept: dict[str, Any] = {}
+    cases = CASES
+    if args.missing and args.out.exists():
+        kept = json.loads(args.out.read_text())["answers"]
+        cases = [case for case in CASES if case.name not in kept]
     reason = unavailable_reason()
     if reason:
         print(f"cannot record: {reason}", file=sys.stderr)
@@ -59,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         (engine,) = start_engines(["recorded"], Path(logs))
         try:
             version = json.loads(engine.get("/version"))["version"]
-            answers = {case.name: send(engine.port, case) for case in CASES}
+            answers = {case.name: send(engine.port, case) for case in cases}
         finally:
             engine.stop()
     # The model's directory is this machine's: the recording names it as a placeholder.
     answers = json.loads(json.dumps(answers).replace(str(VLLM_MODEL), "<model-dir>"))
+    answers = {case.name: {**kept, **answers}[case.name] for case in CASES}  # in the cases' order
     args.out.write_text(json.dumps({"vllm": version, "answers": answers}, indent=1, ensure_ascii=False) + "\n")
     print(f"{len(answers)} answers of vLLM {version} -> {args.out}")
     return 0

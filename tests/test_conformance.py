@@ -69,6 +69,8 @@ def test_the_recording_covers_every_case() -> None:
 def test_the_simulator_answers_as_the_real_engine(sim: str, case: Case) -> None:
     real, got = ANSWERS[case.name], send(port_of(sim), case)
     assert digest(got) == digest(real), json.dumps({"sim": got, "vllm": real}, indent=1)[:4000]
+    if case.counts:
+        assert _prompt_tokens(got) == _prompt_tokens(real)
     if "error" in (real.get("json") or {}):
         message, expected = got["json"]["error"]["message"], real["json"]["error"]["message"]
         if case.union:  # the first of pydantic's errors, word for word
@@ -91,3 +93,10 @@ def test_the_gateway_in_front_of_the_simulator_answers_with_the_engines_status(g
         assert "error" in digested or "detail" in (got.get("json") or {}), got
     else:
         assert digested == expected, json.dumps({"gateway": got, "vllm": real}, indent=1)[:4000]
+    if case.counts:
+        assert _prompt_tokens(got) == _prompt_tokens(real)
+
+
+def _prompt_tokens(answer: dict[str, Any]) -> int:
+    count: int = answer["json"]["usage"]["prompt_tokens"]
+    return count

@@ -387,6 +387,43 @@ def test_debug_route_explains_without_forwarding(stack: Stack) -> None:
     assert as_completion["route"] == "/v1/completions" and as_completion["num_blocks"] >= 1
 
 
+def test_a_truncated_prompt_is_routed_on_the_tokens_the_engine_keeps(stack: Stack) -> None:
+    """vLLM's ``truncate_prompt_tokens`` keeps the prompt's last N tokens (first N with ``truncation_side``
+    'right'): the gateway counts and hashes those, so the blocks it routes on are the ones the worker caches,
+    and a prompt past the window that the engine would truncate is served, not refused."""
+    messages = conversation("geology")
+    whole = explain(stack.kv, {"model": MODEL, "messages": messages})
+    right = explain(
+        stack.kv, {"model": MODEL, "messages": messages, "truncate_prompt_tokens": 130, "truncation_side": "right"}
+    )
+    left = explain(stack.kv, {"model": MODEL, "messages": messages, "truncate_prompt_tokens": 130})
+    assert right["prompt_tokens"] == left["prompt_tokens"] == 130 and right["num_blocks"] == left["num_blocks"] == 2
+    assert right["block_hashes"] == whole["block_hashes"][:2]
+    assert not set(left["block_hashes"]) & set(whole["block_hashes"])  # the tail, in blocks of its own
+    body = {"model": MODEL, "messages": messages, "truncate_prompt_tokens": 130, "max_tokens": 2}
+    status, headers, payload = post(stack.kv.url + "/v1/chat/completions", body)
+    assert status == 200 and json.loads(payload)["usage"]["prompt_tokens"] == 130
+    worker = headers["x-kvgate-worker"]
+    # The worker's events name the blocks of what it kept: the gateway's hashes of the same prompt find them.
+    wait_until(lambda: overlap_of(explain(stack.kv, body), worker)["blocks"] == 2)
+    long = [{"role": "user", "content": "word " * (CONTEXT + 100)}]
+    status, _, payload = post(
+        stack.kv.url + "/v1/chat/completions", {"model": MODEL, "messages": long, "max_tokens": 1}
+    )
+    assert status == 400 and b"maximum context length" in payload
+    truncated = {"model": MODEL, "messages": long, "max_tokens": 1, "truncate_prompt_tokens": -1}
+    status, _, payload = post(stack.kv.url + "/v1/chat/completions", truncated)
+    assert status == 200 and json.loads(payload)["usage"]["prompt_tokens"] == CONTEXT - 1
+    for fields, param in (
+        ({"truncate_prompt_tokens": CONTEXT + 1}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 0}, None),
+    ):
+        status, _, payload = post(
+            stack.kv.url + "/v1/chat/completions", {"model": MODEL, "messages": messages, **fields}
+        )
+        assert status == 400 and json.loads(payload)["error"]["param"] == param, payload
+
+
 def test_lora_adapter_requests_hash_apart(stack: Stack) -> None:
     first = conversation("zoology")
     assert (

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from kvgate.gateway.api import parse_chat, parse_completion
+from kvgate.gateway.api import Truncation, parse_chat, parse_completion
 from kvgate.gateway.errors import ApiError, from_http_exception, model_not_found
 
 
@@ -192,3 +192,36 @@ def test_deeply_nested_bodies_are_a_400_not_a_crash() -> None:
     # Real schemas stay well inside the limit.
     ok = {"type": "function", "function": {"name": "f", "parameters": nested(10)}}
     assert parse_chat(body(messages=[{"role": "user", "content": "hi"}], tools=[ok])).template_args["tools"] == [ok]
+
+
+def test_truncation_is_read_and_applied_as_vllm_applies_it() -> None:
+    parsed = parse_chat(body(messages=[{"role": "user", "content": "x"}], truncate_prompt_tokens="3"))
+    assert parsed.truncation == Truncation(3, None)
+    ids = list(range(10))
+    assert parsed.truncation.apply(ids, 100) == [7, 8, 9]  # the last tokens, as vLLM's generate models keep
+    assert Truncation(3, "right").apply(ids, 100) == [0, 1, 2]
+    assert Truncation(-1, None).apply(ids, 6) == [5, 6, 7, 8, 9]  # the window less one token for the answer
+    assert Truncation(20, None).apply(ids, 100) is ids
+    for keep, param in ((0, None), (101, "truncate_prompt_tokens")):
+        with pytest.raises(ApiError) as err:
+            Truncation(keep, None).apply(ids, 100)
+        assert err.value.status == 400 and err.value.param == param
+    assert parse_completion(body(prompt="x")).truncation is None
+    for fields, param in (
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 1.5}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 2, "truncation_side": "middle"}, "truncation_side"),
+    ):
+        with pytest.raises(ApiError) as err:
+            parse_completion(body(prompt="x", **fields))
+        assert err.value.status == 400 and err.value.param == param
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "json", [], True])
+def test_structured_outputs_that_is_not_an_object_is_the_clients_400(value) -> None:
+    # vLLM 0.32 answers these with a 500 ('int' object has no attribute 'get'), which the gateway would
+    # take for a failing worker and retry elsewhere: refused before routing, as the client's mistake.
+    with pytest.raises(ApiError) as err:
+        parse_chat(body(messages=[{"role": "user", "content": "x"}], structured_outputs=value))
+    assert err.value.status == 400 and err.value.param == "structured_outputs"
+    assert parse_chat(body(messages=[{"role": "user", "content": "x"}], structured_outputs={"json": {}})).model is None

@@ -297,6 +297,19 @@ async def test_a_client_reading_slowly_gets_every_event_in_order(stack: Stack) -
     assert bytes(decoded) == expected
 
 
+async def test_an_http_1_0_client_gets_a_stream_unchunked_and_ended_by_the_close(stack: Stack) -> None:
+    # HTTP/1.0 has no chunked framing (aiohttp refuses to write it, which was a 500): the events go out as
+    # they are, many thousands of them piped, and the gateway closes the connection after [DONE].
+    stack.worker.mode = "flood"
+    body = orjson.dumps({"messages": MESSAGES, "stream": True})
+    request = b"POST %s HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    answer = await exchange(stack.port, request % (CHAT.encode(), len(body), body), timeout=30)
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower(), head
+    assert events == b"".join(flood_event(i) for i in range(FLOOD_EVENTS)) + b"data: [DONE]\n\n"
+    assert stack.metric("200", "w0") == 1 and stack.metric("500") == 0
+
+
 async def test_a_gzip_body_is_forwarded_decoded(stack: Stack) -> None:
     plain = orjson.dumps({"messages": MESSAGES, "max_tokens": 4})
     status, _, body = await post(stack.url + CHAT, gzip.compress(plain), {"Content-Encoding": "gzip"})

@@ -989,7 +989,8 @@ VLLM_SAMPLING_REFUSALS = [
     ({"min_tokens": -1}, None, "min_tokens must be greater than or equal to 0, got -1."),
     ({"min_tokens": 10, "max_tokens": 2}, None, "min_tokens must be less than or equal to max_tokens=2, got 10."),
     ({"priority": "high"}, "body.priority", "unable to parse string as an integer"),
-    ({"truncate_prompt_tokens": -5}, "truncate_prompt_tokens", "at least -1"),
+    # pydantic's own bound (recorded: chat_truncate_below_minus_1 in the conformance cases)
+    ({"truncate_prompt_tokens": -5}, "body.truncate_prompt_tokens", "greater than or equal to -1"),
     ({"stop_token_ids": ["a"]}, "body.stop_token_ids.0", "Input should be a valid integer"),
     ({"bad_words": [""]}, None, "bad_words cannot contain an empty string"),
     ({"logit_bias": {"a": 1}}, "logit_bias", "cannot be converted to integer token IDs: ['a']"),

@@ -80,15 +80,30 @@ def invalid(loc: str, kind: str, msg: str, value: Any, **ctx: Any) -> ApiError:
     return validation_error([error])
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class DetailError(ApiError):
+    """FastAPI's own answer, ``{"detail": ...}``, rather than an OpenAI error."""
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.message}
+
+
 def json_body(raw: bytes) -> Any:
-    """A request body as vLLM's server reads it: empty is a missing body, bad JSON names where it broke."""
+    """A request body as vLLM's server reads it: empty is a missing body, bad JSON names where it broke,
+    and JSON nested past what Python's parser recurses through is FastAPI's bare "error parsing the body"."""
     if not raw:
         raise invalid("body", "missing", "Field required", None)
+    if raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM) :]  # Python's json.loads skips it in bytes, so FastAPI does
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:  # the standard library's words and position, as FastAPI reports them
             json.loads(raw)
+        except RecursionError:
+            raise DetailError(400, "There was an error parsing the body") from None
         except ValueError as err:
             if isinstance(err, json.JSONDecodeError):
                 raise invalid(f"body.{err.pos}", "json_invalid", "JSON decode error", {}, error=err.msg) from None
@@ -137,6 +152,9 @@ class GenerateParams:
     # Token ids the request names (logit_bias keys, allowed_token_ids), by field: vLLM checks them
     # against the vocabulary (``check_vocabulary``).
     vocabulary_ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # truncate_prompt_tokens and truncation_side (``truncated``)
+    truncate: int | None = None
+    truncation_side: str | None = None
 
 
 _MAX_CACHE_SALT_LENGTH = 128
@@ -193,6 +211,7 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         raise invalid(
             "body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", body
         )
+    _refuse_nulls(body, _NOT_NULL)
     model = _optional(body, "model", lax.as_str)
     max_tokens = _optional(body, "max_tokens", lax.as_int)
     max_completion = _optional(body, "max_completion_tokens", lax.as_int)
@@ -219,8 +238,10 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     top_p = _optional(body, "top_p", lax.as_float)
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
-    if isinstance(body.get("seed"), float) and body["seed"].is_integer() and abs(body["seed"]) > lax.INT64_MAX:
-        body["seed"] = int(body["seed"])  # orjson reads an integer past 64 bits as a float; FastAPI, as an int
+    for name in ("seed", "truncate_prompt_tokens"):
+        value = body.get(name)
+        if isinstance(value, float) and value.is_integer() and abs(value) > lax.INT64_MAX:
+            body[name] = int(value)  # orjson reads an integer past 64 bits as a float; FastAPI, as an int
     seed = _optional(body, "seed", lax.as_int)
     if seed is not None and not lax.INT64_MIN <= seed <= lax.INT64_MAX:
         above = seed > 0
@@ -267,17 +288,21 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
         include_usage = _optional(options, "include_usage", lax.as_bool) or False
         continuous_usage = include_usage and bool(_optional(options, "continuous_usage_stats", lax.as_bool))
     vocabulary_ids = _sampling(body, max_completion if max_completion is not None else max_tokens)
+    truncate, truncation_side = _truncation(body)
     ignore_eos = _optional(body, "ignore_eos", lax.as_bool) or False
     prompt_logprobs = body.get("prompt_logprobs")
     if prompt_logprobs is not None:
-        if not _is_int(prompt_logprobs):
+        if not isinstance(prompt_logprobs, int):  # vLLM's own check: a boolean is an int there (true is 1)
             raise _bad("`prompt_logprobs` must be an integer.", "prompt_logprobs", prompt_logprobs)
+        prompt_logprobs = int(prompt_logprobs)
         if stream and (prompt_logprobs > 0 or prompt_logprobs == -1):
             raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         if prompt_logprobs < 0 and prompt_logprobs != -1:
             raise _bad("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
         _logprobs(prompt_logprobs, "prompt_logprobs", "prompt")
     return {
+        "truncate": truncate,
+        "truncation_side": truncation_side,
         "vocabulary_ids": vocabulary_ids,
         "return_token_ids": _optional(body, "return_token_ids", lax.as_bool) or False,
         "prompt_logprobs": prompt_logprobs,
@@ -298,7 +323,8 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
 _TYPED_FIELDS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     *((name, lax.as_float) for name in ("frequency_penalty", "presence_penalty", "repetition_penalty")),
     *((name, lax.as_float) for name in ("min_p", "length_penalty")),
-    *((name, lax.as_int) for name in ("top_k", "min_tokens", "priority", "truncate_prompt_tokens", "stream_interval")),
+    *((name, lax.as_int) for name in ("top_k", "min_tokens", "priority", "stream_interval")),
+    ("routed_experts_prompt_start", lax.as_int),
     ("stop_token_ids", _int_list),
     ("allowed_token_ids", _int_list),
     ("bad_words", _str_list),
@@ -306,9 +332,88 @@ _TYPED_FIELDS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     *((name, lax.as_bool) for name in ("skip_special_tokens", "spaces_between_special_tokens")),
     *((name, lax.as_bool) for name in ("include_stop_str_in_output", "use_beam_search", "add_special_tokens")),
     ("return_tokens_as_token_ids", lax.as_bool),
-    *((name, lax.as_dict) for name in ("kv_transfer_params", "vllm_xargs", "structured_outputs")),
+    *((name, lax.as_dict) for name in ("kv_transfer_params", "ec_transfer_params", "vllm_xargs", "structured_outputs")),
+    *((name, lax.as_str) for name in ("request_id", "session_id")),
+    ("logprob_token_ids", _int_list),
+    *((name, lax.as_bool) for name in ("return_token_offsets", "return_mm_kwargs")),
+)
+# Chat's own typed fields (a completion request has none of them: there they are unknown, and ignored).
+_CHAT_TYPED_FIELDS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    *((name, lax.as_dict) for name in ("mm_processor_kwargs", "media_io_kwargs")),
+    *((name, lax.as_bool) for name in ("parallel_tool_calls", "include_reasoning", "return_prompt_text")),
+)
+# Fields vLLM 0.32's request models type without ``| None``: an explicit null is refused, as pydantic
+# refuses it (``"min_tokens": null`` is not the default 0).
+_NOT_NULL: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    *((name, lax.as_bool) for name in ("use_beam_search", "include_stop_str_in_output", "ignore_eos")),
+    *((name, lax.as_bool) for name in ("skip_special_tokens", "spaces_between_special_tokens", "add_special_tokens")),
+    *((name, lax.as_int) for name in ("min_tokens", "priority", "routed_experts_prompt_start")),
+    ("length_penalty", lax.as_float),
+    ("bad_words", lax.as_list),
     ("request_id", lax.as_str),
 )
+_CHAT_NOT_NULL: tuple[tuple[str, Callable[[Any], Any]], ...] = tuple(
+    (name, lax.as_bool) for name in ("echo", "add_generation_prompt", "continue_final_message", "include_reasoning")
+)
+_COMPLETION_NOT_NULL: tuple[tuple[str, Callable[[Any], Any]], ...] = (("n", lax.as_int),)
+_TRUNCATION_SIDES = ("left", "right")
+
+
+def _refuse_nulls(body: dict[str, Any], fields: tuple[tuple[str, Callable[[Any], Any]], ...]) -> None:
+    for name, read in fields:
+        if name in body and body[name] is None:
+            try:
+                read(None)
+            except lax.LaxError as err:
+                raise _lax_error(name, None, err) from None
+
+
+def _truncation(body: dict[str, Any]) -> tuple[int | None, str | None]:
+    """``truncate_prompt_tokens`` (an integer in [-1, 2**63 - 1]) and ``truncation_side`` ('left' or
+    'right'), as vLLM's request model reads them."""
+    truncate = _optional(body, "truncate_prompt_tokens", lax.as_int)
+    if truncate is not None and not -1 <= truncate <= lax.INT64_MAX:
+        if truncate < -1:
+            raise invalid(
+                "body.truncate_prompt_tokens",
+                "greater_than_equal",
+                "Input should be greater than or equal to -1",
+                truncate,
+                ge=-1,
+            )
+        raise invalid(
+            "body.truncate_prompt_tokens",
+            "less_than_equal",
+            f"Input should be less than or equal to {lax.INT64_MAX}",
+            truncate,
+            le=lax.INT64_MAX,
+        )
+    side = body.get("truncation_side")
+    if side is not None and side not in _TRUNCATION_SIDES:
+        expected = "'left' or 'right'"
+        raise invalid("body.truncation_side", "literal_error", f"Input should be {expected}", side, expected=expected)
+    return truncate, side
+
+
+def truncated(ids: list[int], truncate: int | None, side: str | None, max_model_len: int) -> list[int]:
+    """vLLM 0.32's prompt truncation (``TokenizeParams``): keep ``truncate`` tokens (-1: the context window
+    less one token, left for the answer), the last ones unless ``side`` is 'right'. Asking for more than
+    the window is a 400; truncating to nothing leaves an empty prompt, which is one too."""
+    if truncate is None:
+        return ids
+    if truncate > max_model_len:
+        raise _bad(
+            f"truncate_prompt_tokens={truncate} cannot be greater than max_model_len = {max_model_len}. "
+            "Please request a smaller truncation size.",
+            "truncate_prompt_tokens",
+            truncate,
+        )
+    keep = max(0, max_model_len - 1) if truncate < 0 else truncate
+    if keep >= len(ids):
+        return ids
+    if keep == 0:
+        raise ApiError(400, "The decoder prompt cannot be empty")
+    return ids[:keep] if side == "right" else ids[-keep:]
 
 
 def _check_message(i: int, message: Any) -> None:
@@ -320,7 +425,9 @@ def _check_message(i: int, message: Any) -> None:
     if not isinstance(message, dict):
         raise invalid(loc, "dict_type", "Input should be a valid dictionary", message)
     content, role, name = message.get("content"), message.get("role"), message.get("name")
-    if content is not None and not isinstance(content, (str, list)):
+    # Only an assistant's (and the legacy function result's) content may be null; absent is another matter.
+    null_content = content is None and "content" in message and role not in ("assistant", "function")
+    if null_content or (content is not None and not isinstance(content, (str, list))):
         raise invalid(f"{loc}.content", "string_type", "Input should be a valid string", content)
     if not isinstance(role, str):
         raise invalid(f"{loc}.role", "missing", "Field required", message)
@@ -381,9 +488,6 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> tuple[tuple[str, 
         raise _bad(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
     if max_tokens is not None and min_tokens > max_tokens:
         raise _bad(f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.")
-    truncate = body.get("truncate_prompt_tokens")
-    if truncate is not None and truncate < -1:
-        raise _bad(f"'truncate_prompt_tokens' must be at least -1, got {truncate}", "truncate_prompt_tokens")
     interval = body.get("stream_interval")
     if interval is not None and interval < 1:
         raise _bad(f"stream_interval must be at least 1, got {interval}.", "stream_interval")
@@ -465,6 +569,9 @@ def _cache_salt(salt: str | None) -> str | None:
 
 def parse_chat(body: Any) -> GenerateParams:
     common = _common(body)
+    _refuse_nulls(body, _CHAT_NOT_NULL)
+    for name, read in _CHAT_TYPED_FIELDS:
+        _optional(body, name, read)
     if "messages" not in body:
         raise invalid("body.messages", "missing", "Field required", body)
     messages = body["messages"]
@@ -491,6 +598,10 @@ def parse_chat(body: Any) -> GenerateParams:
         )
     _tool_choice(body.get("tool_choice"), tools)
     effort = body.get("reasoning_effort")
+    if effort is not None and not isinstance(effort, str):
+        expected = "'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'"
+        loc = "body.reasoning_effort"
+        raise invalid(loc, "literal_error", f"Input should be {expected}", effort, expected=expected)
     if effort is not None and effort not in _REASONING_EFFORTS:
         raise _bad(
             "'reasoning_effort' must be one of 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
@@ -554,6 +665,8 @@ def chat_echo(params: GenerateParams) -> str:
 def parse_completion(body: Any) -> GenerateParams:
     echo = isinstance(body, dict) and _optional(body, "echo", lax.as_bool) or False
     common = _common(body, echo)
+    _refuse_nulls(body, _COMPLETION_NOT_NULL)
+    _prompt_embeds(body.get("prompt_embeds"))
     if body.get("suffix") is not None:
         raise ApiError(400, "suffix is only supported for models with FIM completion rendering", "suffix")
     if body.get("prompt") is None or body["prompt"] == "":
@@ -575,6 +688,25 @@ def parse_completion(body: Any) -> GenerateParams:
         prompts=prompts,
         **common,
     )
+
+
+def _prompt_embeds(embeds: Any) -> None:
+    """``prompt_embeds`` (``bytes | list[bytes]``): an engine started without ``--enable-prompt-embeds``,
+    as this one is, refuses any it can read, and pydantic whatever it cannot."""
+    if embeds is None:
+        return
+    if not isinstance(embeds, (str, list)):
+        loc = "body.prompt_embeds"
+        raise validation_error(
+            [
+                {"type": "bytes_type", "loc": loc, "msg": "Input should be a valid bytes", "input": embeds},
+                {"type": "list_type", "loc": loc, "msg": "Input should be a valid list", "input": embeds},
+            ]
+        )
+    if isinstance(embeds, list) and not all(isinstance(item, str) for item in embeds):
+        i = next(i for i, item in enumerate(embeds) if not isinstance(item, str))
+        raise invalid(f"body.prompt_embeds.{i}", "bytes_type", "Input should be a valid bytes", embeds[i])
+    raise _bad("You must set `--enable-prompt-embeds` to input `prompt_embeds`.", "prompt_embeds")
 
 
 def _logprobs(top: int, param: str, what: str = "sample") -> int:

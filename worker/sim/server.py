@@ -152,7 +152,11 @@ class SimServer:
         # a fast tokenizer must not be used from two threads at once.
         prompts = await asyncio.get_running_loop().run_in_executor(self._tokenize, self._token_ids, params)
         protocol.check_vocabulary(params, self.renderer.vocab_size)
-        budgets = [protocol.resolve_max_tokens(params, len(ids), self.config.engine.max_model_len) for ids in prompts]
+        max_model_len = self.config.engine.max_model_len
+        if params.truncate is not None:
+            side = params.truncation_side
+            prompts = [protocol.truncated(ids, params.truncate, side, max_model_len) for ids in prompts]
+        budgets = [protocol.resolve_max_tokens(params, len(ids), max_model_len) for ids in prompts]
         if not self.engine.alive:
             raise ApiError(503, "the engine is not running")
         response_id = protocol.response_id(prefix)
