@@ -9,6 +9,7 @@ these objects, so fields this module does not know still reach vLLM untouched.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -92,7 +93,7 @@ def parse_json_object(body: bytes, max_messages: int | None = None) -> dict[str,
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}") from None
+        data = _python_json(body, exc)
     if not isinstance(data, dict):
         raise bad_request(f"Request body must be a JSON object, not {_type_name(data)}.")
     messages = data.get("messages")
@@ -102,6 +103,38 @@ def parse_json_object(body: bytes, max_messages: int | None = None) -> dict[str,
     if _depth_exceeds(data, MAX_JSON_DEPTH):
         raise bad_request(f"Request body is nested more than {MAX_JSON_DEPTH} levels deep.")
     return data
+
+
+def _python_json(body: bytes, error: orjson.JSONDecodeError) -> Any:
+    """What orjson refuses but vLLM's parser (Python's json) reads: NaN, Infinity and -Infinity as
+    numbers, a lone surrogate escape in a string; anything else is refused with orjson's words."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise bad_request(f"Request body is not valid JSON: {error}") from None
+    if _has_lone_surrogate(data):
+        # Not text a tokenizer can encode: vLLM's tokenizer refuses it in a prompt with these words (the
+        # gateway refuses it in any field; vLLM would serve one outside the prompt).
+        raise bad_request("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+    return data
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:

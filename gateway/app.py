@@ -478,7 +478,7 @@ class Gateway:
             raise no_worker_available(f"No worker is available: {err.reason}") from None
 
     def _lora_for(self, model: str | None) -> str | None:
-        if model is None or model == self.model_name:
+        if not model or model == self.model_name:  # vLLM serves an empty name as its model too
             return None
         if model in self.lora_adapters:
             return model

@@ -19,6 +19,7 @@ MODEL = "kvgate-tiny"
 SHORT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 # Long enough to pass 4,096 tokens (the recorded engine's max model length) with the tiny tokenizer.
+LONE = "a\ud800b"  # a lone surrogate, escaped in JSON as \\ud800
 FUNCTION_NULL = {"role": "function", "name": "f", "content": None}
 TOO_LONG = " ".join(f"word{i}" for i in range(5000))
 
@@ -299,6 +300,16 @@ CASES: list[Case] = [
     Case("completion_prompt_logprobs_true", COMPLETIONS, completion(prompt_logprobs=True)),
     Case("chat_user_content_null", CHAT, chat(messages=[{"role": "user", "content": None}]), union=True),
     Case("chat_function_content_null", CHAT, chat(messages=[*SHORT, FUNCTION_NULL])),
+    Case("chat_model_empty", CHAT, chat(model="")),
+    Case("chat_priority_past_int64", CHAT, chat(priority=2**63)),
+    Case("chat_structured_outputs_no_constraint", CHAT, chat(structured_outputs={"type": "text"})),
+    Case("chat_structured_outputs_two_constraints", CHAT, chat(structured_outputs={"regex": "a", "choice": ["a"]})),
+    Case("chat_structured_outputs_choice", CHAT, chat(structured_outputs={"choice": ["red", "blue"]})),
+    Case("chat_logit_bias_nan", CHAT, raw=json.dumps(chat(logit_bias={"5": float("nan")})).encode()),
+    Case("chat_temperature_nan", CHAT, raw=json.dumps(chat(temperature=float("nan"))).encode()),
+    Case("chat_presence_penalty_infinity", CHAT, raw=json.dumps(chat(presence_penalty=float("inf"))).encode()),
+    Case("completion_top_p_nan", COMPLETIONS, raw=json.dumps(completion(top_p=float("nan"))).encode()),
+    Case("chat_lone_surrogate", CHAT, raw=json.dumps(chat(messages=[{"role": "user", "content": LONE}])).encode()),
     Case("models_post", "/v1/models", method="POST", content_type=None),
     Case("health", "/health", method="GET", content_type=None),
 ]

@@ -243,6 +243,12 @@ _RAW: list[tuple[bytes, str | None]] = [
     (b'{"model": "kvgate-tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', "application/json"),
     (b'\xef\xbb\xbf{"model": "kvgate-tiny", "messages": [{"role": "user", "content": "hi"}]}', "application/json"),
     (_HI + b', "max_tokens": NaN}', "application/json"),
+    (_HI + b', "presence_penalty": NaN}', "application/json"),
+    (_HI + b', "top_p": NaN}', "application/json"),
+    (_HI + b', "logit_bias": {"5": NaN}}', "application/json"),
+    (_HI + b', "min_p": Infinity}', "application/json"),
+    (_HI + b', "repetition_penalty": -Infinity}', "application/json"),
+    (_HI + b', "seed": NaN}', "application/json"),
     (_HI + b', "max_tokens": Infinity}', "application/json"),
     (_HI + b', "temperature": NaN}', "application/json"),
     (b'{"model": "kvgate-tiny", "model": 5, "messages": [{"role": "user", "content": "hi"}]}', "application/json"),
@@ -264,7 +270,7 @@ def _value(rng: random.Random) -> Any:
 
 def generate(rng: random.Random, index: int) -> Case:
     kind = rng.random()
-    if kind < 0.08:
+    if kind < 0.12:
         raw, content_type = rng.choice(_RAW)
         path = rng.choice(["/v1/chat/completions", "/v1/completions"])
         return Case(f"raw-{index}", path, raw=raw, content_type=content_type)
@@ -282,6 +288,8 @@ def generate(rng: random.Random, index: int) -> Case:
             body.pop(name, None)
         else:
             body[name] = _value(rng)
+    if rng.random() < 0.3:
+        body.setdefault("stream", True)
     # Keep what could run long short: a valid request answers within a few tokens.
     if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 64 and rng.random() < 0.7:
         body["max_tokens"] = 8
@@ -324,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             "--served-model-name",
             MODEL,
             f"--worker=id=w0,url=http://127.0.0.1:{config.port}",
+            "--admin-on-public-port",
             log_path=log_dir / "gateway.log",
         )
         try:

@@ -57,7 +57,9 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def gateway(sim: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("conformance-gateway") / "gateway.log"
+    # Its admin listener on the public port: the default, port + 1, may be the simulator's (a free port too).
     args = ("--port", port, "--model", TINY_MODEL, "--served-model-name", MODEL, f"--worker=id=w0,url={sim}")
+    args = (*args, "--admin-on-public-port")
     yield from serving(python_module("kvgate.gateway", *args, log_path=log), f"http://127.0.0.1:{port}", log)
 
 

@@ -225,3 +225,18 @@ def test_structured_outputs_that_is_not_an_object_is_the_clients_400(value) -> N
         parse_chat(body(messages=[{"role": "user", "content": "x"}], structured_outputs=value))
     assert err.value.status == 400 and err.value.param == "structured_outputs"
     assert parse_chat(body(messages=[{"role": "user", "content": "x"}], structured_outputs={"json": {}})).model is None
+
+
+def test_the_body_is_read_as_vllms_python_json_reads_it() -> None:
+    # NaN and Infinity are numbers to Python's json (vLLM reads them; orjson alone refused them), a UTF-8
+    # byte order mark is skipped, and a lone surrogate escape is refused as a tokenizer refuses the text.
+    hi = b'{"messages": [{"role": "user", "content": "hi"}]'
+    assert parse_chat(hi + b', "logit_bias": {"5": NaN}, "presence_penalty": -Infinity}').messages
+    assert parse_chat(b"\xef\xbb\xbf" + hi + b"}").messages
+    with pytest.raises(ApiError) as err:
+        parse_chat(b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}')
+    assert err.value.status == 400 and "TextEncodeInput" in err.value.message
+    for broken in (hi, hi + b", NaN}", b"[" * 5000 + b"]" * 5000):
+        with pytest.raises(ApiError) as err:
+            parse_chat(broken)
+        assert err.value.status == 400 and "not valid JSON" in err.value.message

@@ -64,9 +64,9 @@ class PromptRenderer:
             except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
                 raise ApiError(400, str(exc)) from None  # vLLM answers the template's own words
             # An empty render is the 400 below (an encoder other than the default may raise on it).
-            ids = self._encode_text(text) if text else []
+            ids = _encoded(self._encode_text, text) if text else []
         elif isinstance(params.prompt, str):
-            ids = self.tokenizer.encode(params.prompt)
+            ids = _encoded(self.tokenizer.encode, params.prompt)
         else:
             ids = list(params.prompt or ())
             if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
@@ -74,3 +74,12 @@ class PromptRenderer:
         if not ids:
             raise ApiError(400, "The decoder prompt cannot be empty")
         return ids
+
+
+def _encoded(encode: Callable[[str], list[int]], text: str) -> list[int]:
+    """``encode(text)``; what the tokenizer refuses (a lone surrogate from a ``\\ud800`` escape: not
+    encodable text) is vLLM's 400 in the tokenizer's words."""
+    try:
+        return encode(text)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None

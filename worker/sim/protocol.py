@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -101,7 +102,8 @@ def json_body(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         try:  # the standard library's words and position, as FastAPI reports them
-            json.loads(raw)
+            # It reads NaN, Infinity and -Infinity as numbers, which orjson refuses: so does vLLM.
+            return json.loads(raw)
         except RecursionError:
             raise DetailError(400, "There was an error parsing the body") from None
         except ValueError as err:
@@ -229,6 +231,8 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
             "environment variable."
         )
     temperature = _optional(body, "temperature", lax.as_float)
+    if temperature is not None and not math.isfinite(temperature):
+        raise _bad(f"temperature must be a finite number, got {temperature}.", "temperature", temperature)
     if temperature is not None and temperature < 0:
         raise _bad(f"temperature must be non-negative, got {temperature}.", "temperature", temperature)
     if temperature is not None and temperature > 2.0:
@@ -238,17 +242,18 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     top_p = _optional(body, "top_p", lax.as_float)
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
-    for name in ("seed", "truncate_prompt_tokens"):
+    for name in ("seed", "priority", "truncate_prompt_tokens"):
         value = body.get(name)
         if isinstance(value, float) and value.is_integer() and abs(value) > lax.INT64_MAX:
             body[name] = int(value)  # orjson reads an integer past 64 bits as a float; FastAPI, as an int
-    seed = _optional(body, "seed", lax.as_int)
-    if seed is not None and not lax.INT64_MIN <= seed <= lax.INT64_MAX:
-        above = seed > 0
-        bound = lax.INT64_MAX if above else lax.INT64_MIN
-        words = "less than or equal to" if above else "greater than or equal to"
-        kind, key = ("less_than_equal", "le") if above else ("greater_than_equal", "ge")
-        raise invalid("body.seed", kind, f"Input should be {words} {bound}", seed, **{key: bound})
+    for name in ("seed", "priority"):  # both typed as 64-bit integers
+        value = _optional(body, name, lax.as_int)
+        if value is not None and not lax.INT64_MIN <= value <= lax.INT64_MAX:
+            above = value > 0
+            bound = lax.INT64_MAX if above else lax.INT64_MIN
+            words = "less than or equal to" if above else "greater than or equal to"
+            kind, key = ("less_than_equal", "le") if above else ("greater_than_equal", "ge")
+            raise invalid(f"body.{name}", kind, f"Input should be {words} {bound}", value, **{key: bound})
     stop_raw = body.get("stop")
     if stop_raw is None:
         stop: tuple[str, ...] = ()
@@ -493,6 +498,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> tuple[tuple[str, 
         raise _bad(f"stream_interval must be at least 1, got {interval}.", "stream_interval")
     if any(not word for word in body.get("bad_words") or ()):
         raise _bad(f"bad_words cannot contain an empty string. Got bad_words={body['bad_words']}")
+    _structured_outputs(body.get("structured_outputs"))
     ids: list[tuple[str, tuple[int, ...]]] = []
     bias = body.get("logit_bias")
     if bias:
@@ -516,6 +522,36 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> tuple[tuple[str, 
             raise _bad("allowed_token_ids is not None and empty!", "allowed_token_ids")
         ids.append(("allowed_token_ids", tuple(allowed)))
     return tuple(ids)
+
+
+# vLLM 0.32's StructuredOutputsParams: its fields in order, with their defaults (and the two it sets).
+_STRUCTURED_FIELDS: dict[str, Any] = {
+    "json": None,
+    "regex": None,
+    "choice": None,
+    "grammar": None,
+    "json_object": None,
+    "disable_any_whitespace": False,
+    "disable_additional_properties": False,
+    "whitespace_pattern": None,
+    "structural_tag": None,
+}
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _structured_outputs(params: dict[str, Any] | None) -> None:
+    """Exactly one kind of constraint, as ``StructuredOutputsParams`` insists (other keys are ignored)."""
+    if params is None:
+        return
+    if sum(params.get(kind) is not None for kind in ("json", "regex", "choice")) > 1:  # the request model's check
+        raise _bad("You can only use one kind of constraints for structured outputs ('json', 'regex' or 'choice').")
+    fields = {**_STRUCTURED_FIELDS, **{k: v for k, v in params.items() if k in _STRUCTURED_FIELDS}}
+    count = sum(fields[kind] is not None for kind in _STRUCTURED_KINDS)
+    shown = {**fields, "_backend": None, "_backend_was_auto": False}
+    if count > 1:
+        raise _bad(f"You can only use one kind of structured outputs constraint but multiple are specified: {shown}")
+    if count < 1:
+        raise _bad(f"You must use one kind of structured outputs constraint but none are specified: {shown}")
 
 
 def _tool_choice(choice: Any, tools: list[Any] | None) -> None:

@@ -145,7 +145,7 @@ class SimServer:
             raise protocol.validation_error([UNSUPPORTED_MEDIA_TYPE])
         body = protocol.json_body(raw)
         params = parse(body)
-        if params.model is not None and params.model != self.model:
+        if params.model and params.model != self.model:  # vLLM serves an empty name as its model too
             raise ApiError(404, f"The model `{params.model}` does not exist. Valid aliases: {self.model}.", "model")
         # Off the event loop (as vLLM does): a long prompt takes milliseconds to encode,
         # which would otherwise stall every running request's engine steps. One thread:
