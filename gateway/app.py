@@ -67,7 +67,7 @@ from kvgate.gateway.metrics import CONTENT_TYPE, GatewayMetrics, Outcome, StateS
 from kvgate.gateway.relay import ClientGone, Exchange, relay
 from kvgate.gateway.replicas import GatewayBus, GatewaySecurity
 from kvgate.gateway.tokenization import HeadEncoding, Preprocessor, Tokenized, TokenizerError
-from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers
+from kvgate.gateway.upstream import Upstream, UpstreamFailure, UpstreamResponse, forward_headers, response_headers
 from kvgate.indexer.kv_indexer import KvIndexer
 from kvgate.indexer.zmq_source import ReplayDispatcher
 from kvgate.protocol.events import WorkerKey
@@ -187,6 +187,7 @@ class Gateway:
         if self.bus is not None:
             self.router.subscribe(self.bus)
         self._request_ids = itertools.count()
+        self._passthrough_turns = itertools.count()
         # Prompts' rests encoded after forwarding, on the tokenizer threads (`_finish_long_prefix_route`).
         self._background: set[asyncio.Task[None]] = set()
 
@@ -231,6 +232,56 @@ class Gateway:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, COMPLETIONS)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        return await self._passthrough(request, "/tokenize")
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        return await self._passthrough(request, "/detokenize")
+
+    async def _passthrough(self, request: web.Request, path: str) -> web.Response:
+        """vLLM's ``/tokenize`` and ``/detokenize``, which every worker answers alike (the model's tokenizer
+        and chat template, no engine): the client's bytes go to the next worker that is up, its answer comes
+        back as it is; a worker that cannot be reached is marked down and the next one tried."""
+        try:
+            self._admit(request)
+            body = await self._read_body(request)
+        except ApiError as err:
+            self.metrics.refused(path, err.status)
+            return err.response(NO_WORKER)
+        up = [info for info in self.registry.all() if self.fleet.up.get(info.worker_id)]
+        if not up:
+            self.metrics.refused(path, 503)
+            return no_worker_available("No worker is available: none is up").response(NO_WORKER)
+        start = next(self._passthrough_turns) % len(up)
+        headers = forward_headers(request.headers, request.remote)
+        failure: UpstreamFailure | None = None
+        worker = NO_WORKER
+        for info in (up[start:] + up[:start])[: self.config.max_attempts]:
+            worker = info.worker_id
+            try:
+                upstream = await self.upstream.post(info.base_url, path, body, headers)
+                try:
+                    payload = await upstream.read()
+                except BaseException:
+                    upstream.close()
+                    raise
+                upstream.release()
+            except UpstreamFailure as err:
+                failure = err
+                if err.kind == "connect":
+                    self.fleet.mark_down(info.worker_id, err.detail)
+                if not err.retryable:
+                    break
+                continue
+            answer = response_headers(upstream.headers)
+            answer[WORKER_HEADER] = worker
+            return web.Response(status=upstream.status, body=payload, headers=answer)
+        assert failure is not None
+        detail = failure.public(worker)
+        error = upstream_timeout(detail) if failure.kind == "timeout" else upstream_failed(detail)
+        self.metrics.refused(path, error.status)
+        return error.response(worker)
 
     async def models(self, request: web.Request) -> web.Response:
         self._admit(request)
@@ -785,6 +836,8 @@ def build_app(config: GatewayConfig, preprocessor: Preprocessor | None = None) -
     app.on_response_prepare.append(server_header)
     app.router.add_post(CHAT, gateway.chat_completions)
     app.router.add_post(COMPLETIONS, gateway.completions)
+    app.router.add_post("/tokenize", gateway.tokenize)
+    app.router.add_post("/detokenize", gateway.detokenize)
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/v1/models/{model:.+}", gateway.model)
     app.router.add_get("/health", gateway.health)

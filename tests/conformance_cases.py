@@ -36,7 +36,7 @@ class Case:
     # A value of a union-typed field (messages, prompt, response_format): pydantic lists an error for every
     # branch of the union, and the simulator reports only the first of them (the count differs).
     union: bool = False
-    # The prompt's token count must match too (a request whose prompt the engine truncates).
+    # The token counts and ids must match too (a prompt the engine truncates, /tokenize, /detokenize).
     counts: bool = False
 
     def data(self) -> bytes | None:
@@ -310,6 +310,33 @@ CASES: list[Case] = [
     Case("chat_presence_penalty_infinity", CHAT, raw=json.dumps(chat(presence_penalty=float("inf"))).encode()),
     Case("completion_top_p_nan", COMPLETIONS, raw=json.dumps(completion(top_p=float("nan"))).encode()),
     Case("chat_lone_surrogate", CHAT, raw=json.dumps(chat(messages=[{"role": "user", "content": LONE}])).encode()),
+    # /tokenize and /detokenize: the gateway forwards them to a worker.
+    Case("tokenize_prompt", "/tokenize", {"model": MODEL, "prompt": "The colours of the rainbow are"}, counts=True),
+    Case("tokenize_prompt_strs", "/tokenize", {"prompt": "Hello there", "return_token_strs": True}, counts=True),
+    Case(
+        "tokenize_prompt_no_special", "/tokenize", {"prompt": "Hello there", "add_special_tokens": False}, counts=True
+    ),
+    Case("tokenize_chat", "/tokenize", {"model": MODEL, "messages": SHORT}, counts=True),
+    Case("tokenize_chat_strs", "/tokenize", {"messages": SHORT, "return_token_strs": True}, counts=True),
+    Case(
+        "tokenize_chat_no_generation_prompt",
+        "/tokenize",
+        {"messages": SHORT, "add_generation_prompt": False},
+        counts=True,
+    ),
+    Case("tokenize_chat_special", "/tokenize", {"messages": SHORT, "add_special_tokens": True}, counts=True),
+    Case("tokenize_neither", "/tokenize", {"model": MODEL}, union=True),
+    Case("tokenize_prompt_number", "/tokenize", {"prompt": 5}, union=True),
+    Case("tokenize_unknown_model", "/tokenize", {"model": "nope", "prompt": "x"}),
+    Case("tokenize_empty_prompt", "/tokenize", {"prompt": ""}, counts=True),
+    Case("tokenize_not_json", "/tokenize", raw=b"{", content_type="application/json"),
+    Case("detokenize", "/detokenize", {"model": MODEL, "tokens": [5, 6, 7, 8]}, counts=True),
+    Case("detokenize_empty", "/detokenize", {"tokens": []}, counts=True),
+    Case("detokenize_negative", "/detokenize", {"tokens": [5, -1]}),
+    Case("detokenize_out_of_vocab", "/detokenize", {"tokens": [5, 10**9]}, counts=True),
+    Case("detokenize_strings", "/detokenize", {"tokens": ["a"]}),
+    Case("detokenize_missing", "/detokenize", {"model": MODEL}),
+    Case("detokenize_unknown_model", "/detokenize", {"model": "nope", "tokens": [5]}),
     Case("models_post", "/v1/models", method="POST", content_type=None),
     Case("health", "/health", method="GET", content_type=None),
 ]

@@ -424,6 +424,23 @@ def test_a_truncated_prompt_is_routed_on_the_tokens_the_engine_keeps(stack: Stac
         assert status == 400 and json.loads(payload)["error"]["param"] == param, payload
 
 
+def test_tokenize_and_detokenize_are_answered_by_the_workers_in_turn(stack: Stack) -> None:
+    body = {"model": MODEL, "messages": conversation("optics")}
+    answered_by = set()
+    for _ in range(4):
+        status, headers, payload = post(stack.kv.url + "/tokenize", body)
+        assert status == 200, payload
+        answered_by.add(headers["x-kvgate-worker"])
+    assert answered_by == set(stack.workers)
+    tokens = json.loads(payload)["tokens"]
+    # The gateway routes a chat on the ids its workers report for it: the same template and tokenizer.
+    assert len(tokens) == explain(stack.kv, body)["prompt_tokens"]
+    status, _, payload = post(stack.kv.url + "/detokenize", {"tokens": tokens[-8:]})
+    assert status == 200 and json.loads(payload)["prompt"]
+    status, _, payload = post(stack.kv.url + "/detokenize", {"tokens": [-1]})
+    assert status == 400 and json.loads(payload)["error"]["param"] == "body.tokens.0"
+
+
 def test_lora_adapter_requests_hash_apart(stack: Stack) -> None:
     first = conversation("zoology")
     assert (

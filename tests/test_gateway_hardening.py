@@ -520,6 +520,21 @@ async def test_the_sdk_raises_an_api_error_when_the_worker_dies_mid_event(stack:
     await client.close()
 
 
+async def test_tokenize_goes_to_a_worker_and_one_that_is_gone_is_a_json_502_and_marked_down(stack: Stack) -> None:
+    status, headers, body = await post(stack.url + "/tokenize", {"prompt": "hi"})
+    assert status == 404 and headers["x-kvgate-worker"] == "w0"  # the scripted worker has no /tokenize: its answer
+    assert stack.worker.bodies == []  # (its chat handler saw nothing)
+    await stack.worker.stop()
+    status, headers, body = await post(stack.url + "/detokenize", {"tokens": [1]})
+    assert status == 502 and orjson.loads(body)["error"]["code"] == "bad_gateway", body
+    assert b"127.0.0.1" not in body and headers["x-kvgate-worker"] == "w0"
+    gateway = stack.app[GATEWAY_KEY]
+    assert not gateway.fleet.up.get("w0")
+    status, _, body = await post(stack.url + "/tokenize", {"prompt": "hi"})
+    assert status == 503 and orjson.loads(body)["error"]["code"] == "no_worker_available", body
+    await stack.worker.start()  # the fixture stops it again
+
+
 # -- 6. Message count and a big conversation --------------------------------------------------------
 
 

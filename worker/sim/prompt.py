@@ -45,24 +45,7 @@ class PromptRenderer:
 
     def token_ids(self, params: GenerateParams) -> list[int]:
         if params.kind == "chat":
-            # As vLLM: the request's chat_template_kwargs override the request's own fields (and may carry a
-            # template); a template from the request needs --trust-request-chat-template.
-            kwargs: dict[str, Any] = {
-                "tools": params.tools,
-                "add_generation_prompt": params.add_generation_prompt,
-                "continue_final_message": params.continue_final_message,
-                "chat_template": params.chat_template,
-            }
-            kwargs.update(params.chat_template_kwargs or {})
-            if kwargs["chat_template"] is not None and not self.trust_request_chat_template:
-                raise ApiError(400, UNTRUSTED_CHAT_TEMPLATE)
-            reserved = _RESERVED_KWARGS.intersection(kwargs)
-            if reserved:
-                raise ApiError(400, f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
-            try:
-                text = self.tokenizer.apply_chat_template(params.messages, tokenize=False, **kwargs)
-            except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-                raise ApiError(400, str(exc)) from None  # vLLM answers the template's own words
+            text = self.render_chat(params)
             # An empty render is the 400 below (an encoder other than the default may raise on it).
             ids = _encoded(self._encode_text, text) if text else []
         elif isinstance(params.prompt, str):
@@ -74,6 +57,46 @@ class PromptRenderer:
         if not ids:
             raise ApiError(400, "The decoder prompt cannot be empty")
         return ids
+
+    def tokenize(self, params: GenerateParams, add_special_tokens: bool) -> list[int]:
+        """vLLM's ``/tokenize``: the rendered chat (or the prompt) encoded with or without the tokenizer's
+        special tokens as the request says; an empty prompt is no error there."""
+        text = self.render_chat(params) if params.kind == "chat" else params.prompt
+        assert isinstance(text, str)
+        if not text:
+            return []
+        return _encoded(lambda t: self.tokenizer.encode(t, add_special_tokens=add_special_tokens), text)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        tokens: list[str] = self.tokenizer.convert_ids_to_tokens(ids)
+        return tokens
+
+    def detokenize(self, ids: list[int]) -> str:
+        """vLLM's ``/detokenize``: ids past the vocabulary are left out."""
+        text: str = self.tokenizer.decode([i for i in ids if i < self.vocab_size])
+        return text
+
+    def render_chat(self, params: GenerateParams) -> str:
+        """The chat's prompt text, as vLLM renders it."""
+        # As vLLM: the request's chat_template_kwargs override the request's own fields (and may carry a
+        # template); a template from the request needs --trust-request-chat-template.
+        kwargs: dict[str, Any] = {
+            "tools": params.tools,
+            "add_generation_prompt": params.add_generation_prompt,
+            "continue_final_message": params.continue_final_message,
+            "chat_template": params.chat_template,
+        }
+        kwargs.update(params.chat_template_kwargs or {})
+        if kwargs["chat_template"] is not None and not self.trust_request_chat_template:
+            raise ApiError(400, UNTRUSTED_CHAT_TEMPLATE)
+        reserved = _RESERVED_KWARGS.intersection(kwargs)
+        if reserved:
+            raise ApiError(400, f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
+        try:
+            text: str = self.tokenizer.apply_chat_template(params.messages, tokenize=False, **kwargs)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise ApiError(400, str(exc)) from None  # vLLM answers the template's own words
+        return text
 
 
 def _encoded(encode: Callable[[str], list[int]], text: str) -> list[int]:

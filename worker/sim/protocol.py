@@ -745,6 +745,111 @@ def _prompt_embeds(embeds: Any) -> None:
     raise _bad("You must set `--enable-prompt-embeds` to input `prompt_embeds`.", "prompt_embeds")
 
 
+@dataclass(frozen=True, slots=True)
+class TokenizeParams:
+    """vLLM's ``/tokenize`` request: a prompt, or a chat to render (``params``), and what to answer."""
+
+    params: GenerateParams
+    add_special_tokens: bool
+    return_token_strs: bool
+
+
+def parse_tokenize(body: Any) -> TokenizeParams:
+    """vLLM 0.32's ``TokenizeCompletionRequest | TokenizeChatRequest``: a body with ``messages`` is a chat
+    (rendered with its template, no special tokens added unless asked), else it needs a string ``prompt``
+    (special tokens added unless asked not to); what neither reads is pydantic's two errors, one a branch."""
+    if not isinstance(body, dict):
+        raise invalid(
+            "body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", body
+        )
+    model = _optional(body, "model", lax.as_str)
+    strs = _optional(body, "return_token_strs", lax.as_bool) or False
+    if "messages" in body and isinstance(body["messages"], list):
+        messages = body["messages"]
+        for i, message in enumerate(messages):
+            _check_message(i, message)
+        special = _optional(body, "add_special_tokens", lax.as_bool)
+        add_gen = _optional(body, "add_generation_prompt", lax.as_bool)
+        params = GenerateParams(
+            kind="chat",
+            model=model,
+            messages=messages,
+            tools=_optional(body, "tools", lax.as_list) or None,
+            add_generation_prompt=True if add_gen is None else add_gen,
+            continue_final_message=_optional(body, "continue_final_message", lax.as_bool) or False,
+            chat_template_kwargs=_optional(body, "chat_template_kwargs", lax.as_dict),
+            chat_template=_optional(body, "chat_template", lax.as_str),
+            prompt=None,
+            max_tokens=None,
+            stop=(),
+            stream=False,
+            include_usage=False,
+            ignore_eos=False,
+            cache_salt=None,
+        )
+        return TokenizeParams(params, bool(special), strs)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        first = (
+            {"type": "missing", "loc": "body.prompt", "msg": "Field required", "input": body}
+            if "prompt" not in body
+            else {"type": "string_type", "loc": "body.prompt", "msg": "Input should be a valid string", "input": prompt}
+        )
+        second = (
+            {"type": "missing", "loc": "body.messages", "msg": "Field required", "input": body}
+            if "messages" not in body
+            else {
+                "type": "list_type",
+                "loc": "body.messages",
+                "msg": "Input should be a valid list",
+                "input": body["messages"],
+            }
+        )
+        raise validation_error([first, second])
+    special = _optional(body, "add_special_tokens", lax.as_bool)
+    params = GenerateParams(
+        kind="completion",
+        model=model,
+        messages=None,
+        tools=None,
+        add_generation_prompt=False,
+        prompt=prompt,
+        max_tokens=None,
+        stop=(),
+        stream=False,
+        include_usage=False,
+        ignore_eos=False,
+        cache_salt=None,
+    )
+    return TokenizeParams(params, True if special is None else special, strs)
+
+
+def parse_detokenize(body: Any) -> tuple[str | None, list[int]]:
+    """vLLM 0.32's ``DetokenizeRequest``: the model, and token ids (integers in [0, 2**63 - 1])."""
+    if not isinstance(body, dict):
+        raise invalid(
+            "body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", body
+        )
+    model = _optional(body, "model", lax.as_str)
+    if "tokens" not in body:
+        raise invalid("body.tokens", "missing", "Field required", body)
+    try:
+        values = lax.as_list(body["tokens"])
+    except lax.LaxError as err:
+        raise _lax_error("tokens", body["tokens"], err) from None
+    tokens = _token_ids(values, "body.tokens")
+    for i, token in enumerate(tokens):
+        if token > lax.INT64_MAX:
+            raise invalid(
+                f"body.tokens.{i}",
+                "less_than_equal",
+                f"Input should be less than or equal to {lax.INT64_MAX}",
+                token,
+                le=lax.INT64_MAX,
+            )
+    return model, tokens
+
+
 def _logprobs(top: int, param: str, what: str = "sample") -> int:
     """vLLM's ceiling on sample (or prompt) logprobs (--max-logprobs, 20 by default); -1 (the whole
     vocabulary) is checked against the vocabulary by ``check_vocabulary``."""

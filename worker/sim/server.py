@@ -133,6 +133,33 @@ class SimServer:
         preempt = request.query.get("reset_running_requests", "false").lower() in ("1", "true", "yes")
         return _json({"success": self.engine.reset_prefix_cache(preempt)})
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/tokenize``: a prompt's (or a rendered chat's) token ids."""
+        tokenize = protocol.parse_tokenize(await self._json_request(request))
+        self._check_model(tokenize.params.model)
+        ids = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize, self.renderer.tokenize, tokenize.params, tokenize.add_special_tokens
+        )
+        strs = self.renderer.token_strs(ids) if tokenize.return_token_strs else None
+        max_model_len = self.config.engine.max_model_len
+        return _json({"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/detokenize``: token ids back to text."""
+        model, ids = protocol.parse_detokenize(await self._json_request(request))
+        self._check_model(model)
+        return _json({"prompt": self.renderer.detokenize(ids)})
+
+    async def _json_request(self, request: web.Request) -> Any:
+        raw = await request.read()
+        if not is_json_content_type(request.headers.get("Content-Type")):
+            raise protocol.validation_error([UNSUPPORTED_MEDIA_TYPE])
+        return protocol.json_body(raw)
+
+    def _check_model(self, model: str | None) -> None:
+        if model and model != self.model:  # vLLM serves an empty name as its model too
+            raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {self.model}.", "model")
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, protocol.parse_chat, "chatcmpl")
 
@@ -140,13 +167,8 @@ class SimServer:
         return await self._generate(request, protocol.parse_completion, "cmpl")
 
     async def _generate(self, request: web.Request, parse: Callable[[Any], GenerateParams], prefix: str):
-        raw = await request.read()
-        if not is_json_content_type(request.headers.get("Content-Type")):
-            raise protocol.validation_error([UNSUPPORTED_MEDIA_TYPE])
-        body = protocol.json_body(raw)
-        params = parse(body)
-        if params.model and params.model != self.model:  # vLLM serves an empty name as its model too
-            raise ApiError(404, f"The model `{params.model}` does not exist. Valid aliases: {self.model}.", "model")
+        params = parse(await self._json_request(request))
+        self._check_model(params.model)
         # Off the event loop (as vLLM does): a long prompt takes milliseconds to encode,
         # which would otherwise stall every running request's engine steps. One thread:
         # a fast tokenizer must not be used from two threads at once.
@@ -521,6 +543,8 @@ def build_app(config: SimConfig, renderer: PromptRenderer | None = None) -> web.
     app.router.add_get("/metrics", server.prometheus)
     app.router.add_post("/v1/chat/completions", server.chat)
     app.router.add_post("/v1/completions", server.completions)
+    app.router.add_post("/tokenize", server.tokenize)
+    app.router.add_post("/detokenize", server.detokenize)
     app.router.add_post("/reset_prefix_cache", server.reset_prefix_cache)
     app.router.add_get("/kv_event_sources", server.kv_event_sources)
     return app
