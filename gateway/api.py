@@ -295,18 +295,35 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return list(prompt)
-        if all(_is_token_id(t) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
-            return list(prompt)
+        ids = _token_ids(prompt)
+        if ids is not None:
+            return [ids]
+        batch = [_token_ids(p) if isinstance(p, list) and p else None for p in prompt]
+        if all(ids is not None for ids in batch):
+            return [ids for ids in batch if ids is not None]
     raise bad_request(
         "`prompt` must be a string, a non-empty list of strings, a list of token ids or a list of token-id lists.",
         "prompt",
     )
 
 
-def _is_token_id(value: Any) -> bool:
-    return type(value) is int and value >= 0
+def _token_ids(values: list[Any]) -> list[int] | None:
+    """Token ids as vLLM's request model reads them (pydantic's lax mode: ``true`` is 1, ``5.0`` is 5),
+    none negative; None when they are not."""
+    if all(type(value) is int and value >= 0 for value in values):
+        return values
+    ids = []
+    for value in values:
+        if isinstance(value, str):
+            return None
+        try:
+            token = lax.as_int(value)
+        except lax.LaxError:
+            return None
+        if token < 0:
+            return None
+        ids.append(token)
+    return ids
 
 
 def _optional(data: dict[str, Any], name: str, read: Callable[[Any], T], described: str) -> T | None:

@@ -1169,18 +1169,23 @@ def _normalize_tool_calls(where: str, tool_calls: Any) -> list[dict[str, Any]]:
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
             raise TokenizerError(f"{where}.tool_calls[{position}] needs a function with a string name")
         arguments = function.get("arguments")
-        # vLLM hands templates parsed arguments: a JSON string becomes a dict, empty/None becomes {}.
+        # vLLM 0.32 hands templates parsed arguments: a JSON object string becomes a dict; empty, not JSON
+        # (a malformed call in a conversation's history must not fail every later turn) or JSON that is not
+        # an object becomes {}.
         if not arguments:
             arguments = {}
-        elif isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as exc:
-                raise TokenizerError(f"{where}.tool_calls[{position}].function.arguments is not valid JSON") from exc
-            except RecursionError:
-                raise TokenizerError(
-                    f"{where}.tool_calls[{position}].function.arguments is nested too deeply"
-                ) from None
+        elif not isinstance(arguments, Mapping):
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    arguments = {}
+                except RecursionError:
+                    raise TokenizerError(
+                        f"{where}.tool_calls[{position}].function.arguments is nested too deeply"
+                    ) from None
+            if not isinstance(arguments, Mapping):
+                arguments = {}
         normalized.append({**call, "function": {**function, "arguments": arguments}})
     return normalized
 

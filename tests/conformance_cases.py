@@ -20,6 +20,10 @@ SHORT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 # Long enough to pass 4,096 tokens (the recorded engine's max model length) with the tiny tokenizer.
 LONE = "a\ud800b"  # a lone surrogate, escaped in JSON as \\ud800
+BROKEN_CALL = {
+    "role": "assistant",
+    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}],
+}
 FUNCTION_NULL = {"role": "function", "name": "f", "content": None}
 TOO_LONG = " ".join(f"word{i}" for i in range(5000))
 
@@ -310,6 +314,12 @@ CASES: list[Case] = [
     Case("chat_presence_penalty_infinity", CHAT, raw=json.dumps(chat(presence_penalty=float("inf"))).encode()),
     Case("completion_top_p_nan", COMPLETIONS, raw=json.dumps(completion(top_p=float("nan"))).encode()),
     Case("chat_lone_surrogate", CHAT, raw=json.dumps(chat(messages=[{"role": "user", "content": LONE}])).encode()),
+    Case("completion_prompt_ids_lax", COMPLETIONS, completion(prompt=[True, 5.0, 7]), counts=True),
+    Case("completion_logprobs_string", COMPLETIONS, completion(logprobs="2")),
+    Case("completion_logprobs_float", COMPLETIONS, completion(logprobs=1.5)),
+    Case("chat_top_logprobs_string", CHAT, chat(logprobs=True, top_logprobs="2")),
+    Case("chat_prompt_logprobs_float", CHAT, chat(prompt_logprobs=0.5)),
+    Case("chat_tool_call_arguments_not_json", CHAT, chat(messages=[*SHORT, BROKEN_CALL, *SHORT])),
     # /tokenize and /detokenize: the gateway forwards them to a worker.
     Case("tokenize_prompt", "/tokenize", {"model": MODEL, "prompt": "The colours of the rainbow are"}, counts=True),
     Case("tokenize_prompt_strs", "/tokenize", {"prompt": "Hello there", "return_token_strs": True}, counts=True),

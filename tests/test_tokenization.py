@@ -223,10 +223,6 @@ def test_a_requests_own_chat_template_is_refused_unless_trusted(pre: Preprocesso
         ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "text must be a string"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "text only"),
         ([{"role": "user", "content": [3]}], "must be an object"),
-        (
-            [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
-            "valid JSON",
-        ),
         ([{"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}], "function"),
         (
             # A RecursionError inside json.loads, a 500 before: now a clear 400.
@@ -245,6 +241,18 @@ def test_a_requests_own_chat_template_is_refused_unless_trusted(pre: Preprocesso
 def test_invalid_messages_are_tokenizer_errors(pre: Preprocessor, messages, match: str) -> None:
     with pytest.raises(TokenizerError, match=match):
         pre.render_chat(messages)
+
+
+@pytest.mark.parametrize("arguments", ["{oops", "[1, 2]", "42", ["a"]])
+def test_tool_call_arguments_that_are_no_json_object_render_as_an_empty_one(pre: Preprocessor, arguments) -> None:
+    # vLLM 0.32 coerces them to {} (a malformed call in a conversation's history must not fail every later
+    # turn); the engine's own render agrees (tests/test_vllm_interop.py).
+    def chat(args: object) -> list[dict[str, object]]:
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": args}}
+        return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+
+    assert pre.render_chat(chat(arguments)) == pre.render_chat(chat({}))
+    assert pre.render_chat(chat('{"x": 1}')) == pre.render_chat(chat({"x": 1})) != pre.render_chat(chat({}))
 
 
 def test_invalid_tools_are_tokenizer_errors(pre: Preprocessor) -> None:

@@ -174,6 +174,20 @@ MESSAGE_SHAPES: list[dict[str, Any]] = [
             {"role": "tool", "tool_call_id": "call_1", "content": "18 C, clear"},
         ]
     },
+    # Arguments that are not a JSON object (a malformed call in the history): vLLM 0.32 renders them as {}.
+    {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{"}},
+                    {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "[1]"}},
+                ],
+            },
+            {"role": "user", "content": "And now?"},
+        ]
+    },
     {
         "messages": [{"role": "user", "content": "Continue this."}, {"role": "assistant", "content": "Once upon"}],
         "add_generation_prompt": False,

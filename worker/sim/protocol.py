@@ -296,14 +296,12 @@ def _common(body: Any, echo: bool = False) -> dict[str, Any]:
     truncate, truncation_side = _truncation(body)
     ignore_eos = _optional(body, "ignore_eos", lax.as_bool) or False
     prompt_logprobs = body.get("prompt_logprobs")
-    if prompt_logprobs is not None:
-        if not isinstance(prompt_logprobs, int):  # vLLM's own check: a boolean is an int there (true is 1)
-            raise _bad("`prompt_logprobs` must be an integer.", "prompt_logprobs", prompt_logprobs)
-        prompt_logprobs = int(prompt_logprobs)
+    if prompt_logprobs is not None:  # a number by now (``_numbers``)
         if stream and (prompt_logprobs > 0 or prompt_logprobs == -1):
             raise _bad("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
         if prompt_logprobs < 0 and prompt_logprobs != -1:
             raise _bad("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
+        prompt_logprobs = _optional(body, "prompt_logprobs", lax.as_int)
         _logprobs(prompt_logprobs, "prompt_logprobs", "prompt")
     return {
         "truncate": truncate,
@@ -603,7 +601,19 @@ def _cache_salt(salt: str | None) -> str | None:
     return salt
 
 
+def _numbers(body: Any, names: tuple[str, ...]) -> None:
+    """vLLM's check before its request model reads the body: these fields must be numbers (a boolean is
+    one; 0.5 passes here and is pydantic's int_from_float later)."""
+    if not isinstance(body, dict):
+        return
+    for name in names:
+        value = body.get(name)
+        if value is not None and not isinstance(value, (int, float)):
+            raise _bad(f"`{name}` must be an integer.", name, value)
+
+
 def parse_chat(body: Any) -> GenerateParams:
+    _numbers(body, ("prompt_logprobs", "top_logprobs"))
     common = _common(body)
     _refuse_nulls(body, _CHAT_NOT_NULL)
     for name, read in _CHAT_TYPED_FIELDS:
@@ -699,6 +709,7 @@ def chat_echo(params: GenerateParams) -> str:
 
 
 def parse_completion(body: Any) -> GenerateParams:
+    _numbers(body, ("prompt_logprobs", "logprobs"))
     echo = isinstance(body, dict) and _optional(body, "echo", lax.as_bool) or False
     common = _common(body, echo)
     _refuse_nulls(body, _COMPLETION_NOT_NULL)
