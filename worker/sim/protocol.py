@@ -756,6 +756,17 @@ def _prompt_embeds(embeds: Any) -> None:
     raise _bad("You must set `--enable-prompt-embeds` to input `prompt_embeds`.", "prompt_embeds")
 
 
+# A /tokenize request's GenerateParams generate nothing.
+_NO_GENERATION: dict[str, Any] = {
+    "max_tokens": None,
+    "stop": (),
+    "stream": False,
+    "include_usage": False,
+    "ignore_eos": False,
+    "cache_salt": None,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class TokenizeParams:
     """vLLM's ``/tokenize`` request: a prompt, or a chat to render (``params``), and what to answer."""
@@ -791,12 +802,7 @@ def parse_tokenize(body: Any) -> TokenizeParams:
             chat_template_kwargs=_optional(body, "chat_template_kwargs", lax.as_dict),
             chat_template=_optional(body, "chat_template", lax.as_str),
             prompt=None,
-            max_tokens=None,
-            stop=(),
-            stream=False,
-            include_usage=False,
-            ignore_eos=False,
-            cache_salt=None,
+            **_NO_GENERATION,
         )
         return TokenizeParams(params, bool(special), strs)
     prompt = body.get("prompt")
@@ -825,12 +831,7 @@ def parse_tokenize(body: Any) -> TokenizeParams:
         tools=None,
         add_generation_prompt=False,
         prompt=prompt,
-        max_tokens=None,
-        stop=(),
-        stream=False,
-        include_usage=False,
-        ignore_eos=False,
-        cache_salt=None,
+        **_NO_GENERATION,
     )
     return TokenizeParams(params, True if special is None else special, strs)
 
