@@ -320,6 +320,9 @@ CASES: list[Case] = [
     Case("chat_top_logprobs_string", CHAT, chat(logprobs=True, top_logprobs="2")),
     Case("chat_prompt_logprobs_float", CHAT, chat(prompt_logprobs=0.5)),
     Case("chat_tool_call_arguments_not_json", CHAT, chat(messages=[*SHORT, BROKEN_CALL, *SHORT])),
+    Case("chat_mm_processor_kwargs_untrusted", CHAT, chat(mm_processor_kwargs={"a": 1})),
+    Case("chat_media_io_kwargs_untrusted", CHAT, chat(media_io_kwargs={"image": {"a": 1}})),
+    Case("chat_mm_processor_kwargs_empty", CHAT, chat(mm_processor_kwargs={})),
     # /tokenize and /detokenize: the gateway forwards them to a worker.
     Case("tokenize_prompt", "/tokenize", {"model": MODEL, "prompt": "The colours of the rainbow are"}, counts=True),
     Case("tokenize_prompt_strs", "/tokenize", {"prompt": "Hello there", "return_token_strs": True}, counts=True),

@@ -612,12 +612,26 @@ def _numbers(body: Any, names: tuple[str, ...]) -> None:
             raise _bad(f"`{name}` must be an integer.", name, value)
 
 
+# Per-request overrides vLLM refuses unless started with --trust-request-mm-kwargs (the simulator never is).
+_UNTRUSTED_KWARGS = (
+    ("mm_processor_kwargs", "multimodal preprocessing"),
+    ("media_io_kwargs", "multimodal media loading"),
+)
+
+
 def parse_chat(body: Any) -> GenerateParams:
     _numbers(body, ("prompt_logprobs", "top_logprobs"))
     common = _common(body)
     _refuse_nulls(body, _CHAT_NOT_NULL)
     for name, read in _CHAT_TYPED_FIELDS:
         _optional(body, name, read)
+    for name, what in _UNTRUSTED_KWARGS:
+        if body.get(name):  # vLLM's validate_request_mm_kwargs, without --trust-request-mm-kwargs
+            raise _bad(
+                f"Per-request {name} are disabled by default because they can change {what} resource usage. "
+                "Start the server with --trust-request-mm-kwargs only when clients are trusted.",
+                name,
+            )
     if "messages" not in body:
         raise invalid("body.messages", "missing", "Field required", body)
     messages = body["messages"]
