@@ -18,6 +18,7 @@ import orjson
 
 from kvgate.gateway.errors import ApiError, bad_request, too_many_messages
 from kvgate.protocol import lax
+from kvgate.protocol.http import TruncationRefused, truncated_ids, without_bom
 
 T = TypeVar("T")
 
@@ -32,7 +33,6 @@ TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "co
 # vLLM 0.32's rules for ``cache_salt`` (``validate_cache_salt``): refused here as the worker
 # would refuse it, before a salt the engine never uses could key the routing.
 MAX_CACHE_SALT_LENGTH = 128
-_UTF8_BOM = b"\xef\xbb\xbf"
 _CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 
@@ -71,25 +71,16 @@ class Truncation:
 
     def apply(self, ids: list[int], context_length: int) -> list[int]:
         """The ids the engine keeps; ``ApiError`` where vLLM 0.32 refuses the request instead."""
-        if self.keep > context_length:
-            raise bad_request(
-                f"truncate_prompt_tokens={self.keep} cannot be greater than max_model_len = {context_length}. "
-                "Please request a smaller truncation size.",
-                "truncate_prompt_tokens",
-            )
-        keep = max(0, context_length - 1) if self.keep < 0 else self.keep
-        if keep >= len(ids):
-            return ids
-        if keep == 0:
-            raise bad_request("The decoder prompt cannot be empty")
-        return ids[:keep] if self.side == "right" else ids[len(ids) - keep :]
+        try:
+            return truncated_ids(ids, self.keep, self.side, context_length)
+        except TruncationRefused as refused:
+            raise bad_request(refused.message, refused.param) from None
 
 
 def parse_json_object(body: bytes, max_messages: int | None = None) -> dict[str, Any]:
     if not body:
         raise bad_request("Request body is empty; expected a JSON object.")
-    if body.startswith(_UTF8_BOM):
-        body = body[len(_UTF8_BOM) :]  # vLLM (Python's json.loads) reads a body that starts with one
+    body = without_bom(body)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

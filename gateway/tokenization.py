@@ -1172,20 +1172,17 @@ def _normalize_tool_calls(where: str, tool_calls: Any) -> list[dict[str, Any]]:
         # vLLM 0.32 hands templates parsed arguments: a JSON object string becomes a dict; empty, not JSON
         # (a malformed call in a conversation's history must not fail every later turn) or JSON that is not
         # an object becomes {}.
-        if not arguments:
-            arguments = {}
-        elif not isinstance(arguments, Mapping):
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    arguments = {}
-                except RecursionError:
-                    raise TokenizerError(
-                        f"{where}.tool_calls[{position}].function.arguments is nested too deeply"
-                    ) from None
-            if not isinstance(arguments, Mapping):
+        if isinstance(arguments, str) and arguments:
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
                 arguments = {}
+            except RecursionError:
+                raise TokenizerError(
+                    f"{where}.tool_calls[{position}].function.arguments is nested too deeply"
+                ) from None
+        if not isinstance(arguments, Mapping):
+            arguments = {}
         normalized.append({**call, "function": {**function, "arguments": arguments}})
     return normalized
 

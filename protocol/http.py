@@ -22,6 +22,45 @@ def is_json_content_type(value: str | None) -> bool:
     return value is not None and value.split(";", 1)[0].lower() == "application/json"
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def without_bom(body: bytes) -> bytes:
+    """``body`` without a leading UTF-8 byte order mark, which vLLM's parser (Python's ``json.loads`` on
+    bytes) skips and orjson refuses."""
+    return body[len(_UTF8_BOM) :] if body.startswith(_UTF8_BOM) else body
+
+
+class TruncationRefused(ValueError):
+    """A ``truncate_prompt_tokens`` vLLM 0.32 answers with a 400: ``message`` its words, ``param`` the
+    parameter it names (None: none)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def truncated_ids(ids: list[int], keep: int, side: str | None, max_model_len: int) -> list[int]:
+    """The prompt ids vLLM 0.32 keeps for ``truncate_prompt_tokens`` = ``keep`` (``TokenizeParams``): the
+    last ``keep`` (the first with ``side`` 'right'; -1: the context window less one token, left for the
+    answer). Raises ``TruncationRefused`` where vLLM refuses: ``keep`` over the window, or a truncation to
+    nothing (an empty prompt)."""
+    if keep > max_model_len:
+        raise TruncationRefused(
+            f"truncate_prompt_tokens={keep} cannot be greater than max_model_len = {max_model_len}. "
+            "Please request a smaller truncation size.",
+            "truncate_prompt_tokens",
+        )
+    if keep < 0:
+        keep = max(0, max_model_len - 1)
+    if keep >= len(ids):
+        return ids
+    if keep == 0:
+        raise TruncationRefused("The decoder prompt cannot be empty")
+    return ids[:keep] if side == "right" else ids[len(ids) - keep :]
+
+
 def model_card(
     name: str, root: str, parent: str | None, max_model_len: int, created: int, owned_by: str = "vllm"
 ) -> dict[str, Any]:

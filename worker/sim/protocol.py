@@ -23,7 +23,7 @@ from typing import Any, Literal
 import orjson
 
 from kvgate.protocol import lax
-from kvgate.protocol.http import model_card
+from kvgate.protocol.http import TruncationRefused, model_card, truncated_ids, without_bom
 
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -81,9 +81,6 @@ def invalid(loc: str, kind: str, msg: str, value: Any, **ctx: Any) -> ApiError:
     return validation_error([error])
 
 
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
 class DetailError(ApiError):
     """FastAPI's own answer, ``{"detail": ...}``, rather than an OpenAI error."""
 
@@ -96,8 +93,7 @@ def json_body(raw: bytes) -> Any:
     and JSON nested past what Python's parser recurses through is FastAPI's bare "error parsing the body"."""
     if not raw:
         raise invalid("body", "missing", "Field required", None)
-    if raw.startswith(UTF8_BOM):
-        raw = raw[len(UTF8_BOM) :]  # Python's json.loads skips it in bytes, so FastAPI does
+    raw = without_bom(raw)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -208,11 +204,15 @@ def _number_map(value: Any) -> dict[str, float]:
     return {k: lax.as_float(v) for k, v in lax.as_dict(value).items()}
 
 
-def _common(body: Any, echo: bool = False) -> dict[str, Any]:
+def _require_object(body: Any) -> None:
     if not isinstance(body, dict):
         raise invalid(
             "body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", body
         )
+
+
+def _common(body: Any, echo: bool = False) -> dict[str, Any]:
+    _require_object(body)
     _refuse_nulls(body, _NOT_NULL)
     model = _optional(body, "model", lax.as_str)
     max_tokens = _optional(body, "max_tokens", lax.as_int)
@@ -399,24 +399,13 @@ def _truncation(body: dict[str, Any]) -> tuple[int | None, str | None]:
 
 
 def truncated(ids: list[int], truncate: int | None, side: str | None, max_model_len: int) -> list[int]:
-    """vLLM 0.32's prompt truncation (``TokenizeParams``): keep ``truncate`` tokens (-1: the context window
-    less one token, left for the answer), the last ones unless ``side`` is 'right'. Asking for more than
-    the window is a 400; truncating to nothing leaves an empty prompt, which is one too."""
+    """vLLM 0.32's prompt truncation (``protocol.http.truncated_ids``), its refusals as vLLM words them."""
     if truncate is None:
         return ids
-    if truncate > max_model_len:
-        raise _bad(
-            f"truncate_prompt_tokens={truncate} cannot be greater than max_model_len = {max_model_len}. "
-            "Please request a smaller truncation size.",
-            "truncate_prompt_tokens",
-            truncate,
-        )
-    keep = max(0, max_model_len - 1) if truncate < 0 else truncate
-    if keep >= len(ids):
-        return ids
-    if keep == 0:
-        raise ApiError(400, "The decoder prompt cannot be empty")
-    return ids[:keep] if side == "right" else ids[-keep:]
+    try:
+        return truncated_ids(ids, truncate, side, max_model_len)
+    except TruncationRefused as refused:
+        raise _bad(refused.message, refused.param, truncate if refused.param else None) from None
 
 
 def _check_message(i: int, message: Any) -> None:
@@ -794,10 +783,7 @@ def parse_tokenize(body: Any) -> TokenizeParams:
     """vLLM 0.32's ``TokenizeCompletionRequest | TokenizeChatRequest``: a body with ``messages`` is a chat
     (rendered with its template, no special tokens added unless asked), else it needs a string ``prompt``
     (special tokens added unless asked not to); what neither reads is pydantic's two errors, one a branch."""
-    if not isinstance(body, dict):
-        raise invalid(
-            "body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", body
-        )
+    _require_object(body)
     model = _optional(body, "model", lax.as_str)
     strs = _optional(body, "return_token_strs", lax.as_bool) or False
     if "messages" in body and isinstance(body["messages"], list):
@@ -852,10 +838,7 @@ def parse_tokenize(body: Any) -> TokenizeParams:
 
 def parse_detokenize(body: Any) -> tuple[str | None, list[int]]:
     """vLLM 0.32's ``DetokenizeRequest``: the model, and token ids (integers in [0, 2**63 - 1])."""
-    if not isinstance(body, dict):
-        raise invalid(
-            "body", "model_attributes_type", "Input should be a valid dictionary or object to extract fields from", body
-        )
+    _require_object(body)
     model = _optional(body, "model", lax.as_str)
     if "tokens" not in body:
         raise invalid("body.tokens", "missing", "Field required", body)
